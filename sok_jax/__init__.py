@@ -1,0 +1,31 @@
+"""sok_jax: SparseOperationKit-style embeddings for JAX.
+
+Lookup and combine run in CUDA (or CPU) kernels registered as XLA FFI custom
+calls; tables are plain jax.Arrays, sharded over a mesh axis by
+`DistributedEmbedding`.
+"""
+
+from sok_jax._native import has_cuda, target_names
+from sok_jax.embedding import (
+    LookupContext,
+    count_invalid_ids,
+    embed,
+    lookup,
+    sparse_grad,
+)
+from sok_jax.ids import RaggedIds
+from sok_jax.ops.embed_ops import SparseRowGrad
+
+__all__ = [
+    "LookupContext",
+    "RaggedIds",
+    "SparseRowGrad",
+    "count_invalid_ids",
+    "embed",
+    "has_cuda",
+    "lookup",
+    "sparse_grad",
+    "target_names",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,181 @@
+"""The id forms `embed` accepts, and their reduction to one canonical layout.
+
+Forms:
+  * padded: an integer array [batch, slot_num, max_nnz], -1 (0xFFFFFFFF for
+    uint32) for "no key";
+  * `RaggedIds`: flat values with a static capacity plus per-(sample, slot)
+    lengths or offsets;
+  * `jax.experimental.sparse.BCOO` of dense shape [batch * slot_num, max_nnz]
+    (SOK's SparseTensor input) or [batch, slot_num, max_nnz].
+
+Canonical layout (`Bags`): flat ids [N], int32 offsets [M + 1] with
+M = batch * slot_num, float32 weights [N] or [0], and the output's leading
+shape (batch, slot_num).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import sparse as jsparse
+
+from sok_jax.ops.embed_ops import KEY_DTYPES
+
+
+class Bags(NamedTuple):
+    ids: jax.Array
+    offsets: jax.Array
+    weights: jax.Array
+    batch_shape: tuple[int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class RaggedIds:
+    """Ragged ids: `values` [capacity] and int32 `offsets` [batch*slot_num + 1].
+
+    Bag (b, s) holds values[offsets[b*slot_num + s] : offsets[b*slot_num + s + 1]];
+    entries past offsets[-1] are unused capacity. Build it with
+    `RaggedIds.from_lengths(values, lengths)` from lengths [batch, slot_num].
+    """
+
+    values: Any
+    offsets: Any
+    slot_num: int
+
+    @classmethod
+    def from_lengths(cls, values, lengths) -> "RaggedIds":
+        lengths = jnp.asarray(lengths)
+        if lengths.ndim != 2:
+            raise ValueError(
+                f"lengths must be [batch, slot_num], got shape {tuple(lengths.shape)}"
+            )
+        flat = lengths.reshape(-1).astype(jnp.int32)
+        offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(flat, dtype=jnp.int32)])
+        return cls(values, offsets, int(lengths.shape[1]))
+
+
+jax.tree_util.register_dataclass(
+    RaggedIds, data_fields=["values", "offsets"], meta_fields=["slot_num"]
+)
+
+
+def _padding_value(dtype):
+    return np.iinfo(np.uint32).max if jnp.dtype(dtype) == jnp.uint32 else -1
+
+
+def check_key_array(x, name: str = "ids"):
+    """Converts to a jax array, refusing silent int64 -> int32 truncation."""
+    dt = getattr(x, "dtype", None)
+    if dt is not None and np.dtype(dt) in (np.dtype(np.int64), np.dtype(np.uint64)):
+        if not jax.config.jax_enable_x64:
+            raise ValueError(
+                f"{name} are {np.dtype(dt).name} but jax_enable_x64 is off, so JAX would "
+                "silently truncate them to 32 bits. Enable it with "
+                "jax.config.update('jax_enable_x64', True), or pass int32/uint32 ids."
+            )
+    if np.dtype(dt) == np.dtype(np.uint64):
+        raise ValueError(f"{name}: uint64 keys are not supported; use int64")
+    x = jnp.asarray(x)
+    if jnp.dtype(x.dtype) not in KEY_DTYPES:
+        raise ValueError(f"{name} must be int32, uint32 or int64, got {jnp.dtype(x.dtype).name}")
+    return x
+
+
+def _weights(weights, shape, name="weights"):
+    if weights is None:
+        return jnp.zeros((0,), jnp.float32)
+    weights = jnp.asarray(weights)
+    if tuple(weights.shape) != tuple(shape):
+        raise ValueError(
+            f"{name} must have the shape of the ids {tuple(shape)}, got {tuple(weights.shape)}"
+        )
+    if not jnp.issubdtype(weights.dtype, jnp.floating):
+        raise ValueError(f"{name} must be floating point, got {weights.dtype}")
+    return weights.astype(jnp.float32).reshape(-1)
+
+
+def to_bags(ids, weights=None, slot_num: int | None = None) -> Bags:
+    """Reduces any accepted id form (and its weights) to `Bags`."""
+    if isinstance(ids, RaggedIds):
+        values = check_key_array(ids.values, "ids.values")
+        offsets = jnp.asarray(ids.offsets)
+        if values.ndim != 1:
+            raise ValueError(f"ids.values must be rank 1, got shape {tuple(values.shape)}")
+        if offsets.ndim != 1 or not jnp.issubdtype(offsets.dtype, jnp.integer):
+            raise ValueError(f"ids.offsets must be an integer vector, got {offsets.dtype}")
+        m = offsets.shape[0] - 1
+        if ids.slot_num <= 0 or m % ids.slot_num:
+            raise ValueError(
+                f"ids.offsets describes {m} bags, not a multiple of slot_num={ids.slot_num}"
+            )
+        w = weights.values if isinstance(weights, RaggedIds) else weights
+        return Bags(
+            values,
+            offsets.astype(jnp.int32),
+            _weights(w, values.shape),
+            (m // ids.slot_num, ids.slot_num),
+        )
+    if isinstance(ids, jsparse.BCOO):
+        return _bcoo_to_bags(ids, weights, slot_num)
+    ids = check_key_array(ids)
+    if ids.ndim != 3:
+        raise ValueError(
+            "padded ids must be [batch, slot_num, max_nnz] (use -1 for no key), "
+            f"got shape {tuple(ids.shape)}"
+        )
+    b, s, nnz = ids.shape
+    offsets = jnp.arange(b * s + 1, dtype=jnp.int32) * nnz
+    return Bags(ids.reshape(-1), offsets, _weights(weights, ids.shape), (b, s))
+
+
+def _bcoo_to_bags(ids, weights, slot_num):
+    """BCOO [batch*slot_num, max_nnz] (or [batch, slot_num, max_nnz]) -> padded bags."""
+    shape = tuple(ids.shape)
+    if ids.n_batch != 0 or ids.n_dense != 0:
+        raise ValueError("BCOO ids must have n_batch=0 and n_dense=0")
+    if len(shape) == 3:
+        b, s, nnz = shape
+    elif len(shape) == 2:
+        if slot_num is None:
+            raise ValueError("BCOO ids of dense shape [batch*slot_num, max_nnz] need slot_num=")
+        if shape[0] % slot_num:
+            raise ValueError(f"BCOO rows {shape[0]} are not a multiple of slot_num={slot_num}")
+        b, s, nnz = shape[0] // slot_num, slot_num, shape[1]
+    else:
+        raise ValueError(f"BCOO ids must be rank 2 or 3, got shape {shape}")
+    data = check_key_array(ids.data, "ids.data")
+    idx = ids.indices.reshape(-1, len(shape))
+    flat = jnp.ravel_multi_index(tuple(idx[:, i] for i in range(len(shape))), shape, mode="clip")
+    # BCOO pads with out-of-bounds indices: send those to a dropped slot.
+    inb = jnp.all(idx < jnp.asarray(shape), axis=1)
+    flat = jnp.where(inb, flat, b * s * nnz)
+    dense = jnp.full((b * s * nnz,), _padding_value(data.dtype), data.dtype)
+    dense = dense.at[flat].set(data, mode="drop")
+    offsets = jnp.arange(b * s + 1, dtype=jnp.int32) * nnz
+    if weights is None:
+        w = jnp.zeros((0,), jnp.float32)
+    else:
+        wdata = weights.data if isinstance(weights, jsparse.BCOO) else jnp.asarray(weights)
+        if wdata.shape != ids.data.shape:
+            raise ValueError(
+                f"weights must match the BCOO's data shape {tuple(ids.data.shape)}, "
+                f"got {tuple(wdata.shape)}"
+            )
+        w = jnp.zeros((b * s * nnz,), jnp.float32).at[flat].set(
+            wdata.astype(jnp.float32), mode="drop"
+        )
+    return Bags(dense, offsets, w, (b, s))
+
+
+def invalid_id_mask(bags: Bags, num_rows: int):
+    """Ids in some bag that are neither padding nor a row in [0, num_rows)."""
+    from sok_jax.ops.reference import _positions, valid_rows
+
+    valid, _ = valid_rows(bags.ids, num_rows)
+    _, inside = _positions(bags.ids, bags.offsets)
+    padding = bags.ids == jnp.asarray(_padding_value(bags.ids.dtype), bags.ids.dtype)
+    return inside & ~valid & ~padding

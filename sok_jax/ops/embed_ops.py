@@ -1,0 +1,141 @@
+"""Raw FFI wrappers of the embedding targets (no autodiff), with trace-time checks.
+
+Every op works on the canonical bag layout that `sok_jax.ids` builds from any
+input form: flat `ids` [N] (int32, uint32 or int64), `offsets` int32 [M + 1]
+(bag b holds positions [offsets[b], offsets[b+1])), and `weights` float32 [N]
+or an empty [0] array for "unweighted". An id that is not in [0, num_rows) is
+skipped (padding, out of range).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sok_jax import _native  # noqa: F401  (registers the targets)
+
+COMBINERS = {"sum": 0, "mean": 1, "sqrtn": 2}
+KEY_DTYPES = (jnp.dtype(jnp.int32), jnp.dtype(jnp.uint32), jnp.dtype(jnp.int64))
+TABLE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+class SparseRowGrad(NamedTuple):
+    """The gradient of a table restricted to the rows a batch touched.
+
+    Attributes:
+      rows: int32 [capacity]; the distinct rows, ascending, -1 beyond `count`.
+      grads: float32 [capacity, D]; the summed gradient of each row, zeros
+        beyond `count`.
+      count: int32 [1]; how many entries of `rows` are real.
+    """
+
+    rows: jax.Array
+    grads: jax.Array
+    count: jax.Array
+
+
+def combiner_code(combiner: str) -> int:
+    if combiner not in COMBINERS:
+        raise ValueError(f"combiner must be one of {sorted(COMBINERS)}, got {combiner!r}")
+    return COMBINERS[combiner]
+
+
+def check_table(table, name: str = "table") -> None:
+    if table.ndim != 2:
+        raise ValueError(f"{name} must be rank 2 [rows, D], got shape {tuple(table.shape)}")
+    if jnp.dtype(table.dtype) not in TABLE_DTYPES:
+        raise ValueError(
+            f"{name} must be float32, bfloat16 or float16, got {jnp.dtype(table.dtype).name}"
+        )
+
+
+def check_bags(ids, offsets, weights) -> None:
+    if ids.ndim != 1:
+        raise ValueError(f"ids must be rank 1 (flattened), got shape {tuple(ids.shape)}")
+    if jnp.dtype(ids.dtype) not in KEY_DTYPES:
+        raise ValueError(
+            f"ids must be int32, uint32 or int64, got {jnp.dtype(ids.dtype).name}"
+        )
+    if offsets.ndim != 1 or offsets.shape[0] < 1 or offsets.dtype != jnp.int32:
+        raise ValueError(
+            f"offsets must be int32 [num_bags + 1], got {offsets.dtype} {tuple(offsets.shape)}"
+        )
+    if weights.dtype != jnp.float32 or weights.ndim != 1 or weights.shape[0] not in (
+        0,
+        ids.shape[0],
+    ):
+        raise ValueError(
+            f"weights must be float32 [{ids.shape[0]}] (or [0] for none), got "
+            f"{weights.dtype} {tuple(weights.shape)}"
+        )
+
+
+def lookup_combine(table, ids, offsets, weights, combiner: str):
+    """Looks up and combines each bag: [num_bags, D] in the table's dtype."""
+    check_table(table)
+    check_bags(ids, offsets, weights)
+    m = offsets.shape[0] - 1
+    out = jax.ShapeDtypeStruct((m, table.shape[1]), table.dtype)
+    return jax.ffi.ffi_call("sok_embed_fwd", out, vmap_method="sequential")(
+        table, ids, offsets, weights, combiner=np.int32(combiner_code(combiner))
+    )
+
+
+def lookup_combine_bwd(grad_out, ids, offsets, weights, combiner: str, num_rows: int):
+    """Per distinct row, the summed gradient: a `SparseRowGrad` of capacity N.
+
+    Sort + run-length on the device (cub), summed in position order, no float
+    atomics: deterministic.
+    """
+    check_bags(ids, offsets, weights)
+    if grad_out.ndim != 2 or grad_out.shape[0] != offsets.shape[0] - 1:
+        raise ValueError(
+            f"grad_out must be [num_bags={offsets.shape[0] - 1}, D], got {tuple(grad_out.shape)}"
+        )
+    if jnp.dtype(grad_out.dtype) not in TABLE_DTYPES:
+        raise ValueError(f"grad_out must be a float type, got {grad_out.dtype}")
+    n, d = ids.shape[0], grad_out.shape[1]
+    outs = (
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+        jax.ShapeDtypeStruct((n, d), jnp.float32),
+        jax.ShapeDtypeStruct((1,), jnp.int32),
+    )
+    rows, grads, count = jax.ffi.ffi_call("sok_embed_bwd", outs, vmap_method="sequential")(
+        grad_out,
+        ids,
+        offsets,
+        weights,
+        combiner=np.int32(combiner_code(combiner)),
+        num_rows=np.int64(num_rows),
+    )
+    return SparseRowGrad(rows, grads, count)
+
+
+def weight_grad(table, grad_out, ids, offsets, weights, combiner: str):
+    """Cotangent of the per-id weights: float32 [N], zero for skipped ids."""
+    check_table(table)
+    check_bags(ids, offsets, weights)
+    if weights.shape[0] != ids.shape[0]:
+        raise ValueError("weight_grad needs weights of the same length as ids")
+    out = jax.ShapeDtypeStruct((ids.shape[0],), jnp.float32)
+    return jax.ffi.ffi_call("sok_embed_wgrad", out, vmap_method="sequential")(
+        table,
+        grad_out.astype(table.dtype),
+        ids,
+        offsets,
+        weights,
+        combiner=np.int32(combiner_code(combiner)),
+    )
+
+
+def rows_to_dense(sparse: SparseRowGrad, num_rows: int, dtype=jnp.float32):
+    """The dense [num_rows, D] gradient of a `SparseRowGrad` (rows are unique,
+    so this is a plain deterministic write, not a scatter-add)."""
+    d = sparse.grads.shape[1]
+    out = jax.ShapeDtypeStruct((num_rows, d), dtype)
+    return jax.ffi.ffi_call("sok_rows_to_dense", out, vmap_method="sequential")(
+        sparse.rows, sparse.grads, sparse.count
+    )

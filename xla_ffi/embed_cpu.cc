@@ -1,0 +1,312 @@
+// CPU handlers of the embedding lookup+combine family. Same targets, same
+// arguments and the same arithmetic order as embed_cuda.cu.
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "common.h"
+#include "cpu_types.h"
+#include "embed_math.h"
+
+namespace sok {
+namespace {
+
+// Checks shared by every embedding target: the bag layout (ids, offsets,
+// weights) and the combiner.
+ffi::Error CheckBags(const ffi::AnyBuffer& ids, const ffi::AnyBuffer& offsets,
+                     const ffi::AnyBuffer& weights, int32_t combiner,
+                     int64_t* n, int64_t* m) {
+  if (ids.dimensions().size() != 1)
+    return InvalidArgument("ids must be rank 1 (flattened)");
+  if (offsets.dimensions().size() != 1 || offsets.element_count() < 1)
+    return InvalidArgument("offsets must be rank 1 with num_bags + 1 entries");
+  if (offsets.element_type() != ffi::DataType::S32)
+    return InvalidArgument("offsets must be int32");
+  if (weights.element_type() != ffi::DataType::F32)
+    return InvalidArgument("weights must be float32");
+  *n = ids.element_count();
+  *m = offsets.element_count() - 1;
+  if (weights.element_count() != 0 && weights.element_count() != *n)
+    return InvalidArgument("weights must have as many entries as ids, or none");
+  if (combiner < kSum || combiner > kSqrtn)
+    return InvalidArgument("combiner must be 0 (sum), 1 (mean) or 2 (sqrtn)");
+  return ffi::Error::Success();
+}
+
+// The [lo, hi) range of bag b, clamped to the ids buffer.
+inline void BagRange(const int32_t* off, int64_t b, int64_t n, int64_t* lo,
+                     int64_t* hi) {
+  *lo = std::min<int64_t>(std::max<int32_t>(off[b], 0), n);
+  *hi = std::min<int64_t>(std::max<int64_t>(off[b + 1], *lo), n);
+}
+
+// Sum of valid weights and of their squares over one bag.
+template <typename K>
+void BagWeights(const K* ids, const float* w, int64_t lo, int64_t hi,
+                int64_t rows, float* wsum, float* w2sum) {
+  float s = 0.f, s2 = 0.f;
+  for (int64_t j = lo; j < hi; ++j) {
+    if (RowOf(ids[j], rows) < 0) continue;
+    float wj = w ? w[j] : 1.f;
+    s += wj;
+    s2 += wj * wj;
+  }
+  *wsum = s;
+  *w2sum = s2;
+}
+
+template <typename T, typename K>
+void Forward(const T* table, int64_t rows, int64_t dim, const K* ids,
+             const int32_t* off, const float* w, int64_t n, int64_t m,
+             int32_t combiner, T* out) {
+  std::vector<float> acc(dim);
+  for (int64_t b = 0; b < m; ++b) {
+    int64_t lo, hi;
+    BagRange(off, b, n, &lo, &hi);
+    std::fill(acc.begin(), acc.end(), 0.f);
+    float wsum = 0.f, w2sum = 0.f;
+    for (int64_t j = lo; j < hi; ++j) {
+      int64_t r = RowOf(ids[j], rows);
+      if (r < 0) continue;
+      float wj = w ? w[j] : 1.f;
+      wsum += wj;
+      w2sum += wj * wj;
+      const T* row = table + r * dim;
+      for (int64_t d = 0; d < dim; ++d) acc[d] += wj * ToFloat(row[d]);
+    }
+    float scale = CombinerScale(combiner, wsum, w2sum);
+    for (int64_t d = 0; d < dim; ++d)
+      out[b * dim + d] = FromFloat<T>(acc[d] * scale);
+  }
+}
+
+ffi::Error FwdImpl(ffi::AnyBuffer table, ffi::AnyBuffer ids,
+                   ffi::AnyBuffer offsets, ffi::AnyBuffer weights,
+                   ffi::Result<ffi::AnyBuffer> out, int32_t combiner) {
+  int64_t rows, dim, n, m;
+  if (auto e = Rank2(table, "table", &rows, &dim); e.failure()) return e;
+  if (auto e = CheckBags(ids, offsets, weights, combiner, &n, &m); e.failure())
+    return e;
+  if (out->element_type() != table.element_type() ||
+      out->element_count() != static_cast<size_t>(m * dim))
+    return InvalidArgument("out must be [num_bags, D] of the table's dtype");
+  const float* w = weights.element_count() ? weights.typed_data<float>() : nullptr;
+  return DispatchFloat(table.element_type(), "table", [&](auto tag) {
+    using T = typename HostType<decltype(tag)>::type;
+    return DispatchKey(ids.element_type(), "ids", [&](auto key) {
+      using K = decltype(key);
+      Forward<T, K>(table.reinterpret_data<T>(), rows, dim,
+                    ids.reinterpret_data<K>(), offsets.typed_data<int32_t>(), w,
+                    n, m, combiner, out->reinterpret_data<T>());
+      return ffi::Error::Success();
+    });
+  });
+}
+
+// Per unique row, the sum over the positions that looked it up of
+// scale_j * grad_out[bag(j)], in position order.
+template <typename G, typename K>
+void Backward(const G* grad, int64_t dim, const K* ids, const int32_t* off,
+              const float* w, int64_t n, int64_t m, int64_t rows,
+              int32_t combiner, int32_t* unique_rows, float* row_grads,
+              int32_t* num_unique) {
+  struct Hit {
+    int64_t row;
+    int64_t bag;
+    float scale;
+  };
+  std::vector<Hit> hits;
+  hits.reserve(n);
+  for (int64_t b = 0; b < m; ++b) {
+    int64_t lo, hi;
+    BagRange(off, b, n, &lo, &hi);
+    float wsum, w2sum;
+    BagWeights(ids, w, lo, hi, rows, &wsum, &w2sum);
+    float f = CombinerScale(combiner, wsum, w2sum);
+    for (int64_t j = lo; j < hi; ++j) {
+      int64_t r = RowOf(ids[j], rows);
+      if (r < 0) continue;
+      hits.push_back({r, b, (w ? w[j] : 1.f) * f});
+    }
+  }
+  // Hits were produced in position order; a stable sort keeps it per row.
+  std::stable_sort(hits.begin(), hits.end(),
+                   [](const Hit& a, const Hit& b) { return a.row < b.row; });
+  int64_t u = -1;
+  for (size_t i = 0; i < hits.size(); ++i) {
+    if (i == 0 || hits[i].row != hits[i - 1].row) {
+      ++u;
+      unique_rows[u] = static_cast<int32_t>(hits[i].row);
+      std::fill(row_grads + u * dim, row_grads + (u + 1) * dim, 0.f);
+    }
+    const G* g = grad + hits[i].bag * dim;
+    float* acc = row_grads + u * dim;
+    for (int64_t d = 0; d < dim; ++d) acc[d] += hits[i].scale * ToFloat(g[d]);
+  }
+  int64_t count = u + 1;
+  for (int64_t i = count; i < n; ++i) unique_rows[i] = -1;
+  std::fill(row_grads + count * dim, row_grads + n * dim, 0.f);
+  *num_unique = static_cast<int32_t>(count);
+}
+
+ffi::Error BwdImpl(ffi::AnyBuffer grad, ffi::AnyBuffer ids,
+                   ffi::AnyBuffer offsets, ffi::AnyBuffer weights,
+                   ffi::Result<ffi::Buffer<ffi::S32>> unique_rows,
+                   ffi::Result<ffi::Buffer<ffi::F32>> row_grads,
+                   ffi::Result<ffi::Buffer<ffi::S32>> num_unique,
+                   int32_t combiner, int64_t num_rows) {
+  int64_t m_g, dim, n, m;
+  if (auto e = Rank2(grad, "grad_out", &m_g, &dim); e.failure()) return e;
+  if (auto e = CheckBags(ids, offsets, weights, combiner, &n, &m); e.failure())
+    return e;
+  if (m_g != m) return InvalidArgument("grad_out must have num_bags rows");
+  if (num_rows < 0 || num_rows > INT32_MAX)
+    return InvalidArgument("num_rows must lie in [0, 2^31)");
+  if (unique_rows->element_count() != static_cast<size_t>(n) ||
+      row_grads->element_count() != static_cast<size_t>(n * dim))
+    return InvalidArgument("unique_rows/row_grads must be [N] and [N, D]");
+  const float* w = weights.element_count() ? weights.typed_data<float>() : nullptr;
+  return DispatchFloat(grad.element_type(), "grad_out", [&](auto tag) {
+    using G = typename HostType<decltype(tag)>::type;
+    return DispatchKey(ids.element_type(), "ids", [&](auto key) {
+      using K = decltype(key);
+      Backward<G, K>(grad.reinterpret_data<G>(), dim, ids.reinterpret_data<K>(),
+                     offsets.typed_data<int32_t>(), w, n, m, num_rows,
+                     combiner, unique_rows->typed_data(),
+                     row_grads->typed_data(), num_unique->typed_data());
+      return ffi::Error::Success();
+    });
+  });
+}
+
+template <typename T, typename K>
+void WeightGradKernel(const T* table, int64_t rows, int64_t dim, const T* grad,
+                      const K* ids, const int32_t* off, const float* w,
+                      int64_t n, int64_t m, int32_t combiner, float* gw) {
+  std::fill(gw, gw + n, 0.f);
+  for (int64_t b = 0; b < m; ++b) {
+    int64_t lo, hi;
+    BagRange(off, b, n, &lo, &hi);
+    float wsum, w2sum;
+    BagWeights(ids, w, lo, hi, rows, &wsum, &w2sum);
+    const T* g = grad + b * dim;
+    float s = 0.f;
+    for (int64_t j = lo; j < hi; ++j) {
+      int64_t r = RowOf(ids[j], rows);
+      if (r < 0) continue;
+      float dot = 0.f;
+      for (int64_t d = 0; d < dim; ++d)
+        dot += ToFloat(g[d]) * ToFloat(table[r * dim + d]);
+      gw[j] = dot;
+      s += w[j] * dot;
+    }
+    for (int64_t j = lo; j < hi; ++j) {
+      if (RowOf(ids[j], rows) < 0) continue;
+      gw[j] = WeightGrad(combiner, gw[j], w[j], s, wsum, w2sum);
+    }
+  }
+}
+
+ffi::Error WgradImpl(ffi::AnyBuffer table, ffi::AnyBuffer grad,
+                     ffi::AnyBuffer ids, ffi::AnyBuffer offsets,
+                     ffi::AnyBuffer weights,
+                     ffi::Result<ffi::Buffer<ffi::F32>> gw, int32_t combiner) {
+  int64_t rows, dim, m_g, d_g, n, m;
+  if (auto e = Rank2(table, "table", &rows, &dim); e.failure()) return e;
+  if (auto e = Rank2(grad, "grad_out", &m_g, &d_g); e.failure()) return e;
+  if (auto e = CheckBags(ids, offsets, weights, combiner, &n, &m); e.failure())
+    return e;
+  if (m_g != m || d_g != dim || grad.element_type() != table.element_type())
+    return InvalidArgument("grad_out must be [num_bags, D] of the table's dtype");
+  if (weights.element_count() != static_cast<size_t>(n))
+    return InvalidArgument("weights are required for the weight gradient");
+  return DispatchFloat(table.element_type(), "table", [&](auto tag) {
+    using T = typename HostType<decltype(tag)>::type;
+    return DispatchKey(ids.element_type(), "ids", [&](auto key) {
+      using K = decltype(key);
+      WeightGradKernel<T, K>(table.reinterpret_data<T>(), rows, dim,
+                             grad.reinterpret_data<T>(), ids.reinterpret_data<K>(),
+                             offsets.typed_data<int32_t>(),
+                             weights.typed_data<float>(), n, m, combiner,
+                             gw->typed_data());
+      return ffi::Error::Success();
+    });
+  });
+}
+
+ffi::Error DenseImpl(ffi::Buffer<ffi::S32> unique_rows,
+                     ffi::Buffer<ffi::F32> row_grads,
+                     ffi::Buffer<ffi::S32> num_unique,
+                     ffi::Result<ffi::AnyBuffer> dense) {
+  int64_t rows, dim;
+  if (auto e = Rank2(*dense, "dense", &rows, &dim); e.failure()) return e;
+  int64_t u_cap = unique_rows.element_count();
+  if (row_grads.element_count() != static_cast<size_t>(u_cap * dim))
+    return InvalidArgument("row_grads must be [len(unique_rows), D]");
+  return DispatchFloat(dense->element_type(), "dense", [&](auto tag) {
+    using T = typename HostType<decltype(tag)>::type;
+    T* out = dense->reinterpret_data<T>();
+    std::fill(out, out + rows * dim, FromFloat<T>(0.f));
+    int64_t count = std::min<int64_t>(num_unique.typed_data()[0], u_cap);
+    const int32_t* ur = unique_rows.typed_data();
+    const float* g = row_grads.typed_data();
+    for (int64_t u = 0; u < count; ++u) {
+      int64_t r = ur[u];
+      if (r < 0 || r >= rows) continue;
+      for (int64_t d = 0; d < dim; ++d)
+        out[r * dim + d] = FromFloat<T>(g[u * dim + d]);
+    }
+    return ffi::Error::Success();
+  });
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedFwdCpu, FwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // table
+                                  .Arg<ffi::AnyBuffer>()  // ids
+                                  .Arg<ffi::AnyBuffer>()  // offsets
+                                  .Arg<ffi::AnyBuffer>()  // weights
+                                  .Ret<ffi::AnyBuffer>()  // out
+                                  .Attr<int32_t>("combiner"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedBwdCpu, BwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()           // grad_out
+                                  .Arg<ffi::AnyBuffer>()           // ids
+                                  .Arg<ffi::AnyBuffer>()           // offsets
+                                  .Arg<ffi::AnyBuffer>()           // weights
+                                  .Ret<ffi::Buffer<ffi::S32>>()    // unique_rows
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // row_grads
+                                  .Ret<ffi::Buffer<ffi::S32>>()    // num_unique
+                                  .Attr<int32_t>("combiner")
+                                  .Attr<int64_t>("num_rows"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedWgradCpu, WgradImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()         // table
+                                  .Arg<ffi::AnyBuffer>()         // grad_out
+                                  .Arg<ffi::AnyBuffer>()         // ids
+                                  .Arg<ffi::AnyBuffer>()         // offsets
+                                  .Arg<ffi::AnyBuffer>()         // weights
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // weight_grad
+                                  .Attr<int32_t>("combiner"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SokRowsToDenseCpu, DenseImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // unique_rows
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // row_grads
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // num_unique
+                                  .Ret<ffi::AnyBuffer>());       // dense
+
+void AppendEmbedTargetsCpu(TargetList& out) {
+  out.push_back({"sok_embed_fwd", reinterpret_cast<void*>(SokEmbedFwdCpu)});
+  out.push_back({"sok_embed_bwd", reinterpret_cast<void*>(SokEmbedBwdCpu)});
+  out.push_back({"sok_embed_wgrad", reinterpret_cast<void*>(SokEmbedWgradCpu)});
+  out.push_back(
+      {"sok_rows_to_dense", reinterpret_cast<void*>(SokRowsToDenseCpu)});
+}
+
+}  // namespace sok

@@ -1,0 +1,346 @@
+// CUDA handlers of the embedding lookup+combine family: validate buffers,
+// carve scratch from XLA's allocator, launch embed_kernels.cuh on XLA's
+// stream. Same targets and arguments as embed_cpu.cc.
+#include <cub/cub.cuh>
+
+#include <algorithm>
+#include <string>
+
+#include "common.h"
+#include "embed_kernels.cuh"
+
+namespace sok {
+namespace {
+
+template <typename Tag>
+struct DevType;
+template <>
+struct DevType<F32Tag> {
+  using type = float;
+};
+template <>
+struct DevType<BF16Tag> {
+  using type = __nv_bfloat16;
+};
+template <>
+struct DevType<F16Tag> {
+  using type = __half;
+};
+
+constexpr int kBlock = 256;
+
+inline unsigned Blocks(int64_t threads) {
+  return static_cast<unsigned>((threads + kBlock - 1) / kBlock);
+}
+
+ffi::Error LastError(const char* what) {
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess)
+    return Internal(std::string(what) + ": " + cudaGetErrorString(e));
+  return ffi::Error::Success();
+}
+
+ffi::Error CheckBags(const ffi::AnyBuffer& ids, const ffi::AnyBuffer& offsets,
+                     const ffi::AnyBuffer& weights, int32_t combiner,
+                     int64_t* n, int64_t* m) {
+  if (ids.dimensions().size() != 1)
+    return InvalidArgument("ids must be rank 1 (flattened)");
+  if (offsets.dimensions().size() != 1 || offsets.element_count() < 1 ||
+      offsets.element_type() != ffi::DataType::S32)
+    return InvalidArgument("offsets must be int32 [num_bags + 1]");
+  if (weights.element_type() != ffi::DataType::F32)
+    return InvalidArgument("weights must be float32");
+  *n = ids.element_count();
+  *m = offsets.element_count() - 1;
+  if (*n >= INT32_MAX) return InvalidArgument("at most 2^31 - 1 ids per call");
+  if (weights.element_count() != 0 && weights.element_count() != *n)
+    return InvalidArgument("weights must have as many entries as ids, or none");
+  if (combiner < kSum || combiner > kSqrtn)
+    return InvalidArgument("combiner must be 0 (sum), 1 (mean) or 2 (sqrtn)");
+  return ffi::Error::Success();
+}
+
+bool Aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
+
+int ThreadsPerBag(int64_t chunks) {
+  int t = 1;
+  while (t < 32 && t < chunks) t *= 2;
+  return t;
+}
+
+ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer table, ffi::AnyBuffer ids,
+                   ffi::AnyBuffer offsets, ffi::AnyBuffer weights,
+                   ffi::Result<ffi::AnyBuffer> out, int32_t combiner) {
+  int64_t rows, dim, n, m;
+  if (auto e = Rank2(table, "table", &rows, &dim); e.failure()) return e;
+  if (auto e = CheckBags(ids, offsets, weights, combiner, &n, &m); e.failure())
+    return e;
+  if (out->element_type() != table.element_type() ||
+      out->element_count() != static_cast<size_t>(m * dim))
+    return InvalidArgument("out must be [num_bags, D] of the table's dtype");
+  if (m == 0 || dim == 0) return ffi::Error::Success();
+  const float* w = weights.element_count() ? weights.typed_data<float>() : nullptr;
+  auto err = DispatchFloat(table.element_type(), "table", [&](auto tag) {
+    using T = typename DevType<decltype(tag)>::type;
+    return DispatchKey(ids.element_type(), "ids", [&](auto key) {
+      using K = decltype(key);
+      constexpr int kVec = 16 / sizeof(T);
+      const T* tp = table.reinterpret_data<T>();
+      T* op = out->reinterpret_data<T>();
+      const bool fast = dim % kVec == 0 && Aligned16(tp) && Aligned16(op);
+      const int64_t chunks = fast ? dim / kVec : dim;
+      const int tpb = ThreadsPerBag(chunks);
+      const unsigned grid = Blocks(m * tpb);
+      if (fast) {
+        cuda::EmbedFwdKernel<T, K, kVec><<<grid, kBlock, 0, stream>>>(
+            tp, rows, dim, ids.reinterpret_data<K>(),
+            offsets.typed_data<int32_t>(), w, n, m, combiner, tpb, op);
+      } else {
+        cuda::EmbedFwdKernel<T, K, 1><<<grid, kBlock, 0, stream>>>(
+            tp, rows, dim, ids.reinterpret_data<K>(),
+            offsets.typed_data<int32_t>(), w, n, m, combiner, tpb, op);
+      }
+      return ffi::Error::Success();
+    });
+  });
+  if (err.failure()) return err;
+  return LastError("sok_embed_fwd");
+}
+
+// Bump allocator over one scratch block, 256-byte aligned pieces.
+struct Carver {
+  char* base;
+  size_t used = 0;
+  template <typename P>
+  P* Take(size_t count) {
+    used = (used + 255) & ~size_t{255};
+    P* p = reinterpret_cast<P*>(base + used);
+    used += count * sizeof(P);
+    return p;
+  }
+};
+
+int EndBit(int64_t sentinel) {
+  int b = 1;
+  while (b < 32 && (int64_t{1} << b) <= sentinel) ++b;
+  return b;
+}
+
+ffi::Error BwdImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
+                   ffi::AnyBuffer grad, ffi::AnyBuffer ids,
+                   ffi::AnyBuffer offsets, ffi::AnyBuffer weights,
+                   ffi::Result<ffi::Buffer<ffi::S32>> unique_rows,
+                   ffi::Result<ffi::Buffer<ffi::F32>> row_grads,
+                   ffi::Result<ffi::Buffer<ffi::S32>> num_unique,
+                   int32_t combiner, int64_t num_rows) {
+  int64_t m_g, dim, n, m;
+  if (auto e = Rank2(grad, "grad_out", &m_g, &dim); e.failure()) return e;
+  if (auto e = CheckBags(ids, offsets, weights, combiner, &n, &m); e.failure())
+    return e;
+  if (m_g != m) return InvalidArgument("grad_out must have num_bags rows");
+  if (num_rows < 0 || num_rows >= INT32_MAX)
+    return InvalidArgument("num_rows must lie in [0, 2^31 - 1)");
+  if (unique_rows->element_count() != static_cast<size_t>(n) ||
+      row_grads->element_count() != static_cast<size_t>(n * dim))
+    return InvalidArgument("unique_rows/row_grads must be [N] and [N, D]");
+  if (n == 0) {
+    cudaMemsetAsync(num_unique->typed_data(), 0, sizeof(int32_t), stream);
+    return LastError("sok_embed_bwd");
+  }
+  const float* w = weights.element_count() ? weights.typed_data<float>() : nullptr;
+  const uint32_t sentinel = static_cast<uint32_t>(num_rows);
+  const int end_bit = EndBit(num_rows);
+  const int64_t max_chunks = n / 64 + 1;
+
+  // Temporary storage sizes of the cub passes.
+  size_t sort_bytes = 0, rle_bytes = 0, scan_bytes = 0;
+  cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, (uint32_t*)nullptr,
+                                  (uint32_t*)nullptr, (int32_t*)nullptr,
+                                  (int32_t*)nullptr, n, 0, end_bit, stream);
+  cub::DeviceRunLengthEncode::Encode(nullptr, rle_bytes, (uint32_t*)nullptr,
+                                     (uint32_t*)nullptr, (int32_t*)nullptr,
+                                     (int32_t*)nullptr, n, stream);
+  cub::DeviceScan::ExclusiveSum(nullptr, scan_bytes, (int32_t*)nullptr,
+                                (int32_t*)nullptr, n, stream);
+  const size_t cub_bytes = std::max({sort_bytes, rle_bytes, scan_bytes});
+  const size_t total = 256 * 16 + n * (4 * 9) + 4 + cub_bytes +
+                       static_cast<size_t>(max_chunks) * dim * 4;
+  auto mem = scratch.Allocate(total, 256);
+  if (!mem.has_value()) return Internal("sok_embed_bwd: scratch allocation failed");
+  Carver cv{static_cast<char*>(*mem)};
+  uint32_t* keys_in = cv.Take<uint32_t>(n);
+  uint32_t* keys_out = cv.Take<uint32_t>(n);
+  int32_t* pos_in = cv.Take<int32_t>(n);
+  int32_t* pos_out = cv.Take<int32_t>(n);
+  int32_t* bag_of = cv.Take<int32_t>(n);
+  float* scale_of = cv.Take<float>(n);
+  uint32_t* ukeys = cv.Take<uint32_t>(n);
+  int32_t* counts = cv.Take<int32_t>(n);
+  int32_t* starts = cv.Take<int32_t>(n);
+  int32_t* num_runs = cv.Take<int32_t>(1);
+  int32_t* chunks = reinterpret_cast<int32_t*>(keys_in);  // free after sort
+  int32_t* chunk_start = pos_in;                           // free after sort
+  void* cub_tmp = cv.Take<char>(cub_bytes);
+  float* partial = cv.Take<float>(static_cast<size_t>(max_chunks) * dim);
+
+  auto err = DispatchKey(ids.element_type(), "ids", [&](auto key) {
+    using K = decltype(key);
+    cuda::PrepFill<<<Blocks(n), kBlock, 0, stream>>>(keys_in, pos_in, n, sentinel);
+    if (m > 0)
+      cuda::PrepBags<K><<<Blocks(m * 32), kBlock, 0, stream>>>(
+          ids.reinterpret_data<K>(), offsets.typed_data<int32_t>(), w, n, m,
+          num_rows, combiner, keys_in, bag_of, scale_of);
+    return ffi::Error::Success();
+  });
+  if (err.failure()) return err;
+  size_t bytes = cub_bytes;
+  cub::DeviceRadixSort::SortPairs(cub_tmp, bytes, keys_in, keys_out, pos_in,
+                                  pos_out, n, 0, end_bit, stream);
+  bytes = cub_bytes;
+  cub::DeviceRunLengthEncode::Encode(cub_tmp, bytes, keys_out, ukeys, counts,
+                                     num_runs, n, stream);
+  bytes = cub_bytes;
+  cub::DeviceScan::ExclusiveSum(cub_tmp, bytes, counts, starts, n, stream);
+  cuda::ChunkCounts<<<Blocks(n), kBlock, 0, stream>>>(counts, num_runs, n, chunks);
+  bytes = cub_bytes;
+  cub::DeviceScan::ExclusiveSum(cub_tmp, bytes, chunks, chunk_start, n, stream);
+
+  err = DispatchFloat(grad.element_type(), "grad_out", [&](auto tag) {
+    using G = typename DevType<decltype(tag)>::type;
+    const G* gp = grad.reinterpret_data<G>();
+    auto launch = [&](auto vec) {
+      constexpr int V = decltype(vec)::value;
+      cuda::ReduceRuns<G, V><<<Blocks(n * 32), kBlock, 0, stream>>>(
+          gp, dim, ukeys, counts, starts, num_runs, chunks, pos_out, bag_of,
+          scale_of, n, sentinel, unique_rows->typed_data(),
+          row_grads->typed_data(), num_unique->typed_data());
+      cuda::ReduceChunks<G, V><<<Blocks(max_chunks * 32), kBlock, 0, stream>>>(
+          gp, dim, counts, starts, chunks, chunk_start, num_runs, pos_out,
+          bag_of, scale_of, max_chunks, partial);
+      cuda::ReducePartials<V><<<Blocks(n * 32), kBlock, 0, stream>>>(
+          chunks, chunk_start, num_runs, partial, dim, n,
+          row_grads->typed_data());
+    };
+    const bool fast = dim % 4 == 0 && Aligned16(gp) &&
+                      Aligned16(row_grads->typed_data()) && Aligned16(partial);
+    if (fast) {
+      launch(std::integral_constant<int, 4>{});
+    } else {
+      launch(std::integral_constant<int, 1>{});
+    }
+    return ffi::Error::Success();
+  });
+  if (err.failure()) return err;
+  return LastError("sok_embed_bwd");
+}
+
+ffi::Error WgradImpl(cudaStream_t stream, ffi::AnyBuffer table,
+                     ffi::AnyBuffer grad, ffi::AnyBuffer ids,
+                     ffi::AnyBuffer offsets, ffi::AnyBuffer weights,
+                     ffi::Result<ffi::Buffer<ffi::F32>> gw, int32_t combiner) {
+  int64_t rows, dim, m_g, d_g, n, m;
+  if (auto e = Rank2(table, "table", &rows, &dim); e.failure()) return e;
+  if (auto e = Rank2(grad, "grad_out", &m_g, &d_g); e.failure()) return e;
+  if (auto e = CheckBags(ids, offsets, weights, combiner, &n, &m); e.failure())
+    return e;
+  if (m_g != m || d_g != dim || grad.element_type() != table.element_type())
+    return InvalidArgument("grad_out must be [num_bags, D] of the table's dtype");
+  if (weights.element_count() != static_cast<size_t>(n))
+    return InvalidArgument("weights are required for the weight gradient");
+  if (n == 0) return ffi::Error::Success();
+  // Positions outside every bag get a zero gradient.
+  cudaMemsetAsync(gw->typed_data(), 0, n * sizeof(float), stream);
+  if (m == 0) return LastError("sok_embed_wgrad");
+  auto err = DispatchFloat(table.element_type(), "table", [&](auto tag) {
+    using T = typename DevType<decltype(tag)>::type;
+    return DispatchKey(ids.element_type(), "ids", [&](auto key) {
+      using K = decltype(key);
+      cuda::WeightGradKernel<T, K><<<Blocks(m * 32), kBlock, 0, stream>>>(
+          table.reinterpret_data<T>(), rows, dim, grad.reinterpret_data<T>(),
+          ids.reinterpret_data<K>(), offsets.typed_data<int32_t>(),
+          weights.typed_data<float>(), n, m, combiner, gw->typed_data());
+      return ffi::Error::Success();
+    });
+  });
+  if (err.failure()) return err;
+  return LastError("sok_embed_wgrad");
+}
+
+ffi::Error DenseImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> unique_rows,
+                     ffi::Buffer<ffi::F32> row_grads,
+                     ffi::Buffer<ffi::S32> num_unique,
+                     ffi::Result<ffi::AnyBuffer> dense) {
+  int64_t rows, dim;
+  if (auto e = Rank2(*dense, "dense", &rows, &dim); e.failure()) return e;
+  const int64_t u_cap = unique_rows.element_count();
+  if (row_grads.element_count() != static_cast<size_t>(u_cap * dim))
+    return InvalidArgument("row_grads must be [len(unique_rows), D]");
+  cudaMemsetAsync(dense->untyped_data(), 0, dense->size_bytes(), stream);
+  if (u_cap == 0 || dim == 0) return LastError("sok_rows_to_dense");
+  auto err = DispatchFloat(dense->element_type(), "dense", [&](auto tag) {
+    using T = typename DevType<decltype(tag)>::type;
+    cuda::ScatterRows<T><<<Blocks(u_cap * 32), kBlock, 0, stream>>>(
+        unique_rows.typed_data(), row_grads.typed_data(),
+        num_unique.typed_data(), u_cap, rows, dim, dense->reinterpret_data<T>());
+    return ffi::Error::Success();
+  });
+  if (err.failure()) return err;
+  return LastError("sok_rows_to_dense");
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedFwdCuda, FwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // table
+                                  .Arg<ffi::AnyBuffer>()  // ids
+                                  .Arg<ffi::AnyBuffer>()  // offsets
+                                  .Arg<ffi::AnyBuffer>()  // weights
+                                  .Ret<ffi::AnyBuffer>()  // out
+                                  .Attr<int32_t>("combiner"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedBwdCuda, BwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::ScratchAllocator>()
+                                  .Arg<ffi::AnyBuffer>()         // grad_out
+                                  .Arg<ffi::AnyBuffer>()         // ids
+                                  .Arg<ffi::AnyBuffer>()         // offsets
+                                  .Arg<ffi::AnyBuffer>()         // weights
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // unique_rows
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // row_grads
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // num_unique
+                                  .Attr<int32_t>("combiner")
+                                  .Attr<int64_t>("num_rows"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedWgradCuda, WgradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()         // table
+                                  .Arg<ffi::AnyBuffer>()         // grad_out
+                                  .Arg<ffi::AnyBuffer>()         // ids
+                                  .Arg<ffi::AnyBuffer>()         // offsets
+                                  .Arg<ffi::AnyBuffer>()         // weights
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // weight_grad
+                                  .Attr<int32_t>("combiner"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SokRowsToDenseCuda, DenseImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // unique_rows
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // row_grads
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // num_unique
+                                  .Ret<ffi::AnyBuffer>());       // dense
+
+void AppendEmbedTargetsCuda(TargetList& out) {
+  out.push_back({"sok_embed_fwd", reinterpret_cast<void*>(SokEmbedFwdCuda)});
+  out.push_back({"sok_embed_bwd", reinterpret_cast<void*>(SokEmbedBwdCuda)});
+  out.push_back({"sok_embed_wgrad", reinterpret_cast<void*>(SokEmbedWgradCuda)});
+  out.push_back(
+      {"sok_rows_to_dense", reinterpret_cast<void*>(SokRowsToDenseCuda)});
+}
+
+}  // namespace sok

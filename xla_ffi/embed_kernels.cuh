@@ -1,0 +1,465 @@
+// CUDA kernels of the embedding lookup+combine family. No XLA, no nanobind:
+// embed_cuda.cu validates buffers and launches these.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "embed_math.h"
+
+namespace sok {
+namespace cuda {
+
+// ---------------------------------------------------------------------------
+// Element access: float storage or half storage, float math.
+__device__ __forceinline__ float Ld(float v) { return v; }
+__device__ __forceinline__ float Ld(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float Ld(__half v) { return __half2float(v); }
+
+template <typename T>
+__device__ __forceinline__ T St(float v);
+template <>
+__device__ __forceinline__ float St<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 St<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __forceinline__ __half St<__half>(float v) { return __float2half_rn(v); }
+
+// VEC elements of T moved as one access: 16 bytes on the fast path (VEC =
+// 16 / sizeof(T)), one element on the scalar path.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+// __ldg has no overload for our Pack types; load them through an int4 /
+// int2 / int of the same size.
+template <typename P>
+__device__ __forceinline__ P LdgPack(const P* p) {
+  if constexpr (sizeof(P) == 16) {
+    int4 r = __ldg(reinterpret_cast<const int4*>(p));
+    return *reinterpret_cast<P*>(&r);
+  } else if constexpr (sizeof(P) == 8) {
+    int2 r = __ldg(reinterpret_cast<const int2*>(p));
+    return *reinterpret_cast<P*>(&r);
+  } else if constexpr (sizeof(P) == 4) {
+    int r = __ldg(reinterpret_cast<const int*>(p));
+    return *reinterpret_cast<P*>(&r);
+  } else {
+    return *p;
+  }
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void LoadF(const T* p, float (&out)[VEC]) {
+  Pack<T, VEC> pk = LdgPack(reinterpret_cast<const Pack<T, VEC>*>(p));
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) out[i] = Ld(pk.v[i]);
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void StoreF(T* p, const float (&in)[VEC]) {
+  Pack<T, VEC> pk;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) pk.v[i] = St<T>(in[i]);
+  *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
+}
+
+// Mask of the TPB-lane group that `lane` (the warp lane) belongs to.
+__device__ __forceinline__ unsigned GroupMask(int tpb) {
+  if (tpb == 32) return 0xffffffffu;
+  unsigned lane = threadIdx.x & 31u;
+  unsigned base = lane & ~static_cast<unsigned>(tpb - 1);
+  return ((1u << tpb) - 1u) << base;
+}
+
+__device__ __forceinline__ float GroupSum(float v, unsigned mask, int tpb) {
+  for (int o = tpb / 2; o > 0; o >>= 1) v += __shfl_xor_sync(mask, v, o, tpb);
+  return v;
+}
+
+__device__ __forceinline__ void BagRangeDev(const int32_t* off, int64_t b,
+                                            int64_t n, int64_t* lo, int64_t* hi) {
+  int64_t a = off[b], z = off[b + 1];
+  a = a < 0 ? 0 : (a > n ? n : a);
+  z = z < a ? a : (z > n ? n : z);
+  *lo = a;
+  *hi = z;
+}
+
+// ---------------------------------------------------------------------------
+// Forward: a group of TPB lanes per bag (TPB = 32 for D >= 32*VEC, fewer
+// for narrow rows so a warp serves several bags). Each lane owns VEC
+// consecutive columns of a column chunk; the group loads TPB ids at once,
+// broadcasts them with shuffles and keeps 4 rows in flight.
+template <typename T, typename K, int VEC>
+__global__ void EmbedFwdKernel(const T* __restrict__ table, int64_t rows,
+                               int64_t dim, const K* __restrict__ ids,
+                               const int32_t* __restrict__ off,
+                               const float* __restrict__ w, int64_t n,
+                               int64_t m, int32_t combiner, int tpb,
+                               T* __restrict__ out) {
+  const int lane = threadIdx.x & (tpb - 1);
+  const int64_t bag =
+      (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / tpb;
+  if (bag >= m) return;  // whole groups leave together
+  const unsigned mask = GroupMask(tpb);
+  int64_t lo, hi;
+  BagRangeDev(off, bag, n, &lo, &hi);
+  const int64_t chunks = dim / VEC;
+
+  // Combiner scale from the valid weights.
+  float ws = 0.f, w2 = 0.f;
+  for (int64_t j = lo + lane; j < hi; j += tpb) {
+    if (RowOf(ids[j], rows) < 0) continue;
+    float wj = w ? w[j] : 1.f;
+    ws += wj;
+    w2 += wj * wj;
+  }
+  ws = GroupSum(ws, mask, tpb);
+  w2 = GroupSum(w2, mask, tpb);
+  const float scale = CombinerScale(combiner, ws, w2);
+
+  for (int64_t c0 = 0; c0 < chunks; c0 += tpb) {
+    const int64_t c = c0 + lane;
+    const bool col_ok = c < chunks;
+    float acc[VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[i] = 0.f;
+    for (int64_t base = lo; base < hi; base += tpb) {
+      const int cnt = static_cast<int>(hi - base < tpb ? hi - base : tpb);
+      int64_t my_row = -1;
+      float my_w = 0.f;
+      if (lane < cnt) {
+        my_row = RowOf(ids[base + lane], rows);
+        my_w = w ? w[base + lane] : 1.f;
+      }
+      for (int t = 0; t < cnt; t += 4) {
+        int64_t r[4];
+        float wv[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          r[u] = __shfl_sync(mask, my_row, (t + u) & (tpb - 1), tpb);
+          wv[u] = __shfl_sync(mask, my_w, (t + u) & (tpb - 1), tpb);
+          if (t + u >= cnt) r[u] = -1;
+        }
+        float v[4][VEC];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          if (col_ok && r[u] >= 0) {
+            LoadF<T, VEC>(table + r[u] * dim + c * VEC, v[u]);
+          } else {
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) v[u][i] = 0.f;
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          if (r[u] >= 0) {
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) acc[i] += wv[u] * v[u][i];
+          }
+        }
+      }
+    }
+    if (col_ok) {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc[i] *= scale;
+      StoreF<T, VEC>(out + bag * dim + c * VEC, acc);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Backward, step 1: per position j, the sort key (its row, or num_rows for
+// padding / invalid / unowned positions, which sorts last), its bag and its
+// scale w_j * f(bag). A warp per bag; positions outside every bag keep the
+// sentinel written by PrepFill.
+__global__ void PrepFill(uint32_t* keys, int32_t* pos, int64_t n,
+                         uint32_t sentinel) {
+  int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j < n) {
+    keys[j] = sentinel;
+    pos[j] = static_cast<int32_t>(j);
+  }
+}
+
+template <typename K>
+__global__ void PrepBags(const K* __restrict__ ids, const int32_t* __restrict__ off,
+                         const float* __restrict__ w, int64_t n, int64_t m,
+                         int64_t rows, int32_t combiner, uint32_t* keys,
+                         int32_t* bag_of, float* scale_of) {
+  const int lane = threadIdx.x & 31;
+  const int64_t bag =
+      (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  if (bag >= m) return;
+  int64_t lo, hi;
+  BagRangeDev(off, bag, n, &lo, &hi);
+  float ws = 0.f, w2 = 0.f;
+  for (int64_t j = lo + lane; j < hi; j += 32) {
+    if (RowOf(ids[j], rows) < 0) continue;
+    float wj = w ? w[j] : 1.f;
+    ws += wj;
+    w2 += wj * wj;
+  }
+  ws = GroupSum(ws, 0xffffffffu, 32);
+  w2 = GroupSum(w2, 0xffffffffu, 32);
+  const float f = CombinerScale(combiner, ws, w2);
+  for (int64_t j = lo + lane; j < hi; j += 32) {
+    int64_t r = RowOf(ids[j], rows);
+    if (r < 0) continue;
+    keys[j] = static_cast<uint32_t>(r);
+    bag_of[j] = static_cast<int32_t>(bag);
+    scale_of[j] = (w ? w[j] : 1.f) * f;
+  }
+}
+
+// Segments longer than this are split into chunks summed in parallel, then
+// the chunk partials are summed in order: hot (Zipf) rows would otherwise
+// serialise on one warp. Fixed partition, so the result is deterministic.
+constexpr int kChunk = 128;
+
+// Per unique run u: number of chunks (0 = short run summed directly).
+__global__ void ChunkCounts(const int32_t* __restrict__ counts,
+                            const int32_t* __restrict__ num_runs, int64_t n,
+                            int32_t* chunks) {
+  int64_t u = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (u >= n) return;
+  int32_t c = 0;
+  if (u < *num_runs) {
+    int32_t k = counts[u];
+    c = k > kChunk ? (k + kChunk - 1) / kChunk : 0;
+  }
+  chunks[u] = c;
+}
+
+// Sum of scale[pos] * grad[bag[pos]] over sorted positions [p0, p1) into
+// acc, for the lane's VEC columns at chunk c. 4 rows in flight.
+template <typename G, int VEC>
+__device__ __forceinline__ void SumPositions(
+    const G* __restrict__ grad, int64_t dim, const int32_t* __restrict__ spos,
+    const int32_t* __restrict__ bag_of, const float* __restrict__ scale_of,
+    int64_t p0, int64_t p1, int64_t c, float (&acc)[VEC]) {
+  for (int64_t p = p0; p < p1; p += 4) {
+    int64_t b[4];
+    float s[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      if (p + u < p1) {
+        int32_t q = spos[p + u];
+        b[u] = bag_of[q];
+        s[u] = scale_of[q];
+      } else {
+        b[u] = -1;
+        s[u] = 0.f;
+      }
+    }
+    float v[4][VEC];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      if (b[u] >= 0) {
+        LoadF<G, VEC>(grad + b[u] * dim + c * VEC, v[u]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) v[u][i] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc[i] += s[u] * v[u][i];
+    }
+  }
+}
+
+// Number of runs that name a real row (the sentinel run, if any, is last).
+__device__ __forceinline__ int64_t ValidRuns(const uint32_t* unique_keys,
+                                             const int32_t* num_runs,
+                                             uint32_t sentinel) {
+  int64_t r = *num_runs;
+  if (r > 0 && unique_keys[r - 1] == sentinel) --r;
+  return r;
+}
+
+// Step 3a: a warp per unique run. Short runs are summed straight into
+// row_grads; long runs are left to the chunk kernels. Also writes
+// unique_rows (-1 beyond the valid runs), zero rows beyond them and
+// num_unique.
+template <typename G, int VEC>
+__global__ void ReduceRuns(const G* __restrict__ grad, int64_t dim,
+                           const uint32_t* __restrict__ ukeys,
+                           const int32_t* __restrict__ counts,
+                           const int32_t* __restrict__ starts,
+                           const int32_t* __restrict__ num_runs,
+                           const int32_t* __restrict__ chunks,
+                           const int32_t* __restrict__ spos,
+                           const int32_t* __restrict__ bag_of,
+                           const float* __restrict__ scale_of, int64_t n,
+                           uint32_t sentinel, int32_t* unique_rows,
+                           float* row_grads, int32_t* num_unique) {
+  const int lane = threadIdx.x & 31;
+  const int64_t u =
+      (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  if (u >= n) return;
+  const int64_t valid = ValidRuns(ukeys, num_runs, sentinel);
+  if (u == 0 && lane == 0) *num_unique = static_cast<int32_t>(valid);
+  const int64_t cols = dim / VEC;
+  if (u >= valid) {
+    if (lane == 0) unique_rows[u] = -1;
+    float z[VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) z[i] = 0.f;
+    for (int64_t c = lane; c < cols; c += 32)
+      StoreF<float, VEC>(row_grads + u * dim + c * VEC, z);
+    return;
+  }
+  if (lane == 0) unique_rows[u] = static_cast<int32_t>(ukeys[u]);
+  if (chunks[u] != 0) return;
+  const int64_t p0 = starts[u], p1 = p0 + counts[u];
+  for (int64_t c = lane; c < cols; c += 32) {
+    float acc[VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[i] = 0.f;
+    SumPositions<G, VEC>(grad, dim, spos, bag_of, scale_of, p0, p1, c, acc);
+    StoreF<float, VEC>(row_grads + u * dim + c * VEC, acc);
+  }
+}
+
+// Step 3b: a warp per chunk of a long run: partial sums into `partial`.
+template <typename G, int VEC>
+__global__ void ReduceChunks(const G* __restrict__ grad, int64_t dim,
+                             const int32_t* __restrict__ counts,
+                             const int32_t* __restrict__ starts,
+                             const int32_t* __restrict__ chunks,
+                             const int32_t* __restrict__ chunk_start,
+                             const int32_t* __restrict__ num_runs,
+                             const int32_t* __restrict__ spos,
+                             const int32_t* __restrict__ bag_of,
+                             const float* __restrict__ scale_of,
+                             int64_t max_chunks, float* partial) {
+  const int lane = threadIdx.x & 31;
+  const int64_t k =
+      (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int64_t runs = *num_runs;
+  if (runs == 0 || k >= max_chunks) return;
+  const int64_t total = chunk_start[runs - 1] + chunks[runs - 1];
+  if (k >= total) return;
+  // The run holding chunk k: last u with chunk_start[u] <= k and chunks > 0.
+  int64_t lo = 0, hi = runs - 1;
+  while (lo < hi) {
+    int64_t mid = (lo + hi + 1) / 2;
+    if (chunk_start[mid] <= k) lo = mid; else hi = mid - 1;
+  }
+  // Runs with no chunks share chunk_start with the next run that has some,
+  // and come before it, so the last run starting at or before k owns k.
+  const int64_t u = lo;
+  const int64_t i = k - chunk_start[u];
+  const int64_t p0 = starts[u] + i * kChunk;
+  const int64_t p1 = min(p0 + kChunk, static_cast<int64_t>(starts[u]) + counts[u]);
+  const int64_t cols = dim / VEC;
+  for (int64_t c = lane; c < cols; c += 32) {
+    float acc[VEC];
+#pragma unroll
+    for (int i2 = 0; i2 < VEC; ++i2) acc[i2] = 0.f;
+    SumPositions<G, VEC>(grad, dim, spos, bag_of, scale_of, p0, p1, c, acc);
+    StoreF<float, VEC>(partial + k * dim + c * VEC, acc);
+  }
+}
+
+// Step 3c: a warp per long run sums its chunk partials in order.
+template <int VEC>
+__global__ void ReducePartials(const int32_t* __restrict__ chunks,
+                               const int32_t* __restrict__ chunk_start,
+                               const int32_t* __restrict__ num_runs,
+                               const float* __restrict__ partial, int64_t dim,
+                               int64_t n, float* row_grads) {
+  const int lane = threadIdx.x & 31;
+  const int64_t u =
+      (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  if (u >= n || u >= *num_runs || chunks[u] == 0) return;
+  const int64_t k0 = chunk_start[u], k1 = k0 + chunks[u];
+  const int64_t cols = dim / VEC;
+  for (int64_t c = lane; c < cols; c += 32) {
+    float acc[VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[i] = 0.f;
+    for (int64_t k = k0; k < k1; ++k) {
+      float v[VEC];
+      LoadF<float, VEC>(partial + k * dim + c * VEC, v);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc[i] += v[i];
+    }
+    StoreF<float, VEC>(row_grads + u * dim + c * VEC, acc);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Weight gradient: a warp per bag; gdot_j = <g_b, e_j> by a warp reduction,
+// then the combiner's correction (embed_math.h WeightGrad).
+template <typename T, typename K>
+__global__ void WeightGradKernel(const T* __restrict__ table, int64_t rows,
+                                 int64_t dim, const T* __restrict__ grad,
+                                 const K* __restrict__ ids,
+                                 const int32_t* __restrict__ off,
+                                 const float* __restrict__ w, int64_t n,
+                                 int64_t m, int32_t combiner, float* gw) {
+  const int lane = threadIdx.x & 31;
+  const int64_t bag =
+      (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  if (bag >= m) return;
+  int64_t lo, hi;
+  BagRangeDev(off, bag, n, &lo, &hi);
+  float ws = 0.f, w2 = 0.f;
+  for (int64_t j = lo + lane; j < hi; j += 32) {
+    if (RowOf(ids[j], rows) < 0) continue;
+    ws += w[j];
+    w2 += w[j] * w[j];
+  }
+  ws = GroupSum(ws, 0xffffffffu, 32);
+  w2 = GroupSum(w2, 0xffffffffu, 32);
+  const T* g = grad + bag * dim;
+  float s = 0.f;  // sum_j w_j gdot_j, accumulated in position order
+  for (int64_t j = lo; j < hi; ++j) {
+    int64_t r = RowOf(ids[j], rows);
+    if (r < 0) {
+      if (lane == 0) gw[j] = 0.f;
+      continue;
+    }
+    float dot = 0.f;
+    for (int64_t d = lane; d < dim; d += 32) dot += Ld(g[d]) * Ld(table[r * dim + d]);
+    dot = GroupSum(dot, 0xffffffffu, 32);
+    if (lane == 0) gw[j] = dot;
+    s += w[j] * dot;
+  }
+  __syncwarp();
+  for (int64_t j = lo + lane; j < hi; j += 32) {
+    if (RowOf(ids[j], rows) < 0) continue;
+    gw[j] = WeightGrad(combiner, gw[j], w[j], s, ws, w2);
+  }
+}
+
+// Dense cotangent: a warp per unique row writes its gradient (after the
+// whole buffer was zeroed with cudaMemsetAsync). Rows are unique, so the
+// writes never collide.
+template <typename T>
+__global__ void ScatterRows(const int32_t* __restrict__ unique_rows,
+                            const float* __restrict__ row_grads,
+                            const int32_t* __restrict__ num_unique,
+                            int64_t u_cap, int64_t rows, int64_t dim, T* dense) {
+  const int lane = threadIdx.x & 31;
+  const int64_t u =
+      (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  if (u >= u_cap || u >= *num_unique) return;
+  const int64_t r = unique_rows[u];
+  if (r < 0 || r >= rows) return;
+  for (int64_t d = lane; d < dim; d += 32)
+    dense[r * dim + d] = St<T>(row_grads[u * dim + d]);
+}
+
+}  // namespace cuda
+}  // namespace sok
