@@ -1,0 +1,519 @@
+"""`DistributedEmbedding`: one table sharded over a mesh axis, SOK style.
+
+Key k lives on device k % n; in direct mode at local row k // n. A batch
+sharded over the same axis is looked up with one `shard_map` program:
+
+  1. per device, bucket the valid keys by owner and remove duplicates per
+     destination (sort), so each distinct key crosses the network once;
+  2. `all_to_all` the keys (static capacity per destination; keys beyond it
+     are counted in `stats.overflow`, never silently lost);
+  3. on the owner, gather the rows with the FFI lookup (in hash mode, first
+     find-or-insert the keys in the shard's hash table);
+  4. `all_to_all` the vectors back;
+  5. combine per (sample, slot) with the FFI combine, reading the received
+     vectors through the inverse index of step 1.
+
+Steps 3 and 5 are `sok_jax.embedding._lookup` (custom_vjp), and the
+all_to_all transposes to itself, so `jax.grad` runs the same exchange in
+reverse: gradients of duplicate keys are summed on the requesting side
+(step 5's backward), sent back, and reduced per row on the owner (step 3's
+backward: sort + run-length). The sparse path (`lookup` + `sparse_grad`)
+runs the same reverse exchange without building the dense gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import sparse as jsparse
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sok_jax import ids as ids_lib
+from sok_jax import initializers
+from sok_jax.embedding import _lookup, _ops
+from sok_jax.ops import embed_ops
+from sok_jax.ops.embed_ops import SparseRowGrad
+
+
+def _shard_map(f, mesh, in_specs, out_specs):
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    from jax.experimental.shard_map import shard_map  # older jax
+
+    return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingStats:
+    """Per-device counts of the last call, int32 [n] each.
+
+    overflow: distinct keys that did not fit their destination's exchange
+      bucket (they got zeros and no gradient). Raise `capacity_factor`.
+    invalid: ids that are neither padding nor a key of the table (direct
+      mode: outside [0, n * max_vocabulary_size_per_gpu)).
+    hash_full: keys that found no row because their owner's shard was full.
+    """
+
+    overflow: Any
+    invalid: Any
+    hash_full: Any
+
+    def total(self):
+        return jnp.sum(self.overflow) + jnp.sum(self.invalid) + jnp.sum(self.hash_full)
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingState:
+    """Functional state of a `DistributedEmbedding`.
+
+    table: [n * rows_per_gpu, D], sharded over the axis; device d holds the
+      rows of the keys k with k % n == d (direct mode: key k at local row
+      k // n, i.e. global row (k % n) * rows_per_gpu + k // n).
+    slot_keys: hash mode only: [n * rows_per_gpu] keys stored in each row
+      (EMPTY where free), sharded like the table; None in direct mode.
+    seed: uint32[2] PRNG key data; initial vectors of new keys derive from it.
+    stats: `EmbeddingStats` of the last call.
+    """
+
+    table: Any
+    slot_keys: Any
+    seed: Any
+    stats: EmbeddingStats
+
+
+jax.tree_util.register_dataclass(
+    EmbeddingStats, data_fields=["overflow", "invalid", "hash_full"], meta_fields=[]
+)
+jax.tree_util.register_dataclass(
+    EmbeddingState, data_fields=["table", "slot_keys", "seed", "stats"], meta_fields=[]
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExchangeContext:
+    """What a distributed lookup saved for its sparse backward (all per
+    device, stacked over the axis)."""
+
+    recv_rows: Any  # int32 [n * n*C]: local row of every received key (-1 none)
+    recv_index: Any  # int32 [n * N]: per position, the slot of its vector
+    offsets: Any  # int32 [n * (M + 1)]
+    weights: Any  # float32 [n * N] or [n * 0]
+
+
+jax.tree_util.register_dataclass(
+    ExchangeContext,
+    data_fields=["recv_rows", "recv_index", "offsets", "weights"],
+    meta_fields=[],
+)
+
+
+class DistributedEmbedding:
+    """SOK's `DistributedEmbedding` over one axis of a `jax.sharding.Mesh`.
+
+    Args (SOK's names):
+      combiner: "sum", "mean" or "sqrtn".
+      max_vocabulary_size_per_gpu: rows of each device's shard.
+      embedding_vec_size: D.
+      slot_num: fields per sample.
+      max_nnz: most keys in one (sample, slot).
+      max_feature_num: most valid keys in one sample (default
+        slot_num * max_nnz); sizes the exchange buffers.
+      use_hashtable: map arbitrary keys to rows through a per-shard hash
+        table with dynamic insertion (see `sok_jax.ops.hash_ops`).
+      key_dtype: int32, uint32 or int64 (int64 needs jax_enable_x64).
+      embedding_initializer: a name ("random_uniform", "zeros", ...) or a
+        callable `init(key, (D,), dtype)`, applied per key.
+    Keyword-only:
+      mesh: the mesh (default: a 1-D mesh over all devices).
+      axis_name: the mesh axis the table and the batch are sharded over.
+      capacity_factor: None (safe: every destination can take every local
+        key) or c > 0: each destination bucket holds
+        ceil(c * max_feature_num * local_batch / n) keys.
+      dtype: table storage dtype (float32, bfloat16, float16).
+      check: raise at run time when a call overflowed a bucket, met invalid
+        ids or a full hash shard (the counts are in `state.stats` either way).
+      implementation: "ffi" or "reference" for the per-device ops.
+    """
+
+    def __init__(
+        self,
+        combiner: str = "mean",
+        max_vocabulary_size_per_gpu: int = 1024,
+        embedding_vec_size: int = 16,
+        slot_num: int = 1,
+        max_nnz: int = 1,
+        max_feature_num: int | None = None,
+        use_hashtable: bool = False,
+        key_dtype=jnp.int32,
+        embedding_initializer="random_uniform",
+        *,
+        mesh: Mesh | None = None,
+        axis_name: str | None = None,
+        capacity_factor: float | None = None,
+        dtype=jnp.float32,
+        check: bool = False,
+        implementation: str = "ffi",
+    ):
+        embed_ops.combiner_code(combiner)
+        for name, v in (
+            ("max_vocabulary_size_per_gpu", max_vocabulary_size_per_gpu),
+            ("embedding_vec_size", embedding_vec_size),
+            ("slot_num", slot_num),
+            ("max_nnz", max_nnz),
+        ):
+            if int(v) <= 0:
+                raise ValueError(f"{name} must be positive, got {v}")
+        if mesh is None:
+            mesh = Mesh(np.array(jax.devices()), ("sok",))
+        if axis_name is None:
+            axis_name = mesh.axis_names[0]
+        if axis_name not in mesh.axis_names:
+            raise ValueError(f"axis_name {axis_name!r} is not an axis of the mesh {mesh.axis_names}")
+        key_dtype = jnp.dtype(key_dtype)
+        if key_dtype not in embed_ops.KEY_DTYPES:
+            raise ValueError(f"key_dtype must be int32, uint32 or int64, got {key_dtype}")
+        if key_dtype == jnp.int64 and not jax.config.jax_enable_x64:
+            raise ValueError(
+                "key_dtype=int64 needs jax_enable_x64 (jax.config.update('jax_enable_x64', True))"
+            )
+        if capacity_factor is not None and capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be positive, got {capacity_factor}")
+        self.combiner = combiner
+        self.max_vocabulary_size_per_gpu = int(max_vocabulary_size_per_gpu)
+        self.embedding_vec_size = int(embedding_vec_size)
+        self.slot_num = int(slot_num)
+        self.max_nnz = int(max_nnz)
+        self.max_feature_num = int(max_feature_num or slot_num * max_nnz)
+        self.use_hashtable = bool(use_hashtable)
+        self.key_dtype = key_dtype
+        self.initializer = initializers.resolve(embedding_initializer)
+        self.mesh = mesh
+        self.axis_name = axis_name
+        self.num_devices = int(mesh.shape[axis_name])
+        self.capacity_factor = capacity_factor
+        self.dtype = jnp.dtype(dtype)
+        self.check = check
+        self.implementation = implementation
+        if self.use_hashtable:
+            from sok_jax.ops import hash_ops  # noqa: F401  (fails early if absent)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def table_sharding(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P(self.axis_name, None))
+
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P(self.axis_name))
+
+    @property
+    def num_rows(self) -> int:
+        return self.num_devices * self.max_vocabulary_size_per_gpu
+
+    def init(self, seed) -> EmbeddingState:
+        """Creates the sharded state. The same seed gives every key the same
+        initial vector on any number of devices."""
+        key_data = jax.random.key_data(initializers.as_key(seed))
+        n, rows, d = self.num_devices, self.max_vocabulary_size_per_gpu, self.embedding_vec_size
+        axis = self.axis_name
+
+        def shard_init(key_data):
+            dev = jax.lax.axis_index(axis)
+            if self.use_hashtable:
+                from sok_jax.ops import hash_ops
+
+                # Rows of a hash shard are handed out on insertion and
+                # initialized then; start from zeros.
+                return (
+                    jnp.zeros((rows, d), self.dtype),
+                    hash_ops.empty_slot_keys(rows, self.key_dtype),
+                )
+            local = jnp.arange(rows, dtype=jnp.int32)
+            keys = local.astype(jnp.uint32) * jnp.uint32(n) + dev.astype(jnp.uint32)
+            if self.num_rows > 2**32 - 1:
+                keys = local.astype(jnp.int64) * n + dev
+            table = initializers.init_rows(self.initializer, key_data, keys, d, self.dtype)
+            return table, jnp.zeros((0,), jnp.int32)
+
+        slot_spec = P(axis)
+        fn = _shard_map(shard_init, self.mesh, in_specs=(P(),), out_specs=(P(axis, None), slot_spec))
+        table, slot_keys = jax.jit(fn)(key_data)
+        zeros = jax.device_put(jnp.zeros((n,), jnp.int32), self.batch_sharding)
+        return EmbeddingState(
+            table=table,
+            slot_keys=slot_keys if self.use_hashtable else None,
+            seed=key_data,
+            stats=EmbeddingStats(zeros, zeros, zeros),
+        )
+
+    # --------------------------------------------------------------- exchange
+    def _capacity(self, local_batch: int) -> int:
+        full = self.max_feature_num * local_batch
+        if self.capacity_factor is None:
+            return max(full, 1)
+        c = math.ceil(self.capacity_factor * full / self.num_devices)
+        return int(min(max(c, 1), full))
+
+    def _check_ids(self, ids, weights):
+        if isinstance(ids, ids_lib.RaggedIds):
+            raise ValueError(
+                "DistributedEmbedding takes padded ids [batch, slot_num, max_nnz] or a BCOO; "
+                "convert ragged ids with sok_jax.ids.ragged_to_padded first"
+            )
+        bags = None
+        if not hasattr(ids, "ndim") or isinstance(ids, jsparse.BCOO):
+            bags = ids_lib.to_bags(ids, weights, self.slot_num)
+            b = bags.batch_shape[0]
+            ids = bags.ids.reshape(b, self.slot_num, -1)
+            weights = bags.weights.reshape(ids.shape) if bags.weights.shape[0] else None
+        ids = ids_lib.check_key_array(ids)
+        if ids.ndim != 3 or ids.shape[1] != self.slot_num or ids.shape[2] > self.max_nnz:
+            raise ValueError(
+                f"ids must be [batch, slot_num={self.slot_num}, max_nnz<={self.max_nnz}], "
+                f"got shape {tuple(ids.shape)}"
+            )
+        if jnp.dtype(ids.dtype) != self.key_dtype:
+            raise ValueError(f"ids must have key_dtype {self.key_dtype}, got {ids.dtype}")
+        if ids.shape[0] % self.num_devices:
+            raise ValueError(
+                f"the batch ({ids.shape[0]}) must be divisible by the {self.num_devices} "
+                f"devices of axis {self.axis_name!r}"
+            )
+        if weights is not None:
+            weights = jnp.asarray(weights, jnp.float32)
+            if weights.shape != ids.shape:
+                raise ValueError(
+                    f"weights must have the ids' shape {tuple(ids.shape)}, got {tuple(weights.shape)}"
+                )
+        return ids, weights
+
+    def _plan(self, flat_ids, capacity):
+        """Bucket by owner and dedup per destination (pure JAX sort).
+
+        Returns (send [n*C] values to send, recv_index [N] slot of each
+        position's vector or -1, overflow count, invalid count)."""
+        n, rows = self.num_devices, self.max_vocabulary_size_per_gpu
+        N = flat_ids.shape[0]
+        pad = ids_lib._padding_value(flat_ids.dtype)
+        is_pad = flat_ids == jnp.asarray(pad, flat_ids.dtype)
+        if self.use_hashtable:
+            valid = ~is_pad
+            send_dtype = flat_ids.dtype
+            empty = pad
+        else:
+            valid, _ = _valid_direct(flat_ids, n * rows)
+            send_dtype = jnp.int32
+            empty = -1
+        invalid = jnp.sum(~valid & ~is_pad).astype(jnp.int32)
+        owner = jnp.where(valid, jnp.remainder(flat_ids, n).astype(jnp.int32), n)
+        iota = jnp.arange(N, dtype=jnp.int32)
+        s_owner, s_key, perm = jax.lax.sort((owner, flat_ids, iota), num_keys=2)
+        first = jnp.concatenate(
+            [jnp.ones((1,), bool), (s_owner[1:] != s_owner[:-1]) | (s_key[1:] != s_key[:-1])]
+        )
+        real = s_owner < n
+        first = first & real
+        run = jnp.cumsum(first.astype(jnp.int32)) - 1
+        per_owner = jax.ops.segment_sum(first.astype(jnp.int32), s_owner, n + 1)[:n]
+        start = jnp.cumsum(per_owner) - per_owner
+        rank = run - start[jnp.minimum(s_owner, n - 1)]
+        fits = real & (rank < capacity)
+        slot = jnp.where(fits, s_owner * capacity + rank, -1)
+        overflow = jnp.sum(first & ~fits).astype(jnp.int32)
+        if self.use_hashtable:
+            value = s_key
+        else:
+            value = (s_key // n).astype(jnp.int32)
+        target = jnp.where(first & fits, slot, n * capacity)
+        send = jnp.full((n * capacity,), empty, send_dtype).at[target].set(
+            value.astype(send_dtype), mode="drop"
+        )
+        recv_index = jnp.zeros((N,), jnp.int32).at[perm].set(slot)
+        return send, recv_index, overflow, invalid
+
+    def _a2a(self, x):
+        return jax.lax.all_to_all(x, self.axis_name, 0, 0, tiled=True)
+
+    def _device_forward(self, table, slot_keys, seed, ids, weights, training, sparse):
+        """Per-device body of the lookup (inside shard_map)."""
+        n = self.num_devices
+        b_local = ids.shape[0]
+        capacity = self._capacity(b_local)
+        bags = ids_lib.to_bags(ids, weights)
+        send, recv_index, overflow, invalid = self._plan(bags.ids, capacity)
+        recv = self._a2a(send)  # [n*C] keys (hash) or local rows (direct)
+        hash_full = jnp.zeros((), jnp.int32)
+        if self.use_hashtable:
+            table, slot_keys, rows, hash_full = self._hash_rows(
+                table, slot_keys, seed, recv, training
+            )
+        else:
+            rows = recv
+        impl = self.implementation
+        gather_offsets = jnp.arange(rows.shape[0] + 1, dtype=jnp.int32)
+        no_w = jnp.zeros((0,), jnp.float32)
+        src = jax.lax.stop_gradient(table) if sparse else table
+        vecs = _lookup("sum", impl, src, rows, gather_offsets, no_w)
+        back = self._a2a(vecs)  # [n*C, D], slot-major by destination
+        out = _lookup(self.combiner, impl, back, recv_index, bags.offsets, bags.weights)
+        out = out.reshape(*bags.batch_shape, table.shape[1])
+        stats = (overflow.reshape(1), invalid.reshape(1), hash_full.reshape(1))
+        ctx = (rows, recv_index, bags.offsets, bags.weights)
+        return out, table, slot_keys, stats, ctx
+
+    def _hash_rows(self, table, slot_keys, seed, keys, training):
+        from sok_jax.ops import hash_ops
+
+        slot_keys, rows, is_new, failed = hash_ops.find_or_insert(
+            slot_keys, keys, insert=training
+        )
+        if training:
+            cap = table.shape[0]
+            fresh = initializers.init_rows(
+                self.initializer, seed, keys, table.shape[1], table.dtype
+            )
+            target = jnp.where(is_new.astype(bool) & (rows >= 0), rows, cap)
+            table = table.at[target].set(fresh, mode="drop")
+        return table, slot_keys, rows, failed.reshape(()).astype(jnp.int32)
+
+    def _run(self, state: EmbeddingState, ids, weights, training: bool, sparse: bool):
+        ids, weights = self._check_ids(ids, weights)
+        axis = self.axis_name
+        has_w = weights is not None
+        has_keys = self.use_hashtable
+
+        def body(table, slot_keys, seed, ids, weights):
+            out, table, slot_keys, stats, ctx = self._device_forward(
+                table, slot_keys, seed, ids, weights if has_w else None, training, sparse
+            )
+            if not has_keys:  # direct mode never changes the table here
+                table = slot_keys = jnp.zeros((0,), jnp.int32)
+            return out, table, slot_keys, stats, ctx
+
+        row = P(axis)
+        in_specs = (P(axis, None), row if has_keys else P(), P(), row, row if has_w else P())
+        table_spec = P(axis, None) if has_keys else P()
+        out_specs = (row, table_spec, row if has_keys else P(), (row, row, row), (row, row, row, row))
+        fn = _shard_map(body, self.mesh, in_specs, out_specs)
+        slot_keys = state.slot_keys if has_keys else jnp.zeros((0,), jnp.int32)
+        w = weights if has_w else jnp.zeros((0,), jnp.float32)
+        out, table, slot_keys, stats, ctx = fn(state.table, slot_keys, state.seed, ids, w)
+        stats = EmbeddingStats(*stats)
+        if self.check:
+            _raise_on_stats(stats)
+        new_state = EmbeddingState(
+            table=table if has_keys else state.table,
+            slot_keys=slot_keys if has_keys else None,
+            seed=state.seed,
+            stats=stats,
+        )
+        return out, new_state, ExchangeContext(*ctx)
+
+    # ------------------------------------------------------------- public API
+    def apply(self, state: EmbeddingState, ids, weights=None, *, training: bool = True):
+        """Looks up a batch sharded over the axis: (out [B, S, D], new_state).
+
+        Differentiable with respect to `state.table` (the dense-compatible
+        path: `jax.grad` gives the sharded [n*rows, D] cotangent). In hash
+        mode `training=True` inserts unseen keys; False only looks up (an
+        unseen key gives zeros)."""
+        out, new_state, _ = self._run(state, ids, weights, training, sparse=False)
+        return out, new_state
+
+    __call__ = apply
+
+    def lookup(self, state: EmbeddingState, ids, weights=None, *, training: bool = True):
+        """The sparse training path: (out, ctx, new_state); `out` carries no
+        gradient to the table. Feed the cotangent of `out` to
+        `sparse_grad(ctx, d_out)`."""
+        out, new_state, ctx = self._run(state, ids, weights, training, sparse=True)
+        return out, ctx, new_state
+
+    def sparse_grad(self, ctx: ExchangeContext, d_out) -> SparseRowGrad:
+        """Per-device row gradients (stacked over the axis: rows [n*cap],
+        grads [n*cap, D], count [n]) for the rows the batch touched, reduced
+        on their owners. Never builds a [rows, D] array."""
+        axis, n = self.axis_name, self.num_devices
+        impl = self.implementation
+        ops = _ops(impl)
+        combiner = self.combiner
+
+        def body(recv_rows, recv_index, offsets, weights, g):
+            g = g.reshape(-1, g.shape[-1])
+            cap = recv_rows.shape[0]  # n*C slots received vectors occupy
+            # 1. requesting side: per received slot, sum its positions' grads.
+            s = ops.lookup_combine_bwd(g, recv_index, offsets, weights, combiner, cap)
+            d_back = ops.rows_to_dense(s, cap, jnp.float32)
+            # 2. send them to the owners.
+            d_vecs = self._a2a(d_back)
+            # 3. owner: sum over sources per local row.
+            singles = jnp.arange(cap + 1, dtype=jnp.int32)
+            no_w = jnp.zeros((0,), jnp.float32)
+            r = ops.lookup_combine_bwd(
+                d_vecs, recv_rows, singles, no_w, "sum", self.max_vocabulary_size_per_gpu
+            )
+            return r.rows, r.grads, r.count
+
+        row = P(axis)
+        has_w = ctx.weights.shape[0] > 0
+        fn = _shard_map(
+            body,
+            self.mesh,
+            (row, row, row, row if has_w else P(), row),
+            (row, P(axis, None), row),
+        )
+        rows, grads, count = fn(ctx.recv_rows, ctx.recv_index, ctx.offsets, ctx.weights, d_out)
+        return SparseRowGrad(rows, grads, count)
+
+    # ----------------------------------------------------------- inspection
+    def logical_rows(self, state: EmbeddingState, keys):
+        """Direct mode: the vectors of the given global keys (host helper for
+        tests and export)."""
+        keys = np.asarray(keys)
+        n, rows = self.num_devices, self.max_vocabulary_size_per_gpu
+        table = np.asarray(jax.device_get(state.table))
+        return table[(keys % n) * rows + keys // n]
+
+
+def _valid_direct(ids, total_rows):
+    if jnp.issubdtype(ids.dtype, jnp.unsignedinteger):
+        valid = ids < jnp.asarray(min(total_rows, 2**32 - 1), ids.dtype)
+    else:
+        valid = (ids >= 0) & (ids < total_rows)
+    return valid, None
+
+
+def _stats_callback(overflow, invalid, hash_full):
+    problems = []
+    if int(np.sum(overflow)):
+        problems.append(
+            f"{int(np.sum(overflow))} key(s) overflowed their exchange bucket "
+            f"(per device {np.asarray(overflow).tolist()}); raise capacity_factor"
+        )
+    if int(np.sum(invalid)):
+        problems.append(f"{int(np.sum(invalid))} id(s) are neither padding nor a key of the table")
+    if int(np.sum(hash_full)):
+        problems.append(f"{int(np.sum(hash_full))} key(s) found no row: a hash shard is full")
+    if problems:
+        raise ValueError("sok_jax.DistributedEmbedding: " + "; ".join(problems))
+
+
+def _raise_on_stats(stats: EmbeddingStats):
+    jax.debug.callback(_stats_callback, stats.overflow, stats.invalid, stats.hash_full)
+
+
+def check_stats(state: EmbeddingState) -> None:
+    """Host-side opt-in check: raises ValueError if the last call dropped
+    anything (overflow, invalid ids, full hash shard)."""
+    _stats_callback(
+        np.asarray(state.stats.overflow),
+        np.asarray(state.stats.invalid),
+        np.asarray(state.stats.hash_full),
+    )

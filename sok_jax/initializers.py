@@ -1,0 +1,76 @@
+"""Per-key initialization: a row's initial vector is a function of the seed
+and the global key alone, never of the device count, the shard or (in hash
+mode) the row a key lands in. So the logical table key -> vector is the same
+on 1 or 8 devices and in any insertion order.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+Initializer = Callable[..., jax.Array]
+
+_NAMED = {
+    # SOK's default: uniform(-0.05, 0.05).
+    "random_uniform": lambda: _uniform_symmetric(0.05),
+    "uniform": lambda: _uniform_symmetric(0.05),
+    "random_normal": lambda: jax.nn.initializers.normal(0.05),
+    "normal": lambda: jax.nn.initializers.normal(0.05),
+    "truncated_normal": lambda: jax.nn.initializers.truncated_normal(0.05),
+    "zeros": lambda: jax.nn.initializers.zeros,
+    "ones": lambda: jax.nn.initializers.ones,
+}
+
+
+def _uniform_symmetric(scale: float) -> Initializer:
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -scale, scale)
+
+    return init
+
+
+def resolve(initializer) -> Initializer:
+    """A name from SOK/Keras ("random_uniform", "zeros", ...) or a callable
+    `init(key, shape, dtype)` such as any `jax.nn.initializers` entry that
+    accepts a 1-D shape."""
+    if callable(initializer):
+        return initializer
+    if initializer not in _NAMED:
+        raise ValueError(
+            f"embedding_initializer must be a callable or one of {sorted(_NAMED)}, "
+            f"got {initializer!r}"
+        )
+    return _NAMED[initializer]()
+
+
+def as_key(seed):
+    """An int seed, a typed PRNG key, or raw uint32[2] key data -> typed key."""
+    if hasattr(seed, "dtype") and jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key):
+        return seed
+    if hasattr(seed, "shape") and tuple(seed.shape) == (2,) and seed.dtype == jnp.uint32:
+        return jax.random.wrap_key_data(seed)
+    return jax.random.key(seed)
+
+
+def _key_words(keys):
+    """A 64-bit key as two uint32 words, so fold_in sees all of it."""
+    if keys.dtype == jnp.int64 or keys.dtype == jnp.uint64:
+        lo = (keys & 0xFFFFFFFF).astype(jnp.uint32)
+        hi = (keys >> 32).astype(jnp.uint32)
+        return lo, hi
+    return keys.astype(jnp.uint32), jnp.zeros(keys.shape, jnp.uint32)
+
+
+def init_rows(initializer: Initializer, seed, keys, dim: int, dtype=jnp.float32):
+    """Initial vectors [len(keys), dim] of the given global keys."""
+    base = as_key(seed)
+    lo, hi = _key_words(keys)
+
+    def one(a, b):
+        k = jax.random.fold_in(jax.random.fold_in(base, a), b)
+        return initializer(k, (dim,), jnp.float32)
+
+    return jax.vmap(one)(lo, hi).astype(dtype)
