@@ -6,6 +6,12 @@ calls; tables are plain jax.Arrays, sharded over a mesh axis by
 """
 
 from sok_jax._native import has_cuda, target_names
+from sok_jax.distributed import (
+    DistributedEmbedding,
+    EmbeddingState,
+    EmbeddingStats,
+    check_stats,
+)
 from sok_jax.embedding import (
     LookupContext,
     count_invalid_ids,
@@ -17,6 +23,10 @@ from sok_jax.ids import RaggedIds
 from sok_jax.ops.embed_ops import SparseRowGrad
 
 __all__ = [
+    "DistributedEmbedding",
+    "EmbeddingState",
+    "EmbeddingStats",
+    "check_stats",
     "LookupContext",
     "RaggedIds",
     "SparseRowGrad",

@@ -1,0 +1,127 @@
+// CPU handler of the hash find-or-insert target. Same target, arguments and
+// probe rule as hash_cuda.cu; here keys are processed one after another in
+// position order, so the result is deterministic (the pure-JAX reference in
+// sok_jax/ops/hash_ops.py reproduces it exactly).
+#include <cstring>
+#include <string>
+
+#include "common.h"
+#include "hash_math.h"
+
+namespace sok {
+namespace {
+
+// Shapes, dtypes and the insert flag; sets *capacity and *n.
+ffi::Error CheckHashArgs(const ffi::AnyBuffer& slot_keys,
+                         const ffi::AnyBuffer& keys,
+                         const ffi::AnyBuffer& slot_keys_out,
+                         size_t rows_count, size_t is_new_count,
+                         size_t num_failed_count, int32_t insert,
+                         int32_t* capacity, int64_t* n) {
+  if (slot_keys.dimensions().size() != 1)
+    return InvalidArgument("slot_keys must be rank 1 [capacity]");
+  if (keys.dimensions().size() != 1)
+    return InvalidArgument("keys must be rank 1 [N]");
+  if (keys.element_type() != slot_keys.element_type())
+    return InvalidArgument("keys must have the dtype of slot_keys");
+  int64_t cap = slot_keys.element_count();
+  if (cap < 1 || cap > INT32_MAX)
+    return InvalidArgument("capacity (len(slot_keys)) must lie in [1, 2^31), got " +
+                           std::to_string(cap));
+  *capacity = static_cast<int32_t>(cap);
+  *n = keys.element_count();
+  if (slot_keys_out.element_type() != slot_keys.element_type() ||
+      slot_keys_out.element_count() != static_cast<size_t>(cap))
+    return InvalidArgument("slot_keys_out must match slot_keys");
+  if (rows_count != static_cast<size_t>(*n) ||
+      is_new_count != static_cast<size_t>(*n))
+    return InvalidArgument("rows and is_new must be [N]");
+  if (num_failed_count != 1)
+    return InvalidArgument("num_failed must be [1]");
+  if (insert != 0 && insert != 1)
+    return InvalidArgument("insert must be 0 (find only) or 1 (insert)");
+  return ffi::Error::Success();
+}
+
+// Finds (and with `insert`, inserts) each key in turn; returns the number of
+// non-padding positions that found no free slot in a full table.
+template <typename K>
+int32_t FindOrInsert(K* slots, int32_t cap, const K* keys, int64_t n,
+                     bool insert, int32_t* rows, int32_t* is_new) {
+  const K empty = EmptyKey<K>();
+  int32_t failed = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const K k = keys[i];
+    int32_t row = -1, fresh = 0;
+    bool full = k != empty;  // stays true only if every slot holds another key
+    if (k != empty) {
+      int32_t s = StartSlot(k, cap);
+      for (int32_t p = 0; p < cap; ++p, s = NextSlot(s, cap)) {
+        const K cur = slots[s];
+        if (cur == k) {
+          row = s;
+          full = false;
+          break;
+        }
+        if (cur == empty) {
+          if (insert) {
+            slots[s] = k;
+            row = s;
+            fresh = 1;
+          }
+          full = false;
+          break;
+        }
+      }
+    }
+    if (full && insert) ++failed;
+    rows[i] = row;
+    is_new[i] = fresh;
+  }
+  return failed;
+}
+
+ffi::Error FindOrInsertImpl(ffi::AnyBuffer slot_keys, ffi::AnyBuffer keys,
+                            ffi::Result<ffi::AnyBuffer> slot_keys_out,
+                            ffi::Result<ffi::Buffer<ffi::S32>> rows,
+                            ffi::Result<ffi::Buffer<ffi::S32>> is_new,
+                            ffi::Result<ffi::Buffer<ffi::S32>> num_failed,
+                            int32_t insert) {
+  int32_t cap;
+  int64_t n;
+  if (auto e = CheckHashArgs(slot_keys, keys, *slot_keys_out,
+                             rows->element_count(), is_new->element_count(),
+                             num_failed->element_count(), insert, &cap, &n);
+      e.failure())
+    return e;
+  return DispatchKey(slot_keys.element_type(), "slot_keys", [&](auto key) {
+    using K = decltype(key);
+    K* slots = slot_keys_out->reinterpret_data<K>();
+    // Aliased by input_output_aliases, so normally the same buffer.
+    if (slots != slot_keys.reinterpret_data<K>())
+      std::memcpy(slots, slot_keys.reinterpret_data<K>(), cap * sizeof(K));
+    num_failed->typed_data()[0] =
+        FindOrInsert<K>(slots, cap, keys.reinterpret_data<K>(), n, insert != 0,
+                        rows->typed_data(), is_new->typed_data());
+    return ffi::Error::Success();
+  });
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SokHashFindOrInsertCpu, FindOrInsertImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()         // slot_keys
+                                  .Arg<ffi::AnyBuffer>()         // keys
+                                  .Ret<ffi::AnyBuffer>()         // slot_keys_out
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // rows
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // is_new
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // num_failed
+                                  .Attr<int32_t>("insert"));
+
+void AppendHashTargetsCpu(TargetList& out) {
+  out.push_back({"sok_hash_find_or_insert",
+                 reinterpret_cast<void*>(SokHashFindOrInsertCpu)});
+}
+
+}  // namespace sok

@@ -1,0 +1,108 @@
+// CUDA handler of the hash find-or-insert target. Same target, arguments and
+// probe rule as hash_cpu.cc. With insert=1, keys new to the table race for
+// slots, so which free slot a new key gets may vary run to run; every key
+// still gets exactly one row and exactly one position reports is_new=1.
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "common.h"
+#include "hash_kernels.cuh"
+
+namespace sok {
+namespace {
+
+// Shapes, dtypes and the insert flag; sets *capacity and *n.
+ffi::Error CheckHashArgs(const ffi::AnyBuffer& slot_keys,
+                         const ffi::AnyBuffer& keys,
+                         const ffi::AnyBuffer& slot_keys_out,
+                         size_t rows_count, size_t is_new_count,
+                         size_t num_failed_count, int32_t insert,
+                         int32_t* capacity, int64_t* n) {
+  if (slot_keys.dimensions().size() != 1)
+    return InvalidArgument("slot_keys must be rank 1 [capacity]");
+  if (keys.dimensions().size() != 1)
+    return InvalidArgument("keys must be rank 1 [N]");
+  if (keys.element_type() != slot_keys.element_type())
+    return InvalidArgument("keys must have the dtype of slot_keys");
+  int64_t cap = slot_keys.element_count();
+  if (cap < 1 || cap > INT32_MAX)
+    return InvalidArgument("capacity (len(slot_keys)) must lie in [1, 2^31), got " +
+                           std::to_string(cap));
+  *capacity = static_cast<int32_t>(cap);
+  *n = keys.element_count();
+  if (slot_keys_out.element_type() != slot_keys.element_type() ||
+      slot_keys_out.element_count() != static_cast<size_t>(cap))
+    return InvalidArgument("slot_keys_out must match slot_keys");
+  if (rows_count != static_cast<size_t>(*n) ||
+      is_new_count != static_cast<size_t>(*n))
+    return InvalidArgument("rows and is_new must be [N]");
+  if (num_failed_count != 1)
+    return InvalidArgument("num_failed must be [1]");
+  if (insert != 0 && insert != 1)
+    return InvalidArgument("insert must be 0 (find only) or 1 (insert)");
+  return ffi::Error::Success();
+}
+
+ffi::Error FindOrInsertImpl(cudaStream_t stream, ffi::AnyBuffer slot_keys,
+                            ffi::AnyBuffer keys,
+                            ffi::Result<ffi::AnyBuffer> slot_keys_out,
+                            ffi::Result<ffi::Buffer<ffi::S32>> rows,
+                            ffi::Result<ffi::Buffer<ffi::S32>> is_new,
+                            ffi::Result<ffi::Buffer<ffi::S32>> num_failed,
+                            int32_t insert) {
+  int32_t cap;
+  int64_t n;
+  if (auto e = CheckHashArgs(slot_keys, keys, *slot_keys_out,
+                             rows->element_count(), is_new->element_count(),
+                             num_failed->element_count(), insert, &cap, &n);
+      e.failure())
+    return e;
+  auto err = DispatchKey(slot_keys.element_type(), "slot_keys", [&](auto key) {
+    using K = decltype(key);
+    using namespace hash_kernels;
+    K* slots = slot_keys_out->reinterpret_data<K>();
+    // Aliased by input_output_aliases, so normally the same buffer.
+    if (slots != slot_keys.reinterpret_data<K>())
+      cudaMemcpyAsync(slots, slot_keys.reinterpret_data<K>(), cap * sizeof(K),
+                      cudaMemcpyDeviceToDevice, stream);
+    int32_t* failed = num_failed->typed_data();
+    cudaMemsetAsync(failed, 0, sizeof(int32_t), stream);
+    if (n > 0) {
+      const K* k = keys.reinterpret_data<K>();
+      if (insert)
+        InsertKernel<K><<<GridFor(n), kBlock, 0, stream>>>(
+            slots, cap, k, n, rows->typed_data(), is_new->typed_data(), failed);
+      else
+        FindKernel<K><<<GridFor(n), kBlock, 0, stream>>>(
+            slots, cap, k, n, rows->typed_data(), is_new->typed_data());
+    }
+    return ffi::Error::Success();
+  });
+  if (err.failure()) return err;
+  cudaError_t last = cudaGetLastError();
+  if (last != cudaSuccess)
+    return Internal(std::string("sok_hash_find_or_insert: ") +
+                    cudaGetErrorString(last));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SokHashFindOrInsertCuda, FindOrInsertImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()         // slot_keys
+                                  .Arg<ffi::AnyBuffer>()         // keys
+                                  .Ret<ffi::AnyBuffer>()         // slot_keys_out
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // rows
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // is_new
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // num_failed
+                                  .Attr<int32_t>("insert"));
+
+void AppendHashTargetsCuda(TargetList& out) {
+  out.push_back({"sok_hash_find_or_insert",
+                 reinterpret_cast<void*>(SokHashFindOrInsertCuda)});
+}
+
+}  // namespace sok
