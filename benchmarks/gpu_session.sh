@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One lent-GPU session: build from the checkout, run the tests on the GPU,
+# then the benchmarks named in $BENCH (space separated script names, with
+# their flags in BENCH_ARGS_<name>). Logs go under $OUT (default ./gpu_out).
+#   OUT=/tmp/o BENCH="bench_lookup" bash benchmarks/gpu_session.sh
+set -uo pipefail
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+PY=${PY:-python3}
+log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$OUT/session.log"; }
+
+log "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/session.log"
+$PY -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee -a "$OUT/session.log"
+git rev-parse --short HEAD 2>/dev/null | sed 's/^/commit /' | tee -a "$OUT/session.log"
+
+log "build"
+SOK_CUDA=ON CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90" \
+  $PY -m pip install --no-build-isolation --no-deps -q . > "$OUT/build.log" 2>&1 \
+  || { tail -50 "$OUT/build.log"; exit 1; }
+# Benchmarks import the checkout: put the built modules beside its sources.
+pkg=$(cd / && $PY -c "import sok_jax, os; print(os.path.dirname(sok_jax.__file__))")
+cp "$pkg"/_sok_*.so sok_jax/
+(cd / && $PY -c "import sok_jax; assert sok_jax.has_cuda(); print('cuda targets ok')") 2>&1 | tee -a "$OUT/session.log"
+
+if [ -n "${TESTS:-}" ]; then
+  log "tests: $TESTS"
+  JAX_PLATFORMS=cuda timeout ${TEST_TIMEOUT:-240} pytest -q -x $TESTS -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/tests.log"
+fi
+if [ -n "${SANITIZE:-}" ]; then
+  log "compute-sanitizer memcheck: $SANITIZE"
+  JAX_PLATFORMS=cuda XLA_FLAGS=--xla_gpu_autotune_level=0 timeout ${SAN_TIMEOUT:-200} \
+    compute-sanitizer --tool memcheck --leak-check no --error-exitcode 99 \
+    $PY -m pytest -q -x -p no:cacheprovider $SANITIZE 2>&1 | tail -15 | tee "$OUT/sanitizer.log"
+  echo "sanitizer exit ${PIPESTATUS[0]}" | tee -a "$OUT/sanitizer.log"
+fi
+for b in ${BENCH:-}; do
+  var="BENCH_ARGS_$b"
+  log "bench $b ${!var:-}"
+  timeout ${BENCH_TIMEOUT:-300} $PY benchmarks/$b.py ${!var:-} --out "$OUT/$b.json" 2>&1 | tee "$OUT/$b.log" | tail -40
+done
+log "done"
