@@ -472,6 +472,40 @@ class DistributedEmbedding:
         rows, grads, count = fn(ctx.recv_rows, ctx.recv_index, ctx.offsets, ctx.weights, d_out)
         return SparseRowGrad(rows, grads, count)
 
+    def _slot_specs(self, opt_state):
+        axis = self.axis_name
+        return tuple(P(axis) if s.ndim == 1 else P(axis, None) for s in opt_state.slots)
+
+    def init_optimizer(self, optimizer, state: EmbeddingState):
+        """The sparse optimizer's state, its slots sharded like the table."""
+        axis = self.axis_name
+        probe = jax.eval_shape(optimizer.init, jax.ShapeDtypeStruct(state.table.shape, state.table.dtype))
+        slot_specs = self._slot_specs(probe)
+        fn = _shard_map(
+            optimizer.init, self.mesh, (P(axis, None),), type(probe)(slot_specs, P())
+        )
+        return jax.jit(fn)(state.table)
+
+    def apply_gradients(self, state: EmbeddingState, optimizer, opt_state, grad: SparseRowGrad):
+        """Applies `optimizer` to the rows in `grad` (from `sparse_grad`) on
+        each owner, in place (donate `state` and `opt_state` in your step).
+        Returns (new_state, new_opt_state)."""
+        axis = self.axis_name
+        slot_specs = self._slot_specs(opt_state)
+        opt_specs = type(opt_state)(slot_specs, P())
+
+        def body(table, opt_state, rows, grads, count):
+            return optimizer.update(table, opt_state, SparseRowGrad(rows, grads, count))
+
+        fn = _shard_map(
+            body,
+            self.mesh,
+            (P(axis, None), opt_specs, P(axis), P(axis, None), P(axis)),
+            (P(axis, None), opt_specs),
+        )
+        table, opt_state = fn(state.table, opt_state, grad.rows, grad.grads, grad.count)
+        return dataclasses.replace(state, table=table), opt_state
+
     # ----------------------------------------------------------- inspection
     def logical_rows(self, state: EmbeddingState, keys):
         """Direct mode: the vectors of the given global keys (host helper for

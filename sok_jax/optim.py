@@ -1,0 +1,174 @@
+"""Sparse (row-wise) optimizers: updates touch only the rows a batch looked up.
+
+Each optimizer is a `SparseOptimizer(init, update)` pair, like an optax
+`GradientTransformation`, but `update` takes the table itself and a
+`SparseRowGrad` (distinct rows + summed gradients, from `sok_jax.sparse_grad`
+or `DistributedEmbedding.sparse_grad`) and returns the new table: one fused
+FFI kernel rewrites those rows and their slots in place (the table and slots
+are aliased to the outputs; donate them in your jitted step). No [rows, D]
+gradient is ever built, so a step costs O(batch), not O(table).
+
+Hyperparameter names and defaults follow optax where optax has the
+optimizer (sgd, adagrad, adam) and Keras for FTRL. `learning_rate` may be a
+float or an optax schedule (a function of the step count).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from sok_jax.ops import optim_ops
+from sok_jax.ops.embed_ops import SparseRowGrad
+
+
+class SparseOptState(NamedTuple):
+    """slots: tuple of float32 arrays shaped like the table (or [rows]);
+    count: int32 scalar, the number of updates applied so far."""
+
+    slots: tuple
+    count: Any
+
+
+class SparseOptimizer(NamedTuple):
+    """init(table) -> SparseOptState;
+    update(table, state, grad: SparseRowGrad) -> (table, state)."""
+
+    init: Callable
+    update: Callable
+
+
+def _lr(learning_rate, count):
+    return learning_rate(count) if callable(learning_rate) else learning_rate
+
+
+def _impl(fn_name: str, implementation: str):
+    if implementation == "ffi":
+        return getattr(optim_ops, fn_name)
+    if implementation == "reference":
+        return getattr(optim_ops, "reference_" + fn_name)
+    raise ValueError(f"implementation must be 'ffi' or 'reference', got {implementation!r}")
+
+
+def _make(update_name: str, make_slots: Callable, hyper: dict, learning_rate, implementation, step_arg=False):
+    update_fn = _impl(update_name, implementation)
+
+    def init(table):
+        return SparseOptState(tuple(make_slots(table)), jnp.zeros((), jnp.int32))
+
+    def update(table, state: SparseOptState, grad: SparseRowGrad):
+        count = state.count + 1
+        lr = _lr(learning_rate, state.count)
+        args = [table, *state.slots, grad.rows, grad.grads, grad.count, lr]
+        if step_arg:
+            args.append(count)
+        out = update_fn(*args, **hyper)
+        if not isinstance(out, tuple):
+            out = (out,)
+        return out[0], SparseOptState(tuple(out[1:]), count)
+
+    return SparseOptimizer(init, update)
+
+
+def sgd(learning_rate, *, implementation: str = "ffi") -> SparseOptimizer:
+    """Plain SGD on the touched rows (optax.sgd without momentum)."""
+    return _make("sgd_update", lambda t: (), {}, learning_rate, implementation)
+
+
+def adagrad(
+    learning_rate,
+    initial_accumulator_value: float = 0.1,
+    eps: float = 1e-7,
+    *,
+    implementation: str = "ffi",
+) -> SparseOptimizer:
+    """optax.adagrad on the touched rows (rows with no gradient are unchanged,
+    exactly as optax leaves them)."""
+    return _make(
+        "adagrad_update",
+        lambda t: (optim_ops.adagrad_slots(t, initial_accumulator_value),),
+        {"eps": eps},
+        learning_rate,
+        implementation,
+    )
+
+
+def rowwise_adagrad(
+    learning_rate,
+    initial_accumulator_value: float = 0.1,
+    eps: float = 1e-7,
+    *,
+    implementation: str = "ffi",
+) -> SparseOptimizer:
+    """Adagrad with one accumulator per row (mean of g^2 over D), as FBGEMM."""
+    return _make(
+        "rowwise_adagrad_update",
+        lambda t: (optim_ops.rowwise_adagrad_slots(t, initial_accumulator_value),),
+        {"eps": eps},
+        learning_rate,
+        implementation,
+    )
+
+
+def adam(
+    learning_rate,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    *,
+    implementation: str = "ffi",
+) -> SparseOptimizer:
+    """Lazy Adam (TF LazyAdam, SOK's Adam): optax.adam's formulas applied to
+    the touched rows only; untouched rows keep their moments."""
+    return _make(
+        "adam_update",
+        lambda t: optim_ops.adam_slots(t),
+        {"b1": b1, "b2": b2, "eps": eps, "eps_root": eps_root},
+        learning_rate,
+        implementation,
+        step_arg=True,
+    )
+
+
+def ftrl(
+    learning_rate,
+    learning_rate_power: float = -0.5,
+    initial_accumulator_value: float = 0.1,
+    l1_regularization_strength: float = 0.0,
+    l2_regularization_strength: float = 0.0,
+    l2_shrinkage_regularization_strength: float = 0.0,
+    beta: float = 0.0,
+    *,
+    implementation: str = "ffi",
+) -> SparseOptimizer:
+    """FTRL-Proximal on the touched rows, as tf.keras.optimizers.Ftrl."""
+    return _make(
+        "ftrl_update",
+        lambda t: optim_ops.ftrl_slots(t, initial_accumulator_value),
+        {
+            "learning_rate_power": learning_rate_power,
+            "l1_regularization_strength": l1_regularization_strength,
+            "l2_regularization_strength": l2_regularization_strength,
+            "l2_shrinkage_regularization_strength": l2_shrinkage_regularization_strength,
+            "beta": beta,
+        },
+        learning_rate,
+        implementation,
+    )
+
+
+def by_name(name: str, learning_rate, **kwargs) -> SparseOptimizer:
+    """`sgd`, `adagrad`, `rowwise_adagrad`, `adam` or `ftrl` by name."""
+    table = {
+        "sgd": sgd,
+        "adagrad": adagrad,
+        "rowwise_adagrad": rowwise_adagrad,
+        "adam": adam,
+        "ftrl": ftrl,
+    }
+    if name not in table:
+        raise ValueError(f"optimizer must be one of {sorted(table)}, got {name!r}")
+    return table[name](learning_rate, **kwargs)
