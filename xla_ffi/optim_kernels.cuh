@@ -1,0 +1,217 @@
+// CUDA kernels of the fused sparse optimizers. A group of G lanes (G a power
+// of two <= 32, a sub-warp for small D) updates one unique row; lanes walk the
+// row VEC elements at a time (VEC = 4: one 16-byte float4 per float array, 8
+// bytes for a half table; VEC = 1: the scalar fallback for any D). Each unique
+// row appears once, so no atomics. num_unique and hparams are read on the
+// device. The per-element rules come from optim_math.h, as on the CPU.
+// No XLA, no nanobind.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "optim_math.h"
+
+namespace sok {
+namespace optim {
+
+__device__ __forceinline__ float ToF(float v) { return v; }
+__device__ __forceinline__ float ToF(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+__device__ __forceinline__ float ToF(__half v) { return __half2float(v); }
+
+template <typename T>
+__device__ __forceinline__ T FromF(float f);
+template <>
+__device__ __forceinline__ float FromF<float>(float f) {
+  return f;
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 FromF<__nv_bfloat16>(float f) {
+  return __float2bfloat16_rn(f);
+}
+template <>
+__device__ __forceinline__ __half FromF<__half>(float f) {
+  return __float2half_rn(f);
+}
+
+// VEC consecutive elements, aligned so that one load or store moves them all.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <int VEC, typename T>
+__device__ __forceinline__ void LoadVec(const T* p, float (&out)[VEC]) {
+  Pack<T, VEC> x = *reinterpret_cast<const Pack<T, VEC>*>(p);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) out[i] = ToF(x.v[i]);
+}
+
+template <int VEC, typename T>
+__device__ __forceinline__ void StoreVec(T* p, const float (&in)[VEC]) {
+  Pack<T, VEC> x;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) x.v[i] = FromF<T>(in[i]);
+  *reinterpret_cast<Pack<T, VEC>*>(p) = x;
+}
+
+// Table and (up to two) [R, D] slots updated element-wise by `rule`.
+// Launched over num_capacity * group threads; threads of rows at or beyond
+// num_unique, or of rows outside [0, rows), exit.
+template <typename T, int VEC, typename Rule>
+__global__ void ElementwiseUpdateKernel(Rule rule, T* __restrict__ table,
+                                        float* __restrict__ s0,
+                                        float* __restrict__ s1, int64_t rows,
+                                        int64_t dim,
+                                        const int32_t* __restrict__ unique_rows,
+                                        const float* __restrict__ row_grads,
+                                        const int32_t* __restrict__ num_unique,
+                                        int64_t capacity,
+                                        const float* __restrict__ hparams,
+                                        int group) {
+  int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  int64_t u = tid / group;
+  int lane = static_cast<int>(tid % group);
+  if (u >= ClampCount(num_unique[0], capacity)) return;
+  int64_t r = unique_rows[u];
+  if (r < 0 || r >= rows) return;
+  rule.Bind(hparams);
+  T* w_row = table + r * dim;
+  const float* g_row = row_grads + u * dim;
+  float* a_row = Rule::kSlots > 0 ? s0 + r * dim : nullptr;
+  float* b_row = Rule::kSlots > 1 ? s1 + r * dim : nullptr;
+  for (int64_t d = static_cast<int64_t>(lane) * VEC; d < dim;
+       d += static_cast<int64_t>(group) * VEC) {
+    float w[VEC], g[VEC], a[VEC] = {}, b[VEC] = {};
+    LoadVec<VEC>(w_row + d, w);
+    LoadVec<VEC>(g_row + d, g);
+    if (Rule::kSlots > 0) LoadVec<VEC>(a_row + d, a);
+    if (Rule::kSlots > 1) LoadVec<VEC>(b_row + d, b);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) rule(w[i], a[i], b[i], g[i]);
+    StoreVec<VEC>(w_row + d, w);
+    if (Rule::kSlots > 0) StoreVec<VEC>(a_row + d, a);
+    if (Rule::kSlots > 1) StoreVec<VEC>(b_row + d, b);
+  }
+}
+
+// Row-wise Adagrad: the group first reduces sum_d g^2 with shuffles (a fixed
+// tree, so deterministic), then updates the row. Every thread of a warp takes
+// part in the shuffles, so no thread returns before them.
+template <typename T, int VEC>
+__global__ void RowwiseAdagradKernel(RowwiseAdagradRule rule,
+                                     T* __restrict__ table,
+                                     float* __restrict__ acc, int64_t rows,
+                                     int64_t dim,
+                                     const int32_t* __restrict__ unique_rows,
+                                     const float* __restrict__ row_grads,
+                                     const int32_t* __restrict__ num_unique,
+                                     int64_t capacity,
+                                     const float* __restrict__ hparams,
+                                     int group) {
+  int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  int64_t u = tid / group;
+  int lane = static_cast<int>(tid % group);
+  bool live = u < ClampCount(num_unique[0], capacity);
+  int64_t r = live ? unique_rows[u] : -1;
+  live = live && r >= 0 && r < rows;
+  const float* g_row = row_grads + u * dim;
+  float sum_sq = 0.f;
+  if (live) {
+    for (int64_t d = static_cast<int64_t>(lane) * VEC; d < dim;
+         d += static_cast<int64_t>(group) * VEC) {
+      float g[VEC];
+      LoadVec<VEC>(g_row + d, g);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) sum_sq += g[i] * g[i];
+    }
+  }
+  for (int off = group / 2; off > 0; off /= 2)
+    sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, off, group);
+  if (!live) return;
+  rule.Bind(hparams);
+  float a = rule.Accumulate(acc[r], sum_sq, dim);
+  float scale = AdagradScale(a, rule.eps);
+  T* w_row = table + r * dim;
+  for (int64_t d = static_cast<int64_t>(lane) * VEC; d < dim;
+       d += static_cast<int64_t>(group) * VEC) {
+    float w[VEC], g[VEC];
+    LoadVec<VEC>(w_row + d, w);
+    LoadVec<VEC>(g_row + d, g);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) w[i] = rule.Step(w[i], g[i], scale);
+    StoreVec<VEC>(w_row + d, w);
+  }
+  if (lane == 0) acc[r] = a;
+}
+
+// Lanes per row: enough to cover D in one pass of VEC-wide accesses, rounded
+// up to a power of two, at most a warp.
+inline int GroupSize(int64_t dim, int vec) {
+  int64_t need = (dim + vec - 1) / vec;
+  int g = 1;
+  while (g < 32 && g < need) g *= 2;
+  return g;
+}
+
+constexpr int kBlock = 256;
+
+inline bool Aligned(const void* p, size_t bytes) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+// Launches the element-wise kernel with the widest access D and the buffers'
+// alignment allow.
+template <typename T, typename Rule>
+void LaunchElementwise(cudaStream_t stream, const Rule& rule, T* table,
+                       float* s0, float* s1, int64_t rows, int64_t dim,
+                       const int32_t* unique_rows, const float* row_grads,
+                       const int32_t* num_unique, int64_t capacity,
+                       const float* hparams) {
+  if (capacity == 0 || dim == 0) return;
+  bool vec4 = dim % 4 == 0 && Aligned(table, 4 * sizeof(T)) &&
+              Aligned(s0, 16) && Aligned(s1, 16) && Aligned(row_grads, 16);
+  int vec = vec4 ? 4 : 1;
+  int group = GroupSize(dim, vec);
+  int64_t threads = capacity * group;
+  unsigned blocks = static_cast<unsigned>((threads + kBlock - 1) / kBlock);
+  if (vec4)
+    ElementwiseUpdateKernel<T, 4, Rule><<<blocks, kBlock, 0, stream>>>(
+        rule, table, s0, s1, rows, dim, unique_rows, row_grads, num_unique,
+        capacity, hparams, group);
+  else
+    ElementwiseUpdateKernel<T, 1, Rule><<<blocks, kBlock, 0, stream>>>(
+        rule, table, s0, s1, rows, dim, unique_rows, row_grads, num_unique,
+        capacity, hparams, group);
+}
+
+template <typename T>
+void LaunchRowwiseAdagrad(cudaStream_t stream, const RowwiseAdagradRule& rule,
+                          T* table, float* acc, int64_t rows, int64_t dim,
+                          const int32_t* unique_rows, const float* row_grads,
+                          const int32_t* num_unique, int64_t capacity,
+                          const float* hparams) {
+  if (capacity == 0 || dim == 0) return;
+  bool vec4 = dim % 4 == 0 && Aligned(table, 4 * sizeof(T)) &&
+              Aligned(row_grads, 16);
+  int vec = vec4 ? 4 : 1;
+  int group = GroupSize(dim, vec);
+  int64_t threads = capacity * group;
+  unsigned blocks = static_cast<unsigned>((threads + kBlock - 1) / kBlock);
+  if (vec4)
+    RowwiseAdagradKernel<T, 4><<<blocks, kBlock, 0, stream>>>(
+        rule, table, acc, rows, dim, unique_rows, row_grads, num_unique,
+        capacity, hparams, group);
+  else
+    RowwiseAdagradKernel<T, 1><<<blocks, kBlock, 0, stream>>>(
+        rule, table, acc, rows, dim, unique_rows, row_grads, num_unique,
+        capacity, hparams, group);
+}
+
+}  // namespace optim
+}  // namespace sok

@@ -1,0 +1,143 @@
+// Per-element update rules of the fused sparse optimizers, shared by the CPU
+// and CUDA kernels so both paths compute the same function. All math is in
+// float32 whatever the table's storage type. No XLA, no nanobind.
+//
+// Each rule is a small struct: constant hyperparameters (the FFI attributes)
+// are set on the host, `Bind(hparams)` reads the traced ones (learning rate
+// first) from the float32 hparams buffer where the kernel runs (on the device
+// for CUDA, so nothing is copied to the host), and `operator()` updates one
+// element of the table and its slots in place. kSlots says how many [R, D]
+// float32 slot arrays the rule uses (0, 1 or 2); unused slot references are
+// dummies. The formulas follow optax (SGD, Adagrad, Adam) and TF/Keras (FTRL)
+// term by term, so the pure-JAX reference in sok_jax/ops/optim_ops.py and
+// these kernels agree to float rounding.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "embed_math.h"  // SOK_HD
+
+namespace sok {
+
+// optax.sgd: p + (-lr * g).
+struct SgdRule {
+  static constexpr int kSlots = 0;
+  static constexpr int kHparams = 1;  // learning_rate
+  float lr = 0.f;
+
+  SOK_HD void Bind(const float* hp) { lr = hp[0]; }
+  SOK_HD void operator()(float& w, float&, float&, float g) const {
+    w = w + (-lr * g);
+  }
+};
+
+// optax.adagrad (scale_by_rss): acc += g^2; p -= lr * g * rsqrt(acc + eps),
+// with the step zero where acc is not positive.
+SOK_HD float AdagradScale(float acc, float eps) {
+  return acc > 0.f ? 1.f / sqrtf(acc + eps) : 0.f;
+}
+
+struct AdagradRule {
+  static constexpr int kSlots = 1;  // accumulator
+  static constexpr int kHparams = 1;  // learning_rate
+  float lr = 0.f;
+  float eps = 1e-7f;
+
+  SOK_HD void Bind(const float* hp) { lr = hp[0]; }
+  SOK_HD void operator()(float& w, float& acc, float&, float g) const {
+    acc = g * g + acc;
+    w = w + (-lr * (AdagradScale(acc, eps) * g));
+  }
+};
+
+// Row-wise Adagrad (FBGEMM's accumulator rule, optax's Adagrad step): one
+// accumulator per row, acc += mean_d(g_d^2); p_d -= lr * g_d * rsqrt(acc +
+// eps). With D == 1 this is exactly AdagradRule. The mean is computed by the
+// caller (it needs the whole row); this applies the step to one element.
+struct RowwiseAdagradRule {
+  static constexpr int kHparams = 1;  // learning_rate
+  float lr = 0.f;
+  float eps = 1e-7f;
+
+  SOK_HD void Bind(const float* hp) { lr = hp[0]; }
+  // The new accumulator from the old one and the row's sum of g^2.
+  SOK_HD float Accumulate(float acc, float sum_sq, int64_t dim) const {
+    return sum_sq / static_cast<float>(dim) + acc;
+  }
+  SOK_HD float Step(float w, float g, float scale) const {
+    return w + (-lr * (scale * g));
+  }
+};
+
+// Lazy Adam (optax.adam on the touched rows only, as TF LazyAdam and SOK):
+//   m = (1-b1) g + b1 m;  v = (1-b2) g^2 + b2 v
+//   p -= lr * (m / bc1) / (sqrt(v / bc2 + eps_root) + eps),  bck = 1 - bk^step
+// `step` (hparams[1]) is the 1-based count of this update, as optax's count
+// after its increment.
+struct AdamRule {
+  static constexpr int kSlots = 2;  // m, v
+  static constexpr int kHparams = 2;  // learning_rate, step
+  float lr = 0.f;
+  float bc1 = 1.f;
+  float bc2 = 1.f;
+  float b1 = 0.9f;
+  float b2 = 0.999f;
+  float eps = 1e-8f;
+  float eps_root = 0.f;
+
+  SOK_HD void Bind(const float* hp) {
+    lr = hp[0];
+    bc1 = 1.f - powf(b1, hp[1]);
+    bc2 = 1.f - powf(b2, hp[1]);
+  }
+  SOK_HD void operator()(float& w, float& m, float& v, float g) const {
+    m = (1.f - b1) * g + b1 * m;
+    v = (1.f - b2) * (g * g) + b2 * v;
+    float m_hat = m / bc1;
+    float v_hat = v / bc2;
+    w = w + (-lr * (m_hat / (sqrtf(v_hat + eps_root) + eps)));
+  }
+};
+
+// FTRL-Proximal as tf.keras.optimizers.Ftrl (TF's ApplyFtrlV2):
+//   g' = g + 2 l2_shrinkage p;  n = acc + g^2
+//   z += g' - (n^-lrp - acc^-lrp) / lr * p
+//   q = n^-lrp / lr + 2 (l2 + beta / (2 lr))
+//   p = (clip(z, -l1, l1) - z) / q;  acc = n
+SOK_HD float FtrlPow(float x, float lr_power) {
+  return lr_power == -0.5f ? sqrtf(x) : powf(x, -lr_power);
+}
+
+struct FtrlRule {
+  static constexpr int kSlots = 2;  // accumulator, linear
+  static constexpr int kHparams = 1;  // learning_rate
+  float lr = 0.f;
+  float lr_power = -0.5f;
+  float l1 = 0.f;
+  float l2 = 0.f;
+  float l2_shrinkage = 0.f;
+  float beta = 0.f;
+
+  SOK_HD void Bind(const float* hp) { lr = hp[0]; }
+  SOK_HD void operator()(float& w, float& acc, float& z, float g) const {
+    float l2_reg = l2 + beta / (2.f * lr);
+    float g_shrunk = g + 2.f * l2_shrinkage * w;
+    float acc_new = acc + g * g;
+    float p_new = FtrlPow(acc_new, lr_power);
+    float p_old = FtrlPow(acc, lr_power);
+    z = z + (g_shrunk - (p_new - p_old) / lr * w);
+    float quadratic = p_new / lr + 2.f * l2_reg;
+    float clipped = fminf(fmaxf(z, -l1), l1);
+    w = (clipped - z) / quadratic;
+    acc = acc_new;
+  }
+};
+
+// How many unique rows to update: num_unique clamped to [0, capacity].
+SOK_HD int64_t ClampCount(int32_t num_unique, int64_t capacity) {
+  int64_t c = num_unique < 0 ? 0 : static_cast<int64_t>(num_unique);
+  return c < capacity ? c : capacity;
+}
+
+}  // namespace sok
