@@ -201,8 +201,11 @@ class DistributedEmbedding:
         self.dtype = jnp.dtype(dtype)
         self.check = check
         self.implementation = implementation
-        if self.use_hashtable:
-            from sok_jax.ops import hash_ops  # noqa: F401  (fails early if absent)
+        if self.max_vocabulary_size_per_gpu * self.num_devices >= 2**31 - 1:
+            raise ValueError(
+                "max_vocabulary_size_per_gpu * devices must stay below 2^31 - 1 rows "
+                f"(got {self.max_vocabulary_size_per_gpu} * {self.num_devices})"
+            )
 
     # ------------------------------------------------------------------ state
     @property
@@ -314,10 +317,20 @@ class DistributedEmbedding:
         invalid = jnp.sum(~valid & ~is_pad).astype(jnp.int32)
         owner = jnp.where(valid, jnp.remainder(flat_ids, n).astype(jnp.int32), n)
         iota = jnp.arange(N, dtype=jnp.int32)
-        s_owner, s_key, perm = jax.lax.sort((owner, flat_ids, iota), num_keys=2)
-        first = jnp.concatenate(
-            [jnp.ones((1,), bool), (s_owner[1:] != s_owner[:-1]) | (s_key[1:] != s_key[:-1])]
-        )
+        if self.use_hashtable:
+            s_owner, s_key, perm = jax.lax.sort((owner, flat_ids, iota), num_keys=2)
+            differs = (s_owner[1:] != s_owner[:-1]) | (s_key[1:] != s_key[:-1])
+        else:
+            # (owner, local row) packed into one int32 below n * rows, so the
+            # sort is a plain key/value sort (a radix sort on the GPU)
+            # instead of a multi-operand comparator sort.
+            local = jnp.where(valid, flat_ids // n, 0).astype(jnp.int32)
+            packed = jnp.where(valid, owner * rows + local, n * rows).astype(jnp.int32)
+            s_packed, perm = jax.lax.sort((packed, iota), num_keys=1)
+            s_owner = jnp.minimum(s_packed // rows, n).astype(jnp.int32)
+            s_key = s_packed - s_owner * rows  # the local row
+            differs = s_packed[1:] != s_packed[:-1]
+        first = jnp.concatenate([jnp.ones((1,), bool), differs])
         real = s_owner < n
         first = first & real
         run = jnp.cumsum(first.astype(jnp.int32)) - 1
@@ -327,10 +340,7 @@ class DistributedEmbedding:
         fits = real & (rank < capacity)
         slot = jnp.where(fits, s_owner * capacity + rank, -1)
         overflow = jnp.sum(first & ~fits).astype(jnp.int32)
-        if self.use_hashtable:
-            value = s_key
-        else:
-            value = (s_key // n).astype(jnp.int32)
+        value = s_key  # hash mode: the key; direct mode: the owner's local row
         target = jnp.where(first & fits, slot, n * capacity)
         send = jnp.full((n * capacity,), empty, send_dtype).at[target].set(
             value.astype(send_dtype), mode="drop"
@@ -395,6 +405,12 @@ class DistributedEmbedding:
             )
             if not has_keys:  # direct mode never changes the table here
                 table = slot_keys = jnp.zeros((0,), jnp.int32)
+            if self.check:
+                # Every device raises on the same (gathered) counts: a check
+                # that failed on one device only would leave the others
+                # waiting in a collective (an abort on multi-device CPU).
+                gathered = [jax.lax.all_gather(c, axis, tiled=True) for c in stats]
+                jax.debug.callback(_stats_callback, *gathered)
             return out, table, slot_keys, stats, ctx
 
         row = P(axis)
@@ -406,8 +422,6 @@ class DistributedEmbedding:
         w = weights if has_w else jnp.zeros((0,), jnp.float32)
         out, table, slot_keys, stats, ctx = fn(state.table, slot_keys, state.seed, ids, w)
         stats = EmbeddingStats(*stats)
-        if self.check:
-            _raise_on_stats(stats)
         new_state = EmbeddingState(
             table=table if has_keys else state.table,
             slot_keys=slot_keys if has_keys else None,
@@ -537,10 +551,6 @@ def _stats_callback(overflow, invalid, hash_full):
         problems.append(f"{int(np.sum(hash_full))} key(s) found no row: a hash shard is full")
     if problems:
         raise ValueError("sok_jax.DistributedEmbedding: " + "; ".join(problems))
-
-
-def _raise_on_stats(stats: EmbeddingStats):
-    jax.debug.callback(_stats_callback, stats.overflow, stats.invalid, stats.hash_full)
 
 
 def check_stats(state: EmbeddingState) -> None:
