@@ -220,6 +220,24 @@ class DistributedEmbedding:
     def num_rows(self) -> int:
         return self.num_devices * self.max_vocabulary_size_per_gpu
 
+    def state_shardings(self) -> EmbeddingState:
+        """NamedShardings of every leaf of the state, for jit's in/out_shardings."""
+        repl = NamedSharding(self.mesh, P())
+        row = self.batch_sharding
+        return EmbeddingState(
+            table=self.table_sharding,
+            slot_keys=row if self.use_hashtable else None,
+            seed=repl,
+            stats=EmbeddingStats(row, row, row),
+        )
+
+    def optimizer_shardings(self, opt_state):
+        """NamedShardings of a sparse optimizer state (slots like the table)."""
+        specs = self._slot_specs(opt_state)
+        return type(opt_state)(
+            tuple(NamedSharding(self.mesh, s) for s in specs), NamedSharding(self.mesh, P())
+        )
+
     def init(self, seed) -> EmbeddingState:
         """Creates the sharded state. The same seed gives every key the same
         initial vector on any number of devices."""
@@ -248,12 +266,13 @@ class DistributedEmbedding:
         slot_spec = P(axis)
         fn = _shard_map(shard_init, self.mesh, in_specs=(P(),), out_specs=(P(axis, None), slot_spec))
         table, slot_keys = jax.jit(fn)(key_data)
-        zeros = jax.device_put(jnp.zeros((n,), jnp.int32), self.batch_sharding)
+        # Three distinct buffers: a donated state must not hold one twice.
+        counters = [jax.device_put(jnp.zeros((n,), jnp.int32), self.batch_sharding) for _ in range(3)]
         return EmbeddingState(
             table=table,
             slot_keys=slot_keys if self.use_hashtable else None,
             seed=key_data,
-            stats=EmbeddingStats(zeros, zeros, zeros),
+            stats=EmbeddingStats(*counters),
         )
 
     # --------------------------------------------------------------- exchange
