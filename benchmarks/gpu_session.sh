@@ -26,7 +26,13 @@ cp "$pkg"/_sok_*.so sok_jax/
 
 if [ -n "${TESTS:-}" ]; then
   log "tests: $TESTS"
-  JAX_PLATFORMS=cuda timeout ${TEST_TIMEOUT:-240} pytest -q -x $TESTS -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/tests.log"
+  JAX_PLATFORMS=cuda timeout ${TEST_TIMEOUT:-240} pytest -q ${PYTEST_ARGS:-} $TESTS -p no:cacheprovider > "$OUT/tests.log" 2>&1
+  echo "tests exit $?" >> "$OUT/tests.log"; tail -15 "$OUT/tests.log"
+fi
+if [ -n "${TESTS2:-}" ]; then
+  log "tests: $TESTS2"
+  JAX_PLATFORMS=cuda timeout ${TEST_TIMEOUT:-240} pytest -q $TESTS2 -p no:cacheprovider > "$OUT/tests2.log" 2>&1
+  echo "tests exit $?" >> "$OUT/tests2.log"; tail -15 "$OUT/tests2.log"
 fi
 if [ -n "${SANITIZE:-}" ]; then
   log "compute-sanitizer memcheck: $SANITIZE"
