@@ -167,9 +167,12 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
   const size_t cub_bytes = std::max({sort_bytes, rle_bytes, scan_bytes});
   const size_t total = 256 * 16 + n * (4 * 9) + 4 + cub_bytes +
                        static_cast<size_t>(max_chunks) * dim * 4;
-  auto mem = scratch.Allocate(total, 256);
+  // XLA's FFI scratch allocator guarantees at most 16-byte alignment; ask
+  // for 256 bytes more and align the carved pieces ourselves.
+  auto mem = scratch.Allocate(total + 256, 16);
   if (!mem.has_value()) return Internal("sok_embed_bwd: scratch allocation failed");
-  Carver cv{static_cast<char*>(*mem)};
+  const uintptr_t raw = reinterpret_cast<uintptr_t>(*mem);
+  Carver cv{reinterpret_cast<char*>((raw + 255) & ~uintptr_t{255})};
   uint32_t* keys_in = cv.Take<uint32_t>(n);
   uint32_t* keys_out = cv.Take<uint32_t>(n);
   int32_t* pos_in = cv.Take<int32_t>(n);
