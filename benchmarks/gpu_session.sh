@@ -26,17 +26,17 @@ cp "$pkg"/_sok_*.so sok_jax/
 
 if [ -n "${TESTS:-}" ]; then
   log "tests: $TESTS"
-  JAX_PLATFORMS=cuda timeout ${TEST_TIMEOUT:-240} pytest -q ${PYTEST_ARGS:-} $TESTS -p no:cacheprovider > "$OUT/tests.log" 2>&1
+  timeout ${TEST_TIMEOUT:-240} pytest -q ${PYTEST_ARGS:-} $TESTS -p no:cacheprovider > "$OUT/tests.log" 2>&1
   echo "tests exit $?" >> "$OUT/tests.log"; tail -15 "$OUT/tests.log"
 fi
 if [ -n "${TESTS2:-}" ]; then
   log "tests: $TESTS2"
-  JAX_PLATFORMS=cuda timeout ${TEST_TIMEOUT:-240} pytest -q $TESTS2 -p no:cacheprovider > "$OUT/tests2.log" 2>&1
+  timeout ${TEST_TIMEOUT:-240} pytest -q $TESTS2 -p no:cacheprovider > "$OUT/tests2.log" 2>&1
   echo "tests exit $?" >> "$OUT/tests2.log"; tail -15 "$OUT/tests2.log"
 fi
 if [ -n "${SANITIZE:-}" ]; then
   log "compute-sanitizer memcheck: $SANITIZE"
-  JAX_PLATFORMS=cuda XLA_FLAGS=--xla_gpu_autotune_level=0 timeout ${SAN_TIMEOUT:-200} \
+  XLA_FLAGS=--xla_gpu_autotune_level=0 timeout ${SAN_TIMEOUT:-200} \
     compute-sanitizer --tool memcheck --leak-check no --error-exitcode 99 \
     $PY -m pytest -q -x -p no:cacheprovider $SANITIZE 2>&1 | tail -15 | tee "$OUT/sanitizer.log"
   echo "sanitizer exit ${PIPESTATUS[0]}" | tee -a "$OUT/sanitizer.log"

@@ -14,10 +14,8 @@ SOK_REQUIRE_MULTIDEVICE=1 such a skip is a failure instead.
 from __future__ import annotations
 
 import os
-import sys
 
-if "jax" not in sys.modules:  # the flag only works before jax starts its backend
-    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# conftest.py forces 8 host devices before jax starts (the flag only works then).
 
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
@@ -29,8 +27,6 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import sok_jax  # noqa: E402
 from sok_jax import initializers  # noqa: E402

@@ -69,7 +69,10 @@ def lookup_combine_bwd(grad_out, ids, offsets, weights, combiner: str, num_rows:
     seg, valid, rows, w, f = _bag_scales(ids, offsets, weights, combiner, num_rows)
     m = offsets.shape[0] - 1
     scale = w * jnp.concatenate([f, jnp.zeros((1,), f.dtype)])[seg]
-    g = jnp.concatenate([grad_out.astype(jnp.float32), jnp.zeros((1, grad_out.shape[1]))])
+    # float32 explicitly: under x64 a bare jnp.zeros would promote grads to float64.
+    g = jnp.concatenate(
+        [grad_out.astype(jnp.float32), jnp.zeros((1, grad_out.shape[1]), jnp.float32)]
+    )
     contrib = scale[:, None] * g[jnp.minimum(seg, m)]
     key = jnp.where(valid, rows, num_rows)
     uniq, inv = jnp.unique(key, size=n, fill_value=num_rows, return_inverse=True)
