@@ -295,9 +295,18 @@ def test_ffi_matches_reference_under_jit_with_donation(name, dtype, d):
     slot_tol = (1e-5, 5e-5) if name.startswith("ftrl") else (1e-6, 1e-7)
     if name.startswith("ftrl") and dtype == "float32":
         rtol, atol = slot_tol
+    # On GPU nvcc contracts FMAs too, differently, so a half-precision weight
+    # can round one ulp apart; the linear slot takes it in through sigma * w
+    # (sigma <= quad and |w| <= |linear| / quad, so |sigma * dw| is at most
+    # one ulp of the |linear| w came from) and carries it over the steps.
+    # Allow that (rtol of the largest |linear|) there; CPU stays strict.
+    half_ftrl_gpu = (jax.default_backend() != "cpu"
+                     and name.startswith("ftrl") and dtype != "float32")
     for i, (a, b) in enumerate(zip(got, want)):
         assert a.dtype == b.dtype and a.shape == b.shape
         tol = (rtol, atol) if i == 0 else slot_tol
+        if half_ftrl_gpu and i == 2:
+            tol = (rtol, rtol * float(np.max(np.abs(_f32(b)))))
         np.testing.assert_allclose(_f32(a), _f32(b), rtol=tol[0], atol=tol[1],
                                    err_msg=f"{name} {dtype} D={d} output {i}")
 
@@ -360,8 +369,17 @@ def test_rowwise_adagrad_with_d1_is_adagrad(dtype):
     ur, g, nu, _ = _case(rng, 1, dtype)
     t1, a1 = ops.adagrad_update(table, acc, ur, g, nu, 0.3)
     t2, a2 = ops.rowwise_adagrad_update(table, acc, ur, g, nu, 0.3)
-    np.testing.assert_array_equal(_bits(t1), _bits(t2))
-    np.testing.assert_array_equal(_bits(a1), _bits(a2))
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(_bits(t1), _bits(t2))
+        np.testing.assert_array_equal(_bits(a1), _bits(a2))
+    else:
+        # nvcc contracts acc + g * g (adagrad) into an FMA but not
+        # acc + mean(g * g) (rowwise): an ulp or two apart in float32, which
+        # may flip the rounding of a half-precision table by one ulp.
+        rtol, atol = _ffi_vs_ref_tol(dtype)
+        np.testing.assert_allclose(_f32(t1), _f32(t2), rtol=rtol, atol=atol)
+        np.testing.assert_allclose(np.asarray(a1), np.asarray(a2), rtol=1e-6,
+                                   atol=1e-7)
 
 
 def test_vmap_sequential():
