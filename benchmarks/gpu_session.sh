@@ -38,8 +38,8 @@ if [ -n "${SANITIZE:-}" ]; then
   log "compute-sanitizer memcheck: $SANITIZE"
   XLA_FLAGS=--xla_gpu_autotune_level=0 timeout ${SAN_TIMEOUT:-200} \
     compute-sanitizer --tool memcheck --leak-check no --error-exitcode 99 \
-    $PY -m pytest -q -x -p no:cacheprovider $SANITIZE 2>&1 | tail -15 | tee "$OUT/sanitizer.log"
-  echo "sanitizer exit ${PIPESTATUS[0]}" | tee -a "$OUT/sanitizer.log"
+    $PY -m pytest -q -x -p no:cacheprovider $SANITIZE > "$OUT/sanitizer.log" 2>&1
+  echo "sanitizer exit $?" | tee -a "$OUT/sanitizer.log"; grep -E "^=========|passed|failed" "$OUT/sanitizer.log" | head -20
 fi
 for b in ${BENCH:-}; do
   var="BENCH_ARGS_$b"

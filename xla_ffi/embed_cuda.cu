@@ -206,7 +206,8 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
                                      num_runs, n, stream);
   bytes = cub_bytes;
   cub::DeviceScan::ExclusiveSum(cub_tmp, bytes, counts, starts, n, stream);
-  cuda::ChunkCounts<<<Blocks(n), kBlock, 0, stream>>>(counts, num_runs, n, chunks);
+  cuda::ChunkCounts<<<Blocks(n), kBlock, 0, stream>>>(ukeys, counts, num_runs, n,
+                                                      sentinel, chunks);
   bytes = cub_bytes;
   cub::DeviceScan::ExclusiveSum(cub_tmp, bytes, chunks, chunk_start, n, stream);
 

@@ -224,14 +224,17 @@ __global__ void PrepBags(const K* __restrict__ ids, const int32_t* __restrict__ 
 // serialise on one warp. Fixed partition, so the result is deterministic.
 constexpr int kChunk = 128;
 
-// Per unique run u: number of chunks (0 = short run summed directly).
-__global__ void ChunkCounts(const int32_t* __restrict__ counts,
+// Per unique run u: number of chunks (0 = short run summed directly, and
+// always 0 for the sentinel run of skipped positions, whose bag and scale
+// were never written).
+__global__ void ChunkCounts(const uint32_t* __restrict__ ukeys,
+                            const int32_t* __restrict__ counts,
                             const int32_t* __restrict__ num_runs, int64_t n,
-                            int32_t* chunks) {
+                            uint32_t sentinel, int32_t* chunks) {
   int64_t u = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (u >= n) return;
   int32_t c = 0;
-  if (u < *num_runs) {
+  if (u < *num_runs && ukeys[u] != sentinel) {
     int32_t k = counts[u];
     c = k > kChunk ? (k + kChunk - 1) / kChunk : 0;
   }
