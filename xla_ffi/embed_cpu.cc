@@ -155,6 +155,7 @@ ffi::Error BwdImpl(ffi::AnyBuffer grad, ffi::AnyBuffer ids,
                    ffi::Result<ffi::Buffer<ffi::S32>> unique_rows,
                    ffi::Result<ffi::Buffer<ffi::F32>> row_grads,
                    ffi::Result<ffi::Buffer<ffi::S32>> num_unique,
+                   ffi::Result<ffi::AnyBuffer> /*workspace: CUDA only*/,
                    int32_t combiner, int64_t num_rows) {
   int64_t m_g, dim, n, m;
   if (auto e = Rank2(grad, "grad_out", &m_g, &dim); e.failure()) return e;
@@ -281,6 +282,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedBwdCpu, BwdImpl,
                                   .Ret<ffi::Buffer<ffi::S32>>()    // unique_rows
                                   .Ret<ffi::Buffer<ffi::F32>>()    // row_grads
                                   .Ret<ffi::Buffer<ffi::S32>>()    // num_unique
+                                  .Ret<ffi::AnyBuffer>()           // workspace
                                   .Attr<int32_t>("combiner")
                                   .Attr<int64_t>("num_rows"));
 

@@ -1,6 +1,5 @@
 // CUDA handlers of the embedding lookup+combine family: validate buffers,
-// carve scratch from XLA's allocator, launch embed_kernels.cuh on XLA's
-// stream. Same targets and arguments as embed_cpu.cc.
+// carve the workspace output, launch embed_kernels.cuh on XLA's
 #include <cub/cub.cuh>
 
 #include <algorithm>
@@ -128,13 +127,13 @@ int EndBit(int64_t sentinel) {
   return b;
 }
 
-ffi::Error BwdImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
-                   ffi::AnyBuffer grad, ffi::AnyBuffer ids,
+ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer grad, ffi::AnyBuffer ids,
                    ffi::AnyBuffer offsets, ffi::AnyBuffer weights,
                    ffi::Result<ffi::Buffer<ffi::S32>> unique_rows,
                    ffi::Result<ffi::Buffer<ffi::F32>> row_grads,
                    ffi::Result<ffi::Buffer<ffi::S32>> num_unique,
-                   int32_t combiner, int64_t num_rows) {
+                   ffi::Result<ffi::AnyBuffer> workspace, int32_t combiner,
+                   int64_t num_rows) {
   int64_t m_g, dim, n, m;
   if (auto e = Rank2(grad, "grad_out", &m_g, &dim); e.failure()) return e;
   if (auto e = CheckBags(ids, offsets, weights, combiner, &n, &m); e.failure())
@@ -167,11 +166,15 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
   const size_t cub_bytes = std::max({sort_bytes, rle_bytes, scan_bytes});
   const size_t total = 256 * 16 + n * (4 * 9) + 4 + cub_bytes +
                        static_cast<size_t>(max_chunks) * dim * 4;
-  // XLA's FFI scratch allocator guarantees at most 16-byte alignment; ask
-  // for 256 bytes more and align the carved pieces ourselves.
-  auto mem = scratch.Allocate(total + 256, 16);
-  if (!mem.has_value()) return Internal("sok_embed_bwd: scratch allocation failed");
-  const uintptr_t raw = reinterpret_cast<uintptr_t>(*mem);
+  // The workspace is an output buffer sized by the Python wrapper
+  // (embed_ops.bwd_workspace_bytes): XLA's FFI scratch allocator crashed
+  // XLA's compiler in multi-GPU programs, and an output is visible to XLA's
+  // memory planning anyway. It is aligned here to 256 bytes.
+  if (workspace->size_bytes() < total + 256)
+    return InvalidArgument("sok_embed_bwd: workspace of " +
+                           std::to_string(workspace->size_bytes()) +
+                           " bytes, needs " + std::to_string(total + 256));
+  const uintptr_t raw = reinterpret_cast<uintptr_t>(workspace->untyped_data());
   Carver cv{reinterpret_cast<char*>((raw + 255) & ~uintptr_t{255})};
   uint32_t* keys_in = cv.Take<uint32_t>(n);
   uint32_t* keys_out = cv.Take<uint32_t>(n);
@@ -309,7 +312,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedFwdCuda, FwdImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedBwdCuda, BwdImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::ScratchAllocator>()
                                   .Arg<ffi::AnyBuffer>()         // grad_out
                                   .Arg<ffi::AnyBuffer>()         // ids
                                   .Arg<ffi::AnyBuffer>()         // offsets
@@ -317,6 +319,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedBwdCuda, BwdImpl,
                                   .Ret<ffi::Buffer<ffi::S32>>()  // unique_rows
                                   .Ret<ffi::Buffer<ffi::F32>>()  // row_grads
                                   .Ret<ffi::Buffer<ffi::S32>>()  // num_unique
+                                  .Ret<ffi::AnyBuffer>()         // workspace
                                   .Attr<int32_t>("combiner")
                                   .Attr<int64_t>("num_rows"));
 

@@ -84,6 +84,14 @@ def lookup_combine(table, ids, offsets, weights, combiner: str):
     )
 
 
+def bwd_workspace_bytes(n: int, dim: int) -> int:
+    """Bytes of device workspace the CUDA backward needs for n ids of width
+    dim (the kernel checks it): nine int arrays of n, cub's sort / run-length
+    / scan temporaries (bounded by 16 n + 4 MiB), the chunk partials of long
+    runs, and alignment slack. The CPU handler ignores it."""
+    return 36 * n + (16 * n + (4 << 20)) + (n // 64 + 1) * dim * 4 + 8192
+
+
 def lookup_combine_bwd(grad_out, ids, offsets, weights, combiner: str, num_rows: int):
     """Per distinct row, the summed gradient: a `SparseRowGrad` of capacity N.
 
@@ -102,8 +110,9 @@ def lookup_combine_bwd(grad_out, ids, offsets, weights, combiner: str, num_rows:
         jax.ShapeDtypeStruct((n,), jnp.int32),
         jax.ShapeDtypeStruct((n, d), jnp.float32),
         jax.ShapeDtypeStruct((1,), jnp.int32),
+        jax.ShapeDtypeStruct((bwd_workspace_bytes(n, d),), jnp.uint8),
     )
-    rows, grads, count = jax.ffi.ffi_call("sok_embed_bwd", outs, vmap_method="sequential")(
+    rows, grads, count, _ = jax.ffi.ffi_call("sok_embed_bwd", outs, vmap_method="sequential")(
         grad_out,
         ids,
         offsets,
