@@ -539,6 +539,95 @@ class DistributedEmbedding:
         table, opt_state = fn(state.table, opt_state, grad.rows, grad.grads, grad.count)
         return dataclasses.replace(state, table=table), opt_state
 
+    # ------------------------------------------------------- export / import
+    def export_pairs(self, state: EmbeddingState):
+        """All (key, vector) pairs of a state as host numpy arrays, keys
+        ascending (SOK's dump). Direct mode: every key of the table; hash
+        mode: the keys inserted so far."""
+        n, rows = self.num_devices, self.max_vocabulary_size_per_gpu
+        table = np.asarray(jax.device_get(state.table))
+        if self.use_hashtable:
+            from sok_jax.ops import hash_ops
+
+            slot_keys = np.asarray(jax.device_get(state.slot_keys))
+            used = slot_keys != hash_ops.EMPTY(self.key_dtype)
+            keys, vectors = slot_keys[used], table[used]
+        else:
+            keys = np.arange(n * rows, dtype=np.int64)
+            vectors = table[(keys % n) * rows + keys // n]
+            keys = keys.astype(self.key_dtype)
+        order = np.argsort(keys, kind="stable")
+        return keys[order], vectors[order]
+
+    def import_pairs(self, keys, vectors, seed=0) -> EmbeddingState:
+        """A state on this layer's mesh holding the given (key, vector) pairs
+        (SOK's load), whatever device count they were exported from. Direct
+        mode: keys absent from `keys` keep their seed's initial vectors.
+
+        Raises:
+          ValueError: shapes disagree, a key is out of range (direct mode),
+            or a shard cannot hold its keys (hash mode).
+        """
+        keys = np.asarray(keys)
+        vectors = np.asarray(vectors)
+        d = self.embedding_vec_size
+        if keys.ndim != 1 or vectors.shape != (keys.shape[0], d):
+            raise ValueError(
+                f"keys must be [K] and vectors [K, {d}], got {keys.shape} and {vectors.shape}"
+            )
+        if len(np.unique(keys)) != len(keys):
+            raise ValueError("keys must be distinct")
+        state = self.init(seed)
+        n, rows = self.num_devices, self.max_vocabulary_size_per_gpu
+        owner = np.remainder(keys.astype(np.int64), n)
+        if not self.use_hashtable:
+            k = keys.astype(np.int64)
+            if k.size and (k.min() < 0 or k.max() >= n * rows):
+                raise ValueError(f"direct-mode keys must lie in [0, {n * rows})")
+            table = np.asarray(jax.device_get(state.table)).copy()
+            table[owner * rows + k // n] = vectors
+            return dataclasses.replace(
+                state, table=jax.device_put(table.astype(self.dtype), self.table_sharding)
+            )
+        from sok_jax.ops import hash_ops
+
+        per_owner = np.bincount(owner, minlength=n)
+        if per_owner.max(initial=0) > rows:
+            raise ValueError(
+                f"a shard would hold {per_owner.max()} keys but has {rows} rows "
+                "(max_vocabulary_size_per_gpu)"
+            )
+        width = max(int(per_owner.max(initial=0)), 1)
+        empty = hash_ops.EMPTY(self.key_dtype)
+        send_keys = np.full((n, width), empty, dtype=self.key_dtype)
+        send_vecs = np.zeros((n, width, d), np.float32)
+        for dev in range(n):
+            mine = owner == dev
+            send_keys[dev, : mine.sum()] = keys[mine]
+            send_vecs[dev, : mine.sum()] = vectors[mine]
+        axis = self.axis_name
+
+        def load(slot_keys, table, k, v):
+            slot_keys, rows_, _, failed = hash_ops.find_or_insert(slot_keys, k, insert=True)
+            target = jnp.where(rows_ >= 0, rows_, table.shape[0])
+            return slot_keys, table.at[target].set(v.astype(table.dtype), mode="drop"), failed.reshape(1)
+
+        fn = _shard_map(
+            load,
+            self.mesh,
+            (P(axis), P(axis, None), P(axis), P(axis, None)),
+            (P(axis), P(axis, None), P(axis)),
+        )
+        slot_keys, table, failed = jax.jit(fn)(
+            state.slot_keys,
+            state.table,
+            jax.device_put(send_keys.reshape(-1), self.batch_sharding),
+            jax.device_put(send_vecs.reshape(n * width, d), self.table_sharding),
+        )
+        if int(np.sum(jax.device_get(failed))):
+            raise ValueError("import_pairs: a hash shard could not place all of its keys")
+        return dataclasses.replace(state, table=table, slot_keys=slot_keys)
+
     # ----------------------------------------------------------- inspection
     def logical_rows(self, state: EmbeddingState, keys):
         """Direct mode: the vectors of the given global keys (host helper for
