@@ -7,32 +7,11 @@
 
 #include "common.h"
 #include "cpu_types.h"
+#include "embed_checks.h"
 #include "embed_math.h"
 
 namespace sok {
 namespace {
-
-// Checks shared by every embedding target: the bag layout (ids, offsets,
-// weights) and the combiner.
-ffi::Error CheckBags(const ffi::AnyBuffer& ids, const ffi::AnyBuffer& offsets,
-                     const ffi::AnyBuffer& weights, int32_t combiner,
-                     int64_t* n, int64_t* m) {
-  if (ids.dimensions().size() != 1)
-    return InvalidArgument("ids must be rank 1 (flattened)");
-  if (offsets.dimensions().size() != 1 || offsets.element_count() < 1)
-    return InvalidArgument("offsets must be rank 1 with num_bags + 1 entries");
-  if (offsets.element_type() != ffi::DataType::S32)
-    return InvalidArgument("offsets must be int32");
-  if (weights.element_type() != ffi::DataType::F32)
-    return InvalidArgument("weights must be float32");
-  *n = ids.element_count();
-  *m = offsets.element_count() - 1;
-  if (weights.element_count() != 0 && weights.element_count() != *n)
-    return InvalidArgument("weights must have as many entries as ids, or none");
-  if (combiner < kSum || combiner > kSqrtn)
-    return InvalidArgument("combiner must be 0 (sum), 1 (mean) or 2 (sqrtn)");
-  return ffi::Error::Success();
-}
 
 // The [lo, hi) range of bag b, clamped to the ids buffer.
 inline void BagRange(const int32_t* off, int64_t b, int64_t n, int64_t* lo,

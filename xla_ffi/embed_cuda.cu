@@ -6,57 +6,17 @@
 #include <string>
 
 #include "common.h"
+#include "cuda_common.cuh"
+#include "embed_checks.h"
 #include "embed_kernels.cuh"
 
 namespace sok {
 namespace {
 
-template <typename Tag>
-struct DevType;
-template <>
-struct DevType<F32Tag> {
-  using type = float;
-};
-template <>
-struct DevType<BF16Tag> {
-  using type = __nv_bfloat16;
-};
-template <>
-struct DevType<F16Tag> {
-  using type = __half;
-};
-
 constexpr int kBlock = 256;
 
 inline unsigned Blocks(int64_t threads) {
   return static_cast<unsigned>((threads + kBlock - 1) / kBlock);
-}
-
-ffi::Error LastError(const char* what) {
-  cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess)
-    return Internal(std::string(what) + ": " + cudaGetErrorString(e));
-  return ffi::Error::Success();
-}
-
-ffi::Error CheckBags(const ffi::AnyBuffer& ids, const ffi::AnyBuffer& offsets,
-                     const ffi::AnyBuffer& weights, int32_t combiner,
-                     int64_t* n, int64_t* m) {
-  if (ids.dimensions().size() != 1)
-    return InvalidArgument("ids must be rank 1 (flattened)");
-  if (offsets.dimensions().size() != 1 || offsets.element_count() < 1 ||
-      offsets.element_type() != ffi::DataType::S32)
-    return InvalidArgument("offsets must be int32 [num_bags + 1]");
-  if (weights.element_type() != ffi::DataType::F32)
-    return InvalidArgument("weights must be float32");
-  *n = ids.element_count();
-  *m = offsets.element_count() - 1;
-  if (*n >= INT32_MAX) return InvalidArgument("at most 2^31 - 1 ids per call");
-  if (weights.element_count() != 0 && weights.element_count() != *n)
-    return InvalidArgument("weights must have as many entries as ids, or none");
-  if (combiner < kSum || combiner > kSqrtn)
-    return InvalidArgument("combiner must be 0 (sum), 1 (mean) or 2 (sqrtn)");
-  return ffi::Error::Success();
 }
 
 bool Aligned16(const void* p) {

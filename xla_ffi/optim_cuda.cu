@@ -10,25 +10,11 @@
 #include <string>
 
 #include "common.h"
+#include "cuda_common.cuh"
 #include "optim_kernels.cuh"
 
 namespace sok {
 namespace {
-
-template <typename Tag>
-struct DevType;
-template <>
-struct DevType<F32Tag> {
-  using type = float;
-};
-template <>
-struct DevType<BF16Tag> {
-  using type = __nv_bfloat16;
-};
-template <>
-struct DevType<F16Tag> {
-  using type = __half;
-};
 
 // Shapes of one step's unique-row gradient, checked against the table.
 struct RowGrads {

@@ -1,0 +1,38 @@
+// Shared by the CUDA handlers: the device type of each table storage tag and
+// the one end-of-handler launch check. No kernels.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "common.h"
+
+namespace sok {
+
+template <typename Tag>
+struct DevType;
+template <>
+struct DevType<F32Tag> {
+  using type = float;
+};
+template <>
+struct DevType<BF16Tag> {
+  using type = __nv_bfloat16;
+};
+template <>
+struct DevType<F16Tag> {
+  using type = __half;
+};
+
+// The last launch error on this thread, as an FFI Internal error.
+inline ffi::Error LastError(const char* what) {
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess)
+    return Internal(std::string(what) + ": " + cudaGetErrorString(e));
+  return ffi::Error::Success();
+}
+
+}  // namespace sok
