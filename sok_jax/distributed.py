@@ -409,7 +409,7 @@ class DistributedEmbedding:
                 self.initializer, seed, keys, table.shape[1], table.dtype
             )
             target = jnp.where(is_new.astype(bool) & (rows >= 0), rows, cap)
-            table = table.at[target].set(fresh, mode="drop")
+            table = _insert_rows(table, target, fresh)
         return table, slot_keys, rows, failed.reshape(()).astype(jnp.int32)
 
     def _run(self, state: EmbeddingState, ids, weights, training: bool, sparse: bool):
@@ -636,6 +636,29 @@ class DistributedEmbedding:
         n, rows = self.num_devices, self.max_vocabulary_size_per_gpu
         table = np.asarray(jax.device_get(state.table))
         return table[(keys % n) * rows + keys // n]
+
+
+@jax.custom_vjp
+def _insert_rows(table, target, fresh):
+    """table.at[target].set(fresh) (drop out of range), with a straight-through
+    gradient: the cotangent of a freshly initialized row goes to the same row
+    of the input table. Without it, `jax.grad` w.r.t. `state.table` would be
+    zero for every key inserted in this call (its row was overwritten), so
+    the dense path would miss each new key's first gradient while the sparse
+    path (`sparse_grad`) applies it. The rows handed out were free (unused
+    by any key), so nothing else depends on their old values."""
+    return table.at[target].set(fresh, mode="drop")
+
+
+def _insert_rows_fwd(table, target, fresh):
+    return _insert_rows(table, target, fresh), None
+
+
+def _insert_rows_bwd(_, g):
+    return g, None, None
+
+
+_insert_rows.defvjp(_insert_rows_fwd, _insert_rows_bwd)
 
 
 def _valid_direct(ids, total_rows):

@@ -1,0 +1,559 @@
+"""`DistributedEmbedding(use_hashtable=True)` on 1, 2, 4 and 8 (forced host
+CPU) devices.
+
+In hash mode a key is any integer (padding -1 excepted), owned by device
+k % n and mapped to a row of that device's shard by the hash table in
+`state.slot_keys`; a key's initial vector depends only on the seed and the
+key (`initializers.init_rows`). So the *logical* table key -> vector must not
+depend on the device count, nor on the row a key lands in. The tests check:
+
+  * training (sparse sgd / adagrad, and the dense path through `jax.grad`)
+    gives the same outputs and exported pairs on 1, 2 and 8 devices, and the
+    dense path equals the sparse sgd path;
+  * outputs against a python dict key -> vector (numpy brute force);
+  * a full shard: `stats.hash_full` exactly, stored keys untouched, failed
+    keys contributing nothing, `check=True` and `check_stats` raising;
+  * export on 8 devices, import on 1, 2 and 4.
+
+The CPU hash target is sequential (keys in position order), which the full
+shard test relies on to know exactly which keys get the last free rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+import sok_jax
+from sok_jax import initializers, optim
+from sok_jax.distributed import DistributedEmbedding
+
+AXIS = "x"
+DIM = 4
+SLOTS, NNZ = 2, 4
+BATCH = 16  # divisible by every device count
+TOTAL_ROWS = 1024  # rows_per_gpu = TOTAL_ROWS // n: never full in tests 1, 2, 4
+TOL = dict(rtol=1e-6, atol=1e-6)
+PAD = -1
+
+
+def require_devices(n: int) -> None:
+    if len(jax.devices()) >= n:
+        return
+    msg = f"needs {n} devices, have {len(jax.devices())}"
+    if os.environ.get("SOK_REQUIRE_MULTIDEVICE") == "1":
+        pytest.fail(msg + "; SOK_REQUIRE_MULTIDEVICE=1 forbids skipping")
+    pytest.skip(msg)
+
+
+@functools.lru_cache(maxsize=None)
+def mesh_of(n: int) -> Mesh:
+    return Mesh(np.array(jax.devices()[:n]), (AXIS,))
+
+
+def make_emb(n, combiner, rows_per_gpu=None, key_dtype=jnp.int32, **kw):
+    return DistributedEmbedding(
+        combiner,
+        rows_per_gpu or TOTAL_ROWS // n,
+        DIM,
+        slot_num=SLOTS,
+        max_nnz=kw.pop("max_nnz", NNZ),
+        use_hashtable=True,
+        key_dtype=key_dtype,
+        mesh=mesh_of(n),
+        axis_name=AXIS,
+        **kw,
+    )
+
+
+# --------------------------------------------------------------------------
+# Random keys and batches (int64 numpy; -1 is padding).
+
+
+def extreme_keys(key_dtype) -> list[int]:
+    if np.dtype(key_dtype) == np.int64:
+        big = 2**63
+        # 2**32 + 1 and 1 (and -(2**32) - 1 and -1) share their low 32 bits.
+        return [-big, big - 1, -big + 1, big - 2, -2, 0, 1, 2**32 + 1, -(2**32) - 1, 2**40 + 8]
+    big = 2**31
+    return [-big, big - 1, -big + 1, big - 2, -2, 0, 1, 8, 16]
+
+
+def random_keys(rng, key_dtype, size) -> np.ndarray:
+    info = np.iinfo(np.dtype(key_dtype))
+    k = rng.integers(info.min, info.max, size=size, dtype=np.int64, endpoint=True)
+    return np.where(k == PAD, 7, k)
+
+
+def key_pool(rng, key_dtype, size) -> np.ndarray:
+    """Distinct keys: the extremes, small ones, and random over the range."""
+    small = rng.integers(-50, 50, size=size // 4)
+    keys = np.concatenate(
+        [np.asarray(extreme_keys(key_dtype), np.int64), small, random_keys(rng, key_dtype, size)]
+    )
+    keys = np.unique(keys[keys != PAD])
+    return rng.permutation(keys)[:size]
+
+
+def make_batch(rng, pool, key_dtype, batch=BATCH, p_pad=0.3, p_fresh=0.25) -> np.ndarray:
+    """Keys from `pool` (so they repeat within and across batches), some fresh
+    random ones, padding interleaved, an empty bag and a repeated key."""
+    ids = rng.choice(pool, size=(batch, SLOTS, NNZ))
+    fresh = rng.random(ids.shape) < p_fresh
+    ids = np.where(fresh, random_keys(rng, key_dtype, ids.shape), ids)
+    ids = np.where(rng.random(ids.shape) < p_pad, PAD, ids)
+    ids[0, 0] = PAD  # an empty bag
+    ids[1, 1, :] = ids[1, 1, 0] if ids[1, 1, 0] != PAD else pool[0]  # one key, four times
+    return ids
+
+
+def to_keys(ids, key_dtype):
+    return jnp.asarray(np.asarray(ids, np.int64).astype(np.dtype(key_dtype)))
+
+
+@jax.jit
+def _init_rows(seed_data, keys):
+    return initializers.init_rows(initializers.resolve("random_uniform"), seed_data, keys, DIM)
+
+
+def init_vectors(seed_data, keys, key_dtype) -> dict:
+    """The oracle's initial vectors: `init_rows` of the keys (padded to a
+    multiple of 256 so that one compilation serves every call)."""
+    keys = [int(k) for k in keys]
+    if not keys:
+        return {}
+    padded = np.zeros(-(-len(keys) // 256) * 256, np.int64)
+    padded[: len(keys)] = keys
+    vecs = _init_rows(seed_data, jnp.asarray(padded.astype(np.dtype(key_dtype))))
+    return dict(zip(keys, np.asarray(vecs, np.float64)[: len(keys)]))
+
+
+@functools.lru_cache(maxsize=None)
+def initial_state(n, rows_per_gpu, key_dtype, seed):
+    """emb.init compiles on every call: share the (never donated) states."""
+    emb = make_emb(n, "sum", rows_per_gpu, key_dtype=jnp.dtype(key_dtype))
+    return emb.init(seed)
+
+
+def np_combine(vec_of, ids, weights, combiner) -> np.ndarray:
+    """[B, S, D] float64 brute force. `vec_of(k)` is a key's vector; a key
+    with no vector (unseen in evaluation, or no row in a full shard) is a zero
+    vector that still counts in mean/sqrtn's denominator, as the layer does."""
+    B, S, _ = ids.shape
+    out = np.zeros((B, S, DIM))
+    for b in range(B):
+        for s in range(S):
+            terms = [
+                (int(k), 1.0 if weights is None else float(weights[b, s, j]))
+                for j, k in enumerate(ids[b, s])
+                if k != PAD
+            ]
+            ws = [w for _, w in terms]
+            if combiner == "sum":
+                f = 1.0
+            elif combiner == "mean":
+                f = 1.0 / sum(ws) if terms and sum(ws) != 0 else 0.0
+            else:
+                t = sum(w * w for w in ws)
+                f = 1.0 / np.sqrt(t) if t > 0 else 0.0
+            for k, w in terms:
+                out[b, s] += w * f * vec_of(k)
+    return out
+
+
+# --------------------------------------------------------------------------
+# Compiled programs, cached per configuration.
+
+
+@functools.lru_cache(maxsize=None)
+def apply_fn(n, combiner, training, weighted=False, key_dtype="int32", **kw):
+    emb = make_emb(n, combiner, key_dtype=jnp.dtype(key_dtype), **kw)
+
+    @jax.jit
+    def run(state, ids, w):
+        return emb.apply(state, ids, w if weighted else None, training=training)
+
+    return emb, run
+
+
+LR = 0.5
+OPTIMIZERS = {"sgd": lambda: optim.sgd(LR), "adagrad": lambda: optim.adagrad(LR)}
+
+
+@functools.lru_cache(maxsize=None)
+def train_step(n, mode, combiner):
+    """jit (state, opt_state, ids, g) -> (out, state, opt_state): one step on
+    the loss sum(g * out). mode "dense": jax.grad w.r.t. state.table and
+    table -= LR * grad on the state apply returned; else the sparse path."""
+    emb = make_emb(n, combiner)
+
+    if mode == "dense":
+
+        @jax.jit
+        def step(state, opt_state, ids, g):
+            def loss(table):
+                out, new_state = emb.apply(dataclasses.replace(state, table=table), ids)
+                return jnp.sum(out * g), (out, new_state)
+
+            grad, (out, new_state) = jax.grad(loss, has_aux=True)(state.table)
+            new_state = dataclasses.replace(new_state, table=new_state.table - LR * grad)
+            return out, new_state, opt_state
+
+        return emb, None, step
+
+    opt = OPTIMIZERS[mode]()
+
+    @jax.jit
+    def step(state, opt_state, ids, g):
+        out, ctx, new_state = emb.lookup(state, ids)
+        grad = emb.sparse_grad(ctx, g)
+        new_state, opt_state = emb.apply_gradients(new_state, opt, opt_state, grad)
+        return out, new_state, opt_state
+
+    return emb, opt, step
+
+
+TR_STEPS = 4
+TR_MODES = [("sgd", "mean"), ("adagrad", "sqrtn"), ("dense", "mean")]
+
+
+@functools.lru_cache(maxsize=None)
+def train_data(seed):
+    rng = np.random.default_rng([seed, 17])
+    pool = key_pool(rng, np.int32, 40)
+    steps = [
+        (make_batch(rng, pool, np.int32), rng.normal(size=(BATCH, SLOTS, DIM)).astype(np.float32))
+        for _ in range(TR_STEPS)
+    ]
+    eval_ids = make_batch(rng, pool, np.int32)  # seen and unseen keys
+    return steps, eval_ids
+
+
+@functools.lru_cache(maxsize=None)
+def trajectory(n, mode, combiner, seed):
+    """Outputs of every step and of the evaluation batch, the exported pairs
+    and the final state."""
+    emb, opt, step = train_step(n, mode, combiner)
+    state = initial_state(n, None, "int32", 100 + seed)
+    opt_state = emb.init_optimizer(opt, state) if opt is not None else None
+    steps, eval_ids = train_data(seed)
+    outs = []
+    for ids, g in steps:
+        out, state, opt_state = step(state, opt_state, to_keys(ids, np.int32), g)
+        outs.append(np.asarray(out))
+        for field in ("overflow", "invalid", "hash_full"):
+            np.testing.assert_array_equal(np.asarray(getattr(state.stats, field)), 0)
+    _, run_eval = apply_fn(n, combiner, False)
+    out, _ = run_eval(state, to_keys(eval_ids, np.int32), None)
+    outs.append(np.asarray(out))
+    keys, vecs = emb.export_pairs(state)
+    return outs, keys, vecs, state
+
+
+# --------------------------------------------------------------------------
+# 1. The same training on 1, 2 and 8 devices.
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("mode,combiner", TR_MODES, ids=[m for m, _ in TR_MODES])
+def test_training_same_on_any_device_count(mode, combiner, seed):
+    require_devices(8)
+    ref_outs, ref_keys, ref_vecs, _ = trajectory(1, mode, combiner, seed)
+    steps, eval_ids = train_data(seed)
+    seen = np.unique(np.concatenate([ids[ids != PAD] for ids, _ in steps]))
+    np.testing.assert_array_equal(ref_keys, seen)  # exactly the keys trained on
+    assert np.abs(ref_outs[-1]).max() > 0  # evaluation found trained keys
+    for n in (2, 8):
+        outs, keys, vecs, state = trajectory(n, mode, combiner, seed)
+        for i, (got, want) in enumerate(zip(outs, ref_outs)):
+            np.testing.assert_allclose(got, want, **TOL, err_msg=f"n={n} step {i}")
+        np.testing.assert_array_equal(keys, ref_keys)
+        np.testing.assert_allclose(vecs, ref_vecs, **TOL, err_msg=f"n={n} pairs")
+        # Each key sits on its owner's shard.
+        slot_keys = np.asarray(state.slot_keys).reshape(n, -1)
+        for d in range(n):
+            mine = slot_keys[d][slot_keys[d] != PAD]
+            assert np.all(np.remainder(mine.astype(np.int64), n) == d), (n, d)
+
+
+@pytest.mark.parametrize("n", [1, 8])
+def test_dense_path_equals_sparse_sgd(n):
+    """jax.grad w.r.t. state.table + sgd == sparse_grad + optim.sgd, including
+    the first gradient of a key inserted by the very call being differentiated."""
+    require_devices(n)
+    d_outs, d_keys, d_vecs, _ = trajectory(n, "dense", "mean", 0)
+    s_outs, s_keys, s_vecs, _ = trajectory(n, "sgd", "mean", 0)
+    for i, (a, b) in enumerate(zip(d_outs, s_outs)):
+        np.testing.assert_allclose(a, b, **TOL, err_msg=f"step {i}")
+    np.testing.assert_array_equal(d_keys, s_keys)
+    np.testing.assert_allclose(d_vecs, s_vecs, **TOL)
+    # And training moved the vectors away from their initial values.
+    init = init_vectors(trajectory(n, "sgd", "mean", 0)[3].seed, s_keys, np.int32)
+    assert np.abs(s_vecs - np.stack([init[int(k)] for k in s_keys])).max() > 1e-3
+
+
+# --------------------------------------------------------------------------
+# 2. Against a python dict key -> vector.
+
+ORACLE_CASES = [
+    (1, "mean", "int32", False),
+    (8, "sum", "int32", True),
+    (2, "sqrtn", "int64", False),
+    (8, "mean", "int64", True),
+]
+
+
+def _x64(key_dtype):
+    if key_dtype == "int64":
+        return jax.enable_x64(True)
+    return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize(
+    "n,combiner,key_dtype,weighted", ORACLE_CASES,
+    ids=[f"{n}dev-{c}-{k}-{'w' if w else 'u'}" for n, c, k, w in ORACLE_CASES],
+)
+def test_against_dict_oracle(n, combiner, key_dtype, weighted, seed):
+    require_devices(n)
+    rng = np.random.default_rng([n, len(combiner), len(key_dtype), weighted, seed])
+    with _x64(key_dtype):
+        emb, train = apply_fn(n, combiner, True, weighted, key_dtype)
+        _, evaluate = apply_fn(n, combiner, False, weighted, key_dtype)
+        state = initial_state(n, None, key_dtype, seed)
+        pool = key_pool(rng, np.dtype(key_dtype), 40)
+        oracle: dict[int, np.ndarray] = {}
+        for step in range(3):
+            ids = make_batch(rng, pool, key_dtype)
+            w = rng.uniform(0.25, 1.5, size=ids.shape).astype(np.float32)
+            new = set(int(k) for k in np.unique(ids[ids != PAD])) - set(oracle)
+            oracle.update(init_vectors(state.seed, sorted(new), key_dtype))
+            before = np.asarray(state.slot_keys).copy()
+            out, new_state = train(state, to_keys(ids, key_dtype), w)
+            want = np_combine(oracle.__getitem__, ids, w if weighted else None, combiner)
+            np.testing.assert_allclose(np.asarray(out), want, **TOL, err_msg=f"step {step}")
+            for field in ("overflow", "invalid", "hash_full"):
+                np.testing.assert_array_equal(np.asarray(getattr(new_state.stats, field)), 0)
+            # The call is functional: the old state is untouched.
+            np.testing.assert_array_equal(np.asarray(state.slot_keys), before)
+            state = new_state
+
+            keys, vecs = emb.export_pairs(state)
+            assert keys.dtype == np.dtype(key_dtype)
+            np.testing.assert_array_equal(keys, np.asarray(sorted(oracle), np.int64))
+            np.testing.assert_allclose(vecs, np.stack([oracle[int(k)] for k in keys]), **TOL)
+
+        # Evaluation: seen and unseen keys; nothing inserted, unseen give zeros.
+        ids = make_batch(rng, pool, key_dtype, p_fresh=0.4)
+        ids[2] = np.where(ids[2] != PAD, random_keys(rng, key_dtype, ids[2].shape), PAD)
+        ids[2, :, 0] = random_keys(rng, key_dtype, SLOTS)  # sample 2: unseen keys only
+        unseen = set(int(k) for k in ids[ids != PAD]) - set(oracle)
+        assert unseen
+        w = rng.uniform(0.25, 1.5, size=ids.shape).astype(np.float32)
+        out, ev_state = evaluate(state, to_keys(ids, key_dtype), w)
+        zero = np.zeros(DIM)
+        want = np_combine(lambda k: oracle.get(k, zero), ids, w if weighted else None, combiner)
+        np.testing.assert_allclose(np.asarray(out), want, **TOL)
+        np.testing.assert_array_equal(np.asarray(out)[2], 0.0)
+        np.testing.assert_array_equal(np.asarray(ev_state.slot_keys), np.asarray(state.slot_keys))
+        np.testing.assert_array_equal(np.asarray(ev_state.table), np.asarray(state.table))
+        for field in ("overflow", "invalid", "hash_full"):
+            np.testing.assert_array_equal(np.asarray(getattr(ev_state.stats, field)), 0)
+        keys, _ = emb.export_pairs(ev_state)
+        np.testing.assert_array_equal(keys, np.asarray(sorted(oracle), np.int64))
+
+
+# --------------------------------------------------------------------------
+# 3. A full shard.
+
+
+def simulate_full(prev_stored, ids, n, rows_per_gpu):
+    """The sequential CPU target on the layer's exchange: device d receives,
+    source by source, each source's distinct keys owned by d in ascending
+    order; a key is found, else takes a free row, else fails. Returns
+    (hash_full per device, stored keys after)."""
+    stored = [set(k for k in prev_stored if k % n == d) for d in range(n)]
+    lb = ids.shape[0] // n
+    failed = np.zeros(n, np.int64)
+    for src in range(n):
+        local = ids[src * lb:(src + 1) * lb]
+        distinct = sorted(set(int(k) for k in local[local != PAD]))
+        for k in distinct:
+            d = k % n
+            if k in stored[d]:
+                continue
+            if len(stored[d]) < rows_per_gpu:
+                stored[d].add(k)
+            else:
+                failed[d] += 1
+    return failed, set().union(*stored)
+
+
+@functools.lru_cache(maxsize=None)
+def full_fn(n, combiner, rows_per_gpu):
+    """jit: dense path (apply + jax.grad of sum(g * out)) and sparse path
+    (lookup + sparse_grad) on one batch."""
+    emb = make_emb(n, combiner, rows_per_gpu)
+
+    @jax.jit
+    def run(state, ids, g):
+        def loss(table):
+            out, new_state = emb.apply(dataclasses.replace(state, table=table), ids)
+            return jnp.sum(out * g), (out, new_state)
+
+        d_table, (out, new_state) = jax.grad(loss, has_aux=True)(state.table)
+        s_out, ctx, s_state = emb.lookup(state, ids)
+        return dict(out=out, state=new_state, d_table=d_table, s_out=s_out,
+                    s_state=s_state, sparse=emb.sparse_grad(ctx, g))
+
+    return emb, run
+
+
+FULL_CASES = [(1, "sum", 6), (1, "mean", 6), (4, "sum", 3), (8, "mean", 2)]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("n,combiner,rows_per_gpu", FULL_CASES)
+def test_full_shard(n, combiner, rows_per_gpu, seed):
+    require_devices(n)
+    rng = np.random.default_rng([n, len(combiner), seed, 3])
+    emb, run = full_fn(n, combiner, rows_per_gpu)
+    state = initial_state(n, rows_per_gpu, "int32", seed)
+    lb = BATCH // n
+    # Batch 1 fits: one key per owner.
+    first = np.full((BATCH, SLOTS, NNZ), PAD, np.int64)
+    k1 = np.arange(n) + n * rng.integers(-(10**6), 10**6, size=n)
+    k1 = np.where(k1 == PAD, 5 * n + np.arange(n), k1)
+    first[:, 0, 0] = np.resize(k1, BATCH)  # every source asks for every key
+    g = rng.normal(size=(BATCH, SLOTS, DIM)).astype(np.float32)
+    r = run(state, to_keys(first, np.int32), g)
+    want_failed, stored = simulate_full(set(), first, n, rows_per_gpu)
+    assert want_failed.sum() == 0
+    np.testing.assert_array_equal(np.asarray(r["state"].stats.hash_full), 0)
+    sok_jax.check_stats(r["state"])
+    state = r["state"]
+    keys0, vecs0 = emb.export_pairs(state)
+    np.testing.assert_array_equal(keys0, sorted(stored))
+
+    # Batch 2 overflows: old keys again plus many new ones, some new keys
+    # asked for by several sources (each source's request is one failure).
+    pool = np.concatenate([k1, key_pool(rng, np.int32, 4 * n * rows_per_gpu)])
+    ids = make_batch(rng, pool, np.int32, p_pad=0.2, p_fresh=0.2)
+    # rows_per_gpu + 2 new keys of one owner, asked for by every source: the
+    # owner fills up, and a key that finds no row fails once per source.
+    d0 = int(k1[0] % n)
+    crowd = d0 + n * (10**6 + np.arange(rows_per_gpu + 2))
+    assert crowd.size <= SLOTS * NNZ
+    for src in range(n):
+        ids[src * lb].reshape(-1)[: crowd.size] = rng.permutation(crowd)
+    want_failed, stored_after = simulate_full(stored, ids, n, rows_per_gpu)
+    assert want_failed[d0] >= n  # at least one crowd key fails on every source
+    g = rng.normal(size=(BATCH, SLOTS, DIM)).astype(np.float32)
+    r = run(state, to_keys(ids, np.int32), g)
+    for st in (r["state"], r["s_state"]):
+        np.testing.assert_array_equal(np.asarray(st.stats.hash_full), want_failed)
+        np.testing.assert_array_equal(np.asarray(st.stats.overflow), 0)
+        np.testing.assert_array_equal(np.asarray(st.stats.invalid), 0)
+        with pytest.raises(ValueError, match="full"):
+            sok_jax.check_stats(st)
+
+    # Stored keys keep their vectors; the new ones that fit get init vectors.
+    keys, vecs = emb.export_pairs(r["state"])
+    np.testing.assert_array_equal(keys, sorted(stored_after))
+    per_owner = np.bincount(np.remainder(keys.astype(np.int64), n), minlength=n)
+    np.testing.assert_array_equal(per_owner[want_failed > 0], rows_per_gpu)
+    old = np.isin(keys, keys0)
+    np.testing.assert_array_equal(vecs[old], vecs0)
+    vec = dict(zip(keys0.tolist(), vecs0.astype(np.float64)))
+    vec.update(init_vectors(state.seed, keys[~old], np.int32))
+    np.testing.assert_allclose(vecs[~old], np.stack([vec[int(k)] for k in keys[~old]]), **TOL)
+
+    # Failed keys contribute nothing (a zero vector).
+    want = np_combine(lambda k: vec.get(k, np.zeros(DIM)), ids, None, combiner)
+    np.testing.assert_allclose(np.asarray(r["out"]), want, **TOL)
+    np.testing.assert_array_equal(np.asarray(r["s_out"]), np.asarray(r["out"]))
+
+    # Gradients: only rows of stored keys the batch touched, on their owners;
+    # the sparse rows scattered equal the dense gradient.
+    rpg = rows_per_gpu
+    slot_keys = np.asarray(r["state"].slot_keys).reshape(n, rpg)
+    rows = np.asarray(r["sparse"].rows).reshape(n, -1)
+    grads = np.asarray(r["sparse"].grads).reshape(n, rows.shape[1], DIM)
+    count = np.asarray(r["sparse"].count)
+    touched = set(int(k) for k in ids[ids != PAD]) & stored_after
+    dense = np.zeros((n * rpg, DIM), np.float32)
+    for d in range(n):
+        c = int(count[d])
+        got_keys = sorted(slot_keys[d, rows[d, :c]].tolist())
+        assert got_keys == sorted(k for k in touched if k % n == d), d
+        dense[d * rpg + rows[d, :c]] += grads[d, :c]
+    np.testing.assert_allclose(np.asarray(r["d_table"]), dense, rtol=1e-5, atol=1e-6)
+
+    # check=True raises under jit.
+    checked = jax.jit(make_emb(n, combiner, rows_per_gpu, check=True).apply)
+    with pytest.raises(Exception, match="full"):
+        jax.block_until_ready(checked(state, to_keys(ids, np.int32)))
+    # A call that fits does not raise (and leaves no failed effect behind).
+    jax.block_until_ready(checked(state, to_keys(first, np.int32)))
+
+
+# --------------------------------------------------------------------------
+# 4. Export on 8 devices, import on 1, 2 and 4.
+
+
+@pytest.mark.parametrize("mode,combiner", [("adagrad", "sqrtn"), ("dense", "mean")])
+def test_export_8_import_anywhere(mode, combiner):
+    require_devices(8)
+    outs8, keys, vecs, _ = trajectory(8, mode, combiner, 0)
+    _, eval_ids = train_data(0)
+    for n in (1, 2, 4):
+        emb, evaluate = apply_fn(n, combiner, False)
+        state = emb.import_pairs(keys, vecs, seed=100)
+        out, _ = evaluate(state, to_keys(eval_ids, np.int32), None)
+        np.testing.assert_allclose(np.asarray(out), outs8[-1], **TOL, err_msg=f"n={n}")
+        k2, v2 = emb.export_pairs(state)
+        np.testing.assert_array_equal(k2, keys)
+        np.testing.assert_array_equal(v2, vecs)
+
+    # Shards exactly as large as their keys: every row taken, all found.
+    per_owner = np.bincount(np.remainder(keys.astype(np.int64), 2), minlength=2)
+    tight = make_emb(2, combiner, int(per_owner.max()))
+    state = tight.import_pairs(keys, vecs, seed=100)
+    k2, v2 = tight.export_pairs(state)
+    np.testing.assert_array_equal(k2, keys)
+    np.testing.assert_array_equal(v2, vecs)
+    # One row short: refused.
+    for n in (1, 2):
+        need = np.bincount(np.remainder(keys.astype(np.int64), n), minlength=n).max()
+        with pytest.raises(ValueError, match="shard"):
+            make_emb(n, combiner, int(need) - 1).import_pairs(keys, vecs, seed=100)
+
+
+def test_import_int64_pairs_across_device_counts():
+    require_devices(8)
+    rng = np.random.default_rng(5)
+    with jax.enable_x64(True):
+        keys = key_pool(rng, np.int64, 60).astype(np.int64)
+        vecs = rng.normal(size=(keys.size, DIM)).astype(np.float32)
+        ids = np.where(rng.random((BATCH, SLOTS, NNZ)) < 0.3, PAD,
+                       rng.choice(keys, size=(BATCH, SLOTS, NNZ)))
+        vec = dict(zip(keys.tolist(), vecs.astype(np.float64)))
+        want = np_combine(vec.__getitem__, ids, None, "sum")
+        for n in (8, 2):
+            emb, evaluate = apply_fn(n, "sum", False, False, "int64")
+            state = emb.import_pairs(keys, vecs, seed=1)
+            k2, v2 = emb.export_pairs(state)
+            np.testing.assert_array_equal(k2, np.sort(keys))
+            np.testing.assert_array_equal(v2, vecs[np.argsort(keys)])
+            out, _ = evaluate(state, to_keys(ids, np.int64), None)
+            np.testing.assert_allclose(np.asarray(out), want, **TOL, err_msg=f"n={n}")
+        with pytest.raises(ValueError, match="shard"):
+            make_emb(8, "sum", 2, key_dtype=jnp.int64).import_pairs(keys, vecs)
