@@ -1,61 +1,128 @@
-"""Which piece of the multi-GPU lookup crashes XLA's compiler? Each case runs
-in its own process so a segfault names its case. On 2 H100s (2026-11-27,
-jax 0.11.2) apply_* and init_only ran; grad with the FFI backward segfaulted.
-Run: python3 benchmarks/diag_multigpu.py after gpu_session.sh has built."""
-import os, subprocess, sys
+"""Which piece of the multi-GPU program crashes XLA's GPU compiler, under
+which flags? Each (case, variant) runs in its own process so a segfault names
+it, and each case prints the stage it reached (lower / compile / run), so a
+crash while compiling is told apart from one while running.
 
-CASES = {
-    "a2a_1d_int32": """
-x = jnp.arange(n * 64, dtype=jnp.int32)
-f = sok_jax.distributed._shard_map(lambda v: jax.lax.all_to_all(v, 'x', 0, 0, tiled=True), mesh, (P('x'),), P('x'))
-print(jax.jit(f)(x)[:4])""",
-    "apply_reference": """
-emb = sok_jax.DistributedEmbedding('mean', 1024, 16, slot_num=2, max_nnz=2, mesh=mesh, axis_name='x', implementation='reference')
-st = emb.init(0); ids = jnp.asarray(np.random.default_rng(0).integers(-1, 1024 * n, (8 * n, 2, 2)), jnp.int32)
-print(jax.jit(emb.apply)(st, ids)[0].sum())""",
-    "apply_ffi": """
-emb = sok_jax.DistributedEmbedding('mean', 1024, 16, slot_num=2, max_nnz=2, mesh=mesh, axis_name='x')
-st = emb.init(0); ids = jnp.asarray(np.random.default_rng(0).integers(-1, 1024 * n, (8 * n, 2, 2)), jnp.int32)
-print(jax.jit(emb.apply)(st, ids)[0].sum())""",
-    "grad_ffi": """
-import dataclasses
-emb = sok_jax.DistributedEmbedding('mean', 1024, 16, slot_num=2, max_nnz=2, mesh=mesh, axis_name='x')
-st = emb.init(0); ids = jnp.asarray(np.random.default_rng(0).integers(-1, 1024 * n, (8 * n, 2, 2)), jnp.int32)
-f = jax.jit(jax.grad(lambda t: emb.apply(dataclasses.replace(st, table=t), ids)[0].sum()))
-print(f(st.table).sum())""",
-    # One custom call at a time inside shard_map: which one crashes the
-    # compiler? (rows_to_dense has one result, embed_bwd and the hash several.)
-    "only_rows_to_dense": """
-from sok_jax.ops import embed_ops
-def body(r, g, c):
-    return embed_ops.rows_to_dense(embed_ops.SparseRowGrad(r, g, c), 64)
-f = sok_jax.distributed._shard_map(body, mesh, (P('x'), P('x'), P('x')), P('x'))
-print(jax.jit(f)(jnp.tile(jnp.arange(8, dtype=jnp.int32), n), jnp.ones((8 * n, 4)), jnp.full((n,), 8, jnp.int32)).sum())""",
-    "only_embed_bwd": """
-from sok_jax.ops import embed_ops
-def body(g, ids):
-    r = embed_ops.lookup_combine_bwd(g, ids, jnp.arange(9, dtype=jnp.int32), jnp.zeros((0,), jnp.float32), 'sum', 64)
-    return r.grads
-f = sok_jax.distributed._shard_map(body, mesh, (P('x'), P('x')), P('x'))
-print(jax.jit(f)(jnp.ones((8 * n, 4)), jnp.tile(jnp.arange(8, dtype=jnp.int32), n)).sum())""",
-    "only_hash": """
-from sok_jax.ops import hash_ops
-def body(sk, k):
-    return hash_ops.find_or_insert(sk, k, insert=True)[1]
-f = sok_jax.distributed._shard_map(body, mesh, (P('x'), P('x')), P('x'))
-print(jax.jit(f)(jnp.full((64 * n,), -1, jnp.int32), jnp.arange(8 * n, dtype=jnp.int32)).sum())""",
-    "init_only": """
-emb = sok_jax.DistributedEmbedding('mean', 1024, 16, slot_num=2, max_nnz=2, mesh=mesh, axis_name='x')
-print(emb.init(0).table.sum())""",
-}
+History: on 2 H100s (2026-11-27, jax 0.11.2) a forward-only FFI apply ran;
+jax.grad through the FFI backward segfaulted in backend_compile_and_load.
+
+Run after gpu_session.sh has built:  python3 benchmarks/diag_multigpu.py
+  --cases a,b  --variants default,no_lhs  --dump CASE (lists the last HLO
+  passes XLA dumped before dying)  --gdb CASE (native backtrace, if gdb is
+  installed). Exit status 0; the verdicts are in the printed lines.
+"""
+import argparse
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
 HEAD = """
 import jax, jax.numpy as jnp, numpy as np, sok_jax
 from jax.sharding import Mesh, PartitionSpec as P
 n = len(jax.devices()); mesh = Mesh(np.array(jax.devices()), ('x',))
+from sok_jax.ops import embed_ops, hash_ops, optim_ops
+smap = sok_jax.distributed._shard_map
+def stages(f, *args):
+    lo = jax.jit(f).lower(*args); print('STAGE lowered', flush=True)
+    co = lo.compile(); print('STAGE compiled', flush=True)
+    out = co(*args); jax.block_until_ready(out); print('STAGE ran', flush=True)
+    return out
 """
-for flags in ["", "--xla_gpu_enable_command_buffer="]:
-    for name, body in CASES.items():
-        env = dict(os.environ, XLA_FLAGS=flags)
-        r = subprocess.run([sys.executable, "-c", HEAD + body], env=env, capture_output=True, text=True, timeout=120)
-        tail = (r.stdout + r.stderr).strip().splitlines()[-3:]
-        print(f"[{flags or 'default'}] {name}: rc={r.returncode} :: {' | '.join(tail)[:400]}", flush=True)
+
+CASES = {
+    # One custom call per program, inside shard_map over all devices.
+    "embed_fwd": """
+def body(t, ids):
+    return embed_ops.lookup_combine(t, ids, jnp.arange(9, dtype=jnp.int32), jnp.zeros((0,), jnp.float32), 'sum')
+stages(smap(body, mesh, (P('x'), P('x')), P('x')), jnp.ones((64 * n, 4)), jnp.tile(jnp.arange(8, dtype=jnp.int32), n))""",
+    "embed_bwd": """
+def body(g, ids):
+    return embed_ops.lookup_combine_bwd(g, ids, jnp.arange(9, dtype=jnp.int32), jnp.zeros((0,), jnp.float32), 'sum', 64).grads
+stages(smap(body, mesh, (P('x'), P('x')), P('x')), jnp.ones((8 * n, 4)), jnp.tile(jnp.arange(8, dtype=jnp.int32), n))""",
+    "embed_bwd_nosmap": """
+g = jax.device_put(jnp.ones((8, 4)), jax.devices()[0]); ids = jax.device_put(jnp.arange(8, dtype=jnp.int32), jax.devices()[0])
+stages(lambda g, ids: embed_ops.lookup_combine_bwd(g, ids, jnp.arange(9, dtype=jnp.int32), jnp.zeros((0,), jnp.float32), 'sum', 64).grads, g, ids)""",
+    "rows_to_dense": """
+def body(r, g, c):
+    return embed_ops.rows_to_dense(embed_ops.SparseRowGrad(r, g, c), 64)
+stages(smap(body, mesh, (P('x'), P('x'), P('x')), P('x')), jnp.tile(jnp.arange(8, dtype=jnp.int32), n), jnp.ones((8 * n, 4)), jnp.full((n,), 8, jnp.int32))""",
+    "sgd": """
+def body(t, r, g, c):
+    return optim_ops.sgd_update(t, r, g, c, 0.1)
+stages(smap(body, mesh, (P('x'),) * 4, P('x')), jnp.ones((64 * n, 4)), jnp.tile(jnp.arange(8, dtype=jnp.int32), n), jnp.ones((8 * n, 4)), jnp.full((n,), 8, jnp.int32))""",
+    "adagrad": """
+def body(t, a, r, g, c):
+    return optim_ops.adagrad_update(t, a, r, g, c, 0.1)[0]
+stages(smap(body, mesh, (P('x'),) * 5, P('x')), jnp.ones((64 * n, 4)), jnp.ones((64 * n, 4)), jnp.tile(jnp.arange(8, dtype=jnp.int32), n), jnp.ones((8 * n, 4)), jnp.full((n,), 8, jnp.int32))""",
+    "hash": """
+def body(sk, k):
+    return hash_ops.find_or_insert(sk, k, insert=True)[1]
+stages(smap(body, mesh, (P('x'), P('x')), P('x')), jnp.full((64 * n,), -1, jnp.int32), jnp.arange(8 * n, dtype=jnp.int32))""",
+    "grad_ffi": """
+import dataclasses
+emb = sok_jax.DistributedEmbedding('mean', 1024, 16, slot_num=2, max_nnz=2, mesh=mesh, axis_name='x')
+st = emb.init(0); ids = jnp.asarray(np.random.default_rng(0).integers(-1, 1024 * n, (8 * n, 2, 2)), jnp.int32)
+stages(jax.grad(lambda t: emb.apply(dataclasses.replace(st, table=t), ids)[0].sum()), st.table)""",
+}
+
+VARIANTS = {
+    "default": {},
+    "no_lhs": {"XLA_FLAGS": "--xla_gpu_enable_latency_hiding_scheduler=false"},
+    "no_cmdbuf": {"XLA_FLAGS": "--xla_gpu_enable_command_buffer="},
+    "no_shardy": {"JAX_USE_SHARDY_PARTITIONER": "0"},
+    "autotune0": {"XLA_FLAGS": "--xla_gpu_autotune_level=0"},
+}
+
+
+def run(case, variant, extra_env=None, prefix=(), timeout=180):
+    env = dict(os.environ)
+    env.update(VARIANTS[variant])
+    if extra_env:
+        env.update(extra_env)
+    cmd = list(prefix) + [sys.executable, "-c", HEAD + CASES[case]]
+    try:
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        text, rc = r.stdout + r.stderr, r.returncode
+    except subprocess.TimeoutExpired as e:
+        text, rc = (e.stdout or b"").decode() + (e.stderr or b"").decode(), "timeout"
+    reached = [l.split()[1] for l in text.splitlines() if l.startswith("STAGE ")]
+    return rc, (reached[-1] if reached else "none"), text
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--variants", default="default")
+    p.add_argument("--dump", default="")
+    p.add_argument("--gdb", default="")
+    a = p.parse_args()
+    for v in a.variants.split(","):
+        for c in a.cases.split(","):
+            rc, reached, text = run(c, v)
+            tail = " | ".join(text.strip().splitlines()[-2:])[:300] if rc else ""
+            print(f"[{v}] {c}: rc={rc} last_stage={reached} {tail}", flush=True)
+    if a.dump:
+        d = tempfile.mkdtemp()
+        flags = f"--xla_dump_to={d} --xla_dump_hlo_pass_re=.* --xla_dump_hlo_as_text"
+        rc, reached, _ = run(a.dump, "default", {"XLA_FLAGS": flags})
+        files = sorted(glob.glob(os.path.join(d, "*")), key=os.path.getmtime)
+        print(f"[dump] {a.dump}: rc={rc} last_stage={reached}; {len(files)} files; last written:")
+        for f in files[-8:]:
+            print("   ", os.path.basename(f))
+        shutil.rmtree(d, ignore_errors=True)
+    if a.gdb:
+        if shutil.which("gdb"):
+            rc, reached, text = run(a.gdb, "default", prefix=(
+                "gdb", "-q", "-batch", "-ex", "run", "-ex", "bt 40", "--args"), timeout=300)
+            frames = [l for l in text.splitlines() if l.startswith("#")]
+            print(f"[gdb] {a.gdb}: rc={rc} last_stage={reached}")
+            print("\n".join(x[:220] for x in frames[:40]))
+        else:
+            print("[gdb] not installed")
+
+
+if __name__ == "__main__":
+    main()
