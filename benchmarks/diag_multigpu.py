@@ -66,6 +66,47 @@ import dataclasses
 emb = sok_jax.DistributedEmbedding('mean', 1024, 16, slot_num=2, max_nnz=2, mesh=mesh, axis_name='x')
 st = emb.init(0); ids = jnp.asarray(np.random.default_rng(0).integers(-1, 1024 * n, (8 * n, 2, 2)), jnp.int32)
 stages(jax.grad(lambda t: emb.apply(dataclasses.replace(st, table=t), ids)[0].sum()), st.table)""",
+    # grad through shard_map of a custom_vjp whose residual is a zero-size
+    # array (what sok_jax saved for absent weights before 2026-11-27).
+    "zero_resid_jax": """
+@jax.custom_vjp
+def f(t, w): return t * 2.0
+f.defvjp(lambda t, w: (t * 2.0, w), lambda w, g: (g * 2.0 + w.sum(), jnp.zeros_like(w)))
+body = lambda t: jax.lax.all_to_all(f(t, jnp.zeros((0,), jnp.float32)), 'x', 0, 0, tiled=True)
+stages(jax.grad(lambda t: smap(body, mesh, (P('x'),), P('x'))(t).sum()), jnp.ones((8 * n, 4)))""",
+    "zero_resid_ffi": """
+@jax.custom_vjp
+def f(t, ids, w): return embed_ops.lookup_combine(t, ids, jnp.arange(ids.shape[0] + 1, dtype=jnp.int32), w, 'sum')
+def f_bwd(res, g):
+    t, ids, w = res
+    s = embed_ops.lookup_combine_bwd(g, ids, jnp.arange(ids.shape[0] + 1, dtype=jnp.int32), w, 'sum', t.shape[0])
+    return embed_ops.rows_to_dense(s, t.shape[0]), None, jnp.zeros_like(w)
+f.defvjp(lambda t, ids, w: (f(t, ids, w), (t, ids, w)), f_bwd)
+body = lambda t, ids: jax.lax.all_to_all(f(t, ids, jnp.zeros((0,), jnp.float32)), 'x', 0, 0, tiled=True)
+ids = jnp.tile(jnp.arange(8, dtype=jnp.int32), n)
+stages(jax.grad(lambda t: smap(body, mesh, (P('x'), P('x')), P('x'))(t, ids).sum()), jnp.ones((64 * n, 4)))""",
+    "grad_ffi_w": """
+import dataclasses
+emb = sok_jax.DistributedEmbedding('sqrtn', 1024, 16, slot_num=2, max_nnz=2, mesh=mesh, axis_name='x')
+st = emb.init(0); rng = np.random.default_rng(0); ids = jnp.asarray(rng.integers(-1, 1024 * n, (8 * n, 2, 2)), jnp.int32)
+w = jnp.asarray(rng.uniform(0.5, 1.5, (8 * n, 2, 2)), jnp.float32)
+stages(jax.grad(lambda t, w: emb.apply(dataclasses.replace(st, table=t), ids, w)[0].sum(), argnums=(0, 1)), st.table, w)""",
+    "sparse_step": """
+emb = sok_jax.DistributedEmbedding('mean', 1024, 16, slot_num=2, max_nnz=2, mesh=mesh, axis_name='x')
+opt = sok_jax.optim.adagrad(0.1); st = emb.init(0); os_ = emb.init_optimizer(opt, st)
+ids = jnp.asarray(np.random.default_rng(0).integers(-1, 1024 * n, (8 * n, 2, 2)), jnp.int32)
+def step(st, os_, ids):
+    out, ctx, st = emb.lookup(st, ids)
+    return emb.apply_gradients(st, opt, os_, emb.sparse_grad(ctx, 2 * out))
+stages(step, st, os_, ids)""",
+    "hash_step": """
+emb = sok_jax.DistributedEmbedding('sum', 64, 16, slot_num=2, max_nnz=2, mesh=mesh, axis_name='x', use_hashtable=True)
+opt = sok_jax.optim.sgd(0.1); st = emb.init(0); os_ = emb.init_optimizer(opt, st)
+ids = jnp.asarray(np.random.default_rng(0).integers(-1, 10**6, (8 * n, 2, 2)), jnp.int32)
+def step(st, os_, ids):
+    out, ctx, st = emb.lookup(st, ids)
+    return emb.apply_gradients(st, opt, os_, emb.sparse_grad(ctx, 2 * out))
+stages(step, st, os_, ids)""",
 }
 
 VARIANTS = {

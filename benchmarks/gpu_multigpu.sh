@@ -14,7 +14,11 @@ left() { echo $(( ${BUDGET:-570} - ($(date +%s) - START) )); }
 if [ -z "${SKIP_BUILD:-}" ]; then
   OUT=$OUT bash benchmarks/gpu_session.sh || exit 1
 fi
-python3 benchmarks/diag_multigpu.py --variants default 2>&1 | tee "$OUT/diag.log"
+python3 benchmarks/diag_multigpu.py --variants default ${DIAG_CASES:+--cases $DIAG_CASES} 2>&1 | tee "$OUT/diag.log"
+crashed=$(grep -oP '^\[default\] \K[a-z_0-9]+(?=: rc=-11)' "$OUT/diag.log" | paste -sd, -)
+if [ -n "$crashed" ]; then
+  python3 benchmarks/diag_multigpu.py --variants no_shardy --cases "$crashed" 2>&1 | tee -a "$OUT/diag.log"
+fi
 variant=
 if grep -q "^\[default\] grad_ffi: rc=0" "$OUT/diag.log"; then
   variant=default
@@ -39,4 +43,9 @@ if [ "$t" -gt 30 ] && [ -n "${BENCH_ARGS:-}" ]; then
   echo "== bench_distributed $BENCH_ARGS under [$variant] with ${t}s" | tee -a "$OUT/diag.log"
   env $envs timeout $t python3 benchmarks/bench_distributed.py $BENCH_ARGS --out "$OUT/bench_distributed.json" \
     2>&1 | tee "$OUT/bench_distributed.log" | tail -40
+fi
+t=$(( $(left) - 5 ))
+if [ "$t" -gt 30 ] && [ -n "${POST:-}" ]; then
+  echo "== post: $POST under [$variant] with ${t}s" | tee -a "$OUT/diag.log"
+  env $envs timeout $t bash -c "$POST" 2>&1 | tee "$OUT/post.log" | tail -40
 fi

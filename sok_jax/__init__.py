@@ -19,6 +19,7 @@ from sok_jax.embedding import (
     lookup,
     sparse_grad,
 )
+from sok_jax import optim
 from sok_jax.ids import RaggedIds
 from sok_jax.ops.embed_ops import SparseRowGrad
 
@@ -34,6 +35,7 @@ __all__ = [
     "embed",
     "has_cuda",
     "lookup",
+    "optim",
     "sparse_grad",
     "target_names",
 ]

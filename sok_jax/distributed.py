@@ -104,7 +104,7 @@ class ExchangeContext:
     recv_rows: Any  # int32 [n * n*C]: local row of every received key (-1 none)
     recv_index: Any  # int32 [n * N]: per position, the slot of its vector
     offsets: Any  # int32 [n * (M + 1)]
-    weights: Any  # float32 [n * N] or [n * 0]
+    weights: Any  # float32 [n * N], or None without weights
 
 
 jax.tree_util.register_dataclass(
@@ -260,12 +260,12 @@ class DistributedEmbedding:
             keys = local.astype(jnp.uint32) * jnp.uint32(n) + dev.astype(jnp.uint32)
             if self.num_rows > 2**32 - 1:
                 keys = local.astype(jnp.int64) * n + dev
-            table = initializers.init_rows(self.initializer, key_data, keys, d, self.dtype)
-            return table, jnp.zeros((0,), jnp.int32)
+            return (initializers.init_rows(self.initializer, key_data, keys, d, self.dtype),)
 
-        slot_spec = P(axis)
-        fn = _shard_map(shard_init, self.mesh, in_specs=(P(),), out_specs=(P(axis, None), slot_spec))
-        table, slot_keys = jax.jit(fn)(key_data)
+        out_specs = (P(axis, None), P(axis)) if self.use_hashtable else (P(axis, None),)
+        fn = _shard_map(shard_init, self.mesh, in_specs=(P(),), out_specs=out_specs)
+        table, *slot_keys = jax.jit(fn)(key_data)
+        slot_keys = slot_keys[0] if self.use_hashtable else None
         # Three distinct buffers: a donated state must not hold one twice.
         counters = [jax.device_put(jnp.zeros((n,), jnp.int32), self.batch_sharding) for _ in range(3)]
         return EmbeddingState(
@@ -418,36 +418,47 @@ class DistributedEmbedding:
         has_w = weights is not None
         has_keys = self.use_hashtable
 
-        def body(table, slot_keys, seed, ids, weights):
+        # Only real arrays cross the shard_map boundary: no zero-size
+        # placeholders for absent weights or a direct-mode slot table (see
+        # embedding._lookup_fwd on why).
+        row = P(axis)
+
+        def body(table, seed, ids, *opt):
+            slot_keys = opt[0] if has_keys else None
+            w = opt[-1] if has_w else None
             out, table, slot_keys, stats, ctx = self._device_forward(
-                table, slot_keys, seed, ids, weights if has_w else None, training, sparse
+                table, slot_keys, seed, ids, w, training, sparse
             )
-            if not has_keys:  # direct mode never changes the table here
-                table = slot_keys = jnp.zeros((0,), jnp.int32)
             if self.check:
                 # Every device raises on the same (gathered) counts: a check
                 # that failed on one device only would leave the others
                 # waiting in a collective (an abort on multi-device CPU).
                 gathered = [jax.lax.all_gather(c, axis, tiled=True) for c in stats]
                 jax.debug.callback(_stats_callback, *gathered)
-            return out, table, slot_keys, stats, ctx
+            if not has_w:
+                ctx = ctx[:3]
+            keyed = (table, slot_keys) if has_keys else ()
+            return (out, stats, ctx) + keyed
 
-        row = P(axis)
-        in_specs = (P(axis, None), row if has_keys else P(), P(), row, row if has_w else P())
-        table_spec = P(axis, None) if has_keys else P()
-        out_specs = (row, table_spec, row if has_keys else P(), (row, row, row), (row, row, row, row))
-        fn = _shard_map(body, self.mesh, in_specs, out_specs)
-        slot_keys = state.slot_keys if has_keys else jnp.zeros((0,), jnp.int32)
-        w = weights if has_w else jnp.zeros((0,), jnp.float32)
-        out, table, slot_keys, stats, ctx = fn(state.table, slot_keys, state.seed, ids, w)
+        args, in_specs = [state.table, state.seed, ids], [P(axis, None), P(), row]
+        if has_keys:
+            args.append(state.slot_keys)
+            in_specs.append(row)
+        if has_w:
+            args.append(weights)
+            in_specs.append(row)
+        ctx_specs = (row,) * (4 if has_w else 3)
+        out_specs = (row, (row, row, row), ctx_specs) + ((P(axis, None), row) if has_keys else ())
+        fn = _shard_map(body, self.mesh, tuple(in_specs), out_specs)
+        out, stats, ctx, *keyed = fn(*args)
         stats = EmbeddingStats(*stats)
         new_state = EmbeddingState(
-            table=table if has_keys else state.table,
-            slot_keys=slot_keys if has_keys else None,
+            table=keyed[0] if has_keys else state.table,
+            slot_keys=keyed[1] if has_keys else None,
             seed=state.seed,
             stats=stats,
         )
-        return out, new_state, ExchangeContext(*ctx)
+        return out, new_state, ExchangeContext(*ctx[:3], weights=ctx[3] if has_w else None)
 
     # ------------------------------------------------------------- public API
     def apply(self, state: EmbeddingState, ids, weights=None, *, training: bool = True):
@@ -478,7 +489,8 @@ class DistributedEmbedding:
         ops = _ops(impl)
         combiner = self.combiner
 
-        def body(recv_rows, recv_index, offsets, weights, g):
+        def body(recv_rows, recv_index, offsets, g, *weights):
+            weights = weights[0] if weights else jnp.zeros((0,), jnp.float32)
             g = g.reshape(-1, g.shape[-1])
             cap = recv_rows.shape[0]  # n*C slots received vectors occupy
             # 1. requesting side: per received slot, sum its positions' grads.
@@ -495,14 +507,10 @@ class DistributedEmbedding:
             return r.rows, r.grads, r.count
 
         row = P(axis)
-        has_w = ctx.weights.shape[0] > 0
-        fn = _shard_map(
-            body,
-            self.mesh,
-            (row, row, row, row if has_w else P(), row),
-            (row, P(axis, None), row),
-        )
-        rows, grads, count = fn(ctx.recv_rows, ctx.recv_index, ctx.offsets, ctx.weights, d_out)
+        has_w = ctx.weights is not None
+        args = (ctx.recv_rows, ctx.recv_index, ctx.offsets, d_out) + ((ctx.weights,) if has_w else ())
+        fn = _shard_map(body, self.mesh, (row,) * len(args), (row, P(axis, None), row))
+        rows, grads, count = fn(*args)
         return SparseRowGrad(rows, grads, count)
 
     def _slot_specs(self, opt_state):

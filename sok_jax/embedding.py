@@ -40,11 +40,16 @@ def _lookup(combiner, implementation, table, ids, offsets, weights):
 
 def _lookup_fwd(combiner, implementation, table, ids, offsets, weights):
     out = _ops(implementation).lookup_combine(table, ids, offsets, weights, combiner)
-    return out, (table, ids, offsets, weights)
+    # No zero-size residuals: inside shard_map they cross the boundary between
+    # the forward and backward manual computations, and a zero-size array
+    # crossing it made XLA's GPU compiler segfault under Shardy (jax 0.11.2).
+    return out, (table, ids, offsets, weights if weights.shape[0] else None)
 
 
 def _lookup_bwd(combiner, implementation, res, g):
     table, ids, offsets, weights = res
+    if weights is None:
+        weights = jnp.zeros((0,), jnp.float32)
     ops = _ops(implementation)
     num_rows = table.shape[0]
     sparse = ops.lookup_combine_bwd(g, ids, offsets, weights, combiner, num_rows)
