@@ -23,9 +23,11 @@ bool Aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
 }
 
-int ThreadsPerBag(int64_t chunks) {
+// Lanes per bag in the forward: enough that each lane's `cpl` chunks cover
+// the row once (a power of two, at most a warp).
+int ThreadsPerBag(int64_t chunks, int cpl) {
   int t = 1;
-  while (t < 32 && t < chunks) t *= 2;
+  while (t < 32 && static_cast<int64_t>(t) * cpl < chunks) t *= 2;
   return t;
 }
 
@@ -50,7 +52,7 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer table, ffi::AnyBuffer ids
       T* op = out->reinterpret_data<T>();
       const bool fast = dim % kVec == 0 && Aligned16(tp) && Aligned16(op);
       const int64_t chunks = fast ? dim / kVec : dim;
-      const int tpb = ThreadsPerBag(chunks);
+      const int tpb = ThreadsPerBag(chunks, cuda::CplFor(fast ? kVec : 1));
       const unsigned grid = Blocks(m * tpb);
       if (fast) {
         cuda::EmbedFwdKernel<T, K, kVec><<<grid, kBlock, 0, stream>>>(

@@ -93,12 +93,20 @@ __device__ __forceinline__ void BagRangeDev(const int32_t* off, int64_t b,
 }
 
 // ---------------------------------------------------------------------------
-// Forward: a group of TPB lanes per bag (TPB = 32 for D >= 32*VEC, fewer
-// for narrow rows so a warp serves several bags). Each lane owns VEC
-// consecutive columns of a column chunk; the group loads TPB ids at once,
-// broadcasts them with shuffles and keeps 4 rows in flight.
+// Forward: a group of TPB lanes per bag. Each lane owns kCpl column chunks of
+// VEC elements (chunks lane, lane + TPB, ...), so a row is read by TPB lanes
+// with kCpl independent 16-byte loads each, and a warp serves 32 / TPB bags
+// at once: with one key per bag (the common case of categorical features)
+// the warp still has several rows in flight. The group loads TPB ids at once,
+// broadcasts them with shuffles and walks them one at a time (kCpl loads in
+// flight per lane). The combiner's weight sums ride along in the same
+// pass (each lane sums the weights of the ids it loaded).
+// Chunks per lane: 64 bytes of a row per lane for float rows, 32 for 16-bit
+// rows (whose 8-wide chunks would otherwise spill under the 64-register cap).
+__host__ __device__ constexpr int CplFor(int vec) { return vec >= 8 ? 2 : 4; }
+
 template <typename T, typename K, int VEC>
-__global__ void EmbedFwdKernel(const T* __restrict__ table, int64_t rows,
+__global__ void __launch_bounds__(256, 4) EmbedFwdKernel(const T* __restrict__ table, int64_t rows,
                                int64_t dim, const K* __restrict__ ids,
                                const int32_t* __restrict__ off,
                                const float* __restrict__ w, int64_t n,
@@ -112,25 +120,23 @@ __global__ void EmbedFwdKernel(const T* __restrict__ table, int64_t rows,
   int64_t lo, hi;
   BagRangeDev(off, bag, n, &lo, &hi);
   const int64_t chunks = dim / VEC;
+  constexpr int kCpl = CplFor(VEC);
 
-  // Combiner scale from the valid weights.
-  float ws = 0.f, w2 = 0.f;
-  for (int64_t j = lo + lane; j < hi; j += tpb) {
-    if (RowOf(ids[j], rows) < 0) continue;
-    float wj = w ? w[j] : 1.f;
-    ws += wj;
-    w2 += wj * wj;
-  }
-  ws = GroupSum(ws, mask, tpb);
-  w2 = GroupSum(w2, mask, tpb);
-  const float scale = CombinerScale(combiner, ws, w2);
-
-  for (int64_t c0 = 0; c0 < chunks; c0 += tpb) {
-    const int64_t c = c0 + lane;
-    const bool col_ok = c < chunks;
-    float acc[VEC];
+  for (int64_t c0 = 0; c0 < chunks; c0 += static_cast<int64_t>(tpb) * kCpl) {
+    bool col_ok[kCpl];
+    const T* src[kCpl];
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) acc[i] = 0.f;
+    for (int k = 0; k < kCpl; ++k) {
+      const int64_t c = c0 + lane + static_cast<int64_t>(k) * tpb;
+      col_ok[k] = c < chunks;
+      src[k] = table + c * VEC;
+    }
+    float acc[kCpl][VEC];
+#pragma unroll
+    for (int k = 0; k < kCpl; ++k)
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc[k][i] = 0.f;
+    float ws = 0.f, w2 = 0.f;
     for (int64_t base = lo; base < hi; base += tpb) {
       const int cnt = static_cast<int>(hi - base < tpb ? hi - base : tpb);
       int64_t my_row = -1;
@@ -138,39 +144,41 @@ __global__ void EmbedFwdKernel(const T* __restrict__ table, int64_t rows,
       if (lane < cnt) {
         my_row = RowOf(ids[base + lane], rows);
         my_w = w ? w[base + lane] : 1.f;
-      }
-      for (int t = 0; t < cnt; t += 4) {
-        int64_t r[4];
-        float wv[4];
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          r[u] = __shfl_sync(mask, my_row, (t + u) & (tpb - 1), tpb);
-          wv[u] = __shfl_sync(mask, my_w, (t + u) & (tpb - 1), tpb);
-          if (t + u >= cnt) r[u] = -1;
+        if (my_row >= 0) {
+          ws += my_w;
+          w2 += my_w * my_w;
         }
-        float v[4][VEC];
+      }
+      for (int t = 0; t < cnt; ++t) {
+        const int64_t r = __shfl_sync(mask, my_row, t, tpb);
+        const float wv = __shfl_sync(mask, my_w, t, tpb);
+        if (r < 0) continue;  // uniform over the group
+        float v[kCpl][VEC];
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          if (col_ok && r[u] >= 0) {
-            LoadF<T, VEC>(table + r[u] * dim + c * VEC, v[u]);
+        for (int k = 0; k < kCpl; ++k) {
+          if (col_ok[k]) {
+            LoadF<T, VEC>(src[k] + r * dim, v[k]);
           } else {
 #pragma unroll
-            for (int i = 0; i < VEC; ++i) v[u][i] = 0.f;
+            for (int i = 0; i < VEC; ++i) v[k][i] = 0.f;
           }
         }
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          if (r[u] >= 0) {
+        for (int k = 0; k < kCpl; ++k)
 #pragma unroll
-            for (int i = 0; i < VEC; ++i) acc[i] += wv[u] * v[u][i];
-          }
-        }
+          for (int i = 0; i < VEC; ++i) acc[k][i] += wv * v[k][i];
       }
     }
-    if (col_ok) {
+    ws = GroupSum(ws, mask, tpb);
+    w2 = GroupSum(w2, mask, tpb);
+    const float scale = CombinerScale(combiner, ws, w2);
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) acc[i] *= scale;
-      StoreF<T, VEC>(out + bag * dim + c * VEC, acc);
+    for (int k = 0; k < kCpl; ++k) {
+      if (!col_ok[k]) continue;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc[k][i] *= scale;
+      StoreF<T, VEC>(out + bag * dim + (c0 + lane + static_cast<int64_t>(k) * tpb) * VEC,
+                     acc[k]);
     }
   }
 }
