@@ -52,17 +52,24 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer table, ffi::AnyBuffer ids
       T* op = out->reinterpret_data<T>();
       const bool fast = dim % kVec == 0 && Aligned16(tp) && Aligned16(op);
       const int64_t chunks = fast ? dim / kVec : dim;
-      const int tpb = ThreadsPerBag(chunks, cuda::CplFor(fast ? kVec : 1));
-      const unsigned grid = Blocks(m * tpb);
-      if (fast) {
-        cuda::EmbedFwdKernel<T, K, kVec><<<grid, kBlock, 0, stream>>>(
+      // Short bags (under 2 ids on average): the several-bags-per-warp shape.
+      const bool short_bags = n < 2 * m;
+      auto launch = [&](auto kernel, int cpl) {
+        const int tpb = ThreadsPerBag(chunks, cpl);
+        kernel<<<Blocks(m * tpb), kBlock, 0, stream>>>(
             tp, rows, dim, ids.reinterpret_data<K>(),
             offsets.typed_data<int32_t>(), w, n, m, combiner, tpb, op);
-      } else {
-        cuda::EmbedFwdKernel<T, K, 1><<<grid, kBlock, 0, stream>>>(
-            tp, rows, dim, ids.reinterpret_data<K>(),
-            offsets.typed_data<int32_t>(), w, n, m, combiner, tpb, op);
-      }
+      };
+      constexpr int kCpl = cuda::CplFor(kVec);
+      constexpr int kCpl1 = cuda::CplFor(1);
+      if (fast && short_bags)
+        launch(cuda::EmbedFwdKernel<T, K, kVec, kCpl, 1>, kCpl);
+      else if (fast)
+        launch(cuda::EmbedFwdKernel<T, K, kVec, 1, 4>, 1);
+      else if (short_bags)
+        launch(cuda::EmbedFwdKernel<T, K, 1, kCpl1, 1>, kCpl1);
+      else
+        launch(cuda::EmbedFwdKernel<T, K, 1, 1, 4>, 1);
       return ffi::Error::Success();
     });
   });

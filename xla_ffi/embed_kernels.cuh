@@ -93,25 +93,28 @@ __device__ __forceinline__ void BagRangeDev(const int32_t* off, int64_t b,
 }
 
 // ---------------------------------------------------------------------------
-// Forward: a group of TPB lanes per bag. Each lane owns kCpl column chunks of
-// VEC elements (chunks lane, lane + TPB, ...), so a row is read by TPB lanes
-// with kCpl independent 16-byte loads each, and a warp serves 32 / TPB bags
-// at once: with one key per bag (the common case of categorical features)
-// the warp still has several rows in flight. The group loads TPB ids at once,
-// broadcasts them with shuffles and walks them one at a time (kCpl loads in
-// flight per lane). The combiner's weight sums ride along in the same
-// pass (each lane sums the weights of the ids it loaded).
-// Chunks per lane: 64 bytes of a row per lane for float rows, 32 for 16-bit
-// rows (whose 8-wide chunks would otherwise spill under the 64-register cap).
+// Forward: a group of TPB lanes per bag. Each lane owns CPL column chunks of
+// VEC elements (chunks lane, lane + TPB, ...); the group loads TPB ids at
+// once, broadcasts them with shuffles and walks them U at a time, so a lane
+// has CPL * U independent 16-byte loads in flight. Two shapes are built:
+//   short bags (about one key each, the common categorical feature): CPL =
+//     CplFor(VEC), U = 1: a row is read by few lanes with several loads each
+//     and a warp serves several bags at once;
+//   longer bags: CPL = 1, U = 4: a row per 32 lanes, 4 rows in flight.
+// The combiner's weight sums ride along in the same pass (each lane sums the
+// weights of the ids it loaded).
+//
+// Chunks per lane of the short-bag shape: 64 bytes of a row per lane for
+// float rows, 32 for 16-bit rows (whose 8-wide chunks would otherwise spill
+// under the 64-register cap).
 __host__ __device__ constexpr int CplFor(int vec) { return vec >= 8 ? 2 : 4; }
 
-template <typename T, typename K, int VEC>
-__global__ void __launch_bounds__(256, 4) EmbedFwdKernel(const T* __restrict__ table, int64_t rows,
-                               int64_t dim, const K* __restrict__ ids,
-                               const int32_t* __restrict__ off,
-                               const float* __restrict__ w, int64_t n,
-                               int64_t m, int32_t combiner, int tpb,
-                               T* __restrict__ out) {
+template <typename T, typename K, int VEC, int CPL, int U>
+__global__ void __launch_bounds__(256, 4)
+    EmbedFwdKernel(const T* __restrict__ table, int64_t rows, int64_t dim,
+                   const K* __restrict__ ids, const int32_t* __restrict__ off,
+                   const float* __restrict__ w, int64_t n, int64_t m,
+                   int32_t combiner, int tpb, T* __restrict__ out) {
   const int lane = threadIdx.x & (tpb - 1);
   const int64_t bag =
       (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / tpb;
@@ -120,20 +123,12 @@ __global__ void __launch_bounds__(256, 4) EmbedFwdKernel(const T* __restrict__ t
   int64_t lo, hi;
   BagRangeDev(off, bag, n, &lo, &hi);
   const int64_t chunks = dim / VEC;
-  constexpr int kCpl = CplFor(VEC);
 
-  for (int64_t c0 = 0; c0 < chunks; c0 += static_cast<int64_t>(tpb) * kCpl) {
-    bool col_ok[kCpl];
-    const T* src[kCpl];
+  for (int64_t c0 = 0; c0 < chunks; c0 += static_cast<int64_t>(tpb) * CPL) {
+    const int64_t c_first = c0 + lane;
+    float acc[CPL][VEC];
 #pragma unroll
-    for (int k = 0; k < kCpl; ++k) {
-      const int64_t c = c0 + lane + static_cast<int64_t>(k) * tpb;
-      col_ok[k] = c < chunks;
-      src[k] = table + c * VEC;
-    }
-    float acc[kCpl][VEC];
-#pragma unroll
-    for (int k = 0; k < kCpl; ++k)
+    for (int k = 0; k < CPL; ++k)
 #pragma unroll
       for (int i = 0; i < VEC; ++i) acc[k][i] = 0.f;
     float ws = 0.f, w2 = 0.f;
@@ -149,36 +144,46 @@ __global__ void __launch_bounds__(256, 4) EmbedFwdKernel(const T* __restrict__ t
           w2 += my_w * my_w;
         }
       }
-      for (int t = 0; t < cnt; ++t) {
-        const int64_t r = __shfl_sync(mask, my_row, t, tpb);
-        const float wv = __shfl_sync(mask, my_w, t, tpb);
-        if (r < 0) continue;  // uniform over the group
-        float v[kCpl][VEC];
+      for (int t = 0; t < cnt; t += U) {
+        int64_t r[U];
+        float wv[U];
 #pragma unroll
-        for (int k = 0; k < kCpl; ++k) {
-          if (col_ok[k]) {
-            LoadF<T, VEC>(src[k] + r * dim, v[k]);
-          } else {
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) v[k][i] = 0.f;
-          }
+        for (int u = 0; u < U; ++u) {
+          r[u] = __shfl_sync(mask, my_row, (t + u) & (tpb - 1), tpb);
+          wv[u] = __shfl_sync(mask, my_w, (t + u) & (tpb - 1), tpb);
+          if (t + u >= cnt) r[u] = -1;
         }
+        float v[U][CPL][VEC];
 #pragma unroll
-        for (int k = 0; k < kCpl; ++k)
+        for (int u = 0; u < U; ++u)
 #pragma unroll
-          for (int i = 0; i < VEC; ++i) acc[k][i] += wv * v[k][i];
+          for (int k = 0; k < CPL; ++k) {
+            const int64_t c = c_first + static_cast<int64_t>(k) * tpb;
+            if (c < chunks && r[u] >= 0) {
+              LoadF<T, VEC>(table + r[u] * dim + c * VEC, v[u][k]);
+            } else {
+#pragma unroll
+              for (int i = 0; i < VEC; ++i) v[u][k][i] = 0.f;
+            }
+          }
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+#pragma unroll
+          for (int k = 0; k < CPL; ++k)
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) acc[k][i] += wv[u] * v[u][k][i];
       }
     }
     ws = GroupSum(ws, mask, tpb);
     w2 = GroupSum(w2, mask, tpb);
     const float scale = CombinerScale(combiner, ws, w2);
 #pragma unroll
-    for (int k = 0; k < kCpl; ++k) {
-      if (!col_ok[k]) continue;
+    for (int k = 0; k < CPL; ++k) {
+      const int64_t c = c_first + static_cast<int64_t>(k) * tpb;
+      if (c >= chunks) continue;
 #pragma unroll
       for (int i = 0; i < VEC; ++i) acc[k][i] *= scale;
-      StoreF<T, VEC>(out + bag * dim + (c0 + lane + static_cast<int64_t>(k) * tpb) * VEC,
-                     acc[k]);
+      StoreF<T, VEC>(out + bag * dim + c * VEC, acc[k]);
     }
   }
 }
