@@ -46,6 +46,9 @@ numbers are averages over the devices of the mesh):
              go out once). Keys owned by the device itself need no exchange.
   ratio      exchanged / minimum ('-' when minimum is 0: n=1, where
              nothing crosses and exchanged is reported as 0).
+  x-ratio    crossing / minimum, crossing = exchanged * (n-1)/n: the part
+             of the buffers that leaves the device (the own slice is a local
+             copy), the like-for-like comparison with the minimum.
   a2a floor  minimum / (raw all_to_all bus bandwidth of the same mesh): the
              time the least possible exchange takes at the measured rate.
 Lookups/s counts valid keys (all devices) per second.
@@ -333,6 +336,7 @@ def run_device_count(n, args, a2a_bw, results, rng):
                         row["xchg_bytes"] = n * C * (KB + 2 * vb) if n > 1 else 0
                         row["min_bytes"] = U * (KB + 2 * vb)
                     row["ratio"] = row["xchg_bytes"] / row["min_bytes"] if row["min_bytes"] else None
+                    row["cross_ratio"] = row["ratio"] * (n - 1) / n if row["ratio"] else None
                     bw = a2a_bw.get(n)
                     row["a2a_floor_ms"] = row["min_bytes"] / bw * 1e3 if bw and n > 1 else None
                     if not ok.get(impl, False):
@@ -496,11 +500,11 @@ def main(argv=None):
             ("ragged_ms", "ragged ms", ".3f"), ("ragged_payload_GBps", "rag GB/s", ".1f"),
             ("ragged_speedup", "speedup", ".2f"), ("ragged_error", "note"), ("error", "error")])
     log("\n== lookup: DistributedEmbedding vs pure JAX "
-        "(xchg/min MB per device; ratio = xchg/min; eff = t(1)/t(n)) ==")
+        "(xchg/min MB per device; ratio = xchg/min; x-ratio = crossing/min; eff = t(1)/t(n)) ==")
     common.print_table(rows, [
         ("n", "n"), ("dist", "dist"), ("nnz", "nnz"), ("impl", "impl"), ("mode", "mode"),
         ("ms", "ms", ".3f"), ("Mlookups_s", "Mlookup/s", ".1f"), ("xchg_MB", "xchg MB", ".2f"),
-        ("min_MB", "min MB", ".2f"), ("ratio", "ratio", ".2f"), ("a2a_floor_ms", "a2a floor ms", ".3f"),
+        ("min_MB", "min MB", ".2f"), ("ratio", "ratio", ".2f"), ("cross_ratio", "x-ratio", ".2f"), ("a2a_floor_ms", "a2a floor ms", ".3f"),
         ("speedup_vs_jax", "vs jax", ".2f"), ("weak_eff", "eff", ".2f"),
         ("capacity_factor", "cf"), ("overflow", "ovf"), ("error", "error")])
     common.write_json(args.out, out)

@@ -130,6 +130,10 @@ def parse_args(argv=None):
     p.add_argument("--mem-gb", type=float, default=None,
                    help="GiB per device a path may need (estimate) before it is skipped "
                         "(default 70)")
+    p.add_argument("--capacity-factor", default=None,
+                   help="DistributedEmbedding capacity_factor: a number, or 'fit' (5%% above "
+                        "required_capacity_factor of the benchmark's batches); default None "
+                        "(every bucket holds the whole local batch)")
     p.add_argument("--no-dense", action="store_true", help="time the sparse path only")
     p.add_argument("--warmup", type=int, default=3, help="warm-up steps per measurement")
     p.add_argument("--iters", type=int, default=20, help="timed samples per measurement")
@@ -145,6 +149,11 @@ def parse_args(argv=None):
     p.add_argument("--small", action="store_true",
                    help="tiny tables, batch 64, few iterations: a CPU smoke check")
     args = p.parse_args(argv)
+    if args.capacity_factor not in (None, "fit"):
+        try:
+            args.capacity_factor = float(args.capacity_factor)
+        except ValueError:
+            p.error(f"--capacity-factor must be a number or 'fit', got {args.capacity_factor!r}")
     if args.small:
         args.table_gb = [2.0**-12, 2.0**-11, 2.0**-10]  # 256 KiB .. 1 MiB
         args.batch = 64
@@ -413,6 +422,18 @@ def time_size(n, gb, emb, args, rng, copy_bw, results):
     sets, host, distinct = make_input_sets(rng, args, n, rows, emb)
     U = float(np.mean(distinct))
     base["distinct_keys"] = U
+    if args.capacity_factor is not None:
+        cf = args.capacity_factor
+        if cf == "fit":  # 5% above what the benchmark's own batches need
+            need = max(float(emb.required_capacity_factor(ids)) for ids, _ in sets)
+            cf = min(1.05 * need, float(n))
+        emb = DistributedEmbedding(
+            emb.combiner, emb.max_vocabulary_size_per_gpu, emb.embedding_vec_size,
+            slot_num=emb.slot_num, max_nnz=emb.max_nnz, mesh=emb.mesh,
+            axis_name=emb.axis_name, capacity_factor=float(cf))
+        base["capacity_factor"] = float(cf)
+        print(f"  capacity_factor {float(cf):.4f} (capacity {emb._capacity(args.batch)} "
+              f"of {args.batch * args.slots} per destination)", flush=True)
 
     try:
         chk, state = check_point(emb, args, state, sets, host, n, rows, rng)

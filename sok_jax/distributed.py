@@ -320,7 +320,8 @@ class DistributedEmbedding:
         """Bucket by owner and dedup per destination (pure JAX sort).
 
         Returns (send [n*C] values to send, recv_index [N] slot of each
-        position's vector or -1, overflow count, invalid count)."""
+        position's vector or -1, overflow count, invalid count, largest
+        bucket: the most distinct keys bound for one destination)."""
         n, rows = self.num_devices, self.max_vocabulary_size_per_gpu
         N = flat_ids.shape[0]
         pad = ids_lib._padding_value(flat_ids.dtype)
@@ -365,7 +366,7 @@ class DistributedEmbedding:
             value.astype(send_dtype), mode="drop"
         )
         recv_index = jnp.zeros((N,), jnp.int32).at[perm].set(slot)
-        return send, recv_index, overflow, invalid
+        return send, recv_index, overflow, invalid, jnp.max(per_owner)
 
     def _a2a(self, x):
         return jax.lax.all_to_all(x, self.axis_name, 0, 0, tiled=True)
@@ -376,7 +377,7 @@ class DistributedEmbedding:
         b_local = ids.shape[0]
         capacity = self._capacity(b_local)
         bags = ids_lib.to_bags(ids, weights)
-        send, recv_index, overflow, invalid = self._plan(bags.ids, capacity)
+        send, recv_index, overflow, invalid, _ = self._plan(bags.ids, capacity)
         recv = self._a2a(send)  # [n*C] keys (hash) or local rows (direct)
         hash_full = jnp.zeros((), jnp.int32)
         if self.use_hashtable:
@@ -512,6 +513,28 @@ class DistributedEmbedding:
         fn = _shard_map(body, self.mesh, (row,) * len(args), (row, P(axis, None), row))
         rows, grads, count = fn(*args)
         return SparseRowGrad(rows, grads, count)
+
+    def required_capacity_factor(self, ids) -> jax.Array:
+        """The smallest `capacity_factor` under which this batch overflows
+        nowhere: the most distinct keys any device sends to one destination
+        (its own slice included), times n, over the local key positions
+        (`max_feature_num` x local batch). A float32 scalar; jit-able.
+
+        Measure it on a few real batches and build the layer with a margin
+        above it (a tight factor shrinks every exchange buffer; see
+        benchmarks/RESULTS.md). A factor of 1.0 or more can still overflow
+        for skewed batches; `capacity_factor=None` never does."""
+        ids, _ = self._check_ids(ids, None)
+        n, axis = self.num_devices, self.axis_name
+        full = self.max_feature_num * (ids.shape[0] // n)
+
+        def body(ids):
+            bags = ids_lib.to_bags(ids, None)
+            largest = self._plan(bags.ids, self._capacity(ids.shape[0]))[4]
+            return jax.lax.pmax(largest, axis).reshape(1)
+
+        largest = _shard_map(body, self.mesh, (P(axis),), P(axis))(ids)[0]
+        return largest.astype(jnp.float32) * n / max(full, 1)
 
     def _slot_specs(self, opt_state):
         axis = self.axis_name

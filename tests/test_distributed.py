@@ -359,6 +359,42 @@ def test_capacity_overflow_counted_and_zeroed(n, combiner, pattern):
         check_stats(new_state)
 
 
+@pytest.mark.parametrize("n,pattern", [(2, "random"), (4, "skewed"), (8, "one_owner"), (8, "random")])
+def test_required_capacity_factor(n, pattern):
+    """The factor equals the numpy count (largest distinct keys any source
+    sends one destination, x n over the local positions), the layer built
+    with it overflows nowhere, and one bucket slot less overflows."""
+    require_devices(n)
+    rng = np.random.default_rng([n, len(pattern), 5])
+    lb = OVF_BATCH // n
+    ids = make_ids("mixed" if pattern == "random" else "one_owner", rng, n,
+                   batch=OVF_BATCH, nnz=OVF_NNZ)
+    if pattern == "skewed":
+        spread = rng.random(ids.shape) < 0.25
+        ids = np.where(spread & (ids >= 0), rng.integers(0, TOTAL_ROWS, ids.shape), ids)
+    ids = ids.astype(np.int32)
+    largest = 0
+    for d in range(n):
+        local = ids[d * lb:(d + 1) * lb]
+        valid = np.unique(local[(local >= 0) & (local < TOTAL_ROWS)])
+        for dest in range(n):
+            largest = max(largest, int(np.sum(valid % n == dest)))
+    full = SLOTS * OVF_NNZ * lb
+    emb = make_emb(n, "sum", max_nnz=OVF_NNZ)
+    got = float(jax.jit(emb.required_capacity_factor)(ids))
+    assert got == pytest.approx(largest * n / full, rel=1e-6)
+    assert largest > 0
+    state = initial_state(n)
+    tight = make_emb(n, "sum", max_nnz=OVF_NNZ, capacity_factor=got)
+    assert tight._capacity(lb) == largest
+    _, st = jax.jit(tight.apply)(state, ids)
+    np.testing.assert_array_equal(np.asarray(st.stats.overflow), 0)
+    if largest > 1:
+        short = make_emb(n, "sum", max_nnz=OVF_NNZ, capacity_factor=(largest - 1) * n / full)
+        _, st = jax.jit(short.apply)(state, ids)
+        assert int(np.asarray(st.stats.overflow).sum()) > 0
+
+
 @pytest.mark.parametrize("n", [1, 8])
 def test_check_raises_under_jit(n):
     """check=True raises from inside a jitted (and differentiated) call. On
