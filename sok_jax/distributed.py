@@ -101,8 +101,10 @@ class ExchangeContext:
     """What a distributed lookup saved for its sparse backward (all per
     device, stacked over the axis)."""
 
-    recv_rows: Any  # int32 [n * n*C]: local row of every received key (-1 none)
-    recv_index: Any  # int32 [n * N]: per position, the slot of its vector
+    recv_rows: Any  # int32 [n * n*C]: local row of every received key (-1 none);
+    #                 on one device in direct mode, the ids themselves [N]
+    recv_index: Any  # int32 [n * N]: per position, the slot of its vector;
+    #                  None on one device in direct mode (no exchange)
     offsets: Any  # int32 [n * (M + 1)]
     weights: Any  # float32 [n * N], or None without weights
 
@@ -371,12 +373,34 @@ class DistributedEmbedding:
     def _a2a(self, x):
         return jax.lax.all_to_all(x, self.axis_name, 0, 0, tiled=True)
 
+    def _local(self, local_batch: int) -> bool:
+        """One device in direct mode with a capacity that holds the whole
+        batch: no exchange at all; the lookup is the single-shard kernel on
+        the local table (the same function: invalid keys are skipped and
+        counted, and nothing could overflow). A capacity below the batch
+        keeps the exchange path, so its overflow counts stay the same."""
+        return (self.num_devices == 1 and not self.use_hashtable
+                and self._capacity(local_batch) >= self.max_feature_num * local_batch)
+
     def _device_forward(self, table, slot_keys, seed, ids, weights, training, sparse):
         """Per-device body of the lookup (inside shard_map)."""
         n = self.num_devices
         b_local = ids.shape[0]
         capacity = self._capacity(b_local)
         bags = ids_lib.to_bags(ids, weights)
+        impl = self.implementation
+        if self._local(b_local):
+            src = jax.lax.stop_gradient(table) if sparse else table
+            flat = bags.ids
+            is_pad = flat == jnp.asarray(ids_lib._padding_value(flat.dtype), flat.dtype)
+            valid, _ = _valid_direct(flat, self.max_vocabulary_size_per_gpu)
+            invalid = jnp.sum(~valid & ~is_pad).astype(jnp.int32)
+            out = _lookup(self.combiner, impl, src, flat, bags.offsets, bags.weights)
+            out = out.reshape(*bags.batch_shape, table.shape[1])
+            zero = jnp.zeros((1,), jnp.int32)
+            stats = (zero, invalid.reshape(1), zero)
+            # recv_index None marks the local context (see sparse_grad).
+            return out, table, slot_keys, stats, (flat, None, bags.offsets, bags.weights)
         send, recv_index, overflow, invalid, _ = self._plan(bags.ids, capacity)
         recv = self._a2a(send)  # [n*C] keys (hash) or local rows (direct)
         hash_full = jnp.zeros((), jnp.int32)
@@ -386,9 +410,9 @@ class DistributedEmbedding:
             )
         else:
             rows = recv
-        impl = self.implementation
         gather_offsets = jnp.arange(rows.shape[0] + 1, dtype=jnp.int32)
         no_w = jnp.zeros((0,), jnp.float32)
+        # After the hash insertion: new rows carry their initial vectors.
         src = jax.lax.stop_gradient(table) if sparse else table
         vecs = _lookup("sum", impl, src, rows, gather_offsets, no_w)
         back = self._a2a(vecs)  # [n*C, D], slot-major by destination
@@ -438,6 +462,7 @@ class DistributedEmbedding:
                 jax.debug.callback(_stats_callback, *gathered)
             if not has_w:
                 ctx = ctx[:3]
+            ctx = tuple(c for c in ctx if c is not None)  # local: no recv_index
             keyed = (table, slot_keys) if has_keys else ()
             return (out, stats, ctx) + keyed
 
@@ -448,7 +473,8 @@ class DistributedEmbedding:
         if has_w:
             args.append(weights)
             in_specs.append(row)
-        ctx_specs = (row,) * (4 if has_w else 3)
+        local = self._local(ids.shape[0] // self.num_devices)
+        ctx_specs = (row,) * ((2 if local else 3) + has_w)
         out_specs = (row, (row, row, row), ctx_specs) + ((P(axis, None), row) if has_keys else ())
         fn = _shard_map(body, self.mesh, tuple(in_specs), out_specs)
         out, stats, ctx, *keyed = fn(*args)
@@ -459,6 +485,8 @@ class DistributedEmbedding:
             seed=state.seed,
             stats=stats,
         )
+        if local:
+            ctx = (ctx[0], None) + tuple(ctx[1:])
         return out, new_state, ExchangeContext(*ctx[:3], weights=ctx[3] if has_w else None)
 
     # ------------------------------------------------------------- public API
@@ -507,10 +535,21 @@ class DistributedEmbedding:
             )
             return r.rows, r.grads, r.count
 
+        def local_body(ids, offsets, g, *weights):
+            weights = weights[0] if weights else jnp.zeros((0,), jnp.float32)
+            r = ops.lookup_combine_bwd(
+                g.reshape(-1, g.shape[-1]), ids, offsets, weights, combiner,
+                self.max_vocabulary_size_per_gpu,
+            )
+            return r.rows, r.grads, r.count
+
         row = P(axis)
         has_w = ctx.weights is not None
-        args = (ctx.recv_rows, ctx.recv_index, ctx.offsets, d_out) + ((ctx.weights,) if has_w else ())
-        fn = _shard_map(body, self.mesh, (row,) * len(args), (row, P(axis, None), row))
+        local = ctx.recv_index is None
+        exchanged = () if local else (ctx.recv_index,)
+        args = (ctx.recv_rows,) + exchanged + (ctx.offsets, d_out) + ((ctx.weights,) if has_w else ())
+        fn = _shard_map(local_body if local else body, self.mesh, (row,) * len(args),
+                        (row, P(axis, None), row))
         rows, grads, count = fn(*args)
         return SparseRowGrad(rows, grads, count)
 

@@ -446,7 +446,7 @@ def test_default_capacity_never_overflows():
 
 
 @pytest.mark.parametrize("combiner", ["mean", "sqrtn"])
-@pytest.mark.parametrize("n", [4, 8])
+@pytest.mark.parametrize("n", [1, 4, 8])  # 1: the no-exchange local path
 def test_invalid_ids_counted(n, combiner):
     require_devices(n)
     rng = np.random.default_rng([n, len(combiner), 5])
@@ -476,8 +476,8 @@ def test_invalid_ids_counted(n, combiner):
         check_stats(r["state"])
 
 
-def test_uint32_keys():
-    n = 4
+@pytest.mark.parametrize("n", [1, 4])
+def test_uint32_keys(n):
     require_devices(n)
     rng = np.random.default_rng(3)
     ids = make_ids("mixed", rng, n)
@@ -496,8 +496,8 @@ def test_uint32_keys():
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), **FWD_TOL)
 
 
-def test_int64_keys_with_x64():
-    n = 4
+@pytest.mark.parametrize("n", [1, 4])
+def test_int64_keys_with_x64(n):
     require_devices(n)
     rng = np.random.default_rng(4)
     ids = make_ids("mixed", rng, n)
