@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One lent-GPU session: build from the checkout, run the tests on the GPU,
 # then the benchmarks named in $BENCH (space separated script names, with
-# their flags in BENCH_ARGS_<name>). Logs go under $OUT (default ./gpu_out).
+# their flags in BENCH_ARGS_<name>). SANITIZE_KERNELS=1 runs every FFI target
+# under compute-sanitizer (benchmarks/sanitize_kernels.py, one small
+# process). Logs go under $OUT (default ./gpu_out).
 #   OUT=/tmp/o BENCH="bench_lookup" bash benchmarks/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu_out}
@@ -40,6 +42,14 @@ if [ -n "${SANITIZE:-}" ]; then
     compute-sanitizer --tool memcheck --leak-check no --error-exitcode 99 \
     $PY -m pytest -q -x -p no:cacheprovider $SANITIZE > "$OUT/sanitizer.log" 2>&1
   echo "sanitizer exit $?" | tee -a "$OUT/sanitizer.log"; grep -E "^=========|passed|failed" "$OUT/sanitizer.log" | head -20
+fi
+if [ -n "${SANITIZE_KERNELS:-}" ]; then
+  log "compute-sanitizer memcheck: benchmarks/sanitize_kernels.py"
+  XLA_FLAGS=--xla_gpu_autotune_level=0 timeout ${SAN_TIMEOUT:-300} \
+    compute-sanitizer --tool memcheck --leak-check no --error-exitcode 99 \
+    $PY benchmarks/sanitize_kernels.py > "$OUT/sanitize_kernels.log" 2>&1
+  echo "sanitizer exit $?" | tee -a "$OUT/sanitize_kernels.log"
+  grep -E "^=========|failed|FAIL" "$OUT/sanitize_kernels.log" | head -20
 fi
 for b in ${BENCH:-}; do
   var="BENCH_ARGS_$b"

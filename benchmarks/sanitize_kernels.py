@@ -1,0 +1,140 @@
+"""Every FFI target once per shape family, in one small process, checked
+against the pure-JAX reference: the program to run under compute-sanitizer
+(a pytest process under the sanitizer died after 23 clean tests; this one
+has no test framework, no xdist, no multi-device setup).
+
+  compute-sanitizer --tool memcheck --error-exitcode 99 \\
+      python3 benchmarks/sanitize_kernels.py
+  (also runs on CPU: python3 benchmarks/sanitize_kernels.py)
+
+Shapes cover what broke before: bags longer than the backward's 128-id
+chunk, padding runs longer than a chunk, empty bags, ids out of range,
+D not a multiple of the 16-byte vector, 16-bit tables, weights, and the
+short-bag and long-bag forward shapes. Exit status 1 on a mismatch.
+"""
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sok_jax.ops import embed_ops, hash_ops, optim_ops, reference
+
+FAILED = []
+
+
+def close(name, got, want, tol):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    err = float(np.max(np.abs(got - want))) if got.size else 0.0
+    ok = got.shape == want.shape and err <= tol * (1.0 + float(np.max(np.abs(want), initial=0.0)))
+    print(f"{'ok  ' if ok else 'FAIL'} {name}: max|diff| {err:.2e}", flush=True)
+    if not ok:
+        FAILED.append(name)
+
+
+def bags(rng, m, max_len, rows, p_bad=0.05, p_pad=0.1):
+    lengths = rng.integers(0, max_len + 1, size=m)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    n = int(offsets[-1])
+    ids = rng.integers(0, rows, size=n)
+    bad = rng.random(n) < p_bad
+    ids = np.where(bad, rng.choice([rows, rows + 7, -5], size=n), ids)
+    ids = np.where(rng.random(n) < p_pad, -1, ids)
+    return jnp.asarray(ids, jnp.int32), jnp.asarray(offsets)
+
+
+def embed_case(rng, dtype, rows, dim, m, max_len, weighted, combiner):
+    tag = f"{jnp.dtype(dtype).name} D{dim} m{m} len<={max_len} {combiner}{' w' if weighted else ''}"
+    table = jnp.asarray(rng.normal(size=(rows, dim)), dtype)
+    ids, offsets = bags(rng, m, max_len, rows)
+    w = jnp.asarray(rng.uniform(0.5, 1.5, ids.shape[0]), jnp.float32) if weighted \
+        else jnp.zeros((0,), jnp.float32)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    out = jax.jit(embed_ops.lookup_combine, static_argnums=4)(table, ids, offsets, w, combiner)
+    ref = reference.lookup_combine(table.astype(jnp.float32), ids, offsets, w, combiner)
+    close("fwd " + tag, out, ref, tol)
+    g = jnp.asarray(rng.normal(size=(m, dim)), jnp.float32)
+    sp = jax.jit(embed_ops.lookup_combine_bwd, static_argnums=(4, 5))(g, ids, offsets, w, combiner, rows)
+    dense = jax.jit(embed_ops.rows_to_dense, static_argnums=1)(sp, rows)
+    want = reference.rows_to_dense(
+        reference.lookup_combine_bwd(g, ids, offsets, w, combiner, rows), rows)
+    close("bwd " + tag, dense, want, 1e-5)
+    if weighted:
+        wg = jax.jit(embed_ops.weight_grad, static_argnums=5)(table, g, ids, offsets, w, combiner)
+        _, vjp = jax.vjp(lambda ww: reference.lookup_combine(
+            table.astype(jnp.float32), ids, offsets, ww, combiner), w)
+        close("wgrad " + tag, wg, vjp(g.astype(table.dtype).astype(jnp.float32))[0], tol)
+    return sp
+
+
+def optim_case(rng, rows, dim, sp):
+    table = jnp.asarray(rng.normal(size=(rows, dim)), jnp.float32)
+    acc = jnp.full((rows, dim), 0.1, jnp.float32)
+    args = (sp.rows, sp.grads, sp.count)
+    close("sgd", optim_ops.sgd_update(table.copy(), *args, 0.1),
+          optim_ops.reference_sgd_update(table, *args, 0.1), 1e-6)
+    got = optim_ops.adagrad_update(table.copy(), acc.copy(), *args, 0.1)
+    want = optim_ops.reference_adagrad_update(table, acc, *args, 0.1)
+    for i, (a, b) in enumerate(zip(got, want)):
+        close(f"adagrad[{i}]", a, b, 1e-5)
+
+
+def hash_case(rng, capacity, n_keys, dtype):
+    slots = hash_ops.empty_slot_keys(capacity, dtype)
+    keys = jnp.asarray(rng.integers(-3, 4 * capacity, size=n_keys), dtype)
+    got = hash_ops.find_or_insert(slots, keys, insert=True)
+    want = hash_ops.reference_find_or_insert(hash_ops.empty_slot_keys(capacity, dtype), keys,
+                                             insert=True)
+    # Which slot a racing new key takes may differ, and on a full table which
+    # new keys win: check what holds for any winners.
+    g_keys, kk = np.asarray(got[0]), np.asarray(keys)
+    empty = hash_ops.EMPTY(dtype)
+    stored = set(g_keys[g_keys != empty].tolist())
+    real = kk != empty
+    if int(np.asarray(want[3]).sum()) == 0:
+        w_keys = np.asarray(want[0])
+        ok = stored == set(w_keys[w_keys != empty].tolist())
+    else:
+        ok = len(stored) == capacity and stored <= set(kk[real].tolist())
+    print(f"{'ok  ' if ok else 'FAIL'} hash cap {capacity} keys {n_keys}: stored set", flush=True)
+    if not ok:
+        FAILED.append("hash")
+    lost = int(np.sum(real & ~np.isin(kk, list(stored))))
+    close(f"hash cap {capacity} failed", np.asarray(got[3]).sum(), lost, 0)
+    rows = np.asarray(got[1])
+    close(f"hash cap {capacity} found all stored", np.sum(rows >= 0), np.sum(real) - lost, 0)
+    close(f"hash cap {capacity} row->key", g_keys[rows[rows >= 0]], kk[rows >= 0], 0)
+
+
+def main():
+    rng = np.random.default_rng(0)
+    print("backend:", jax.default_backend(), jax.devices()[0].device_kind, flush=True)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        for dim in (1, 3, 16, 129, 128):
+            for max_len in (1, 4, 300):  # short bags, long bags, runs past a chunk
+                for combiner, weighted in (("sum", False), ("mean", True), ("sqrtn", False)):
+                    sp = embed_case(rng, dtype, 997, dim, 96, max_len, weighted, combiner)
+    optim_case(rng, 997, 128, sp)
+    # Padding runs longer than the backward's chunk (the sentinel-run bug).
+    ids = jnp.full((1000,), -1, jnp.int32).at[::97].set(5)
+    offsets = jnp.asarray([0, 400, 1000], jnp.int32)
+    g = jnp.asarray(rng.normal(size=(2, 8)), jnp.float32)
+    sp = embed_ops.lookup_combine_bwd(g, ids, offsets, jnp.zeros((0,), jnp.float32), "mean", 16)
+    close("bwd padding run", embed_ops.rows_to_dense(sp, 16), reference.rows_to_dense(
+        reference.lookup_combine_bwd(g, ids, offsets, jnp.zeros((0,), jnp.float32), "mean", 16),
+        16), 1e-5)
+    # One row repeated far past a chunk (the chunked long-run path).
+    ids = jnp.where(jnp.arange(1000) % 50 == 0, 7, 5).astype(jnp.int32)
+    g = jnp.asarray(rng.normal(size=(2, 8)), jnp.float32)
+    w = jnp.asarray(rng.uniform(0.5, 1.5, 1000), jnp.float32)
+    sp = embed_ops.lookup_combine_bwd(g, ids, offsets, w, "sqrtn", 16)
+    close("bwd hot row", embed_ops.rows_to_dense(sp, 16), reference.rows_to_dense(
+        reference.lookup_combine_bwd(g, ids, offsets, w, "sqrtn", 16), 16), 1e-5)
+    for capacity, n_keys in ((64, 40), (64, 500), (4096, 3000)):
+        hash_case(rng, capacity, n_keys, jnp.int32)
+    print(f"{len(FAILED)} failed" + (f": {FAILED}" if FAILED else ""), flush=True)
+    return 1 if FAILED else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
