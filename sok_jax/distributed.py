@@ -19,6 +19,15 @@ reverse: gradients of duplicate keys are summed on the requesting side
 (step 5's backward), sent back, and reduced per row on the owner (step 3's
 backward: sort + run-length). The sparse path (`lookup` + `sparse_grad`)
 runs the same reverse exchange without building the dense gradient.
+
+On one device in direct mode, with a capacity that holds the whole batch,
+there is nothing to exchange: the lookup is `_lookup` on the local table and
+the sparse backward is one sort + run-length (the same function and counters
+as the exchange path, without its plan).
+
+No zero-size array crosses a `shard_map` boundary here (absent weights are
+None): under Shardy, jax 0.11.2's GPU compiler segfaults on one that travels
+from a forward manual computation to its backward (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

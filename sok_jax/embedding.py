@@ -42,7 +42,8 @@ def _lookup_fwd(combiner, implementation, table, ids, offsets, weights):
     out = _ops(implementation).lookup_combine(table, ids, offsets, weights, combiner)
     # No zero-size residuals: inside shard_map they cross the boundary between
     # the forward and backward manual computations, and a zero-size array
-    # crossing it made XLA's GPU compiler segfault under Shardy (jax 0.11.2).
+    # crossing it makes XLA's GPU compiler segfault under Shardy (jax 0.11.2;
+    # reproduced without sok_jax by diag_multigpu.py's zero_resid_jax case).
     return out, (table, ids, offsets, weights if weights.shape[0] else None)
 
 
