@@ -678,3 +678,46 @@ def test_constructor_errors():
         make_emb(2, "sum", max_nnz=0)
     with pytest.raises(ValueError, match="embedding_vec_size"):
         DistributedEmbedding("sum", 8, 0, mesh=mesh_of(2), axis_name=AXIS)
+
+
+def _boundary_lines(text):
+    """Lines of lowered StableHLO where values enter or leave a shard_map
+    body (Shardy's manual_computation / sdy.return, GSPMD's shmap_body)."""
+    keys = ("manual_computation", "sdy.return", "shmap_body")
+    return [line for line in text.splitlines() if any(k in line for k in keys)]
+
+
+@pytest.mark.parametrize("hash_mode", [False, True])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_no_zero_size_array_crosses_shard_map(hash_mode, weighted):
+    """XLA's GPU compiler (jax 0.11.2, Shardy) segfaults on a zero-size array
+    that travels between shard_map bodies: none of the layer's programs (dense
+    grad, sparse step, apply) may have one on a shard_map boundary."""
+    n = 2
+    require_devices(n)
+    kw = dict(use_hashtable=True, key_dtype=jnp.int32) if hash_mode else {}
+    emb = make_emb(n, "mean", **kw)
+    state = emb.init(0)
+    ids = jnp.asarray(make_ids("mixed", np.random.default_rng(0), n), jnp.int32)
+    w = jnp.ones(ids.shape, jnp.float32) if weighted else None
+    opt = sok_jax.optim.adagrad(0.1)
+    opt_state = emb.init_optimizer(opt, state)
+
+    def dense(table):
+        out, _ = emb.apply(dataclasses.replace(state, table=table), ids, w)
+        return jnp.sum(out)
+
+    def sparse(state, opt_state):
+        out, ctx, state = emb.lookup(state, ids, w)
+        return emb.apply_gradients(state, opt, opt_state, emb.sparse_grad(ctx, out))
+
+    programs = {
+        "grad": jax.jit(jax.grad(dense)).lower(state.table),
+        "sparse step": jax.jit(sparse).lower(state, opt_state),
+        "apply": jax.jit(lambda s: emb.apply(s, ids, w)).lower(state),
+    }
+    for name, lowered in programs.items():
+        lines = _boundary_lines(lowered.as_text())
+        assert lines, f"{name}: no shard_map boundary found in the lowered program"
+        bad = [line.strip()[:200] for line in lines if "tensor<0x" in line]
+        assert not bad, f"{name}: zero-size array on a shard_map boundary: {bad}"
