@@ -244,6 +244,9 @@ def run_device_count(n, args, a2a_bw, results, rng):
                 U = float(np.mean([np.mean(x["U"]) for x in xs]))
                 bucket_max = max(x["bucket_max"] for x in xs)
                 needed = bucket_max * n / N
+                # The library's own measure must agree with the numpy count.
+                lib_needed = max(float(emb0.required_capacity_factor(i)) for i in ids_sets)
+                assert abs(lib_needed - needed) <= 1e-6 * max(needed, 1.0), (lib_needed, needed)
                 tight = args.tight_factor or math.ceil(needed * 1.05 * 1000) / 1000
                 log(f"[{tag}] data {time.perf_counter() - t0:.1f}s: valid keys {valid:.0f}, "
                     f"remote distinct/dev {U:.0f}, largest bucket {bucket_max} "
