@@ -27,6 +27,12 @@ struct DevType<F16Tag> {
   using type = __half;
 };
 
+// The CUDA handlers' binding: XLA's stream as context, then the target's
+// signature (signatures.h).
+inline auto CudaBind() {
+  return ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>();
+}
+
 // The last launch error on this thread, as an FFI Internal error.
 inline ffi::Error LastError(const char* what) {
   cudaError_t e = cudaGetLastError();

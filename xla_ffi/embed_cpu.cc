@@ -9,6 +9,7 @@
 #include "cpu_types.h"
 #include "embed_checks.h"
 #include "embed_math.h"
+#include "signatures.h"
 
 namespace sok {
 namespace {
@@ -244,43 +245,16 @@ ffi::Error DenseImpl(ffi::Buffer<ffi::S32> unique_rows,
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedFwdCpu, FwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // table
-                                  .Arg<ffi::AnyBuffer>()  // ids
-                                  .Arg<ffi::AnyBuffer>()  // offsets
-                                  .Arg<ffi::AnyBuffer>()  // weights
-                                  .Ret<ffi::AnyBuffer>()  // out
-                                  .Attr<int32_t>("combiner"));
+                              sig::EmbedFwd(ffi::Ffi::Bind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedBwdCpu, BwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()           // grad_out
-                                  .Arg<ffi::AnyBuffer>()           // ids
-                                  .Arg<ffi::AnyBuffer>()           // offsets
-                                  .Arg<ffi::AnyBuffer>()           // weights
-                                  .Ret<ffi::Buffer<ffi::S32>>()    // unique_rows
-                                  .Ret<ffi::Buffer<ffi::F32>>()    // row_grads
-                                  .Ret<ffi::Buffer<ffi::S32>>()    // num_unique
-                                  .Ret<ffi::AnyBuffer>()           // workspace
-                                  .Attr<int32_t>("combiner")
-                                  .Attr<int64_t>("num_rows"));
+                              sig::EmbedBwd(ffi::Ffi::Bind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedWgradCpu, WgradImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()         // table
-                                  .Arg<ffi::AnyBuffer>()         // grad_out
-                                  .Arg<ffi::AnyBuffer>()         // ids
-                                  .Arg<ffi::AnyBuffer>()         // offsets
-                                  .Arg<ffi::AnyBuffer>()         // weights
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // weight_grad
-                                  .Attr<int32_t>("combiner"));
+                              sig::EmbedWgrad(ffi::Ffi::Bind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SokRowsToDenseCpu, DenseImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // unique_rows
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // row_grads
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // num_unique
-                                  .Ret<ffi::AnyBuffer>());       // dense
+                              sig::RowsToDense(ffi::Ffi::Bind()));
 
 void AppendEmbedTargetsCpu(TargetList& out) {
   out.push_back({"sok_embed_fwd", reinterpret_cast<void*>(SokEmbedFwdCpu)});

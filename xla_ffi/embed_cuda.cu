@@ -9,6 +9,7 @@
 #include "cuda_common.cuh"
 #include "embed_checks.h"
 #include "embed_kernels.cuh"
+#include "signatures.h"
 
 namespace sok {
 namespace {
@@ -269,47 +270,16 @@ ffi::Error DenseImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> unique_rows,
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedFwdCuda, FwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // table
-                                  .Arg<ffi::AnyBuffer>()  // ids
-                                  .Arg<ffi::AnyBuffer>()  // offsets
-                                  .Arg<ffi::AnyBuffer>()  // weights
-                                  .Ret<ffi::AnyBuffer>()  // out
-                                  .Attr<int32_t>("combiner"));
+                              sig::EmbedFwd(CudaBind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedBwdCuda, BwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()         // grad_out
-                                  .Arg<ffi::AnyBuffer>()         // ids
-                                  .Arg<ffi::AnyBuffer>()         // offsets
-                                  .Arg<ffi::AnyBuffer>()         // weights
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // unique_rows
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // row_grads
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // num_unique
-                                  .Ret<ffi::AnyBuffer>()         // workspace
-                                  .Attr<int32_t>("combiner")
-                                  .Attr<int64_t>("num_rows"));
+                              sig::EmbedBwd(CudaBind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedWgradCuda, WgradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()         // table
-                                  .Arg<ffi::AnyBuffer>()         // grad_out
-                                  .Arg<ffi::AnyBuffer>()         // ids
-                                  .Arg<ffi::AnyBuffer>()         // offsets
-                                  .Arg<ffi::AnyBuffer>()         // weights
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // weight_grad
-                                  .Attr<int32_t>("combiner"));
+                              sig::EmbedWgrad(CudaBind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SokRowsToDenseCuda, DenseImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // unique_rows
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // row_grads
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // num_unique
-                                  .Ret<ffi::AnyBuffer>());       // dense
+                              sig::RowsToDense(CudaBind()));
 
 void AppendEmbedTargetsCuda(TargetList& out) {
   out.push_back({"sok_embed_fwd", reinterpret_cast<void*>(SokEmbedFwdCuda)});

@@ -8,6 +8,7 @@
 #include "common.h"
 #include "hash_checks.h"
 #include "hash_math.h"
+#include "signatures.h"
 
 namespace sok {
 namespace {
@@ -80,14 +81,7 @@ ffi::Error FindOrInsertImpl(ffi::AnyBuffer slot_keys, ffi::AnyBuffer keys,
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SokHashFindOrInsertCpu, FindOrInsertImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()         // slot_keys
-                                  .Arg<ffi::AnyBuffer>()         // keys
-                                  .Ret<ffi::AnyBuffer>()         // slot_keys_out
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // rows
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // is_new
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // num_failed
-                                  .Attr<int32_t>("insert"));
+                              sig::HashFindOrInsert(ffi::Ffi::Bind()));
 
 void AppendHashTargetsCpu(TargetList& out) {
   out.push_back({"sok_hash_find_or_insert",

@@ -7,8 +7,10 @@
 #include <string>
 
 #include "common.h"
+#include "cuda_common.cuh"
 #include "hash_checks.h"
 #include "hash_kernels.cuh"
+#include "signatures.h"
 
 namespace sok {
 namespace {
@@ -60,15 +62,7 @@ ffi::Error FindOrInsertImpl(cudaStream_t stream, ffi::AnyBuffer slot_keys,
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SokHashFindOrInsertCuda, FindOrInsertImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()         // slot_keys
-                                  .Arg<ffi::AnyBuffer>()         // keys
-                                  .Ret<ffi::AnyBuffer>()         // slot_keys_out
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // rows
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // is_new
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // num_failed
-                                  .Attr<int32_t>("insert"));
+                              sig::HashFindOrInsert(CudaBind()));
 
 void AppendHashTargetsCuda(TargetList& out) {
   out.push_back({"sok_hash_find_or_insert",

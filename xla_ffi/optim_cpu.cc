@@ -14,6 +14,7 @@
 #include "common.h"
 #include "cpu_types.h"
 #include "optim_math.h"
+#include "signatures.h"
 
 namespace sok {
 namespace {
@@ -254,72 +255,19 @@ ffi::Error RowwiseAdagradImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> acc,
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SokSgdUpdateCpu, SgdImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()          // table
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // unique_rows
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // row_grads
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // num_unique
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // hparams: lr
-                                  .Ret<ffi::AnyBuffer>());        // table
+                              sig::SgdUpdate(ffi::Ffi::Bind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SokAdagradUpdateCpu, AdagradImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()          // table
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // accumulator
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // unique_rows
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // row_grads
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // num_unique
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // hparams: lr
-                                  .Ret<ffi::AnyBuffer>()          // table
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // accumulator
-                                  .Attr<float>("eps"));
+                              sig::AdagradUpdate(ffi::Ffi::Bind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SokRowwiseAdagradUpdateCpu, RowwiseAdagradImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()          // table
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // accumulator [R]
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // unique_rows
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // row_grads
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // num_unique
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // hparams: lr
-                                  .Ret<ffi::AnyBuffer>()          // table
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // accumulator
-                                  .Attr<float>("eps"));
+                              sig::AdagradUpdate(ffi::Ffi::Bind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SokAdamUpdateCpu, AdamImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()          // table
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // m
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // v
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // unique_rows
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // row_grads
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // num_unique
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // hparams: lr, step
-                                  .Ret<ffi::AnyBuffer>()          // table
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // m
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // v
-                                  .Attr<float>("b1")
-                                  .Attr<float>("b2")
-                                  .Attr<float>("eps")
-                                  .Attr<float>("eps_root"));
+                              sig::AdamUpdate(ffi::Ffi::Bind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SokFtrlUpdateCpu, FtrlImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()          // table
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // accumulator
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // linear
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // unique_rows
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // row_grads
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // num_unique
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // hparams: lr
-                                  .Ret<ffi::AnyBuffer>()          // table
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // accumulator
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // linear
-                                  .Attr<float>("learning_rate_power")
-                                  .Attr<float>("l1_regularization_strength")
-                                  .Attr<float>("l2_regularization_strength")
-                                  .Attr<float>("l2_shrinkage_regularization_strength")
-                                  .Attr<float>("beta"));
+                              sig::FtrlUpdate(ffi::Ffi::Bind()));
 
 void AppendOptimTargetsCpu(TargetList& out) {
   out.push_back({"sok_sgd_update", reinterpret_cast<void*>(SokSgdUpdateCpu)});

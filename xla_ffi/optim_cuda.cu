@@ -12,6 +12,7 @@
 #include "common.h"
 #include "cuda_common.cuh"
 #include "optim_kernels.cuh"
+#include "signatures.h"
 
 namespace sok {
 namespace {
@@ -235,77 +236,19 @@ ffi::Error RowwiseAdagradImpl(cudaStream_t stream, ffi::AnyBuffer table,
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SokSgdUpdateCuda, SgdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()          // table
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // unique_rows
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // row_grads
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // num_unique
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // hparams: lr
-                                  .Ret<ffi::AnyBuffer>());        // table
+                              sig::SgdUpdate(CudaBind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SokAdagradUpdateCuda, AdagradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()          // table
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // accumulator
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // unique_rows
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // row_grads
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // num_unique
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // hparams: lr
-                                  .Ret<ffi::AnyBuffer>()          // table
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // accumulator
-                                  .Attr<float>("eps"));
+                              sig::AdagradUpdate(CudaBind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SokRowwiseAdagradUpdateCuda, RowwiseAdagradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()          // table
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // accumulator [R]
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // unique_rows
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // row_grads
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // num_unique
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // hparams: lr
-                                  .Ret<ffi::AnyBuffer>()          // table
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // accumulator
-                                  .Attr<float>("eps"));
+                              sig::AdagradUpdate(CudaBind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SokAdamUpdateCuda, AdamImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()          // table
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // m
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // v
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // unique_rows
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // row_grads
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // num_unique
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // hparams: lr, step
-                                  .Ret<ffi::AnyBuffer>()          // table
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // m
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // v
-                                  .Attr<float>("b1")
-                                  .Attr<float>("b2")
-                                  .Attr<float>("eps")
-                                  .Attr<float>("eps_root"));
+                              sig::AdamUpdate(CudaBind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SokFtrlUpdateCuda, FtrlImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()          // table
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // accumulator
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // linear
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // unique_rows
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // row_grads
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // num_unique
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // hparams: lr
-                                  .Ret<ffi::AnyBuffer>()          // table
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // accumulator
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // linear
-                                  .Attr<float>("learning_rate_power")
-                                  .Attr<float>("l1_regularization_strength")
-                                  .Attr<float>("l2_regularization_strength")
-                                  .Attr<float>("l2_shrinkage_regularization_strength")
-                                  .Attr<float>("beta"));
+                              sig::FtrlUpdate(CudaBind()));
 
 void AppendOptimTargetsCuda(TargetList& out) {
   out.push_back({"sok_sgd_update", reinterpret_cast<void*>(SokSgdUpdateCuda)});

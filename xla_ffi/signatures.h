@@ -1,0 +1,128 @@
+// The FFI signature of every sok_jax target, written once for both platforms.
+// Each function appends a target's arguments, results and attributes to a
+// binding (FFI bindings are built from rvalues, hence the moves): the CPU handlers pass `ffi::Ffi::Bind()`, the CUDA handlers pass
+// `CudaBind()` (cuda_common.cuh: the same with the stream as context). The
+// Python wrappers in sok_jax/ops/ call these targets with exactly this order.
+#pragma once
+
+#include <utility>
+
+#include "common.h"
+
+namespace sok {
+namespace sig {
+
+// ---------------------------------------------------------------- embed
+template <typename B>
+auto EmbedFwd(B b) {
+  return std::move(b).template Arg<ffi::AnyBuffer>()  // table
+      .template Arg<ffi::AnyBuffer>()      // ids
+      .template Arg<ffi::AnyBuffer>()      // offsets
+      .template Arg<ffi::AnyBuffer>()      // weights
+      .template Ret<ffi::AnyBuffer>()      // out
+      .template Attr<int32_t>("combiner");
+}
+
+template <typename B>
+auto EmbedBwd(B b) {
+  return std::move(b).template Arg<ffi::AnyBuffer>()     // grad_out
+      .template Arg<ffi::AnyBuffer>()         // ids
+      .template Arg<ffi::AnyBuffer>()         // offsets
+      .template Arg<ffi::AnyBuffer>()         // weights
+      .template Ret<ffi::Buffer<ffi::S32>>()  // unique_rows
+      .template Ret<ffi::Buffer<ffi::F32>>()  // row_grads
+      .template Ret<ffi::Buffer<ffi::S32>>()  // num_unique
+      .template Ret<ffi::AnyBuffer>()         // workspace (CUDA only uses it)
+      .template Attr<int32_t>("combiner")
+      .template Attr<int64_t>("num_rows");
+}
+
+template <typename B>
+auto EmbedWgrad(B b) {
+  return std::move(b).template Arg<ffi::AnyBuffer>()     // table
+      .template Arg<ffi::AnyBuffer>()         // grad_out
+      .template Arg<ffi::AnyBuffer>()         // ids
+      .template Arg<ffi::AnyBuffer>()         // offsets
+      .template Arg<ffi::AnyBuffer>()         // weights
+      .template Ret<ffi::Buffer<ffi::F32>>()  // weight_grad
+      .template Attr<int32_t>("combiner");
+}
+
+template <typename B>
+auto RowsToDense(B b) {
+  return std::move(b).template Arg<ffi::Buffer<ffi::S32>>()  // unique_rows
+      .template Arg<ffi::Buffer<ffi::F32>>()      // row_grads
+      .template Arg<ffi::Buffer<ffi::S32>>()      // num_unique
+      .template Ret<ffi::AnyBuffer>();            // dense
+}
+
+// ------------------------------------------------------------ optimizers
+// The touched rows every update reads after its slots, then the per-step
+// hyperparameters (float32: learning rate, and Adam's step).
+template <typename B>
+auto RowsAndHparams(B b) {
+  return std::move(b).template Arg<ffi::Buffer<ffi::S32>>()  // unique_rows
+      .template Arg<ffi::Buffer<ffi::F32>>()      // row_grads
+      .template Arg<ffi::Buffer<ffi::S32>>()      // num_unique
+      .template Arg<ffi::Buffer<ffi::F32>>();     // hparams
+}
+
+template <typename B>
+auto SgdUpdate(B b) {
+  return RowsAndHparams(std::move(b).template Arg<ffi::AnyBuffer>())  // table
+      .template Ret<ffi::AnyBuffer>();                      // table
+}
+
+// Adagrad ([R, D] accumulator) and row-wise Adagrad ([R] accumulator).
+template <typename B>
+auto AdagradUpdate(B b) {
+  return RowsAndHparams(std::move(b).template Arg<ffi::AnyBuffer>()  // table
+                            .template Arg<ffi::Buffer<ffi::F32>>())  // accumulator
+      .template Ret<ffi::AnyBuffer>()                                // table
+      .template Ret<ffi::Buffer<ffi::F32>>()                         // accumulator
+      .template Attr<float>("eps");
+}
+
+template <typename B>
+auto AdamUpdate(B b) {
+  return RowsAndHparams(std::move(b).template Arg<ffi::AnyBuffer>()  // table
+                            .template Arg<ffi::Buffer<ffi::F32>>()   // m
+                            .template Arg<ffi::Buffer<ffi::F32>>())  // v
+      .template Ret<ffi::AnyBuffer>()                                // table
+      .template Ret<ffi::Buffer<ffi::F32>>()                         // m
+      .template Ret<ffi::Buffer<ffi::F32>>()                         // v
+      .template Attr<float>("b1")
+      .template Attr<float>("b2")
+      .template Attr<float>("eps")
+      .template Attr<float>("eps_root");
+}
+
+template <typename B>
+auto FtrlUpdate(B b) {
+  return RowsAndHparams(std::move(b).template Arg<ffi::AnyBuffer>()  // table
+                            .template Arg<ffi::Buffer<ffi::F32>>()   // accumulator
+                            .template Arg<ffi::Buffer<ffi::F32>>())  // linear
+      .template Ret<ffi::AnyBuffer>()                                // table
+      .template Ret<ffi::Buffer<ffi::F32>>()                         // accumulator
+      .template Ret<ffi::Buffer<ffi::F32>>()                         // linear
+      .template Attr<float>("learning_rate_power")
+      .template Attr<float>("l1_regularization_strength")
+      .template Attr<float>("l2_regularization_strength")
+      .template Attr<float>("l2_shrinkage_regularization_strength")
+      .template Attr<float>("beta");
+}
+
+// ------------------------------------------------------------------ hash
+template <typename B>
+auto HashFindOrInsert(B b) {
+  return std::move(b).template Arg<ffi::AnyBuffer>()     // slot_keys
+      .template Arg<ffi::AnyBuffer>()         // keys
+      .template Ret<ffi::AnyBuffer>()         // slot_keys_out
+      .template Ret<ffi::Buffer<ffi::S32>>()  // rows
+      .template Ret<ffi::Buffer<ffi::S32>>()  // is_new
+      .template Ret<ffi::Buffer<ffi::S32>>()  // num_failed
+      .template Attr<int32_t>("insert");
+}
+
+}  // namespace sig
+}  // namespace sok
