@@ -8,67 +8,11 @@
 
 #include <cstdint>
 
+#include "cuda_vec.cuh"
 #include "embed_math.h"
 
 namespace sok {
 namespace cuda {
-
-// ---------------------------------------------------------------------------
-// Element access: float storage or half storage, float math.
-__device__ __forceinline__ float Ld(float v) { return v; }
-__device__ __forceinline__ float Ld(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float Ld(__half v) { return __half2float(v); }
-
-template <typename T>
-__device__ __forceinline__ T St(float v);
-template <>
-__device__ __forceinline__ float St<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 St<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <>
-__device__ __forceinline__ __half St<__half>(float v) { return __float2half_rn(v); }
-
-// VEC elements of T moved as one access: 16 bytes on the fast path (VEC =
-// 16 / sizeof(T)), one element on the scalar path.
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
-
-// __ldg has no overload for our Pack types; load them through an int4 /
-// int2 / int of the same size.
-template <typename P>
-__device__ __forceinline__ P LdgPack(const P* p) {
-  if constexpr (sizeof(P) == 16) {
-    int4 r = __ldg(reinterpret_cast<const int4*>(p));
-    return *reinterpret_cast<P*>(&r);
-  } else if constexpr (sizeof(P) == 8) {
-    int2 r = __ldg(reinterpret_cast<const int2*>(p));
-    return *reinterpret_cast<P*>(&r);
-  } else if constexpr (sizeof(P) == 4) {
-    int r = __ldg(reinterpret_cast<const int*>(p));
-    return *reinterpret_cast<P*>(&r);
-  } else {
-    return *p;
-  }
-}
-
-template <typename T, int VEC>
-__device__ __forceinline__ void LoadF(const T* p, float (&out)[VEC]) {
-  Pack<T, VEC> pk = LdgPack(reinterpret_cast<const Pack<T, VEC>*>(p));
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) out[i] = Ld(pk.v[i]);
-}
-
-template <typename T, int VEC>
-__device__ __forceinline__ void StoreF(T* p, const float (&in)[VEC]) {
-  Pack<T, VEC> pk;
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) pk.v[i] = St<T>(in[i]);
-  *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
-}
 
 // Mask of the TPB-lane group that `lane` (the warp lane) belongs to.
 __device__ __forceinline__ unsigned GroupMask(int tpb) {

@@ -13,52 +13,14 @@
 
 #include <cstdint>
 
+#include "cuda_vec.cuh"
 #include "optim_math.h"
 
 namespace sok {
 namespace optim {
 
-__device__ __forceinline__ float ToF(float v) { return v; }
-__device__ __forceinline__ float ToF(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-__device__ __forceinline__ float ToF(__half v) { return __half2float(v); }
-
-template <typename T>
-__device__ __forceinline__ T FromF(float f);
-template <>
-__device__ __forceinline__ float FromF<float>(float f) {
-  return f;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 FromF<__nv_bfloat16>(float f) {
-  return __float2bfloat16_rn(f);
-}
-template <>
-__device__ __forceinline__ __half FromF<__half>(float f) {
-  return __float2half_rn(f);
-}
-
-// VEC consecutive elements, aligned so that one load or store moves them all.
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
-
-template <int VEC, typename T>
-__device__ __forceinline__ void LoadVec(const T* p, float (&out)[VEC]) {
-  Pack<T, VEC> x = *reinterpret_cast<const Pack<T, VEC>*>(p);
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) out[i] = ToF(x.v[i]);
-}
-
-template <int VEC, typename T>
-__device__ __forceinline__ void StoreVec(T* p, const float (&in)[VEC]) {
-  Pack<T, VEC> x;
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) x.v[i] = FromF<T>(in[i]);
-  *reinterpret_cast<Pack<T, VEC>*>(p) = x;
-}
+using cuda::LoadFMutable;
+using cuda::StoreF;
 
 // Table and (up to two) [R, D] slots updated element-wise by `rule`.
 // Launched over num_capacity * group threads; threads of rows at or beyond
@@ -88,15 +50,15 @@ __global__ void ElementwiseUpdateKernel(Rule rule, T* __restrict__ table,
   for (int64_t d = static_cast<int64_t>(lane) * VEC; d < dim;
        d += static_cast<int64_t>(group) * VEC) {
     float w[VEC], g[VEC], a[VEC] = {}, b[VEC] = {};
-    LoadVec<VEC>(w_row + d, w);
-    LoadVec<VEC>(g_row + d, g);
-    if (Rule::kSlots > 0) LoadVec<VEC>(a_row + d, a);
-    if (Rule::kSlots > 1) LoadVec<VEC>(b_row + d, b);
+    LoadFMutable(w_row + d, w);
+    LoadFMutable(g_row + d, g);
+    if (Rule::kSlots > 0) LoadFMutable(a_row + d, a);
+    if (Rule::kSlots > 1) LoadFMutable(b_row + d, b);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) rule(w[i], a[i], b[i], g[i]);
-    StoreVec<VEC>(w_row + d, w);
-    if (Rule::kSlots > 0) StoreVec<VEC>(a_row + d, a);
-    if (Rule::kSlots > 1) StoreVec<VEC>(b_row + d, b);
+    StoreF(w_row + d, w);
+    if (Rule::kSlots > 0) StoreF(a_row + d, a);
+    if (Rule::kSlots > 1) StoreF(b_row + d, b);
   }
 }
 
@@ -126,7 +88,7 @@ __global__ void RowwiseAdagradKernel(RowwiseAdagradRule rule,
     for (int64_t d = static_cast<int64_t>(lane) * VEC; d < dim;
          d += static_cast<int64_t>(group) * VEC) {
       float g[VEC];
-      LoadVec<VEC>(g_row + d, g);
+      LoadFMutable(g_row + d, g);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) sum_sq += g[i] * g[i];
     }
@@ -141,11 +103,11 @@ __global__ void RowwiseAdagradKernel(RowwiseAdagradRule rule,
   for (int64_t d = static_cast<int64_t>(lane) * VEC; d < dim;
        d += static_cast<int64_t>(group) * VEC) {
     float w[VEC], g[VEC];
-    LoadVec<VEC>(w_row + d, w);
-    LoadVec<VEC>(g_row + d, g);
+    LoadFMutable(w_row + d, w);
+    LoadFMutable(g_row + d, g);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) w[i] = rule.Step(w[i], g[i], scale);
-    StoreVec<VEC>(w_row + d, w);
+    StoreF(w_row + d, w);
   }
   if (lane == 0) acc[r] = a;
 }
