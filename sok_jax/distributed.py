@@ -342,7 +342,7 @@ class DistributedEmbedding:
             send_dtype = flat_ids.dtype
             empty = pad
         else:
-            valid, _ = _valid_direct(flat_ids, n * rows)
+            valid = _valid_direct(flat_ids, n * rows)
             send_dtype = jnp.int32
             empty = -1
         invalid = jnp.sum(~valid & ~is_pad).astype(jnp.int32)
@@ -393,23 +393,26 @@ class DistributedEmbedding:
 
     def _device_forward(self, table, slot_keys, seed, ids, weights, training, sparse):
         """Per-device body of the lookup (inside shard_map)."""
-        n = self.num_devices
         b_local = ids.shape[0]
         capacity = self._capacity(b_local)
         bags = ids_lib.to_bags(ids, weights)
+        # Absent weights stay None in the context: no zero-size array may
+        # leave the shard_map (see embedding._lookup_fwd on why).
+        w_or_none = bags.weights if weights is not None else None
         impl = self.implementation
         if self._local(b_local):
             src = jax.lax.stop_gradient(table) if sparse else table
             flat = bags.ids
             is_pad = flat == jnp.asarray(ids_lib._padding_value(flat.dtype), flat.dtype)
-            valid, _ = _valid_direct(flat, self.max_vocabulary_size_per_gpu)
+            valid = _valid_direct(flat, self.max_vocabulary_size_per_gpu)
             invalid = jnp.sum(~valid & ~is_pad).astype(jnp.int32)
             out = _lookup(self.combiner, impl, src, flat, bags.offsets, bags.weights)
             out = out.reshape(*bags.batch_shape, table.shape[1])
             zero = jnp.zeros((1,), jnp.int32)
             stats = (zero, invalid.reshape(1), zero)
             # recv_index None marks the local context (see sparse_grad).
-            return out, table, slot_keys, stats, (flat, None, bags.offsets, bags.weights)
+            ctx = ExchangeContext(flat, None, bags.offsets, w_or_none)
+            return out, table, slot_keys, stats, ctx
         send, recv_index, overflow, invalid, _ = self._plan(bags.ids, capacity)
         recv = self._a2a(send)  # [n*C] keys (hash) or local rows (direct)
         hash_full = jnp.zeros((), jnp.int32)
@@ -428,7 +431,7 @@ class DistributedEmbedding:
         out = _lookup(self.combiner, impl, back, recv_index, bags.offsets, bags.weights)
         out = out.reshape(*bags.batch_shape, table.shape[1])
         stats = (overflow.reshape(1), invalid.reshape(1), hash_full.reshape(1))
-        ctx = (rows, recv_index, bags.offsets, bags.weights)
+        ctx = ExchangeContext(rows, recv_index, bags.offsets, w_or_none)
         return out, table, slot_keys, stats, ctx
 
     def _hash_rows(self, table, slot_keys, seed, keys, training):
@@ -469,9 +472,6 @@ class DistributedEmbedding:
                 # waiting in a collective (an abort on multi-device CPU).
                 gathered = [jax.lax.all_gather(c, axis, tiled=True) for c in stats]
                 jax.debug.callback(_stats_callback, *gathered)
-            if not has_w:
-                ctx = ctx[:3]
-            ctx = tuple(c for c in ctx if c is not None)  # local: no recv_index
             keyed = (table, slot_keys) if has_keys else ()
             return (out, stats, ctx) + keyed
 
@@ -482,9 +482,8 @@ class DistributedEmbedding:
         if has_w:
             args.append(weights)
             in_specs.append(row)
-        local = self._local(ids.shape[0] // self.num_devices)
-        ctx_specs = (row,) * ((2 if local else 3) + has_w)
-        out_specs = (row, (row, row, row), ctx_specs) + ((P(axis, None), row) if has_keys else ())
+        # `row` is a prefix of the context: every array in it is per device.
+        out_specs = (row, (row, row, row), row) + ((P(axis, None), row) if has_keys else ())
         fn = _shard_map(body, self.mesh, tuple(in_specs), out_specs)
         out, stats, ctx, *keyed = fn(*args)
         stats = EmbeddingStats(*stats)
@@ -494,9 +493,7 @@ class DistributedEmbedding:
             seed=state.seed,
             stats=stats,
         )
-        if local:
-            ctx = (ctx[0], None) + tuple(ctx[1:])
-        return out, new_state, ExchangeContext(*ctx[:3], weights=ctx[3] if has_w else None)
+        return out, new_state, ctx
 
     # ------------------------------------------------------------- public API
     def apply(self, state: EmbeddingState, ids, weights=None, *, training: bool = True):
@@ -522,44 +519,32 @@ class DistributedEmbedding:
         """Per-device row gradients (stacked over the axis: rows [n*cap],
         grads [n*cap, D], count [n]) for the rows the batch touched, reduced
         on their owners. Never builds a [rows, D] array."""
-        axis, n = self.axis_name, self.num_devices
-        impl = self.implementation
-        ops = _ops(impl)
+        axis = self.axis_name
+        ops = _ops(self.implementation)
         combiner = self.combiner
 
-        def body(recv_rows, recv_index, offsets, g, *weights):
-            weights = weights[0] if weights else jnp.zeros((0,), jnp.float32)
+        def body(ctx, g):
             g = g.reshape(-1, g.shape[-1])
-            cap = recv_rows.shape[0]  # n*C slots received vectors occupy
+            rows = self.max_vocabulary_size_per_gpu
+            weights = ctx.weights if ctx.weights is not None else jnp.zeros((0,), jnp.float32)
+            if ctx.recv_index is None:  # one device, no exchange: recv_rows are the ids
+                r = ops.lookup_combine_bwd(g, ctx.recv_rows, ctx.offsets, weights, combiner, rows)
+                return r.rows, r.grads, r.count
+            cap = ctx.recv_rows.shape[0]  # n*C slots received vectors occupy
             # 1. requesting side: per received slot, sum its positions' grads.
-            s = ops.lookup_combine_bwd(g, recv_index, offsets, weights, combiner, cap)
+            s = ops.lookup_combine_bwd(g, ctx.recv_index, ctx.offsets, weights, combiner, cap)
             d_back = ops.rows_to_dense(s, cap, jnp.float32)
             # 2. send them to the owners.
             d_vecs = self._a2a(d_back)
             # 3. owner: sum over sources per local row.
             singles = jnp.arange(cap + 1, dtype=jnp.int32)
             no_w = jnp.zeros((0,), jnp.float32)
-            r = ops.lookup_combine_bwd(
-                d_vecs, recv_rows, singles, no_w, "sum", self.max_vocabulary_size_per_gpu
-            )
-            return r.rows, r.grads, r.count
-
-        def local_body(ids, offsets, g, *weights):
-            weights = weights[0] if weights else jnp.zeros((0,), jnp.float32)
-            r = ops.lookup_combine_bwd(
-                g.reshape(-1, g.shape[-1]), ids, offsets, weights, combiner,
-                self.max_vocabulary_size_per_gpu,
-            )
+            r = ops.lookup_combine_bwd(d_vecs, ctx.recv_rows, singles, no_w, "sum", rows)
             return r.rows, r.grads, r.count
 
         row = P(axis)
-        has_w = ctx.weights is not None
-        local = ctx.recv_index is None
-        exchanged = () if local else (ctx.recv_index,)
-        args = (ctx.recv_rows,) + exchanged + (ctx.offsets, d_out) + ((ctx.weights,) if has_w else ())
-        fn = _shard_map(local_body if local else body, self.mesh, (row,) * len(args),
-                        (row, P(axis, None), row))
-        rows, grads, count = fn(*args)
+        fn = _shard_map(body, self.mesh, (row, row), (row, P(axis, None), row))
+        rows, grads, count = fn(ctx, d_out)
         return SparseRowGrad(rows, grads, count)
 
     def required_capacity_factor(self, ids) -> jax.Array:
@@ -745,7 +730,7 @@ def _valid_direct(ids, total_rows):
         valid = ids < jnp.asarray(min(total_rows, 2**32 - 1), ids.dtype)
     else:
         valid = (ids >= 0) & (ids < total_rows)
-    return valid, None
+    return valid
 
 
 def _stats_callback(overflow, invalid, hash_full):
