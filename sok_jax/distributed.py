@@ -336,7 +336,7 @@ class DistributedEmbedding:
         n, rows = self.num_devices, self.max_vocabulary_size_per_gpu
         N = flat_ids.shape[0]
         pad = ids_lib._padding_value(flat_ids.dtype)
-        is_pad = flat_ids == jnp.asarray(pad, flat_ids.dtype)
+        is_pad = ids_lib.is_padding(flat_ids)
         if self.use_hashtable:
             valid = ~is_pad
             send_dtype = flat_ids.dtype
@@ -403,9 +403,8 @@ class DistributedEmbedding:
         if self._local(b_local):
             src = jax.lax.stop_gradient(table) if sparse else table
             flat = bags.ids
-            is_pad = flat == jnp.asarray(ids_lib._padding_value(flat.dtype), flat.dtype)
             valid = _valid_direct(flat, self.max_vocabulary_size_per_gpu)
-            invalid = jnp.sum(~valid & ~is_pad).astype(jnp.int32)
+            invalid = jnp.sum(~valid & ~ids_lib.is_padding(flat)).astype(jnp.int32)
             out = _lookup(self.combiner, impl, src, flat, bags.offsets, bags.weights)
             out = out.reshape(*bags.batch_shape, table.shape[1])
             zero = jnp.zeros((1,), jnp.int32)

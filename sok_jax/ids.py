@@ -67,6 +67,11 @@ def _padding_value(dtype):
     return np.iinfo(np.uint32).max if jnp.dtype(dtype) == jnp.uint32 else -1
 
 
+def is_padding(ids):
+    """Where `ids` holds the "no key" value of its dtype (-1, or 0xFFFFFFFF)."""
+    return ids == jnp.asarray(_padding_value(ids.dtype), ids.dtype)
+
+
 def check_key_array(x, name: str = "ids"):
     """Converts to a jax array, refusing silent int64 -> int32 truncation."""
     dt = getattr(x, "dtype", None)
@@ -177,5 +182,4 @@ def invalid_id_mask(bags: Bags, num_rows: int):
 
     valid, _ = valid_rows(bags.ids, num_rows)
     _, inside = _positions(bags.ids, bags.offsets)
-    padding = bags.ids == jnp.asarray(_padding_value(bags.ids.dtype), bags.ids.dtype)
-    return inside & ~valid & ~padding
+    return inside & ~valid & ~is_padding(bags.ids)
