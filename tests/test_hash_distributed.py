@@ -143,12 +143,11 @@ def initial_state(n, rows_per_gpu, key_dtype, seed):
     return emb.init(seed)
 
 
-def np_combine(vec_of, ids, weights, combiner) -> np.ndarray:
-    """[B, S, D] float64 brute force. `vec_of(k)` is a key's vector; a key
-    with no vector (unseen in evaluation, or no row in a full shard) is a zero
-    vector that still counts in mean/sqrtn's denominator, as the layer does."""
+def bag_terms(ids, weights, combiner):
+    """Per bag (b, s): its keys with their coefficient w * f(bag) in the
+    combined output. A key with no vector (unseen in evaluation, or no row in
+    a full shard) still counts in mean/sqrtn's denominator, as the layer does."""
     B, S, _ = ids.shape
-    out = np.zeros((B, S, DIM))
     for b in range(B):
         for s in range(S):
             terms = [
@@ -164,8 +163,15 @@ def np_combine(vec_of, ids, weights, combiner) -> np.ndarray:
             else:
                 t = sum(w * w for w in ws)
                 f = 1.0 / np.sqrt(t) if t > 0 else 0.0
-            for k, w in terms:
-                out[b, s] += w * f * vec_of(k)
+            yield b, s, [(k, w * f) for k, w in terms]
+
+
+def np_combine(vec_of, ids, weights, combiner) -> np.ndarray:
+    """[B, S, D] float64 brute force. `vec_of(k)` is a key's vector."""
+    out = np.zeros((ids.shape[0], ids.shape[1], DIM))
+    for b, s, terms in bag_terms(ids, weights, combiner):
+        for k, c in terms:
+            out[b, s] += c * vec_of(k)
     return out
 
 
@@ -503,18 +509,14 @@ def test_full_shard(n, combiner, rows_per_gpu, seed):
     # each equal to the oracle's per-key sum; the sparse path's rows (on its
     # own state) and the dense path's cotangent (on its state) agree key by key.
     rpg = rows_per_gpu
-    flat_ids, flat_g = ids.reshape(-1, NNZ), g.reshape(-1, DIM)
-    def key_grads(have):
+    def key_grads(have):  # d(sum(g * out)) / d(vector of k), for stored k
         out = {}
-        for bag, gb in zip(flat_ids, flat_g):
-            ks = [int(k) for k in bag if k != PAD]
-            if not ks:
-                continue
-            scale = {"sum": 1.0, "mean": 1.0 / len(ks), "sqrtn": 1.0 / np.sqrt(len(ks))}[combiner]
-            for k in ks:
+        for b, s, terms in bag_terms(ids, None, combiner):
+            for k, c in terms:
                 if k in have:
-                    out[k] = out.get(k, 0.0) + scale * gb.astype(np.float64)
+                    out[k] = out.get(k, 0.0) + c * g[b, s].astype(np.float64)
         return out
+
     s_keys = np.asarray(r["s_state"].slot_keys).reshape(n, rpg)
     rows = np.asarray(r["sparse"].rows).reshape(n, -1)
     grads = np.asarray(r["sparse"].grads).reshape(n, rows.shape[1], DIM)
