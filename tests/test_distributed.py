@@ -299,20 +299,28 @@ def test_init_seed_and_initializer():
 OVF_BATCH, OVF_NNZ, OVF_FACTOR = 32, 8, 0.1
 
 
+def buckets(ids: np.ndarray, n: int):
+    """(source device, destination, its distinct valid keys ascending): what
+    each device sends each destination."""
+    lb = ids.shape[0] // n
+    for d in range(n):
+        local = ids[d * lb:(d + 1) * lb]
+        valid = np.unique(local[(local >= 0) & (local < TOTAL_ROWS)])
+        for dest in range(n):
+            yield d, dest, valid[valid % n == dest]
+
+
 def expected_overflow(ids: np.ndarray, n: int, capacity: int):
     """Per device: distinct valid keys per destination, ascending; those past
     `capacity` overflow. Returns (counts [n], ids with them set to -1)."""
     lb = ids.shape[0] // n
     counts = np.zeros(n, np.int64)
     kept = ids.copy()
-    for d in range(n):
+    for d, _, mine in buckets(ids, n):
+        dropped = mine[capacity:]
+        counts[d] += dropped.size
         local = kept[d * lb:(d + 1) * lb]
-        valid = np.unique(local[(local >= 0) & (local < TOTAL_ROWS)])
-        for dest in range(n):
-            mine = np.sort(valid[valid % n == dest])
-            dropped = mine[capacity:]
-            counts[d] += dropped.size
-            local[np.isin(local, dropped)] = -1
+        local[np.isin(local, dropped)] = -1
     return counts, kept
 
 
@@ -373,12 +381,7 @@ def test_required_capacity_factor(n, pattern):
         spread = rng.random(ids.shape) < 0.25
         ids = np.where(spread & (ids >= 0), rng.integers(0, TOTAL_ROWS, ids.shape), ids)
     ids = ids.astype(np.int32)
-    largest = 0
-    for d in range(n):
-        local = ids[d * lb:(d + 1) * lb]
-        valid = np.unique(local[(local >= 0) & (local < TOTAL_ROWS)])
-        for dest in range(n):
-            largest = max(largest, int(np.sum(valid % n == dest)))
+    largest = max(mine.size for _, _, mine in buckets(ids, n))
     full = SLOTS * OVF_NNZ * lb
     emb = make_emb(n, "sum", max_nnz=OVF_NNZ)
     got = float(jax.jit(emb.required_capacity_factor)(ids))
