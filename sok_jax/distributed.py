@@ -405,7 +405,9 @@ class DistributedEmbedding:
             flat = bags.ids
             valid = _valid_direct(flat, self.max_vocabulary_size_per_gpu)
             invalid = jnp.sum(~valid & ~ids_lib.is_padding(flat)).astype(jnp.int32)
-            out = _lookup(self.combiner, impl, src, flat, bags.offsets, bags.weights)
+            out = _lookup(
+                self.combiner, impl, bags.fixed_nnz, src, flat, bags.offsets, bags.weights
+            )
             out = out.reshape(*bags.batch_shape, table.shape[1])
             zero = jnp.zeros((1,), jnp.int32)
             stats = (zero, invalid.reshape(1), zero)
@@ -425,9 +427,11 @@ class DistributedEmbedding:
         no_w = jnp.zeros((0,), jnp.float32)
         # After the hash insertion: new rows carry their initial vectors.
         src = jax.lax.stop_gradient(table) if sparse else table
-        vecs = _lookup("sum", impl, src, rows, gather_offsets, no_w)
+        vecs = _lookup("sum", impl, 1, src, rows, gather_offsets, no_w)  # a gather
         back = self._a2a(vecs)  # [n*C, D], slot-major by destination
-        out = _lookup(self.combiner, impl, back, recv_index, bags.offsets, bags.weights)
+        out = _lookup(
+            self.combiner, impl, bags.fixed_nnz, back, recv_index, bags.offsets, bags.weights
+        )
         out = out.reshape(*bags.batch_shape, table.shape[1])
         stats = (overflow.reshape(1), invalid.reshape(1), hash_full.reshape(1))
         ctx = ExchangeContext(rows, recv_index, bags.offsets, w_or_none)

@@ -2,8 +2,8 @@
 
 The forward is the `sok_embed_fwd` FFI target; the backward produces the
 per-row gradient of the rows the batch touched (`sok_embed_bwd`: sort +
-run-length, deterministic) and from it the dense table cotangent that
-`jax.grad` expects (`sok_rows_to_dense`), plus the cotangent of the weights
+run-length, deterministic); `jax.grad` gets the dense table cotangent
+straight from it (`sok_embed_bwd_dense`), plus the cotangent of the weights
 (`sok_embed_wgrad`). The sparse form is reachable through `lookup` /
 `sparse_grad` for the sparse optimizers.
 """
@@ -33,13 +33,13 @@ def _ops(implementation: str):
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _lookup(combiner, implementation, table, ids, offsets, weights):
-    return _ops(implementation).lookup_combine(table, ids, offsets, weights, combiner)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _lookup(combiner, implementation, fixed_nnz, table, ids, offsets, weights):
+    return _ops(implementation).lookup_combine(table, ids, offsets, weights, combiner, fixed_nnz)
 
 
-def _lookup_fwd(combiner, implementation, table, ids, offsets, weights):
-    out = _ops(implementation).lookup_combine(table, ids, offsets, weights, combiner)
+def _lookup_fwd(combiner, implementation, fixed_nnz, table, ids, offsets, weights):
+    out = _ops(implementation).lookup_combine(table, ids, offsets, weights, combiner, fixed_nnz)
     # No zero-size residuals: inside shard_map they cross the boundary between
     # the forward and backward manual computations, and a zero-size array
     # crossing it makes XLA's GPU compiler segfault under Shardy (jax 0.11.2;
@@ -47,14 +47,14 @@ def _lookup_fwd(combiner, implementation, table, ids, offsets, weights):
     return out, (table, ids, offsets, weights if weights.shape[0] else None)
 
 
-def _lookup_bwd(combiner, implementation, res, g):
+def _lookup_bwd(combiner, implementation, fixed_nnz, res, g):
     table, ids, offsets, weights = res
     if weights is None:
         weights = jnp.zeros((0,), jnp.float32)
     ops = _ops(implementation)
-    num_rows = table.shape[0]
-    sparse = ops.lookup_combine_bwd(g, ids, offsets, weights, combiner, num_rows)
-    d_table = ops.rows_to_dense(sparse, num_rows, table.dtype)
+    d_table = ops.lookup_combine_bwd_dense(
+        g, ids, offsets, weights, combiner, table.shape[0], table.dtype
+    )
     if weights.shape[0]:
         if implementation == "reference":
             _, vjp = jax.vjp(
@@ -149,7 +149,9 @@ def embed(
       ValueError: at trace time for a bad shape, dtype or combiner.
     """
     bags = _prepare(table, ids, weights, slot_num, combiner, check_ids)
-    out = _lookup(combiner, implementation, table, bags.ids, bags.offsets, bags.weights)
+    out = _lookup(
+        combiner, implementation, bags.fixed_nnz, table, bags.ids, bags.offsets, bags.weights
+    )
     return out.reshape(*bags.batch_shape, table.shape[1])
 
 
@@ -192,7 +194,8 @@ def lookup(
     """
     bags = _prepare(table, ids, weights, slot_num, combiner, check_ids)
     out = _ops(implementation).lookup_combine(
-        jax.lax.stop_gradient(table), bags.ids, bags.offsets, bags.weights, combiner
+        jax.lax.stop_gradient(table), bags.ids, bags.offsets, bags.weights, combiner,
+        bags.fixed_nnz,
     )
     ctx = LookupContext(
         bags.ids, bags.offsets, bags.weights, table.shape[0], combiner, implementation

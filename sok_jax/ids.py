@@ -31,6 +31,9 @@ class Bags(NamedTuple):
     offsets: jax.Array
     weights: jax.Array
     batch_shape: tuple[int, int]
+    # > 0 when bag b is exactly positions [b * fixed_nnz, (b + 1) * fixed_nnz)
+    # (padded and BCOO forms): the forward kernel then reads no offsets.
+    fixed_nnz: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +137,7 @@ def to_bags(ids, weights=None, slot_num: int | None = None) -> Bags:
         )
     b, s, nnz = ids.shape
     offsets = jnp.arange(b * s + 1, dtype=jnp.int32) * nnz
-    return Bags(ids.reshape(-1), offsets, _weights(weights, ids.shape), (b, s))
+    return Bags(ids.reshape(-1), offsets, _weights(weights, ids.shape), (b, s), nnz)
 
 
 def _bcoo_to_bags(ids, weights, slot_num):
@@ -173,7 +176,7 @@ def _bcoo_to_bags(ids, weights, slot_num):
         w = jnp.zeros((b * s * nnz,), jnp.float32).at[flat].set(
             wdata.astype(jnp.float32), mode="drop"
         )
-    return Bags(dense, offsets, w, (b, s))
+    return Bags(dense, offsets, w, (b, s), nnz)
 
 
 def invalid_id_mask(bags: Bags, num_rows: int):

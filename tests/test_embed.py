@@ -435,3 +435,47 @@ def test_vmap_matches_loop(combiner, weighted):
     g_loop = jax.grad(loss_loop, argnums=argnums)(table, w)
     for a, b in zip(g, g_loop):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("table_dtype", TABLE_DTYPES)
+@pytest.mark.parametrize("nnz", [1, 3])
+@pytest.mark.parametrize("combiner", COMBINERS)
+def test_fixed_nnz_and_dense_backward_ops(combiner, nnz, table_dtype):
+    """The op-level fast paths against their general forms and numpy: the
+    forward with `fixed_nnz` (no offsets read) equals the offsets form, and
+    the one-target dense backward equals `rows_to_dense(lookup_combine_bwd)`
+    exactly (the same sums) and the numpy gradient."""
+    from sok_jax.ops import embed_ops
+
+    rng = np.random.default_rng()
+    rows, dim, batch, slots = 37, 12, 5, 4
+    bags = random_bags(rng, batch=batch, slots=slots, nnz=nnz, rows=rows, key_dtype="int32",
+                       weighted=True, with_oob=True)
+    built = build_form(bags, "padded", rng)
+    table, table64 = random_table(rng, rows, dim, table_dtype)
+    ids = jnp.asarray(built.ids).reshape(-1)
+    m = batch * slots
+    offsets = jnp.arange(m + 1, dtype=jnp.int32) * nnz
+    w = jnp.asarray(built.weights, jnp.float32).reshape(-1)
+    fwd = jax.jit(embed_ops.lookup_combine, static_argnums=(4, 5))
+    general = fwd(table, ids, offsets, w, combiner, 0)
+    fixed = fwd(table, ids, offsets, w, combiner, nnz)
+    assert_close(fixed, np.asarray(general.astype(jnp.float32)), table_dtype, 1.0, "fixed_nnz")
+    want = np_embed(table64, bags, combiner).reshape(m, dim)
+    assert_close(fixed, round_to(want, table_dtype), table_dtype,
+                 max(1.0, float(np.abs(want).max())), "fixed_nnz vs numpy")
+
+    g_np = round_to(rng.normal(size=(batch, slots, dim)), table_dtype)
+    g = jnp.asarray(g_np.astype(np.float32)).astype(table_dtype).reshape(m, dim)
+    two_step = embed_ops.rows_to_dense(
+        embed_ops.lookup_combine_bwd(g, ids, offsets, w, combiner, rows), rows, table.dtype)
+    one_step = embed_ops.lookup_combine_bwd_dense(g, ids, offsets, w, combiner, rows, table.dtype)
+    assert one_step.shape == (rows, dim) and one_step.dtype == table.dtype
+    np.testing.assert_array_equal(np.asarray(one_step.astype(jnp.float32)),
+                                  np.asarray(two_step.astype(jnp.float32)))
+    want_dt, _ = np_embed_grads(table64, bags, combiner, g_np)
+    assert_close(one_step, round_to(want_dt, table_dtype), table_dtype,
+                 max(1.0, float(np.abs(want_dt).max())), "dense backward vs numpy")
+
+    with pytest.raises(ValueError, match="fixed_nnz"):
+        embed_ops.lookup_combine(table, ids, offsets, w, combiner, nnz + 1)

@@ -30,4 +30,13 @@ inline ffi::Error CheckBags(const ffi::AnyBuffer& ids,
   return ffi::Error::Success();
 }
 
+// fixed_nnz > 0 says bag b holds positions [b * fixed_nnz, (b + 1) * fixed_nnz)
+// (offsets are then not read); it must tile the ids exactly.
+inline ffi::Error CheckFixedNnz(int64_t fixed_nnz, int64_t n, int64_t m) {
+  if (fixed_nnz < 0) return InvalidArgument("fixed_nnz must be >= 0");
+  if (fixed_nnz > 0 && n != m * fixed_nnz)
+    return InvalidArgument("fixed_nnz > 0 needs len(ids) == num_bags * fixed_nnz");
+  return ffi::Error::Success();
+}
+
 }  // namespace sok

@@ -36,14 +36,16 @@ void BagWeights(const K* ids, const float* w, int64_t lo, int64_t hi,
   *w2sum = s2;
 }
 
+// fixed_nnz > 0: bag b is [b * fixed_nnz, (b + 1) * fixed_nnz) (checked to
+// tile the ids), offsets unread, as on the GPU.
 template <typename T, typename K>
 void Forward(const T* table, int64_t rows, int64_t dim, const K* ids,
              const int32_t* off, const float* w, int64_t n, int64_t m,
-             int32_t combiner, T* out) {
+             int32_t combiner, int64_t fixed_nnz, T* out) {
   std::vector<float> acc(dim);
   for (int64_t b = 0; b < m; ++b) {
-    int64_t lo, hi;
-    BagRange(off, b, n, &lo, &hi);
+    int64_t lo = b * fixed_nnz, hi = lo + fixed_nnz;
+    if (fixed_nnz == 0) BagRange(off, b, n, &lo, &hi);
     std::fill(acc.begin(), acc.end(), 0.f);
     float wsum = 0.f, w2sum = 0.f;
     for (int64_t j = lo; j < hi; ++j) {
@@ -63,11 +65,13 @@ void Forward(const T* table, int64_t rows, int64_t dim, const K* ids,
 
 ffi::Error FwdImpl(ffi::AnyBuffer table, ffi::AnyBuffer ids,
                    ffi::AnyBuffer offsets, ffi::AnyBuffer weights,
-                   ffi::Result<ffi::AnyBuffer> out, int32_t combiner) {
+                   ffi::Result<ffi::AnyBuffer> out, int32_t combiner,
+                   int64_t fixed_nnz) {
   int64_t rows, dim, n, m;
   if (auto e = Rank2(table, "table", &rows, &dim); e.failure()) return e;
   if (auto e = CheckBags(ids, offsets, weights, combiner, &n, &m); e.failure())
     return e;
+  if (auto e = CheckFixedNnz(fixed_nnz, n, m); e.failure()) return e;
   if (out->element_type() != table.element_type() ||
       out->element_count() != static_cast<size_t>(m * dim))
     return InvalidArgument("out must be [num_bags, D] of the table's dtype");
@@ -78,7 +82,7 @@ ffi::Error FwdImpl(ffi::AnyBuffer table, ffi::AnyBuffer ids,
       using K = decltype(key);
       Forward<T, K>(table.reinterpret_data<T>(), rows, dim,
                     ids.reinterpret_data<K>(), offsets.typed_data<int32_t>(), w,
-                    n, m, combiner, out->reinterpret_data<T>());
+                    n, m, combiner, fixed_nnz, out->reinterpret_data<T>());
       return ffi::Error::Success();
     });
   });
@@ -216,6 +220,18 @@ ffi::Error WgradImpl(ffi::AnyBuffer table, ffi::AnyBuffer grad,
   });
 }
 
+// Zero `out` [rows, D], then write the first `count` unique rows' gradients.
+template <typename T>
+void WriteDense(const int32_t* ur, const float* g, int64_t count, int64_t rows,
+                int64_t dim, T* out) {
+  std::fill(out, out + rows * dim, FromFloat<T>(0.f));
+  for (int64_t u = 0; u < count; ++u) {
+    int64_t r = ur[u];
+    if (r < 0 || r >= rows) continue;
+    for (int64_t d = 0; d < dim; ++d) out[r * dim + d] = FromFloat<T>(g[u * dim + d]);
+  }
+}
+
 ffi::Error DenseImpl(ffi::Buffer<ffi::S32> unique_rows,
                      ffi::Buffer<ffi::F32> row_grads,
                      ffi::Buffer<ffi::S32> num_unique,
@@ -227,18 +243,44 @@ ffi::Error DenseImpl(ffi::Buffer<ffi::S32> unique_rows,
     return InvalidArgument("row_grads must be [len(unique_rows), D]");
   return DispatchFloat(dense->element_type(), "dense", [&](auto tag) {
     using T = typename HostType<decltype(tag)>::type;
-    T* out = dense->reinterpret_data<T>();
-    std::fill(out, out + rows * dim, FromFloat<T>(0.f));
     int64_t count = std::min<int64_t>(num_unique.typed_data()[0], u_cap);
-    const int32_t* ur = unique_rows.typed_data();
-    const float* g = row_grads.typed_data();
-    for (int64_t u = 0; u < count; ++u) {
-      int64_t r = ur[u];
-      if (r < 0 || r >= rows) continue;
-      for (int64_t d = 0; d < dim; ++d)
-        out[r * dim + d] = FromFloat<T>(g[u * dim + d]);
-    }
+    WriteDense<T>(unique_rows.typed_data(), row_grads.typed_data(), count, rows,
+                  dim, dense->reinterpret_data<T>());
     return ffi::Error::Success();
+  });
+}
+
+// The backward straight to the dense table cotangent (the CUDA handler
+// fuses the two steps; here the sparse form is built and written out).
+ffi::Error BwdDenseImpl(ffi::AnyBuffer grad, ffi::AnyBuffer ids,
+                        ffi::AnyBuffer offsets, ffi::AnyBuffer weights,
+                        ffi::Result<ffi::AnyBuffer> dense,
+                        ffi::Result<ffi::AnyBuffer> /*workspace: CUDA only*/,
+                        int32_t combiner) {
+  int64_t m_g, dim_g, n, m, rows, dim;
+  if (auto e = Rank2(grad, "grad_out", &m_g, &dim_g); e.failure()) return e;
+  if (auto e = Rank2(*dense, "dense", &rows, &dim); e.failure()) return e;
+  if (auto e = CheckBags(ids, offsets, weights, combiner, &n, &m); e.failure())
+    return e;
+  if (m_g != m || dim_g != dim || grad.element_type() != dense->element_type())
+    return InvalidArgument("grad_out must be [num_bags, D] of the dense dtype");
+  if (rows >= INT32_MAX)
+    return InvalidArgument("dense may have at most 2^31 - 2 rows");
+  const float* w = weights.element_count() ? weights.typed_data<float>() : nullptr;
+  std::vector<int32_t> ur(n);
+  std::vector<float> g(static_cast<size_t>(n * dim));
+  int32_t count = 0;
+  return DispatchFloat(grad.element_type(), "grad_out", [&](auto tag) {
+    using G = typename HostType<decltype(tag)>::type;
+    return DispatchKey(ids.element_type(), "ids", [&](auto key) {
+      using K = decltype(key);
+      Backward<G, K>(grad.reinterpret_data<G>(), dim, ids.reinterpret_data<K>(),
+                     offsets.typed_data<int32_t>(), w, n, m, rows, combiner,
+                     ur.data(), g.data(), &count);
+      WriteDense<G>(ur.data(), g.data(), count, rows, dim,
+                    dense->reinterpret_data<G>());
+      return ffi::Error::Success();
+    });
   });
 }
 
@@ -250,6 +292,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedFwdCpu, FwdImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedBwdCpu, BwdImpl,
                               sig::EmbedBwd(ffi::Ffi::Bind()));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedBwdDenseCpu, BwdDenseImpl,
+                              sig::EmbedBwdDense(ffi::Ffi::Bind()));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedWgradCpu, WgradImpl,
                               sig::EmbedWgrad(ffi::Ffi::Bind()));
 
@@ -259,6 +304,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SokRowsToDenseCpu, DenseImpl,
 void AppendEmbedTargetsCpu(TargetList& out) {
   out.push_back({"sok_embed_fwd", reinterpret_cast<void*>(SokEmbedFwdCpu)});
   out.push_back({"sok_embed_bwd", reinterpret_cast<void*>(SokEmbedBwdCpu)});
+  out.push_back(
+      {"sok_embed_bwd_dense", reinterpret_cast<void*>(SokEmbedBwdDenseCpu)});
   out.push_back({"sok_embed_wgrad", reinterpret_cast<void*>(SokEmbedWgradCpu)});
   out.push_back(
       {"sok_rows_to_dense", reinterpret_cast<void*>(SokRowsToDenseCpu)});

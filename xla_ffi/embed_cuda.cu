@@ -34,11 +34,13 @@ int ThreadsPerBag(int64_t chunks, int cpl) {
 
 ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer table, ffi::AnyBuffer ids,
                    ffi::AnyBuffer offsets, ffi::AnyBuffer weights,
-                   ffi::Result<ffi::AnyBuffer> out, int32_t combiner) {
+                   ffi::Result<ffi::AnyBuffer> out, int32_t combiner,
+                   int64_t fixed_nnz) {
   int64_t rows, dim, n, m;
   if (auto e = Rank2(table, "table", &rows, &dim); e.failure()) return e;
   if (auto e = CheckBags(ids, offsets, weights, combiner, &n, &m); e.failure())
     return e;
+  if (auto e = CheckFixedNnz(fixed_nnz, n, m); e.failure()) return e;
   if (out->element_type() != table.element_type() ||
       out->element_count() != static_cast<size_t>(m * dim))
     return InvalidArgument("out must be [num_bags, D] of the table's dtype");
@@ -53,6 +55,27 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer table, ffi::AnyBuffer ids
       T* op = out->reinterpret_data<T>();
       const bool fast = dim % kVec == 0 && Aligned16(tp) && Aligned16(op);
       const int64_t chunks = fast ? dim / kVec : dim;
+      constexpr int kCpl = cuda::CplFor(kVec);
+      constexpr int kCpl1 = cuda::CplFor(1);
+      if (fixed_nnz > 0) {
+        // Bags of one length: no offsets, no shuffles (EmbedFwdFixedKernel).
+        auto launch = [&](auto kernel, int cpl) {
+          const int tpb = ThreadsPerBag(chunks, cpl);
+          kernel<<<Blocks(m * tpb), kBlock, 0, stream>>>(
+              tp, rows, dim, ids.reinterpret_data<K>(), w, fixed_nnz, m,
+              combiner, tpb, op);
+        };
+        const bool single = fixed_nnz == 1;
+        if (fast && single)
+          launch(cuda::EmbedFwdFixedKernel<T, K, kVec, kCpl, 1>, kCpl);
+        else if (fast)
+          launch(cuda::EmbedFwdFixedKernel<T, K, kVec, 1, 4>, 1);
+        else if (single)
+          launch(cuda::EmbedFwdFixedKernel<T, K, 1, kCpl1, 1>, kCpl1);
+        else
+          launch(cuda::EmbedFwdFixedKernel<T, K, 1, 1, 4>, 1);
+        return ffi::Error::Success();
+      }
       // Short bags (under 2 ids on average): the several-bags-per-warp shape.
       const bool short_bags = n < 2 * m;
       auto launch = [&](auto kernel, int cpl) {
@@ -61,8 +84,6 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer table, ffi::AnyBuffer ids
             tp, rows, dim, ids.reinterpret_data<K>(),
             offsets.typed_data<int32_t>(), w, n, m, combiner, tpb, op);
       };
-      constexpr int kCpl = cuda::CplFor(kVec);
-      constexpr int kCpl1 = cuda::CplFor(1);
       if (fast && short_bags)
         launch(cuda::EmbedFwdKernel<T, K, kVec, kCpl, 1>, kCpl);
       else if (fast)
@@ -97,6 +118,131 @@ int EndBit(int64_t sentinel) {
   return b;
 }
 
+// The sorted runs of one backward call, carved out of the workspace: per
+// unique run its key, length, first sorted position and chunk count (long
+// runs), the sorted positions with their bag and scale, and the chunk
+// partials.
+struct Runs {
+  uint32_t* ukeys;
+  int32_t* counts;
+  int32_t* starts;
+  int32_t* num_runs;
+  int32_t* chunks;
+  int32_t* chunk_start;
+  int32_t* pos_out;
+  int32_t* bag_of;
+  float* scale_of;
+  float* partial;
+  int64_t max_chunks;
+};
+
+// Sort + run-length of the positions by row (steps 1 and 2 of the backward,
+// embed_kernels.cuh): every position outside the table sorts last under the
+// sentinel num_rows. n > 0.
+ffi::Error SortRuns(cudaStream_t stream, ffi::AnyBuffer ids,
+                    ffi::AnyBuffer offsets, const float* w, int64_t n,
+                    int64_t m, int64_t dim, int64_t num_rows, int32_t combiner,
+                    ffi::AnyBuffer& workspace, Runs* out) {
+  const uint32_t sentinel = static_cast<uint32_t>(num_rows);
+  const int end_bit = EndBit(num_rows);
+  const int64_t max_chunks = n / 64 + 1;
+
+  // Temporary storage sizes of the cub passes.
+  size_t sort_bytes = 0, rle_bytes = 0, scan_bytes = 0;
+  cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, (uint32_t*)nullptr,
+                                  (uint32_t*)nullptr, (int32_t*)nullptr,
+                                  (int32_t*)nullptr, n, 0, end_bit, stream);
+  cub::DeviceRunLengthEncode::Encode(nullptr, rle_bytes, (uint32_t*)nullptr,
+                                     (uint32_t*)nullptr, (int32_t*)nullptr,
+                                     (int32_t*)nullptr, n, stream);
+  cub::DeviceScan::ExclusiveSum(nullptr, scan_bytes, (int32_t*)nullptr,
+                                (int32_t*)nullptr, n, stream);
+  const size_t cub_bytes = std::max({sort_bytes, rle_bytes, scan_bytes});
+  const size_t total = 256 * 16 + n * (4 * 9) + 4 + cub_bytes +
+                       static_cast<size_t>(max_chunks) * dim * 4;
+  // The workspace is an output buffer sized by the Python wrapper
+  // (embed_ops.bwd_workspace_bytes): XLA's FFI scratch allocator crashed
+  // XLA's compiler in multi-GPU programs, and an output is visible to XLA's
+  // memory planning anyway. It is aligned here to 256 bytes.
+  if (workspace.size_bytes() < total + 256)
+    return InvalidArgument("sok_embed_bwd: workspace of " +
+                           std::to_string(workspace.size_bytes()) +
+                           " bytes, needs " + std::to_string(total + 256));
+  const uintptr_t raw = reinterpret_cast<uintptr_t>(workspace.untyped_data());
+  Carver cv{reinterpret_cast<char*>((raw + 255) & ~uintptr_t{255})};
+  uint32_t* keys_in = cv.Take<uint32_t>(n);
+  uint32_t* keys_out = cv.Take<uint32_t>(n);
+  int32_t* pos_in = cv.Take<int32_t>(n);
+  Runs r;
+  r.pos_out = cv.Take<int32_t>(n);
+  r.bag_of = cv.Take<int32_t>(n);
+  r.scale_of = cv.Take<float>(n);
+  r.ukeys = cv.Take<uint32_t>(n);
+  r.counts = cv.Take<int32_t>(n);
+  r.starts = cv.Take<int32_t>(n);
+  r.num_runs = cv.Take<int32_t>(1);
+  r.chunks = reinterpret_cast<int32_t*>(keys_in);  // free after sort
+  r.chunk_start = pos_in;                          // free after sort
+  void* cub_tmp = cv.Take<char>(cub_bytes);
+  r.partial = cv.Take<float>(static_cast<size_t>(max_chunks) * dim);
+  r.max_chunks = max_chunks;
+
+  auto err = DispatchKey(ids.element_type(), "ids", [&](auto key) {
+    using K = decltype(key);
+    cuda::PrepFill<<<Blocks(n), kBlock, 0, stream>>>(keys_in, pos_in, n, sentinel);
+    if (m > 0)
+      cuda::PrepBags<K><<<Blocks(m * 32), kBlock, 0, stream>>>(
+          ids.reinterpret_data<K>(), offsets.typed_data<int32_t>(), w, n, m,
+          num_rows, combiner, keys_in, r.bag_of, r.scale_of);
+    return ffi::Error::Success();
+  });
+  if (err.failure()) return err;
+  size_t bytes = cub_bytes;
+  cub::DeviceRadixSort::SortPairs(cub_tmp, bytes, keys_in, keys_out, pos_in,
+                                  r.pos_out, n, 0, end_bit, stream);
+  bytes = cub_bytes;
+  cub::DeviceRunLengthEncode::Encode(cub_tmp, bytes, keys_out, r.ukeys, r.counts,
+                                     r.num_runs, n, stream);
+  bytes = cub_bytes;
+  cub::DeviceScan::ExclusiveSum(cub_tmp, bytes, r.counts, r.starts, n, stream);
+  cuda::ChunkCounts<<<Blocks(n), kBlock, 0, stream>>>(
+      r.ukeys, r.counts, r.num_runs, n, sentinel, r.chunks);
+  bytes = cub_bytes;
+  cub::DeviceScan::ExclusiveSum(cub_tmp, bytes, r.chunks, r.chunk_start, n,
+                                stream);
+  *out = r;
+  return ffi::Error::Success();
+}
+
+// Step 3 of the backward: the runs summed into `out_rows` (kDense: rows of
+// the dense [num_rows, D] cotangent of type O; else the [N, D] float32
+// row_grads with unique_rows / num_unique).
+template <bool kDense, typename G, typename O>
+void ReduceAll(cudaStream_t stream, const G* gp, int64_t dim, int64_t n,
+               uint32_t sentinel, const Runs& r, int32_t* unique_rows,
+               O* out_rows, int32_t* num_unique) {
+  auto launch = [&](auto vec) {
+    constexpr int V = decltype(vec)::value;
+    cuda::ReduceRuns<G, V, O, kDense><<<Blocks(n * 32), kBlock, 0, stream>>>(
+        gp, dim, r.ukeys, r.counts, r.starts, r.num_runs, r.chunks, r.pos_out,
+        r.bag_of, r.scale_of, n, sentinel, unique_rows, out_rows, num_unique);
+    cuda::ReduceChunks<G, V><<<Blocks(r.max_chunks * 32), kBlock, 0, stream>>>(
+        gp, dim, r.counts, r.starts, r.chunks, r.chunk_start, r.num_runs,
+        r.pos_out, r.bag_of, r.scale_of, r.max_chunks, r.partial);
+    cuda::ReducePartials<V, O, kDense><<<Blocks(n * 32), kBlock, 0, stream>>>(
+        r.ukeys, r.chunks, r.chunk_start, r.num_runs, r.partial, dim, n,
+        out_rows);
+  };
+  // 4-wide accesses: 16 bytes of float, 8 of 16-bit data.
+  const bool fast = dim % 4 == 0 && Aligned16(gp) && Aligned16(out_rows) &&
+                    Aligned16(r.partial);
+  if (fast) {
+    launch(std::integral_constant<int, 4>{});
+  } else {
+    launch(std::integral_constant<int, 1>{});
+  }
+}
+
 ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer grad, ffi::AnyBuffer ids,
                    ffi::AnyBuffer offsets, ffi::AnyBuffer weights,
                    ffi::Result<ffi::Buffer<ffi::S32>> unique_rows,
@@ -119,98 +265,57 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer grad, ffi::AnyBuffer ids,
     return LastError("sok_embed_bwd");
   }
   const float* w = weights.element_count() ? weights.typed_data<float>() : nullptr;
-  const uint32_t sentinel = static_cast<uint32_t>(num_rows);
-  const int end_bit = EndBit(num_rows);
-  const int64_t max_chunks = n / 64 + 1;
-
-  // Temporary storage sizes of the cub passes.
-  size_t sort_bytes = 0, rle_bytes = 0, scan_bytes = 0;
-  cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, (uint32_t*)nullptr,
-                                  (uint32_t*)nullptr, (int32_t*)nullptr,
-                                  (int32_t*)nullptr, n, 0, end_bit, stream);
-  cub::DeviceRunLengthEncode::Encode(nullptr, rle_bytes, (uint32_t*)nullptr,
-                                     (uint32_t*)nullptr, (int32_t*)nullptr,
-                                     (int32_t*)nullptr, n, stream);
-  cub::DeviceScan::ExclusiveSum(nullptr, scan_bytes, (int32_t*)nullptr,
-                                (int32_t*)nullptr, n, stream);
-  const size_t cub_bytes = std::max({sort_bytes, rle_bytes, scan_bytes});
-  const size_t total = 256 * 16 + n * (4 * 9) + 4 + cub_bytes +
-                       static_cast<size_t>(max_chunks) * dim * 4;
-  // The workspace is an output buffer sized by the Python wrapper
-  // (embed_ops.bwd_workspace_bytes): XLA's FFI scratch allocator crashed
-  // XLA's compiler in multi-GPU programs, and an output is visible to XLA's
-  // memory planning anyway. It is aligned here to 256 bytes.
-  if (workspace->size_bytes() < total + 256)
-    return InvalidArgument("sok_embed_bwd: workspace of " +
-                           std::to_string(workspace->size_bytes()) +
-                           " bytes, needs " + std::to_string(total + 256));
-  const uintptr_t raw = reinterpret_cast<uintptr_t>(workspace->untyped_data());
-  Carver cv{reinterpret_cast<char*>((raw + 255) & ~uintptr_t{255})};
-  uint32_t* keys_in = cv.Take<uint32_t>(n);
-  uint32_t* keys_out = cv.Take<uint32_t>(n);
-  int32_t* pos_in = cv.Take<int32_t>(n);
-  int32_t* pos_out = cv.Take<int32_t>(n);
-  int32_t* bag_of = cv.Take<int32_t>(n);
-  float* scale_of = cv.Take<float>(n);
-  uint32_t* ukeys = cv.Take<uint32_t>(n);
-  int32_t* counts = cv.Take<int32_t>(n);
-  int32_t* starts = cv.Take<int32_t>(n);
-  int32_t* num_runs = cv.Take<int32_t>(1);
-  int32_t* chunks = reinterpret_cast<int32_t*>(keys_in);  // free after sort
-  int32_t* chunk_start = pos_in;                           // free after sort
-  void* cub_tmp = cv.Take<char>(cub_bytes);
-  float* partial = cv.Take<float>(static_cast<size_t>(max_chunks) * dim);
-
-  auto err = DispatchKey(ids.element_type(), "ids", [&](auto key) {
-    using K = decltype(key);
-    cuda::PrepFill<<<Blocks(n), kBlock, 0, stream>>>(keys_in, pos_in, n, sentinel);
-    if (m > 0)
-      cuda::PrepBags<K><<<Blocks(m * 32), kBlock, 0, stream>>>(
-          ids.reinterpret_data<K>(), offsets.typed_data<int32_t>(), w, n, m,
-          num_rows, combiner, keys_in, bag_of, scale_of);
-    return ffi::Error::Success();
-  });
-  if (err.failure()) return err;
-  size_t bytes = cub_bytes;
-  cub::DeviceRadixSort::SortPairs(cub_tmp, bytes, keys_in, keys_out, pos_in,
-                                  pos_out, n, 0, end_bit, stream);
-  bytes = cub_bytes;
-  cub::DeviceRunLengthEncode::Encode(cub_tmp, bytes, keys_out, ukeys, counts,
-                                     num_runs, n, stream);
-  bytes = cub_bytes;
-  cub::DeviceScan::ExclusiveSum(cub_tmp, bytes, counts, starts, n, stream);
-  cuda::ChunkCounts<<<Blocks(n), kBlock, 0, stream>>>(ukeys, counts, num_runs, n,
-                                                      sentinel, chunks);
-  bytes = cub_bytes;
-  cub::DeviceScan::ExclusiveSum(cub_tmp, bytes, chunks, chunk_start, n, stream);
-
-  err = DispatchFloat(grad.element_type(), "grad_out", [&](auto tag) {
+  Runs r;
+  if (auto e = SortRuns(stream, ids, offsets, w, n, m, dim, num_rows, combiner,
+                        *workspace, &r);
+      e.failure())
+    return e;
+  auto err = DispatchFloat(grad.element_type(), "grad_out", [&](auto tag) {
     using G = typename DevType<decltype(tag)>::type;
-    const G* gp = grad.reinterpret_data<G>();
-    auto launch = [&](auto vec) {
-      constexpr int V = decltype(vec)::value;
-      cuda::ReduceRuns<G, V><<<Blocks(n * 32), kBlock, 0, stream>>>(
-          gp, dim, ukeys, counts, starts, num_runs, chunks, pos_out, bag_of,
-          scale_of, n, sentinel, unique_rows->typed_data(),
-          row_grads->typed_data(), num_unique->typed_data());
-      cuda::ReduceChunks<G, V><<<Blocks(max_chunks * 32), kBlock, 0, stream>>>(
-          gp, dim, counts, starts, chunks, chunk_start, num_runs, pos_out,
-          bag_of, scale_of, max_chunks, partial);
-      cuda::ReducePartials<V><<<Blocks(n * 32), kBlock, 0, stream>>>(
-          chunks, chunk_start, num_runs, partial, dim, n,
-          row_grads->typed_data());
-    };
-    const bool fast = dim % 4 == 0 && Aligned16(gp) &&
-                      Aligned16(row_grads->typed_data()) && Aligned16(partial);
-    if (fast) {
-      launch(std::integral_constant<int, 4>{});
-    } else {
-      launch(std::integral_constant<int, 1>{});
-    }
+    ReduceAll<false>(stream, grad.reinterpret_data<G>(), dim, n,
+                     static_cast<uint32_t>(num_rows), r,
+                     unique_rows->typed_data(), row_grads->typed_data(),
+                     num_unique->typed_data());
     return ffi::Error::Success();
   });
   if (err.failure()) return err;
   return LastError("sok_embed_bwd");
+}
+
+// The dense table cotangent straight from the runs: zero the [num_rows, D]
+// output, then each touched row is written once by the warp that sums it
+// (no [N, D] intermediate, no second scatter pass).
+ffi::Error BwdDenseImpl(cudaStream_t stream, ffi::AnyBuffer grad,
+                        ffi::AnyBuffer ids, ffi::AnyBuffer offsets,
+                        ffi::AnyBuffer weights, ffi::Result<ffi::AnyBuffer> dense,
+                        ffi::Result<ffi::AnyBuffer> workspace,
+                        int32_t combiner) {
+  int64_t m_g, dim_g, n, m, num_rows, dim;
+  if (auto e = Rank2(grad, "grad_out", &m_g, &dim_g); e.failure()) return e;
+  if (auto e = Rank2(*dense, "dense", &num_rows, &dim); e.failure()) return e;
+  if (auto e = CheckBags(ids, offsets, weights, combiner, &n, &m); e.failure())
+    return e;
+  if (m_g != m || dim_g != dim || grad.element_type() != dense->element_type())
+    return InvalidArgument("grad_out must be [num_bags, D] of the dense dtype");
+  if (num_rows >= INT32_MAX)
+    return InvalidArgument("dense may have at most 2^31 - 2 rows");
+  cudaMemsetAsync(dense->untyped_data(), 0, dense->size_bytes(), stream);
+  if (n == 0 || dim == 0) return LastError("sok_embed_bwd_dense");
+  const float* w = weights.element_count() ? weights.typed_data<float>() : nullptr;
+  Runs r;
+  if (auto e = SortRuns(stream, ids, offsets, w, n, m, dim, num_rows, combiner,
+                        *workspace, &r);
+      e.failure())
+    return e;
+  auto err = DispatchFloat(dense->element_type(), "dense", [&](auto tag) {
+    using T = typename DevType<decltype(tag)>::type;
+    ReduceAll<true>(stream, grad.reinterpret_data<T>(), dim, n,
+                    static_cast<uint32_t>(num_rows), r, nullptr,
+                    dense->reinterpret_data<T>(), nullptr);
+    return ffi::Error::Success();
+  });
+  if (err.failure()) return err;
+  return LastError("sok_embed_bwd_dense");
 }
 
 ffi::Error WgradImpl(cudaStream_t stream, ffi::AnyBuffer table,
@@ -275,6 +380,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedFwdCuda, FwdImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedBwdCuda, BwdImpl,
                               sig::EmbedBwd(CudaBind()));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedBwdDenseCuda, BwdDenseImpl,
+                              sig::EmbedBwdDense(CudaBind()));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedWgradCuda, WgradImpl,
                               sig::EmbedWgrad(CudaBind()));
 
@@ -284,6 +392,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SokRowsToDenseCuda, DenseImpl,
 void AppendEmbedTargetsCuda(TargetList& out) {
   out.push_back({"sok_embed_fwd", reinterpret_cast<void*>(SokEmbedFwdCuda)});
   out.push_back({"sok_embed_bwd", reinterpret_cast<void*>(SokEmbedBwdCuda)});
+  out.push_back(
+      {"sok_embed_bwd_dense", reinterpret_cast<void*>(SokEmbedBwdDenseCuda)});
   out.push_back({"sok_embed_wgrad", reinterpret_cast<void*>(SokEmbedWgradCuda)});
   out.push_back(
       {"sok_rows_to_dense", reinterpret_cast<void*>(SokRowsToDenseCuda)});

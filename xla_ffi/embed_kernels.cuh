@@ -53,6 +53,52 @@ __device__ __forceinline__ void BagRangeDev(const int32_t* off, int64_t b,
 // under the 64-register cap).
 __host__ __device__ constexpr int CplFor(int vec) { return vec >= 8 ? 2 : 4; }
 
+// The forward's inner step: the lane's CPL chunks (c_first, c_first + tpb,
+// ...) of U rows (r < 0: none) loaded together, then acc += w * row.
+template <typename T, int VEC, int CPL, int U>
+__device__ __forceinline__ void AccumulateRows(const T* __restrict__ table,
+                                               int64_t dim, const int64_t (&r)[U],
+                                               const float (&wv)[U],
+                                               int64_t c_first, int tpb,
+                                               int64_t chunks,
+                                               float (&acc)[CPL][VEC]) {
+  float v[U][CPL][VEC];
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+#pragma unroll
+    for (int k = 0; k < CPL; ++k) {
+      const int64_t c = c_first + static_cast<int64_t>(k) * tpb;
+      if (c < chunks && r[u] >= 0) {
+        LoadF<T, VEC>(table + r[u] * dim + c * VEC, v[u][k]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) v[u][k][i] = 0.f;
+      }
+    }
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+#pragma unroll
+    for (int k = 0; k < CPL; ++k)
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc[k][i] += wv[u] * v[u][k][i];
+}
+
+// The forward's last step: the lane's chunks of the bag's output row, scaled.
+template <typename T, int VEC, int CPL>
+__device__ __forceinline__ void ScaleStore(T* __restrict__ out_row, float scale,
+                                           int64_t c_first, int tpb,
+                                           int64_t chunks,
+                                           float (&acc)[CPL][VEC]) {
+#pragma unroll
+  for (int k = 0; k < CPL; ++k) {
+    const int64_t c = c_first + static_cast<int64_t>(k) * tpb;
+    if (c >= chunks) continue;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[k][i] *= scale;
+    StoreF<T, VEC>(out_row + c * VEC, acc[k]);
+  }
+}
+
 template <typename T, typename K, int VEC, int CPL, int U>
 __global__ void __launch_bounds__(256, 4)
     EmbedFwdKernel(const T* __restrict__ table, int64_t rows, int64_t dim,
@@ -97,38 +143,63 @@ __global__ void __launch_bounds__(256, 4)
           wv[u] = __shfl_sync(mask, my_w, (t + u) & (tpb - 1), tpb);
           if (t + u >= cnt) r[u] = -1;
         }
-        float v[U][CPL][VEC];
-#pragma unroll
-        for (int u = 0; u < U; ++u)
-#pragma unroll
-          for (int k = 0; k < CPL; ++k) {
-            const int64_t c = c_first + static_cast<int64_t>(k) * tpb;
-            if (c < chunks && r[u] >= 0) {
-              LoadF<T, VEC>(table + r[u] * dim + c * VEC, v[u][k]);
-            } else {
-#pragma unroll
-              for (int i = 0; i < VEC; ++i) v[u][k][i] = 0.f;
-            }
-          }
-#pragma unroll
-        for (int u = 0; u < U; ++u)
-#pragma unroll
-          for (int k = 0; k < CPL; ++k)
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) acc[k][i] += wv[u] * v[u][k][i];
+        AccumulateRows<T, VEC, CPL, U>(table, dim, r, wv, c_first, tpb, chunks, acc);
       }
     }
     ws = GroupSum(ws, mask, tpb);
     w2 = GroupSum(w2, mask, tpb);
-    const float scale = CombinerScale(combiner, ws, w2);
+    ScaleStore<T, VEC, CPL>(out + bag * dim, CombinerScale(combiner, ws, w2),
+                            c_first, tpb, chunks, acc);
+  }
+}
+
+// Forward for bags of one fixed length (padded and BCOO ids, and the
+// owner-side gathers of the exchange: bag b holds positions
+// [b * nnz, (b + 1) * nnz)). No offsets are read, and every lane of a group
+// loads the bag's ids and weights itself (the same addresses across the
+// group: one transaction), so the group needs no shuffles and each lane can
+// keep its own weight sums. U keys at a time, CPL 16-byte chunks per lane:
+// nnz = 1 is a gather with CplFor(VEC) chunks per lane.
+template <typename T, typename K, int VEC, int CPL, int U>
+__global__ void __launch_bounds__(256, 4)
+    EmbedFwdFixedKernel(const T* __restrict__ table, int64_t rows, int64_t dim,
+                        const K* __restrict__ ids, const float* __restrict__ w,
+                        int64_t nnz, int64_t m, int32_t combiner, int tpb,
+                        T* __restrict__ out) {
+  const int lane = threadIdx.x & (tpb - 1);
+  const int64_t bag =
+      (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / tpb;
+  if (bag >= m) return;
+  const int64_t lo = bag * nnz;
+  const int64_t chunks = dim / VEC;
+  for (int64_t c0 = 0; c0 < chunks; c0 += static_cast<int64_t>(tpb) * CPL) {
+    const int64_t c_first = c0 + lane;
+    float acc[CPL][VEC];
 #pragma unroll
-    for (int k = 0; k < CPL; ++k) {
-      const int64_t c = c_first + static_cast<int64_t>(k) * tpb;
-      if (c >= chunks) continue;
+    for (int k = 0; k < CPL; ++k)
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) acc[k][i] *= scale;
-      StoreF<T, VEC>(out + bag * dim + c * VEC, acc[k]);
+      for (int i = 0; i < VEC; ++i) acc[k][i] = 0.f;
+    float ws = 0.f, w2 = 0.f;
+    for (int64_t t = 0; t < nnz; t += U) {
+      int64_t r[U];
+      float wv[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        r[u] = -1;
+        wv[u] = 0.f;
+        if (t + u < nnz) {
+          r[u] = RowOf(ids[lo + t + u], rows);
+          wv[u] = w ? w[lo + t + u] : 1.f;
+        }
+        if (r[u] >= 0) {
+          ws += wv[u];
+          w2 += wv[u] * wv[u];
+        }
+      }
+      AccumulateRows<T, VEC, CPL, U>(table, dim, r, wv, c_first, tpb, chunks, acc);
     }
+    ScaleStore<T, VEC, CPL>(out + bag * dim, CombinerScale(combiner, ws, w2),
+                            c_first, tpb, chunks, acc);
   }
 }
 
@@ -246,11 +317,20 @@ __device__ __forceinline__ int64_t ValidRuns(const uint32_t* unique_keys,
   return r;
 }
 
-// Step 3a: a warp per unique run. Short runs are summed straight into
-// row_grads; long runs are left to the chunk kernels. Also writes
-// unique_rows (-1 beyond the valid runs), zero rows beyond them and
-// num_unique.
-template <typename G, int VEC>
+// Where the reduced rows go. Sparse: row u of `rows` ([N, D] float32) is the
+// gradient of unique run u, and the kernels also write unique_rows (-1
+// beyond the valid runs), zero rows beyond them and num_unique. Dense: the
+// run of table row k is written to row k of `rows` ([num_rows, D] in the
+// table's dtype, zeroed before), nothing else.
+template <bool kDense>
+__device__ __forceinline__ int64_t OutRow(int64_t u, const uint32_t* ukeys) {
+  if constexpr (kDense) return static_cast<int64_t>(ukeys[u]);
+  return u;
+}
+
+// Step 3a: a warp per unique run. Short runs are summed straight into their
+// output row; long runs are left to the chunk kernels.
+template <typename G, int VEC, typename O, bool kDense>
 __global__ void ReduceRuns(const G* __restrict__ grad, int64_t dim,
                            const uint32_t* __restrict__ ukeys,
                            const int32_t* __restrict__ counts,
@@ -261,32 +341,37 @@ __global__ void ReduceRuns(const G* __restrict__ grad, int64_t dim,
                            const int32_t* __restrict__ bag_of,
                            const float* __restrict__ scale_of, int64_t n,
                            uint32_t sentinel, int32_t* unique_rows,
-                           float* row_grads, int32_t* num_unique) {
+                           O* out_rows, int32_t* num_unique) {
   const int lane = threadIdx.x & 31;
   const int64_t u =
       (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   if (u >= n) return;
   const int64_t valid = ValidRuns(ukeys, num_runs, sentinel);
-  if (u == 0 && lane == 0) *num_unique = static_cast<int32_t>(valid);
   const int64_t cols = dim / VEC;
-  if (u >= valid) {
-    if (lane == 0) unique_rows[u] = -1;
-    float z[VEC];
+  if constexpr (!kDense) {
+    if (u == 0 && lane == 0) *num_unique = static_cast<int32_t>(valid);
+    if (u >= valid) {
+      if (lane == 0) unique_rows[u] = -1;
+      float z[VEC];
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) z[i] = 0.f;
-    for (int64_t c = lane; c < cols; c += 32)
-      StoreF<float, VEC>(row_grads + u * dim + c * VEC, z);
-    return;
+      for (int i = 0; i < VEC; ++i) z[i] = 0.f;
+      for (int64_t c = lane; c < cols; c += 32)
+        StoreF<O, VEC>(out_rows + u * dim + c * VEC, z);
+      return;
+    }
+    if (lane == 0) unique_rows[u] = static_cast<int32_t>(ukeys[u]);
+  } else {
+    if (u >= valid) return;
   }
-  if (lane == 0) unique_rows[u] = static_cast<int32_t>(ukeys[u]);
   if (chunks[u] != 0) return;
   const int64_t p0 = starts[u], p1 = p0 + counts[u];
+  O* dst = out_rows + OutRow<kDense>(u, ukeys) * dim;
   for (int64_t c = lane; c < cols; c += 32) {
     float acc[VEC];
 #pragma unroll
     for (int i = 0; i < VEC; ++i) acc[i] = 0.f;
     SumPositions<G, VEC>(grad, dim, spos, bag_of, scale_of, p0, p1, c, acc);
-    StoreF<float, VEC>(row_grads + u * dim + c * VEC, acc);
+    StoreF<O, VEC>(dst + c * VEC, acc);
   }
 }
 
@@ -332,18 +417,20 @@ __global__ void ReduceChunks(const G* __restrict__ grad, int64_t dim,
 }
 
 // Step 3c: a warp per long run sums its chunk partials in order.
-template <int VEC>
-__global__ void ReducePartials(const int32_t* __restrict__ chunks,
+template <int VEC, typename O, bool kDense>
+__global__ void ReducePartials(const uint32_t* __restrict__ ukeys,
+                               const int32_t* __restrict__ chunks,
                                const int32_t* __restrict__ chunk_start,
                                const int32_t* __restrict__ num_runs,
                                const float* __restrict__ partial, int64_t dim,
-                               int64_t n, float* row_grads) {
+                               int64_t n, O* out_rows) {
   const int lane = threadIdx.x & 31;
   const int64_t u =
       (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   if (u >= n || u >= *num_runs || chunks[u] == 0) return;
   const int64_t k0 = chunk_start[u], k1 = k0 + chunks[u];
   const int64_t cols = dim / VEC;
+  O* dst = out_rows + OutRow<kDense>(u, ukeys) * dim;
   for (int64_t c = lane; c < cols; c += 32) {
     float acc[VEC];
 #pragma unroll
@@ -354,7 +441,7 @@ __global__ void ReducePartials(const int32_t* __restrict__ chunks,
 #pragma unroll
       for (int i = 0; i < VEC; ++i) acc[i] += v[i];
     }
-    StoreF<float, VEC>(row_grads + u * dim + c * VEC, acc);
+    StoreF<O, VEC>(dst + c * VEC, acc);
   }
 }
 

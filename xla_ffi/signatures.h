@@ -20,7 +20,8 @@ auto EmbedFwd(B b) {
       .template Arg<ffi::AnyBuffer>()      // offsets
       .template Arg<ffi::AnyBuffer>()      // weights
       .template Ret<ffi::AnyBuffer>()      // out
-      .template Attr<int32_t>("combiner");
+      .template Attr<int32_t>("combiner")
+      .template Attr<int64_t>("fixed_nnz");  // 0: ragged (read offsets)
 }
 
 template <typename B>
@@ -35,6 +36,18 @@ auto EmbedBwd(B b) {
       .template Ret<ffi::AnyBuffer>()         // workspace (CUDA only uses it)
       .template Attr<int32_t>("combiner")
       .template Attr<int64_t>("num_rows");
+}
+
+// The backward straight to the dense [num_rows, D] table cotangent.
+template <typename B>
+auto EmbedBwdDense(B b) {
+  return std::move(b).template Arg<ffi::AnyBuffer>()  // grad_out
+      .template Arg<ffi::AnyBuffer>()      // ids
+      .template Arg<ffi::AnyBuffer>()      // offsets
+      .template Arg<ffi::AnyBuffer>()      // weights
+      .template Ret<ffi::AnyBuffer>()      // dense (the table's dtype)
+      .template Ret<ffi::AnyBuffer>()      // workspace (CUDA only uses it)
+      .template Attr<int32_t>("combiner");
 }
 
 template <typename B>

@@ -73,14 +73,35 @@ def check_bags(ids, offsets, weights) -> None:
         )
 
 
-def lookup_combine(table, ids, offsets, weights, combiner: str):
-    """Looks up and combines each bag: [num_bags, D] in the table's dtype."""
+def check_fixed_nnz(ids, offsets, fixed_nnz: int) -> None:
+    m = offsets.shape[0] - 1
+    if fixed_nnz < 0 or (fixed_nnz > 0 and ids.shape[0] != m * fixed_nnz):
+        raise ValueError(
+            f"fixed_nnz={fixed_nnz} must be 0 or tile the ids exactly "
+            f"(len(ids)={ids.shape[0]}, num_bags={m})"
+        )
+
+
+def lookup_combine(table, ids, offsets, weights, combiner: str, fixed_nnz: int = 0):
+    """Looks up and combines each bag: [num_bags, D] in the table's dtype.
+
+    `fixed_nnz` > 0 promises that bag b is positions [b * fixed_nnz,
+    (b + 1) * fixed_nnz) (padded and BCOO ids, where `offsets` is exactly
+    that): the kernel then reads no offsets (the one-key-per-bag case is a
+    plain gather). 0: the bags are wherever `offsets` says.
+    """
     check_table(table)
     check_bags(ids, offsets, weights)
+    check_fixed_nnz(ids, offsets, fixed_nnz)
     m = offsets.shape[0] - 1
     out = jax.ShapeDtypeStruct((m, table.shape[1]), table.dtype)
     return jax.ffi.ffi_call("sok_embed_fwd", out, vmap_method="sequential")(
-        table, ids, offsets, weights, combiner=np.int32(combiner_code(combiner))
+        table,
+        ids,
+        offsets,
+        weights,
+        combiner=np.int32(combiner_code(combiner)),
+        fixed_nnz=np.int64(fixed_nnz),
     )
 
 
@@ -92,12 +113,7 @@ def bwd_workspace_bytes(n: int, dim: int) -> int:
     return 36 * n + (16 * n + (4 << 20)) + (n // 64 + 1) * dim * 4 + 8192
 
 
-def lookup_combine_bwd(grad_out, ids, offsets, weights, combiner: str, num_rows: int):
-    """Per distinct row, the summed gradient: a `SparseRowGrad` of capacity N.
-
-    Sort + run-length on the device (cub), summed in position order, no float
-    atomics: deterministic.
-    """
+def _check_grad_out(grad_out, ids, offsets, weights) -> None:
     check_bags(ids, offsets, weights)
     if grad_out.ndim != 2 or grad_out.shape[0] != offsets.shape[0] - 1:
         raise ValueError(
@@ -105,6 +121,15 @@ def lookup_combine_bwd(grad_out, ids, offsets, weights, combiner: str, num_rows:
         )
     if jnp.dtype(grad_out.dtype) not in TABLE_DTYPES:
         raise ValueError(f"grad_out must be a float type, got {grad_out.dtype}")
+
+
+def lookup_combine_bwd(grad_out, ids, offsets, weights, combiner: str, num_rows: int):
+    """Per distinct row, the summed gradient: a `SparseRowGrad` of capacity N.
+
+    Sort + run-length on the device (cub), summed in position order, no float
+    atomics: deterministic.
+    """
+    _check_grad_out(grad_out, ids, offsets, weights)
     n, d = ids.shape[0], grad_out.shape[1]
     outs = (
         jax.ShapeDtypeStruct((n,), jnp.int32),
@@ -121,6 +146,24 @@ def lookup_combine_bwd(grad_out, ids, offsets, weights, combiner: str, num_rows:
         num_rows=np.int64(num_rows),
     )
     return SparseRowGrad(rows, grads, count)
+
+
+def lookup_combine_bwd_dense(
+    grad_out, ids, offsets, weights, combiner: str, num_rows: int, dtype=jnp.float32
+):
+    """The dense [num_rows, D] table cotangent in `dtype`: the same sums as
+    `rows_to_dense(lookup_combine_bwd(...))`, in one target (on the GPU each
+    touched row is written once, straight from the sorted runs)."""
+    _check_grad_out(grad_out, ids, offsets, weights)
+    n, d = ids.shape[0], grad_out.shape[1]
+    outs = (
+        jax.ShapeDtypeStruct((num_rows, d), dtype),
+        jax.ShapeDtypeStruct((bwd_workspace_bytes(n, d),), jnp.uint8),
+    )
+    dense, _ = jax.ffi.ffi_call("sok_embed_bwd_dense", outs, vmap_method="sequential")(
+        grad_out.astype(dtype), ids, offsets, weights, combiner=np.int32(combiner_code(combiner))
+    )
+    return dense
 
 
 def weight_grad(table, grad_out, ids, offsets, weights, combiner: str):

@@ -54,8 +54,11 @@ def _bag_scales(ids, offsets, weights, combiner: str, num_rows: int):
     return seg, valid, rows, w, f
 
 
-def lookup_combine(table, ids, offsets, weights, combiner: str):
-    """`jnp.take` + masked segment sum; differentiable by plain JAX autodiff."""
+def lookup_combine(table, ids, offsets, weights, combiner: str, fixed_nnz: int = 0):
+    """`jnp.take` + masked segment sum; differentiable by plain JAX autodiff.
+
+    `fixed_nnz` is accepted for the kernels' signature; the bags are read
+    from `offsets` (which must then say the same)."""
     m = offsets.shape[0] - 1
     seg, valid, rows, w, f = _bag_scales(ids, offsets, weights, combiner, table.shape[0])
     vecs = jnp.take(table, rows, axis=0).astype(jnp.float32)
@@ -92,3 +95,10 @@ def rows_to_dense(sparse: SparseRowGrad, num_rows: int, dtype=jnp.float32):
     idx = jnp.where(real & (sparse.rows >= 0), sparse.rows, num_rows)
     dense = jnp.zeros((num_rows, sparse.grads.shape[1]), jnp.float32)
     return dense.at[idx].set(sparse.grads, mode="drop").astype(dtype)
+
+
+def lookup_combine_bwd_dense(
+    grad_out, ids, offsets, weights, combiner: str, num_rows: int, dtype=jnp.float32
+):
+    sparse = lookup_combine_bwd(grad_out, ids, offsets, weights, combiner, num_rows)
+    return rows_to_dense(sparse, num_rows, dtype)
