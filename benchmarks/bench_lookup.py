@@ -10,6 +10,11 @@ Both implementations are checked against each other at every point before
 anything is timed (forward max |diff| and gradient relative error, with
 asserts), so a fast wrong kernel cannot pass.
 
+A/B against the previous kernels in the same run ("prev": the forward that
+reads the bag offsets, `fixed_nnz=0`; the backward as two targets, sparse
+rows then `rows_to_dense`), checked against the same oracle (forward) and
+bit-equal (gradient) before timing.
+
 Physical limit (DESIGN.md, "Physical limits"): bytes that must move, over the
 copy bandwidth measured on the same card in the same run.
   forward bytes  = valid lookups * D * 4   (each looked-up row read once)
@@ -171,9 +176,40 @@ def pure_jax_embed(table, ids, combiner):
     return summed.astype(table.dtype)
 
 
+def _prev_embed(combiner):
+    """The previous kernels, for an A/B in the same run: the forward reading
+    the bag offsets (fixed_nnz=0) and the two-target backward (sparse rows,
+    then `rows_to_dense`)."""
+    from sok_jax import ids as ids_lib
+    from sok_jax.ops import embed_ops
+
+    @jax.custom_vjp
+    def f(table, ids, offsets, w):
+        return embed_ops.lookup_combine(table, ids, offsets, w, combiner, 0)
+
+    def fwd(table, ids, offsets, w):
+        return f(table, ids, offsets, w), (table, ids, offsets, w)
+
+    def bwd(res, g):
+        table, ids, offsets, w = res
+        sp = embed_ops.lookup_combine_bwd(g, ids, offsets, w, combiner, table.shape[0])
+        return embed_ops.rows_to_dense(sp, table.shape[0], table.dtype), None, None, None
+
+    f.defvjp(fwd, bwd)
+
+    def embed(table, ids):
+        bags = ids_lib.to_bags(ids)
+        out = f(table, bags.ids, bags.offsets, bags.weights)
+        return out.reshape(*bags.batch_shape, table.shape[1])
+
+    return embed
+
+
 def build_fns(combiner):
     def sok_fwd(table, ids):
         return sok_jax.embed(table, ids, combiner=combiner)
+
+    prev_fwd = _prev_embed(combiner)
 
     def jax_fwd(table, ids):
         return pure_jax_embed(table, ids, combiner)
@@ -185,6 +221,8 @@ def build_fns(combiner):
 
     return {
         "sok_fwd": jax.jit(sok_fwd),
+        "prev_fwd": jax.jit(prev_fwd),
+        "prev_fb": jax.jit(jax.value_and_grad(loss_of(prev_fwd))),
         "jax_fwd": jax.jit(jax_fwd),
         "sok_fb": jax.jit(jax.value_and_grad(loss_of(sok_fwd))),
         "jax_fb": jax.jit(jax.value_and_grad(loss_of(jax_fwd))),
@@ -250,10 +288,14 @@ def run_point(res, args, fns, table, rows, D, nnz, dist, rng, copy_bw):
     jax_ids, sok_ids, cot = sets[0]
     o_sok = fns["sok_fwd"](table, sok_ids)
     o_jax = fns["jax_fwd"](table, jax_ids)
+    o_prev = fns["prev_fwd"](table, sok_ids)
     if o_sok.shape != (B, S, D):
         raise AssertionError(f"sok output shape {o_sok.shape}, expected {(B, S, D)}")
     fwd = _host(diff_stats(o_sok, o_jax))
-    del o_sok, o_jax
+    prev = _host(diff_stats(o_prev, o_jax))
+    del o_sok, o_jax, o_prev
+    if not prev["max_abs_diff"] <= args.tol * max(1.0, prev["max_abs_ref"]):
+        raise AssertionError(f"previous forward mismatch: {prev}")
     res["fwd_check"] = fwd
     print(f"  check fwd: max|diff|={fwd['max_abs_diff']:.3g} (max|ref|={fwd['max_abs_ref']:.3g}, "
           f"rel-norm={fwd['rel_norm']:.3g})", flush=True)
@@ -264,6 +306,10 @@ def run_point(res, args, fns, table, rows, D, nnz, dist, rng, copy_bw):
 
     (l_sok, g_sok) = fns["sok_fb"](table, sok_ids, cot)
     (l_jax, g_jax) = fns["jax_fb"](table, jax_ids, cot)
+    g_prev = fns["prev_fb"](table, sok_ids, cot)[1]
+    if not bool(jnp.array_equal(g_prev, g_sok)):  # the same sums, one target or two
+        raise AssertionError("one-target dense backward differs from the two-target one")
+    del g_prev
     grad = _host(diff_stats(g_sok, g_jax))
     grad["loss_sok"], grad["loss_jax"] = float(l_sok), float(l_jax)
     del g_sok, g_jax, l_sok, l_jax
@@ -290,8 +336,10 @@ def run_point(res, args, fns, table, rows, D, nnz, dist, rng, copy_bw):
     timings = {}
     for name, fn, argsets in [
         ("sok_fwd", fns["sok_fwd"], [(table, s) for _, s, _ in sets]),
+        ("prev_fwd", fns["prev_fwd"], [(table, s) for _, s, _ in sets]),
         ("jax_fwd", fns["jax_fwd"], [(table, j) for j, _, _ in sets]),
         ("sok_fb", fns["sok_fb"], [(table, s, c) for _, s, c in sets]),
+        ("prev_fb", fns["prev_fb"], [(table, s, c) for _, s, c in sets]),
         ("jax_fb", fns["jax_fb"], [(table, j, c) for j, _, c in sets]),
     ]:
         timings[name] = summarize(time_samples(fn, arg_sets=argsets, **kw))
@@ -310,6 +358,8 @@ def run_point(res, args, fns, table, rows, D, nnz, dist, rng, copy_bw):
         res[f"jax_{kind}_gbs"] = nbytes / t_jax / GB
         res[f"{kind}_pct_copy"] = 100.0 * nbytes / t_sok / copy_bw
         res[f"{kind}_speedup"] = t_jax / t_sok
+        res[f"prev_{kind}_ms"] = ms(f"prev_{kind}")
+        res[f"{kind}_vs_prev"] = timings[f"prev_{kind}"]["median_s"] / t_sok
 
 
 # --------------------------------------------------------------------------- main
@@ -324,11 +374,13 @@ COLUMNS = [
     ("fwd_gbs", "fwd GB/s", ".0f"),
     ("fwd_pct_copy", "fwd %copy", ".1f"),
     ("fwd_speedup", "fwd jax/sok", ".2f"),
+    ("fwd_vs_prev", "fwd prev/sok", ".2f"),
     ("sok_fb_ms", "sok f+b ms", ".3f"),
     ("jax_fb_ms", "jax f+b ms", ".3f"),
     ("fb_gbs", "f+b GB/s", ".0f"),
     ("fb_pct_copy", "f+b %copy", ".1f"),
     ("fb_speedup", "f+b jax/sok", ".2f"),
+    ("fb_vs_prev", "f+b prev/sok", ".2f"),
     ("fwd_maxdiff", "fwd max|diff|", ".2e"),
     ("status", "status"),
 ]

@@ -3,7 +3,8 @@
 # then the benchmarks named in $BENCH (space separated script names, with
 # their flags in BENCH_ARGS_<name>). SANITIZE_KERNELS=1 runs every FFI target
 # under compute-sanitizer (benchmarks/sanitize_kernels.py, one small
-# process). Logs go under $OUT (default ./gpu_out).
+# process). PROFILE=1 runs Nsight Compute on benchmarks/profile_lookup.py.
+# Logs go under $OUT (default ./gpu_out).
 #   OUT=/tmp/o BENCH="bench_lookup" bash benchmarks/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu_out}
@@ -50,6 +51,14 @@ if [ -n "${SANITIZE_KERNELS:-}" ]; then
     $PY benchmarks/sanitize_kernels.py > "$OUT/sanitize_kernels.log" 2>&1
   echo "sanitizer exit $?" | tee -a "$OUT/sanitize_kernels.log"
   grep -E "^=========|failed|FAIL" "$OUT/sanitize_kernels.log" | head -20
+fi
+if [ -n "${PROFILE:-}" ]; then
+  log "ncu: benchmarks/profile_lookup.py"
+  timeout ${PROFILE_TIMEOUT:-150} ncu --kernel-name regex:'EmbedFwd|gather' --launch-count ${PROFILE_LAUNCHES:-12} \
+    --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
+    $PY benchmarks/profile_lookup.py > "$OUT/ncu.log" 2>&1
+  echo "ncu exit $?" | tee -a "$OUT/ncu.log"
+  grep -E "EmbedFwd|gather|Duration|DRAM Throughput|Achieved Occupancy|Registers Per" "$OUT/ncu.log" | head -60
 fi
 for b in ${BENCH:-}; do
   var="BENCH_ARGS_$b"

@@ -10,7 +10,8 @@ has no test framework, no xdist, no multi-device setup).
 Shapes cover what broke before: bags longer than the backward's 128-id
 chunk, padding runs longer than a chunk, empty bags, ids out of range,
 D not a multiple of the 16-byte vector, 16-bit tables, weights, and the
-short-bag and long-bag forward shapes. Exit status 1 on a mismatch.
+short-bag and long-bag forward shapes, the fixed-length (no offsets)
+forward, and the one-target dense backward. Exit status 1 on a mismatch.
 """
 import sys
 
@@ -59,12 +60,34 @@ def embed_case(rng, dtype, rows, dim, m, max_len, weighted, combiner):
     want = reference.rows_to_dense(
         reference.lookup_combine_bwd(g, ids, offsets, w, combiner, rows), rows)
     close("bwd " + tag, dense, want, 1e-5)
+    gt = g.astype(table.dtype)
+    dense1 = jax.jit(embed_ops.lookup_combine_bwd_dense, static_argnums=(4, 5, 6))(
+        gt, ids, offsets, w, combiner, rows, table.dtype)
+    want1 = reference.rows_to_dense(
+        reference.lookup_combine_bwd(gt, ids, offsets, w, combiner, rows), rows)
+    close("bwd dense " + tag, dense1.astype(jnp.float32), want1, tol)
     if weighted:
         wg = jax.jit(embed_ops.weight_grad, static_argnums=5)(table, g, ids, offsets, w, combiner)
         _, vjp = jax.vjp(lambda ww: reference.lookup_combine(
             table.astype(jnp.float32), ids, offsets, ww, combiner), w)
         close("wgrad " + tag, wg, vjp(g.astype(table.dtype).astype(jnp.float32))[0], tol)
     return sp
+
+
+def fixed_case(rng, dtype, rows, dim, m, nnz, weighted, combiner):
+    """The fixed-length forward (no offsets read): bag b is [b*nnz, (b+1)*nnz)."""
+    tag = f"{jnp.dtype(dtype).name} D{dim} m{m} nnz={nnz} {combiner}{' w' if weighted else ''}"
+    table = jnp.asarray(rng.normal(size=(rows, dim)), dtype)
+    ids, _ = bags(rng, m * nnz, 1, rows, p_pad=0.0)  # one id per position, some bad
+    ids = jnp.where(jnp.asarray(rng.random(m * nnz) < 0.1), -1, jnp.resize(ids, (m * nnz,)))
+    offsets = jnp.arange(m + 1, dtype=jnp.int32) * nnz
+    w = jnp.asarray(rng.uniform(0.5, 1.5, m * nnz), jnp.float32) if weighted \
+        else jnp.zeros((0,), jnp.float32)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    out = jax.jit(embed_ops.lookup_combine, static_argnums=(4, 5))(
+        table, ids, offsets, w, combiner, nnz)
+    ref = reference.lookup_combine(table.astype(jnp.float32), ids, offsets, w, combiner)
+    close("fwd fixed " + tag, out, ref, tol)
 
 
 def optim_case(rng, rows, dim, sp):
@@ -115,6 +138,11 @@ def main():
                 for combiner, weighted in (("sum", False), ("mean", True), ("sqrtn", False)):
                     sp = embed_case(rng, dtype, 997, dim, 96, max_len, weighted, combiner)
     optim_case(rng, 997, 128, sp)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        for dim in (1, 3, 128, 129, 600):
+            for nnz in (1, 2, 5):
+                for combiner, weighted in (("sum", True), ("mean", False), ("sqrtn", True)):
+                    fixed_case(rng, dtype, 997, dim, 77, nnz, weighted, combiner)
     # Padding runs longer than the backward's chunk (the sentinel-run bug).
     ids = jnp.full((1000,), -1, jnp.int32).at[::97].set(5)
     offsets = jnp.asarray([0, 400, 1000], jnp.int32)

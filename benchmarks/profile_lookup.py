@@ -1,0 +1,56 @@
+"""The forward kernels of a few bench_lookup points, one launch each, for
+Nsight Compute: ours (fixed-length bags), the previous offsets-reading
+kernel, and XLA's gather of the pure-JAX way.
+
+  ncu --kernel-name regex:'EmbedFwd|gather' --launch-count 12 \\
+      --section SpeedOfLight --section Occupancy --section WarpStateStats \\
+      python3 benchmarks/profile_lookup.py
+  (also runs on CPU as a smoke check: python3 benchmarks/profile_lookup.py --small)
+
+Each function is called twice (the first call compiles); the table is 4 GiB
+as in bench_lookup.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)
+sys.path.insert(1, os.path.dirname(_HERE))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench_lookup import build_fns, make_ids  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--table-gb", type=float, default=4.0)
+    p.add_argument("--batch", type=int, default=16384)
+    p.add_argument("--points", default="128:1:uniform,128:4:zipf",
+                   help="D:nnz:dist, comma separated")
+    p.add_argument("--small", action="store_true")
+    args = p.parse_args(argv)
+    if args.small:
+        args.table_gb, args.batch = 2.0**-10, 64
+    fns = build_fns("mean")
+    rng = np.random.default_rng(0)
+    for point in args.points.split(","):
+        d, nnz, dist = point.split(":")
+        d, nnz = int(d), int(nnz)
+        rows = int(args.table_gb * 2**30 // (d * 4))
+        table = jax.random.normal(jax.random.key(d), (rows, d), jnp.float32)
+        ids = jnp.asarray(make_ids(rng, dist, args.batch, 26, nnz, False, rows, 1.1)[0])
+        for name in ("sok_fwd", "prev_fwd", "jax_fwd"):
+            for _ in range(2):
+                jax.block_until_ready(fns[name](table, ids))
+            print(f"{point} {name} done", flush=True)
+        del table
+
+
+if __name__ == "__main__":
+    main()
