@@ -45,18 +45,24 @@ if [ -n "${SANITIZE:-}" ]; then
   echo "sanitizer exit $?" | tee -a "$OUT/sanitizer.log"; grep -E "^=========|passed|failed" "$OUT/sanitizer.log" | head -20
 fi
 if [ -n "${SANITIZE_KERNELS:-}" ]; then
-  log "compute-sanitizer memcheck: benchmarks/sanitize_kernels.py"
-  XLA_FLAGS=--xla_gpu_autotune_level=0 timeout ${SAN_TIMEOUT:-300} \
-    compute-sanitizer --tool memcheck --leak-check no --error-exitcode 99 \
-    $PY benchmarks/sanitize_kernels.py > "$OUT/sanitize_kernels.log" 2>&1
-  echo "sanitizer exit $?" | tee -a "$OUT/sanitize_kernels.log"
-  grep -E "^=========|failed|FAIL" "$OUT/sanitize_kernels.log" | head -20
+  k=${SAN_SHARDS:-4}
+  log "compute-sanitizer memcheck: benchmarks/sanitize_kernels.py in $k parallel shards"
+  for i in $(seq 0 $((k - 1))); do
+    XLA_FLAGS=--xla_gpu_autotune_level=0 timeout ${SAN_TIMEOUT:-300} \
+      compute-sanitizer --tool memcheck --leak-check no --error-exitcode 99 \
+      $PY benchmarks/sanitize_kernels.py --shard $i/$k > "$OUT/sanitize_kernels.$i.log" 2>&1 &
+  done
+  rc=0; for j in $(jobs -p); do wait $j || rc=$?; done
+  echo "sanitizer exit (last nonzero) $rc" | tee -a "$OUT/session.log"
+  tail -q -n 1 "$OUT"/sanitize_kernels.*.log | tee -a "$OUT/session.log"
+  grep -hE "^=========|FAIL" "$OUT"/sanitize_kernels.*.log | head -20
+  cat "$OUT"/sanitize_kernels.*.log | grep -c "^ok" | sed 's/^/sanitizer ok lines: /' | tee -a "$OUT/session.log"
 fi
 if [ -n "${PROFILE:-}" ]; then
   log "ncu: benchmarks/profile_lookup.py"
   timeout ${PROFILE_TIMEOUT:-150} ncu --kernel-name regex:'EmbedFwd|gather' --launch-count ${PROFILE_LAUNCHES:-12} \
     --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
-    $PY benchmarks/profile_lookup.py > "$OUT/ncu.log" 2>&1
+    $PY benchmarks/profile_lookup.py ${PROFILE_ARGS:-} > "$OUT/ncu.log" 2>&1
   echo "ncu exit $?" | tee -a "$OUT/ncu.log"
   grep -E "EmbedFwd|gather|Duration|DRAM Throughput|Achieved Occupancy|Registers Per" "$OUT/ncu.log" | head -60
 fi

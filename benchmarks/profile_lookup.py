@@ -1,6 +1,8 @@
-"""The forward kernels of a few bench_lookup points, one launch each, for
-Nsight Compute: ours (fixed-length bags), the previous offsets-reading
-kernel, and XLA's gather of the pure-JAX way.
+"""A few bench_lookup points, each function called `--calls` times, for
+Nsight Compute: by default the forwards (ours for fixed-length bags, the
+previous offsets-reading kernel, XLA's gather of the pure-JAX way); with
+`--fns sok_fb,jax_fb` the forward+backward programs, for per-kernel times
+(`ncu --metrics gpu__time_duration.sum`).
 
   ncu --kernel-name regex:'EmbedFwd|gather' --launch-count 12 \\
       --section SpeedOfLight --section Occupancy --section WarpStateStats \\
@@ -33,6 +35,9 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=16384)
     p.add_argument("--points", default="128:1:uniform,128:4:zipf",
                    help="D:nnz:dist, comma separated")
+    p.add_argument("--fns", default="sok_fwd,prev_fwd,jax_fwd",
+                   help="bench_lookup functions (sok_/prev_/jax_ + fwd or fb), comma separated")
+    p.add_argument("--calls", type=int, default=2, help="calls of each (the first compiles)")
     p.add_argument("--small", action="store_true")
     args = p.parse_args(argv)
     if args.small:
@@ -45,9 +50,11 @@ def main(argv=None):
         rows = int(args.table_gb * 2**30 // (d * 4))
         table = jax.random.normal(jax.random.key(d), (rows, d), jnp.float32)
         ids = jnp.asarray(make_ids(rng, dist, args.batch, 26, nnz, False, rows, 1.1)[0])
-        for name in ("sok_fwd", "prev_fwd", "jax_fwd"):
-            for _ in range(2):
-                jax.block_until_ready(fns[name](table, ids))
+        cot = jax.random.normal(jax.random.key(1), (args.batch, 26, d), jnp.float32)
+        for name in args.fns.split(","):
+            extra = (cot,) if name.endswith("_fb") else ()
+            for _ in range(args.calls):
+                jax.block_until_ready(fns[name](table, ids, *extra))
             print(f"{point} {name} done", flush=True)
         del table
 

@@ -4,7 +4,7 @@ against the pure-JAX reference: the program to run under compute-sanitizer
 has no test framework, no xdist, no multi-device setup).
 
   compute-sanitizer --tool memcheck --error-exitcode 99 \\
-      python3 benchmarks/sanitize_kernels.py
+      python3 benchmarks/sanitize_kernels.py [--shard i/k]
   (also runs on CPU: python3 benchmarks/sanitize_kernels.py)
 
 Shapes cover what broke before: bags longer than the backward's 128-id
@@ -129,20 +129,30 @@ def hash_case(rng, capacity, n_keys, dtype):
     close(f"hash cap {capacity} row->key", g_keys[rows[rows >= 0]], kk[rows >= 0], 0)
 
 
-def main():
-    rng = np.random.default_rng(0)
-    print("backend:", jax.default_backend(), jax.devices()[0].device_kind, flush=True)
+def cases(rng):
+    """Every case as a closure, in a fixed order (so --shard splits are stable)."""
+    out = []
     for dtype in (jnp.float32, jnp.bfloat16):
         for dim in (1, 3, 16, 129, 128):
             for max_len in (1, 4, 300):  # short bags, long bags, runs past a chunk
                 for combiner, weighted in (("sum", False), ("mean", True), ("sqrtn", False)):
-                    sp = embed_case(rng, dtype, 997, dim, 96, max_len, weighted, combiner)
-    optim_case(rng, 997, 128, sp)
+                    out.append(lambda a=(dtype, dim, max_len, weighted, combiner): embed_case(
+                        rng, a[0], 997, a[1], 96, a[2], a[3], a[4]))
+    out.append(lambda: optim_case(rng, 997, 128, embed_case(
+        rng, jnp.float32, 997, 128, 96, 4, False, "sum")))
     for dtype in (jnp.float32, jnp.bfloat16):
         for dim in (1, 3, 128, 129, 600):
             for nnz in (1, 2, 5):
                 for combiner, weighted in (("sum", True), ("mean", False), ("sqrtn", True)):
-                    fixed_case(rng, dtype, 997, dim, 77, nnz, weighted, combiner)
+                    out.append(lambda a=(dtype, dim, nnz, weighted, combiner): fixed_case(
+                        rng, a[0], 997, a[1], 77, a[2], a[3], a[4]))
+    out.append(lambda: special_cases(rng))
+    for capacity, n_keys in ((64, 40), (64, 500), (4096, 3000)):
+        out.append(lambda a=(capacity, n_keys): hash_case(rng, a[0], a[1], jnp.int32))
+    return out
+
+
+def special_cases(rng):
     # Padding runs longer than the backward's chunk (the sentinel-run bug).
     ids = jnp.full((1000,), -1, jnp.int32).at[::97].set(5)
     offsets = jnp.asarray([0, 400, 1000], jnp.int32)
@@ -158,11 +168,26 @@ def main():
     sp = embed_ops.lookup_combine_bwd(g, ids, offsets, w, "sqrtn", 16)
     close("bwd hot row", embed_ops.rows_to_dense(sp, 16), reference.rows_to_dense(
         reference.lookup_combine_bwd(g, ids, offsets, w, "sqrtn", 16), 16), 1e-5)
-    for capacity, n_keys in ((64, 40), (64, 500), (4096, 3000)):
-        hash_case(rng, capacity, n_keys, jnp.int32)
+    close("bwd dense hot row", embed_ops.lookup_combine_bwd_dense(g, ids, offsets, w, "sqrtn", 16),
+          reference.rows_to_dense(reference.lookup_combine_bwd(g, ids, offsets, w, "sqrtn", 16),
+                                  16), 1e-5)
+
+
+def main(argv):
+    """`--shard i/k` runs cases i, i + k, ... (several sanitizer processes in
+    parallel: each case is mostly compilation)."""
+    i, k = 0, 1
+    if len(argv) == 2 and argv[0] == "--shard":
+        i, k = (int(x) for x in argv[1].split("/"))
+    rng = np.random.default_rng([0, i])
+    print("backend:", jax.default_backend(), jax.devices()[0].device_kind, f"shard {i}/{k}",
+          flush=True)
+    for j, case in enumerate(cases(rng)):
+        if j % k == i:
+            case()
     print(f"{len(FAILED)} failed" + (f": {FAILED}" if FAILED else ""), flush=True)
     return 1 if FAILED else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

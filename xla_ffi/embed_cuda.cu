@@ -24,14 +24,6 @@ bool Aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
 }
 
-// Lanes per bag in the forward: enough that each lane's `cpl` chunks cover
-// the row once (a power of two, at most a warp).
-int ThreadsPerBag(int64_t chunks, int cpl) {
-  int t = 1;
-  while (t < 32 && static_cast<int64_t>(t) * cpl < chunks) t *= 2;
-  return t;
-}
-
 ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer table, ffi::AnyBuffer ids,
                    ffi::AnyBuffer offsets, ffi::AnyBuffer weights,
                    ffi::Result<ffi::AnyBuffer> out, int32_t combiner,
@@ -60,7 +52,7 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer table, ffi::AnyBuffer ids
       if (fixed_nnz > 0) {
         // Bags of one length: no offsets, no shuffles (EmbedFwdFixedKernel).
         auto launch = [&](auto kernel, int cpl) {
-          const int tpb = ThreadsPerBag(chunks, cpl);
+          const int tpb = cuda::ThreadsPerBag(chunks, cpl);
           kernel<<<Blocks(m * tpb), kBlock, 0, stream>>>(
               tp, rows, dim, ids.reinterpret_data<K>(), w, fixed_nnz, m,
               combiner, tpb, op);
@@ -79,7 +71,7 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer table, ffi::AnyBuffer ids
       // Short bags (under 2 ids on average): the several-bags-per-warp shape.
       const bool short_bags = n < 2 * m;
       auto launch = [&](auto kernel, int cpl) {
-        const int tpb = ThreadsPerBag(chunks, cpl);
+        const int tpb = cuda::ThreadsPerBag(chunks, cpl);
         kernel<<<Blocks(m * tpb), kBlock, 0, stream>>>(
             tp, rows, dim, ids.reinterpret_data<K>(),
             offsets.typed_data<int32_t>(), w, n, m, combiner, tpb, op);

@@ -53,6 +53,14 @@ __device__ __forceinline__ void BagRangeDev(const int32_t* off, int64_t b,
 // under the 64-register cap).
 __host__ __device__ constexpr int CplFor(int vec) { return vec >= 8 ? 2 : 4; }
 
+// Lanes per bag: enough that each lane's `cpl` chunks cover the row once (a
+// power of two, at most a warp).
+inline int ThreadsPerBag(int64_t chunks, int cpl) {
+  int t = 1;
+  while (t < 32 && static_cast<int64_t>(t) * cpl < chunks) t *= 2;
+  return t;
+}
+
 // The forward's inner step: the lane's CPL chunks (c_first, c_first + tpb,
 // ...) of U rows (r < 0: none) loaded together, then acc += w * row.
 template <typename T, int VEC, int CPL, int U>
@@ -160,8 +168,8 @@ __global__ void __launch_bounds__(256, 4)
 // group: one transaction), so the group needs no shuffles and each lane can
 // keep its own weight sums. U keys at a time, CPL 16-byte chunks per lane:
 // nnz = 1 is a gather with CplFor(VEC) chunks per lane.
-template <typename T, typename K, int VEC, int CPL, int U>
-__global__ void __launch_bounds__(256, 4)
+template <typename T, typename K, int VEC, int CPL, int U, int MINB = 4>
+__global__ void __launch_bounds__(256, MINB)
     EmbedFwdFixedKernel(const T* __restrict__ table, int64_t rows, int64_t dim,
                         const K* __restrict__ ids, const float* __restrict__ w,
                         int64_t nnz, int64_t m, int32_t combiner, int tpb,
