@@ -57,11 +57,20 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer table, ffi::AnyBuffer ids
               tp, rows, dim, ids.reinterpret_data<K>(), w, fixed_nnz, m,
               combiner, tpb, op);
         };
+        // Shapes picked with benchmarks/kernel_variants.cu (H100, float32
+        // rows): one id per bag, 2 chunks per lane at 8 blocks per SM, runs
+        // at the plain-gather floor for D 16..128; longer bags, 2 chunks x 4
+        // ids per lane (1.3x the 1x4 shape on Zipf keys). 16-bit rows keep
+        // the register-safe shapes.
+        constexpr bool kF32 = kVec == 4;
+        constexpr int kCplOne = kF32 ? 2 : kCpl;
+        constexpr int kMinbOne = kF32 ? 8 : 4;
+        constexpr int kCplMany = kF32 ? 2 : 1;
         const bool single = fixed_nnz == 1;
         if (fast && single)
-          launch(cuda::EmbedFwdFixedKernel<T, K, kVec, kCpl, 1>, kCpl);
+          launch(cuda::EmbedFwdFixedKernel<T, K, kVec, kCplOne, 1, kMinbOne>, kCplOne);
         else if (fast)
-          launch(cuda::EmbedFwdFixedKernel<T, K, kVec, 1, 4>, 1);
+          launch(cuda::EmbedFwdFixedKernel<T, K, kVec, kCplMany, 4>, kCplMany);
         else if (single)
           launch(cuda::EmbedFwdFixedKernel<T, K, 1, kCpl1, 1>, kCpl1);
         else
@@ -182,10 +191,12 @@ ffi::Error SortRuns(cudaStream_t stream, ffi::AnyBuffer ids,
   auto err = DispatchKey(ids.element_type(), "ids", [&](auto key) {
     using K = decltype(key);
     cuda::PrepFill<<<Blocks(n), kBlock, 0, stream>>>(keys_in, pos_in, n, sentinel);
+    // Lanes per bag by the mean bag length: one for about one id.
+    const int tpb = n <= 2 * m ? 1 : (n <= 8 * m ? 4 : 32);
     if (m > 0)
-      cuda::PrepBags<K><<<Blocks(m * 32), kBlock, 0, stream>>>(
+      cuda::PrepBags<K><<<Blocks(m * tpb), kBlock, 0, stream>>>(
           ids.reinterpret_data<K>(), offsets.typed_data<int32_t>(), w, n, m,
-          num_rows, combiner, keys_in, r.bag_of, r.scale_of);
+          num_rows, combiner, tpb, keys_in, r.bag_of, r.scale_of);
     return ffi::Error::Success();
   });
   if (err.failure()) return err;
@@ -209,19 +220,32 @@ ffi::Error SortRuns(cudaStream_t stream, ffi::AnyBuffer ids,
 // Step 3 of the backward: the runs summed into `out_rows` (kDense: rows of
 // the dense [num_rows, D] cotangent of type O; else the [N, D] float32
 // row_grads with unique_rows / num_unique).
+// Step 3 of the backward: the runs summed into `out_rows` (kDense: every
+// row of the dense [num_rows, D] cotangent of type O; else the [N, D]
+// float32 row_grads with unique_rows / num_unique).
 template <bool kDense, typename G, typename O>
 void ReduceAll(cudaStream_t stream, const G* gp, int64_t dim, int64_t n,
-               uint32_t sentinel, const Runs& r, int32_t* unique_rows,
+               int64_t num_rows, const Runs& r, int32_t* unique_rows,
                O* out_rows, int32_t* num_unique) {
+  const uint32_t sentinel = static_cast<uint32_t>(num_rows);
   auto launch = [&](auto vec) {
     constexpr int V = decltype(vec)::value;
-    cuda::ReduceRuns<G, V, O, kDense><<<Blocks(n * 32), kBlock, 0, stream>>>(
-        gp, dim, r.ukeys, r.counts, r.starts, r.num_runs, r.chunks, r.pos_out,
-        r.bag_of, r.scale_of, n, sentinel, unique_rows, out_rows, num_unique);
+    const int tpb = cuda::ThreadsPerBag(dim / V, cuda::kRunCpl);
+    if constexpr (kDense) {
+      const int64_t blocks = (num_rows + cuda::kFillRows - 1) / cuda::kFillRows;
+      cuda::DenseFill<G, V, O><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(
+          gp, dim, r.ukeys, r.counts, r.starts, r.num_runs, r.chunks, r.pos_out,
+          r.bag_of, r.scale_of, sentinel, num_rows, tpb, out_rows);
+    } else {
+      cuda::ReduceRuns<G, V><<<Blocks(n * tpb), kBlock, 0, stream>>>(
+          gp, dim, r.ukeys, r.counts, r.starts, r.num_runs, r.chunks, r.pos_out,
+          r.bag_of, r.scale_of, n, sentinel, tpb, unique_rows, out_rows,
+          num_unique);
+    }
     cuda::ReduceChunks<G, V><<<Blocks(r.max_chunks * 32), kBlock, 0, stream>>>(
         gp, dim, r.counts, r.starts, r.chunks, r.chunk_start, r.num_runs,
         r.pos_out, r.bag_of, r.scale_of, r.max_chunks, r.partial);
-    cuda::ReducePartials<V, O, kDense><<<Blocks(n * 32), kBlock, 0, stream>>>(
+    cuda::ReducePartials<V, O, kDense><<<Blocks(n), kBlock, 0, stream>>>(
         r.ukeys, r.chunks, r.chunk_start, r.num_runs, r.partial, dim, n,
         out_rows);
   };
@@ -264,8 +288,7 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer grad, ffi::AnyBuffer ids,
     return e;
   auto err = DispatchFloat(grad.element_type(), "grad_out", [&](auto tag) {
     using G = typename DevType<decltype(tag)>::type;
-    ReduceAll<false>(stream, grad.reinterpret_data<G>(), dim, n,
-                     static_cast<uint32_t>(num_rows), r,
+    ReduceAll<false>(stream, grad.reinterpret_data<G>(), dim, n, num_rows, r,
                      unique_rows->typed_data(), row_grads->typed_data(),
                      num_unique->typed_data());
     return ffi::Error::Success();
@@ -274,9 +297,9 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer grad, ffi::AnyBuffer ids,
   return LastError("sok_embed_bwd");
 }
 
-// The dense table cotangent straight from the runs: zero the [num_rows, D]
-// output, then each touched row is written once by the warp that sums it
-// (no [N, D] intermediate, no second scatter pass).
+// The dense table cotangent straight from the runs: every row written once,
+// its summed gradient or zeros (no memset of the table, no [N, D]
+// intermediate, no second scatter pass).
 ffi::Error BwdDenseImpl(cudaStream_t stream, ffi::AnyBuffer grad,
                         ffi::AnyBuffer ids, ffi::AnyBuffer offsets,
                         ffi::AnyBuffer weights, ffi::Result<ffi::AnyBuffer> dense,
@@ -291,8 +314,12 @@ ffi::Error BwdDenseImpl(cudaStream_t stream, ffi::AnyBuffer grad,
     return InvalidArgument("grad_out must be [num_bags, D] of the dense dtype");
   if (num_rows >= INT32_MAX)
     return InvalidArgument("dense may have at most 2^31 - 2 rows");
-  cudaMemsetAsync(dense->untyped_data(), 0, dense->size_bytes(), stream);
-  if (n == 0 || dim == 0) return LastError("sok_embed_bwd_dense");
+  if (num_rows == 0 || dim == 0) return ffi::Error::Success();
+  if (n == 0 || m == 0) {
+    cudaMemsetAsync(dense->untyped_data(), 0, dense->size_bytes(), stream);
+    return LastError("sok_embed_bwd_dense");
+  }
+  // Otherwise DenseFill writes every row (zeros where nothing looked it up).
   const float* w = weights.element_count() ? weights.typed_data<float>() : nullptr;
   Runs r;
   if (auto e = SortRuns(stream, ids, offsets, w, n, m, dim, num_rows, combiner,
@@ -301,8 +328,8 @@ ffi::Error BwdDenseImpl(cudaStream_t stream, ffi::AnyBuffer grad,
     return e;
   auto err = DispatchFloat(dense->element_type(), "dense", [&](auto tag) {
     using T = typename DevType<decltype(tag)>::type;
-    ReduceAll<true>(stream, grad.reinterpret_data<T>(), dim, n,
-                    static_cast<uint32_t>(num_rows), r, nullptr,
+    ReduceAll<true>(stream, grad.reinterpret_data<T>(), dim, n, num_rows, r,
+                    nullptr,
                     dense->reinterpret_data<T>(), nullptr);
     return ffi::Error::Success();
   });

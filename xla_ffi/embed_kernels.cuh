@@ -225,28 +225,30 @@ __global__ void PrepFill(uint32_t* keys, int32_t* pos, int64_t n,
   }
 }
 
+// TPB lanes per bag (1 for bags of about one id, more for longer bags).
 template <typename K>
 __global__ void PrepBags(const K* __restrict__ ids, const int32_t* __restrict__ off,
                          const float* __restrict__ w, int64_t n, int64_t m,
-                         int64_t rows, int32_t combiner, uint32_t* keys,
+                         int64_t rows, int32_t combiner, int tpb, uint32_t* keys,
                          int32_t* bag_of, float* scale_of) {
-  const int lane = threadIdx.x & 31;
+  const int lane = threadIdx.x & (tpb - 1);
   const int64_t bag =
-      (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  if (bag >= m) return;
+      (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / tpb;
+  if (bag >= m) return;  // whole groups leave together
+  const unsigned mask = GroupMask(tpb);
   int64_t lo, hi;
   BagRangeDev(off, bag, n, &lo, &hi);
   float ws = 0.f, w2 = 0.f;
-  for (int64_t j = lo + lane; j < hi; j += 32) {
+  for (int64_t j = lo + lane; j < hi; j += tpb) {
     if (RowOf(ids[j], rows) < 0) continue;
     float wj = w ? w[j] : 1.f;
     ws += wj;
     w2 += wj * wj;
   }
-  ws = GroupSum(ws, 0xffffffffu, 32);
-  w2 = GroupSum(w2, 0xffffffffu, 32);
+  ws = GroupSum(ws, mask, tpb);
+  w2 = GroupSum(w2, mask, tpb);
   const float f = CombinerScale(combiner, ws, w2);
-  for (int64_t j = lo + lane; j < hi; j += 32) {
+  for (int64_t j = lo + lane; j < hi; j += tpb) {
     int64_t r = RowOf(ids[j], rows);
     if (r < 0) continue;
     keys[j] = static_cast<uint32_t>(r);
@@ -278,43 +280,40 @@ __global__ void ChunkCounts(const uint32_t* __restrict__ ukeys,
 }
 
 // Sum of scale[pos] * grad[bag[pos]] over sorted positions [p0, p1) into
-// acc, for the lane's VEC columns at chunk c. 4 rows in flight.
-template <typename G, int VEC>
-__device__ __forceinline__ void SumPositions(
-    const G* __restrict__ grad, int64_t dim, const int32_t* __restrict__ spos,
-    const int32_t* __restrict__ bag_of, const float* __restrict__ scale_of,
-    int64_t p0, int64_t p1, int64_t c, float (&acc)[VEC]) {
-  for (int64_t p = p0; p < p1; p += 4) {
-    int64_t b[4];
-    float s[4];
+// acc, for the lane's CPL chunks (c_first, c_first + tpb, ...), in position
+// order; U positions' rows loaded together.
+template <typename G, int VEC, int CPL, int U>
+__device__ __forceinline__ void SumRun(const G* __restrict__ grad, int64_t dim,
+                                       const int32_t* __restrict__ spos,
+                                       const int32_t* __restrict__ bag_of,
+                                       const float* __restrict__ scale_of,
+                                       int64_t p0, int64_t p1, int64_t c_first,
+                                       int tpb, int64_t chunks,
+                                       float (&acc)[CPL][VEC]) {
 #pragma unroll
-    for (int u = 0; u < 4; ++u) {
+  for (int k = 0; k < CPL; ++k)
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[k][i] = 0.f;
+  for (int64_t p = p0; p < p1; p += U) {
+    int64_t b[U];
+    float sc[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      b[u] = -1;
+      sc[u] = 0.f;
       if (p + u < p1) {
-        int32_t q = spos[p + u];
+        const int32_t q = spos[p + u];
         b[u] = bag_of[q];
-        s[u] = scale_of[q];
-      } else {
-        b[u] = -1;
-        s[u] = 0.f;
+        sc[u] = scale_of[q];
       }
     }
-    float v[4][VEC];
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      if (b[u] >= 0) {
-        LoadF<G, VEC>(grad + b[u] * dim + c * VEC, v[u]);
-      } else {
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) v[u][i] = 0.f;
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) acc[i] += s[u] * v[u][i];
-    }
+    AccumulateRows<G, VEC, CPL, U>(grad, dim, b, sc, c_first, tpb, chunks, acc);
   }
 }
+
+// Chunks per lane and positions in flight of the run-summing kernels.
+constexpr int kRunCpl = 2;
+constexpr int kRunU = 2;
 
 // Number of runs that name a real row (the sentinel run, if any, is last).
 __device__ __forceinline__ int64_t ValidRuns(const uint32_t* unique_keys,
@@ -325,61 +324,109 @@ __device__ __forceinline__ int64_t ValidRuns(const uint32_t* unique_keys,
   return r;
 }
 
-// Where the reduced rows go. Sparse: row u of `rows` ([N, D] float32) is the
-// gradient of unique run u, and the kernels also write unique_rows (-1
-// beyond the valid runs), zero rows beyond them and num_unique. Dense: the
-// run of table row k is written to row k of `rows` ([num_rows, D] in the
-// table's dtype, zeroed before), nothing else.
-template <bool kDense>
-__device__ __forceinline__ int64_t OutRow(int64_t u, const uint32_t* ukeys) {
-  if constexpr (kDense) return static_cast<int64_t>(ukeys[u]);
-  return u;
-}
-
-// Step 3a: a warp per unique run. Short runs are summed straight into their
-// output row; long runs are left to the chunk kernels.
-template <typename G, int VEC, typename O, bool kDense>
-__global__ void ReduceRuns(const G* __restrict__ grad, int64_t dim,
-                           const uint32_t* __restrict__ ukeys,
-                           const int32_t* __restrict__ counts,
-                           const int32_t* __restrict__ starts,
-                           const int32_t* __restrict__ num_runs,
-                           const int32_t* __restrict__ chunks,
-                           const int32_t* __restrict__ spos,
-                           const int32_t* __restrict__ bag_of,
-                           const float* __restrict__ scale_of, int64_t n,
-                           uint32_t sentinel, int32_t* unique_rows,
-                           O* out_rows, int32_t* num_unique) {
-  const int lane = threadIdx.x & 31;
+// Step 3a (sparse form): TPB lanes per unique run u; short runs are summed
+// into row u of row_grads ([N, D] float32), long runs are left to the chunk
+// kernels. Also writes unique_rows (-1 beyond the valid runs), zero rows
+// beyond them and num_unique.
+template <typename G, int VEC>
+__global__ void __launch_bounds__(256, 4)
+    ReduceRuns(const G* __restrict__ grad, int64_t dim,
+               const uint32_t* __restrict__ ukeys,
+               const int32_t* __restrict__ counts,
+               const int32_t* __restrict__ starts,
+               const int32_t* __restrict__ num_runs,
+               const int32_t* __restrict__ chunks,
+               const int32_t* __restrict__ spos,
+               const int32_t* __restrict__ bag_of,
+               const float* __restrict__ scale_of, int64_t n, uint32_t sentinel,
+               int tpb, int32_t* unique_rows, float* row_grads,
+               int32_t* num_unique) {
+  const int lane = threadIdx.x & (tpb - 1);
   const int64_t u =
-      (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+      (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / tpb;
   if (u >= n) return;
   const int64_t valid = ValidRuns(ukeys, num_runs, sentinel);
+  if (u == 0 && lane == 0) *num_unique = static_cast<int32_t>(valid);
   const int64_t cols = dim / VEC;
-  if constexpr (!kDense) {
-    if (u == 0 && lane == 0) *num_unique = static_cast<int32_t>(valid);
-    if (u >= valid) {
-      if (lane == 0) unique_rows[u] = -1;
-      float z[VEC];
+  float* dst = row_grads + u * dim;
+  if (u >= valid) {
+    if (lane == 0) unique_rows[u] = -1;
+    float z[VEC];
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) z[i] = 0.f;
-      for (int64_t c = lane; c < cols; c += 32)
-        StoreF<O, VEC>(out_rows + u * dim + c * VEC, z);
-      return;
-    }
-    if (lane == 0) unique_rows[u] = static_cast<int32_t>(ukeys[u]);
-  } else {
-    if (u >= valid) return;
+    for (int i = 0; i < VEC; ++i) z[i] = 0.f;
+    for (int64_t c = lane; c < cols; c += tpb) StoreF<float, VEC>(dst + c * VEC, z);
+    return;
   }
+  if (lane == 0) unique_rows[u] = static_cast<int32_t>(ukeys[u]);
   if (chunks[u] != 0) return;
   const int64_t p0 = starts[u], p1 = p0 + counts[u];
-  O* dst = out_rows + OutRow<kDense>(u, ukeys) * dim;
-  for (int64_t c = lane; c < cols; c += 32) {
-    float acc[VEC];
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) acc[i] = 0.f;
-    SumPositions<G, VEC>(grad, dim, spos, bag_of, scale_of, p0, p1, c, acc);
-    StoreF<O, VEC>(dst + c * VEC, acc);
+  for (int64_t c0 = 0; c0 < cols; c0 += static_cast<int64_t>(tpb) * kRunCpl) {
+    float acc[kRunCpl][VEC];
+    SumRun<G, VEC, kRunCpl, kRunU>(grad, dim, spos, bag_of, scale_of, p0, p1,
+                                   c0 + lane, tpb, cols, acc);
+    ScaleStore<float, VEC, kRunCpl>(dst, 1.f, c0 + lane, tpb, cols, acc);
+  }
+}
+
+// First index in ukeys[0, count) whose key is >= key.
+__device__ __forceinline__ int64_t LowerBound(const uint32_t* __restrict__ ukeys,
+                                              int64_t count, int64_t key) {
+  int64_t lo = 0, hi = count;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (static_cast<int64_t>(ukeys[mid]) < key) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+// Step 3a (dense form): the whole [num_rows, D] cotangent written once. A
+// block owns kFillRows consecutive rows: it finds the runs of its rows (two
+// binary searches), marks them in shared memory, then TPB lanes per row
+// write either the row's summed gradient or zeros. Rows of long runs are
+// left to ReducePartials, so every row is written exactly once (no memset
+// of the table before, no second write of touched rows).
+constexpr int kFillRows = 1024;
+
+template <typename G, int VEC, typename O>
+__global__ void __launch_bounds__(256)
+    DenseFill(const G* __restrict__ grad, int64_t dim,
+              const uint32_t* __restrict__ ukeys,
+              const int32_t* __restrict__ counts,
+              const int32_t* __restrict__ starts,
+              const int32_t* __restrict__ num_runs,
+              const int32_t* __restrict__ chunks,
+              const int32_t* __restrict__ spos,
+              const int32_t* __restrict__ bag_of,
+              const float* __restrict__ scale_of, uint32_t sentinel,
+              int64_t num_rows, int tpb, O* __restrict__ dense) {
+  __shared__ int32_t run_at[kFillRows];
+  __shared__ int64_t range[2];
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kFillRows;
+  const int64_t r1 = min(r0 + kFillRows, num_rows);
+  const int64_t valid = ValidRuns(ukeys, num_runs, sentinel);
+  if (threadIdx.x < 2) range[threadIdx.x] = LowerBound(ukeys, valid, threadIdx.x ? r1 : r0);
+  for (int i = threadIdx.x; i < kFillRows; i += blockDim.x) run_at[i] = -1;
+  __syncthreads();
+  for (int64_t u = range[0] + threadIdx.x; u < range[1]; u += blockDim.x)
+    run_at[ukeys[u] - r0] = static_cast<int32_t>(u);
+  __syncthreads();
+  const int groups = blockDim.x / tpb;
+  const int lane = threadIdx.x & (tpb - 1);
+  const int64_t cols = dim / VEC;
+  for (int64_t r = r0 + threadIdx.x / tpb; r < r1; r += groups) {
+    const int32_t u = run_at[r - r0];
+    int64_t p0 = 0, p1 = 0;
+    if (u >= 0) {
+      if (chunks[u] != 0) continue;  // a long run: ReducePartials writes it
+      p0 = starts[u];
+      p1 = p0 + counts[u];
+    }
+    for (int64_t c0 = 0; c0 < cols; c0 += static_cast<int64_t>(tpb) * kRunCpl) {
+      float acc[kRunCpl][VEC];
+      SumRun<G, VEC, kRunCpl, kRunU>(grad, dim, spos, bag_of, scale_of, p0, p1,
+                                     c0 + lane, tpb, cols, acc);
+      ScaleStore<O, VEC, kRunCpl>(dense + r * dim, 1.f, c0 + lane, tpb, cols, acc);
+    }
   }
 }
 
@@ -416,15 +463,15 @@ __global__ void ReduceChunks(const G* __restrict__ grad, int64_t dim,
   const int64_t p1 = min(p0 + kChunk, static_cast<int64_t>(starts[u]) + counts[u]);
   const int64_t cols = dim / VEC;
   for (int64_t c = lane; c < cols; c += 32) {
-    float acc[VEC];
-#pragma unroll
-    for (int i2 = 0; i2 < VEC; ++i2) acc[i2] = 0.f;
-    SumPositions<G, VEC>(grad, dim, spos, bag_of, scale_of, p0, p1, c, acc);
-    StoreF<float, VEC>(partial + k * dim + c * VEC, acc);
+    float acc[1][VEC];
+    SumRun<G, VEC, 1, 4>(grad, dim, spos, bag_of, scale_of, p0, p1, c, 32, cols, acc);
+    StoreF<float, VEC>(partial + k * dim + c * VEC, acc[0]);
   }
 }
 
-// Step 3c: a warp per long run sums its chunk partials in order.
+// Step 3c: each warp looks at 32 consecutive runs at once and sums the
+// chunk partials of the long ones among them, in order. Sparse: into row u
+// of row_grads; dense (kDense): into row ukeys[u] of the dense cotangent.
 template <int VEC, typename O, bool kDense>
 __global__ void ReducePartials(const uint32_t* __restrict__ ukeys,
                                const int32_t* __restrict__ chunks,
@@ -433,23 +480,30 @@ __global__ void ReducePartials(const uint32_t* __restrict__ ukeys,
                                const float* __restrict__ partial, int64_t dim,
                                int64_t n, O* out_rows) {
   const int lane = threadIdx.x & 31;
-  const int64_t u =
-      (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  if (u >= n || u >= *num_runs || chunks[u] == 0) return;
-  const int64_t k0 = chunk_start[u], k1 = k0 + chunks[u];
+  const int64_t base =
+      (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32 * 32;
+  if (base >= n) return;  // whole warps leave together
+  const int64_t runs = min(static_cast<int64_t>(*num_runs), n);
+  const bool is_long = base + lane < runs && chunks[base + lane] != 0;
+  unsigned todo = __ballot_sync(0xffffffffu, is_long);
   const int64_t cols = dim / VEC;
-  O* dst = out_rows + OutRow<kDense>(u, ukeys) * dim;
-  for (int64_t c = lane; c < cols; c += 32) {
-    float acc[VEC];
+  while (todo) {
+    const int64_t u = base + __ffs(todo) - 1;
+    todo &= todo - 1;
+    const int64_t k0 = chunk_start[u], k1 = k0 + chunks[u];
+    O* dst = out_rows + (kDense ? static_cast<int64_t>(ukeys[u]) : u) * dim;
+    for (int64_t c = lane; c < cols; c += 32) {
+      float acc[VEC];
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) acc[i] = 0.f;
-    for (int64_t k = k0; k < k1; ++k) {
-      float v[VEC];
-      LoadF<float, VEC>(partial + k * dim + c * VEC, v);
+      for (int i = 0; i < VEC; ++i) acc[i] = 0.f;
+      for (int64_t k = k0; k < k1; ++k) {
+        float v[VEC];
+        LoadF<float, VEC>(partial + k * dim + c * VEC, v);
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) acc[i] += v[i];
+        for (int i = 0; i < VEC; ++i) acc[i] += v[i];
+      }
+      StoreF<O, VEC>(dst + c * VEC, acc);
     }
-    StoreF<O, VEC>(dst + c * VEC, acc);
   }
 }
 
