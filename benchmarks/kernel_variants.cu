@@ -1,4 +1,5 @@
-// Shapes of the fixed-length forward kernel (embed_kernels.cuh,
+// The dense-cotangent writer (DenseFill) against a memset, then shapes of
+// the fixed-length forward kernel (embed_kernels.cuh,
 // EmbedFwdFixedKernel) timed against each other and against the physical
 // limits on one GPU, without JAX: a device-to-device copy (bandwidth
 // ceiling) and a plain gather that moves exactly the bytes a one-key bag
@@ -6,7 +7,8 @@
 // checked against the first variant's.
 //
 //   nvcc -O3 -std=c++17 -arch=sm_90 -Ixla_ffi benchmarks/kernel_variants.cu \
-//        -o /tmp/kv && /tmp/kv            (optional args: table GiB, batch)
+//        -o /tmp/kv && /tmp/kv   (optional args: table GiB, batch, and any
+//                                 third to stop after the dense-fill part)
 //
 // Table float32 of `gib` GiB, batch x 26 bags, D in {16, 64, 128}, nnz 1
 // and 4, uniform and Zipf(1.1) keys, combiner mean, int32 keys. Prints one
@@ -106,6 +108,98 @@ struct Variant {
                  int64_t, int64_t, int32_t, int, float*);
 };
 
+// The alternative to DenseFill: the table zeroed by a memset, then TPB lanes
+// per run write each touched row (the touched rows are written twice).
+template <int VEC>
+__global__ void ScatterRunsDense(const float* grad, int64_t dim, const uint32_t* ukeys,
+                                 const int32_t* counts, const int32_t* starts,
+                                 const int32_t* spos, const int32_t* bag_of,
+                                 const float* scale_of, int64_t v, int tpb, float* dense) {
+  namespace c = sok::cuda;
+  const int lane = threadIdx.x & (tpb - 1);
+  const int64_t u = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / tpb;
+  if (u >= v) return;
+  const int64_t cols = dim / VEC, p0 = starts[u], p1 = p0 + counts[u];
+  for (int64_t c0 = 0; c0 < cols; c0 += int64_t{tpb} * c::kRunCpl) {
+    float acc[c::kRunCpl][VEC];
+    c::SumRun<float, VEC, c::kRunCpl, c::kRunU>(grad, dim, spos, bag_of, scale_of, p0, p1,
+                                                c0 + lane, tpb, cols, acc);
+    c::ScaleStore<float, VEC, c::kRunCpl>(dense + int64_t{ukeys[u]} * dim, 1.f, c0 + lane,
+                                          tpb, cols, acc);
+  }
+}
+
+__global__ void CountDiff(const float* a, const float* b, int64_t n, unsigned long long* bad) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x)
+    if (!(a[i] == b[i])) atomicAdd(bad, 1ull);
+}
+
+// The dense cotangent of a one-id-per-bag batch: `v` distinct rows of a
+// 4 GiB D=128 table, each summed from one bag: DenseFill against memset +
+// ScatterRunsDense and against a bare memset (the floor).
+void DenseFillBench(double gib, int64_t m, std::mt19937_64& g, double copy_gbs) {
+  const int64_t dim = 128, rows = static_cast<int64_t>(gib * (1ll << 30)) / (dim * 4);
+  std::vector<uint32_t> keys(m);
+  std::uniform_int_distribution<int64_t> ud(0, rows - 1);
+  for (auto& k : keys) k = static_cast<uint32_t>(ud(g));
+  std::sort(keys.begin(), keys.end());
+  keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
+  const int64_t v = keys.size();
+  std::vector<int32_t> ones(v, 1), seq(v), bags(v);
+  std::uniform_int_distribution<int64_t> ub(0, m - 1);
+  for (int64_t i = 0; i < v; ++i) seq[i] = static_cast<int32_t>(i), bags[i] = static_cast<int32_t>(ub(g));
+  std::vector<float> sc(v, 0.5f);
+  std::vector<int32_t> zeros(v, 0);
+  int32_t nr = static_cast<int32_t>(v);
+  auto up = [](const auto& h) {
+    using E = typename std::decay_t<decltype(h)>::value_type;
+    E* d;
+    CK(cudaMalloc(&d, h.size() * sizeof(E)));
+    CK(cudaMemcpy(d, h.data(), h.size() * sizeof(E), cudaMemcpyHostToDevice));
+    return d;
+  };
+  uint32_t* d_keys = up(keys);
+  int32_t *d_counts = up(ones), *d_starts = up(seq), *d_spos = up(seq), *d_bags = up(bags),
+          *d_chunks = up(zeros), *d_nr = up(std::vector<int32_t>{nr});
+  float* d_sc = up(sc);
+  float *grad, *a, *b;
+  CK(cudaMalloc(&grad, m * dim * 4));
+  FillTable<<<1024, kBlock>>>(grad, m * dim);
+  CK(cudaMalloc(&a, rows * dim * 4));
+  CK(cudaMalloc(&b, rows * dim * 4));
+  const size_t bytes = size_t(rows) * dim * 4;
+  const int tpb = sok::cuda::ThreadsPerBag(dim / 4, sok::cuda::kRunCpl);
+  const float t_memset = TimeUs([&] { cudaMemsetAsync(a, 0, bytes); });
+  const float t_fill = TimeUs([&] {
+    sok::cuda::DenseFill<float, 4, float>
+        <<<(rows + sok::cuda::kFillRows - 1) / sok::cuda::kFillRows, kBlock>>>(
+            grad, dim, d_keys, d_counts, d_starts, d_nr, d_chunks, d_spos, d_bags, d_sc,
+            static_cast<uint32_t>(rows), rows, tpb, a);
+  });
+  const float t_scatter = TimeUs([&] {
+    cudaMemsetAsync(b, 0, bytes);
+    ScatterRunsDense<4><<<(v * tpb + kBlock - 1) / kBlock, kBlock>>>(
+        grad, dim, d_keys, d_counts, d_starts, d_spos, d_bags, d_sc, v, tpb, b);
+  });
+  unsigned long long* d_bad;
+  CK(cudaMalloc(&d_bad, 8));
+  CK(cudaMemset(d_bad, 0, 8));
+  CountDiff<<<4096, kBlock>>>(a, b, rows * dim, d_bad);
+  unsigned long long bad = 0;
+  CK(cudaMemcpy(&bad, d_bad, 8, cudaMemcpyDeviceToHost));
+  const double gb = bytes / 1e9;
+  std::printf("dense cotangent D128 %.1f GiB, %ld touched rows: memset %.1f us (%.0f GB/s "
+              "write), DenseFill %.1f us, memset+scatter %.1f us, fill/floor %.2f, "
+              "scatter/fill %.2f, outputs %s\n",
+              gib, (long)v, t_memset, gb / (t_memset * 1e-6), t_fill, t_scatter,
+              t_fill / t_memset, t_scatter / t_fill, bad ? "DIFFER" : "equal");
+  for (void* p : {(void*)d_keys, (void*)d_counts, (void*)d_starts, (void*)d_spos,
+                  (void*)d_bags, (void*)d_chunks, (void*)d_nr, (void*)d_sc, (void*)grad,
+                  (void*)a, (void*)b, (void*)d_bad})
+    CK(cudaFree(p));
+}
+
 template <int CPL, int U, int MINB>
 Variant V(const char* name) {
   return {name, CPL, sok::cuda::EmbedFwdFixedKernel<float, int32_t, 4, CPL, U, MINB>};
@@ -143,6 +237,8 @@ int main(int argc, char** argv) {
       V<4, 1, 4>("cpl4 u1 b4"), V<1, 4, 6>("cpl1 u4 b6")};
 
   std::mt19937_64 g(0);
+  DenseFillBench(gib, m, g, copy_gbs);
+  if (argc > 3) return 0;  // dense fill only
   std::printf("%4s %4s %-8s %-20s %9s %8s %7s %s\n", "D", "nnz", "keys", "variant",
               "us", "GB/s", "%copy", "check");
   for (int64_t dim : {16, 64, 128}) {

@@ -381,11 +381,12 @@ __device__ __forceinline__ int64_t LowerBound(const uint32_t* __restrict__ ukeys
 
 // Step 3a (dense form): the whole [num_rows, D] cotangent written once. A
 // block owns kFillRows consecutive rows: it finds the runs of its rows (two
-// binary searches), marks them in shared memory, then TPB lanes per row
-// write either the row's summed gradient or zeros. Rows of long runs are
-// left to ReducePartials, so every row is written exactly once (no memset
-// of the table before, no second write of touched rows).
-constexpr int kFillRows = 1024;
+// binary searches) and marks their rows in a shared bitmask; then every
+// untouched row gets zeros in a tight store loop (TPB lanes per row, as a
+// memset would), and TPB lanes per run write the touched rows' sums. Rows
+// of long runs are left to ReducePartials, so every row is written exactly
+// once: no memset of the table before, no second write of touched rows.
+constexpr int kFillRows = 2048;
 
 template <typename G, int VEC, typename O>
 __global__ void __launch_bounds__(256)
@@ -399,33 +400,42 @@ __global__ void __launch_bounds__(256)
               const int32_t* __restrict__ bag_of,
               const float* __restrict__ scale_of, uint32_t sentinel,
               int64_t num_rows, int tpb, O* __restrict__ dense) {
-  __shared__ int32_t run_at[kFillRows];
+  __shared__ uint32_t touched[kFillRows / 32];
   __shared__ int64_t range[2];
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kFillRows;
   const int64_t r1 = min(r0 + kFillRows, num_rows);
   const int64_t valid = ValidRuns(ukeys, num_runs, sentinel);
   if (threadIdx.x < 2) range[threadIdx.x] = LowerBound(ukeys, valid, threadIdx.x ? r1 : r0);
-  for (int i = threadIdx.x; i < kFillRows; i += blockDim.x) run_at[i] = -1;
+  for (int i = threadIdx.x; i < kFillRows / 32; i += blockDim.x) touched[i] = 0u;
   __syncthreads();
-  for (int64_t u = range[0] + threadIdx.x; u < range[1]; u += blockDim.x)
-    run_at[ukeys[u] - r0] = static_cast<int32_t>(u);
+  const int64_t u0 = range[0], u1 = range[1];
+  for (int64_t u = u0 + threadIdx.x; u < u1; u += blockDim.x) {
+    const uint32_t i = ukeys[u] - static_cast<uint32_t>(r0);
+    atomicOr(&touched[i / 32], 1u << (i % 32));
+  }
   __syncthreads();
   const int groups = blockDim.x / tpb;
+  const int g = threadIdx.x / tpb;
   const int lane = threadIdx.x & (tpb - 1);
   const int64_t cols = dim / VEC;
-  for (int64_t r = r0 + threadIdx.x / tpb; r < r1; r += groups) {
-    const int32_t u = run_at[r - r0];
-    int64_t p0 = 0, p1 = 0;
-    if (u >= 0) {
-      if (chunks[u] != 0) continue;  // a long run: ReducePartials writes it
-      p0 = starts[u];
-      p1 = p0 + counts[u];
-    }
+  float zero[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) zero[i] = 0.f;
+  for (int64_t r = r0 + g; r < r1; r += groups) {
+    const uint32_t i = static_cast<uint32_t>(r - r0);
+    if (touched[i / 32] & (1u << (i % 32))) continue;
+    O* row = dense + r * dim;
+    for (int64_t c = lane; c < cols; c += tpb) StoreF<O, VEC>(row + c * VEC, zero);
+  }
+  for (int64_t u = u0 + g; u < u1; u += groups) {
+    if (chunks[u] != 0) continue;  // a long run: ReducePartials writes it
+    const int64_t p0 = starts[u], p1 = p0 + counts[u];
+    O* row = dense + static_cast<int64_t>(ukeys[u]) * dim;
     for (int64_t c0 = 0; c0 < cols; c0 += static_cast<int64_t>(tpb) * kRunCpl) {
       float acc[kRunCpl][VEC];
       SumRun<G, VEC, kRunCpl, kRunU>(grad, dim, spos, bag_of, scale_of, p0, p1,
                                      c0 + lane, tpb, cols, acc);
-      ScaleStore<O, VEC, kRunCpl>(dense + r * dim, 1.f, c0 + lane, tpb, cols, acc);
+      ScaleStore<O, VEC, kRunCpl>(row, 1.f, c0 + lane, tpb, cols, acc);
     }
   }
 }
