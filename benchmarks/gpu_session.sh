@@ -62,8 +62,15 @@ if [ -n "${SANITIZE_KERNELS:-}" ]; then
     done
     return $rc
   }
-  for i in $(seq 0 $((k - 1))); do san_shard $i & done
-  rc=0; for j in $(jobs -p); do wait $j || rc=$?; done
+  # At most SAN_PAR shards at once (all 8 at once crashed every shard), each
+  # on the next GPU when there are several.
+  ngpu=$(nvidia-smi -L | wc -l)
+  rc=0
+  for i in $(seq 0 $((k - 1))); do
+    CUDA_VISIBLE_DEVICES=$((i % ngpu)) san_shard $i &
+    if [ $(jobs -rp | wc -l) -ge ${SAN_PAR:-4} ]; then wait -n || rc=$?; fi
+  done
+  for j in $(jobs -p); do wait $j || rc=$?; done
   echo "sanitizer exit (last nonzero) $rc" | tee -a "$OUT/session.log"
   tail -q -n 1 "$OUT"/sanitize_kernels.*.log | tee -a "$OUT/session.log"
   grep -hE "^=========|FAIL" "$OUT"/sanitize_kernels.*.log | head -20

@@ -1,4 +1,4 @@
-// The dense-cotangent writer (DenseFill) against a memset, then shapes of
+// The dense-cotangent writer (memset + ReduceRuns) against a memset, then shapes of
 // the fixed-length forward kernel (embed_kernels.cuh,
 // EmbedFwdFixedKernel) timed against each other and against the physical
 // limits on one GPU, without JAX: a device-to-device copy (bandwidth
@@ -108,36 +108,10 @@ struct Variant {
                  int64_t, int64_t, int32_t, int, float*);
 };
 
-// The alternative to DenseFill: the table zeroed by a memset, then TPB lanes
-// per run write each touched row (the touched rows are written twice).
-template <int VEC>
-__global__ void ScatterRunsDense(const float* grad, int64_t dim, const uint32_t* ukeys,
-                                 const int32_t* counts, const int32_t* starts,
-                                 const int32_t* spos, const int32_t* bag_of,
-                                 const float* scale_of, int64_t v, int tpb, float* dense) {
-  namespace c = sok::cuda;
-  const int lane = threadIdx.x & (tpb - 1);
-  const int64_t u = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / tpb;
-  if (u >= v) return;
-  const int64_t cols = dim / VEC, p0 = starts[u], p1 = p0 + counts[u];
-  for (int64_t c0 = 0; c0 < cols; c0 += int64_t{tpb} * c::kRunCpl) {
-    float acc[c::kRunCpl][VEC];
-    c::SumRun<float, VEC, c::kRunCpl, c::kRunU>(grad, dim, spos, bag_of, scale_of, p0, p1,
-                                                c0 + lane, tpb, cols, acc);
-    c::ScaleStore<float, VEC, c::kRunCpl>(dense + int64_t{ukeys[u]} * dim, 1.f, c0 + lane,
-                                          tpb, cols, acc);
-  }
-}
-
-__global__ void CountDiff(const float* a, const float* b, int64_t n, unsigned long long* bad) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
-       i += int64_t{gridDim.x} * blockDim.x)
-    if (!(a[i] == b[i])) atomicAdd(bad, 1ull);
-}
-
 // The dense cotangent of a one-id-per-bag batch: `v` distinct rows of a
-// 4 GiB D=128 table, each summed from one bag: DenseFill against memset +
-// ScatterRunsDense and against a bare memset (the floor).
+// 4 GiB D=128 table, each summed from one bag: memset + ReduceRuns (dense
+// form, as sok_embed_bwd_dense runs them) against a bare memset (the
+// floor); the touched rows are checked against a host sum.
 void DenseFillBench(double gib, int64_t m, std::mt19937_64& g, double copy_gbs) {
   const int64_t dim = 128, rows = static_cast<int64_t>(gib * (1ll << 30)) / (dim * 4);
   std::vector<uint32_t> keys(m);
@@ -171,32 +145,31 @@ void DenseFillBench(double gib, int64_t m, std::mt19937_64& g, double copy_gbs) 
   const size_t bytes = size_t(rows) * dim * 4;
   const int tpb = sok::cuda::ThreadsPerBag(dim / 4, sok::cuda::kRunCpl);
   const float t_memset = TimeUs([&] { cudaMemsetAsync(a, 0, bytes); });
-  const float t_fill = TimeUs([&] {
-    sok::cuda::DenseFill<float, 4, float>
-        <<<(rows + sok::cuda::kFillRows - 1) / sok::cuda::kFillRows, kBlock>>>(
-            grad, dim, d_keys, d_counts, d_starts, d_nr, d_chunks, d_spos, d_bags, d_sc,
-            static_cast<uint32_t>(rows), rows, tpb, a);
-  });
-  const float t_scatter = TimeUs([&] {
+  const float t_dense = TimeUs([&] {
     cudaMemsetAsync(b, 0, bytes);
-    ScatterRunsDense<4><<<(v * tpb + kBlock - 1) / kBlock, kBlock>>>(
-        grad, dim, d_keys, d_counts, d_starts, d_spos, d_bags, d_sc, v, tpb, b);
+    sok::cuda::ReduceRuns<float, 4, float, true><<<(v * tpb + kBlock - 1) / kBlock, kBlock>>>(
+        grad, dim, d_keys, d_counts, d_starts, d_nr, d_chunks, d_spos, d_bags, d_sc, v,
+        static_cast<uint32_t>(rows), tpb, nullptr, b, nullptr);
   });
-  unsigned long long* d_bad;
-  CK(cudaMalloc(&d_bad, 8));
-  CK(cudaMemset(d_bad, 0, 8));
-  CountDiff<<<4096, kBlock>>>(a, b, rows * dim, d_bad);
-  unsigned long long bad = 0;
-  CK(cudaMemcpy(&bad, d_bad, 8, cudaMemcpyDeviceToHost));
+  // Check: touched row keys[i] == 0.5 * grad[bags[i]]; an untouched row is 0.
+  std::vector<float> hg(m * dim), row(dim);
+  CK(cudaMemcpy(hg.data(), grad, hg.size() * 4, cudaMemcpyDeviceToHost));
+  int64_t bad = 0;
+  for (int64_t i = 0; i < v; i += 97) {
+    CK(cudaMemcpy(row.data(), b + int64_t{keys[i]} * dim, dim * 4, cudaMemcpyDeviceToHost));
+    for (int64_t d = 0; d < dim; ++d) bad += row[d] != 0.5f * hg[bags[i] * dim + d];
+  }
+  CK(cudaMemcpy(row.data(), b + (int64_t{keys[0]} == 0 ? 1 : 0) * dim, dim * 4,
+                cudaMemcpyDeviceToHost));
+  for (int64_t d = 0; d < dim; ++d) bad += row[d] != 0.f;
   const double gb = bytes / 1e9;
   std::printf("dense cotangent D128 %.1f GiB, %ld touched rows: memset %.1f us (%.0f GB/s "
-              "write), DenseFill %.1f us, memset+scatter %.1f us, fill/floor %.2f, "
-              "scatter/fill %.2f, outputs %s\n",
-              gib, (long)v, t_memset, gb / (t_memset * 1e-6), t_fill, t_scatter,
-              t_fill / t_memset, t_scatter / t_fill, bad ? "DIFFER" : "equal");
+              "write), memset + ReduceRuns %.1f us (%.2f x the memset), check %s\n",
+              gib, (long)v, t_memset, gb / (t_memset * 1e-6), t_dense, t_dense / t_memset,
+              bad ? "FAILED" : "ok");
   for (void* p : {(void*)d_keys, (void*)d_counts, (void*)d_starts, (void*)d_spos,
                   (void*)d_bags, (void*)d_chunks, (void*)d_nr, (void*)d_sc, (void*)grad,
-                  (void*)a, (void*)b, (void*)d_bad})
+                  (void*)a, (void*)b})
     CK(cudaFree(p));
 }
 

@@ -220,9 +220,9 @@ ffi::Error SortRuns(cudaStream_t stream, ffi::AnyBuffer ids,
 // Step 3 of the backward: the runs summed into `out_rows` (kDense: rows of
 // the dense [num_rows, D] cotangent of type O; else the [N, D] float32
 // row_grads with unique_rows / num_unique).
-// Step 3 of the backward: the runs summed into `out_rows` (kDense: every
-// row of the dense [num_rows, D] cotangent of type O; else the [N, D]
-// float32 row_grads with unique_rows / num_unique).
+// Step 3 of the backward: the runs summed into `out_rows` (kDense: the
+// touched rows of the zeroed dense [num_rows, D] cotangent of type O; else
+// the [N, D] float32 row_grads with unique_rows / num_unique).
 template <bool kDense, typename G, typename O>
 void ReduceAll(cudaStream_t stream, const G* gp, int64_t dim, int64_t n,
                int64_t num_rows, const Runs& r, int32_t* unique_rows,
@@ -231,17 +231,10 @@ void ReduceAll(cudaStream_t stream, const G* gp, int64_t dim, int64_t n,
   auto launch = [&](auto vec) {
     constexpr int V = decltype(vec)::value;
     const int tpb = cuda::ThreadsPerBag(dim / V, cuda::kRunCpl);
-    if constexpr (kDense) {
-      const int64_t blocks = (num_rows + cuda::kFillRows - 1) / cuda::kFillRows;
-      cuda::DenseFill<G, V, O><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(
-          gp, dim, r.ukeys, r.counts, r.starts, r.num_runs, r.chunks, r.pos_out,
-          r.bag_of, r.scale_of, sentinel, num_rows, tpb, out_rows);
-    } else {
-      cuda::ReduceRuns<G, V><<<Blocks(n * tpb), kBlock, 0, stream>>>(
-          gp, dim, r.ukeys, r.counts, r.starts, r.num_runs, r.chunks, r.pos_out,
-          r.bag_of, r.scale_of, n, sentinel, tpb, unique_rows, out_rows,
-          num_unique);
-    }
+    cuda::ReduceRuns<G, V, O, kDense><<<Blocks(n * tpb), kBlock, 0, stream>>>(
+        gp, dim, r.ukeys, r.counts, r.starts, r.num_runs, r.chunks, r.pos_out,
+        r.bag_of, r.scale_of, n, sentinel, tpb, unique_rows, out_rows,
+        num_unique);
     cuda::ReduceChunks<G, V><<<Blocks(r.max_chunks * 32), kBlock, 0, stream>>>(
         gp, dim, r.counts, r.starts, r.chunks, r.chunk_start, r.num_runs,
         r.pos_out, r.bag_of, r.scale_of, r.max_chunks, r.partial);
@@ -297,8 +290,8 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer grad, ffi::AnyBuffer ids,
   return LastError("sok_embed_bwd");
 }
 
-// The dense table cotangent straight from the runs: every row written once,
-// its summed gradient or zeros (no memset of the table, no [N, D]
+// The dense table cotangent straight from the runs: a memset, then each
+// touched row written once by the lanes that sum it (no [N, D]
 // intermediate, no second scatter pass).
 ffi::Error BwdDenseImpl(cudaStream_t stream, ffi::AnyBuffer grad,
                         ffi::AnyBuffer ids, ffi::AnyBuffer offsets,
@@ -314,12 +307,8 @@ ffi::Error BwdDenseImpl(cudaStream_t stream, ffi::AnyBuffer grad,
     return InvalidArgument("grad_out must be [num_bags, D] of the dense dtype");
   if (num_rows >= INT32_MAX)
     return InvalidArgument("dense may have at most 2^31 - 2 rows");
-  if (num_rows == 0 || dim == 0) return ffi::Error::Success();
-  if (n == 0 || m == 0) {
-    cudaMemsetAsync(dense->untyped_data(), 0, dense->size_bytes(), stream);
-    return LastError("sok_embed_bwd_dense");
-  }
-  // Otherwise DenseFill writes every row (zeros where nothing looked it up).
+  cudaMemsetAsync(dense->untyped_data(), 0, dense->size_bytes(), stream);
+  if (n == 0 || dim == 0) return LastError("sok_embed_bwd_dense");
   const float* w = weights.element_count() ? weights.typed_data<float>() : nullptr;
   Runs r;
   if (auto e = SortRuns(stream, ids, offsets, w, n, m, dim, num_rows, combiner,
