@@ -16,7 +16,11 @@ log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$OUT/session.log"; }
 log "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/session.log"
 $PY -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee -a "$OUT/session.log"
-git rev-parse --short HEAD 2>/dev/null | sed 's/^/commit /' | tee -a "$OUT/session.log"
+# The device copy's git metadata can lag the copied tree: also print a hash
+# of the sources, to tie results to a commit (compare with the same command
+# run on the checkout).
+git rev-parse --short HEAD 2>/dev/null | sed 's/^/commit (git metadata) /' | tee -a "$OUT/session.log"
+cat CMakeLists.txt xla_ffi/* sok_jax/*.py sok_jax/ops/*.py | sha1sum | sed 's/^/sources sha1 /' | tee -a "$OUT/session.log"
 
 log "build"
 SOK_CUDA=ON CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90" \
