@@ -66,12 +66,17 @@ def test_single_device_sparse_step_memory_is_flat(name):
     assert dense[LARGE] - dense[SMALL] >= (LARGE - SMALL) * D * 4 * 0.9, dense
 
 
-def test_distributed_sparse_step_memory_is_flat():
-    n = min(8, len(jax.devices()))
-    if n < 2:
-        pytest.skip("needs several devices (conftest forces 8 host devices)")
+@pytest.mark.parametrize(
+    "n, name", [(8, "adagrad"), (1, "sgd"), (1, "adagrad"), (1, "adam")]
+)
+def test_distributed_sparse_step_memory_is_flat(n, name):
+    """n devices (1: the local path with no exchange plan)."""
+    if n > 1:
+        n = min(n, len(jax.devices()))
+        if n < 2:
+            pytest.skip("needs several devices (conftest forces 8 host devices)")
     mesh = Mesh(np.array(jax.devices()[:n]), ("x",))
-    opt = optim.adagrad(0.1)
+    opt = optim.by_name(name, 0.1)
     temps = {}
     for rows in (SMALL, LARGE):
         emb = sok_jax.DistributedEmbedding(
