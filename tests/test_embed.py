@@ -479,3 +479,18 @@ def test_fixed_nnz_and_dense_backward_ops(combiner, nnz, table_dtype):
 
     with pytest.raises(ValueError, match="fixed_nnz"):
         embed_ops.lookup_combine(table, ids, offsets, w, combiner, nnz + 1)
+
+
+def test_fixed_nnz_reaches_the_kernel():
+    """Padded and BCOO ids take the offsets-free forward (fixed_nnz = max_nnz
+    in the lowered custom call); ragged ids keep reading offsets (0)."""
+    rng = np.random.default_rng()
+    nnz = int(rng.integers(2, 5))
+    ids = jnp.asarray(rng.integers(-1, 9, size=(3, 2, nnz)), jnp.int32)
+    table = jnp.asarray(rng.normal(size=(9, 4)), jnp.float32)
+    ragged = sok_jax.RaggedIds.from_lengths(ids.reshape(-1), jnp.full((3, 2), nnz, jnp.int32))
+    bcoo = jsparse.BCOO.fromdense(ids.reshape(6, nnz) + 1, nse=6 * nnz)
+    for form, want, kw in ((ids, nnz, {}), (bcoo, nnz, {"slot_num": 2}), (ragged, 0, {})):
+        hlo = jax.jit(lambda t, i, kw=kw: sok_jax.embed(t, i, **kw)).lower(table, form).as_text()
+        m = re.search(r"fixed_nnz = (\d+)", hlo)
+        assert m is not None and int(m.group(1)) == want, (type(form).__name__, hlo[:2000])
