@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 
 # Multi-device tests run on 8 forced host devices (this only affects the CPU
@@ -25,8 +26,10 @@ import numpy as np
 import pytest
 
 import sok_jax  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
 
 COMBINERS = ("sum", "mean", "sqrtn")
+AXIS = "x"  # the mesh axis of the multi-device tests
 FORMS = ("padded", "ragged", "bcoo")
 KEY_DTYPES = ("int32", "uint32", "int64")
 TABLE_DTYPES = ("float32", "bfloat16", "float16")
@@ -341,3 +344,23 @@ def _no_x64_leak():
     assert not jax.config.jax_enable_x64
     yield
     assert not jax.config.jax_enable_x64
+
+
+def require_devices(n: int) -> None:
+    """Skip unless n devices exist (fail instead under SOK_REQUIRE_MULTIDEVICE=1)."""
+    have = len(jax.devices())
+    if have >= n:
+        return
+    msg = (
+        f"needs {n} devices, have {have} (set XLA_FLAGS="
+        "--xla_force_host_platform_device_count=8 before jax starts)"
+    )
+    if os.environ.get("SOK_REQUIRE_MULTIDEVICE") == "1":
+        pytest.fail(msg + "; SOK_REQUIRE_MULTIDEVICE=1 forbids skipping")
+    pytest.skip(msg)
+
+
+@functools.lru_cache(maxsize=None)
+def mesh_of(n: int) -> Mesh:
+    """A 1-D mesh over the first n devices, axis AXIS."""
+    return Mesh(np.array(jax.devices()[:n]), (AXIS,))

@@ -13,8 +13,6 @@ SOK_REQUIRE_MULTIDEVICE=1 such a skip is a failure instead.
 
 from __future__ import annotations
 
-import os
-
 # conftest.py forces 8 host devices before jax starts (the flag only works then).
 
 import dataclasses  # noqa: E402
@@ -25,7 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import sok_jax  # noqa: E402
@@ -36,8 +34,8 @@ from sok_jax.distributed import (  # noqa: E402
     EmbeddingStats,
     check_stats,
 )
+from conftest import AXIS, mesh_of, require_devices  # noqa: E402
 
-AXIS = "x"
 COMBINERS = ("sum", "mean", "sqrtn")
 DEVICE_COUNTS = (1, 2, 4, 8)
 TOTAL_ROWS = 256  # logical keys [0, 256); rows_per_gpu = TOTAL_ROWS // n
@@ -47,24 +45,6 @@ SEED = 7
 
 FWD_TOL = dict(rtol=1e-6, atol=1e-6)
 GRAD_RTOL = 1e-5  # and atol 1e-5 times the reference's largest magnitude
-
-
-def require_devices(n: int) -> None:
-    have = len(jax.devices())
-    if have >= n:
-        return
-    msg = (
-        f"needs {n} devices, have {have} (set XLA_FLAGS="
-        "--xla_force_host_platform_device_count=8 before jax starts)"
-    )
-    if os.environ.get("SOK_REQUIRE_MULTIDEVICE") == "1":
-        pytest.fail(msg + "; SOK_REQUIRE_MULTIDEVICE=1 forbids skipping")
-    pytest.skip(msg)
-
-
-@functools.lru_cache(maxsize=None)
-def mesh_of(n: int) -> Mesh:
-    return Mesh(np.array(jax.devices()[:n]), (AXIS,))
 
 
 def physical_rows(keys, n: int, rows_per_gpu: int):

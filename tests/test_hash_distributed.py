@@ -24,39 +24,23 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh
 
 import sok_jax
 from sok_jax import initializers, optim
 from sok_jax.distributed import DistributedEmbedding
+from conftest import AXIS, mesh_of, require_devices
 
-AXIS = "x"
 DIM = 4
 SLOTS, NNZ = 2, 4
 BATCH = 16  # divisible by every device count
 TOTAL_ROWS = 1024  # rows_per_gpu = TOTAL_ROWS // n: never full in tests 1, 2, 4
 TOL = dict(rtol=1e-6, atol=1e-6)
 PAD = -1
-
-
-def require_devices(n: int) -> None:
-    if len(jax.devices()) >= n:
-        return
-    msg = f"needs {n} devices, have {len(jax.devices())}"
-    if os.environ.get("SOK_REQUIRE_MULTIDEVICE") == "1":
-        pytest.fail(msg + "; SOK_REQUIRE_MULTIDEVICE=1 forbids skipping")
-    pytest.skip(msg)
-
-
-@functools.lru_cache(maxsize=None)
-def mesh_of(n: int) -> Mesh:
-    return Mesh(np.array(jax.devices()[:n]), (AXIS,))
 
 
 def make_emb(n, combiner, rows_per_gpu=None, key_dtype=jnp.int32, **kw):
