@@ -223,6 +223,19 @@ def optax_init(emb, tx, state):
     return jax.jit(tx.init, out_shardings=jax.tree.map(sh, shapes))(state.table)
 
 
+def memory_plan(step, *args):
+    """The compiled step's memory analysis in GiB (None where not given)."""
+    try:
+        m = step.lower(*args).compile().memory_analysis()
+    except Exception as e:  # noqa: BLE001 - a backend without the analysis
+        return {"error": str(e)[:200]}
+    if m is None:
+        return None
+    g = 2.0**30
+    return {k: getattr(m, f"{k}_size_in_bytes") / g
+            for k in ("argument", "output", "alias", "temp")}
+
+
 class Stepper:
     """Threads the donated (state, opt_state) through repeated steps, so that
     `time_samples` can call it with (ids, w) only. Returns the new state
@@ -337,6 +350,10 @@ def is_oom(e):
 def _fail(res, key, e):
     msg = f"{type(e).__name__}: {e}"
     res[key] = "OOM" if is_oom(e) else "failed"
+    if is_oom(e):  # what was still held when the allocation failed
+        live = [a for a in jax.live_arrays() if not a.is_deleted()]
+        res.setdefault("live_gib", {})[key] = sum(a.nbytes for a in live) / GIB
+        print(f"  {key}: {len(live)} live arrays, {res['live_gib'][key]:.2f} GiB", flush=True)
     res.setdefault("errors", {})[key] = msg[:4000]
     res.setdefault("tracebacks", {})[key] = traceback.format_exc()[-4000:]
     print(f"  {key} {res[key]}: {msg.splitlines()[0][:400] if msg else ''}", flush=True)
@@ -479,8 +496,13 @@ def time_size(n, gb, emb, args, rng, copy_bw, results):
             try:
                 state = live_state(state)
                 opt = optim.by_name(name, args.lr)
-                stp = Stepper(make_sparse_step(emb, opt), state, emb.init_optimizer(opt, state))
-                state = None
+                step, opt_state = make_sparse_step(emb, opt), emb.init_optimizer(opt, state)
+                # On a GPU the step's temporaries are one allocation: a
+                # table-sized one would be a copy the in-place update avoids.
+                plan = res["sparse_memory_gib"] = memory_plan(step, state, opt_state, *sets[0])
+                print(f"  sparse step memory plan (GiB): {plan}", flush=True)
+                stp = Stepper(step, state, opt_state)
+                state = opt_state = None
                 res["sparse_timing"] = summarize(time_samples(stp, **kw))
                 res["sparse"] = "ok"
                 t = res["sparse_timing"]["median_s"]

@@ -85,12 +85,22 @@ if [ -n "${SANITIZE_KERNELS:-}" ]; then
   done > "$OUT/sanitize_kernels.log"
 fi
 if [ -n "${PROFILE:-}" ]; then
-  log "ncu: benchmarks/profile_lookup.py"
-  timeout ${PROFILE_TIMEOUT:-150} ncu --kernel-name regex:'EmbedFwd|gather' --launch-count ${PROFILE_LAUNCHES:-12} \
-    --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
-    $PY benchmarks/profile_lookup.py ${PROFILE_ARGS:-} > "$OUT/ncu.log" 2>&1
+  # PROFILE_SCRIPT (default profile_lookup.py) under ncu with PROFILE_NCU
+  # (default: the forward kernels' speed-of-light sections). For the train
+  # step: PROFILE_SCRIPT=profile_train_step.py PROFILE_NCU="--profile-from-start off
+  # --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum --csv"
+  # (summarized by benchmarks/ncu_summary.py).
+  ps=${PROFILE_SCRIPT:-profile_lookup.py}
+  log "ncu: benchmarks/$ps ${PROFILE_ARGS:-}"
+  timeout ${PROFILE_TIMEOUT:-150} ncu ${PROFILE_NCU:---kernel-name regex:'EmbedFwd|gather' --launch-count ${PROFILE_LAUNCHES:-12} \
+    --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats} \
+    $PY benchmarks/$ps ${PROFILE_ARGS:-} > "$OUT/ncu.log" 2>&1
   echo "ncu exit $?" | tee -a "$OUT/ncu.log"
-  grep -E "EmbedFwd|gather|Duration|DRAM Throughput|Achieved Occupancy|Registers Per" "$OUT/ncu.log" | head -60
+  if grep -q '^"ID"' "$OUT/ncu.log"; then
+    $PY benchmarks/ncu_summary.py "$OUT/ncu.log" | tee "$OUT/ncu_summary.log" | tail -60
+  else
+    grep -E "EmbedFwd|gather|Duration|DRAM Throughput|Achieved Occupancy|Registers Per" "$OUT/ncu.log" | head -60
+  fi
 fi
 for b in ${BENCH:-}; do
   var="BENCH_ARGS_$b"

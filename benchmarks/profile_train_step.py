@@ -1,0 +1,102 @@
+"""The one-device sparse training step of bench_train_step, for Nsight
+Compute: per-kernel times of whole steps, and XLA's memory plan of the step.
+
+Builds the same model and step as bench_train_step (lookup -> tanh head ->
+sparse_grad -> apply_gradients, state donated), runs `--warmup` steps, then
+brackets `--steps` steps with cuProfilerStart/Stop (driver API, through
+ctypes), so that under
+
+  ncu --profile-from-start off --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \\
+      --csv python3 benchmarks/profile_train_step.py
+
+only the kernels of those steps are profiled. Without a GPU (or without
+libcuda) the bracketing is skipped: `--small` runs on the CPU as a smoke
+check.
+
+It also prints the compiled step's memory analysis (argument, output,
+aliased and temporary bytes), which on a GPU is the single temporary
+allocation the step makes: a table-sized temporary there would be a copy of
+the table that the in-place update was meant to avoid.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import sys
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)
+sys.path.insert(1, os.path.dirname(_HERE))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
+
+import bench_train_step as bts  # noqa: E402
+from sok_jax import optim  # noqa: E402
+from sok_jax.distributed import DistributedEmbedding  # noqa: E402
+
+
+def _profiler(start: bool) -> bool:
+    """cuProfilerStart/Stop on the primary context of device 0."""
+    if jax.default_backend() != "gpu":
+        return False
+    try:
+        cu = ctypes.CDLL("libcuda.so.1")
+        dev, ctx = ctypes.c_int(), ctypes.c_void_p()
+        ok = cu.cuInit(0) == 0 and cu.cuDeviceGet(ctypes.byref(dev), 0) == 0
+        ok = ok and cu.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) == 0
+        ok = ok and cu.cuCtxSetCurrent(ctx) == 0
+        ok = ok and (cu.cuProfilerStart() if start else cu.cuProfilerStop()) == 0
+        return bool(ok)
+    except OSError:
+        return False
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--table-gb", type=float, default=4.0)
+    p.add_argument("--optimizers", default="sgd,adam")
+    p.add_argument("--batch", type=int, default=16384)
+    p.add_argument("--slots", type=int, default=26)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=2, help="profiled steps per optimizer")
+    p.add_argument("--small", action="store_true")
+    args = p.parse_args(argv)
+    if args.small:
+        args.table_gb, args.batch = 2.0**-10, 64
+    rows = int(args.table_gb * 2**30 // (args.dim * 4))
+    mesh = Mesh(np.array(jax.devices()[:1]), (bts.AXIS,))
+    emb = DistributedEmbedding("mean", rows, args.dim, slot_num=args.slots, max_nnz=1,
+                               mesh=mesh, axis_name=bts.AXIS)
+    rng = np.random.default_rng(0)
+    ns = argparse.Namespace(batch=args.batch, slots=args.slots, dim=args.dim, input_sets=1,
+                            dist="uniform")
+    (ids, w), = bts.make_input_sets(rng, ns, 1, rows, emb)[0]
+    for name in args.optimizers.split(","):
+        opt = optim.by_name(name, 0.01)
+        state = bts.make_state(emb, 0)
+        opt_state = emb.init_optimizer(opt, state)
+        step = bts.make_sparse_step(emb, opt)
+        print(f"{name}: memory plan (GiB) {bts.memory_plan(step, state, opt_state, ids, w)}",
+              flush=True)
+        for _ in range(args.warmup):
+            state, opt_state, _ = step(state, opt_state, ids, w)
+        jax.block_until_ready(state)
+        on = _profiler(True)
+        for _ in range(args.steps):
+            state, opt_state, loss = step(state, opt_state, ids, w)
+        jax.block_until_ready(state)
+        if on:
+            _profiler(False)
+        print(f"{name}: {args.steps} steps {'profiled' if on else 'run (no profiler)'}, "
+              f"loss {float(loss):.4g}", flush=True)
+        del state, opt_state
+
+
+if __name__ == "__main__":
+    main()
