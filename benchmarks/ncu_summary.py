@@ -44,7 +44,8 @@ def parse(path):
         k = launches.setdefault(int(r["ID"]), {"name": r["Kernel Name"]})
         val = float(r["Metric Value"].replace(",", "")) if r["Metric Value"] else 0.0
         unit = r.get("Metric Unit", "")
-        scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "byte": 1.0,
+        scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3,
+                 "ms": 1e3, "byte": 1.0,
                  "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}.get(unit, 1.0)
         k[r["Metric Name"]] = val * scale
     return other, list(launches.values())

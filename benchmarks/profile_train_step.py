@@ -56,6 +56,23 @@ def _profiler(start: bool) -> bool:
         return False
 
 
+class _MemoryTrace:
+    """Prints bytes in use and the peak (GiB) of device 0 at named stages."""
+
+    def __init__(self, name, on):
+        self.name, self.on = name, on
+
+    def __call__(self, stage):
+        if not self.on:
+            return
+        st = jax.devices()[0].memory_stats() or {}
+        g = 2.0**30
+        live = sum(a.nbytes for a in jax.live_arrays() if not a.is_deleted()) / g
+        print(f"{self.name}: {stage:24} in use {st.get('bytes_in_use', 0) / g:8.3f} GiB, peak "
+              f"{st.get('peak_bytes_in_use', 0) / g:8.3f} GiB, live arrays {live:8.3f} GiB",
+              flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--table-gb", type=float, default=4.0)
@@ -65,6 +82,11 @@ def main(argv=None):
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=2, help="profiled steps per optimizer")
+    p.add_argument("--memory-trace", action="store_true",
+                   help="print the device's bytes in use / peak after each stage instead "
+                        "of profiling (where does a step allocate?)")
+    p.add_argument("--no-plan", action="store_true",
+                   help="skip the memory plan (lower + compile) before the first step")
     p.add_argument("--small", action="store_true")
     args = p.parse_args(argv)
     if args.small:
@@ -79,14 +101,24 @@ def main(argv=None):
     (ids, w), = bts.make_input_sets(rng, ns, 1, rows, emb)[0]
     for name in args.optimizers.split(","):
         opt = optim.by_name(name, 0.01)
+        mem = _MemoryTrace(name, args.memory_trace)
         state = bts.make_state(emb, 0)
+        mem("state made")
         opt_state = emb.init_optimizer(opt, state)
+        mem("optimizer state made")
         step = bts.make_sparse_step(emb, opt)
-        print(f"{name}: memory plan (GiB) {bts.memory_plan(step, state, opt_state, ids, w)}",
-              flush=True)
-        for _ in range(args.warmup):
+        if not args.no_plan:
+            print(f"{name}: memory plan (GiB) {bts.memory_plan(step, state, opt_state, ids, w)}",
+                  flush=True)
+            mem("memory plan compiled")
+        for i in range(args.warmup):
             state, opt_state, _ = step(state, opt_state, ids, w)
-        jax.block_until_ready(state)
+            jax.block_until_ready(state)
+            mem(f"step {i + 1}")
+        if args.memory_trace:
+            del state, opt_state
+            mem("state deleted")
+            continue
         on = _profiler(True)
         for _ in range(args.steps):
             state, opt_state, loss = step(state, opt_state, ids, w)
