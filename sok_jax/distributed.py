@@ -577,14 +577,27 @@ class DistributedEmbedding:
         return tuple(P(axis) if s.ndim == 1 else P(axis, None) for s in opt_state.slots)
 
     def init_optimizer(self, optimizer, state: EmbeddingState):
-        """The sparse optimizer's state, its slots sharded like the table."""
+        """The sparse optimizer's state, its slots sharded like the table.
+
+        Each slot comes from a program of its own, so that every slot owns
+        its buffer: one program returning Adam's two zero slots gave both
+        the same buffer on an H100 at 20 GiB per shard, and a step donating
+        both then had to allocate a third slot-sized buffer (out of memory;
+        benchmarks/RESULTS.md)."""
         axis = self.axis_name
         probe = jax.eval_shape(optimizer.init, jax.ShapeDtypeStruct(state.table.shape, state.table.dtype))
         slot_specs = self._slot_specs(probe)
-        fn = _shard_map(
-            optimizer.init, self.mesh, (P(axis, None),), type(probe)(slot_specs, P())
+
+        def part(pick, spec):
+            fn = _shard_map(
+                lambda t: pick(optimizer.init(t)), self.mesh, (P(axis, None),), spec
+            )
+            return jax.jit(fn)(state.table)
+
+        slots = tuple(
+            part(lambda s, i=i: s.slots[i], spec) for i, spec in enumerate(slot_specs)
         )
-        return jax.jit(fn)(state.table)
+        return type(probe)(slots, part(lambda s: s.count, P()))
 
     def apply_gradients(self, state: EmbeddingState, optimizer, opt_state, grad: SparseRowGrad):
         """Applies `optimizer` to the rows in `grad` (from `sparse_grad`) on

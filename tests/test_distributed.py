@@ -704,3 +704,35 @@ def test_no_zero_size_array_crosses_shard_map(hash_mode, weighted):
         assert lines, f"{name}: no shard_map boundary found in the lowered program"
         bad = [line.strip()[:200] for line in lines if "tensor<0x" in line]
         assert not bad, f"{name}: zero-size array on a shard_map boundary: {bad}"
+
+
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("name", ["adagrad", "rowwise_adagrad", "adam", "ftrl"])
+def test_init_optimizer_slots(n, name):
+    """init_optimizer gives optimizer.init's values, slots sharded like the
+    table's rows, and every leaf in a buffer of its own on every device (a
+    step donates them all: two slots sharing one buffer made the 20 GiB
+    Adam step allocate a third slot on an H100)."""
+    require_devices(n)
+    emb = make_emb(n, "sum")
+    state = emb.init(0)
+    # A table of random values: `init` may read it (it only needs the shape).
+    state = dataclasses.replace(
+        state, table=jax.device_put(
+            np.random.default_rng().standard_normal(state.table.shape).astype(np.float32),
+            state.table.sharding))
+    opt = sok_jax.optim.by_name(name, 0.1)
+    got = emb.init_optimizer(opt, state)
+    want = opt.init(np.asarray(state.table))
+    assert len(got.slots) == len(want.slots) >= 1
+    for g, w in zip(got.slots, want.slots):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+        # Each device holds the slot rows of its own table rows.
+        rows_of = {s.device: s.index[0] for s in state.table.addressable_shards}
+        assert {s.device: s.index[0] for s in g.addressable_shards} == rows_of
+    assert int(got.count) == int(want.count) == 0
+    leaves = [state.table, *got.slots]
+    for d in emb.mesh.devices.flat:
+        ptrs = [s.data.unsafe_buffer_pointer() for x in leaves
+                for s in x.addressable_shards if s.device == d]
+        assert len(set(ptrs)) == len(ptrs), f"{name}: leaves share a buffer on {d}"
