@@ -5,9 +5,11 @@ jitted training step (forward, backward, update) of the same model:
 
   * sparse (the sok_jax way): `emb.lookup` -> a tiny dense head
     (loss = sum over batch, slots and D of tanh(out) * w, w [S, D] fixed) ->
-    `jax.value_and_grad` w.r.t. the embedding output -> `emb.sparse_grad` ->
-    `emb.apply_gradients` with `sok_jax.optim.sgd/adagrad/adam`; state and
+    `jax.value_and_grad` w.r.t. the embedding output -> `emb.sparse_update`
+    (the backward fused with `sok_jax.optim.sgd/adagrad/adam`); state and
     optimizer state donated (`donate_argnums=(0, 1)`), updated in place.
+    Also timed ("2-pass", unless --no-two-pass): the two-call form
+    `emb.sparse_grad` -> `emb.apply_gradients` on the same state.
   * dense: `jax.value_and_grad` of the same loss w.r.t. `state.table` through
     `emb.apply` (the full [rows, D] cotangent), then `optax.sgd/adagrad/adam`
     `update` + `optax.apply_updates` on the full table; state and optimizer
@@ -146,6 +148,9 @@ def parse_args(argv=None):
                         "required_capacity_factor of the benchmark's batches); default None "
                         "(every bucket holds the whole local batch)")
     p.add_argument("--no-dense", action="store_true", help="time the sparse path only")
+    p.add_argument("--no-two-pass", action="store_true",
+                   help="do not also time the two-call sparse form (sparse_grad + "
+                        "apply_gradients) against the fused sparse_update")
     p.add_argument("--warmup", type=int, default=3, help="warm-up steps per measurement")
     p.add_argument("--iters", type=int, default=20, help="timed samples per measurement")
     p.add_argument("--input-sets", type=int, default=2, help="batches rotated while timing")
@@ -195,12 +200,17 @@ def head_loss(out, w):
     return jnp.sum(jnp.tanh(out.astype(jnp.float32)) * w[None])
 
 
-def make_sparse_step(emb, opt):
+def make_sparse_step(emb, opt, fused=True):
+    """fused: `emb.sparse_update` (the backward fused with the optimizer);
+    else the two-call form `apply_gradients(sparse_grad(...))`."""
     def step(state, opt_state, ids, w):
         out, ctx, state = emb.lookup(state, ids)
         loss, d_out = jax.value_and_grad(head_loss)(out, w)
-        sg = emb.sparse_grad(ctx, d_out)
-        state, opt_state = emb.apply_gradients(state, opt, opt_state, sg)
+        if fused:
+            state, opt_state = emb.sparse_update(state, opt, opt_state, ctx, d_out)
+        else:
+            sg = emb.sparse_grad(ctx, d_out)
+            state, opt_state = emb.apply_gradients(state, opt, opt_state, sg)
         return state, opt_state, loss
 
     return jax.jit(step, donate_argnums=(0, 1))
@@ -517,12 +527,20 @@ def time_size(n, gb, emb, args, rng, copy_bw, results):
                 state = opt_state = None
                 res["sparse_timing"] = summarize(time_samples(stp, **kw))
                 res["sparse_sync_ms"] = summarize(time_samples(stp, **sync_kw))["median_s"] * 1e3
+                if not args.no_two_pass:  # the same state through the two-call form
+                    stp.step = make_sparse_step(emb, opt, fused=False)
+                    res["two_pass_ms"] = summarize(time_samples(stp, **kw))["median_s"] * 1e3
                 res["sparse"] = "ok"
                 t = res["sparse_timing"]["median_s"]
                 res["sparse_ms"] = t * 1e3
                 res["gbs"] = res["bytes"] / t / GB
                 res["pct_copy"] = 100.0 * res["bytes"] / n / t / copy_bw
                 res["loss"] = float(stp.loss)
+                if "two_pass_ms" in res:
+                    res["fused_gain"] = res["two_pass_ms"] / res["sparse_ms"]
+                    print(f"  two-pass form (sparse_grad + apply_gradients) "
+                          f"{res['two_pass_ms']:.3f} ms: fused {res['fused_gain']:.2f}x",
+                          flush=True)
                 print(f"  sparse {res['sparse_ms']:.3f} ms (spread "
                       f"{res['sparse_timing']['spread']:.2f}; one synchronized step "
                       f"{res['sparse_sync_ms']:.3f} ms), {res['gbs']:.0f} GB/s, "
@@ -580,6 +598,8 @@ COLUMNS = [
     ("distinct_k", "touched(K)", ".1f"),
     ("sparse_ms", "sparse ms", ".3f"),
     ("sparse_sync_ms", "sync ms", ".3f"),
+    ("two_pass_ms", "2-pass ms", ".3f"),
+    ("fused_gain", "fused x", ".2f"),
     ("dense_col", "dense ms"),
     ("speedup", "dense/sparse", ".1f"),
     ("gbs", "sparse GB/s", ".0f"),

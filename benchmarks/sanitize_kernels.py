@@ -102,6 +102,28 @@ def optim_case(rng, rows, dim, sp):
         close(f"adagrad[{i}]", a, b, 1e-5)
 
 
+def fused_case(rng, dtype, rows, dim, m, max_len, name, grad_f32):
+    """The backward fused with the optimizer against the reference backward
+    + reference update (runs past a chunk with max_len 300)."""
+    from sok_jax import optim
+
+    tag = f"fused {name} {jnp.dtype(dtype).name} D{dim} len<={max_len}{' g32' if grad_f32 else ''}"
+    table = jnp.asarray(rng.normal(size=(rows, dim)), dtype)
+    ids, offsets = bags(rng, m, max_len, rows)
+    w = jnp.asarray(rng.uniform(0.5, 1.5, ids.shape[0]), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(m, dim)), jnp.float32 if grad_f32 else dtype)
+    opt, ref = optim.by_name(name, 0.1), optim.by_name(name, 0.1, implementation="reference")
+    st = opt.init(table)
+    got_t, got_s = jax.jit(opt.update_bags, static_argnums=6)(
+        table, st, g, ids, offsets, w, "mean")
+    sp = reference.lookup_combine_bwd(g, ids, offsets, w, "mean", rows)
+    want_t, want_s = ref.update(table, ref.init(table), sp)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    close(tag, got_t.astype(jnp.float32), want_t.astype(jnp.float32), tol)
+    for i, (a, b) in enumerate(zip(got_s.slots, want_s.slots)):
+        close(f"{tag} slot {i}", a, b, 1e-4)
+
+
 def hash_case(rng, capacity, n_keys, dtype):
     slots = hash_ops.empty_slot_keys(capacity, dtype)
     keys = jnp.asarray(rng.integers(-3, 4 * capacity, size=n_keys), dtype)
@@ -149,6 +171,12 @@ def cases(rng):
     out.append(lambda: special_cases(rng))
     for capacity, n_keys in ((64, 40), (64, 500), (4096, 3000)):
         out.append(lambda a=(capacity, n_keys): hash_case(rng, a[0], a[1], jnp.int32))
+    for dtype in (jnp.float32, jnp.bfloat16):
+        for dim in (3, 128, 129):
+            for max_len in (1, 4, 300):
+                for name, grad_f32 in (("sgd", False), ("adam", True), ("ftrl", False)):
+                    out.append(lambda a=(dtype, dim, max_len, name, grad_f32): fused_case(
+                        rng, a[0], 997, a[1], 96, a[2], a[3], a[4]))
     return out
 
 

@@ -227,8 +227,9 @@ def main(argv=None):
             out, ctx, emb_state = emb.lookup(emb_state, ids)
             loss, (g_params, g_out) = jax.value_and_grad(
                 lambda p, e: bce(model.apply(p, dense, e), labels), (0, 1))(params, out)
-            row_grads = emb.sparse_grad(ctx, g_out)  # touched rows only, summed on their owners
-            emb_state, table_opt = emb.apply_gradients(emb_state, table_tx, table_opt, row_grads)
+            # Touched rows only, summed on their owners and updated in place
+            # (= apply_gradients(..., sparse_grad(ctx, g_out)) in one pass).
+            emb_state, table_opt = emb.sparse_update(emb_state, table_tx, table_opt, ctx, g_out)
         # Replicated params + sharded batch: XLA all-reduces g_params itself.
         upd, dense_opt = dense_tx.update(g_params, dense_opt, params)
         params = optax.apply_updates(params, upd)

@@ -33,7 +33,6 @@ from a forward manual computation to its backward (benchmarks/RESULTS.md).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any
 
@@ -518,35 +517,40 @@ class DistributedEmbedding:
         out, new_state, ctx = self._run(state, ids, weights, training, sparse=True)
         return out, ctx, new_state
 
+    def _owner_bags(self, ctx: ExchangeContext, g):
+        """Per-device (inside shard_map): the backward as bags on the owner,
+        (grad_out, ids, offsets, weights, combiner) over this device's table
+        rows. One device with no exchange: the lookup's own bags. Otherwise
+        the requesting side sums its positions' gradients per received slot,
+        sends them to the owners, and the owner's bags are one slot each."""
+        g = g.reshape(-1, g.shape[-1])
+        weights = ctx.weights if ctx.weights is not None else jnp.zeros((0,), jnp.float32)
+        if ctx.recv_index is None:  # one device, no exchange: recv_rows are the ids
+            return g, ctx.recv_rows, ctx.offsets, weights, self.combiner
+        ops = _ops(self.implementation)
+        cap = ctx.recv_rows.shape[0]  # n*C slots received vectors occupy
+        # 1. requesting side: per received slot, sum its positions' grads.
+        s = ops.lookup_combine_bwd(g, ctx.recv_index, ctx.offsets, weights, self.combiner, cap)
+        d_back = ops.rows_to_dense(s, cap, jnp.float32)
+        # 2. send them to the owners.
+        d_vecs = self._a2a(d_back)
+        # 3. (the caller) owner: sum over sources per local row.
+        singles = jnp.arange(cap + 1, dtype=jnp.int32)
+        return d_vecs, ctx.recv_rows, singles, jnp.zeros((0,), jnp.float32), "sum"
+
     def sparse_grad(self, ctx: ExchangeContext, d_out) -> SparseRowGrad:
         """Per-device row gradients (stacked over the axis: rows [n*cap],
         grads [n*cap, D], count [n]) for the rows the batch touched, reduced
         on their owners. Never builds a [rows, D] array."""
-        axis = self.axis_name
         ops = _ops(self.implementation)
-        combiner = self.combiner
+        rows = self.max_vocabulary_size_per_gpu
 
         def body(ctx, g):
-            g = g.reshape(-1, g.shape[-1])
-            rows = self.max_vocabulary_size_per_gpu
-            weights = ctx.weights if ctx.weights is not None else jnp.zeros((0,), jnp.float32)
-            if ctx.recv_index is None:  # one device, no exchange: recv_rows are the ids
-                r = ops.lookup_combine_bwd(g, ctx.recv_rows, ctx.offsets, weights, combiner, rows)
-                return r.rows, r.grads, r.count
-            cap = ctx.recv_rows.shape[0]  # n*C slots received vectors occupy
-            # 1. requesting side: per received slot, sum its positions' grads.
-            s = ops.lookup_combine_bwd(g, ctx.recv_index, ctx.offsets, weights, combiner, cap)
-            d_back = ops.rows_to_dense(s, cap, jnp.float32)
-            # 2. send them to the owners.
-            d_vecs = self._a2a(d_back)
-            # 3. owner: sum over sources per local row.
-            singles = jnp.arange(cap + 1, dtype=jnp.int32)
-            no_w = jnp.zeros((0,), jnp.float32)
-            r = ops.lookup_combine_bwd(d_vecs, ctx.recv_rows, singles, no_w, "sum", rows)
+            r = ops.lookup_combine_bwd(*self._owner_bags(ctx, g), rows)
             return r.rows, r.grads, r.count
 
-        row = P(axis)
-        fn = _shard_map(body, self.mesh, (row, row), (row, P(axis, None), row))
+        row = P(self.axis_name)
+        fn = _shard_map(body, self.mesh, (row, row), (row, P(self.axis_name, None), row))
         rows, grads, count = fn(ctx, d_out)
         return SparseRowGrad(rows, grads, count)
 
@@ -617,6 +621,33 @@ class DistributedEmbedding:
             (P(axis, None), opt_specs),
         )
         table, opt_state = fn(state.table, opt_state, grad.rows, grad.grads, grad.count)
+        return dataclasses.replace(state, table=table), opt_state
+
+    def sparse_update(self, state: EmbeddingState, optimizer, opt_state, ctx: ExchangeContext,
+                      d_out):
+        """`sparse_grad` and `apply_gradients` in one pass over the touched
+        rows: each owner sums its rows' gradients and applies `optimizer` to
+        them in place (`optimizer.update_bags`: for sgd, adagrad, adam and
+        ftrl one fused kernel that never writes the [N, D] row gradient).
+        The same function as
+        `apply_gradients(state, optimizer, opt_state, sparse_grad(ctx, d_out))`;
+        use that form to transform the row gradients first (e.g. clipping).
+        Donate `state` and `opt_state` in your step. Returns (new_state,
+        new_opt_state)."""
+        axis = self.axis_name
+        opt_specs = type(opt_state)(self._slot_specs(opt_state), P())
+        update = optimizer.update_bags
+        if update is None:  # a SparseOptimizer built without it
+            return self.apply_gradients(state, optimizer, opt_state, self.sparse_grad(ctx, d_out))
+
+        def body(table, opt_state, ctx, g):
+            return update(table, opt_state, *self._owner_bags(ctx, g))
+
+        row = P(axis)
+        fn = _shard_map(
+            body, self.mesh, (P(axis, None), opt_specs, row, row), (P(axis, None), opt_specs)
+        )
+        table, opt_state = fn(state.table, opt_state, ctx, d_out)
         return dataclasses.replace(state, table=table), opt_state
 
     # ------------------------------------------------------- export / import

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
-import jax
 import jax.numpy as jnp
 
 from sok_jax.ops import optim_ops
@@ -34,10 +33,17 @@ class SparseOptState(NamedTuple):
 
 class SparseOptimizer(NamedTuple):
     """init(table) -> SparseOptState;
-    update(table, state, grad: SparseRowGrad) -> (table, state)."""
+    update(table, state, grad: SparseRowGrad) -> (table, state);
+    update_bags(table, state, grad_out, ids, offsets, weights, combiner)
+      -> (table, state): the lookup's backward and `update` in one step (the
+      layout of `sok_jax.ops.embed_ops.lookup_combine`). For sgd, adagrad,
+      adam and ftrl with the FFI implementation it is one fused target that
+      never writes the [N, D] row gradient (`optim_ops.bwd_update`); for the
+      others it is `lookup_combine_bwd` followed by `update`."""
 
     init: Callable
     update: Callable
+    update_bags: Callable | None = None
 
 
 def _lr(learning_rate, count):
@@ -52,8 +58,19 @@ def _impl(fn_name: str, implementation: str):
     raise ValueError(f"implementation must be 'ffi' or 'reference', got {implementation!r}")
 
 
-def _make(update_name: str, make_slots: Callable, hyper: dict, learning_rate, implementation, step_arg=False):
+def _impl_bwd(implementation: str):
+    """The lookup's sparse backward of `implementation`."""
+    from sok_jax.ops import embed_ops, reference
+
+    return {"ffi": embed_ops, "reference": reference}[implementation].lookup_combine_bwd
+
+
+def _make(update_name: str, make_slots: Callable, hyper: dict, learning_rate, implementation,
+          step_arg=False, rule=None):
+    """`rule`: the name of the element-wise rule of the fused backward+update
+    target (optim_ops.RULES), None where there is none (row-wise Adagrad)."""
     update_fn = _impl(update_name, implementation)
+    bwd = _impl_bwd(implementation)
 
     def init(table):
         return SparseOptState(tuple(make_slots(table)), jnp.zeros((), jnp.int32))
@@ -69,12 +86,22 @@ def _make(update_name: str, make_slots: Callable, hyper: dict, learning_rate, im
             out = (out,)
         return out[0], SparseOptState(tuple(out[1:]), count)
 
-    return SparseOptimizer(init, update)
+    def update_bags(table, state: SparseOptState, grad_out, ids, offsets, weights, combiner):
+        if rule is None or implementation != "ffi":
+            grad = bwd(grad_out, ids, offsets, weights, combiner, table.shape[0])
+            return update(table, state, grad)
+        count = state.count + 1
+        hp = (_lr(learning_rate, state.count),) + ((count,) if step_arg else ())
+        out = optim_ops.bwd_update(rule, table, state.slots, grad_out, ids, offsets, weights,
+                                   combiner, hp, **hyper)
+        return out[0], SparseOptState(tuple(out[1:]), count)
+
+    return SparseOptimizer(init, update, update_bags)
 
 
 def sgd(learning_rate, *, implementation: str = "ffi") -> SparseOptimizer:
     """Plain SGD on the touched rows (optax.sgd without momentum)."""
-    return _make("sgd_update", lambda t: (), {}, learning_rate, implementation)
+    return _make("sgd_update", lambda t: (), {}, learning_rate, implementation, rule="sgd")
 
 
 def adagrad(
@@ -92,6 +119,7 @@ def adagrad(
         {"eps": eps},
         learning_rate,
         implementation,
+        rule="adagrad",
     )
 
 
@@ -130,6 +158,7 @@ def adam(
         learning_rate,
         implementation,
         step_arg=True,
+        rule="adam",
     )
 
 
@@ -157,6 +186,7 @@ def ftrl(
         },
         learning_rate,
         implementation,
+        rule="ftrl",
     )
 
 

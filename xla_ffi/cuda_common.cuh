@@ -41,4 +41,12 @@ inline ffi::Error LastError(const char* what) {
   return ffi::Error::Success();
 }
 
+// Makes `out` hold `in` on the stream (a no-op when XLA aliased them, the
+// normal case for the in-place updates).
+inline void CopyIfDistinct(cudaStream_t stream, const void* in, void* out,
+                           size_t bytes) {
+  if (in != out && bytes)
+    cudaMemcpyAsync(out, in, bytes, cudaMemcpyDeviceToDevice, stream);
+}
+
 }  // namespace sok

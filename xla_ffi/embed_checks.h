@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "common.h"
 #include "embed_math.h"
@@ -37,6 +38,68 @@ inline ffi::Error CheckFixedNnz(int64_t fixed_nnz, int64_t n, int64_t m) {
   if (fixed_nnz > 0 && n != m * fixed_nnz)
     return InvalidArgument("fixed_nnz > 0 needs len(ids) == num_bags * fixed_nnz");
   return ffi::Error::Success();
+}
+
+// The fused backward+update (sok_embed_bwd_update): table [rows, D] and its
+// output, grad_out [num_bags, D] of the table's dtype or float32, the bags.
+struct BwdUpdateShape {
+  int64_t rows, dim, n, m;
+  bool grad_f32;
+};
+
+inline ffi::Error CheckBwdUpdate(const ffi::AnyBuffer& table,
+                                 const ffi::AnyBuffer& grad,
+                                 const ffi::AnyBuffer& ids,
+                                 const ffi::AnyBuffer& offsets,
+                                 const ffi::AnyBuffer& weights,
+                                 ffi::Result<ffi::AnyBuffer>& table_out,
+                                 int32_t combiner, BwdUpdateShape* s) {
+  int64_t m_g, d_g;
+  if (auto e = Rank2(table, "table", &s->rows, &s->dim); e.failure()) return e;
+  if (auto e = Rank2(grad, "grad_out", &m_g, &d_g); e.failure()) return e;
+  if (auto e = CheckBags(ids, offsets, weights, combiner, &s->n, &s->m);
+      e.failure())
+    return e;
+  s->grad_f32 = grad.element_type() == ffi::DataType::F32;
+  if (m_g != s->m || d_g != s->dim ||
+      (grad.element_type() != table.element_type() && !s->grad_f32))
+    return InvalidArgument(
+        "grad_out must be [num_bags, D] of the table's dtype or float32");
+  if (table_out->element_type() != table.element_type() ||
+      table_out->element_count() != table.element_count())
+    return InvalidArgument("table output must match the table");
+  if (s->rows >= INT32_MAX)
+    return InvalidArgument("table may have at most 2^31 - 2 rows");
+  return ffi::Error::Success();
+}
+
+// A rule's buffers: at least `num_hparams` float32 hparams, and the first
+// `used` of the two float32 slots, each [rows * D] like the table, its output
+// too; their output pointers in `out_data` (nullptr beyond).
+inline ffi::Error CheckRuleBuffers(int num_hparams,
+                                   const ffi::Buffer<ffi::F32>& hparams,
+                                   int used, int64_t count,
+                                   const ffi::Buffer<ffi::F32>* const in[2],
+                                   ffi::Result<ffi::Buffer<ffi::F32>>* const out[2],
+                                   float* out_data[2]) {
+  out_data[0] = out_data[1] = nullptr;
+  if (hparams.element_count() < static_cast<size_t>(num_hparams))
+    return InvalidArgument("hparams must hold " + std::to_string(num_hparams) +
+                           " float32 values");
+  for (int k = 0; k < used; ++k) {
+    if (static_cast<int64_t>(in[k]->element_count()) != count ||
+        (*out[k])->element_count() != in[k]->element_count())
+      return InvalidArgument("slot " + std::to_string(k) + " must have " +
+                             std::to_string(count) + " float32 elements");
+    out_data[k] = (*out[k])->typed_data();
+  }
+  return ffi::Error::Success();
+}
+
+inline ffi::Error UnknownRule(int32_t rule_id, size_t num_consts) {
+  return InvalidArgument("unknown rule " + std::to_string(rule_id) +
+                         " or too few constants (" +
+                         std::to_string(num_consts) + ")");
 }
 
 }  // namespace sok

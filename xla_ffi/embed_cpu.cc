@@ -9,6 +9,7 @@
 #include "cpu_types.h"
 #include "embed_checks.h"
 #include "embed_math.h"
+#include "optim_cpu.h"
 #include "signatures.h"
 
 namespace sok {
@@ -284,7 +285,75 @@ ffi::Error BwdDenseImpl(ffi::AnyBuffer grad, ffi::AnyBuffer ids,
   });
 }
 
+// The backward fused with an element-wise optimizer (optim_math.h
+// VisitRule): the same function as the CUDA handler; here the sparse form is
+// built (Backward) and the rule applied to its rows (ApplyRows).
+ffi::Error BwdUpdateImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> s0,
+                         ffi::Buffer<ffi::F32> s1, ffi::AnyBuffer grad,
+                         ffi::AnyBuffer ids, ffi::AnyBuffer offsets,
+                         ffi::AnyBuffer weights, ffi::Buffer<ffi::F32> hparams,
+                         ffi::Result<ffi::AnyBuffer> table_out,
+                         ffi::Result<ffi::Buffer<ffi::F32>> s0_out,
+                         ffi::Result<ffi::Buffer<ffi::F32>> s1_out,
+                         ffi::Result<ffi::AnyBuffer> /*workspace: CUDA only*/,
+                         int32_t combiner, int32_t rule_id,
+                         ffi::Span<const float> consts) {
+  BwdUpdateShape sh;
+  if (auto e = CheckBwdUpdate(table, grad, ids, offsets, weights, table_out,
+                              combiner, &sh);
+      e.failure())
+    return e;
+  const int64_t rows = sh.rows, dim = sh.dim, n = sh.n, m = sh.m;
+  const float* w = weights.element_count() ? weights.typed_data<float>() : nullptr;
+  const ffi::Buffer<ffi::F32>* in[2] = {&s0, &s1};
+  ffi::Result<ffi::Buffer<ffi::F32>>* out[2] = {&s0_out, &s1_out};
+  ffi::Error result = ffi::Error::Success();
+  const bool known = VisitRule(rule_id, consts.begin(), consts.size(), [&](auto rule) {
+    using Rule = decltype(rule);
+    float* slot[2];
+    result = CheckRuleBuffers(Rule::kHparams, hparams, Rule::kSlots, rows * dim,
+                              in, out, slot);
+    if (result.failure()) return;
+    for (int k = 0; k < Rule::kSlots; ++k)
+      CopyIfDistinct(in[k]->typed_data(), slot[k], in[k]->size_bytes());
+    CopyIfDistinct(table.untyped_data(), table_out->untyped_data(),
+                   table.size_bytes());
+    rule.Bind(hparams.typed_data());
+    std::vector<int32_t> ur(n);
+    std::vector<float> g(static_cast<size_t>(n * dim));
+    int32_t count = 0;
+    result = DispatchFloat(table.element_type(), "table", [&](auto tag) {
+      using T = typename HostType<decltype(tag)>::type;
+      return DispatchKey(ids.element_type(), "ids", [&](auto key) {
+        using K = decltype(key);
+        if (sh.grad_f32)  // e.g. the exchanged float32 sums of a 16-bit table
+          Backward<float, K>(grad.typed_data<float>(), dim,
+                             ids.reinterpret_data<K>(),
+                             offsets.typed_data<int32_t>(), w, n, m, rows,
+                             combiner, ur.data(), g.data(), &count);
+        else
+          Backward<T, K>(grad.reinterpret_data<T>(), dim,
+                         ids.reinterpret_data<K>(), offsets.typed_data<int32_t>(),
+                         w, n, m, rows, combiner, ur.data(), g.data(), &count);
+        RowGrads rg;
+        rg.rows = rows;
+        rg.dim = dim;
+        rg.count = count;
+        rg.unique_rows = ur.data();
+        rg.grads = g.data();
+        ApplyRows<T>(rg, rule, table_out->reinterpret_data<T>(), slot[0], slot[1]);
+        return ffi::Error::Success();
+      });
+    });
+  });
+  if (!known) return UnknownRule(rule_id, consts.size());
+  return result;
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedBwdUpdateCpu, BwdUpdateImpl,
+                              sig::EmbedBwdUpdate(ffi::Ffi::Bind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedFwdCpu, FwdImpl,
                               sig::EmbedFwd(ffi::Ffi::Bind()));
@@ -306,6 +375,8 @@ void AppendEmbedTargetsCpu(TargetList& out) {
   out.push_back({"sok_embed_bwd", reinterpret_cast<void*>(SokEmbedBwdCpu)});
   out.push_back(
       {"sok_embed_bwd_dense", reinterpret_cast<void*>(SokEmbedBwdDenseCpu)});
+  out.push_back(
+      {"sok_embed_bwd_update", reinterpret_cast<void*>(SokEmbedBwdUpdateCpu)});
   out.push_back({"sok_embed_wgrad", reinterpret_cast<void*>(SokEmbedWgradCpu)});
   out.push_back(
       {"sok_rows_to_dense", reinterpret_cast<void*>(SokRowsToDenseCpu)});

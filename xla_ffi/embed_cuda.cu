@@ -9,6 +9,7 @@
 #include "cuda_common.cuh"
 #include "embed_checks.h"
 #include "embed_kernels.cuh"
+#include "optim_kernels.cuh"
 #include "signatures.h"
 
 namespace sok {
@@ -217,33 +218,27 @@ ffi::Error SortRuns(cudaStream_t stream, ffi::AnyBuffer ids,
   return ffi::Error::Success();
 }
 
-// Step 3 of the backward: the runs summed into `out_rows` (kDense: rows of
-// the dense [num_rows, D] cotangent of type O; else the [N, D] float32
-// row_grads with unique_rows / num_unique).
-// Step 3 of the backward: the runs summed into `out_rows` (kDense: the
-// touched rows of the zeroed dense [num_rows, D] cotangent of type O; else
-// the [N, D] float32 row_grads with unique_rows / num_unique).
-template <bool kDense, typename G, typename O>
+// Step 3 of the backward: the runs summed and handed to `sink`
+// (embed_kernels.cuh: the [N, D] row_grads, the dense cotangent, or an
+// optimizer applied in place).
+template <typename G, typename Sink>
 void ReduceAll(cudaStream_t stream, const G* gp, int64_t dim, int64_t n,
-               int64_t num_rows, const Runs& r, int32_t* unique_rows,
-               O* out_rows, int32_t* num_unique) {
+               int64_t num_rows, const Runs& r, const Sink& sink) {
   const uint32_t sentinel = static_cast<uint32_t>(num_rows);
   auto launch = [&](auto vec) {
     constexpr int V = decltype(vec)::value;
     const int tpb = cuda::ThreadsPerBag(dim / V, cuda::kRunCpl);
-    cuda::ReduceRuns<G, V, O, kDense><<<Blocks(n * tpb), kBlock, 0, stream>>>(
+    cuda::ReduceRuns<G, V, Sink><<<Blocks(n * tpb), kBlock, 0, stream>>>(
         gp, dim, r.ukeys, r.counts, r.starts, r.num_runs, r.chunks, r.pos_out,
-        r.bag_of, r.scale_of, n, sentinel, tpb, unique_rows, out_rows,
-        num_unique);
+        r.bag_of, r.scale_of, n, sentinel, tpb, sink);
     cuda::ReduceChunks<G, V><<<Blocks(r.max_chunks * 32), kBlock, 0, stream>>>(
         gp, dim, r.counts, r.starts, r.chunks, r.chunk_start, r.num_runs,
         r.pos_out, r.bag_of, r.scale_of, r.max_chunks, r.partial);
-    cuda::ReducePartials<V, O, kDense><<<Blocks(n), kBlock, 0, stream>>>(
-        r.ukeys, r.chunks, r.chunk_start, r.num_runs, r.partial, dim, n,
-        out_rows);
+    cuda::ReducePartials<V, Sink><<<Blocks(n), kBlock, 0, stream>>>(
+        r.ukeys, r.chunks, r.chunk_start, r.num_runs, r.partial, dim, n, sink);
   };
   // 4-wide accesses: 16 bytes of float, 8 of 16-bit data.
-  const bool fast = dim % 4 == 0 && Aligned16(gp) && Aligned16(out_rows) &&
+  const bool fast = dim % 4 == 0 && Aligned16(gp) && sink.Aligned() &&
                     Aligned16(r.partial);
   if (fast) {
     launch(std::integral_constant<int, 4>{});
@@ -281,9 +276,10 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer grad, ffi::AnyBuffer ids,
     return e;
   auto err = DispatchFloat(grad.element_type(), "grad_out", [&](auto tag) {
     using G = typename DevType<decltype(tag)>::type;
-    ReduceAll<false>(stream, grad.reinterpret_data<G>(), dim, n, num_rows, r,
-                     unique_rows->typed_data(), row_grads->typed_data(),
-                     num_unique->typed_data());
+    ReduceAll(stream, grad.reinterpret_data<G>(), dim, n, num_rows, r,
+              cuda::RowGradSink<float>{row_grads->typed_data(),
+                                       unique_rows->typed_data(),
+                                       num_unique->typed_data()});
     return ffi::Error::Success();
   });
   if (err.failure()) return err;
@@ -317,13 +313,70 @@ ffi::Error BwdDenseImpl(cudaStream_t stream, ffi::AnyBuffer grad,
     return e;
   auto err = DispatchFloat(dense->element_type(), "dense", [&](auto tag) {
     using T = typename DevType<decltype(tag)>::type;
-    ReduceAll<true>(stream, grad.reinterpret_data<T>(), dim, n, num_rows, r,
-                    nullptr,
-                    dense->reinterpret_data<T>(), nullptr);
+    ReduceAll(stream, grad.reinterpret_data<T>(), dim, n, num_rows, r,
+              cuda::DenseSink<T>{dense->reinterpret_data<T>()});
     return ffi::Error::Success();
   });
   if (err.failure()) return err;
   return LastError("sok_embed_bwd_dense");
+}
+
+// The backward fused with the optimizer: sort + run-length as BwdImpl, then
+// each run's sum goes straight into the rule on its table row (UpdateSink).
+// Outputs alias the table and slots; copied first should they not.
+ffi::Error BwdUpdateImpl(cudaStream_t stream, ffi::AnyBuffer table,
+                         ffi::Buffer<ffi::F32> s0, ffi::Buffer<ffi::F32> s1,
+                         ffi::AnyBuffer grad, ffi::AnyBuffer ids,
+                         ffi::AnyBuffer offsets, ffi::AnyBuffer weights,
+                         ffi::Buffer<ffi::F32> hparams,
+                         ffi::Result<ffi::AnyBuffer> table_out,
+                         ffi::Result<ffi::Buffer<ffi::F32>> s0_out,
+                         ffi::Result<ffi::Buffer<ffi::F32>> s1_out,
+                         ffi::Result<ffi::AnyBuffer> workspace, int32_t combiner,
+                         int32_t rule_id, ffi::Span<const float> consts) {
+  BwdUpdateShape sh;
+  if (auto e = CheckBwdUpdate(table, grad, ids, offsets, weights, table_out,
+                              combiner, &sh);
+      e.failure())
+    return e;
+  const int64_t rows = sh.rows, dim = sh.dim, n = sh.n, m = sh.m;
+  const float* w = weights.element_count() ? weights.typed_data<float>() : nullptr;
+  const ffi::Buffer<ffi::F32>* in[2] = {&s0, &s1};
+  ffi::Result<ffi::Buffer<ffi::F32>>* out[2] = {&s0_out, &s1_out};
+  ffi::Error result = ffi::Error::Success();
+  const bool known = VisitRule(rule_id, consts.begin(), consts.size(), [&](auto rule) {
+    using Rule = decltype(rule);
+    float* slot[2];
+    result = CheckRuleBuffers(Rule::kHparams, hparams, Rule::kSlots, rows * dim,
+                              in, out, slot);
+    if (result.failure()) return;
+    for (int k = 0; k < Rule::kSlots; ++k)
+      CopyIfDistinct(stream, in[k]->typed_data(), slot[k], in[k]->size_bytes());
+    CopyIfDistinct(stream, table.untyped_data(), table_out->untyped_data(),
+                   table.size_bytes());
+    if (n == 0 || dim == 0) return;
+    Runs r;
+    if (auto e = SortRuns(stream, ids, offsets, w, n, m, dim, rows, combiner,
+                          *workspace, &r);
+        e.failure()) {
+      result = e;
+      return;
+    }
+    result = DispatchFloat(table.element_type(), "table", [&](auto tag) {
+      using T = typename DevType<decltype(tag)>::type;
+      const optim::UpdateSink<T, Rule> sink{rule, hparams.typed_data(),
+                                            table_out->reinterpret_data<T>(),
+                                            slot[0], slot[1]};
+      if (sh.grad_f32)  // e.g. the exchanged float32 sums of a 16-bit table
+        ReduceAll(stream, grad.typed_data<float>(), dim, n, rows, r, sink);
+      else
+        ReduceAll(stream, grad.reinterpret_data<T>(), dim, n, rows, r, sink);
+      return ffi::Error::Success();
+    });
+  });
+  if (!known) return UnknownRule(rule_id, consts.size());
+  if (result.failure()) return result;
+  return LastError("sok_embed_bwd_update");
 }
 
 ffi::Error WgradImpl(cudaStream_t stream, ffi::AnyBuffer table,
@@ -391,6 +444,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedBwdCuda, BwdImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedBwdDenseCuda, BwdDenseImpl,
                               sig::EmbedBwdDense(CudaBind()));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedBwdUpdateCuda, BwdUpdateImpl,
+                              sig::EmbedBwdUpdate(CudaBind()));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedWgradCuda, WgradImpl,
                               sig::EmbedWgrad(CudaBind()));
 
@@ -402,6 +458,8 @@ void AppendEmbedTargetsCuda(TargetList& out) {
   out.push_back({"sok_embed_bwd", reinterpret_cast<void*>(SokEmbedBwdCuda)});
   out.push_back(
       {"sok_embed_bwd_dense", reinterpret_cast<void*>(SokEmbedBwdDenseCuda)});
+  out.push_back(
+      {"sok_embed_bwd_update", reinterpret_cast<void*>(SokEmbedBwdUpdateCuda)});
   out.push_back({"sok_embed_wgrad", reinterpret_cast<void*>(SokEmbedWgradCuda)});
   out.push_back(
       {"sok_rows_to_dense", reinterpret_cast<void*>(SokRowsToDenseCuda)});

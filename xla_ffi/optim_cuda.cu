@@ -68,21 +68,6 @@ ffi::Error CheckSlot(const ffi::Buffer<ffi::F32>& slot,
   return ffi::Error::Success();
 }
 
-// Makes `out` hold `in` (a no-op when XLA aliased them, the normal case).
-void CopyIfDistinct(cudaStream_t stream, const void* in, void* out,
-                    size_t bytes) {
-  if (in != out && bytes)
-    cudaMemcpyAsync(out, in, bytes, cudaMemcpyDeviceToDevice, stream);
-}
-
-// The one check after the launches of a handler.
-ffi::Error LastError(const char* what) {
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    return Internal(std::string(what) + ": " + cudaGetErrorString(err));
-  return ffi::Error::Success();
-}
-
 // One handler body for the rules with 0, 1 or 2 [R, D] slots.
 template <typename Rule>
 ffi::Error UpdateImpl(cudaStream_t stream, Rule rule, const char* name,

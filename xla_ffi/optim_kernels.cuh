@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "cuda_vec.cuh"
+#include "embed_kernels.cuh"  // ValidRunsSink
 #include "optim_math.h"
 
 namespace sok {
@@ -111,6 +112,59 @@ __global__ void RowwiseAdagradKernel(RowwiseAdagradRule rule,
   }
   if (lane == 0) acc[r] = a;
 }
+
+// The fused backward's sink (embed_kernels.cuh ReduceRuns / ReducePartials):
+// the summed gradient of run u goes straight into `rule` applied to row `key`
+// of the table and its slots, in place (no [N, D] row_grads written and read
+// back). Each run names a distinct row, so no atomics. The lane first loads
+// all its chunks of the row and slots, then updates and stores them (loads in
+// flight together; the stores could alias the next loads for the compiler).
+template <typename T, typename Rule>
+struct UpdateSink : cuda::ValidRunsSink {
+  Rule rule;
+  const float* hparams;
+  T* table;
+  float* s0;
+  float* s1;
+
+  UpdateSink(Rule r, const float* hp, T* t, float* a, float* b)
+      : rule(r), hparams(hp), table(t), s0(a), s1(b) {}
+  bool Aligned() const {
+    return Aligned(table, 4 * sizeof(T)) && Aligned(s0, 16) && Aligned(s1, 16);
+  }
+  template <int VEC, int CPL>
+  __device__ __forceinline__ void Store(int64_t, uint32_t key, int64_t dim,
+                                        int64_t c_first, int tpb, int64_t cols,
+                                        float (&g)[CPL][VEC]) const {
+    Rule r = rule;
+    r.Bind(hparams);
+    const int64_t base = static_cast<int64_t>(key) * dim;
+    float w[CPL][VEC], a[CPL][VEC] = {}, b[CPL][VEC] = {};
+#pragma unroll
+    for (int k = 0; k < CPL; ++k) {
+      const int64_t c = c_first + static_cast<int64_t>(k) * tpb;
+      if (c >= cols) continue;
+      LoadFMutable<T, VEC>(table + base + c * VEC, w[k]);
+      if (Rule::kSlots > 0) LoadFMutable<float, VEC>(s0 + base + c * VEC, a[k]);
+      if (Rule::kSlots > 1) LoadFMutable<float, VEC>(s1 + base + c * VEC, b[k]);
+    }
+#pragma unroll
+    for (int k = 0; k < CPL; ++k) {
+      const int64_t c = c_first + static_cast<int64_t>(k) * tpb;
+      if (c >= cols) continue;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) r(w[k][i], a[k][i], b[k][i], g[k][i]);
+      StoreF<T, VEC>(table + base + c * VEC, w[k]);
+      if (Rule::kSlots > 0) StoreF<float, VEC>(s0 + base + c * VEC, a[k]);
+      if (Rule::kSlots > 1) StoreF<float, VEC>(s1 + base + c * VEC, b[k]);
+    }
+  }
+
+ private:
+  static bool Aligned(const void* p, size_t bytes) {
+    return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0;
+  }
+};
 
 // Lanes per row: enough to cover D in one pass of VEC-wide accesses, rounded
 // up to a power of two, at most a warp.

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 
 #include "embed_math.h"  // SOK_HD
@@ -133,6 +134,54 @@ struct FtrlRule {
     acc = acc_new;
   }
 };
+
+// The element-wise rules by the id the fused backward+update target takes
+// (sok_embed_bwd_update), with their constant hyperparameters from a float
+// list in the order of the Python wrapper (sok_jax/ops/optim_ops.py RULES):
+//   0 sgd: -;  1 adagrad: eps;  2 adam: b1, b2, eps, eps_root;
+//   3 ftrl: learning_rate_power, l1, l2, l2_shrinkage, beta.
+// Calls f(rule) and returns true, or returns false for an unknown id or too
+// few constants.
+enum RuleId : int32_t { kRuleSgd = 0, kRuleAdagrad = 1, kRuleAdam = 2, kRuleFtrl = 3 };
+
+template <typename F>
+bool VisitRule(int32_t id, const float* c, size_t nc, F&& f) {
+  switch (id) {
+    case kRuleSgd:
+      f(SgdRule{});
+      return true;
+    case kRuleAdagrad: {
+      if (nc < 1) return false;
+      AdagradRule r;
+      r.eps = c[0];
+      f(r);
+      return true;
+    }
+    case kRuleAdam: {
+      if (nc < 4) return false;
+      AdamRule r;
+      r.b1 = c[0];
+      r.b2 = c[1];
+      r.eps = c[2];
+      r.eps_root = c[3];
+      f(r);
+      return true;
+    }
+    case kRuleFtrl: {
+      if (nc < 5) return false;
+      FtrlRule r;
+      r.lr_power = c[0];
+      r.l1 = c[1];
+      r.l2 = c[2];
+      r.l2_shrinkage = c[3];
+      r.beta = c[4];
+      f(r);
+      return true;
+    }
+    default:
+      return false;
+  }
+}
 
 // How many unique rows to update: num_unique clamped to [0, capacity].
 SOK_HD int64_t ClampCount(int32_t num_unique, int64_t capacity) {

@@ -50,6 +50,28 @@ auto EmbedBwdDense(B b) {
       .template Attr<int32_t>("combiner");
 }
 
+// The backward fused with an element-wise optimizer (optim_math.h
+// VisitRule): per distinct row of the table, the summed gradient applied to
+// the row and its slots in place. Slots the rule does not use are [0].
+template <typename B>
+auto EmbedBwdUpdate(B b) {
+  return std::move(b).template Arg<ffi::AnyBuffer>()    // table
+      .template Arg<ffi::Buffer<ffi::F32>>()   // slot 0
+      .template Arg<ffi::Buffer<ffi::F32>>()   // slot 1
+      .template Arg<ffi::AnyBuffer>()          // grad_out (the table's dtype)
+      .template Arg<ffi::AnyBuffer>()          // ids
+      .template Arg<ffi::AnyBuffer>()          // offsets
+      .template Arg<ffi::AnyBuffer>()          // weights
+      .template Arg<ffi::Buffer<ffi::F32>>()   // hparams (learning rate, step)
+      .template Ret<ffi::AnyBuffer>()          // table
+      .template Ret<ffi::Buffer<ffi::F32>>()   // slot 0
+      .template Ret<ffi::Buffer<ffi::F32>>()   // slot 1
+      .template Ret<ffi::AnyBuffer>()          // workspace (CUDA only uses it)
+      .template Attr<int32_t>("combiner")
+      .template Attr<int32_t>("rule")
+      .template Attr<ffi::Span<const float>>("consts");
+}
+
 template <typename B>
 auto EmbedWgrad(B b) {
   return std::move(b).template Arg<ffi::AnyBuffer>()     // table

@@ -35,6 +35,7 @@ import numpy as np
 import sok_jax._native  # noqa: F401  (registers the FFI targets)
 
 __all__ = [
+    "bwd_update",
     "sgd_update",
     "adagrad_update",
     "rowwise_adagrad_update",
@@ -287,6 +288,92 @@ def ftrl_update(table, accumulator, linear, unique_rows, row_grads,
         l2_regularization_strength=l2_regularization_strength,
         l2_shrinkage_regularization_strength=l2_shrinkage_regularization_strength,
         beta=beta))
+
+
+# ---------------------------------------------------------------------------
+# The backward fused with the update
+# ---------------------------------------------------------------------------
+
+# Element-wise rules of the fused target, with their constant
+# hyperparameters in the order xla_ffi/optim_math.h VisitRule reads them.
+RULES = {
+    "sgd": (0, ()),
+    "adagrad": (1, ("eps",)),
+    "adam": (2, ("b1", "b2", "eps", "eps_root")),
+    "ftrl": (3, ("learning_rate_power", "l1_regularization_strength",
+                 "l2_regularization_strength",
+                 "l2_shrinkage_regularization_strength", "beta")),
+}
+_RULE_SLOTS = {"sgd": 0, "adagrad": 1, "adam": 2, "ftrl": 2}
+
+
+def bwd_update(rule, table, slots, grad_out, ids, offsets, weights, combiner,
+               hparams, **consts):
+    """The sparse backward of a lookup and an optimizer step in one target.
+
+    Per distinct row of `table` that the bags (`ids`, `offsets`, `weights`,
+    `combiner`: the layout of ``embed_ops.lookup_combine``) looked up, the
+    summed gradient (as ``embed_ops.lookup_combine_bwd``) is applied to the
+    row and its `slots` in place by `rule` (as ``<rule>_update``). On the GPU
+    no [N, D] row gradient is written or read back: each run of sorted
+    positions updates its row where it is summed.
+
+    Args:
+      rule: "sgd", "adagrad", "adam" or "ftrl" (element-wise rules).
+      table: [R, D] float32, bfloat16 or float16.
+      slots: the rule's float32 [R, D] slots (0, 1 or 2, in the order of the
+        matching ``*_update``).
+      grad_out: [M, D] cotangent of the lookup's output, the table's dtype or
+        float32.
+      ids, offsets, weights, combiner: the lookup's bags.
+      hparams: the traced hyperparameters: (learning_rate,) or, for adam,
+        (learning_rate, step).
+      **consts: the rule's constant hyperparameters (RULES), by name.
+
+    Returns:
+      ``(table, *slots)``, aliasing the inputs.
+
+    Raises:
+      ValueError: an unknown rule, a missing constant, or a wrong shape or
+        dtype (the message names the argument).
+    """
+    from sok_jax.ops import embed_ops
+
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {sorted(RULES)}, got {rule!r}")
+    code, names = RULES[rule]
+    missing = [k for k in names if k not in consts]
+    extra = sorted(set(consts) - set(names))
+    if missing or extra:
+        raise ValueError(f"{rule}: constants {list(names)} expected, missing {missing}, "
+                         f"unexpected {extra}")
+    embed_ops.check_table(table)
+    embed_ops._check_grad_out(grad_out, ids, offsets, weights)
+    if grad_out.shape[1] != table.shape[1]:
+        raise ValueError(f"grad_out must be [M, {table.shape[1]}] like the table, got "
+                         f"{tuple(grad_out.shape)}")
+    if grad_out.dtype != table.dtype:
+        grad_out = grad_out.astype(jnp.float32)
+    slots = tuple(slots)
+    if len(slots) != _RULE_SLOTS[rule]:
+        raise ValueError(f"{rule} takes {_RULE_SLOTS[rule]} slots, got {len(slots)}")
+    for k, slot in enumerate(slots):
+        _check_slot(slot, f"slot {k}", table.shape)
+    hp = _hparams(*((f"hparams[{i}]", v) for i, v in enumerate(hparams)))
+    dummies = (jnp.zeros((0,), jnp.float32),) * (2 - len(slots))
+    outs = (table, *slots, *dummies)
+    n, d = ids.shape[0], table.shape[1]
+    call = jax.ffi.ffi_call(
+        "sok_embed_bwd_update",
+        tuple(jax.ShapeDtypeStruct(o.shape, o.dtype) for o in outs)
+        + (jax.ShapeDtypeStruct((embed_ops.bwd_workspace_bytes(n, d),), jnp.uint8),),
+        vmap_method="sequential",
+        input_output_aliases={i: i for i in range(1 + len(slots))},
+    )
+    res = call(*outs, grad_out, ids, offsets, weights, hp,
+               combiner=np.int32(embed_ops.combiner_code(combiner)), rule=np.int32(code),
+               consts=np.asarray([consts[k] for k in names] or [0.0], np.float32))
+    return tuple(res[: 1 + len(slots)])
 
 
 # ---------------------------------------------------------------------------
