@@ -7,6 +7,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
 namespace sok {
 namespace cuda {
 
@@ -75,6 +77,16 @@ __device__ __forceinline__ void StoreF(T* p, const float (&in)[VEC]) {
   for (int i = 0; i < VEC; ++i) pk.v[i] = St<T>(in[i]);
   *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
 }
+
+// The Begin of the backward's sinks (embed_kernels.cuh ReduceRuns) that
+// only need the run to name a real row.
+struct ValidRunsSink {
+  template <int VEC>
+  __device__ __forceinline__ bool Begin(int64_t u, int64_t valid, uint32_t,
+                                        int, int, int64_t, int64_t) const {
+    return u < valid;
+  }
+};
 
 }  // namespace cuda
 }  // namespace sok

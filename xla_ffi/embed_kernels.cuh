@@ -365,15 +365,6 @@ struct RowGradSink {
   }
 };
 
-// The Begin of the sinks that only need the run to name a real row.
-struct ValidRunsSink {
-  template <int VEC>
-  __device__ __forceinline__ bool Begin(int64_t u, int64_t valid, uint32_t,
-                                        int, int, int64_t, int64_t) const {
-    return u < valid;
-  }
-};
-
 // DenseSink: row `key` of the dense [num_rows, D] cotangent (zeroed before by
 // a memset: measured faster on an H100 than one kernel writing every row
 // once, 1.51 vs 1.66 ms for a 4 GiB table with 415K touched rows).

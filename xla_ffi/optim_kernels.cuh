@@ -14,7 +14,6 @@
 #include <cstdint>
 
 #include "cuda_vec.cuh"
-#include "embed_kernels.cuh"  // ValidRunsSink
 #include "optim_math.h"
 
 namespace sok {
