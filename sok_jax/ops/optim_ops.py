@@ -381,26 +381,42 @@ def bwd_update(rule, table, slots, grad_out, ids, offsets, weights, combiner,
 # ---------------------------------------------------------------------------
 
 
+def _filled(table, shape, value):
+    """float32 `shape` filled with `value`, as a fill XLA must compute.
+
+    The fill value is made to depend on the table (a term that is always
+    exactly 0.0), so XLA cannot fold the fill into a constant: on an H100 a
+    jitted ``jnp.zeros`` of 20 GiB (over 2^32 elements) came back as one
+    buffer for every call, the executable's constant (both Adam moments
+    shared it), and a step that donates such a slot cannot reuse it: it
+    allocated and copied a fresh one (the 20 GiB out-of-memory of
+    benchmarks/RESULTS.md)."""
+    if table.size == 0:
+        return jnp.full(shape, value, jnp.float32)
+    x = table.reshape(-1)[0].astype(jnp.float32)
+    zero = jnp.where(jnp.isfinite(x), jnp.minimum(jnp.abs(x), 0.0), 0.0)
+    return jnp.broadcast_to(jnp.float32(value) + zero, shape)
+
+
 def adagrad_slots(table, initial_accumulator_value=0.1):
     """The Adagrad accumulator for `table`: float32 [R, D] filled (optax: 0.1)."""
-    return jnp.full(table.shape, initial_accumulator_value, jnp.float32)
+    return _filled(table, table.shape, initial_accumulator_value)
 
 
 def rowwise_adagrad_slots(table, initial_accumulator_value=0.1):
     """The row-wise Adagrad accumulator for `table`: float32 [R]."""
-    return jnp.full(table.shape[:1], initial_accumulator_value, jnp.float32)
+    return _filled(table, table.shape[:1], initial_accumulator_value)
 
 
 def adam_slots(table):
     """Adam's ``(m, v)`` for `table`: float32 [R, D] zeros each."""
-    return (jnp.zeros(table.shape, jnp.float32),
-            jnp.zeros(table.shape, jnp.float32))
+    return (_filled(table, table.shape, 0.0), _filled(table, table.shape, 0.0))
 
 
 def ftrl_slots(table, initial_accumulator_value=0.1):
     """FTRL's ``(accumulator, linear)``: [R, D] filled (Keras: 0.1) and zeros."""
-    return (jnp.full(table.shape, initial_accumulator_value, jnp.float32),
-            jnp.zeros(table.shape, jnp.float32))
+    return (_filled(table, table.shape, initial_accumulator_value),
+            _filled(table, table.shape, 0.0))
 
 
 # ---------------------------------------------------------------------------
