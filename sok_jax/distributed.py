@@ -583,11 +583,9 @@ class DistributedEmbedding:
     def init_optimizer(self, optimizer, state: EmbeddingState):
         """The sparse optimizer's state, its slots sharded like the table.
 
-        Each slot comes from a program of its own, so that every slot owns
-        its buffer: one program returning Adam's two zero slots gave both
-        the same buffer on an H100 at 20 GiB per shard, and a step donating
-        both then had to allocate a third slot-sized buffer (out of memory;
-        benchmarks/RESULTS.md)."""
+        Each slot comes from a program of its own, so that no two slots can
+        come back in one buffer (a step donates them all). This is the form
+        measured on one H100 at 20 GiB per slot (benchmarks/RESULTS.md)."""
         axis = self.axis_name
         probe = jax.eval_shape(optimizer.init, jax.ShapeDtypeStruct(state.table.shape, state.table.dtype))
         slot_specs = self._slot_specs(probe)

@@ -711,8 +711,7 @@ def test_no_zero_size_array_crosses_shard_map(hash_mode, weighted):
 def test_init_optimizer_slots(n, name):
     """init_optimizer gives optimizer.init's values, slots sharded like the
     table's rows, and every leaf in a buffer of its own on every device (a
-    step donates them all: two slots sharing one buffer made the 20 GiB
-    Adam step allocate a third slot on an H100)."""
+    step donates them all; a shared buffer could not be donated twice)."""
     require_devices(n)
     emb = make_emb(n, "sum")
     state = emb.init(0)

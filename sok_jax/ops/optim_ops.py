@@ -382,15 +382,16 @@ def bwd_update(rule, table, slots, grad_out, ids, offsets, weights, combiner,
 
 
 def _filled(table, shape, value):
-    """float32 `shape` filled with `value`, as a fill XLA must compute.
+    """float32 `shape` filled with `value`, as a fill XLA must compute (the
+    value depends on the table through a term that is always exactly 0.0,
+    so XLA cannot turn the fill into a constant of the executable).
 
-    The fill value is made to depend on the table (a term that is always
-    exactly 0.0), so XLA cannot fold the fill into a constant: on an H100 a
-    jitted ``jnp.zeros`` of 20 GiB (over 2^32 elements) came back as one
-    buffer for every call, the executable's constant (both Adam moments
-    shared it), and a step that donates such a slot cannot reuse it: it
-    allocated and copied a fresh one (the 20 GiB out-of-memory of
-    benchmarks/RESULTS.md)."""
+    Kept because it is what was measured to run: on one H100 (2026-11-27)
+    Adam's 20 GiB slots showed 40 GiB in use for 60 GiB of live arrays and
+    the first step ran out of memory under XLA_PYTHON_CLIENT_PREALLOCATE=false,
+    with or without this; with JAX's default preallocation and this, 20 GiB
+    Adam trained (benchmarks/RESULTS.md). Whether it is needed there is not
+    established."""
     if table.size == 0:
         return jnp.full(shape, value, jnp.float32)
     x = table.reshape(-1)[0].astype(jnp.float32)
