@@ -58,6 +58,9 @@ Memory: `--mem-gb` (GiB per device, default 70). A path is skipped
 Anything that still runs out of memory is caught, reported ("OOM") and the
 run goes on. XLA_PYTHON_CLIENT_MEM_FRACTION defaults to 0.95 here (JAX's
 0.75 would leave too little of an 80 GB card for a 20 GiB table + Adam).
+Run it with JAX's default preallocation: with XLA_PYTHON_CLIENT_PREALLOCATE
+=false (the allocator grows region by region) the 20 GiB Adam step ran out
+of memory on an H100 with 60 GiB live of 76 (benchmarks/RESULTS.md).
 
 After the table it prints the flatness (sparse-step time at each size over
 the time at the smallest size; target within 15% from 1 to 20 GiB) and the

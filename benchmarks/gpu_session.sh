@@ -105,6 +105,10 @@ fi
 for b in ${BENCH:-}; do
   var="BENCH_ARGS_$b"
   log "bench $b ${!var:-}"
-  timeout ${BENCH_TIMEOUT:-300} $PY benchmarks/$b.py ${!var:-} --out "$OUT/$b.json" 2>&1 | tee "$OUT/$b.log" | tail -40
+  # JAX's default preallocation for the benchmarks (one allocator region):
+  # in growth mode (PREALLOCATE=false, kept for the tests and the parallel
+  # sanitizer shards) the 20 GiB Adam step ran out of memory on an H100.
+  XLA_PYTHON_CLIENT_PREALLOCATE=${BENCH_PREALLOCATE:-true} \
+    timeout ${BENCH_TIMEOUT:-300} $PY benchmarks/$b.py ${!var:-} --out "$OUT/$b.json" 2>&1 | tee "$OUT/$b.log" | tail -40
 done
 log "done"

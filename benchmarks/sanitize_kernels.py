@@ -103,8 +103,11 @@ def optim_case(rng, rows, dim, sp):
 
 
 def fused_case(rng, dtype, rows, dim, m, max_len, name, grad_f32):
-    """The backward fused with the optimizer against the reference backward
-    + reference update (runs past a chunk with max_len 300)."""
+    """The backward fused with the optimizer against the two-call form on
+    the same device (the same sums in the same order, then the same rule:
+    the pure-JAX reference sums in another order, and Adam's first step,
+    lr * g / (|g| + eps), turns the rounding of a near-zero sum into
+    differences of ~1e-3: seen on an H100 for 2 of 54 cases)."""
     from sok_jax import optim
 
     tag = f"fused {name} {jnp.dtype(dtype).name} D{dim} len<={max_len}{' g32' if grad_f32 else ''}"
@@ -112,12 +115,12 @@ def fused_case(rng, dtype, rows, dim, m, max_len, name, grad_f32):
     ids, offsets = bags(rng, m, max_len, rows)
     w = jnp.asarray(rng.uniform(0.5, 1.5, ids.shape[0]), jnp.float32)
     g = jnp.asarray(rng.normal(size=(m, dim)), jnp.float32 if grad_f32 else dtype)
-    opt, ref = optim.by_name(name, 0.1), optim.by_name(name, 0.1, implementation="reference")
+    opt = optim.by_name(name, 0.1)
     st = opt.init(table)
     got_t, got_s = jax.jit(opt.update_bags, static_argnums=6)(
         table, st, g, ids, offsets, w, "mean")
-    sp = reference.lookup_combine_bwd(g, ids, offsets, w, "mean", rows)
-    want_t, want_s = ref.update(table, ref.init(table), sp)
+    sp = embed_ops.lookup_combine_bwd(g, ids, offsets, w, "mean", rows)
+    want_t, want_s = opt.update(table, opt.init(table), sp)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     close(tag, got_t.astype(jnp.float32), want_t.astype(jnp.float32), tol)
     for i, (a, b) in enumerate(zip(got_s.slots, want_s.slots)):
