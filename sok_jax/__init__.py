@@ -18,6 +18,7 @@ from sok_jax.embedding import (
     embed,
     lookup,
     sparse_grad,
+    sparse_update,
 )
 from sok_jax import optim
 from sok_jax.ids import RaggedIds
@@ -37,6 +38,7 @@ __all__ = [
     "lookup",
     "optim",
     "sparse_grad",
+    "sparse_update",
     "target_names",
 ]
 

@@ -209,3 +209,17 @@ def sparse_grad(ctx: LookupContext, d_out) -> SparseRowGrad:
     return _ops(ctx.implementation).lookup_combine_bwd(
         g, ctx.ids, ctx.offsets, ctx.weights, ctx.combiner, ctx.num_rows
     )
+
+
+def sparse_update(table, optimizer, opt_state, ctx: LookupContext, d_out):
+    """`optimizer.update(table, opt_state, sparse_grad(ctx, d_out))` in one
+    pass: for sgd, adagrad, adam and ftrl (FFI implementation) one kernel
+    sums each touched row's gradient and applies the optimizer to the row
+    and its slots in place, never writing the [touched rows, D] gradient.
+    Donate `table` and `opt_state` in your step. Returns (table, opt_state).
+    """
+    if optimizer.update_bags is None:  # a SparseOptimizer built without it
+        return optimizer.update(table, opt_state, sparse_grad(ctx, d_out))
+    g = d_out.reshape(-1, d_out.shape[-1])
+    return optimizer.update_bags(table, opt_state, g, ctx.ids, ctx.offsets, ctx.weights,
+                                 ctx.combiner)

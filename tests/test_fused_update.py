@@ -191,3 +191,29 @@ def test_bwd_update_errors():
         call("sgd", table, (), g[:, :3], ids, offsets, w, "sum", (0.1,))
     with pytest.raises(ValueError, match="learning_rate|hparams"):
         call("sgd", table, (), g, ids, offsets, w, "sum", (jnp.ones(2),))
+
+
+@pytest.mark.parametrize("name", ["adagrad", "rowwise_adagrad", "adam"])
+def test_single_table_sparse_update(name):
+    """sok_jax.sparse_update equals sparse_grad + update on a single table,
+    through the public lookup (ragged ids with weights), over two steps."""
+    import sok_jax
+
+    rng = np.random.default_rng()
+    table, _ = random_table(rng, ROWS, 8, "float32")
+    opt = optim.by_name(name, 0.05)
+    s_a = s_b = opt.init(table)
+    t_a = t_b = table
+    for _ in range(2):
+        lengths = rng.integers(0, 4, size=(5, 2))
+        values = jnp.asarray(rng.integers(-2, ROWS + 3, size=int(lengths.sum())), jnp.int32)
+        ids = sok_jax.RaggedIds.from_lengths(values, lengths)
+        w = jnp.asarray(rng.uniform(0.5, 2.0, values.shape), jnp.float32)
+        out, ctx = sok_jax.lookup(t_a, ids, weights=w, combiner="sqrtn")
+        d_out = jnp.asarray(rng.normal(size=out.shape), jnp.float32)
+        t_a, s_a = opt.update(t_a, s_a, sok_jax.sparse_grad(ctx, d_out))
+        t_b, s_b = jax.jit(sok_jax.sparse_update, static_argnums=(1,))(t_b, opt, s_b, ctx, d_out)
+        np.testing.assert_allclose(np.asarray(t_b), np.asarray(t_a), rtol=1e-6, atol=1e-7)
+        for a, b in zip(s_a.slots, s_b.slots):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
+    assert not np.array_equal(np.asarray(t_b), np.asarray(table))
