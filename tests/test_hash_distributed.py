@@ -175,7 +175,8 @@ def apply_fn(n, combiner, training, weighted=False, key_dtype="int32", **kw):
 
 
 LR = 0.5
-OPTIMIZERS = {"sgd": lambda: optim.sgd(LR), "adagrad": lambda: optim.adagrad(LR)}
+OPTIMIZERS = {"sgd": lambda: optim.sgd(LR), "adagrad": lambda: optim.adagrad(LR),
+              "sgd_fused": lambda: optim.sgd(LR)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -204,6 +205,9 @@ def train_step(n, mode, combiner):
     @jax.jit
     def step(state, opt_state, ids, g):
         out, ctx, new_state = emb.lookup(state, ids)
+        if mode.endswith("_fused"):  # the backward fused with the optimizer
+            new_state, opt_state = emb.sparse_update(new_state, opt, opt_state, ctx, g)
+            return out, new_state, opt_state
         grad = emb.sparse_grad(ctx, g)
         new_state, opt_state = emb.apply_gradients(new_state, opt, opt_state, grad)
         return out, new_state, opt_state
@@ -274,19 +278,21 @@ def test_training_same_on_any_device_count(mode, combiner, seed):
             assert np.all(np.remainder(mine.astype(np.int64), n) == d), (n, d)
 
 
+@pytest.mark.parametrize("sparse_mode", ["sgd", "sgd_fused"])
 @pytest.mark.parametrize("n", [1, 8])
-def test_dense_path_equals_sparse_sgd(n):
-    """jax.grad w.r.t. state.table + sgd == sparse_grad + optim.sgd, including
-    the first gradient of a key inserted by the very call being differentiated."""
+def test_dense_path_equals_sparse_sgd(n, sparse_mode):
+    """jax.grad w.r.t. state.table + sgd == sparse_grad + optim.sgd (and the
+    fused sparse_update), including the first gradient of a key inserted by
+    the very call being differentiated."""
     require_devices(n)
     d_outs, d_keys, d_vecs, _ = trajectory(n, "dense", "mean", 0)
-    s_outs, s_keys, s_vecs, _ = trajectory(n, "sgd", "mean", 0)
+    s_outs, s_keys, s_vecs, _ = trajectory(n, sparse_mode, "mean", 0)
     for i, (a, b) in enumerate(zip(d_outs, s_outs)):
         np.testing.assert_allclose(a, b, **TOL, err_msg=f"step {i}")
     np.testing.assert_array_equal(d_keys, s_keys)
     np.testing.assert_allclose(d_vecs, s_vecs, **TOL)
     # And training moved the vectors away from their initial values.
-    init = init_vectors(trajectory(n, "sgd", "mean", 0)[3].seed, s_keys, np.int32)
+    init = init_vectors(trajectory(n, sparse_mode, "mean", 0)[3].seed, s_keys, np.int32)
     assert np.abs(s_vecs - np.stack([init[int(k)] for k in s_keys])).max() > 1e-3
 
 
