@@ -7,6 +7,7 @@
 
 #include "common.h"
 #include "embed_math.h"
+#include "optim_math.h"
 
 namespace sok {
 
@@ -96,10 +97,40 @@ inline ffi::Error CheckRuleBuffers(int num_hparams,
   return ffi::Error::Success();
 }
 
-inline ffi::Error UnknownRule(int32_t rule_id, size_t num_consts) {
-  return InvalidArgument("unknown rule " + std::to_string(rule_id) +
-                         " or too few constants (" +
-                         std::to_string(num_consts) + ")");
+// The rule part of sok_embed_bwd_update, the same on both platforms: the
+// element-wise rule named by rule_id and consts (optim_math.h VisitRule), its
+// hparams and slots checked against the table's [rows, D], every output made
+// to hold its input by copy(in, out, bytes) (a no-op when XLA aliased them),
+// then body(rule, slot) with the slot outputs (nullptr beyond the rule's).
+template <typename Copy, typename Body>
+ffi::Error WithUpdateRule(int32_t rule_id, ffi::Span<const float> consts,
+                          const ffi::Buffer<ffi::F32>& hparams,
+                          const ffi::AnyBuffer& table,
+                          ffi::Result<ffi::AnyBuffer>& table_out,
+                          const ffi::Buffer<ffi::F32>& s0,
+                          const ffi::Buffer<ffi::F32>& s1,
+                          ffi::Result<ffi::Buffer<ffi::F32>>& s0_out,
+                          ffi::Result<ffi::Buffer<ffi::F32>>& s1_out,
+                          int64_t count, Copy&& copy, Body&& body) {
+  const ffi::Buffer<ffi::F32>* in[2] = {&s0, &s1};
+  ffi::Result<ffi::Buffer<ffi::F32>>* out[2] = {&s0_out, &s1_out};
+  ffi::Error result = ffi::Error::Success();
+  const bool known = VisitRule(rule_id, consts.begin(), consts.size(), [&](auto rule) {
+    using Rule = decltype(rule);
+    float* slot[2];
+    result = CheckRuleBuffers(Rule::kHparams, hparams, Rule::kSlots, count, in,
+                              out, slot);
+    if (result.failure()) return;
+    for (int k = 0; k < Rule::kSlots; ++k)
+      copy(in[k]->typed_data(), slot[k], in[k]->size_bytes());
+    copy(table.untyped_data(), table_out->untyped_data(), table.size_bytes());
+    result = body(rule, slot);
+  });
+  if (!known)
+    return InvalidArgument("unknown rule " + std::to_string(rule_id) +
+                           " or too few constants (" +
+                           std::to_string(consts.size()) + ")");
+  return result;
 }
 
 }  // namespace sok

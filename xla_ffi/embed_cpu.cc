@@ -305,24 +305,17 @@ ffi::Error BwdUpdateImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> s0,
     return e;
   const int64_t rows = sh.rows, dim = sh.dim, n = sh.n, m = sh.m;
   const float* w = weights.element_count() ? weights.typed_data<float>() : nullptr;
-  const ffi::Buffer<ffi::F32>* in[2] = {&s0, &s1};
-  ffi::Result<ffi::Buffer<ffi::F32>>* out[2] = {&s0_out, &s1_out};
-  ffi::Error result = ffi::Error::Success();
-  const bool known = VisitRule(rule_id, consts.begin(), consts.size(), [&](auto rule) {
-    using Rule = decltype(rule);
-    float* slot[2];
-    result = CheckRuleBuffers(Rule::kHparams, hparams, Rule::kSlots, rows * dim,
-                              in, out, slot);
-    if (result.failure()) return;
-    for (int k = 0; k < Rule::kSlots; ++k)
-      CopyIfDistinct(in[k]->typed_data(), slot[k], in[k]->size_bytes());
-    CopyIfDistinct(table.untyped_data(), table_out->untyped_data(),
-                   table.size_bytes());
+  auto copy = [](const void* from, void* to, size_t bytes) {
+    CopyIfDistinct(from, to, bytes);
+  };
+  return WithUpdateRule(rule_id, consts, hparams, table, table_out, s0, s1,
+                        s0_out, s1_out, rows * dim, copy,
+                        [&](auto rule, float* const* slot) {
     rule.Bind(hparams.typed_data());
     std::vector<int32_t> ur(n);
     std::vector<float> g(static_cast<size_t>(n * dim));
     int32_t count = 0;
-    result = DispatchFloat(table.element_type(), "table", [&](auto tag) {
+    return DispatchFloat(table.element_type(), "table", [&](auto tag) {
       using T = typename HostType<decltype(tag)>::type;
       return DispatchKey(ids.element_type(), "ids", [&](auto key) {
         using K = decltype(key);
@@ -346,8 +339,6 @@ ffi::Error BwdUpdateImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> s0,
       });
     });
   });
-  if (!known) return UnknownRule(rule_id, consts.size());
-  return result;
 }
 
 }  // namespace

@@ -341,28 +341,20 @@ ffi::Error BwdUpdateImpl(cudaStream_t stream, ffi::AnyBuffer table,
     return e;
   const int64_t rows = sh.rows, dim = sh.dim, n = sh.n, m = sh.m;
   const float* w = weights.element_count() ? weights.typed_data<float>() : nullptr;
-  const ffi::Buffer<ffi::F32>* in[2] = {&s0, &s1};
-  ffi::Result<ffi::Buffer<ffi::F32>>* out[2] = {&s0_out, &s1_out};
-  ffi::Error result = ffi::Error::Success();
-  const bool known = VisitRule(rule_id, consts.begin(), consts.size(), [&](auto rule) {
+  auto copy = [stream](const void* from, void* to, size_t bytes) {
+    CopyIfDistinct(stream, from, to, bytes);
+  };
+  auto result = WithUpdateRule(
+      rule_id, consts, hparams, table, table_out, s0, s1, s0_out, s1_out,
+      rows * dim, copy, [&](auto rule, float* const* slot) -> ffi::Error {
     using Rule = decltype(rule);
-    float* slot[2];
-    result = CheckRuleBuffers(Rule::kHparams, hparams, Rule::kSlots, rows * dim,
-                              in, out, slot);
-    if (result.failure()) return;
-    for (int k = 0; k < Rule::kSlots; ++k)
-      CopyIfDistinct(stream, in[k]->typed_data(), slot[k], in[k]->size_bytes());
-    CopyIfDistinct(stream, table.untyped_data(), table_out->untyped_data(),
-                   table.size_bytes());
-    if (n == 0 || dim == 0) return;
+    if (n == 0 || dim == 0) return ffi::Error::Success();
     Runs r;
     if (auto e = SortRuns(stream, ids, offsets, w, n, m, dim, rows, combiner,
                           *workspace, &r);
-        e.failure()) {
-      result = e;
-      return;
-    }
-    result = DispatchFloat(table.element_type(), "table", [&](auto tag) {
+        e.failure())
+      return e;
+    return DispatchFloat(table.element_type(), "table", [&](auto tag) {
       using T = typename DevType<decltype(tag)>::type;
       const optim::UpdateSink<T, Rule> sink{rule, hparams.typed_data(),
                                             table_out->reinterpret_data<T>(),
@@ -374,7 +366,6 @@ ffi::Error BwdUpdateImpl(cudaStream_t stream, ffi::AnyBuffer table,
       return ffi::Error::Success();
     });
   });
-  if (!known) return UnknownRule(rule_id, consts.size());
   if (result.failure()) return result;
   return LastError("sok_embed_bwd_update");
 }
