@@ -61,8 +61,10 @@ def make_lookup(mesh, axis_name: str):
         rank = jnp.arange(N, dtype=jnp.int32) - start[s_owner]
         s_valid = s_owner < n
         dest = jnp.where(s_valid, s_owner * C + rank, n * C)  # n*C: dropped
-        send = jnp.full((n * C,), -1, jnp.int32).at[dest].set(
-            jnp.where(s_valid, s_key // n, -1).astype(jnp.int32), mode="drop"
+        send = (
+            jnp.full((n * C,), -1, jnp.int32)
+            .at[dest]
+            .set(jnp.where(s_valid, s_key // n, -1).astype(jnp.int32), mode="drop")
         )
         recv = jax.lax.all_to_all(send, axis_name, 0, 0, tiled=True)
         vecs = jnp.take(table, jnp.maximum(recv, 0), axis=0)

@@ -93,7 +93,9 @@ def log(*a):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--small", action="store_true", help="tiny sizes for a CPU smoke run")
     p.add_argument("--devices", default=None, help="comma list of device counts (default: all)")
     p.add_argument("--batch", type=int, default=16384, help="samples per device")
@@ -105,13 +107,23 @@ def parse_args(argv=None):
     p.add_argument("--zipf-a", type=float, default=1.1)
     p.add_argument("--lengths", choices=("random", "full"), default="random")
     p.add_argument("--impls", default="ours,ours-tight,jax")
-    p.add_argument("--tight-factor", type=float, default=None,
-                   help="capacity_factor of ours-tight (default: from the data, x1.05)")
-    p.add_argument("--implementation", default="ffi", choices=("ffi", "reference"),
-                   help="DistributedEmbedding's per-device ops")
+    p.add_argument(
+        "--tight-factor",
+        type=float,
+        default=None,
+        help="capacity_factor of ours-tight (default: from the data, x1.05)",
+    )
+    p.add_argument(
+        "--implementation",
+        default="ffi",
+        choices=("ffi", "reference"),
+        help="DistributedEmbedding's per-device ops",
+    )
     p.add_argument("--modes", default="fwd,fwd+bwd")
     p.add_argument("--a2a-mib", type=float, default=64.0)
-    p.add_argument("--ragged-rows", type=int, default=None, help="rows per device (default batch*slots)")
+    p.add_argument(
+        "--ragged-rows", type=int, default=None, help="rows per device (default batch*slots)"
+    )
     p.add_argument("--skip-a2a", action="store_true")
     p.add_argument("--skip-ragged", action="store_true")
     p.add_argument("--iters", type=int, default=20)
@@ -159,9 +171,14 @@ def bench_a2a(n, args):
     st = tm(fn, [(x,) for x in xs], args)
     nbytes = per_dev * 4
     bus = nbytes * (n - 1) / n / st["median_s"]
-    return {"n": n, "bytes_per_device": nbytes, "ms": st["median_s"] * 1e3,
-            "bus_GBps": bus / 1e9 if n > 1 else None, "algo_GBps": nbytes / st["median_s"] / 1e9,
-            "spread": st["spread"]}
+    return {
+        "n": n,
+        "bytes_per_device": nbytes,
+        "ms": st["median_s"] * 1e3,
+        "bus_GBps": bus / 1e9 if n > 1 else None,
+        "algo_GBps": nbytes / st["median_s"] / 1e9,
+        "spread": st["spread"],
+    }
 
 
 # ----------------------------------------------------------------- 2. data
@@ -223,8 +240,9 @@ def run_device_count(n, args, a2a_bw, results, rng):
     base_bwd = jax.jit(jax.grad(lambda t, ids, cot: jnp.sum(base_lookup(t, ids) * cot)))
     state = None
     for nnz in args.nnz:
-        emb0 = DistributedEmbedding("mean", rows, D, S, nnz, mesh=mesh, axis_name=AXIS,
-                                    implementation=args.implementation)
+        emb0 = DistributedEmbedding(
+            "mean", rows, D, S, nnz, mesh=mesh, axis_name=AXIS, implementation=args.implementation
+        )
         if state is None:
             state = emb0.init(args.seed)
         N = args.batch * S * nnz
@@ -248,9 +266,11 @@ def run_device_count(n, args, a2a_bw, results, rng):
                 lib_needed = max(float(emb0.required_capacity_factor(i)) for i in ids_sets)
                 assert abs(lib_needed - needed) <= 1e-6 * max(needed, 1.0), (lib_needed, needed)
                 tight = args.tight_factor or math.ceil(needed * 1.05 * 1000) / 1000
-                log(f"[{tag}] data {time.perf_counter() - t0:.1f}s: valid keys {valid:.0f}, "
+                log(
+                    f"[{tag}] data {time.perf_counter() - t0:.1f}s: valid keys {valid:.0f}, "
                     f"remote distinct/dev {U:.0f}, largest bucket {bucket_max} "
-                    f"(needed factor {needed:.4f} -> tight {tight})")
+                    f"(needed factor {needed:.4f} -> tight {tight})"
+                )
             except Exception as e:  # noqa: BLE001
                 log(f"[{tag}] data FAILED: {type(e).__name__}: {e}")
                 traceback.print_exc()
@@ -259,7 +279,14 @@ def run_device_count(n, args, a2a_bw, results, rng):
             embs = {
                 "ours": emb0,
                 "ours-tight": DistributedEmbedding(
-                    "mean", rows, D, S, nnz, mesh=mesh, axis_name=AXIS, capacity_factor=tight,
+                    "mean",
+                    rows,
+                    D,
+                    S,
+                    nnz,
+                    mesh=mesh,
+                    axis_name=AXIS,
+                    capacity_factor=tight,
                     implementation=args.implementation,
                 ),
             }
@@ -267,7 +294,12 @@ def run_device_count(n, args, a2a_bw, results, rng):
             fns = {}
             for impl in args.impls:
                 if impl == "jax":
-                    fns[impl] = (base_fwd, base_bwd, baseline_distributed.capacity(args.batch, S, nnz), None)
+                    fns[impl] = (
+                        base_fwd,
+                        base_bwd,
+                        baseline_distributed.capacity(args.batch, S, nnz),
+                        None,
+                    )
                     continue
                 emb = embs[impl]
                 fwd = jax.jit(lambda st, ids, emb=emb: emb.apply(st, ids)[0])
@@ -305,7 +337,11 @@ def run_device_count(n, args, a2a_bw, results, rng):
                         ov += int(np.sum(np.asarray(st2.stats.invalid)))
                     overflow[impl] = ov
                     out = fwd(state, ids_sets[0])
-                    diff = float(jnp.max(jnp.abs(out - ref_out))) if ref_out is not None else float("nan")
+                    diff = (
+                        float(jnp.max(jnp.abs(out - ref_out)))
+                        if ref_out is not None
+                        else float("nan")
+                    )
                     numpy_check(emb, state, keys_sets[0], out, n, rows)
                     gdiff = None
                     if ref_grad is not None:
@@ -315,8 +351,10 @@ def run_device_count(n, args, a2a_bw, results, rng):
                         assert gdiff <= 1e-4 * gscale + 1e-6, f"grad diff {gdiff} (scale {gscale})"
                         del g
                     assert diff < 1e-4, f"output max abs diff vs jax {diff}"
-                    log(f"[{tag}] {impl}: C={C} overflow={ov} max|out-jax|={diff:.2e} "
-                        f"max|grad-jax|={gdiff if gdiff is None else f'{gdiff:.2e}'}")
+                    log(
+                        f"[{tag}] {impl}: C={C} overflow={ov} max|out-jax|={diff:.2e} "
+                        f"max|grad-jax|={gdiff if gdiff is None else f'{gdiff:.2e}'}"
+                    )
                     ok[impl] = ov == 0
                 except Exception as e:  # noqa: BLE001
                     log(f"[{tag}] {impl} check FAILED: {type(e).__name__}: {e}")
@@ -325,12 +363,21 @@ def run_device_count(n, args, a2a_bw, results, rng):
             del ref_grad
 
             # ---- timing
-            for impl, (fwd, bwd, C, emb) in fns.items():
+            for impl, (fwd, bwd, C, _emb) in fns.items():
                 for mode in args.modes:
-                    row = {"n": n, "dist": dist, "nnz": nnz, "impl": impl, "mode": mode,
-                           "C": C, "capacity_factor": tight if impl == "ours-tight" else None,
-                           "overflow": overflow.get(impl), "valid_keys": valid,
-                           "remote_distinct_per_dev": U, "ok": ok.get(impl, False)}
+                    row = {
+                        "n": n,
+                        "dist": dist,
+                        "nnz": nnz,
+                        "impl": impl,
+                        "mode": mode,
+                        "C": C,
+                        "capacity_factor": tight if impl == "ours-tight" else None,
+                        "overflow": overflow.get(impl),
+                        "valid_keys": valid,
+                        "remote_distinct_per_dev": U,
+                        "ok": ok.get(impl, False),
+                    }
                     vb = 4 * D
                     if mode == "fwd":
                         row["xchg_bytes"] = n * C * (KB + vb) if n > 1 else 0
@@ -338,7 +385,9 @@ def run_device_count(n, args, a2a_bw, results, rng):
                     else:
                         row["xchg_bytes"] = n * C * (KB + 2 * vb) if n > 1 else 0
                         row["min_bytes"] = U * (KB + 2 * vb)
-                    row["ratio"] = row["xchg_bytes"] / row["min_bytes"] if row["min_bytes"] else None
+                    row["ratio"] = (
+                        row["xchg_bytes"] / row["min_bytes"] if row["min_bytes"] else None
+                    )
                     row["cross_ratio"] = row["ratio"] * (n - 1) / n if row["ratio"] else None
                     bw = a2a_bw.get(n)
                     row["a2a_floor_ms"] = row["min_bytes"] / bw * 1e3 if bw and n > 1 else None
@@ -362,8 +411,10 @@ def run_device_count(n, args, a2a_bw, results, rng):
                         row["ms"] = st["median_s"] * 1e3
                         row["spread"] = st["spread"]
                         row["Mlookups_s"] = valid / st["median_s"] / 1e6
-                        log(f"[{tag}] {impl:10s} {mode:7s} {row['ms']:9.3f} ms  "
-                            f"(spread {st['spread']:.2f})")
+                        log(
+                            f"[{tag}] {impl:10s} {mode:7s} {row['ms']:9.3f} ms  "
+                            f"(spread {st['spread']:.2f})"
+                        )
                     except Exception as e:  # noqa: BLE001
                         row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
                         log(f"[{tag}] {impl} {mode} FAILED: {row['error']}")
@@ -398,11 +449,18 @@ def bench_ragged(n, args, rng):
         return jax.lax.ragged_all_to_all(x, out, io, ss, oo, rs, axis_name=AXIS)
 
     rag = jax.jit(_shard_map(rag_body, mesh, (P(AXIS),) * 5, P(AXIS)))
-    pad = jax.jit(_shard_map(lambda x: jax.lax.all_to_all(x, AXIS, 0, 0, tiled=True), mesh, P(AXIS), P(AXIS)))
+    pad = jax.jit(
+        _shard_map(lambda x: jax.lax.all_to_all(x, AXIS, 0, 0, tiled=True), mesh, P(AXIS), P(AXIS))
+    )
     payload = float(sizes.sum() - np.trace(sizes)) / n * D * 4  # off-device bytes per device
     padded_bytes = (n - 1) * C * D * 4
-    res = {"n": n, "C": C, "rows_sent_mean": float(sizes.sum() / n),
-           "payload_offdev_bytes": payload, "padded_offdev_bytes": padded_bytes}
+    res = {
+        "n": n,
+        "C": C,
+        "rows_sent_mean": float(sizes.sum() / n),
+        "payload_offdev_bytes": payload,
+        "padded_offdev_bytes": padded_bytes,
+    }
     st = tm(pad, [(x,) for x in xs], args)
     res["padded_ms"] = st["median_s"] * 1e3
     res["padded_payload_GBps"] = payload / st["median_s"] / 1e9
@@ -421,7 +479,9 @@ def bench_ragged(n, args, rng):
     except Exception as e:  # noqa: BLE001
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         res["ragged_error_full"] = f"{type(e).__name__}: {msg}"
-        res["ragged_error"] = "unsupported" if "UNIMPLEMENTED" in msg or "not supported" in msg else "FAILED"
+        res["ragged_error"] = (
+            "unsupported" if "UNIMPLEMENTED" in msg or "not supported" in msg else "FAILED"
+        )
         log(f"[ragged n={n}] {res['ragged_error']}: {res['ragged_error_full'][:300]}")
     return res
 
@@ -437,12 +497,19 @@ def main(argv=None):
         if c > avail:
             log(f"skipping n={c}: only {avail} devices")
     counts = [c for c in counts if c <= avail]
-    log(f"config: batch/dev={args.batch} slots={args.slots} nnz={args.nnz} D={args.dim} "
+    log(
+        f"config: batch/dev={args.batch} slots={args.slots} nnz={args.nnz} D={args.dim} "
         f"rows/dev={args.rows_per_gpu} dists={args.dists} zipf_a={args.zipf_a} "
-        f"lengths={args.lengths} devices={counts}")
+        f"lengths={args.lengths} devices={counts}"
+    )
     rng = np.random.default_rng(args.seed)
-    out = {"env": env, "config": {k: v for k, v in vars(args).items()},
-           "a2a": [], "lookup": [], "ragged": []}
+    out = {
+        "env": env,
+        "config": {k: v for k, v in vars(args).items()},
+        "a2a": [],
+        "lookup": [],
+        "ragged": [],
+    }
 
     a2a_bw = {}
     if not args.skip_a2a:
@@ -451,8 +518,10 @@ def main(argv=None):
                 r = bench_a2a(n, args)
                 a2a_bw[n] = r["bus_GBps"] * 1e9 if n > 1 else None
                 out["a2a"].append(r)
-                log(f"[a2a n={n}] {r['bytes_per_device'] / 2**20:.1f} MiB/dev: {r['ms']:.3f} ms, "
-                    f"bus {r['bus_GBps'] or 0:.1f} GB/s")
+                log(
+                    f"[a2a n={n}] {r['bytes_per_device'] / 2**20:.1f} MiB/dev: {r['ms']:.3f} ms, "
+                    f"bus {r['bus_GBps'] or 0:.1f} GB/s"
+                )
             except Exception as e:  # noqa: BLE001
                 out["a2a"].append({"n": n, "error": f"{type(e).__name__}: {e}"})
                 log(f"[a2a n={n}] FAILED: {e}")
@@ -492,24 +561,60 @@ def main(argv=None):
         r["min_MB"] = r["min_bytes"] / 1e6
 
     log("\n== raw all_to_all (tiled, float32) ==")
-    common.print_table(out["a2a"], [("n", "n"), ("bytes_per_device", "bytes/dev"),
-                                    ("ms", "ms", ".3f"), ("bus_GBps", "bus GB/s", ".1f"),
-                                    ("algo_GBps", "algo GB/s", ".1f"), ("error", "error")])
+    common.print_table(
+        out["a2a"],
+        [
+            ("n", "n"),
+            ("bytes_per_device", "bytes/dev"),
+            ("ms", "ms", ".3f"),
+            ("bus_GBps", "bus GB/s", ".1f"),
+            ("algo_GBps", "algo GB/s", ".1f"),
+            ("error", "error"),
+        ],
+    )
     if out["ragged"]:
         log("\n== ragged_all_to_all vs padded all_to_all (same vectors) ==")
-        common.print_table(out["ragged"], [
-            ("n", "n"), ("C", "C"), ("rows_sent_mean", "rows/dev", ".0f"),
-            ("padded_ms", "padded ms", ".3f"), ("padded_payload_GBps", "pad GB/s", ".1f"),
-            ("ragged_ms", "ragged ms", ".3f"), ("ragged_payload_GBps", "rag GB/s", ".1f"),
-            ("ragged_speedup", "speedup", ".2f"), ("ragged_error", "note"), ("error", "error")])
-    log("\n== lookup: DistributedEmbedding vs pure JAX "
-        "(xchg/min MB per device; ratio = xchg/min; x-ratio = crossing/min; eff = t(1)/t(n)) ==")
-    common.print_table(rows, [
-        ("n", "n"), ("dist", "dist"), ("nnz", "nnz"), ("impl", "impl"), ("mode", "mode"),
-        ("ms", "ms", ".3f"), ("Mlookups_s", "Mlookup/s", ".1f"), ("xchg_MB", "xchg MB", ".2f"),
-        ("min_MB", "min MB", ".2f"), ("ratio", "ratio", ".2f"), ("cross_ratio", "x-ratio", ".2f"), ("a2a_floor_ms", "a2a floor ms", ".3f"),
-        ("speedup_vs_jax", "vs jax", ".2f"), ("weak_eff", "eff", ".2f"),
-        ("capacity_factor", "cf"), ("overflow", "ovf"), ("error", "error")])
+        common.print_table(
+            out["ragged"],
+            [
+                ("n", "n"),
+                ("C", "C"),
+                ("rows_sent_mean", "rows/dev", ".0f"),
+                ("padded_ms", "padded ms", ".3f"),
+                ("padded_payload_GBps", "pad GB/s", ".1f"),
+                ("ragged_ms", "ragged ms", ".3f"),
+                ("ragged_payload_GBps", "rag GB/s", ".1f"),
+                ("ragged_speedup", "speedup", ".2f"),
+                ("ragged_error", "note"),
+                ("error", "error"),
+            ],
+        )
+    log(
+        "\n== lookup: DistributedEmbedding vs pure JAX "
+        "(xchg/min MB per device; ratio = xchg/min; x-ratio = crossing/min; eff = t(1)/t(n)) =="
+    )
+    common.print_table(
+        rows,
+        [
+            ("n", "n"),
+            ("dist", "dist"),
+            ("nnz", "nnz"),
+            ("impl", "impl"),
+            ("mode", "mode"),
+            ("ms", "ms", ".3f"),
+            ("Mlookups_s", "Mlookup/s", ".1f"),
+            ("xchg_MB", "xchg MB", ".2f"),
+            ("min_MB", "min MB", ".2f"),
+            ("ratio", "ratio", ".2f"),
+            ("cross_ratio", "x-ratio", ".2f"),
+            ("a2a_floor_ms", "a2a floor ms", ".3f"),
+            ("speedup_vs_jax", "vs jax", ".2f"),
+            ("weak_eff", "eff", ".2f"),
+            ("capacity_factor", "cf"),
+            ("overflow", "ovf"),
+            ("error", "error"),
+        ],
+    )
     common.write_json(args.out, out)
     return out
 

@@ -69,9 +69,6 @@ jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
 from bench_train_step import (  # noqa: E402
     Stepper,
     _cmp,
@@ -89,6 +86,9 @@ from common import (  # noqa: E402
     write_json,
     zipf_keys,
 )
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
 from sok_jax import optim  # noqa: E402
 from sok_jax.distributed import DistributedEmbedding, check_stats  # noqa: E402
 from sok_jax.ops import hash_ops  # noqa: E402
@@ -116,26 +116,51 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--capacity", type=int, default=2**24, help="hash table slots (default 2**24)")
     p.add_argument("--batch-keys", type=int, default=2**20, help="keys per batch (default 2**20)")
-    p.add_argument("--loads", type=_float_list, default=[0.25, 0.5, 0.75],
-                   help="load factors (default 0.25,0.5,0.75)")
-    p.add_argument("--dists", type=_str_list, default=["uniform", "zipf"],
-                   help="key distributions: uniform, zipf (default both)")
+    p.add_argument(
+        "--loads",
+        type=_float_list,
+        default=[0.25, 0.5, 0.75],
+        help="load factors (default 0.25,0.5,0.75)",
+    )
+    p.add_argument(
+        "--dists",
+        type=_str_list,
+        default=["uniform", "zipf"],
+        help="key distributions: uniform, zipf (default both)",
+    )
     p.add_argument("--zipf-a", type=float, default=1.1, help="Zipf exponent (default 1.1)")
-    p.add_argument("--step-table-gb", type=float, default=4.0,
-                   help="training step: TOTAL table size in GiB (default 4)")
-    p.add_argument("--step-devices", type=_int_list, default=[1],
-                   help="training step: GPU counts (default 1)")
+    p.add_argument(
+        "--step-table-gb",
+        type=float,
+        default=4.0,
+        help="training step: TOTAL table size in GiB (default 4)",
+    )
+    p.add_argument(
+        "--step-devices", type=_int_list, default=[1], help="training step: GPU counts (default 1)"
+    )
     p.add_argument("--step-batch", type=int, default=16384, help="training step: samples/GPU")
     p.add_argument("--step-slots", type=int, default=26, help="training step: slots (default 26)")
     p.add_argument("--step-dim", type=int, default=128, help="training step: D (default 128)")
-    p.add_argument("--step-load", type=float, default=0.5,
-                   help="training step: distinct keys / table rows (default 0.5)")
-    p.add_argument("--step-dists", type=_str_list, default=["uniform", "zipf"],
-                   help="training step key distributions (default uniform,zipf)")
+    p.add_argument(
+        "--step-load",
+        type=float,
+        default=0.5,
+        help="training step: distinct keys / table rows (default 0.5)",
+    )
+    p.add_argument(
+        "--step-dists",
+        type=_str_list,
+        default=["uniform", "zipf"],
+        help="training step key distributions (default uniform,zipf)",
+    )
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate while timing")
     p.add_argument("--check-lr", type=float, default=0.1, help="SGD learning rate of the check")
-    p.add_argument("--tol", type=float, default=1e-4,
-                   help="step check: max|diff| <= tol * max|update| (default 1e-4)")
+    p.add_argument(
+        "--tol",
+        type=float,
+        default=1e-4,
+        help="step check: max|diff| <= tol * max|update| (default 1e-4)",
+    )
     p.add_argument("--ratio-target", type=float, default=1.3, help="hash/direct target (1.3)")
     p.add_argument("--skip-kernel", action="store_true", help="skip part 1")
     p.add_argument("--skip-step", action="store_true", help="skip part 2")
@@ -202,8 +227,10 @@ def fill(cap, npresent, batch):
         keys = scramble(np.arange(s, min(s + batch, npresent)))
         sk, rows, is_new, failed = _foi_don(sk, jnp.asarray(keys))
         if int(failed) or int(jnp.sum(is_new)) != keys.size or int(jnp.min(rows)) < 0:
-            raise AssertionError(f"fill: failed={int(failed)}, new={int(jnp.sum(is_new))} of "
-                                 f"{keys.size} distinct keys")
+            raise AssertionError(
+                f"fill: failed={int(failed)}, new={int(jnp.sum(is_new))} of "
+                f"{keys.size} distinct keys"
+            )
     return sk
 
 
@@ -229,10 +256,16 @@ def kernel_point(res, args, dist, load, rng):
     sk, rows1, _, f1 = _find_don(sk, present[0])
     sk, rows2, _, _ = _find_don(sk, present[0])
     rows1, rows2 = np.asarray(rows1), np.asarray(rows2)
-    if not (rows1.min() >= 0 and np.array_equal(sk_host[rows1], keys_h)
-            and np.array_equal(rows1, rows2) and int(f1) == 0):
-        raise AssertionError("find of present keys: a key not found, at a wrong slot, or rows "
-                             "differ between two calls")
+    if not (
+        rows1.min() >= 0
+        and np.array_equal(sk_host[rows1], keys_h)
+        and np.array_equal(rows1, rows2)
+        and int(f1) == 0
+    ):
+        raise AssertionError(
+            "find of present keys: a key not found, at a wrong slot, or rows "
+            "differ between two calls"
+        )
     sk, rows3, new3, f3 = _foi_don(sk, present[0])
     if not (np.array_equal(np.asarray(rows3), rows1) and int(jnp.sum(new3)) == 0 and int(f3) == 0):
         raise AssertionError("find-or-insert of present keys changed something")
@@ -240,17 +273,24 @@ def kernel_point(res, args, dist, load, rng):
     sk, rowsm, _, _ = _find_don(sk, mixed[0])
     rowsm = np.asarray(rowsm)
     is_present = mixed_r[0] < npresent
-    if not (np.all((rowsm >= 0) == is_present)
-            and np.array_equal(sk_host[rowsm[is_present]], mk_h[is_present])):
+    if not (
+        np.all((rowsm >= 0) == is_present)
+        and np.array_equal(sk_host[rowsm[is_present]], mk_h[is_present])
+    ):
         raise AssertionError("find of mixed keys: found set != present set, or wrong slots")
     new_sk, rowsi, newi, fi = _foi_nd(sk, mixed[0])
     new_h, rowsi = np.asarray(new_sk), np.asarray(rowsi)
-    if not (int(fi) == 0 and rowsi.min() >= 0 and np.array_equal(new_h[rowsi], mk_h)
-            and int(jnp.sum(newi)) == res["mixed_new_distinct"]
-            and np.array_equal(np.asarray(sk), sk_host)):
+    if not (
+        int(fi) == 0
+        and rowsi.min() >= 0
+        and np.array_equal(new_h[rowsi], mk_h)
+        and int(jnp.sum(newi)) == res["mixed_new_distinct"]
+        and np.array_equal(np.asarray(sk), sk_host)
+    ):
         raise AssertionError(
             f"insert of mixed keys: failed={int(fi)}, is_new={int(jnp.sum(newi))} vs "
-            f"{res['mixed_new_distinct']} new distinct keys, or wrong slots / input modified")
+            f"{res['mixed_new_distinct']} new distinct keys, or wrong slots / input modified"
+        )
     del new_sk, new_h
     res["check"] = "ok"
 
@@ -267,9 +307,11 @@ def kernel_point(res, args, dist, load, rng):
     if not np.array_equal(np.asarray(sk), sk_host):
         raise AssertionError("the table changed during find / find-or-insert of present keys")
     t["find_present_nodonate"] = summarize(
-        time_samples(_find_nd, arg_sets=[(sk, k) for k in present], **kw))
+        time_samples(_find_nd, arg_sets=[(sk, k) for k in present], **kw)
+    )
     t["insert_mixed_nodonate"] = summarize(
-        time_samples(_foi_nd, arg_sets=[(sk, k) for k in mixed], **kw))
+        time_samples(_foi_nd, arg_sets=[(sk, k) for k in mixed], **kw)
+    )
     res["timings"] = t
     med = {k: v["median_s"] for k, v in t.items()}
     copy_over = max(0.0, med["find_present_nodonate"] - med["find_present"])
@@ -283,7 +325,8 @@ def kernel_point(res, args, dist, load, rng):
 
 
 KCOLS = [
-    ("dist", "keys"), ("load", "load", ".2f"),
+    ("dist", "keys"),
+    ("load", "load", ".2f"),
     ("find_present_Mkps", "find present Mkey/s", ".1f"),
     ("foi_present_Mkps", "find-or-insert present", ".1f"),
     ("find_mixed_Mkps", "find mixed", ".1f"),
@@ -291,7 +334,8 @@ KCOLS = [
     ("insert_raw_Mkps", "insert raw (+copy)", ".1f"),
     ("mixed_present_frac", "mixed present", ".2f"),
     ("mixed_new_distinct", "new/batch"),
-    ("check", "check"), ("status", "status"),
+    ("check", "check"),
+    ("status", "status"),
 ]
 
 
@@ -306,12 +350,16 @@ def step_point(res, args, n, dist, rng):
     rpg = max(1, rows // n)
     universe = max(1, int(args.step_load * rpg * n))
     res.update(rows=rpg * n, rows_per_gpu=rpg, universe=universe, batch=B)
-    print(f"  table {rpg * n} rows x {D} ({rpg}/GPU), universe {universe} keys, batch {B} x {S}",
-          flush=True)
+    print(
+        f"  table {rpg * n} rows x {D} ({rpg}/GPU), universe {universe} keys, batch {B} x {S}",
+        flush=True,
+    )
 
     rep = lambda m: NamedSharding(m, P())  # noqa: E731
-    ranks = [draw_ranks(rng, dist, B * S, universe, args.zipf_a).reshape(B, S, 1)
-             for _ in range(args.input_sets)]
+    ranks = [
+        draw_ranks(rng, dist, B * S, universe, args.zipf_a).reshape(B, S, 1)
+        for _ in range(args.input_sets)
+    ]
     ws = [rng.standard_normal((S, D)).astype(np.float32) for _ in range(args.input_sets)]
     res["distinct_keys"] = float(np.mean([np.unique(r).size for r in ranks]))
 
@@ -319,11 +367,21 @@ def step_point(res, args, n, dist, rng):
     for mode in ("direct", "hash"):
         hashed = mode == "hash"
         emb = DistributedEmbedding(
-            "mean", rpg, D, slot_num=S, max_nnz=1, use_hashtable=hashed,
-            key_dtype=jnp.int64 if hashed else jnp.int32, mesh=mesh, axis_name=AXIS)
+            "mean",
+            rpg,
+            D,
+            slot_num=S,
+            max_nnz=1,
+            use_hashtable=hashed,
+            key_dtype=jnp.int64 if hashed else jnp.int32,
+            mesh=mesh,
+            axis_name=AXIS,
+        )
         conv = (lambda r: scramble(r)) if hashed else (lambda r: r.astype(np.int32))
-        sets = [(jax.device_put(conv(r), emb.batch_sharding), jax.device_put(w, rep(mesh)))
-                for r, w in zip(ranks, ws)]
+        sets = [
+            (jax.device_put(conv(r), emb.batch_sharding), jax.device_put(w, rep(mesh)))
+            for r, w in zip(ranks, ws)
+        ]
         t0 = time.perf_counter()
         if hashed:
             state = emb.init(args.seed)  # zeros + empty slot keys: cheap
@@ -343,10 +401,13 @@ def step_point(res, args, n, dist, rng):
             check_stats(state)  # raises on a full shard / overflow / invalid ids
             used = int(jnp.sum(state.slot_keys != -1))
             if used != universe:
-                raise AssertionError(f"hash table holds {used} keys after the fill, expected "
-                                     f"{universe}")
+                raise AssertionError(
+                    f"hash table holds {used} keys after the fill, expected {universe}"
+                )
             res["hash_load_per_gpu"] = [
-                float(np.mean(np.asarray(sh.data) != -1)) for sh in state.slot_keys.addressable_shards]
+                float(np.mean(np.asarray(sh.data) != -1))
+                for sh in state.slot_keys.addressable_shards
+            ]
         res[f"{mode}_setup_s"] = time.perf_counter() - t0
 
         # ---- check one SGD step against the reference
@@ -365,8 +426,11 @@ def step_point(res, args, n, dist, rng):
             if c["keys_after"] != universe:
                 raise AssertionError(f"the step changed the key count to {c['keys_after']}")
         res[f"{mode}_check"] = c
-        print(f"  {mode}: check SGD step rel {c['rel']:.3g} (max|diff| {c['max_abs_diff']:.3g}, "
-              f"largest update {c['max_update']:.3g})", flush=True)
+        print(
+            f"  {mode}: check SGD step rel {c['rel']:.3g} (max|diff| {c['max_abs_diff']:.3g}, "
+            f"largest update {c['max_update']:.3g})",
+            flush=True,
+        )
         if not (c["finite"] and c["rel"] <= args.tol):
             raise AssertionError(f"{mode} step mismatch: {c}")
 
@@ -374,8 +438,7 @@ def step_point(res, args, n, dist, rng):
         opt = optim.sgd(args.lr)
         stp = Stepper(make_sparse_step(emb, opt), state, emb.init_optimizer(opt, state))
         del state, ost
-        tim = summarize(time_samples(stp, warmup=args.warmup, iters=args.iters,
-                                     arg_sets=sets))
+        tim = summarize(time_samples(stp, warmup=args.warmup, iters=args.iters, arg_sets=sets))
         if hashed:
             check_stats(stp.state)
         res[f"{mode}_timing"] = tim
@@ -389,10 +452,15 @@ def step_point(res, args, n, dist, rng):
 
 
 SCOLS = [
-    ("n", "GPUs"), ("dist", "keys"), ("rows_m", "rows(M)", ".4g"),
+    ("n", "GPUs"),
+    ("dist", "keys"),
+    ("rows_m", "rows(M)", ".4g"),
     ("distinct_m", "distinct/batch(M)", ".4g"),
-    ("direct_ms", "direct ms", ".3f"), ("hash_ms", "hash ms", ".3f"),
-    ("ratio", "hash/direct", ".3f"), ("ratio_ok", "<=target"), ("status", "status"),
+    ("direct_ms", "direct ms", ".3f"),
+    ("hash_ms", "hash ms", ".3f"),
+    ("ratio", "hash/direct", ".3f"),
+    ("ratio_ok", "<=target"),
+    ("status", "status"),
 ]
 
 
@@ -400,44 +468,69 @@ SCOLS = [
 
 
 def _status(r):
-    return "ok" if "error" not in r else ("OOM" if is_oom(r["error"]) else
-                                          r["error"].splitlines()[0][:60])
+    return (
+        "ok"
+        if "error" not in r
+        else ("OOM" if is_oom(r["error"]) else r["error"].splitlines()[0][:60])
+    )
 
 
 def main(argv=None):
     args = parse_args(argv)
     env = env_info()
     print("env:", ", ".join(f"{k}={v}" for k, v in env.items()), flush=True)
-    print(f"config: capacity {args.capacity}, batch {args.batch_keys} int64 keys, loads "
-          f"{args.loads}, keys {args.dists} (zipf a={args.zipf_a}); step: table "
-          f"{args.step_table_gb:g} GiB, devices {args.step_devices}, batch {args.step_batch}/GPU "
-          f"x {args.step_slots} x 1, D {args.step_dim}, load {args.step_load}, warmup "
-          f"{args.warmup}, iters {args.iters}", flush=True)
+    print(
+        f"config: capacity {args.capacity}, batch {args.batch_keys} int64 keys, loads "
+        f"{args.loads}, keys {args.dists} (zipf a={args.zipf_a}); step: table "
+        f"{args.step_table_gb:g} GiB, devices {args.step_devices}, batch {args.step_batch}/GPU "
+        f"x {args.step_slots} x 1, D {args.step_dim}, load {args.step_load}, warmup "
+        f"{args.warmup}, iters {args.iters}",
+        flush=True,
+    )
     copy_bytes = int(args.copy_gb * GIB)
     copy_bw = copy_bandwidth(copy_bytes, warmup=args.warmup, iters=args.iters)
-    print(f"copy bandwidth (x + 1.0 on {copy_bytes / 2**20:.0f} MiB, read + write): "
-          f"{copy_bw / GB:.1f} GB/s", flush=True)
-    result = {"benchmark": "hash", "env": env, "config": vars(args),
-              "copy_bandwidth_Bps": copy_bw, "kernel": [], "step": []}
+    print(
+        f"copy bandwidth (x + 1.0 on {copy_bytes / 2**20:.0f} MiB, read + write): "
+        f"{copy_bw / GB:.1f} GB/s",
+        flush=True,
+    )
+    result = {
+        "benchmark": "hash",
+        "env": env,
+        "config": vars(args),
+        "copy_bandwidth_Bps": copy_bw,
+        "kernel": [],
+        "step": [],
+    }
     rng = np.random.default_rng(args.seed)
     t_start = time.perf_counter()
 
     if not args.skip_kernel:
-        print(f"\n== part 1: find_or_insert, capacity {args.capacity} "
-              f"({args.capacity * 8 / 2**20:.0f} MiB of int64 slot keys)", flush=True)
+        print(
+            f"\n== part 1: find_or_insert, capacity {args.capacity} "
+            f"({args.capacity * 8 / 2**20:.0f} MiB of int64 slot keys)",
+            flush=True,
+        )
         for dist in args.dists:
             for load in args.loads:
                 print(f"-- {dist} load {load:g}", flush=True)
-                res = {"dist": dist, "load": load, "capacity": args.capacity,
-                       "batch_keys": args.batch_keys}
+                res = {
+                    "dist": dist,
+                    "load": load,
+                    "capacity": args.capacity,
+                    "batch_keys": args.batch_keys,
+                }
                 try:
                     kernel_point(res, args, dist, load, rng)
-                    print(f"  find present {res['find_present_Mkps']:.1f} Mkey/s, "
-                          f"find-or-insert present {res['foi_present_Mkps']:.1f}, find mixed "
-                          f"{res['find_mixed_Mkps']:.1f}, insert mixed "
-                          f"{res['insert_Mkps'] or float('nan'):.1f} (raw "
-                          f"{res['insert_raw_Mkps']:.1f}, copy overhead "
-                          f"{res['copy_overhead_ms']:.3f} ms)", flush=True)
+                    print(
+                        f"  find present {res['find_present_Mkps']:.1f} Mkey/s, "
+                        f"find-or-insert present {res['foi_present_Mkps']:.1f}, find mixed "
+                        f"{res['find_mixed_Mkps']:.1f}, insert mixed "
+                        f"{res['insert_Mkps'] or float('nan'):.1f} (raw "
+                        f"{res['insert_raw_Mkps']:.1f}, copy overhead "
+                        f"{res['copy_overhead_ms']:.3f} ms)",
+                        flush=True,
+                    )
                 except Exception as e:  # noqa: BLE001
                     res["error"] = f"{type(e).__name__}: {e}"[:4000]
                     res["traceback"] = traceback.format_exc()[-4000:]
@@ -448,8 +541,7 @@ def main(argv=None):
                     write_json(args.out, result)
 
     if not args.skip_step:
-        print(f"\n== part 2: training step, hash (int64) vs direct (int32), sparse SGD",
-              flush=True)
+        print("\n== part 2: training step, hash (int64) vs direct (int32), sparse SGD", flush=True)
         for n in args.step_devices:
             for dist in args.step_dists:
                 print(f"-- n={n} {dist}", flush=True)
@@ -458,8 +550,10 @@ def main(argv=None):
                     if n > len(jax.devices()):
                         raise ValueError(f"only {len(jax.devices())} devices")
                     step_point(res, args, n, dist, rng)
-                    print(f"  hash/direct {res['ratio']:.3f} (target <= {args.ratio_target})",
-                          flush=True)
+                    print(
+                        f"  hash/direct {res['ratio']:.3f} (target <= {args.ratio_target})",
+                        flush=True,
+                    )
                 except Exception as e:  # noqa: BLE001
                     res["error"] = f"{type(e).__name__}: {e}"[:4000]
                     res["traceback"] = traceback.format_exc()[-4000:]
@@ -472,15 +566,19 @@ def main(argv=None):
 
     result["total_s"] = time.perf_counter() - t_start
     if result["kernel"]:
-        print(f"\nfind_or_insert, {args.batch_keys} int64 keys per batch, capacity "
-              f"{args.capacity}, {env['device_kind']}; Mkey/s (all keys of a batch); insert "
-              f"mixed = copy-corrected (each call from the table at `load`)")
+        print(
+            f"\nfind_or_insert, {args.batch_keys} int64 keys per batch, capacity "
+            f"{args.capacity}, {env['device_kind']}; Mkey/s (all keys of a batch); insert "
+            f"mixed = copy-corrected (each call from the table at `load`)"
+        )
         rows = [dict(r, status=_status(r)) for r in result["kernel"]]
         result["kernel_table"] = print_table(rows, KCOLS)
     if result["step"]:
-        print(f"\ntraining step (sparse SGD), table {args.step_table_gb:g} GiB total, batch "
-              f"{args.step_batch}/GPU x {args.step_slots} x 1, D {args.step_dim}, key universe "
-              f"{args.step_load:g} x rows; target hash/direct <= {args.ratio_target}")
+        print(
+            f"\ntraining step (sparse SGD), table {args.step_table_gb:g} GiB total, batch "
+            f"{args.step_batch}/GPU x {args.step_slots} x 1, D {args.step_dim}, key universe "
+            f"{args.step_load:g} x rows; target hash/direct <= {args.ratio_target}"
+        )
         rows = []
         for r in result["step"]:
             rr = dict(r, status=_status(r))
@@ -491,8 +589,11 @@ def main(argv=None):
             rows.append(rr)
         result["step_table"] = print_table(rows, SCOLS)
     n_fail = sum("error" in r for r in result["kernel"] + result["step"])
-    print(f"{len(result['kernel']) + len(result['step']) - n_fail} points ok, {n_fail} failed, "
-          f"{result['total_s']:.1f} s", flush=True)
+    print(
+        f"{len(result['kernel']) + len(result['step']) - n_fail} points ok, {n_fail} failed, "
+        f"{result['total_s']:.1f} s",
+        flush=True,
+    )
     write_json(args.out, result)
     return 0 if n_fail == 0 else 1
 

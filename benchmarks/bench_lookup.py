@@ -50,8 +50,6 @@ sys.path.insert(1, os.path.dirname(_HERE))  # the repository root, for sok_jax
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-
-import sok_jax  # noqa: E402
 from common import (  # noqa: E402
     copy_bandwidth,
     env_info,
@@ -62,6 +60,8 @@ from common import (  # noqa: E402
     write_json,
     zipf_keys,
 )
+
+import sok_jax  # noqa: E402
 
 GB = 1e9
 
@@ -76,36 +76,79 @@ def _str_list(s: str) -> list[str]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--table-gb", type=float, default=4.0,
-                   help="table size in GiB; rows = table_gb * 2**30 / (D * 4) (default 4)")
+    p.add_argument(
+        "--table-gb",
+        type=float,
+        default=4.0,
+        help="table size in GiB; rows = table_gb * 2**30 / (D * 4) (default 4)",
+    )
     p.add_argument("--batch", type=int, default=16384, help="samples per batch (default 16384)")
     p.add_argument("--slots", type=int, default=26, help="slots per sample (default 26)")
-    p.add_argument("--dims", type=_int_list, default=[16, 64, 128],
-                   help="embedding sizes D, comma separated (default 16,64,128)")
-    p.add_argument("--nnz", type=_int_list, default=[1, 4, 32],
-                   help="max_nnz values, comma separated (default 1,4,32)")
-    p.add_argument("--ragged", type=_int_list, default=[32],
-                   help="max_nnz values whose bags have ragged lengths uniform in [1, max_nnz], "
-                        "given to sok as RaggedIds (others: every bag full) (default 32)")
-    p.add_argument("--dists", type=_str_list, default=["uniform", "zipf"],
-                   help="key distributions: uniform, zipf (default both)")
+    p.add_argument(
+        "--dims",
+        type=_int_list,
+        default=[16, 64, 128],
+        help="embedding sizes D, comma separated (default 16,64,128)",
+    )
+    p.add_argument(
+        "--nnz",
+        type=_int_list,
+        default=[1, 4, 32],
+        help="max_nnz values, comma separated (default 1,4,32)",
+    )
+    p.add_argument(
+        "--ragged",
+        type=_int_list,
+        default=[32],
+        help="max_nnz values whose bags have ragged lengths uniform in [1, max_nnz], "
+        "given to sok as RaggedIds (others: every bag full) (default 32)",
+    )
+    p.add_argument(
+        "--dists",
+        type=_str_list,
+        default=["uniform", "zipf"],
+        help="key distributions: uniform, zipf (default both)",
+    )
     p.add_argument("--zipf-a", type=float, default=1.1, help="Zipf exponent (default 1.1)")
-    p.add_argument("--combiner", default="mean", choices=["sum", "mean", "sqrtn"],
-                   help="combiner (default mean)")
+    p.add_argument(
+        "--combiner",
+        default="mean",
+        choices=["sum", "mean", "sqrtn"],
+        help="combiner (default mean)",
+    )
     p.add_argument("--warmup", type=int, default=3, help="warm-up calls per measurement")
     p.add_argument("--iters", type=int, default=20, help="timed samples per measurement")
-    p.add_argument("--input-sets", type=int, default=2,
-                   help="id/cotangent sets rotated while timing (default 2)")
-    p.add_argument("--copy-gb", type=float, default=2.0,
-                   help="GiB of the array copied to measure the copy bandwidth (default 2)")
-    p.add_argument("--tol", type=float, default=1e-4,
-                   help="forward check: max|sok - jax| <= tol * max(1, max|jax|)")
-    p.add_argument("--grad-tol", type=float, default=1e-3,
-                   help="gradient check: relative norm and max|diff|/max|ref| <= grad_tol")
+    p.add_argument(
+        "--input-sets",
+        type=int,
+        default=2,
+        help="id/cotangent sets rotated while timing (default 2)",
+    )
+    p.add_argument(
+        "--copy-gb",
+        type=float,
+        default=2.0,
+        help="GiB of the array copied to measure the copy bandwidth (default 2)",
+    )
+    p.add_argument(
+        "--tol",
+        type=float,
+        default=1e-4,
+        help="forward check: max|sok - jax| <= tol * max(1, max|jax|)",
+    )
+    p.add_argument(
+        "--grad-tol",
+        type=float,
+        default=1e-3,
+        help="gradient check: relative norm and max|diff|/max|ref| <= grad_tol",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON to this path")
-    p.add_argument("--small", action="store_true",
-                   help="tiny table, batch 64, few iterations: a CPU smoke check")
+    p.add_argument(
+        "--small",
+        action="store_true",
+        help="tiny table, batch 64, few iterations: a CPU smoke check",
+    )
     args = p.parse_args(argv)
     if args.small:
         args.table_gb = 2.0**-10  # 1 MiB
@@ -217,6 +260,7 @@ def build_fns(combiner):
     def loss_of(f):
         def loss(table, ids, cot):
             return jnp.sum(f(table, ids).astype(jnp.float32) * cot)
+
         return loss
 
     return {
@@ -274,8 +318,9 @@ def run_point(res, args, fns, table, rows, D, nnz, dist, rng, copy_bw):
         padded, lengths, n_valid = make_ids(rng, dist, B, S, nnz, ragged, rows, args.zipf_a)
         jax_ids = jnp.asarray(padded)
         sok_ids = to_sok_ids(padded, lengths)
-        cot = jax.random.normal(jax.random.key(args.seed * 1000 + 17 * k + D + nnz), (B, S, D),
-                                jnp.float32)
+        cot = jax.random.normal(
+            jax.random.key(args.seed * 1000 + 17 * k + D + nnz), (B, S, D), jnp.float32
+        )
         sets.append((jax_ids, sok_ids, cot))
         valid_counts.append(n_valid)
         del padded, lengths
@@ -297,12 +342,16 @@ def run_point(res, args, fns, table, rows, D, nnz, dist, rng, copy_bw):
     if not prev["max_abs_diff"] <= args.tol * max(1.0, prev["max_abs_ref"]):
         raise AssertionError(f"previous forward mismatch: {prev}")
     res["fwd_check"] = fwd
-    print(f"  check fwd: max|diff|={fwd['max_abs_diff']:.3g} (max|ref|={fwd['max_abs_ref']:.3g}, "
-          f"rel-norm={fwd['rel_norm']:.3g})", flush=True)
+    print(
+        f"  check fwd: max|diff|={fwd['max_abs_diff']:.3g} (max|ref|={fwd['max_abs_ref']:.3g}, "
+        f"rel-norm={fwd['rel_norm']:.3g})",
+        flush=True,
+    )
     if not (fwd["finite"] and fwd["max_abs_diff"] <= args.tol * max(1.0, fwd["max_abs_ref"])):
         raise AssertionError(
             f"forward mismatch: max|diff| {fwd['max_abs_diff']:.3g} > tol {args.tol:g} * "
-            f"max(1, {fwd['max_abs_ref']:.3g}) (finite={fwd['finite']})")
+            f"max(1, {fwd['max_abs_ref']:.3g}) (finite={fwd['finite']})"
+        )
 
     (l_sok, g_sok) = fns["sok_fb"](table, sok_ids, cot)
     (l_jax, g_jax) = fns["jax_fb"](table, jax_ids, cot)
@@ -314,15 +363,22 @@ def run_point(res, args, fns, table, rows, D, nnz, dist, rng, copy_bw):
     grad["loss_sok"], grad["loss_jax"] = float(l_sok), float(l_jax)
     del g_sok, g_jax, l_sok, l_jax
     res["grad_check"] = grad
-    print(f"  check grad: rel-norm={grad['rel_norm']:.3g} max|diff|={grad['max_abs_diff']:.3g} "
-          f"(max|ref|={grad['max_abs_ref']:.3g})", flush=True)
-    g_ok = (grad["finite"] and grad["rel_norm"] <= args.grad_tol
-            and grad["max_abs_diff"] <= args.grad_tol * max(grad["max_abs_ref"], 1e-30))
+    print(
+        f"  check grad: rel-norm={grad['rel_norm']:.3g} max|diff|={grad['max_abs_diff']:.3g} "
+        f"(max|ref|={grad['max_abs_ref']:.3g})",
+        flush=True,
+    )
+    g_ok = (
+        grad["finite"]
+        and grad["rel_norm"] <= args.grad_tol
+        and grad["max_abs_diff"] <= args.grad_tol * max(grad["max_abs_ref"], 1e-30)
+    )
     if not g_ok:
         raise AssertionError(
             f"gradient mismatch: rel-norm {grad['rel_norm']:.3g}, max|diff| "
             f"{grad['max_abs_diff']:.3g} vs max|ref| {grad['max_abs_ref']:.3g}, grad-tol "
-            f"{args.grad_tol:g} (finite={grad['finite']})")
+            f"{args.grad_tol:g} (finite={grad['finite']})"
+        )
 
     # ---- bytes that must move
     out_bytes = B * S * D * 4
@@ -401,19 +457,30 @@ def main(argv=None):
     args = parse_args(argv)
     env = env_info()
     print("env:", ", ".join(f"{k}={v}" for k, v in env.items()), flush=True)
-    print(f"config: table {args.table_gb:g} GiB, batch {args.batch} x {args.slots} slots, "
-          f"D {args.dims}, max_nnz {args.nnz} (ragged: {args.ragged}), keys {args.dists} "
-          f"(zipf a={args.zipf_a}), combiner {args.combiner}, warmup {args.warmup}, "
-          f"iters {args.iters}, input sets {args.input_sets}", flush=True)
+    print(
+        f"config: table {args.table_gb:g} GiB, batch {args.batch} x {args.slots} slots, "
+        f"D {args.dims}, max_nnz {args.nnz} (ragged: {args.ragged}), keys {args.dists} "
+        f"(zipf a={args.zipf_a}), combiner {args.combiner}, warmup {args.warmup}, "
+        f"iters {args.iters}, input sets {args.input_sets}",
+        flush=True,
+    )
 
     copy_bytes = int(args.copy_gb * 2**30)
     copy_bw = copy_bandwidth(copy_bytes, warmup=args.warmup, iters=args.iters)
     gc.collect()
-    print(f"copy bandwidth (x + 1.0 on {copy_bytes / 2**20:.0f} MiB, read + write): "
-          f"{copy_bw / GB:.1f} GB/s", flush=True)
+    print(
+        f"copy bandwidth (x + 1.0 on {copy_bytes / 2**20:.0f} MiB, read + write): "
+        f"{copy_bw / GB:.1f} GB/s",
+        flush=True,
+    )
 
-    result = {"benchmark": "lookup", "env": env, "config": vars(args),
-              "copy_bandwidth_Bps": copy_bw, "points": []}
+    result = {
+        "benchmark": "lookup",
+        "env": env,
+        "config": vars(args),
+        "copy_bandwidth_Bps": copy_bw,
+        "points": [],
+    }
     rng = np.random.default_rng(args.seed)
     fns = build_fns(args.combiner)
     t_start = time.perf_counter()
@@ -421,33 +488,51 @@ def main(argv=None):
     for D in args.dims:
         rows = int(args.table_gb * 2**30 // (D * 4))
         points = [(nnz, dist) for nnz in args.nnz for dist in args.dists]
-        print(f"\n== D={D}: table {rows} x {D} float32 ({rows * D * 4 / 2**30:.2f} GiB)",
-              flush=True)
+        print(
+            f"\n== D={D}: table {rows} x {D} float32 ({rows * D * 4 / 2**30:.2f} GiB)", flush=True
+        )
         table = None
         try:
-            init = jax.jit(lambda key: jax.random.normal(key, (rows, D), jnp.float32))
+            init = jax.jit(lambda key: jax.random.normal(key, (rows, D), jnp.float32))  # noqa: B023
             table = jax.block_until_ready(init(jax.random.key(args.seed + D)))
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: report and go on
             msg = f"{type(e).__name__}: {e}"
             print(f"  table allocation FAILED: {msg[:500]}", flush=True)
             for nnz, dist in points:
-                result["points"].append({"D": D, "nnz": nnz, "ragged": nnz in args.ragged,
-                                         "dist": dist, "rows": rows, "error": msg})
+                result["points"].append(
+                    {
+                        "D": D,
+                        "nnz": nnz,
+                        "ragged": nnz in args.ragged,
+                        "dist": dist,
+                        "rows": rows,
+                        "error": msg,
+                    }
+                )
         if table is not None:
             for nnz, dist in points:
                 label = f"D={D} nnz={nnz}{' ragged' if nnz in args.ragged else ''} {dist}"
                 print(f"-- {label}", flush=True)
                 t0 = time.perf_counter()
-                res = {"D": D, "nnz": nnz, "ragged": nnz in args.ragged, "dist": dist,
-                       "rows": rows, "combiner": args.combiner}
+                res = {
+                    "D": D,
+                    "nnz": nnz,
+                    "ragged": nnz in args.ragged,
+                    "dist": dist,
+                    "rows": rows,
+                    "combiner": args.combiner,
+                }
                 try:
                     run_point(res, args, fns, table, rows, D, nnz, dist, rng, copy_bw)
-                    print(f"  sok fwd {res['sok_fwd_ms']:.3f} ms ({res['fwd_gbs']:.0f} GB/s, "
-                          f"{res['fwd_pct_copy']:.1f}% of copy), jax fwd {res['jax_fwd_ms']:.3f} "
-                          f"ms, jax/sok {res['fwd_speedup']:.2f}x | sok f+b "
-                          f"{res['sok_fb_ms']:.3f} ms ({res['fb_gbs']:.0f} GB/s, "
-                          f"{res['fb_pct_copy']:.1f}%), jax f+b {res['jax_fb_ms']:.3f} ms, "
-                          f"jax/sok {res['fb_speedup']:.2f}x", flush=True)
+                    print(
+                        f"  sok fwd {res['sok_fwd_ms']:.3f} ms ({res['fwd_gbs']:.0f} GB/s, "
+                        f"{res['fwd_pct_copy']:.1f}% of copy), jax fwd {res['jax_fwd_ms']:.3f} "
+                        f"ms, jax/sok {res['fwd_speedup']:.2f}x | sok f+b "
+                        f"{res['sok_fb_ms']:.3f} ms ({res['fb_gbs']:.0f} GB/s, "
+                        f"{res['fb_pct_copy']:.1f}%), jax f+b {res['jax_fb_ms']:.3f} ms, "
+                        f"jax/sok {res['fb_speedup']:.2f}x",
+                        flush=True,
+                    )
                 except Exception as e:  # noqa: BLE001 - report the point, go on
                     msg = f"{type(e).__name__}: {e}"
                     print(f"  FAILED: {msg[:1000]}", flush=True)
@@ -463,13 +548,17 @@ def main(argv=None):
         gc.collect()
 
     result["total_s"] = time.perf_counter() - t_start
-    print(f"\ncopy bandwidth {copy_bw / GB:.1f} GB/s on {env['device_kind']}; "
-          f"combiner {args.combiner}; 'r' = ragged bags (len uniform in [1, max_nnz]); "
-          f"jax/sok > 1 means sok is faster; f+b = value_and_grad w.r.t. the table")
+    print(
+        f"\ncopy bandwidth {copy_bw / GB:.1f} GB/s on {env['device_kind']}; "
+        f"combiner {args.combiner}; 'r' = ragged bags (len uniform in [1, max_nnz]); "
+        f"jax/sok > 1 means sok is faster; f+b = value_and_grad w.r.t. the table"
+    )
     result["table"] = print_table([_row(p) for p in result["points"]], COLUMNS)
     n_fail = sum("error" in p for p in result["points"])
-    print(f"{len(result['points']) - n_fail} points ok, {n_fail} failed, "
-          f"{result['total_s']:.1f} s", flush=True)
+    print(
+        f"{len(result['points']) - n_fail} points ok, {n_fail} failed, {result['total_s']:.1f} s",
+        flush=True,
+    )
     write_json(args.out, result)
     return 0 if n_fail == 0 else 1
 

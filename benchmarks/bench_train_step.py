@@ -92,9 +92,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from jax.sharding import Mesh, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
 from common import (  # noqa: E402
     copy_bandwidth,
     env_info,
@@ -105,6 +102,9 @@ from common import (  # noqa: E402
     write_json,
     zipf_keys,
 )
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
 from sok_jax import optim  # noqa: E402
 from sok_jax.distributed import DistributedEmbedding  # noqa: E402
 
@@ -129,48 +129,92 @@ def _str_list(s):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--table-gb", type=_float_list, default=[1, 5, 10, 20],
-                   help="TOTAL logical table sizes in GiB, comma separated (default 1,5,10,20)")
-    p.add_argument("--devices", type=_int_list, default=[1],
-                   help="GPU counts: a mesh over the first n devices (default 1)")
-    p.add_argument("--optimizers", type=_str_list, default=["sgd", "adagrad", "adam"],
-                   help="sgd, adagrad, adam (default all three)")
+    p.add_argument(
+        "--table-gb",
+        type=_float_list,
+        default=[1, 5, 10, 20],
+        help="TOTAL logical table sizes in GiB, comma separated (default 1,5,10,20)",
+    )
+    p.add_argument(
+        "--devices",
+        type=_int_list,
+        default=[1],
+        help="GPU counts: a mesh over the first n devices (default 1)",
+    )
+    p.add_argument(
+        "--optimizers",
+        type=_str_list,
+        default=["sgd", "adagrad", "adam"],
+        help="sgd, adagrad, adam (default all three)",
+    )
     p.add_argument("--batch", type=int, default=16384, help="samples per GPU (default 16384)")
     p.add_argument("--slots", type=int, default=26, help="slots per sample (default 26)")
     p.add_argument("--dim", type=int, default=128, help="embedding size D (default 128)")
-    p.add_argument("--dist", default="uniform", choices=["uniform", "zipf"],
-                   help="key distribution (default uniform)")
+    p.add_argument(
+        "--dist",
+        default="uniform",
+        choices=["uniform", "zipf"],
+        help="key distribution (default uniform)",
+    )
     p.add_argument("--zipf-a", type=float, default=1.1, help="Zipf exponent (default 1.1)")
     p.add_argument("--lr", type=float, default=0.01, help="learning rate while timing")
     p.add_argument("--check-lr", type=float, default=0.1, help="SGD learning rate of the check")
-    p.add_argument("--mem-gb", type=float, default=None,
-                   help="GiB per device a path may need (estimate) before it is skipped "
-                        "(default 70)")
-    p.add_argument("--capacity-factor", default=None,
-                   help="DistributedEmbedding capacity_factor: a number, or 'fit' (5%% above "
-                        "required_capacity_factor of the benchmark's batches); default None "
-                        "(every bucket holds the whole local batch)")
+    p.add_argument(
+        "--mem-gb",
+        type=float,
+        default=None,
+        help="GiB per device a path may need (estimate) before it is skipped (default 70)",
+    )
+    p.add_argument(
+        "--capacity-factor",
+        default=None,
+        help="DistributedEmbedding capacity_factor: a number, or 'fit' (5%% above "
+        "required_capacity_factor of the benchmark's batches); default None "
+        "(every bucket holds the whole local batch)",
+    )
     p.add_argument("--no-dense", action="store_true", help="time the sparse path only")
-    p.add_argument("--no-two-pass", action="store_true",
-                   help="do not also time the two-call sparse form (sparse_grad + "
-                        "apply_gradients) against the fused sparse_update")
+    p.add_argument(
+        "--no-two-pass",
+        action="store_true",
+        help="do not also time the two-call sparse form (sparse_grad + "
+        "apply_gradients) against the fused sparse_update",
+    )
     p.add_argument("--warmup", type=int, default=3, help="warm-up steps per measurement")
     p.add_argument("--iters", type=int, default=20, help="timed samples per measurement")
     p.add_argument("--input-sets", type=int, default=2, help="batches rotated while timing")
-    p.add_argument("--min-sample-ms", type=float, default=20.0,
-                   help="a timing sample runs steps back to back (as a training loop "
-                        "does: dispatch is asynchronous) for at least this long, and blocks "
-                        "once (default 20)")
-    p.add_argument("--copy-gb", type=float, default=2.0,
-                   help="GiB of the array copied to measure the copy bandwidth (default 2)")
-    p.add_argument("--tol", type=float, default=1e-4,
-                   help="check: max|diff| <= tol * max|update| (default 1e-4)")
-    p.add_argument("--flat-target", type=float, default=1.15,
-                   help="flatness target: largest/smallest sparse time (default 1.15)")
+    p.add_argument(
+        "--min-sample-ms",
+        type=float,
+        default=20.0,
+        help="a timing sample runs steps back to back (as a training loop "
+        "does: dispatch is asynchronous) for at least this long, and blocks "
+        "once (default 20)",
+    )
+    p.add_argument(
+        "--copy-gb",
+        type=float,
+        default=2.0,
+        help="GiB of the array copied to measure the copy bandwidth (default 2)",
+    )
+    p.add_argument(
+        "--tol",
+        type=float,
+        default=1e-4,
+        help="check: max|diff| <= tol * max|update| (default 1e-4)",
+    )
+    p.add_argument(
+        "--flat-target",
+        type=float,
+        default=1.15,
+        help="flatness target: largest/smallest sparse time (default 1.15)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON to this path")
-    p.add_argument("--small", action="store_true",
-                   help="tiny tables, batch 64, few iterations: a CPU smoke check")
+    p.add_argument(
+        "--small",
+        action="store_true",
+        help="tiny tables, batch 64, few iterations: a CPU smoke check",
+    )
     args = p.parse_args(argv)
     if args.capacity_factor not in (None, "fit"):
         try:
@@ -206,6 +250,7 @@ def head_loss(out, w):
 def make_sparse_step(emb, opt, fused=True):
     """fused: `emb.sparse_update` (the backward fused with the optimizer);
     else the two-call form `apply_gradients(sparse_grad(...))`."""
+
     def step(state, opt_state, ids, w):
         out, ctx, state = emb.lookup(state, ids)
         loss, d_out = jax.value_and_grad(head_loss)(out, w)
@@ -255,8 +300,9 @@ def memory_plan(step, *args):
     if m is None:
         return None
     g = 2.0**30
-    return {k: getattr(m, f"{k}_size_in_bytes") / g
-            for k in ("argument", "output", "alias", "temp")}
+    return {
+        k: getattr(m, f"{k}_size_in_bytes") / g for k in ("argument", "output", "alias", "temp")
+    }
 
 
 class Stepper:
@@ -285,8 +331,13 @@ def make_state(emb, seed):
     the layer. Deterministic in `seed` (used to rebuild the same table).
     """
     small = DistributedEmbedding(
-        emb.combiner, 1, emb.embedding_vec_size, slot_num=emb.slot_num,
-        max_nnz=emb.max_nnz, mesh=emb.mesh, axis_name=emb.axis_name,
+        emb.combiner,
+        1,
+        emb.embedding_vec_size,
+        slot_num=emb.slot_num,
+        max_nnz=emb.max_nnz,
+        mesh=emb.mesh,
+        axis_name=emb.axis_name,
     ).init(seed)
     shape = (emb.num_rows, emb.embedding_vec_size)
     make = jax.jit(
@@ -308,7 +359,7 @@ def make_input_sets(rng, args, n, vocab, emb):
     B, S, D = args.batch * n, args.slots, args.dim
     rep = NamedSharding(emb.mesh, P())
     sets, host, distinct = [], [], []
-    for k in range(max(1, args.input_sets)):
+    for _ in range(max(1, args.input_sets)):
         if args.dist == "uniform":
             keys = uniform_keys(rng, B * S, vocab)
         else:
@@ -358,8 +409,12 @@ def _cmp(after, ref, before):
     upd = float(np.max(np.abs(ref - before))) if ref.size else 0.0
     diff = float(np.max(np.abs(after - ref))) if ref.size else 0.0
     ok = bool(np.all(np.isfinite(after)))
-    return {"max_abs_diff": diff, "max_update": upd,
-            "rel": diff / upd if upd > 0 else float("inf"), "finite": ok}
+    return {
+        "max_abs_diff": diff,
+        "max_update": upd,
+        "rel": diff / upd if upd > 0 else float("inf"),
+        "finite": ok,
+    }
 
 
 # --------------------------------------------------------------------------- one size
@@ -408,9 +463,12 @@ def check_point(emb, args, state, sets, host, n, vocab, rng):
         sp["untouched_equal"] = bool(np.array_equal(np.asarray(look(state, probe_d)), before_u))
     chk["sparse_vs_ref"] = sp
     ok = sp["finite"] and sp["rel"] <= args.tol and sp.get("untouched_equal", True)
-    print(f"  check sparse SGD step vs float64 reference: max|diff| {sp['max_abs_diff']:.3g} "
-          f"(largest update {sp['max_update']:.3g}, rel {sp['rel']:.3g}), untouched keys "
-          f"unchanged: {sp.get('untouched_equal')}", flush=True)
+    print(
+        f"  check sparse SGD step vs float64 reference: max|diff| {sp['max_abs_diff']:.3g} "
+        f"(largest update {sp['max_update']:.3g}, rel {sp['rel']:.3g}), untouched keys "
+        f"unchanged: {sp.get('untouched_equal')}",
+        flush=True,
+    )
     if not ok:
         raise AssertionError(f"sparse step mismatch: {sp}")
 
@@ -420,8 +478,11 @@ def check_point(emb, args, state, sets, host, n, vocab, rng):
         chk["dense"] = "skipped (--no-dense)"
     elif need > args.mem_gb:
         chk["dense"] = "skipped (memory)"
-        print(f"  check dense SGD step: skipped (memory: ~{need:.1f} GiB/device > "
-              f"--mem-gb {args.mem_gb:g})", flush=True)
+        print(
+            f"  check dense SGD step: skipped (memory: ~{need:.1f} GiB/device > "
+            f"--mem-gb {args.mem_gb:g})",
+            flush=True,
+        )
     else:
         try:
             st_d = make_state(emb, args.seed)  # the same initial table
@@ -434,14 +495,21 @@ def check_point(emb, args, state, sets, host, n, vocab, rng):
             dn["loss"] = float(dloss)
             if probe_d is not None:
                 dn["untouched_equal"] = bool(
-                    np.array_equal(np.asarray(look(st_d, probe_d)), before_u))
+                    np.array_equal(np.asarray(look(st_d, probe_d)), before_u)
+                )
             del st_d
             chk["dense_vs_ref"] = dn
-            print(f"  check dense SGD step: vs reference rel {dn['rel']:.3g}, vs sparse rel "
-                  f"{dn['vs_sparse']:.3g}, loss dense {dn['loss']:.6g} sparse {sp['loss']:.6g}",
-                  flush=True)
-            if not (dn["finite"] and dn["rel"] <= args.tol and dn["vs_sparse"] <= args.tol
-                    and dn.get("untouched_equal", True)):
+            print(
+                f"  check dense SGD step: vs reference rel {dn['rel']:.3g}, vs sparse rel "
+                f"{dn['vs_sparse']:.3g}, loss dense {dn['loss']:.6g} sparse {sp['loss']:.6g}",
+                flush=True,
+            )
+            if not (
+                dn["finite"]
+                and dn["rel"] <= args.tol
+                and dn["vs_sparse"] <= args.tol
+                and dn.get("untouched_equal", True)
+            ):
                 raise AssertionError(f"dense step disagrees with the sparse step: {dn}")
         except AssertionError:
             raise
@@ -458,8 +526,14 @@ def time_size(n, gb, emb, args, rng, copy_bw, results):
     B = args.batch * n
     rows = emb.num_rows
     table_gib = rows * D * 4 / GIB
-    base = {"n": n, "table_gb": gb, "table_gib": table_gib, "rows": rows,
-            "rows_per_gpu": emb.max_vocabulary_size_per_gpu, "batch": B}
+    base = {
+        "n": n,
+        "table_gb": gb,
+        "table_gib": table_gib,
+        "rows": rows,
+        "rows_per_gpu": emb.max_vocabulary_size_per_gpu,
+        "batch": B,
+    }
 
     t0 = time.perf_counter()
     state = make_state(emb, args.seed)
@@ -473,12 +547,21 @@ def time_size(n, gb, emb, args, rng, copy_bw, results):
             need = max(float(emb.required_capacity_factor(ids)) for ids, _ in sets)
             cf = min(1.05 * need, float(n))
         emb = DistributedEmbedding(
-            emb.combiner, emb.max_vocabulary_size_per_gpu, emb.embedding_vec_size,
-            slot_num=emb.slot_num, max_nnz=emb.max_nnz, mesh=emb.mesh,
-            axis_name=emb.axis_name, capacity_factor=float(cf))
+            emb.combiner,
+            emb.max_vocabulary_size_per_gpu,
+            emb.embedding_vec_size,
+            slot_num=emb.slot_num,
+            max_nnz=emb.max_nnz,
+            mesh=emb.mesh,
+            axis_name=emb.axis_name,
+            capacity_factor=float(cf),
+        )
         base["capacity_factor"] = float(cf)
-        print(f"  capacity_factor {float(cf):.4f} (capacity {emb._capacity(args.batch)} "
-              f"of {args.batch * args.slots} per destination)", flush=True)
+        print(
+            f"  capacity_factor {float(cf):.4f} (capacity {emb._capacity(args.batch)} "
+            f"of {args.batch * args.slots} per destination)",
+            flush=True,
+        )
 
     try:
         chk, state = check_point(emb, args, state, sets, host, n, rows, rng)
@@ -488,8 +571,15 @@ def time_size(n, gb, emb, args, rng, copy_bw, results):
         msg = f"{type(e).__name__}: {e}"
         print(f"  CHECK FAILED: {msg[:1000]}", flush=True)
         for name in args.optimizers:
-            results.append(dict(base, opt=name, check="FAILED", error=msg[:4000],
-                                traceback=traceback.format_exc()[-4000:]))
+            results.append(
+                dict(
+                    base,
+                    opt=name,
+                    check="FAILED",
+                    error=msg[:4000],
+                    traceback=traceback.format_exc()[-4000:],
+                )
+            )
         return
     del host
     gc.collect()
@@ -500,8 +590,9 @@ def time_size(n, gb, emb, args, rng, copy_bw, results):
             return make_state(emb, args.seed)
         return st
 
-    kw = dict(warmup=args.warmup, iters=args.iters, arg_sets=sets,
-              min_sample_s=args.min_sample_ms * 1e-3)
+    kw = dict(
+        warmup=args.warmup, iters=args.iters, arg_sets=sets, min_sample_s=args.min_sample_ms * 1e-3
+    )
     sync_kw = dict(kw, min_sample_s=0)  # one step, then block: dispatch included
     for name in args.optimizers:
         s = SLOTS[name]
@@ -514,8 +605,9 @@ def time_size(n, gb, emb, args, rng, copy_bw, results):
         # ---- sparse
         if res["sparse_mem_gib"] > args.mem_gb:
             res["sparse"] = "skipped (memory)"
-            print(f"  sparse: skipped (memory: ~{res['sparse_mem_gib']:.1f} GiB/device)",
-                  flush=True)
+            print(
+                f"  sparse: skipped (memory: ~{res['sparse_mem_gib']:.1f} GiB/device)", flush=True
+            )
         else:
             stp = None
             try:
@@ -541,13 +633,18 @@ def time_size(n, gb, emb, args, rng, copy_bw, results):
                 res["loss"] = float(stp.loss)
                 if "two_pass_ms" in res:
                     res["fused_gain"] = res["two_pass_ms"] / res["sparse_ms"]
-                    print(f"  two-pass form (sparse_grad + apply_gradients) "
-                          f"{res['two_pass_ms']:.3f} ms: fused {res['fused_gain']:.2f}x",
-                          flush=True)
-                print(f"  sparse {res['sparse_ms']:.3f} ms (spread "
-                      f"{res['sparse_timing']['spread']:.2f}; one synchronized step "
-                      f"{res['sparse_sync_ms']:.3f} ms), {res['gbs']:.0f} GB/s, "
-                      f"{res['pct_copy']:.1f}% of copy per GPU", flush=True)
+                    print(
+                        f"  two-pass form (sparse_grad + apply_gradients) "
+                        f"{res['two_pass_ms']:.3f} ms: fused {res['fused_gain']:.2f}x",
+                        flush=True,
+                    )
+                print(
+                    f"  sparse {res['sparse_ms']:.3f} ms (spread "
+                    f"{res['sparse_timing']['spread']:.2f}; one synchronized step "
+                    f"{res['sparse_sync_ms']:.3f} ms), {res['gbs']:.0f} GB/s, "
+                    f"{res['pct_copy']:.1f}% of copy per GPU",
+                    flush=True,
+                )
             except Exception as e:  # noqa: BLE001
                 _fail(res, "sparse", e)
             if stp is not None:
@@ -561,8 +658,11 @@ def time_size(n, gb, emb, args, rng, copy_bw, results):
             res["dense"] = "skipped (--no-dense)"
         elif res["dense_mem_gib"] > args.mem_gb:
             res["dense"] = "skipped (memory)"
-            print(f"  dense: skipped (memory: ~{res['dense_mem_gib']:.1f} GiB/device > "
-                  f"--mem-gb {args.mem_gb:g})", flush=True)
+            print(
+                f"  dense: skipped (memory: ~{res['dense_mem_gib']:.1f} GiB/device > "
+                f"--mem-gb {args.mem_gb:g})",
+                flush=True,
+            )
         else:
             stp = None
             try:
@@ -575,9 +675,11 @@ def time_size(n, gb, emb, args, rng, copy_bw, results):
                 res["dense_ms"] = res["dense_timing"]["median_s"] * 1e3
                 if "sparse_ms" in res:
                     res["speedup"] = res["dense_ms"] / res["sparse_ms"]
-                print(f"  dense {res['dense_ms']:.3f} ms"
-                      + (f", dense/sparse {res['speedup']:.1f}x" if "speedup" in res else ""),
-                      flush=True)
+                print(
+                    f"  dense {res['dense_ms']:.3f} ms"
+                    + (f", dense/sparse {res['speedup']:.1f}x" if "speedup" in res else ""),
+                    flush=True,
+                )
             except Exception as e:  # noqa: BLE001
                 _fail(res, "dense", e)
             if stp is not None:
@@ -634,19 +736,30 @@ def main(argv=None):
     args = parse_args(argv)
     env = env_info()
     print("env:", ", ".join(f"{k}={v}" for k, v in env.items()), flush=True)
-    print(f"config: tables {args.table_gb} GiB (total), devices {args.devices}, optimizers "
-          f"{args.optimizers}, batch {args.batch}/GPU x {args.slots} slots x max_nnz 1, "
-          f"D {args.dim}, keys {args.dist}, mem limit {args.mem_gb:g} GiB/device, warmup "
-          f"{args.warmup}, iters {args.iters}, input sets {args.input_sets}", flush=True)
+    print(
+        f"config: tables {args.table_gb} GiB (total), devices {args.devices}, optimizers "
+        f"{args.optimizers}, batch {args.batch}/GPU x {args.slots} slots x max_nnz 1, "
+        f"D {args.dim}, keys {args.dist}, mem limit {args.mem_gb:g} GiB/device, warmup "
+        f"{args.warmup}, iters {args.iters}, input sets {args.input_sets}",
+        flush=True,
+    )
 
     copy_bytes = int(args.copy_gb * GIB)
     copy_bw = copy_bandwidth(copy_bytes, warmup=args.warmup, iters=args.iters)
     gc.collect()
-    print(f"copy bandwidth (x + 1.0 on {copy_bytes / 2**20:.0f} MiB, read + write): "
-          f"{copy_bw / GB:.1f} GB/s", flush=True)
+    print(
+        f"copy bandwidth (x + 1.0 on {copy_bytes / 2**20:.0f} MiB, read + write): "
+        f"{copy_bw / GB:.1f} GB/s",
+        flush=True,
+    )
 
-    result = {"benchmark": "train_step", "env": env, "config": vars(args),
-              "copy_bandwidth_Bps": copy_bw, "points": []}
+    result = {
+        "benchmark": "train_step",
+        "env": env,
+        "config": vars(args),
+        "copy_bandwidth_Bps": copy_bw,
+        "points": [],
+    }
     points = result["points"]
     rng = np.random.default_rng(args.seed)
     t_start = time.perf_counter()
@@ -657,26 +770,37 @@ def main(argv=None):
             print(f"\n== n={n}: only {ndev} devices, skipped", flush=True)
             for gb in args.table_gb:
                 for name in args.optimizers:
-                    points.append({"n": n, "table_gb": gb, "opt": name,
-                                   "error": f"only {ndev} devices"})
+                    points.append(
+                        {"n": n, "table_gb": gb, "opt": name, "error": f"only {ndev} devices"}
+                    )
             continue
         mesh = Mesh(np.array(jax.devices()[:n]), (AXIS,))
         for gb in args.table_gb:
             rows = int(gb * GIB // (args.dim * 4))
             rpg = max(1, rows // n)
-            print(f"\n== n={n}: table {gb:g} GiB total = {rpg * n} rows x {args.dim} "
-                  f"({rpg} rows/GPU), global batch {args.batch * n}", flush=True)
+            print(
+                f"\n== n={n}: table {gb:g} GiB total = {rpg * n} rows x {args.dim} "
+                f"({rpg} rows/GPU), global batch {args.batch * n}",
+                flush=True,
+            )
             try:
-                emb = DistributedEmbedding("mean", rpg, args.dim, slot_num=args.slots,
-                                           max_nnz=1, mesh=mesh, axis_name=AXIS)
+                emb = DistributedEmbedding(
+                    "mean", rpg, args.dim, slot_num=args.slots, max_nnz=1, mesh=mesh, axis_name=AXIS
+                )
                 time_size(n, gb, emb, args, rng, copy_bw, points)
             except Exception as e:  # noqa: BLE001 - e.g. the table does not fit
                 msg = f"{type(e).__name__}: {e}"
                 print(f"  FAILED: {msg[:1000]}", flush=True)
                 for name in args.optimizers:
-                    points.append({"n": n, "table_gb": gb, "opt": name,
-                                   "error": ("OOM: " if is_oom(e) else "") + msg[:4000],
-                                   "traceback": traceback.format_exc()[-4000:]})
+                    points.append(
+                        {
+                            "n": n,
+                            "table_gb": gb,
+                            "opt": name,
+                            "error": ("OOM: " if is_oom(e) else "") + msg[:4000],
+                            "traceback": traceback.format_exc()[-4000:],
+                        }
+                    )
             jax.clear_caches()
             gc.collect()
             if args.out:
@@ -686,8 +810,10 @@ def main(argv=None):
     flat_rows = []
     for n in args.devices:
         for name in args.optimizers:
-            pts = sorted((p for p in points if p["n"] == n and p["opt"] == name
-                          and "sparse_ms" in p), key=lambda p: p["table_gb"])
+            pts = sorted(
+                (p for p in points if p["n"] == n and p["opt"] == name and "sparse_ms" in p),
+                key=lambda p: p["table_gb"],
+            )
             if not pts:
                 continue
             t0 = pts[0]["sparse_ms"]
@@ -701,29 +827,43 @@ def main(argv=None):
     result["flatness"] = flat_rows
     result["total_s"] = time.perf_counter() - t_start
 
-    print(f"\ncopy bandwidth {copy_bw / GB:.1f} GB/s on {env['device_kind']}; batch "
-          f"{args.batch}/GPU x {args.slots} x 1, D {args.dim}, keys {args.dist}; touched(K) = "
-          f"distinct keys per global batch; dense/sparse > 1 means the sparse step is faster; "
-          f"GB/s = bytes (see docstring) / sparse time; vs smallest = sparse time / sparse "
-          f"time at the smallest table")
+    print(
+        f"\ncopy bandwidth {copy_bw / GB:.1f} GB/s on {env['device_kind']}; batch "
+        f"{args.batch}/GPU x {args.slots} x 1, D {args.dim}, keys {args.dist}; touched(K) = "
+        f"distinct keys per global batch; dense/sparse > 1 means the sparse step is faster; "
+        f"GB/s = bytes (see docstring) / sparse time; vs smallest = sparse time / sparse "
+        f"time at the smallest table"
+    )
     result["table"] = print_table([_row(p) for p in points], COLUMNS)
 
-    print(f"\nflatness (sparse step time / time at the smallest table; target <= "
-          f"{args.flat_target:.2f}):")
+    print(
+        f"\nflatness (sparse step time / time at the smallest table; target <= "
+        f"{args.flat_target:.2f}):"
+    )
     size_cols = [(f"{gb:g}", f"{gb:g} GiB", ".3f") for gb in args.table_gb]
-    print_table(flat_rows, [("n", "GPUs"), ("opt", "opt")] + size_cols
-                + [("worst", "worst", ".3f"), ("ok", "ok")])
+    print_table(
+        flat_rows,
+        [("n", "GPUs"), ("opt", "opt")] + size_cols + [("worst", "worst", ".3f"), ("ok", "ok")],
+    )
 
     if len(args.devices) > 1:
-        print("\nper GPU count side by side (table total fixed: strong scaling of the table; "
-              "batch per GPU fixed: weak scaling of the batch), ms per step:")
+        print(
+            "\nper GPU count side by side (table total fixed: strong scaling of the table; "
+            "batch per GPU fixed: weak scaling of the batch), ms per step:"
+        )
         side = []
         for gb in args.table_gb:
             for name in args.optimizers:
                 row = {"table_gb": gb, "opt": name}
                 for n in args.devices:
-                    p = next((p for p in points if p["n"] == n and p["table_gb"] == gb
-                              and p["opt"] == name), None)
+                    p = next(
+                        (
+                            p
+                            for p in points
+                            if p["n"] == n and p["table_gb"] == gb and p["opt"] == name
+                        ),
+                        None,
+                    )
                     if p is None:
                         continue
                     row[f"s{n}"] = p.get("sparse_ms", p.get("sparse", "err"))
@@ -735,10 +875,13 @@ def main(argv=None):
         print_table(side, cols)
         result["side_by_side"] = side
 
-    n_fail = sum(1 for p in points if "error" in p or p.get("sparse") not in ("ok",
-                 "skipped (memory)"))
-    print(f"{len(points) - n_fail} points ok, {n_fail} with errors, "
-          f"{result['total_s']:.1f} s", flush=True)
+    n_fail = sum(
+        1 for p in points if "error" in p or p.get("sparse") not in ("ok", "skipped (memory)")
+    )
+    print(
+        f"{len(points) - n_fail} points ok, {n_fail} with errors, {result['total_s']:.1f} s",
+        flush=True,
+    )
     write_json(args.out, result)
     return 0 if n_fail == 0 else 1
 

@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
 # --------------------------------------------------------------------------- timing
 
 
@@ -214,9 +213,7 @@ def print_table(rows: Sequence[dict], columns: Sequence, file=None) -> str:
         all(isinstance(r.get(k), (int, float)) or r.get(k) is None for r in rows)
         for k, _, _ in cols
     ]
-    widths = [
-        max([len(h)] + [len(row[i]) for row in cells]) for i, (_, h, _) in enumerate(cols)
-    ]
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, (_, h, _) in enumerate(cols)]
 
     def line(vals):
         return "  ".join(

@@ -11,6 +11,7 @@ Run after gpu_session.sh has built:  python3 benchmarks/diag_multigpu.py
   passes XLA dumped before dying)  --gdb CASE (native backtrace, if gdb is
   installed). Exit status 0; the verdicts are in the printed lines.
 """
+
 import argparse
 import glob
 import os
@@ -156,8 +157,12 @@ def main():
         shutil.rmtree(d, ignore_errors=True)
     if a.gdb:
         if shutil.which("gdb"):
-            rc, reached, text = run(a.gdb, "default", prefix=(
-                "gdb", "-q", "-batch", "-ex", "run", "-ex", "bt 40", "--args"), timeout=300)
+            rc, reached, text = run(
+                a.gdb,
+                "default",
+                prefix=("gdb", "-q", "-batch", "-ex", "run", "-ex", "bt 40", "--args"),
+                timeout=300,
+            )
             frames = [l for l in text.splitlines() if l.startswith("#")]
             print(f"[gdb] {a.gdb}: rc={rc} last_stage={reached}")
             print("\n".join(x[:220] for x in frames[:40]))

@@ -10,6 +10,7 @@ numbers. ncu serializes kernels and flushes caches between them, so the sum
 of kernel times is above the step's wall time with overlap; use it for
 where the time goes, not for the step time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,9 +45,18 @@ def parse(path):
         k = launches.setdefault(int(r["ID"]), {"name": r["Kernel Name"]})
         val = float(r["Metric Value"].replace(",", "")) if r["Metric Value"] else 0.0
         unit = r.get("Metric Unit", "")
-        scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3,
-                 "ms": 1e3, "byte": 1.0,
-                 "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}.get(unit, 1.0)
+        scale = {
+            "nsecond": 1e-3,
+            "ns": 1e-3,
+            "usecond": 1.0,
+            "us": 1.0,
+            "msecond": 1e3,
+            "ms": 1e3,
+            "byte": 1.0,
+            "Kbyte": 1e3,
+            "Mbyte": 1e6,
+            "Gbyte": 1e9,
+        }.get(unit, 1.0)
         k[r["Metric Name"]] = val * scale
     return other, list(launches.values())
 
@@ -77,12 +87,16 @@ def main(argv=None):
         agg[1] += us
         agg[2] += rd + wr
         print(f"{i:4d} {_short(k['name']):70} {us:9.1f} {rd:9.1f} {wr:9.1f} {gbs:7.0f}")
-    print(f"\n{len(launches)} launches, {total_us:.1f} us in all "
-          f"({total_us / max(args.steps, 1):.1f} us per step if they are {args.steps} steps "
-          f"of one program)")
+    print(
+        f"\n{len(launches)} launches, {total_us:.1f} us in all "
+        f"({total_us / max(args.steps, 1):.1f} us per step if they are {args.steps} steps "
+        f"of one program)"
+    )
     print(f"\n{'kernel':70} {'calls':>5} {'us':>9} {'MB':>9} {'GB/s':>7}")
     for name, (c, us, mb) in sorted(by_name.items(), key=lambda kv: -kv[1][1]):
-        print(f"{name:70} {c:5d} {us:9.1f} {mb:9.1f} {mb * 1e6 / (us * 1e-6) / 1e9 if us else 0:7.0f}")
+        print(
+            f"{name:70} {c:5d} {us:9.1f} {mb:9.1f} {mb * 1e6 / (us * 1e-6) / 1e9 if us else 0:7.0f}"
+        )
 
 
 if __name__ == "__main__":

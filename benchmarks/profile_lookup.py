@@ -12,6 +12,7 @@ previous offsets-reading kernel, XLA's gather of the pure-JAX way); with
 Each function is called twice (the first call compiles); the table is 4 GiB
 as in bench_lookup.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,6 @@ sys.path.insert(1, os.path.dirname(_HERE))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-
 from bench_lookup import build_fns, make_ids  # noqa: E402
 
 
@@ -33,10 +33,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--table-gb", type=float, default=4.0)
     p.add_argument("--batch", type=int, default=16384)
-    p.add_argument("--points", default="128:1:uniform,128:4:zipf",
-                   help="D:nnz:dist, comma separated")
-    p.add_argument("--fns", default="sok_fwd,prev_fwd,jax_fwd",
-                   help="bench_lookup functions (sok_/prev_/jax_ + fwd or fb), comma separated")
+    p.add_argument(
+        "--points", default="128:1:uniform,128:4:zipf", help="D:nnz:dist, comma separated"
+    )
+    p.add_argument(
+        "--fns",
+        default="sok_fwd,prev_fwd,jax_fwd",
+        help="bench_lookup functions (sok_/prev_/jax_ + fwd or fb), comma separated",
+    )
     p.add_argument("--calls", type=int, default=2, help="calls of each (the first compiles)")
     p.add_argument("--small", action="store_true")
     args = p.parse_args(argv)

@@ -18,6 +18,7 @@ aliased and temporary bytes), which on a GPU is the single temporary
 allocation the step makes: a table-sized temporary there would be a copy of
 the table that the in-place update was meant to avoid.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,11 +32,11 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
 sys.path.insert(1, os.path.dirname(_HERE))
 
+import bench_train_step as bts  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
-import bench_train_step as bts  # noqa: E402
 from sok_jax import optim  # noqa: E402
 from sok_jax.distributed import DistributedEmbedding  # noqa: E402
 
@@ -68,9 +69,11 @@ class _MemoryTrace:
         st = jax.devices()[0].memory_stats() or {}
         g = 2.0**30
         live = sum(a.nbytes for a in jax.live_arrays() if not a.is_deleted()) / g
-        print(f"{self.name}: {stage:24} in use {st.get('bytes_in_use', 0) / g:8.3f} GiB, peak "
-              f"{st.get('peak_bytes_in_use', 0) / g:8.3f} GiB, live arrays {live:8.3f} GiB",
-              flush=True)
+        print(
+            f"{self.name}: {stage:24} in use {st.get('bytes_in_use', 0) / g:8.3f} GiB, peak "
+            f"{st.get('peak_bytes_in_use', 0) / g:8.3f} GiB, live arrays {live:8.3f} GiB",
+            flush=True,
+        )
 
 
 def main(argv=None):
@@ -82,23 +85,31 @@ def main(argv=None):
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=2, help="profiled steps per optimizer")
-    p.add_argument("--memory-trace", action="store_true",
-                   help="print the device's bytes in use / peak after each stage instead "
-                        "of profiling (where does a step allocate?)")
-    p.add_argument("--no-plan", action="store_true",
-                   help="skip the memory plan (lower + compile) before the first step")
+    p.add_argument(
+        "--memory-trace",
+        action="store_true",
+        help="print the device's bytes in use / peak after each stage instead "
+        "of profiling (where does a step allocate?)",
+    )
+    p.add_argument(
+        "--no-plan",
+        action="store_true",
+        help="skip the memory plan (lower + compile) before the first step",
+    )
     p.add_argument("--small", action="store_true")
     args = p.parse_args(argv)
     if args.small:
         args.table_gb, args.batch = 2.0**-10, 64
     rows = int(args.table_gb * 2**30 // (args.dim * 4))
     mesh = Mesh(np.array(jax.devices()[:1]), (bts.AXIS,))
-    emb = DistributedEmbedding("mean", rows, args.dim, slot_num=args.slots, max_nnz=1,
-                               mesh=mesh, axis_name=bts.AXIS)
+    emb = DistributedEmbedding(
+        "mean", rows, args.dim, slot_num=args.slots, max_nnz=1, mesh=mesh, axis_name=bts.AXIS
+    )
     rng = np.random.default_rng(0)
-    ns = argparse.Namespace(batch=args.batch, slots=args.slots, dim=args.dim, input_sets=1,
-                            dist="uniform")
-    (ids, w), = bts.make_input_sets(rng, ns, 1, rows, emb)[0]
+    ns = argparse.Namespace(
+        batch=args.batch, slots=args.slots, dim=args.dim, input_sets=1, dist="uniform"
+    )
+    ((ids, w),) = bts.make_input_sets(rng, ns, 1, rows, emb)[0]
     for name in args.optimizers.split(","):
         opt = optim.by_name(name, 0.01)
         mem = _MemoryTrace(name, args.memory_trace)
@@ -108,8 +119,10 @@ def main(argv=None):
         mem("optimizer state made")
         step = bts.make_sparse_step(emb, opt)
         if not args.no_plan:
-            print(f"{name}: memory plan (GiB) {bts.memory_plan(step, state, opt_state, ids, w)}",
-                  flush=True)
+            print(
+                f"{name}: memory plan (GiB) {bts.memory_plan(step, state, opt_state, ids, w)}",
+                flush=True,
+            )
             mem("memory plan compiled")
         for i in range(args.warmup):
             state, opt_state, _ = step(state, opt_state, ids, w)
@@ -125,8 +138,11 @@ def main(argv=None):
         jax.block_until_ready(state)
         if on:
             _profiler(False)
-        print(f"{name}: {args.steps} steps {'profiled' if on else 'run (no profiler)'}, "
-              f"loss {float(loss):.4g}", flush=True)
+        print(
+            f"{name}: {args.steps} steps {'profiled' if on else 'run (no profiler)'}, "
+            f"loss {float(loss):.4g}",
+            flush=True,
+        )
         del state, opt_state
 
 

@@ -13,6 +13,7 @@ D not a multiple of the 16-byte vector, 16-bit tables, weights, and the
 short-bag and long-bag forward shapes, the fixed-length (no offsets)
 forward, and the one-target dense backward. Exit status 1 on a mismatch.
 """
+
 import sys
 
 import jax
@@ -48,28 +49,40 @@ def embed_case(rng, dtype, rows, dim, m, max_len, weighted, combiner):
     tag = f"{jnp.dtype(dtype).name} D{dim} m{m} len<={max_len} {combiner}{' w' if weighted else ''}"
     table = jnp.asarray(rng.normal(size=(rows, dim)), dtype)
     ids, offsets = bags(rng, m, max_len, rows)
-    w = jnp.asarray(rng.uniform(0.5, 1.5, ids.shape[0]), jnp.float32) if weighted \
+    w = (
+        jnp.asarray(rng.uniform(0.5, 1.5, ids.shape[0]), jnp.float32)
+        if weighted
         else jnp.zeros((0,), jnp.float32)
+    )
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     out = jax.jit(embed_ops.lookup_combine, static_argnums=4)(table, ids, offsets, w, combiner)
     ref = reference.lookup_combine(table.astype(jnp.float32), ids, offsets, w, combiner)
     close("fwd " + tag, out, ref, tol)
     g = jnp.asarray(rng.normal(size=(m, dim)), jnp.float32)
-    sp = jax.jit(embed_ops.lookup_combine_bwd, static_argnums=(4, 5))(g, ids, offsets, w, combiner, rows)
+    sp = jax.jit(embed_ops.lookup_combine_bwd, static_argnums=(4, 5))(
+        g, ids, offsets, w, combiner, rows
+    )
     dense = jax.jit(embed_ops.rows_to_dense, static_argnums=1)(sp, rows)
     want = reference.rows_to_dense(
-        reference.lookup_combine_bwd(g, ids, offsets, w, combiner, rows), rows)
+        reference.lookup_combine_bwd(g, ids, offsets, w, combiner, rows), rows
+    )
     close("bwd " + tag, dense, want, 1e-5)
     gt = g.astype(table.dtype)
     dense1 = jax.jit(embed_ops.lookup_combine_bwd_dense, static_argnums=(4, 5, 6))(
-        gt, ids, offsets, w, combiner, rows, table.dtype)
+        gt, ids, offsets, w, combiner, rows, table.dtype
+    )
     want1 = reference.rows_to_dense(
-        reference.lookup_combine_bwd(gt, ids, offsets, w, combiner, rows), rows)
+        reference.lookup_combine_bwd(gt, ids, offsets, w, combiner, rows), rows
+    )
     close("bwd dense " + tag, dense1.astype(jnp.float32), want1, tol)
     if weighted:
         wg = jax.jit(embed_ops.weight_grad, static_argnums=5)(table, g, ids, offsets, w, combiner)
-        _, vjp = jax.vjp(lambda ww: reference.lookup_combine(
-            table.astype(jnp.float32), ids, offsets, ww, combiner), w)
+        _, vjp = jax.vjp(
+            lambda ww: reference.lookup_combine(
+                table.astype(jnp.float32), ids, offsets, ww, combiner
+            ),
+            w,
+        )
         close("wgrad " + tag, wg, vjp(g.astype(table.dtype).astype(jnp.float32))[0], tol)
     return sp
 
@@ -81,11 +94,15 @@ def fixed_case(rng, dtype, rows, dim, m, nnz, weighted, combiner):
     ids, _ = bags(rng, m * nnz, 1, rows, p_pad=0.0)  # one id per position, some bad
     ids = jnp.where(jnp.asarray(rng.random(m * nnz) < 0.1), -1, jnp.resize(ids, (m * nnz,)))
     offsets = jnp.arange(m + 1, dtype=jnp.int32) * nnz
-    w = jnp.asarray(rng.uniform(0.5, 1.5, m * nnz), jnp.float32) if weighted \
+    w = (
+        jnp.asarray(rng.uniform(0.5, 1.5, m * nnz), jnp.float32)
+        if weighted
         else jnp.zeros((0,), jnp.float32)
+    )
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     out = jax.jit(embed_ops.lookup_combine, static_argnums=(4, 5))(
-        table, ids, offsets, w, combiner, nnz)
+        table, ids, offsets, w, combiner, nnz
+    )
     ref = reference.lookup_combine(table.astype(jnp.float32), ids, offsets, w, combiner)
     close("fwd fixed " + tag, out, ref, tol)
 
@@ -94,8 +111,12 @@ def optim_case(rng, rows, dim, sp):
     table = jnp.asarray(rng.normal(size=(rows, dim)), jnp.float32)
     acc = jnp.full((rows, dim), 0.1, jnp.float32)
     args = (sp.rows, sp.grads, sp.count)
-    close("sgd", optim_ops.sgd_update(table.copy(), *args, 0.1),
-          optim_ops.reference_sgd_update(table, *args, 0.1), 1e-6)
+    close(
+        "sgd",
+        optim_ops.sgd_update(table.copy(), *args, 0.1),
+        optim_ops.reference_sgd_update(table, *args, 0.1),
+        1e-6,
+    )
     got = optim_ops.adagrad_update(table.copy(), acc.copy(), *args, 0.1)
     want = optim_ops.reference_adagrad_update(table, acc, *args, 0.1)
     for i, (a, b) in enumerate(zip(got, want)):
@@ -117,8 +138,7 @@ def fused_case(rng, dtype, rows, dim, m, max_len, name, grad_f32):
     g = jnp.asarray(rng.normal(size=(m, dim)), jnp.float32 if grad_f32 else dtype)
     opt = optim.by_name(name, 0.1)
     st = opt.init(table)
-    got_t, got_s = jax.jit(opt.update_bags, static_argnums=6)(
-        table, st, g, ids, offsets, w, "mean")
+    got_t, got_s = jax.jit(opt.update_bags, static_argnums=6)(table, st, g, ids, offsets, w, "mean")
     sp = embed_ops.lookup_combine_bwd(g, ids, offsets, w, "mean", rows)
     want_t, want_s = opt.update(table, opt.init(table), sp)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
@@ -131,8 +151,9 @@ def hash_case(rng, capacity, n_keys, dtype):
     slots = hash_ops.empty_slot_keys(capacity, dtype)
     keys = jnp.asarray(rng.integers(-3, 4 * capacity, size=n_keys), dtype)
     got = hash_ops.find_or_insert(slots, keys, insert=True)
-    want = hash_ops.reference_find_or_insert(hash_ops.empty_slot_keys(capacity, dtype), keys,
-                                             insert=True)
+    want = hash_ops.reference_find_or_insert(
+        hash_ops.empty_slot_keys(capacity, dtype), keys, insert=True
+    )
     # Which slot a racing new key takes may differ, and on a full table which
     # new keys win: check what holds for any winners.
     g_keys, kk = np.asarray(got[0]), np.asarray(keys)
@@ -161,16 +182,25 @@ def cases(rng):
         for dim in (1, 3, 16, 129, 128):
             for max_len in (1, 4, 300):  # short bags, long bags, runs past a chunk
                 for combiner, weighted in (("sum", False), ("mean", True), ("sqrtn", False)):
-                    out.append(lambda a=(dtype, dim, max_len, weighted, combiner): embed_case(
-                        rng, a[0], 997, a[1], 96, a[2], a[3], a[4]))
-    out.append(lambda: optim_case(rng, 997, 128, embed_case(
-        rng, jnp.float32, 997, 128, 96, 4, False, "sum")))
+                    out.append(
+                        lambda a=(dtype, dim, max_len, weighted, combiner): embed_case(
+                            rng, a[0], 997, a[1], 96, a[2], a[3], a[4]
+                        )
+                    )
+    out.append(
+        lambda: optim_case(
+            rng, 997, 128, embed_case(rng, jnp.float32, 997, 128, 96, 4, False, "sum")
+        )
+    )
     for dtype in (jnp.float32, jnp.bfloat16):
         for dim in (1, 3, 128, 129, 600):
             for nnz in (1, 2, 5):
                 for combiner, weighted in (("sum", True), ("mean", False), ("sqrtn", True)):
-                    out.append(lambda a=(dtype, dim, nnz, weighted, combiner): fixed_case(
-                        rng, a[0], 997, a[1], 77, a[2], a[3], a[4]))
+                    out.append(
+                        lambda a=(dtype, dim, nnz, weighted, combiner): fixed_case(
+                            rng, a[0], 997, a[1], 77, a[2], a[3], a[4]
+                        )
+                    )
     out.append(lambda: special_cases(rng))
     for capacity, n_keys in ((64, 40), (64, 500), (4096, 3000)):
         out.append(lambda a=(capacity, n_keys): hash_case(rng, a[0], a[1], jnp.int32))
@@ -178,8 +208,11 @@ def cases(rng):
         for dim in (3, 128, 129):
             for max_len in (1, 4, 300):
                 for name, grad_f32 in (("sgd", False), ("adam", True), ("ftrl", False)):
-                    out.append(lambda a=(dtype, dim, max_len, name, grad_f32): fused_case(
-                        rng, a[0], 997, a[1], 96, a[2], a[3], a[4]))
+                    out.append(
+                        lambda a=(dtype, dim, max_len, name, grad_f32): fused_case(
+                            rng, a[0], 997, a[1], 96, a[2], a[3], a[4]
+                        )
+                    )
     return out
 
 
@@ -189,19 +222,32 @@ def special_cases(rng):
     offsets = jnp.asarray([0, 400, 1000], jnp.int32)
     g = jnp.asarray(rng.normal(size=(2, 8)), jnp.float32)
     sp = embed_ops.lookup_combine_bwd(g, ids, offsets, jnp.zeros((0,), jnp.float32), "mean", 16)
-    close("bwd padding run", embed_ops.rows_to_dense(sp, 16), reference.rows_to_dense(
-        reference.lookup_combine_bwd(g, ids, offsets, jnp.zeros((0,), jnp.float32), "mean", 16),
-        16), 1e-5)
+    close(
+        "bwd padding run",
+        embed_ops.rows_to_dense(sp, 16),
+        reference.rows_to_dense(
+            reference.lookup_combine_bwd(g, ids, offsets, jnp.zeros((0,), jnp.float32), "mean", 16),
+            16,
+        ),
+        1e-5,
+    )
     # One row repeated far past a chunk (the chunked long-run path).
     ids = jnp.where(jnp.arange(1000) % 50 == 0, 7, 5).astype(jnp.int32)
     g = jnp.asarray(rng.normal(size=(2, 8)), jnp.float32)
     w = jnp.asarray(rng.uniform(0.5, 1.5, 1000), jnp.float32)
     sp = embed_ops.lookup_combine_bwd(g, ids, offsets, w, "sqrtn", 16)
-    close("bwd hot row", embed_ops.rows_to_dense(sp, 16), reference.rows_to_dense(
-        reference.lookup_combine_bwd(g, ids, offsets, w, "sqrtn", 16), 16), 1e-5)
-    close("bwd dense hot row", embed_ops.lookup_combine_bwd_dense(g, ids, offsets, w, "sqrtn", 16),
-          reference.rows_to_dense(reference.lookup_combine_bwd(g, ids, offsets, w, "sqrtn", 16),
-                                  16), 1e-5)
+    close(
+        "bwd hot row",
+        embed_ops.rows_to_dense(sp, 16),
+        reference.rows_to_dense(reference.lookup_combine_bwd(g, ids, offsets, w, "sqrtn", 16), 16),
+        1e-5,
+    )
+    close(
+        "bwd dense hot row",
+        embed_ops.lookup_combine_bwd_dense(g, ids, offsets, w, "sqrtn", 16),
+        reference.rows_to_dense(reference.lookup_combine_bwd(g, ids, offsets, w, "sqrtn", 16), 16),
+        1e-5,
+    )
 
 
 def main(argv):
@@ -211,8 +257,13 @@ def main(argv):
     if len(argv) == 2 and argv[0] == "--shard":
         i, k = (int(x) for x in argv[1].split("/"))
     rng = np.random.default_rng([0, i])
-    print("backend:", jax.default_backend(), jax.devices()[0].device_kind, f"shard {i}/{k}",
-          flush=True)
+    print(
+        "backend:",
+        jax.default_backend(),
+        jax.devices()[0].device_kind,
+        f"shard {i}/{k}",
+        flush=True,
+    )
     for j, case in enumerate(cases(rng)):
         if j % k == i:
             case()

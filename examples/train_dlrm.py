@@ -44,8 +44,32 @@ from sok_jax import optim  # noqa: E402
 
 # Per-slot cardinalities of the Criteo Kaggle display-advertising data set.
 CRITEO_CARDINALITIES = [
-    1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194,
-    27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
+    1460,
+    583,
+    10131227,
+    2202608,
+    305,
+    24,
+    12517,
+    633,
+    3,
+    93145,
+    5683,
+    8351593,
+    3194,
+    27,
+    14992,
+    5461306,
+    10,
+    5652,
+    2173,
+    4,
+    7046547,
+    18,
+    15,
+    286181,
+    105,
+    142572,
 ]
 NUM_DENSE, NUM_SLOTS, AXIS = 13, 26, "data"
 # Embedding learning rates that train well here. The loss is a batch mean, so
@@ -66,11 +90,18 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=100, help="steps per epoch")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--capacity-factor", type=float, default=1.0,
-                   help="exchange bucket size (0: never overflow, n times the traffic)")
+    p.add_argument(
+        "--capacity-factor",
+        type=float,
+        default=1.0,
+        help="exchange bucket size (0: never overflow, n times the traffic)",
+    )
     p.add_argument("--check", action="store_true", help="raise if a step dropped keys")
-    p.add_argument("--dense-path", action="store_true",
-                   help="train the table with jax.grad + optax (O(table) per step)")
+    p.add_argument(
+        "--dense-path",
+        action="store_true",
+        help="train the table with jax.grad + optax (O(table) per step)",
+    )
     p.add_argument("--json", default=None, help="write final metrics here")
     return p.parse_args(argv)
 
@@ -146,8 +177,11 @@ def bce(logits, labels):
 
 def dense_table_optimizer(name, lr):
     """The optax twin of a sparse optimizer, for --dense-path."""
-    table = {"sgd": lambda: optax.sgd(lr), "adam": lambda: optax.adam(lr),
-             "adagrad": lambda: optax.adagrad(lr, initial_accumulator_value=0.1, eps=1e-7)}
+    table = {
+        "sgd": lambda: optax.sgd(lr),
+        "adam": lambda: optax.adam(lr),
+        "adagrad": lambda: optax.adagrad(lr, initial_accumulator_value=0.1, eps=1e-7),
+    }
     if name not in table:
         raise SystemExit(f"--dense-path takes --optimizer {sorted(table)}; {name} is sparse-only")
     return table[name]()
@@ -176,8 +210,10 @@ def main(argv=None):
     total_rows = int(sum(cards))
     path = "dense" if args.dense_path else "sparse"
     print(f"devices: {n} x {devices[0].platform} ({devices[0].device_kind})")
-    print(f"config: {vars(args)} | embedding lr {lr} | table {total_rows} rows x {args.dim} "
-          f"({math.ceil(total_rows / n)} per device) | {path} path")
+    print(
+        f"config: {vars(args)} | embedding lr {lr} | table {total_rows} rows x {args.dim} "
+        f"({math.ceil(total_rows / n)} per device) | {path} path"
+    )
 
     rng = np.random.default_rng(args.seed)
     sample = make_sampler(rng, cards, offsets)
@@ -185,13 +221,21 @@ def main(argv=None):
     evals = sample(n_eval)  # held out: never trained on
 
     emb = sok_jax.DistributedEmbedding(
-        combiner="sum", max_vocabulary_size_per_gpu=math.ceil(total_rows / n),
-        embedding_vec_size=args.dim, slot_num=NUM_SLOTS, max_nnz=1, mesh=mesh, axis_name=AXIS,
-        capacity_factor=args.capacity_factor or None, check=args.check)
+        combiner="sum",
+        max_vocabulary_size_per_gpu=math.ceil(total_rows / n),
+        embedding_vec_size=args.dim,
+        slot_num=NUM_SLOTS,
+        max_nnz=1,
+        mesh=mesh,
+        axis_name=AXIS,
+        capacity_factor=args.capacity_factor or None,
+        check=args.check,
+    )
     model = DLRM(args.dim)
     dense_tx = optax.adam(args.dense_lr)
-    params = model.init(jax.random.key(args.seed), evals[0][:2],
-                        jnp.zeros((2, NUM_SLOTS, args.dim)))
+    params = model.init(
+        jax.random.key(args.seed), evals[0][:2], jnp.zeros((2, NUM_SLOTS, args.dim))
+    )
     params = jax.device_put(params, repl)
     dense_opt = jax.device_put(dense_tx.init(params), repl)
     emb_state = emb.init(args.seed)
@@ -205,28 +249,36 @@ def main(argv=None):
     emb_sh = emb.state_shardings()
     if args.dense_path:  # an optax state: its table-shaped leaves follow the table
         opt_sh = jax.tree.map(
-            lambda x: emb.table_sharding if x.shape == emb_state.table.shape else repl, table_opt)
+            lambda x: emb.table_sharding if x.shape == emb_state.table.shape else repl, table_opt
+        )
     else:
         opt_sh = emb.optimizer_shardings(table_opt)
-    state_sh = (jax.tree.map(lambda _: repl, params), jax.tree.map(lambda _: repl, dense_opt),
-                emb_sh, opt_sh)
+    state_sh = (
+        jax.tree.map(lambda _: repl, params),
+        jax.tree.map(lambda _: repl, dense_opt),
+        emb_sh,
+        opt_sh,
+    )
     data_sh = (batch_sh, batch_sh, batch_sh)
 
     def train_step(params, dense_opt, emb_state, table_opt, dense, ids, labels):
         if args.dense_path:  # the whole [rows, D] gradient, through jax.grad
+
             def loss_fn(params, table):
                 out, new_state = emb.apply(dataclasses.replace(emb_state, table=table), ids)
                 return bce(model.apply(params, dense, out), labels), new_state.stats
 
-            (loss, stats), (g_params, g_table) = jax.value_and_grad(
-                loss_fn, (0, 1), has_aux=True)(params, emb_state.table)
+            (loss, stats), (g_params, g_table) = jax.value_and_grad(loss_fn, (0, 1), has_aux=True)(
+                params, emb_state.table
+            )
             upd, table_opt = table_tx.update(g_table, table_opt, emb_state.table)
             new_table = optax.apply_updates(emb_state.table, upd)
             emb_state = dataclasses.replace(emb_state, table=new_table, stats=stats)
         else:  # sparse: differentiate w.r.t. the looked-up vectors only
             out, ctx, emb_state = emb.lookup(emb_state, ids)
             loss, (g_params, g_out) = jax.value_and_grad(
-                lambda p, e: bce(model.apply(p, dense, e), labels), (0, 1))(params, out)
+                lambda p, e: bce(model.apply(p, dense, e), labels), (0, 1)
+            )(params, out)
             # Touched rows only, summed on their owners and updated in place
             # (= apply_gradients(..., sparse_grad(ctx, g_out)) in one pass).
             emb_state, table_opt = emb.sparse_update(emb_state, table_tx, table_opt, ctx, g_out)
@@ -235,8 +287,12 @@ def main(argv=None):
         params = optax.apply_updates(params, upd)
         return params, dense_opt, emb_state, table_opt, loss, emb_state.stats.total()
 
-    step = jax.jit(train_step, in_shardings=state_sh + data_sh,
-                   out_shardings=state_sh + (repl, repl), donate_argnums=(0, 1, 2, 3))
+    step = jax.jit(
+        train_step,
+        in_shardings=state_sh + data_sh,
+        out_shardings=state_sh + (repl, repl),
+        donate_argnums=(0, 1, 2, 3),
+    )
 
     @jax.jit
     def predict(params, emb_state, dense, ids):
@@ -268,18 +324,31 @@ def main(argv=None):
         losses = np.asarray(jax.device_get(losses))
         elapsed = time.perf_counter() - t0
         first_loss = float(losses[0]) if first_loss is None else first_loss
-        logits = np.concatenate([
-            np.asarray(predict(state[0], state[2], *put(evals[:2], lo, lo + args.batch_size)))
-            for lo in range(0, n_eval, args.batch_size)])
+        logits = np.concatenate(
+            [
+                np.asarray(predict(state[0], state[2], *put(evals[:2], lo, lo + args.batch_size)))
+                for lo in range(0, n_eval, args.batch_size)
+            ]
+        )
         eval_auc = auc(evals[2], logits)
         eval_loss = float(bce(jnp.asarray(logits), jnp.asarray(evals[2])))
         sps = args.steps * args.batch_size / elapsed
-        print(f"epoch {epoch}: loss {losses.mean():.4f} (last step {losses[-1]:.4f}) | eval loss "
-              f"{eval_loss:.4f} auc {eval_auc:.4f} | {sps:,.0f} samples/s | "
-              f"dropped keys {int(np.sum(jax.device_get(dropped)))}")
-    metrics = dict(first_loss=first_loss, final_loss=float(losses.mean()), eval_loss=eval_loss,
-                   auc=eval_auc, samples_per_s=sps, devices=n, platform=devices[0].platform,
-                   path=path, config=vars(args) | {"lr": lr})
+        print(
+            f"epoch {epoch}: loss {losses.mean():.4f} (last step {losses[-1]:.4f}) | eval loss "
+            f"{eval_loss:.4f} auc {eval_auc:.4f} | {sps:,.0f} samples/s | "
+            f"dropped keys {int(np.sum(jax.device_get(dropped)))}"
+        )
+    metrics = dict(
+        first_loss=first_loss,
+        final_loss=float(losses.mean()),
+        eval_loss=eval_loss,
+        auc=eval_auc,
+        samples_per_s=sps,
+        devices=n,
+        platform=devices[0].platform,
+        path=path,
+        config=vars(args) | {"lr": lr},
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(metrics, f, indent=2)

@@ -5,6 +5,7 @@ calls; tables are plain jax.Arrays, sharded over a mesh axis by
 `DistributedEmbedding`.
 """
 
+from sok_jax import optim
 from sok_jax._native import has_cuda, target_names
 from sok_jax.distributed import (
     DistributedEmbedding,
@@ -20,7 +21,6 @@ from sok_jax.embedding import (
     sparse_grad,
     sparse_update,
 )
-from sok_jax import optim
 from sok_jax.ids import RaggedIds
 from sok_jax.ops.embed_ops import SparseRowGrad
 

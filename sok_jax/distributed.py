@@ -185,7 +185,9 @@ class DistributedEmbedding:
         if axis_name is None:
             axis_name = mesh.axis_names[0]
         if axis_name not in mesh.axis_names:
-            raise ValueError(f"axis_name {axis_name!r} is not an axis of the mesh {mesh.axis_names}")
+            raise ValueError(
+                f"axis_name {axis_name!r} is not an axis of the mesh {mesh.axis_names}"
+            )
         key_dtype = jnp.dtype(key_dtype)
         if key_dtype not in embed_ops.KEY_DTYPES:
             raise ValueError(f"key_dtype must be int32, uint32 or int64, got {key_dtype}")
@@ -277,7 +279,9 @@ class DistributedEmbedding:
         table, *slot_keys = jax.jit(fn)(key_data)
         slot_keys = slot_keys[0] if self.use_hashtable else None
         # Three distinct buffers: a donated state must not hold one twice.
-        counters = [jax.device_put(jnp.zeros((n,), jnp.int32), self.batch_sharding) for _ in range(3)]
+        counters = [
+            jax.device_put(jnp.zeros((n,), jnp.int32), self.batch_sharding) for _ in range(3)
+        ]
         return EmbeddingState(
             table=table,
             slot_keys=slot_keys if self.use_hashtable else None,
@@ -372,8 +376,10 @@ class DistributedEmbedding:
         overflow = jnp.sum(first & ~fits).astype(jnp.int32)
         value = s_key  # hash mode: the key; direct mode: the owner's local row
         target = jnp.where(first & fits, slot, n * capacity)
-        send = jnp.full((n * capacity,), empty, send_dtype).at[target].set(
-            value.astype(send_dtype), mode="drop"
+        send = (
+            jnp.full((n * capacity,), empty, send_dtype)
+            .at[target]
+            .set(value.astype(send_dtype), mode="drop")
         )
         recv_index = jnp.zeros((N,), jnp.int32).at[perm].set(slot)
         return send, recv_index, overflow, invalid, jnp.max(per_owner)
@@ -387,8 +393,11 @@ class DistributedEmbedding:
         the local table (the same function: invalid keys are skipped and
         counted, and nothing could overflow). A capacity below the batch
         keeps the exchange path, so its overflow counts stay the same."""
-        return (self.num_devices == 1 and not self.use_hashtable
-                and self._capacity(local_batch) >= self.max_feature_num * local_batch)
+        return (
+            self.num_devices == 1
+            and not self.use_hashtable
+            and self._capacity(local_batch) >= self.max_feature_num * local_batch
+        )
 
     def _device_forward(self, table, slot_keys, seed, ids, weights, training, sparse):
         """Per-device body of the lookup (inside shard_map)."""
@@ -439,9 +448,7 @@ class DistributedEmbedding:
     def _hash_rows(self, table, slot_keys, seed, keys, training):
         from sok_jax.ops import hash_ops
 
-        slot_keys, rows, is_new, failed = hash_ops.find_or_insert(
-            slot_keys, keys, insert=training
-        )
+        slot_keys, rows, is_new, failed = hash_ops.find_or_insert(slot_keys, keys, insert=training)
         if training:
             cap = table.shape[0]
             fresh = initializers.init_rows(
@@ -587,18 +594,16 @@ class DistributedEmbedding:
         come back in one buffer (a step donates them all). This is the form
         measured on one H100 at 20 GiB per slot (benchmarks/RESULTS.md)."""
         axis = self.axis_name
-        probe = jax.eval_shape(optimizer.init, jax.ShapeDtypeStruct(state.table.shape, state.table.dtype))
+        probe = jax.eval_shape(
+            optimizer.init, jax.ShapeDtypeStruct(state.table.shape, state.table.dtype)
+        )
         slot_specs = self._slot_specs(probe)
 
         def part(pick, spec):
-            fn = _shard_map(
-                lambda t: pick(optimizer.init(t)), self.mesh, (P(axis, None),), spec
-            )
+            fn = _shard_map(lambda t: pick(optimizer.init(t)), self.mesh, (P(axis, None),), spec)
             return jax.jit(fn)(state.table)
 
-        slots = tuple(
-            part(lambda s, i=i: s.slots[i], spec) for i, spec in enumerate(slot_specs)
-        )
+        slots = tuple(part(lambda s, i=i: s.slots[i], spec) for i, spec in enumerate(slot_specs))
         return type(probe)(slots, part(lambda s: s.count, P()))
 
     def apply_gradients(self, state: EmbeddingState, optimizer, opt_state, grad: SparseRowGrad):
@@ -621,8 +626,9 @@ class DistributedEmbedding:
         table, opt_state = fn(state.table, opt_state, grad.rows, grad.grads, grad.count)
         return dataclasses.replace(state, table=table), opt_state
 
-    def sparse_update(self, state: EmbeddingState, optimizer, opt_state, ctx: ExchangeContext,
-                      d_out):
+    def sparse_update(
+        self, state: EmbeddingState, optimizer, opt_state, ctx: ExchangeContext, d_out
+    ):
         """`sparse_grad` and `apply_gradients` in one pass over the touched
         rows: each owner sums its rows' gradients and applies `optimizer` to
         them in place (`optimizer.update_bags`: for sgd, adagrad, adam and
@@ -719,7 +725,11 @@ class DistributedEmbedding:
         def load(slot_keys, table, k, v):
             slot_keys, rows_, _, failed = hash_ops.find_or_insert(slot_keys, k, insert=True)
             target = jnp.where(rows_ >= 0, rows_, table.shape[0])
-            return slot_keys, table.at[target].set(v.astype(table.dtype), mode="drop"), failed.reshape(1)
+            return (
+                slot_keys,
+                table.at[target].set(v.astype(table.dtype), mode="drop"),
+                failed.reshape(1),
+            )
 
         fn = _shard_map(
             load,

@@ -75,7 +75,9 @@ def _check_ids_callback(bad_count, first_pos, first_id, shape_hint):
     if int(bad_count) > 0:
         where = f"flat position {int(first_pos)}"
         if shape_hint is not None:
-            where += f" (index {tuple(int(i) for i in np.unravel_index(int(first_pos), shape_hint))})"
+            where += (
+                f" (index {tuple(int(i) for i in np.unravel_index(int(first_pos), shape_hint))})"
+            )
         raise ValueError(
             f"sok_jax: {int(bad_count)} id(s) are neither padding nor a row of the table; "
             f"the first is {int(first_id)} at {where}"
@@ -108,7 +110,11 @@ def _prepare(table, ids, weights, slot_num, combiner, check_ids):
     embed_ops.combiner_code(combiner)
     bags = ids_lib.to_bags(ids, weights, slot_num)
     if check_ids:
-        hint = tuple(ids.shape) if hasattr(ids, "ndim") and not isinstance(ids, ids_lib.RaggedIds) else None
+        hint = (
+            tuple(ids.shape)
+            if hasattr(ids, "ndim") and not isinstance(ids, ids_lib.RaggedIds)
+            else None
+        )
         _raise_on_invalid(bags, table.shape[0], hint)
     return bags
 
@@ -194,7 +200,11 @@ def lookup(
     """
     bags = _prepare(table, ids, weights, slot_num, combiner, check_ids)
     out = _ops(implementation).lookup_combine(
-        jax.lax.stop_gradient(table), bags.ids, bags.offsets, bags.weights, combiner,
+        jax.lax.stop_gradient(table),
+        bags.ids,
+        bags.offsets,
+        bags.weights,
+        combiner,
         bags.fixed_nnz,
     )
     ctx = LookupContext(
@@ -221,5 +231,6 @@ def sparse_update(table, optimizer, opt_state, ctx: LookupContext, d_out):
     if optimizer.update_bags is None:  # a SparseOptimizer built without it
         return optimizer.update(table, opt_state, sparse_grad(ctx, d_out))
     g = d_out.reshape(-1, d_out.shape[-1])
-    return optimizer.update_bags(table, opt_state, g, ctx.ids, ctx.offsets, ctx.weights,
-                                 ctx.combiner)
+    return optimizer.update_bags(
+        table, opt_state, g, ctx.ids, ctx.offsets, ctx.weights, ctx.combiner
+    )

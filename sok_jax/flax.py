@@ -111,4 +111,5 @@ if nnx is not None:
                 implementation=self.implementation,
             )
 
+
 __all__ = ["Embed"] + (["NNXEmbed"] if nnx is not None else [])

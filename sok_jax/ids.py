@@ -53,9 +53,7 @@ class RaggedIds:
     def from_lengths(cls, values, lengths) -> "RaggedIds":
         lengths = jnp.asarray(lengths)
         if lengths.ndim != 2:
-            raise ValueError(
-                f"lengths must be [batch, slot_num], got shape {tuple(lengths.shape)}"
-            )
+            raise ValueError(f"lengths must be [batch, slot_num], got shape {tuple(lengths.shape)}")
         flat = lengths.reshape(-1).astype(jnp.int32)
         offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(flat, dtype=jnp.int32)])
         return cls(values, offsets, int(lengths.shape[1]))
@@ -173,8 +171,10 @@ def _bcoo_to_bags(ids, weights, slot_num):
                 f"weights must match the BCOO's data shape {tuple(ids.data.shape)}, "
                 f"got {tuple(wdata.shape)}"
             )
-        w = jnp.zeros((b * s * nnz,), jnp.float32).at[flat].set(
-            wdata.astype(jnp.float32), mode="drop"
+        w = (
+            jnp.zeros((b * s * nnz,), jnp.float32)
+            .at[flat]
+            .set(wdata.astype(jnp.float32), mode="drop")
         )
     return Bags(dense, offsets, w, (b, s), nnz)
 

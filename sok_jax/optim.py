@@ -65,8 +65,15 @@ def _impl_bwd(implementation: str):
     return {"ffi": embed_ops, "reference": reference}[implementation].lookup_combine_bwd
 
 
-def _make(update_name: str, make_slots: Callable, hyper: dict, learning_rate, implementation,
-          step_arg=False, rule=None):
+def _make(
+    update_name: str,
+    make_slots: Callable,
+    hyper: dict,
+    learning_rate,
+    implementation,
+    step_arg=False,
+    rule=None,
+):
     """`rule`: the name of the element-wise rule of the fused backward+update
     target (optim_ops.RULES), None where there is none (row-wise Adagrad)."""
     update_fn = _impl(update_name, implementation)
@@ -92,8 +99,9 @@ def _make(update_name: str, make_slots: Callable, hyper: dict, learning_rate, im
             return update(table, state, grad)
         count = state.count + 1
         hp = (_lr(learning_rate, state.count),) + ((count,) if step_arg else ())
-        out = optim_ops.bwd_update(rule, table, state.slots, grad_out, ids, offsets, weights,
-                                   combiner, hp, **hyper)
+        out = optim_ops.bwd_update(
+            rule, table, state.slots, grad_out, ids, offsets, weights, combiner, hp, **hyper
+        )
         return out[0], SparseOptState(tuple(out[1:]), count)
 
     return SparseOptimizer(init, update, update_bags)

@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh  # noqa: E402
 
 import sok_jax  # noqa: E402
-from jax.sharding import Mesh  # noqa: E402
 
 COMBINERS = ("sum", "mean", "sqrtn")
 AXIS = "x"  # the mesh axis of the multi-device tests
@@ -178,8 +178,9 @@ def build_form(bags: BagSet, form: str, rng: np.random.Generator) -> Built:
                     ids[b, s, c] = ks[j]
                     if bags.weights is not None:
                         w[b, s, c] = bags.weights[b][s][j]
-        return Built(ids.astype(kd), w if bags.weights is not None else None, None,
-                     positions, (B, S, nnz))
+        return Built(
+            ids.astype(kd), w if bags.weights is not None else None, None, positions, (B, S, nnz)
+        )
     if form == "ragged":
         flat, wflat, lengths = [], [], np.zeros((B, S), np.int32)
         for b in range(B):
@@ -197,8 +198,7 @@ def build_form(bags: BagSet, form: str, rng: np.random.Generator) -> Built:
         values = np.asarray(flat + filler, dtype=np.int64).astype(kd)
         w = np.asarray(wflat + list(rng.uniform(1, 2, size=extra)), np.float32)
         ids = sok_jax.RaggedIds.from_lengths(values, lengths)
-        return Built(ids, w if bags.weights is not None else None, None, positions,
-                     w.shape)
+        return Built(ids, w if bags.weights is not None else None, None, positions, w.shape)
     if form == "bcoo":
         from jax.experimental import sparse as jsparse
 

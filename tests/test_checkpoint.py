@@ -5,6 +5,7 @@ layer's shardings (`state_shardings()`, `optimizer_shardings()`); training
 resumed from the restored state is bit-identical to training that never
 stopped. (To change the device count, go through the logical table:
 `export_pairs` / `import_pairs`, tested in test_hash_distributed.py.)"""
+
 from __future__ import annotations
 
 import jax
@@ -75,8 +76,9 @@ def test_orbax_roundtrip_resumes_bit_identical(tmp_path, hash_mode):
     }
     restored = ckpt.restore(path, target)
 
-    for a, b in zip(jax.tree.leaves((state, opt_state)),
-                    jax.tree.leaves((restored["state"], restored["opt"]))):
+    for a, b in zip(
+        jax.tree.leaves((state, opt_state)), jax.tree.leaves((restored["state"], restored["opt"]))
+    ):
         assert a.sharding.is_equivalent_to(b.sharding, a.ndim)
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

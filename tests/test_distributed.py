@@ -14,7 +14,6 @@ SOK_REQUIRE_MULTIDEVICE=1 such a skip is a failure instead.
 from __future__ import annotations
 
 # conftest.py forces 8 host devices before jax starts (the flag only works then).
-
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import math  # noqa: E402
@@ -23,6 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from conftest import AXIS, mesh_of, require_devices  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -34,7 +34,6 @@ from sok_jax.distributed import (  # noqa: E402
     EmbeddingStats,
     check_stats,
 )
-from conftest import AXIS, mesh_of, require_devices  # noqa: E402
 
 COMBINERS = ("sum", "mean", "sqrtn")
 DEVICE_COUNTS = (1, 2, 4, 8)
@@ -84,8 +83,16 @@ def initial_state(n: int, seed: int = SEED) -> EmbeddingState:
 PATTERNS = ("mixed", "one_owner", "last_owner", "same_key", "empty", "full")
 
 
-def make_ids(pattern: str, rng: np.random.Generator, n: int, *, batch=BATCH, slots=SLOTS,
-             nnz=NNZ, total_rows=TOTAL_ROWS) -> np.ndarray:
+def make_ids(
+    pattern: str,
+    rng: np.random.Generator,
+    n: int,
+    *,
+    batch=BATCH,
+    slots=SLOTS,
+    nnz=NNZ,
+    total_rows=TOTAL_ROWS,
+) -> np.ndarray:
     rpg = total_rows // n
     ids = np.full((batch, slots, nnz), -1, np.int64)
     if pattern == "empty":
@@ -155,14 +162,19 @@ def distributed(n: int, combiner: str, weighted: bool, **kw):
             out, new_state = emb.apply(st, ids, w if weighted else None)
             return jnp.sum(out * g), (out, new_state)
 
-        (_, (out, new_state)), (d_t, d_w) = jax.value_and_grad(
-            loss, argnums=(0, 1), has_aux=True
-        )(state.table, w)
+        (_, (out, new_state)), (d_t, d_w) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+            state.table, w
+        )
         s_out, ctx, s_state = emb.lookup(state, ids, w if weighted else None)
         sg = emb.sparse_grad(ctx, g)
         return dict(
-            out=out, d_table=d_t, d_w=d_w, state=new_state,
-            s_out=s_out, sparse=sg, s_stats=s_state.stats,
+            out=out,
+            d_table=d_t,
+            d_w=d_w,
+            state=new_state,
+            s_out=s_out,
+            sparse=sg,
+            s_stats=s_state.stats,
         )
 
     return emb, run
@@ -200,7 +212,9 @@ CASES = [("mixed", 0), ("mixed", 1)] + [(p, 0) for p in PATTERNS if p != "mixed"
 @pytest.mark.parametrize("n", DEVICE_COUNTS)
 def test_matches_single_device(n, combiner, weighted, pattern, seed):
     require_devices(n)
-    rng = np.random.default_rng([n, COMBINERS.index(combiner), weighted, PATTERNS.index(pattern), seed])
+    rng = np.random.default_rng(
+        [n, COMBINERS.index(combiner), weighted, PATTERNS.index(pattern), seed]
+    )
     rpg = TOTAL_ROWS // n
     ids = make_ids(pattern, rng, n).astype(np.int32)
     w = make_weights(rng, ids.shape)
@@ -247,16 +261,18 @@ def test_init_same_logical_table_on_any_device_count(seed):
     require_devices(max(DEVICE_COUNTS))
     key = initializers.as_key(seed)
     want = np.asarray(
-        initializers.init_rows(initializers.resolve("random_uniform"), key,
-                               jnp.arange(TOTAL_ROWS, dtype=jnp.uint32), DIM)
+        initializers.init_rows(
+            initializers.resolve("random_uniform"),
+            key,
+            jnp.arange(TOTAL_ROWS, dtype=jnp.uint32),
+            DIM,
+        )
     )
     assert np.all(np.abs(want) <= 0.05) and np.unique(want).size > TOTAL_ROWS
     for n in DEVICE_COUNTS:
         state = make_emb(n, "mean").init(seed)
         assert state.table.shape == (TOTAL_ROWS, DIM)
-        assert state.table.sharding.is_equivalent_to(
-            NamedSharding(mesh_of(n), P(AXIS, None)), 2
-        )
+        assert state.table.sharding.is_equivalent_to(NamedSharding(mesh_of(n), P(AXIS, None)), 2)
         np.testing.assert_array_equal(to_logical(state.table, n), want, err_msg=f"n={n}")
 
 
@@ -284,7 +300,7 @@ def buckets(ids: np.ndarray, n: int):
     each device sends each destination."""
     lb = ids.shape[0] // n
     for d in range(n):
-        local = ids[d * lb:(d + 1) * lb]
+        local = ids[d * lb : (d + 1) * lb]
         valid = np.unique(local[(local >= 0) & (local < TOTAL_ROWS)])
         for dest in range(n):
             yield d, dest, valid[valid % n == dest]
@@ -299,7 +315,7 @@ def expected_overflow(ids: np.ndarray, n: int, capacity: int):
     for d, _, mine in buckets(ids, n):
         dropped = mine[capacity:]
         counts[d] += dropped.size
-        local = kept[d * lb:(d + 1) * lb]
+        local = kept[d * lb : (d + 1) * lb]
         local[np.isin(local, dropped)] = -1
     return counts, kept
 
@@ -347,7 +363,9 @@ def test_capacity_overflow_counted_and_zeroed(n, combiner, pattern):
         check_stats(new_state)
 
 
-@pytest.mark.parametrize("n,pattern", [(2, "random"), (4, "skewed"), (8, "one_owner"), (8, "random")])
+@pytest.mark.parametrize(
+    "n,pattern", [(2, "random"), (4, "skewed"), (8, "one_owner"), (8, "random")]
+)
 def test_required_capacity_factor(n, pattern):
     """The factor equals the numpy count (largest distinct keys any source
     sends one destination, x n over the local positions), the layer built
@@ -355,8 +373,9 @@ def test_required_capacity_factor(n, pattern):
     require_devices(n)
     rng = np.random.default_rng([n, len(pattern), 5])
     lb = OVF_BATCH // n
-    ids = make_ids("mixed" if pattern == "random" else "one_owner", rng, n,
-                   batch=OVF_BATCH, nnz=OVF_NNZ)
+    ids = make_ids(
+        "mixed" if pattern == "random" else "one_owner", rng, n, batch=OVF_BATCH, nnz=OVF_NNZ
+    )
     if pattern == "skewed":
         spread = rng.random(ids.shape) < 0.25
         ids = np.where(spread & (ids >= 0), rng.integers(0, TOTAL_ROWS, ids.shape), ids)
@@ -438,7 +457,7 @@ def test_invalid_ids_counted(n, combiner):
     bad = (rng.random(ids.shape) < 0.15) & (ids >= 0)
     ids = np.where(bad, rng.choice(bad_values, ids.shape), ids).astype(np.int32)
     lb = BATCH // n
-    want_invalid = [int(bad[d * lb:(d + 1) * lb].sum()) for d in range(n)]
+    want_invalid = [int(bad[d * lb : (d + 1) * lb].sum()) for d in range(n)]
     assert sum(want_invalid) > 0
     w = make_weights(rng, ids.shape)
     g = rng.normal(size=(BATCH, SLOTS, DIM)).astype(np.float32)
@@ -473,7 +492,7 @@ def test_uint32_keys(n):
     out, st = jax.jit(emb.apply)(state, ids)
     lb = BATCH // n
     np.testing.assert_array_equal(
-        np.asarray(st.stats.invalid), [bad[d * lb:(d + 1) * lb].sum() for d in range(n)]
+        np.asarray(st.stats.invalid), [bad[d * lb : (d + 1) * lb].sum() for d in range(n)]
     )
     want = sok_jax.embed(jnp.asarray(to_logical(state.table, n)), ids, combiner="mean")
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), **FWD_TOL)
@@ -495,7 +514,7 @@ def test_int64_keys_with_x64(n):
         want = sok_jax.embed(logical, jnp.asarray(ids, jnp.int64), combiner="sum")
         out, want, invalid = np.asarray(out), np.asarray(want), np.asarray(st.stats.invalid)
     lb = BATCH // n
-    np.testing.assert_array_equal(invalid, [bad[d * lb:(d + 1) * lb].sum() for d in range(n)])
+    np.testing.assert_array_equal(invalid, [bad[d * lb : (d + 1) * lb].sum() for d in range(n)])
     np.testing.assert_allclose(out, want, **FWD_TOL)
 
 
@@ -534,7 +553,9 @@ def _train(n: int, steps: int):
     dense_os_sh = jax.tree.map(lambda _: repl, dense_os)
     table_os_sh = jax.tree.map(lambda x: emb.table_sharding if x.ndim == 2 else repl, table_os)
     state_sh = EmbeddingState(
-        table=emb.table_sharding, slot_keys=None, seed=repl,
+        table=emb.table_sharding,
+        slot_keys=None,
+        seed=repl,
         stats=EmbeddingStats(batch_sh, batch_sh, batch_sh),
     )
     params, dense_os, table_os, state = jax.device_put(
@@ -575,7 +596,9 @@ def _train(n: int, steps: int):
         labels = (s > 0).astype(np.float32)
         ids = jax.device_put(ids.astype(np.int32), batch_sh)
         labels = jax.device_put(labels, batch_sh)
-        params, dense_os, state, table_os, loss = step(params, dense_os, state, table_os, ids, labels)
+        params, dense_os, state, table_os, loss = step(
+            params, dense_os, state, table_os, ids, labels
+        )
         losses.append(float(loss))
     assert state.table.sharding.is_equivalent_to(emb.table_sharding, 2)
     np.testing.assert_array_equal(np.asarray(state.stats.overflow), 0)
@@ -637,8 +660,10 @@ def test_trace_time_errors():
     with pytest.raises(ValueError, match="weights"):
         _trace(emb, state, good, np.ones((8, SLOTS, 3), np.float32))
     with pytest.raises(ValueError, match="ragged"):
-        emb.apply(state, sok_jax.RaggedIds.from_lengths(np.zeros(4, np.int32),
-                                                        np.ones((4, SLOTS), np.int32)))
+        emb.apply(
+            state,
+            sok_jax.RaggedIds.from_lengths(np.zeros(4, np.int32), np.ones((4, SLOTS), np.int32)),
+        )
     # int64 without x64: never silently truncated.
     with pytest.raises(ValueError, match="jax_enable_x64"):
         emb.apply(state, np.zeros((8, SLOTS, 4), np.int64))
@@ -717,9 +742,12 @@ def test_init_optimizer_slots(n, name):
     state = emb.init(0)
     # A table of random values: `init` may read it (it only needs the shape).
     state = dataclasses.replace(
-        state, table=jax.device_put(
+        state,
+        table=jax.device_put(
             np.random.default_rng().standard_normal(state.table.shape).astype(np.float32),
-            state.table.sharding))
+            state.table.sharding,
+        ),
+    )
     opt = sok_jax.optim.by_name(name, 0.1)
     got = emb.init_optimizer(opt, state)
     want = opt.init(np.asarray(state.table))
@@ -732,8 +760,12 @@ def test_init_optimizer_slots(n, name):
     assert int(got.count) == int(want.count) == 0
     leaves = [state.table, *got.slots]
     for d in emb.mesh.devices.flat:
-        ptrs = [s.data.unsafe_buffer_pointer() for x in leaves
-                for s in x.addressable_shards if s.device == d]
+        ptrs = [
+            s.data.unsafe_buffer_pointer()
+            for x in leaves
+            for s in x.addressable_shards
+            if s.device == d
+        ]
         assert len(set(ptrs)) == len(ptrs), f"{name}: leaves share a buffer on {d}"
 
 
@@ -771,8 +803,13 @@ def test_sparse_update_is_sparse_grad_then_apply(n, name):
             assert ("sok_embed_bwd_update" in hlo) == (name != "rowwise_adagrad"), name
         st_a, os_a = two_step_j(st_a, os_a, ids, w, cot)
         st_b, os_b = fused_j(st_b, os_b, ids, w, cot)
-        np.testing.assert_allclose(np.asarray(st_b.table), np.asarray(st_a.table),
-                                   rtol=1e-6, atol=1e-7, err_msg=f"step {step}")
+        np.testing.assert_allclose(
+            np.asarray(st_b.table),
+            np.asarray(st_a.table),
+            rtol=1e-6,
+            atol=1e-7,
+            err_msg=f"step {step}",
+        )
         for a, b in zip(os_a.slots, os_b.slots):
             np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
         assert int(os_b.count) == int(os_a.count) == step + 1

@@ -11,10 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental import sparse as jsparse
-from jax.test_util import check_grads
-
-import sok_jax
 from conftest import (
     COMBINERS,
     FORMS,
@@ -33,6 +29,10 @@ from conftest import (
     round_to,
     x64_if,
 )
+from jax.experimental import sparse as jsparse
+from jax.test_util import check_grads
+
+import sok_jax
 
 
 def _embed_fn(combiner, implementation, slot_num, check_ids=False):
@@ -60,7 +60,7 @@ def _values_and_grads(table, weights, ids, c, *, combiner, slot_num):
         f = _embed_fn(combiner, impl, slot_num)
 
         def loss(table, weights):
-            out = f(table, ids, weights)
+            out = f(table, ids, weights)  # noqa: B023 - called in this iteration
             return jnp.sum(c * out.astype(jnp.float32)), out
 
         argnums = (0,) if weights is None else (0, 1)
@@ -69,11 +69,32 @@ def _values_and_grads(table, weights, ids, c, *, combiner, slot_num):
     return res
 
 
-def _check_against_oracles(rng, *, combiner, form, key_dtype, table_dtype, dim, nnz, weighted,
-                           batch, slots, rows=11, with_oob=True):
+def _check_against_oracles(
+    rng,
+    *,
+    combiner,
+    form,
+    key_dtype,
+    table_dtype,
+    dim,
+    nnz,
+    weighted,
+    batch,
+    slots,
+    rows=11,
+    with_oob=True,
+):
     with x64_if(key_dtype):
-        bags = random_bags(rng, batch=batch, slots=slots, nnz=nnz, rows=rows,
-                           key_dtype=key_dtype, weighted=weighted, with_oob=with_oob)
+        bags = random_bags(
+            rng,
+            batch=batch,
+            slots=slots,
+            nnz=nnz,
+            rows=rows,
+            key_dtype=key_dtype,
+            weighted=weighted,
+            with_oob=with_oob,
+        )
         built = build_form(bags, form, rng)
         table, table64 = random_table(rng, rows, dim, table_dtype)
         c = rng.normal(size=(batch, slots, dim)).astype(np.float32)
@@ -86,26 +107,41 @@ def _check_against_oracles(rng, *, combiner, form, key_dtype, table_dtype, dim, 
         gscale = max(1.0, float(np.abs(want_dt).max()))
 
         weights = None if built.weights is None else jnp.asarray(built.weights)
-        results = _values_and_grads(table, weights, built.ids, jnp.asarray(c),
-                                    combiner=combiner, slot_num=built.slot_num)
+        results = _values_and_grads(
+            table, weights, built.ids, jnp.asarray(c), combiner=combiner, slot_num=built.slot_num
+        )
         for impl, (out, dt, dw) in results.items():
             assert out.shape == (batch, slots, dim) and out.dtype == table.dtype
             assert dt.shape == table.shape and dt.dtype == table.dtype
             assert_close(out, round_to(want, table_dtype), table_dtype, scale, f"{impl} forward")
-            assert_close(dt, round_to(want_dt, table_dtype), table_dtype, gscale,
-                         f"{impl} d_table")
+            assert_close(dt, round_to(want_dt, table_dtype), table_dtype, gscale, f"{impl} d_table")
             if weighted:
                 assert dw.shape == built.weight_shape and dw.dtype == jnp.float32
                 wscale = max(1.0, float(np.abs(want_dw).max()))
                 tol = 1e-5 if table_dtype == "float32" else 1e-4
-                np.testing.assert_allclose(np.asarray(dw, np.float64), want_dw, rtol=tol,
-                                           atol=tol * wscale, err_msg=f"{impl} d_weights")
+                np.testing.assert_allclose(
+                    np.asarray(dw, np.float64),
+                    want_dw,
+                    rtol=tol,
+                    atol=tol * wscale,
+                    err_msg=f"{impl} d_weights",
+                )
         # FFI vs reference directly (both float32-accumulated).
         ffi, ref = results["ffi"], results["reference"]
-        assert_close(ffi[0], np.asarray(ref[0].astype(jnp.float32)), table_dtype, scale,
-                     "ffi vs reference forward")
-        assert_close(ffi[1], np.asarray(ref[1].astype(jnp.float32)), table_dtype, gscale,
-                     "ffi vs reference d_table")
+        assert_close(
+            ffi[0],
+            np.asarray(ref[0].astype(jnp.float32)),
+            table_dtype,
+            scale,
+            "ffi vs reference forward",
+        )
+        assert_close(
+            ffi[1],
+            np.asarray(ref[1].astype(jnp.float32)),
+            table_dtype,
+            gscale,
+            "ffi vs reference d_table",
+        )
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -115,11 +151,21 @@ def _check_against_oracles(rng, *, combiner, form, key_dtype, table_dtype, dim, 
 @pytest.mark.parametrize("combiner", COMBINERS)
 def test_combiner_form_key_dtype(combiner, form, key_dtype, weighted, seed):
     """Full product of combiner x id form x key dtype (float32 table, D=3)."""
-    rng = np.random.default_rng([seed, COMBINERS.index(combiner), FORMS.index(form),
-                                 KEY_DTYPES.index(key_dtype), weighted])
-    _check_against_oracles(rng, combiner=combiner, form=form, key_dtype=key_dtype,
-                           table_dtype="float32", dim=3, nnz=5, weighted=weighted,
-                           batch=3, slots=4)
+    rng = np.random.default_rng(
+        [seed, COMBINERS.index(combiner), FORMS.index(form), KEY_DTYPES.index(key_dtype), weighted]
+    )
+    _check_against_oracles(
+        rng,
+        combiner=combiner,
+        form=form,
+        key_dtype=key_dtype,
+        table_dtype="float32",
+        dim=3,
+        nnz=5,
+        weighted=weighted,
+        batch=3,
+        slots=4,
+    )
 
 
 def _dtype_cases():
@@ -133,18 +179,37 @@ def _dtype_cases():
             combiner = COMBINERS[i % 3]
             form = FORMS[(i // 3) % 3]
             key = KEY_DTYPES[(i + TABLE_DTYPES.index(td)) % 3]
-            cases.append(pytest.param(td, dim, nnz, weighted, combiner, form, key,
-                                      id=f"{td}-D{dim}-nnz{nnz}-{'w' if weighted else 'u'}"
-                                         f"-{combiner}-{form}-{key}"))
+            cases.append(
+                pytest.param(
+                    td,
+                    dim,
+                    nnz,
+                    weighted,
+                    combiner,
+                    form,
+                    key,
+                    id=f"{td}-D{dim}-nnz{nnz}-{'w' if weighted else 'u'}-{combiner}-{form}-{key}",
+                )
+            )
     return cases
 
 
 @pytest.mark.parametrize("table_dtype,dim,nnz,weighted,combiner,form,key_dtype", _dtype_cases())
 def test_table_dtype_dim_nnz(table_dtype, dim, nnz, weighted, combiner, form, key_dtype):
     rng = np.random.default_rng([7, TABLE_DTYPES.index(table_dtype), dim, nnz, weighted])
-    _check_against_oracles(rng, combiner=combiner, form=form, key_dtype=key_dtype,
-                           table_dtype=table_dtype, dim=dim, nnz=nnz, weighted=weighted,
-                           batch=2, slots=3, rows=13 if nnz == 1 else 40)
+    _check_against_oracles(
+        rng,
+        combiner=combiner,
+        form=form,
+        key_dtype=key_dtype,
+        table_dtype=table_dtype,
+        dim=dim,
+        nnz=nnz,
+        weighted=weighted,
+        batch=2,
+        slots=3,
+        rows=13 if nnz == 1 else 40,
+    )
 
 
 # --------------------------------------------------------------------------
@@ -155,19 +220,27 @@ def test_table_dtype_dim_nnz(table_dtype, dim, nnz, weighted, combiner, form, ke
 @pytest.mark.parametrize("combiner", COMBINERS)
 def test_check_grads(combiner, form):
     rng = np.random.default_rng([11, COMBINERS.index(combiner), FORMS.index(form)])
-    bags = random_bags(rng, batch=2, slots=3, nnz=4, rows=9, key_dtype="int32",
-                       weighted=True, with_oob=True)
+    bags = random_bags(
+        rng, batch=2, slots=3, nnz=4, rows=9, key_dtype="int32", weighted=True, with_oob=True
+    )
     # No zero-weight bag here: mean/sqrtn are not differentiable there.
-    bags.weights = [[[float(w) for w in rng.uniform(0.5, 1.5, size=len(ks))] for ks in row]
-                    for row in bags.keys]
+    bags.weights = [
+        [[float(w) for w in rng.uniform(0.5, 1.5, size=len(ks))] for ks in row] for row in bags.keys
+    ]
     built = build_form(bags, form, rng)
     table = jnp.asarray(rng.normal(size=(9, 4)).astype(np.float32))
     weights = jnp.asarray(built.weights)
     f = _embed_fn(combiner, "ffi", built.slot_num)
-    check_grads(lambda t: f(t, built.ids, weights), (table,), order=1,
-                              modes=["rev"])
-    check_grads(lambda w: f(table, built.ids, w), (weights,), order=1,
-                              modes=["rev"], eps=1e-3, atol=1e-2, rtol=1e-2)
+    check_grads(lambda t: f(t, built.ids, weights), (table,), order=1, modes=["rev"])
+    check_grads(
+        lambda w: f(table, built.ids, w),
+        (weights,),
+        order=1,
+        modes=["rev"],
+        eps=1e-3,
+        atol=1e-2,
+        rtol=1e-2,
+    )
     # Unweighted: the table only.
     check_grads(lambda t: f(t, built.ids, None), (table,), order=1, modes=["rev"])
 
@@ -178,8 +251,14 @@ def test_check_grads(combiner, form):
 
 @functools.partial(jax.jit, static_argnames=("combiner", "slot_num", "implementation"))
 def _lookup_and_sparse_grad(table, ids, weights, d_out, *, combiner, slot_num, implementation):
-    out, ctx = sok_jax.lookup(table, ids, combiner=combiner, weights=weights, slot_num=slot_num,
-                              implementation=implementation)
+    out, ctx = sok_jax.lookup(
+        table,
+        ids,
+        combiner=combiner,
+        weights=weights,
+        slot_num=slot_num,
+        implementation=implementation,
+    )
     return out, sok_jax.sparse_grad(ctx, d_out)
 
 
@@ -193,8 +272,16 @@ def test_sparse_grad(combiner, form):
     rng = np.random.default_rng([13, i])
     rows, dim = 23, 5
     with x64_if(key_dtype):
-        bags = random_bags(rng, batch=3, slots=3, nnz=6, rows=rows, key_dtype=key_dtype,
-                           weighted=True, with_oob=True)
+        bags = random_bags(
+            rng,
+            batch=3,
+            slots=3,
+            nnz=6,
+            rows=rows,
+            key_dtype=key_dtype,
+            weighted=True,
+            with_oob=True,
+        )
         built = build_form(bags, form, rng)
         table, table64 = random_table(rng, rows, dim, table_dtype)
         weights = jnp.asarray(built.weights)
@@ -206,19 +293,36 @@ def test_sparse_grad(combiner, form):
 
         runs = []
         for impl in ("ffi", "reference"):
-            runs.append((impl, _lookup_and_sparse_grad(
-                table, built.ids, weights, d_out, combiner=combiner,
-                slot_num=built.slot_num, implementation=impl)))
+            runs.append(
+                (
+                    impl,
+                    _lookup_and_sparse_grad(
+                        table,
+                        built.ids,
+                        weights,
+                        d_out,
+                        combiner=combiner,
+                        slot_num=built.slot_num,
+                        implementation=impl,
+                    ),
+                )
+            )
         # Eagerly too (no jit), through the public functions.
-        out, ctx = sok_jax.lookup(table, built.ids, combiner=combiner, weights=weights,
-                                  slot_num=built.slot_num)
+        out, ctx = sok_jax.lookup(
+            table, built.ids, combiner=combiner, weights=weights, slot_num=built.slot_num
+        )
         runs.append(("ffi-eager", (out, sok_jax.sparse_grad(ctx, d_out))))
 
         for impl, (out, sg) in runs:
             assert isinstance(sg, sok_jax.SparseRowGrad)
             assert out.dtype == table.dtype
-            assert_close(out, round_to(want_out, table_dtype), table_dtype,
-                         max(1.0, float(np.abs(want_out).max())), impl)
+            assert_close(
+                out,
+                round_to(want_out, table_dtype),
+                table_dtype,
+                max(1.0, float(np.abs(want_out).max())),
+                impl,
+            )
             rows_, grads, count = (np.asarray(x) for x in sg)
             cap = rows_.shape[0]
             assert count.shape == (1,) and count.dtype == np.int32 and rows_.dtype == np.int32
@@ -229,12 +333,23 @@ def test_sparse_grad(combiner, form):
             assert np.all(np.diff(rows_[:k]) > 0)
             np.testing.assert_array_equal(rows_[k:], -1, err_msg=impl)
             np.testing.assert_array_equal(grads[k:], 0.0, err_msg=impl)
-            np.testing.assert_allclose(grads[:k], want_dt[want_rows], rtol=1e-5,
-                                       atol=1e-5 * max(1.0, float(np.abs(want_dt).max())),
-                                       err_msg=impl)
+            np.testing.assert_allclose(
+                grads[:k],
+                want_dt[want_rows],
+                rtol=1e-5,
+                atol=1e-5 * max(1.0, float(np.abs(want_dt).max())),
+                err_msg=impl,
+            )
         # Deterministic run to run, bit for bit.
-        again = _lookup_and_sparse_grad(table, built.ids, weights, d_out, combiner=combiner,
-                                        slot_num=built.slot_num, implementation="ffi")[1]
+        again = _lookup_and_sparse_grad(
+            table,
+            built.ids,
+            weights,
+            d_out,
+            combiner=combiner,
+            slot_num=built.slot_num,
+            implementation="ffi",
+        )[1]
         for x, y in zip(runs[0][1][1], again):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -279,8 +394,16 @@ def test_invalid_ids(form, key_dtype):
     rng = np.random.default_rng([17, FORMS.index(form), KEY_DTYPES.index(key_dtype)])
     rows, dim = 10, 4
     with x64_if(key_dtype):
-        bags = random_bags(rng, batch=3, slots=4, nnz=5, rows=rows, key_dtype=key_dtype,
-                           weighted=False, with_oob=True)
+        bags = random_bags(
+            rng,
+            batch=3,
+            slots=4,
+            nnz=5,
+            rows=rows,
+            key_dtype=key_dtype,
+            weighted=False,
+            with_oob=True,
+        )
         # Make sure at least one bad id is present.
         bags.keys[2][3][0] = oob_values(key_dtype, rows)[-1]
         built = build_form(bags, form, rng)
@@ -295,19 +418,28 @@ def test_invalid_ids(form, key_dtype):
         assert int(count_jit(built.ids)) == n_bad
 
         # They contribute nothing: same as replacing them with padding.
-        clean = random_bags(np.random.default_rng(0), batch=3, slots=4, nnz=5, rows=rows,
-                            key_dtype=key_dtype, weighted=False)
+        clean = random_bags(
+            np.random.default_rng(0),
+            batch=3,
+            slots=4,
+            nnz=5,
+            rows=rows,
+            key_dtype=key_dtype,
+            weighted=False,
+        )
         pad = pad_value(key_dtype)
-        clean.keys = [[[k if 0 <= k < rows or k == pad else pad for k in ks] for ks in row]
-                      for row in bags.keys]
+        clean.keys = [
+            [[k if 0 <= k < rows or k == pad else pad for k in ks] for ks in row]
+            for row in bags.keys
+        ]
         assert np_count_invalid(clean) == 0
         built_clean = build_form(clean, form, np.random.default_rng(1))
         for combiner in COMBINERS:
             got = sok_jax.embed(table, built.ids, combiner=combiner, slot_num=built.slot_num)
-            got_clean = sok_jax.embed(table, built_clean.ids, combiner=combiner,
-                                      slot_num=built.slot_num)
-            np.testing.assert_allclose(np.asarray(got), np.asarray(got_clean), rtol=1e-6,
-                                       atol=1e-6)
+            got_clean = sok_jax.embed(
+                table, built_clean.ids, combiner=combiner, slot_num=built.slot_num
+            )
+            np.testing.assert_allclose(np.asarray(got), np.asarray(got_clean), rtol=1e-6, atol=1e-6)
             assert_close(got, np_embed(table64, bags, combiner), "float32")
 
         # check_ids=True raises naming the first bad id, eagerly and under jit.
@@ -335,10 +467,12 @@ def test_invalid_ids(form, key_dtype):
 def _bad_cases():
     t = np.zeros((6, 3), np.float32) + 0.5
     ids = np.array([[[0, 1], [2, -1]]], np.int32)
-    bcoo = jsparse.BCOO((jnp.array([1, 2], jnp.int32), jnp.array([[0, 0], [1, 1]], jnp.int32)),
-                        shape=(2, 2))
-    ragged = sok_jax.RaggedIds.from_lengths(np.array([1, 2, 3, 0], np.int32),
-                                            np.array([[1, 2]], np.int32))
+    bcoo = jsparse.BCOO(
+        (jnp.array([1, 2], jnp.int32), jnp.array([[0, 0], [1, 1]], jnp.int32)), shape=(2, 2)
+    )
+    ragged = sok_jax.RaggedIds.from_lengths(
+        np.array([1, 2, 3, 0], np.int32), np.array([[1, 2]], np.int32)
+    )
     return [
         ("table", dict(table=t[0], ids=ids)),
         ("table", dict(table=t[None], ids=ids)),
@@ -362,8 +496,9 @@ def _bad_cases():
     ]
 
 
-@pytest.mark.parametrize("name,kwargs", _bad_cases(),
-                         ids=lambda x: x if isinstance(x, str) else None)
+@pytest.mark.parametrize(
+    "name,kwargs", _bad_cases(), ids=lambda x: x if isinstance(x, str) else None
+)
 def test_bad_inputs_raise_value_error(name, kwargs):
     kwargs = dict(kwargs)
     table, ids = kwargs.pop("table"), kwargs.pop("ids")
@@ -417,8 +552,9 @@ def test_vmap_matches_loop(combiner, weighted):
 
     in_axes = (None, 0, 0 if weighted else None)
     got = jax.jit(jax.vmap(one, in_axes=in_axes))(table, ids, weights)
-    want = np.stack([np.asarray(one(table, ids[v], None if weights is None else weights[v]))
-                     for v in range(V)])
+    want = np.stack(
+        [np.asarray(one(table, ids[v], None if weights is None else weights[v])) for v in range(V)]
+    )
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6)
 
     # Gradient through vmap w.r.t. the shared table (and the weights).
@@ -426,8 +562,9 @@ def test_vmap_matches_loop(combiner, weighted):
         return jnp.sum(c * jax.vmap(one, in_axes=in_axes)(table, ids, w))
 
     def loss_loop(table, w):
-        return sum(jnp.sum(c[v] * one(table, ids[v], None if w is None else w[v]))
-                   for v in range(V))
+        return sum(
+            jnp.sum(c[v] * one(table, ids[v], None if w is None else w[v])) for v in range(V)
+        )
 
     argnums = (0, 1) if weighted else (0,)
     w = None if weights is None else jnp.asarray(weights)
@@ -449,8 +586,16 @@ def test_fixed_nnz_and_dense_backward_ops(combiner, nnz, table_dtype):
 
     rng = np.random.default_rng()
     rows, dim, batch, slots = 37, 12, 5, 4
-    bags = random_bags(rng, batch=batch, slots=slots, nnz=nnz, rows=rows, key_dtype="int32",
-                       weighted=True, with_oob=True)
+    bags = random_bags(
+        rng,
+        batch=batch,
+        slots=slots,
+        nnz=nnz,
+        rows=rows,
+        key_dtype="int32",
+        weighted=True,
+        with_oob=True,
+    )
     built = build_form(bags, "padded", rng)
     table, table64 = random_table(rng, rows, dim, table_dtype)
     ids = jnp.asarray(built.ids).reshape(-1)
@@ -462,20 +607,32 @@ def test_fixed_nnz_and_dense_backward_ops(combiner, nnz, table_dtype):
     fixed = fwd(table, ids, offsets, w, combiner, nnz)
     assert_close(fixed, np.asarray(general.astype(jnp.float32)), table_dtype, 1.0, "fixed_nnz")
     want = np_embed(table64, bags, combiner).reshape(m, dim)
-    assert_close(fixed, round_to(want, table_dtype), table_dtype,
-                 max(1.0, float(np.abs(want).max())), "fixed_nnz vs numpy")
+    assert_close(
+        fixed,
+        round_to(want, table_dtype),
+        table_dtype,
+        max(1.0, float(np.abs(want).max())),
+        "fixed_nnz vs numpy",
+    )
 
     g_np = round_to(rng.normal(size=(batch, slots, dim)), table_dtype)
     g = jnp.asarray(g_np.astype(np.float32)).astype(table_dtype).reshape(m, dim)
     two_step = embed_ops.rows_to_dense(
-        embed_ops.lookup_combine_bwd(g, ids, offsets, w, combiner, rows), rows, table.dtype)
+        embed_ops.lookup_combine_bwd(g, ids, offsets, w, combiner, rows), rows, table.dtype
+    )
     one_step = embed_ops.lookup_combine_bwd_dense(g, ids, offsets, w, combiner, rows, table.dtype)
     assert one_step.shape == (rows, dim) and one_step.dtype == table.dtype
-    np.testing.assert_array_equal(np.asarray(one_step.astype(jnp.float32)),
-                                  np.asarray(two_step.astype(jnp.float32)))
+    np.testing.assert_array_equal(
+        np.asarray(one_step.astype(jnp.float32)), np.asarray(two_step.astype(jnp.float32))
+    )
     want_dt, _ = np_embed_grads(table64, bags, combiner, g_np)
-    assert_close(one_step, round_to(want_dt, table_dtype), table_dtype,
-                 max(1.0, float(np.abs(want_dt).max())), "dense backward vs numpy")
+    assert_close(
+        one_step,
+        round_to(want_dt, table_dtype),
+        table_dtype,
+        max(1.0, float(np.abs(want_dt).max())),
+        "dense backward vs numpy",
+    )
 
     with pytest.raises(ValueError, match="fixed_nnz"):
         embed_ops.lookup_combine(table, ids, offsets, w, combiner, nnz + 1)

@@ -15,7 +15,8 @@ SCRIPT = os.path.join(ROOT, "examples", "train_dlrm.py")
 
 
 @pytest.mark.parametrize(
-    "extra", [[], ["--optimizer", "adagrad", "--check"], ["--dense-path", "--optimizer", "sgd"]],
+    "extra",
+    [[], ["--optimizer", "adagrad", "--check"], ["--dense-path", "--optimizer", "sgd"]],
     ids=["default", "adagrad-check", "dense-path"],
 )
 def test_train_dlrm_learns(tmp_path, extra):
@@ -31,8 +32,21 @@ def test_train_dlrm_learns(tmp_path, extra):
         # package or checkout), without assuming the checkout is on the path.
         PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
     )
-    cmd = [sys.executable, SCRIPT, "--steps", "30", "--epochs", "2", "--batch-size", "256",
-           "--table-rows", "20000", "--json", str(out), *extra]
+    cmd = [
+        sys.executable,
+        SCRIPT,
+        "--steps",
+        "30",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "256",
+        "--table-rows",
+        "20000",
+        "--json",
+        str(out),
+        *extra,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     m = json.loads(out.read_text())

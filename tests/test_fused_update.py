@@ -33,17 +33,29 @@ from sok_jax.ops import embed_ops, optim_ops
 # their defaults where the default would hide a term.
 CASES = {
     "sgd": ({}, oo.sgd_oracle, lambda rng, r, d: []),
-    "adagrad": ({"eps": 1e-3}, oo.adagrad_oracle,
-                lambda rng, r, d: [oo._acc_slot(rng, (r, d))]),
-    "adam": ({"b1": 0.8, "b2": 0.95, "eps": 1e-6, "eps_root": 1e-8}, oo.adam_oracle,
-             lambda rng, r, d: [rng.normal(0, 0.1, (r, d)).astype(np.float32),
-                                rng.uniform(0.0, 0.2, (r, d)).astype(np.float32)]),
-    "ftrl": ({"learning_rate_power": -0.6, "l1_regularization_strength": 0.05,
-              "l2_regularization_strength": 0.02,
-              "l2_shrinkage_regularization_strength": 0.01, "beta": 0.5},
-             oo.ftrl_oracle,
-             lambda rng, r, d: [rng.uniform(0.1, 1.0, (r, d)).astype(np.float32),
-                                rng.normal(0, 0.5, (r, d)).astype(np.float32)]),
+    "adagrad": ({"eps": 1e-3}, oo.adagrad_oracle, lambda rng, r, d: [oo._acc_slot(rng, (r, d))]),
+    "adam": (
+        {"b1": 0.8, "b2": 0.95, "eps": 1e-6, "eps_root": 1e-8},
+        oo.adam_oracle,
+        lambda rng, r, d: [
+            rng.normal(0, 0.1, (r, d)).astype(np.float32),
+            rng.uniform(0.0, 0.2, (r, d)).astype(np.float32),
+        ],
+    ),
+    "ftrl": (
+        {
+            "learning_rate_power": -0.6,
+            "l1_regularization_strength": 0.05,
+            "l2_regularization_strength": 0.02,
+            "l2_shrinkage_regularization_strength": 0.01,
+            "beta": 0.5,
+        },
+        oo.ftrl_oracle,
+        lambda rng, r, d: [
+            rng.uniform(0.1, 1.0, (r, d)).astype(np.float32),
+            rng.normal(0, 0.5, (r, d)).astype(np.float32),
+        ],
+    ),
 }
 ROWS = 37
 
@@ -51,13 +63,24 @@ ROWS = 37
 def _flat_bags(rng, batch, slots, nnz, combiner):
     """Random padded bags (duplicates, padding, out-of-range ids, weights) as
     the flat (ids, offsets, weights) layout, with the conftest BagSet."""
-    bags = random_bags(rng, batch=batch, slots=slots, nnz=nnz, rows=ROWS, key_dtype="int32",
-                       weighted=bool(rng.integers(2)), with_oob=True)
+    bags = random_bags(
+        rng,
+        batch=batch,
+        slots=slots,
+        nnz=nnz,
+        rows=ROWS,
+        key_dtype="int32",
+        weighted=bool(rng.integers(2)),
+        with_oob=True,
+    )
     built = build_form(bags, "padded", rng)
     ids = jnp.asarray(built.ids).reshape(-1)
     offsets = jnp.arange(batch * slots + 1, dtype=jnp.int32) * nnz
-    w = (jnp.asarray(built.weights, jnp.float32).reshape(-1) if built.weights is not None
-         else jnp.zeros((0,), jnp.float32))
+    w = (
+        jnp.asarray(built.weights, jnp.float32).reshape(-1)
+        if built.weights is not None
+        else jnp.zeros((0,), jnp.float32)
+    )
     return bags, ids, offsets, w
 
 
@@ -79,9 +102,11 @@ def test_update_bags_matches_oracle(name, dim, table_dtype, grad_f32):
     state = state._replace(slots=tuple(jnp.asarray(s) for s in make_slots(rng, ROWS, dim)))
     fused = jax.jit(opt.update_bags, static_argnums=(6,), donate_argnums=(0, 1))
     two_step = jax.jit(
-        lambda t, s, g, i, o, w, c: opt.update(t, s, embed_ops.lookup_combine_bwd(g, i, o, w, c,
-                                                                                  ROWS)),
-        static_argnums=(6,))
+        lambda t, s, g, i, o, w, c: opt.update(
+            t, s, embed_ops.lookup_combine_bwd(g, i, o, w, c, ROWS)
+        ),
+        static_argnums=(6,),
+    )
     tol = {"float32": (2e-5, 2e-6), "bfloat16": (1e-2, 1e-2)}[table_dtype]
     for step in range(1, 4):
         bags, ids, offsets, w = _flat_bags(rng, 6, 4, 3, combiner)
@@ -98,24 +123,40 @@ def test_update_bags_matches_oracle(name, dim, table_dtype, grad_f32):
 
         d_table, _ = np_embed_grads(np.zeros((ROWS, dim)), bags, combiner, g64)
         touched = np_sparse_rows(bags)
-        o_t, o_s = oracle(old_t, old_s, touched, d_table[touched].astype(np.float32),
-                          0.05, step, kw)
-        np.testing.assert_allclose(np.asarray(table.astype(jnp.float32))[touched],
-                                   np.asarray(o_t)[touched], *tol, err_msg=ctx)
+        o_t, o_s = oracle(
+            old_t, old_s, touched, d_table[touched].astype(np.float32), 0.05, step, kw
+        )
+        np.testing.assert_allclose(
+            np.asarray(table.astype(jnp.float32))[touched],
+            np.asarray(o_t)[touched],
+            *tol,
+            err_msg=ctx,
+        )
         for k, (got, want) in enumerate(zip(state.slots, o_s)):
-            np.testing.assert_allclose(np.asarray(got)[touched], np.asarray(want)[touched],
-                                       rtol=2e-5, atol=2e-5, err_msg=f"{ctx} slot {k}")
+            np.testing.assert_allclose(
+                np.asarray(got)[touched],
+                np.asarray(want)[touched],
+                rtol=2e-5,
+                atol=2e-5,
+                err_msg=f"{ctx} slot {k}",
+            )
         untouched = np.setdiff1d(np.arange(ROWS), touched)
         for k, (got, before) in enumerate(zip([table, *state.slots], old_bits)):
-            np.testing.assert_array_equal(_bits(got)[untouched], before[untouched],
-                                          err_msg=f"{ctx} leaf {k}")
+            np.testing.assert_array_equal(
+                _bits(got)[untouched], before[untouched], err_msg=f"{ctx} leaf {k}"
+            )
         # The two-step form: the same sums, the same rule.
-        np.testing.assert_allclose(np.asarray(table.astype(jnp.float32)),
-                                   np.asarray(want_t.astype(jnp.float32)), rtol=1e-6, atol=1e-7,
-                                   err_msg=ctx)
+        np.testing.assert_allclose(
+            np.asarray(table.astype(jnp.float32)),
+            np.asarray(want_t.astype(jnp.float32)),
+            rtol=1e-6,
+            atol=1e-7,
+            err_msg=ctx,
+        )
         for got, want in zip(state.slots, want_s.slots):
-            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7,
-                                       err_msg=ctx)
+            np.testing.assert_allclose(
+                np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7, err_msg=ctx
+            )
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam"])
@@ -133,23 +174,26 @@ def test_hot_row_long_runs(name):
     table, _ = random_table(rng, ROWS, dim, "float32")
     opt = optim.by_name(name, 0.1, **kw)
     state = opt.init(table)._replace(
-        slots=tuple(jnp.asarray(s) for s in make_slots(rng, ROWS, dim)))
+        slots=tuple(jnp.asarray(s) for s in make_slots(rng, ROWS, dim))
+    )
     old_t, old_s = np.asarray(table), [np.asarray(s) for s in state.slots]
     offsets = jnp.arange(m + 1, dtype=jnp.int32)
     table, state = jax.jit(opt.update_bags, static_argnums=(6,))(
-        table, state, jnp.asarray(g), jnp.asarray(ids), offsets, jnp.zeros((0,), jnp.float32),
-        "sum")
+        table, state, jnp.asarray(g), jnp.asarray(ids), offsets, jnp.zeros((0,), jnp.float32), "sum"
+    )
     valid = ids >= 0
     touched = np.unique(ids[valid])
     d = np.zeros((ROWS, dim))
     np.add.at(d, ids[valid], g[valid].astype(np.float64))
     assert np.sum(ids == hot) > 3 * 128
     o_t, o_s = oracle(old_t, old_s, touched, d[touched].astype(np.float32), 0.1, 1, kw)
-    np.testing.assert_allclose(np.asarray(table)[touched], np.asarray(o_t)[touched],
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(table)[touched], np.asarray(o_t)[touched], rtol=1e-4, atol=1e-5
+    )
     for got, want in zip(state.slots, o_s):
-        np.testing.assert_allclose(np.asarray(got)[touched], np.asarray(want)[touched],
-                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(got)[touched], np.asarray(want)[touched], rtol=1e-4, atol=1e-5
+        )
 
 
 def test_rowwise_adagrad_update_bags_is_the_two_step_form():
@@ -161,8 +205,9 @@ def test_rowwise_adagrad_update_bags_is_the_two_step_form():
     bags, ids, offsets, w = _flat_bags(rng, 5, 3, 2, "mean")
     g = jnp.asarray(rng.normal(size=(15, 6)), jnp.float32)
     got_t, got_s = opt.update_bags(table, opt.init(table), g, ids, offsets, w, "mean")
-    want_t, want_s = opt.update(table, opt.init(table),
-                                embed_ops.lookup_combine_bwd(g, ids, offsets, w, "mean", ROWS))
+    want_t, want_s = opt.update(
+        table, opt.init(table), embed_ops.lookup_combine_bwd(g, ids, offsets, w, "mean", ROWS)
+    )
     np.testing.assert_array_equal(np.asarray(got_t), np.asarray(want_t))
     np.testing.assert_array_equal(np.asarray(got_s.slots[0]), np.asarray(want_s.slots[0]))
     assert not np.array_equal(np.asarray(got_t), np.asarray(table))

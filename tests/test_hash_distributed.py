@@ -29,11 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import AXIS, mesh_of, require_devices
 
 import sok_jax
 from sok_jax import initializers, optim
 from sok_jax.distributed import DistributedEmbedding
-from conftest import AXIS, mesh_of, require_devices
 
 DIM = 4
 SLOTS, NNZ = 2, 4
@@ -175,8 +175,11 @@ def apply_fn(n, combiner, training, weighted=False, key_dtype="int32", **kw):
 
 
 LR = 0.5
-OPTIMIZERS = {"sgd": lambda: optim.sgd(LR), "adagrad": lambda: optim.adagrad(LR),
-              "sgd_fused": lambda: optim.sgd(LR)}
+OPTIMIZERS = {
+    "sgd": lambda: optim.sgd(LR),
+    "adagrad": lambda: optim.adagrad(LR),
+    "sgd_fused": lambda: optim.sgd(LR),
+}
 
 
 @functools.lru_cache(maxsize=None)
@@ -315,7 +318,8 @@ def _x64(key_dtype):
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize(
-    "n,combiner,key_dtype,weighted", ORACLE_CASES,
+    "n,combiner,key_dtype,weighted",
+    ORACLE_CASES,
     ids=[f"{n}dev-{c}-{k}-{'w' if w else 'u'}" for n, c, k, w in ORACLE_CASES],
 )
 def test_against_dict_oracle(n, combiner, key_dtype, weighted, seed):
@@ -380,7 +384,7 @@ def simulate_full(prev_stored, ids, n, rows_per_gpu):
     lb = ids.shape[0] // n
     failed = np.zeros(n, np.int64)
     for src in range(n):
-        local = ids[src * lb:(src + 1) * lb]
+        local = ids[src * lb : (src + 1) * lb]
         distinct = sorted(set(int(k) for k in local[local != PAD]))
         for k in distinct:
             d = k % n
@@ -407,8 +411,14 @@ def full_fn(n, combiner, rows_per_gpu):
 
         d_table, (out, new_state) = jax.grad(loss, has_aux=True)(state.table)
         s_out, ctx, s_state = emb.lookup(state, ids)
-        return dict(out=out, state=new_state, d_table=d_table, s_out=s_out,
-                    s_state=s_state, sparse=emb.sparse_grad(ctx, g))
+        return dict(
+            out=out,
+            state=new_state,
+            d_table=d_table,
+            s_out=s_out,
+            s_state=s_state,
+            sparse=emb.sparse_grad(ctx, g),
+        )
 
     return emb, run
 
@@ -455,8 +465,10 @@ def test_full_shard(n, combiner, rows_per_gpu, seed):
     g = rng.normal(size=(BATCH, SLOTS, DIM)).astype(np.float32)
     r = run(state, to_keys(ids, np.int32), g)
     vec0 = dict(zip(keys0.tolist(), vecs0.astype(np.float64)))
-    requested = [set(int(k) for k in ids[s * lb:(s + 1) * lb][ids[s * lb:(s + 1) * lb] != PAD])
-                 for s in range(n)]
+    requested = [
+        set(int(k) for k in ids[s * lb : (s + 1) * lb][ids[s * lb : (s + 1) * lb] != PAD])
+        for s in range(n)
+    ]
     # The dense path (apply) and the sparse path (lookup) insert into the same
     # starting state independently. Which new keys win the last free rows of a
     # full shard is the CPU's sequential order on the CPU, and a race on the
@@ -491,7 +503,7 @@ def test_full_shard(n, combiner, rows_per_gpu, seed):
         vec = dict(vec0)
         vec.update(init_vectors(state.seed, keys[~old], np.int32))
         np.testing.assert_allclose(vecs[~old], np.stack([vec[int(k)] for k in keys[~old]]), **TOL)
-        want = np_combine(lambda k: vec.get(k, np.zeros(DIM)), ids, None, combiner)
+        want = np_combine(lambda k, vec=vec: vec.get(k, np.zeros(DIM)), ids, None, combiner)
         np.testing.assert_allclose(np.asarray(r[out_key]), want, **TOL, err_msg=name)
         got[name] = have
 
@@ -499,6 +511,7 @@ def test_full_shard(n, combiner, rows_per_gpu, seed):
     # each equal to the oracle's per-key sum; the sparse path's rows (on its
     # own state) and the dense path's cotangent (on its state) agree key by key.
     rpg = rows_per_gpu
+
     def key_grads(have):  # d(sum(g * out)) / d(vector of k), for stored k
         out = {}
         for b, s, terms in bag_terms(ids, None, combiner):
@@ -516,14 +529,23 @@ def test_full_shard(n, combiner, rows_per_gpu, seed):
         c = int(count[d])
         ks = s_keys[d, rows[d, :c]].tolist()
         assert sorted(ks) == sorted(k for k in want if k % n == d), d
-        np.testing.assert_allclose(grads[d, :c], np.stack([want[k] for k in ks]) if c else grads[d, :0],
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            grads[d, :c],
+            np.stack([want[k] for k in ks]) if c else grads[d, :0],
+            rtol=1e-5,
+            atol=1e-5,
+        )
     d_keys = np.asarray(r["state"].slot_keys).reshape(-1)
     d_table = np.asarray(r["d_table"])
     want = key_grads(got["state"])
     for i, k in enumerate(d_keys.tolist()):
-        np.testing.assert_allclose(d_table[i], want.get(k, np.zeros(DIM)) if k != PAD else 0.0,
-                                   rtol=1e-5, atol=1e-5, err_msg=f"row {i} key {k}")
+        np.testing.assert_allclose(
+            d_table[i],
+            want.get(k, np.zeros(DIM)) if k != PAD else 0.0,
+            rtol=1e-5,
+            atol=1e-5,
+            err_msg=f"row {i} key {k}",
+        )
 
     # check=True raises under jit.
     checked = jax.jit(make_emb(n, combiner, rows_per_gpu, check=True).apply)
@@ -571,8 +593,9 @@ def test_import_int64_pairs_across_device_counts():
     with jax.enable_x64(True):
         keys = key_pool(rng, np.int64, 60).astype(np.int64)
         vecs = rng.normal(size=(keys.size, DIM)).astype(np.float32)
-        ids = np.where(rng.random((BATCH, SLOTS, NNZ)) < 0.3, PAD,
-                       rng.choice(keys, size=(BATCH, SLOTS, NNZ)))
+        ids = np.where(
+            rng.random((BATCH, SLOTS, NNZ)) < 0.3, PAD, rng.choice(keys, size=(BATCH, SLOTS, NNZ))
+        )
         vec = dict(zip(keys.tolist(), vecs.astype(np.float64)))
         want = np_combine(vec.__getitem__, ids, None, "sum")
         for n in (8, 2):

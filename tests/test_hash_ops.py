@@ -48,13 +48,13 @@ def _random_keys(rng, dtype, size):
     info = np.iinfo(dtype)
     out = set()
     while len(out) < size:
-        draw = rng.integers(info.min, info.max, size=2 * size, dtype=dtype,
-                            endpoint=True)
+        draw = rng.integers(info.min, info.max, size=2 * size, dtype=dtype, endpoint=True)
         out.update(int(k) for k in draw if k != _empty(dtype))
     return np.array(sorted(out)[:size], dtype=dtype)[rng.permutation(size)]
 
 
 # --- pure-Python oracles -----------------------------------------------------
+
 
 def _py_hash_word(key: int, dtype) -> int:
     """The hash word from its definition, on Python ints."""
@@ -127,12 +127,10 @@ def _check_contract(before, keys, slots, rows, is_new, num_failed, insert):
     assert rows.shape == is_new.shape == keys.shape
     assert np.isin(is_new, [0, 1]).all()
     if not insert:
-        _assert_same((after, rows, is_new, num_failed),
-                     _simulate(before, keys, False))
+        _assert_same((after, rows, is_new, num_failed), _simulate(before, keys, False))
         return
     used = before != empty
-    np.testing.assert_array_equal(after[used], before[used],
-                                  err_msg="a stored key was overwritten")
+    np.testing.assert_array_equal(after[used], before[used], err_msg="a stored key was overwritten")
     occ = np.nonzero(after != empty)[0]
     where = dict(zip(after[occ].tolist(), occ.tolist()))
     assert len(where) == len(occ), "a key is stored in two slots"
@@ -210,8 +208,7 @@ class DictOracle:
             self.rows[k] = r
             seen_new.add(k)
             new_flags[k] = nw
-        assert all(v == 1 for v in new_flags.values()), \
-            "is_new not set exactly once for a new key"
+        assert all(v == 1 for v in new_flags.values()), "is_new not set exactly once for a new key"
         assert int(num_failed) == failed
         # The table holds exactly the stored keys at their rows.
         occupied = np.nonzero(slots != self.empty)[0]
@@ -226,6 +223,7 @@ def _assert_same(a, b):
 
 
 # --- helpers and hash --------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", KEY_DTYPES)
 def test_empty_slot_keys(dtype):
@@ -243,19 +241,22 @@ def test_empty_slot_keys(dtype):
 def test_hash_slot_matches_definition(dtype, capacity):
     rng = np.random.default_rng(0)
     info = np.iinfo(dtype)
-    keys = np.concatenate([
-        np.array([info.min, info.max, 0, 1, info.max - 1], dtype),
-        rng.integers(info.min, info.max, 200, dtype=dtype, endpoint=True)])
+    keys = np.concatenate(
+        [
+            np.array([info.min, info.max, 0, 1, info.max - 1], dtype),
+            rng.integers(info.min, info.max, 200, dtype=dtype, endpoint=True),
+        ]
+    )
     want = np.array([_py_hash_word(int(k), dtype) % capacity for k in keys])
     got_np = hash_ops.hash_slot(keys, capacity)
     np.testing.assert_array_equal(got_np, want)
     with _x64(dtype):
-        got_jnp = jax.jit(hash_ops.hash_slot, static_argnums=1)(
-            jnp.asarray(keys), capacity)
+        got_jnp = jax.jit(hash_ops.hash_slot, static_argnums=1)(jnp.asarray(keys), capacity)
         np.testing.assert_array_equal(np.asarray(got_jnp), want)
 
 
 # --- find-or-insert against the oracles -------------------------------------
+
 
 @pytest.mark.parametrize("dtype", KEY_DTYPES)
 @pytest.mark.parametrize("seed", SEEDS)
@@ -275,7 +276,8 @@ def test_random_batches(dtype, seed):
             keys[rng.random(128) < 0.1] = _empty(dtype)  # padding anywhere
             before = np.array(slots)
             slots, rows, is_new, failed = hash_ops.find_or_insert(
-                slots, jnp.asarray(keys), insert=insert)
+                slots, jnp.asarray(keys), insert=insert
+            )
             _check_contract(before, keys, slots, rows, is_new, failed, insert)
             if seq:
                 sim, *want = _simulate(sim, keys, insert)
@@ -295,18 +297,21 @@ def test_evaluation_mode_inserts_nothing(dtype):
     seen, unseen = keys[:50], keys[50:]
     with _x64(dtype):
         slots, rows, _, _ = hash_ops.find_or_insert(
-            hash_ops.empty_slot_keys(128, dtype), jnp.asarray(seen), insert=True)
+            hash_ops.empty_slot_keys(128, dtype), jnp.asarray(seen), insert=True
+        )
         stored = dict(zip(seen.tolist(), np.asarray(rows).tolist()))
         query = np.concatenate([unseen, seen, unseen])
         out_slots, qrows, is_new, failed = hash_ops.find_or_insert(
-            slots, jnp.asarray(query), insert=False)
+            slots, jnp.asarray(query), insert=False
+        )
         np.testing.assert_array_equal(np.asarray(out_slots), np.asarray(slots))
         want = [stored.get(k, -1) for k in query.tolist()]
         np.testing.assert_array_equal(np.asarray(qrows), want)
         assert not np.asarray(is_new).any() and int(failed) == 0
         # Find only on an empty table finds nothing.
         _, r, _, f = hash_ops.find_or_insert(
-            hash_ops.empty_slot_keys(16, dtype), jnp.asarray(seen), insert=False)
+            hash_ops.empty_slot_keys(16, dtype), jnp.asarray(seen), insert=False
+        )
         assert (np.asarray(r) == -1).all() and int(f) == 0
 
 
@@ -328,37 +333,47 @@ def test_colliding_keys_probe_linearly(dtype, start):
     batch = np.concatenate([keys, keys[::-1], [_empty(dtype)], keys[:2]])
     with _x64(dtype):
         slots, rows, is_new, failed = hash_ops.find_or_insert(
-            hash_ops.empty_slot_keys(cap, dtype), jnp.asarray(batch),
-            insert=True)
+            hash_ops.empty_slot_keys(cap, dtype), jnp.asarray(batch), insert=True
+        )
         want = [(start + i) % cap for i in range(5)]
         rows = np.asarray(rows)
         if _sequential(slots):
             np.testing.assert_array_equal(rows[:5], want)
-            np.testing.assert_array_equal(np.asarray(is_new),
-                                          [1] * 5 + [0] * 8)
+            np.testing.assert_array_equal(np.asarray(is_new), [1] * 5 + [0] * 8)
         else:
             # Concurrent: the 5 keys fill the same 5 consecutive slots, in
             # any order, with is_new at any one position of each key.
             assert sorted(rows[:5].tolist()) == sorted(want)
-            _check_contract(np.full(cap, _empty(dtype), dtype), batch, slots,
-                            rows, is_new, failed, True)
+            _check_contract(
+                np.full(cap, _empty(dtype), dtype), batch, slots, rows, is_new, failed, True
+            )
         want = rows[:5].tolist()
         np.testing.assert_array_equal(rows[5:10], want[::-1])
         np.testing.assert_array_equal(rows[10:], [-1] + want[:2])
         assert int(np.asarray(is_new).sum()) == 5
         assert int(failed) == 0
         # Found again, in another order, in find mode.
-        _, r2, _, _ = hash_ops.find_or_insert(
-            slots, jnp.asarray(keys[::-1]), insert=False)
+        _, r2, _, _ = hash_ops.find_or_insert(slots, jnp.asarray(keys[::-1]), insert=False)
         np.testing.assert_array_equal(np.asarray(r2), want[::-1])
 
 
 def _limit_keys(dtype):
     if np.dtype(dtype) == np.int64:
-        return [2**63 - 1, -2**63, -2**63 + 1, -2, 0, 1, 2**31 - 1, -2**31,
-                2**32 - 1, 2**32, -3]
+        return [
+            2**63 - 1,
+            -(2**63),
+            -(2**63) + 1,
+            -2,
+            0,
+            1,
+            2**31 - 1,
+            -(2**31),
+            2**32 - 1,
+            2**32,
+            -3,
+        ]
     if np.dtype(dtype) == np.int32:
-        return [2**31 - 1, -2**31, -2**31 + 1, -2, 0, 1, -3, 2**31 - 2]
+        return [2**31 - 1, -(2**31), -(2**31) + 1, -2, 0, 1, -3, 2**31 - 2]
     return [0xFFFFFFFE, 0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFD]
 
 
@@ -369,18 +384,18 @@ def test_keys_at_dtype_limits(dtype):
     batch = np.concatenate([keys[:3], [e], keys[3:], [e, e], keys])
     with _x64(dtype):
         slots, rows, is_new, failed = hash_ops.find_or_insert(
-            hash_ops.empty_slot_keys(32, dtype), jnp.asarray(batch), insert=True)
-        _check_contract(np.full(32, e, dtype), batch, slots, rows, is_new,
-                        failed, True)
+            hash_ops.empty_slot_keys(32, dtype), jnp.asarray(batch), insert=True
+        )
+        _check_contract(np.full(32, e, dtype), batch, slots, rows, is_new, failed, True)
         if _sequential(slots):
             sim = _simulate(np.full(32, e, dtype), batch, True)
             _assert_same((slots, rows, is_new, failed), sim)
         rows = np.asarray(rows)
         n = len(keys)
-        first = np.concatenate([rows[:3], rows[4:n + 1]])
+        first = np.concatenate([rows[:3], rows[4 : n + 1]])
         assert (first >= 0).all() and len(set(first.tolist())) == n
         np.testing.assert_array_equal(rows[-n:], first)
-        assert rows[3] == -1 and (rows[n + 1:n + 3] == -1).all()
+        assert rows[3] == -1 and (rows[n + 1 : n + 3] == -1).all()
         assert int(np.asarray(is_new).sum()) == n
         np.testing.assert_array_equal(np.asarray(slots)[first], keys)
 
@@ -392,14 +407,14 @@ def test_full_table(dtype):
     keys = _random_keys(rng, dtype, 40)
     e = _empty(dtype)
     # 40 distinct keys, some repeated, padding in between.
-    batch = np.concatenate([keys[:10], [e], keys[:3], keys[10:], [e],
-                            keys[20:25], keys[:2]])
+    batch = np.concatenate([keys[:10], [e], keys[:3], keys[10:], [e], keys[20:25], keys[:2]])
     with _x64(dtype):
         slots0, rows0, _, _ = hash_ops.find_or_insert(
-            hash_ops.empty_slot_keys(cap, dtype), jnp.asarray(keys[:4]),
-            insert=True)
+            hash_ops.empty_slot_keys(cap, dtype), jnp.asarray(keys[:4]), insert=True
+        )
         slots, rows, is_new, failed = hash_ops.find_or_insert(
-            slots0, jnp.asarray(batch), insert=True)
+            slots0, jnp.asarray(batch), insert=True
+        )
         _check_contract(slots0, batch, slots, rows, is_new, failed, True)
         rows, is_new, slots_np = np.asarray(rows), np.asarray(is_new), np.asarray(slots)
         if _sequential(slots):
@@ -407,8 +422,9 @@ def test_full_table(dtype):
             _assert_same((slots, rows, is_new, failed), sim)
             # The table is full and holds the first 16 distinct keys of the
             # stream.
-            stored = list(dict.fromkeys(keys[:4].tolist() + [
-                k for k in batch.tolist() if k != e]))[:cap]
+            stored = list(dict.fromkeys(keys[:4].tolist() + [k for k in batch.tolist() if k != e]))[
+                :cap
+            ]
             assert sorted(slots_np.tolist()) == sorted(stored)
         else:
             # Concurrent: the table is full, holds the 4 earlier keys and
@@ -417,7 +433,8 @@ def test_full_table(dtype):
             assert len(set(slots_np.tolist())) == cap
             assert set(slots_np.tolist()) <= set(keys.tolist())
             stored = keys[:4].tolist() + [
-                k for k in slots_np.tolist() if k not in keys[:4].tolist()]
+                k for k in slots_np.tolist() if k not in keys[:4].tolist()
+            ]
             assert sorted(slots_np.tolist()) == sorted(stored)
         # Earlier keys keep their rows.
         for k, r in zip(keys[:4].tolist(), np.asarray(rows0).tolist()):
@@ -433,21 +450,21 @@ def test_full_table(dtype):
         unstored = np.array([k for k in keys.tolist() if k not in stored], dtype)
         assert len(unstored) == 40 - cap
         batch2 = np.concatenate([unstored[-10:], [e], np.array(stored[:3], dtype)])
-        s2, r2, n2, f2 = hash_ops.find_or_insert(slots, jnp.asarray(batch2),
-                                                 insert=True)
+        s2, r2, n2, f2 = hash_ops.find_or_insert(slots, jnp.asarray(batch2), insert=True)
         np.testing.assert_array_equal(np.asarray(s2), slots_np)
         assert int(f2) == 10
         r2 = np.asarray(r2)
         assert (r2[:11] == -1).all() and not np.asarray(n2).any()
         np.testing.assert_array_equal(
-            r2[11:], [int(np.nonzero(slots_np == k)[0][0]) for k in stored[:3]])
+            r2[11:], [int(np.nonzero(slots_np == k)[0][0]) for k in stored[:3]]
+        )
         # Find mode on a full table: unseen keys are -1, nothing failed.
-        _, r3, _, f3 = hash_ops.find_or_insert(slots, jnp.asarray(unstored),
-                                               insert=False)
+        _, r3, _, f3 = hash_ops.find_or_insert(slots, jnp.asarray(unstored), insert=False)
         assert (np.asarray(r3) == -1).all() and int(f3) == 0
 
 
 # --- FFI vs pure-JAX reference ----------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", KEY_DTYPES)
 @pytest.mark.parametrize("insert", [True, False])
@@ -457,13 +474,12 @@ def test_ffi_matches_reference(dtype, insert, cap):
     pool = _random_keys(rng, dtype, 300)
     e = _empty(dtype)
     with _x64(dtype):
-        ref = jax.jit(hash_ops.reference_find_or_insert,
-                      static_argnames="insert")
+        ref = jax.jit(hash_ops.reference_find_or_insert, static_argnames="insert")
         ffi = jax.jit(hash_ops.find_or_insert, static_argnames="insert")
         # Start from a partly filled table so find mode has hits.
         slots, *_ = hash_ops.find_or_insert(
-            hash_ops.empty_slot_keys(cap, dtype), jnp.asarray(pool[:cap // 2]),
-            insert=True)
+            hash_ops.empty_slot_keys(cap, dtype), jnp.asarray(pool[: cap // 2]), insert=True
+        )
         for _ in range(3):
             keys = pool[rng.integers(0, 300, 200)]
             keys[rng.random(200) < 0.1] = e
@@ -488,18 +504,19 @@ def test_ffi_matches_reference(dtype, insert, cap):
 
 # --- under jit, with donation, and vmap -------------------------------------
 
+
 @pytest.mark.parametrize("dtype", KEY_DTYPES)
 def test_jit_with_donation(dtype):
     rng = np.random.default_rng(3)
     pool = _random_keys(rng, dtype, 300)
     batches = [pool[rng.integers(0, 300, 64)] for _ in range(6)]
     with _x64(dtype):
+
         @jax.jit
         def lookup_eval(slots, keys):
             return hash_ops.find_or_insert(slots, keys, insert=False)
 
-        step = jax.jit(lambda s, k: hash_ops.find_or_insert(s, k, insert=True),
-                       donate_argnums=0)
+        step = jax.jit(lambda s, k: hash_ops.find_or_insert(s, k, insert=True), donate_argnums=0)
         slots = hash_ops.empty_slot_keys(512, dtype)
         sim = np.asarray(slots)
         seq = _sequential(slots)
@@ -525,7 +542,8 @@ def test_vmap_sequential():
     keys = np.stack([_random_keys(rng, np.int32, 20) for _ in range(3)])
     slots = jnp.stack([hash_ops.empty_slot_keys(32, np.int32)] * 3)
     got = jax.vmap(lambda s, k: hash_ops.find_or_insert(s, k, insert=True))(
-        slots, jnp.asarray(keys))
+        slots, jnp.asarray(keys)
+    )
     for b in range(3):
         _check_contract(slots[b], keys[b], *[g[b] for g in got], True)
         if _sequential(got[0]):
@@ -535,13 +553,13 @@ def test_vmap_sequential():
 
 def test_empty_batch():
     slots = hash_ops.empty_slot_keys(8, np.int32)
-    s, r, n, f = hash_ops.find_or_insert(slots, jnp.zeros((0,), jnp.int32),
-                                         insert=True)
+    s, r, n, f = hash_ops.find_or_insert(slots, jnp.zeros((0,), jnp.int32), insert=True)
     assert r.shape == (0,) and n.shape == (0,) and int(f) == 0
     np.testing.assert_array_equal(np.asarray(s), np.asarray(slots))
 
 
 # --- trace-time errors -------------------------------------------------------
+
 
 def test_errors():
     slots = hash_ops.empty_slot_keys(8, np.int32)
@@ -550,20 +568,16 @@ def test_errors():
     with pytest.raises(ValueError, match="keys must be rank 1"):
         hash_ops.find_or_insert(slots, jnp.zeros((2, 2), jnp.int32), insert=True)
     with pytest.raises(ValueError, match="slot_keys must be rank 1"):
-        hash_ops.find_or_insert(slots.reshape(2, 4), jnp.zeros(3, jnp.int32),
-                                insert=True)
+        hash_ops.find_or_insert(slots.reshape(2, 4), jnp.zeros(3, jnp.int32), insert=True)
     with pytest.raises(ValueError, match="slot_keys: unsupported"):
-        hash_ops.find_or_insert(jnp.zeros(8, jnp.float32),
-                                jnp.zeros(3, jnp.float32), insert=True)
+        hash_ops.find_or_insert(jnp.zeros(8, jnp.float32), jnp.zeros(3, jnp.float32), insert=True)
     with pytest.raises(ValueError, match="capacity"):
         hash_ops.empty_slot_keys(0, np.int32)
     with pytest.raises(ValueError, match="capacity"):
-        hash_ops.find_or_insert(jnp.zeros(0, jnp.int32), jnp.zeros(3, jnp.int32),
-                                insert=True)
+        hash_ops.find_or_insert(jnp.zeros(0, jnp.int32), jnp.zeros(3, jnp.int32), insert=True)
     with pytest.raises(ValueError, match="jax_enable_x64"):
         with jax.enable_x64(False):
             hash_ops.empty_slot_keys(8, np.int64)
     with pytest.raises(ValueError, match="jax_enable_x64"):
         with jax.enable_x64(False):  # numpy int64 must not be truncated
-            hash_ops.find_or_insert(np.full(8, -1, np.int64),
-                                    np.zeros(3, np.int64), insert=True)
+            hash_ops.find_or_insert(np.full(8, -1, np.int64), np.zeros(3, np.int64), insert=True)

@@ -13,8 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 import sok_jax
 from sok_jax import optim
@@ -56,8 +55,9 @@ def test_single_device_sparse_step_memory_is_flat(name):
     sparse, dense = {}, {}
     for rows in (SMALL, LARGE):
         table = jax.ShapeDtypeStruct((rows, D), jnp.float32)
-        sparse[rows] = _temp_bytes(sparse_step, table, jax.eval_shape(opt.init, table), ids, cot,
-                                   check_aliased=True)
+        sparse[rows] = _temp_bytes(
+            sparse_step, table, jax.eval_shape(opt.init, table), ids, cot, check_aliased=True
+        )
         dense[rows] = _temp_bytes(dense_step, table, jax.eval_shape(tx.init, table), ids, cot)
     assert sparse[SMALL] == sparse[LARGE], sparse
     table_bytes = LARGE * D * 4
@@ -66,9 +66,7 @@ def test_single_device_sparse_step_memory_is_flat(name):
     assert dense[LARGE] - dense[SMALL] >= (LARGE - SMALL) * D * 4 * 0.9, dense
 
 
-@pytest.mark.parametrize(
-    "n, name", [(8, "adagrad"), (1, "sgd"), (1, "adagrad"), (1, "adam")]
-)
+@pytest.mark.parametrize("n, name", [(8, "adagrad"), (1, "sgd"), (1, "adagrad"), (1, "adam")])
 def test_distributed_sparse_step_memory_is_flat(n, name):
     """n devices (1: the local path with no exchange plan)."""
     if n > 1:
@@ -88,8 +86,10 @@ def test_distributed_sparse_step_memory_is_flat(n, name):
             slot_keys=None,
             seed=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sh.seed),
             stats=sok_jax.EmbeddingStats(
-                *(jax.ShapeDtypeStruct((n,), jnp.int32, sharding=s) for s in
-                  (sh.stats.overflow, sh.stats.invalid, sh.stats.hash_full))
+                *(
+                    jax.ShapeDtypeStruct((n,), jnp.int32, sharding=s)
+                    for s in (sh.stats.overflow, sh.stats.invalid, sh.stats.hash_full)
+                )
             ),
         )
         opt_state = jax.eval_shape(opt.init, state.table)

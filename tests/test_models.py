@@ -29,8 +29,11 @@ def _task(seed: int, weighted: bool = False):
     valid = ids >= 0
     ww = np.where(valid, w if weighted else 1.0, 0.0)
     y = np.sum(np.sum(ww * score[np.where(valid, ids, 0)], -1) / np.sum(ww, -1), -1)
-    return (jnp.asarray(ids.astype(np.int32)), jnp.asarray(w) if weighted else None,
-            jnp.asarray(y.astype(np.float32)))
+    return (
+        jnp.asarray(ids.astype(np.int32)),
+        jnp.asarray(w) if weighted else None,
+        jnp.asarray(y.astype(np.float32)),
+    )
 
 
 def _train(loss_fn, params, ids, w, y, lr=0.05):
@@ -62,10 +65,12 @@ def _table_leaf(params):
 
 
 def _unused_rows_unchanged(before, after):
-    np.testing.assert_array_equal(np.asarray(_table_leaf(before))[USED:],
-                                  np.asarray(_table_leaf(after))[USED:])
-    assert not np.allclose(np.asarray(_table_leaf(before))[:USED],
-                           np.asarray(_table_leaf(after))[:USED])
+    np.testing.assert_array_equal(
+        np.asarray(_table_leaf(before))[USED:], np.asarray(_table_leaf(after))[USED:]
+    )
+    assert not np.allclose(
+        np.asarray(_table_leaf(before))[:USED], np.asarray(_table_leaf(after))[:USED]
+    )
 
 
 class LinenModel(nn.Module):
@@ -127,8 +132,9 @@ def test_haiku():
     ids, w, y = _task(2, weighted=True)
 
     def forward(ids, weights):
-        table = hk.get_parameter("table", (ROWS, DIM), jnp.float32,
-                                 init=hk.initializers.RandomNormal(0.1))
+        table = hk.get_parameter(
+            "table", (ROWS, DIM), jnp.float32, init=hk.initializers.RandomNormal(0.1)
+        )
         x = sok_jax.embed(table, ids, combiner="mean", weights=weights)
         return hk.Linear(1)(x.reshape(x.shape[0], -1))[:, 0]
 

@@ -100,8 +100,10 @@ def test_flax_nnx_embed():
     table = mod.embedding[...]
     out = mod(ids, w)
     np.testing.assert_allclose(
-        np.asarray(out), np.asarray(sok_jax.embed(table, ids, combiner="sum", weights=w)),
-        rtol=1e-6, atol=1e-6,
+        np.asarray(out),
+        np.asarray(sok_jax.embed(table, ids, combiner="sum", weights=w)),
+        rtol=1e-6,
+        atol=1e-6,
     )
 
     target = _target()

@@ -9,8 +9,6 @@ The FFI path must also match the pure-JAX reference under jit with donation.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,8 +19,7 @@ from sok_jax.ops import optim_ops as ops
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # (rtol, atol) on the table, against a float32/float64 oracle.
-TABLE_TOL = {"float32": (2e-5, 2e-6), "bfloat16": (1e-2, 1e-2),
-             "float16": (2e-3, 2e-3)}
+TABLE_TOL = {"float32": (2e-5, 2e-6), "bfloat16": (1e-2, 1e-2), "float16": (2e-3, 2e-3)}
 SLOT_TOL = (2e-5, 2e-6)  # FTRL's linear, a sum of terms of size ~|linear|
 # (tens here), takes slot_atol=2e-5 instead.
 DIMS = (1, 3, 4, 129)
@@ -56,8 +53,10 @@ def adagrad_oracle(w, slots, rows, grads, lr, step, kw):
     state = opt.init(jnp.asarray(w))
     state = (state[0]._replace(sum_of_squares=jnp.asarray(slots[0])),) + state[1:]
     upd, state = opt.update(jnp.asarray(_dense(rows, grads, w.shape)), state)
-    return (np.asarray(optax.apply_updates(jnp.asarray(w), upd)),
-            [np.asarray(state[0].sum_of_squares)])
+    return (
+        np.asarray(optax.apply_updates(jnp.asarray(w), upd)),
+        [np.asarray(state[0].sum_of_squares)],
+    )
 
 
 def rowwise_adagrad_oracle(w, slots, rows, grads, lr, step, kw):
@@ -119,52 +118,88 @@ def _acc_slot(rng, shape):
 
 
 SPECS = {
-    "sgd": dict(ffi=ops.sgd_update, ref=ops.reference_sgd_update,
-                slots=lambda rng, r, d: [], oracle=sgd_oracle, kw={}),
-    "adagrad": dict(ffi=ops.adagrad_update, ref=ops.reference_adagrad_update,
-                    slots=lambda rng, r, d: [_acc_slot(rng, (r, d))],
-                    oracle=adagrad_oracle, kw={}),
-    "adagrad_eps": dict(ffi=ops.adagrad_update,
-                        ref=ops.reference_adagrad_update,
-                        slots=lambda rng, r, d: [_acc_slot(rng, (r, d))],
-                        oracle=adagrad_oracle, kw={"eps": 1e-3}),
+    "sgd": dict(
+        ffi=ops.sgd_update,
+        ref=ops.reference_sgd_update,
+        slots=lambda rng, r, d: [],
+        oracle=sgd_oracle,
+        kw={},
+    ),
+    "adagrad": dict(
+        ffi=ops.adagrad_update,
+        ref=ops.reference_adagrad_update,
+        slots=lambda rng, r, d: [_acc_slot(rng, (r, d))],
+        oracle=adagrad_oracle,
+        kw={},
+    ),
+    "adagrad_eps": dict(
+        ffi=ops.adagrad_update,
+        ref=ops.reference_adagrad_update,
+        slots=lambda rng, r, d: [_acc_slot(rng, (r, d))],
+        oracle=adagrad_oracle,
+        kw={"eps": 1e-3},
+    ),
     "rowwise_adagrad": dict(
         ffi=ops.rowwise_adagrad_update,
         ref=ops.reference_rowwise_adagrad_update,
         slots=lambda rng, r, d: [_acc_slot(rng, (r,))],
-        oracle=rowwise_adagrad_oracle, kw={}),
+        oracle=rowwise_adagrad_oracle,
+        kw={},
+    ),
     "rowwise_adagrad_2d": dict(
         ffi=ops.rowwise_adagrad_update,
         ref=ops.reference_rowwise_adagrad_update,
         slots=lambda rng, r, d: [_acc_slot(rng, (r, 1))],
-        oracle=rowwise_adagrad_oracle, kw={"eps": 1e-4}),
-    "adam": dict(ffi=ops.adam_update, ref=ops.reference_adam_update,
-                 slots=lambda rng, r, d: [
-                     rng.normal(0, 0.1, (r, d)).astype(np.float32),
-                     rng.uniform(0, 0.05, (r, d)).astype(np.float32)],
-                 oracle=adam_oracle, kw={}, step0=4),
-    "adam_custom": dict(ffi=ops.adam_update, ref=ops.reference_adam_update,
-                        slots=lambda rng, r, d: [
-                            np.zeros((r, d), np.float32),
-                            np.zeros((r, d), np.float32)],
-                        oracle=adam_oracle,
-                        kw={"b1": 0.8, "b2": 0.99, "eps": 1e-6,
-                            "eps_root": 1e-8}, step0=0),
-    "ftrl": dict(ffi=ops.ftrl_update, ref=ops.reference_ftrl_update,
-                 slots=lambda rng, r, d: [
-                     rng.uniform(0.1, 1.0, (r, d)).astype(np.float32),
-                     rng.normal(0, 0.5, (r, d)).astype(np.float32)],
-                 oracle=ftrl_oracle, kw={}, slot_atol=2e-5),
-    "ftrl_reg": dict(ffi=ops.ftrl_update, ref=ops.reference_ftrl_update,
-                     slots=lambda rng, r, d: [
-                         rng.uniform(0.1, 1.0, (r, d)).astype(np.float32),
-                         rng.normal(0, 0.5, (r, d)).astype(np.float32)],
-                     oracle=ftrl_oracle,
-                     kw={"learning_rate_power": -0.6,
-                         "l1_regularization_strength": 0.05,
-                         "l2_regularization_strength": 0.02,
-                         "l2_shrinkage_regularization_strength": 0.01,
-                         "beta": 0.5}, slot_atol=2e-5),
+        oracle=rowwise_adagrad_oracle,
+        kw={"eps": 1e-4},
+    ),
+    "adam": dict(
+        ffi=ops.adam_update,
+        ref=ops.reference_adam_update,
+        slots=lambda rng, r, d: [
+            rng.normal(0, 0.1, (r, d)).astype(np.float32),
+            rng.uniform(0, 0.05, (r, d)).astype(np.float32),
+        ],
+        oracle=adam_oracle,
+        kw={},
+        step0=4,
+    ),
+    "adam_custom": dict(
+        ffi=ops.adam_update,
+        ref=ops.reference_adam_update,
+        slots=lambda rng, r, d: [np.zeros((r, d), np.float32), np.zeros((r, d), np.float32)],
+        oracle=adam_oracle,
+        kw={"b1": 0.8, "b2": 0.99, "eps": 1e-6, "eps_root": 1e-8},
+        step0=0,
+    ),
+    "ftrl": dict(
+        ffi=ops.ftrl_update,
+        ref=ops.reference_ftrl_update,
+        slots=lambda rng, r, d: [
+            rng.uniform(0.1, 1.0, (r, d)).astype(np.float32),
+            rng.normal(0, 0.5, (r, d)).astype(np.float32),
+        ],
+        oracle=ftrl_oracle,
+        kw={},
+        slot_atol=2e-5,
+    ),
+    "ftrl_reg": dict(
+        ffi=ops.ftrl_update,
+        ref=ops.reference_ftrl_update,
+        slots=lambda rng, r, d: [
+            rng.uniform(0.1, 1.0, (r, d)).astype(np.float32),
+            rng.normal(0, 0.5, (r, d)).astype(np.float32),
+        ],
+        oracle=ftrl_oracle,
+        kw={
+            "learning_rate_power": -0.6,
+            "l1_regularization_strength": 0.05,
+            "l2_regularization_strength": 0.02,
+            "l2_shrinkage_regularization_strength": 0.01,
+            "beta": 0.5,
+        },
+        slot_atol=2e-5,
+    ),
 }
 
 
@@ -180,9 +215,11 @@ def _case(rng, d, dtype, n_valid=None):
     touched = perm[:n].astype(np.int32)
     # The padding names real, untouched rows as well as -1, and its gradients
     # are huge or NaN: all of it must be ignored because of num_unique.
-    pad = np.where(rng.random(CAPACITY - n) < 0.5, -1,
-                   perm[n:n + CAPACITY - n] if NUM_ROWS - n >= CAPACITY - n
-                   else -1).astype(np.int32)
+    pad = np.where(
+        rng.random(CAPACITY - n) < 0.5,
+        -1,
+        perm[n : n + CAPACITY - n] if NUM_ROWS - n >= CAPACITY - n else -1,
+    ).astype(np.int32)
     unique_rows = np.concatenate([touched, pad])
     grads = rng.normal(0, 1, (CAPACITY, d)).astype(np.float32)
     grads[:n][rng.random((n, d)) < 0.1] = 0.0
@@ -211,10 +248,8 @@ def _bits(x):
 @pytest.mark.parametrize("name", list(SPECS))
 def test_update_matches_oracle(name, dtype, d, seed):
     spec = SPECS[name]
-    rng = np.random.default_rng([seed, d, list(DTYPES).index(dtype),
-                                 list(SPECS).index(name)])
-    table = jnp.asarray(rng.normal(0, 1, (NUM_ROWS, d)).astype(np.float32),
-                        DTYPES[dtype])
+    rng = np.random.default_rng([seed, d, list(DTYPES).index(dtype), list(SPECS).index(name)])
+    table = jnp.asarray(rng.normal(0, 1, (NUM_ROWS, d)).astype(np.float32), DTYPES[dtype])
     slots = [jnp.asarray(s) for s in spec["slots"](rng, NUM_ROWS, d)]
     o_w = _f32(table)
     o_slots = [np.asarray(s) for s in slots]
@@ -223,9 +258,17 @@ def test_update_matches_oracle(name, dtype, d, seed):
         lr = LRS[k]
         step = spec.get("step0", 0) + k + 1
         ur, g, nu, touched = _case(rng, d, dtype)
-        out = _as_tuple(spec["ffi"](table, *slots, jnp.asarray(ur),
-                                    jnp.asarray(g), jnp.asarray(nu),
-                                    *_hp(name, lr, step), **spec["kw"]))
+        out = _as_tuple(
+            spec["ffi"](
+                table,
+                *slots,
+                jnp.asarray(ur),
+                jnp.asarray(g),
+                jnp.asarray(nu),
+                *_hp(name, lr, step),
+                **spec["kw"],
+            )
+        )
         new_table, new_slots = out[0], list(out[1:])
         assert new_table.dtype == table.dtype and new_table.shape == table.shape
         for s, ns in zip(slots, new_slots):
@@ -233,29 +276,31 @@ def test_update_matches_oracle(name, dtype, d, seed):
         # Half tables: the oracle restarts from the kernel's rounded state.
         if dtype != "float32":
             o_w, o_slots = _f32(table), [np.asarray(s) for s in slots]
-        o_w, o_slots = spec["oracle"](o_w, o_slots, touched, g[:nu[0]], lr,
-                                      step, spec["kw"])
+        o_w, o_slots = spec["oracle"](o_w, o_slots, touched, g[: nu[0]], lr, step, spec["kw"])
         ctx = f"{name} {dtype} D={d} seed={seed} step={k}"
-        np.testing.assert_allclose(_f32(new_table)[touched], o_w[touched],
-                                   rtol=rtol, atol=atol, err_msg=ctx)
+        np.testing.assert_allclose(
+            _f32(new_table)[touched], o_w[touched], rtol=rtol, atol=atol, err_msg=ctx
+        )
         for i, (ns, os_) in enumerate(zip(new_slots, o_slots)):
-            np.testing.assert_allclose(np.asarray(ns)[touched],
-                                       np.asarray(os_)[touched], rtol=SLOT_TOL[0],
-                                       atol=spec.get("slot_atol", SLOT_TOL[1]),
-                                       err_msg=f"{ctx} slot {i}")
+            np.testing.assert_allclose(
+                np.asarray(ns)[touched],
+                np.asarray(os_)[touched],
+                rtol=SLOT_TOL[0],
+                atol=spec.get("slot_atol", SLOT_TOL[1]),
+                err_msg=f"{ctx} slot {i}",
+            )
         untouched = np.setdiff1d(np.arange(NUM_ROWS), touched)
-        np.testing.assert_array_equal(_bits(new_table)[untouched],
-                                      _bits(table)[untouched], err_msg=ctx)
+        np.testing.assert_array_equal(
+            _bits(new_table)[untouched], _bits(table)[untouched], err_msg=ctx
+        )
         for ns, s in zip(new_slots, slots):
-            np.testing.assert_array_equal(_bits(ns)[untouched],
-                                          _bits(s)[untouched], err_msg=ctx)
+            np.testing.assert_array_equal(_bits(ns)[untouched], _bits(s)[untouched], err_msg=ctx)
         assert np.all(np.isfinite(_f32(new_table))), ctx
         table, slots = new_table, new_slots
 
 
 def _ffi_vs_ref_tol(dtype):
-    return {"float32": (1e-6, 1e-7), "bfloat16": (8e-3, 1e-6),
-            "float16": (1e-3, 1e-6)}[dtype]
+    return {"float32": (1e-6, 1e-7), "bfloat16": (8e-3, 1e-6), "float16": (1e-3, 1e-6)}[dtype]
 
 
 @pytest.mark.parametrize("d", DIMS)
@@ -268,23 +313,22 @@ def test_ffi_matches_reference_under_jit_with_donation(name, dtype, d):
     donate = tuple(range(1 + nslots))
 
     def step_fn(fn, state, ur, g, nu, lr, step):
-        hp = (lr, step) if fn in (ops.adam_update, ops.reference_adam_update) \
-            else (lr,)
+        hp = (lr, step) if fn in (ops.adam_update, ops.reference_adam_update) else (lr,)
         return _as_tuple(fn(*state, ur, g, nu, *hp, **spec["kw"]))
 
     def run(fn):
         r = np.random.default_rng([11, d])
-        table = jnp.asarray(r.normal(0, 1, (NUM_ROWS, d)).astype(np.float32),
-                            DTYPES[dtype])
-        state = [table] + [jnp.asarray(s) for s in
-                           spec["slots"](np.random.default_rng(3), NUM_ROWS, d)]
-        jitted = jax.jit(lambda *a: step_fn(fn, a[:len(state)], *a[len(state):]),
-                         donate_argnums=donate)
+        table = jnp.asarray(r.normal(0, 1, (NUM_ROWS, d)).astype(np.float32), DTYPES[dtype])
+        state = [table] + [
+            jnp.asarray(s) for s in spec["slots"](np.random.default_rng(3), NUM_ROWS, d)
+        ]
+        jitted = jax.jit(
+            lambda *a: step_fn(fn, a[: len(state)], *a[len(state) :]), donate_argnums=donate
+        )
         for k in range(STEPS):
             ur, g, nu, _ = _case(r, d, dtype)
             # lr and step are traced: a schedule inside jit.
-            state = list(jitted(*state, ur, g, nu, jnp.float32(LRS[k]),
-                                jnp.int32(k + 1)))
+            state = list(jitted(*state, ur, g, nu, jnp.float32(LRS[k]), jnp.int32(k + 1)))
         return state
 
     got, want = run(spec["ffi"]), run(spec["ref"])
@@ -300,15 +344,17 @@ def test_ffi_matches_reference_under_jit_with_donation(name, dtype, d):
     # (sigma <= quad and |w| <= |linear| / quad, so |sigma * dw| is at most
     # one ulp of the |linear| w came from) and carries it over the steps.
     # Allow that (rtol of the largest |linear|) there; CPU stays strict.
-    half_ftrl_gpu = (jax.default_backend() != "cpu"
-                     and name.startswith("ftrl") and dtype != "float32")
+    half_ftrl_gpu = (
+        jax.default_backend() != "cpu" and name.startswith("ftrl") and dtype != "float32"
+    )
     for i, (a, b) in enumerate(zip(got, want)):
         assert a.dtype == b.dtype and a.shape == b.shape
         tol = (rtol, atol) if i == 0 else slot_tol
         if half_ftrl_gpu and i == 2:
             tol = (rtol, rtol * float(np.max(np.abs(_f32(b)))))
-        np.testing.assert_allclose(_f32(a), _f32(b), rtol=tol[0], atol=tol[1],
-                                   err_msg=f"{name} {dtype} D={d} output {i}")
+        np.testing.assert_allclose(
+            _f32(a), _f32(b), rtol=tol[0], atol=tol[1], err_msg=f"{name} {dtype} D={d} output {i}"
+        )
 
 
 def test_donated_update_is_in_place():
@@ -328,8 +374,7 @@ def test_num_unique_zero_changes_nothing():
     table = jnp.asarray(rng.normal(size=(NUM_ROWS, 4)), jnp.float32)
     acc = jnp.asarray(rng.uniform(size=(NUM_ROWS, 4)), jnp.float32)
     ur, g, _, _ = _case(rng, 4, "float32", n_valid=5)
-    t2, a2 = ops.adagrad_update(table, acc, ur, g, jnp.array([0], jnp.int32),
-                                0.1)
+    t2, a2 = ops.adagrad_update(table, acc, ur, g, jnp.array([0], jnp.int32), 0.1)
     np.testing.assert_array_equal(_bits(t2), _bits(table))
     np.testing.assert_array_equal(_bits(a2), _bits(acc))
 
@@ -347,8 +392,7 @@ def test_invalid_rows_in_prefix_are_skipped():
         want[[3, 7]] -= 0.5 * g[[0, 3]]
         np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-7)
         untouched = np.setdiff1d(np.arange(NUM_ROWS), [3, 7])
-        np.testing.assert_array_equal(_bits(out)[untouched],
-                                      _bits(table)[untouched])
+        np.testing.assert_array_equal(_bits(out)[untouched], _bits(table)[untouched])
 
 
 def test_num_unique_beyond_capacity_is_clamped():
@@ -378,8 +422,7 @@ def test_rowwise_adagrad_with_d1_is_adagrad(dtype):
         # may flip the rounding of a half-precision table by one ulp.
         rtol, atol = _ffi_vs_ref_tol(dtype)
         np.testing.assert_allclose(_f32(t1), _f32(t2), rtol=rtol, atol=atol)
-        np.testing.assert_allclose(np.asarray(a1), np.asarray(a2), rtol=1e-6,
-                                   atol=1e-7)
+        np.testing.assert_allclose(np.asarray(a1), np.asarray(a2), rtol=1e-6, atol=1e-7)
 
 
 def test_vmap_sequential():
@@ -388,8 +431,7 @@ def test_vmap_sequential():
     ur = np.stack([_case(rng, 4, "float32")[0] for _ in range(2)])
     g = rng.normal(size=(2, CAPACITY, 4)).astype(np.float32)
     nu = np.array([[5], [9]], np.int32)
-    got = jax.vmap(ops.sgd_update, in_axes=(0, 0, 0, 0, None))(tables, ur, g,
-                                                               nu, 0.1)
+    got = jax.vmap(ops.sgd_update, in_axes=(0, 0, 0, 0, None))(tables, ur, g, nu, 0.1)
     for i in range(2):
         want = ops.reference_sgd_update(tables[i], ur[i], g[i], nu[i], 0.1)
         np.testing.assert_allclose(got[i], want, rtol=1e-6)
@@ -402,21 +444,28 @@ def test_vmap_sequential():
 
 def _good():
     t = jnp.zeros((NUM_ROWS, 4), jnp.float32)
-    return dict(table=t, ur=jnp.zeros((6,), jnp.int32),
-                g=jnp.zeros((6, 4), jnp.float32), nu=jnp.ones((1,), jnp.int32))
+    return dict(
+        table=t,
+        ur=jnp.zeros((6,), jnp.int32),
+        g=jnp.zeros((6, 4), jnp.float32),
+        nu=jnp.ones((1,), jnp.int32),
+    )
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(table=jnp.zeros((NUM_ROWS,), jnp.float32)), "table"),
-    (dict(table=jnp.zeros((NUM_ROWS, 4), jnp.int32)), "table"),
-    (dict(ur=jnp.zeros((6,), jnp.float32)), "unique_rows"),
-    (dict(ur=jnp.zeros((6, 1), jnp.int32)), "unique_rows"),
-    (dict(g=jnp.zeros((6, 5), jnp.float32)), "row_grads"),
-    (dict(g=jnp.zeros((7, 4), jnp.float32)), "row_grads"),
-    (dict(g=jnp.zeros((6, 4), jnp.bfloat16)), "row_grads"),
-    (dict(nu=jnp.ones((2,), jnp.int32)), "num_unique"),
-    (dict(nu=jnp.ones((1,), jnp.float32)), "num_unique"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(table=jnp.zeros((NUM_ROWS,), jnp.float32)), "table"),
+        (dict(table=jnp.zeros((NUM_ROWS, 4), jnp.int32)), "table"),
+        (dict(ur=jnp.zeros((6,), jnp.float32)), "unique_rows"),
+        (dict(ur=jnp.zeros((6, 1), jnp.int32)), "unique_rows"),
+        (dict(g=jnp.zeros((6, 5), jnp.float32)), "row_grads"),
+        (dict(g=jnp.zeros((7, 4), jnp.float32)), "row_grads"),
+        (dict(g=jnp.zeros((6, 4), jnp.bfloat16)), "row_grads"),
+        (dict(nu=jnp.ones((2,), jnp.int32)), "num_unique"),
+        (dict(nu=jnp.ones((1,), jnp.float32)), "num_unique"),
+    ],
+)
 @pytest.mark.parametrize("use_ref", [False, True])
 def test_bad_common_arguments(bad, match, use_ref):
     a = {**_good(), **bad}
@@ -431,16 +480,13 @@ def test_bad_slots_and_hparams():
     with pytest.raises(ValueError, match="accumulator"):
         ops.adagrad_update(t, jnp.zeros((NUM_ROWS, 3)), ur, g, nu, 0.1)
     with pytest.raises(ValueError, match="accumulator"):
-        ops.adagrad_update(t, jnp.zeros((NUM_ROWS, 4), jnp.bfloat16), ur, g,
-                           nu, 0.1)
+        ops.adagrad_update(t, jnp.zeros((NUM_ROWS, 4), jnp.bfloat16), ur, g, nu, 0.1)
     with pytest.raises(ValueError, match="accumulator"):
         ops.rowwise_adagrad_update(t, jnp.zeros((NUM_ROWS, 4)), ur, g, nu, 0.1)
     with pytest.raises(ValueError, match=r"\bv\b"):
-        ops.adam_update(t, jnp.zeros((NUM_ROWS, 4)), jnp.zeros((NUM_ROWS, 2)),
-                        ur, g, nu, 0.1, 1)
+        ops.adam_update(t, jnp.zeros((NUM_ROWS, 4)), jnp.zeros((NUM_ROWS, 2)), ur, g, nu, 0.1, 1)
     with pytest.raises(ValueError, match="linear"):
-        ops.ftrl_update(t, jnp.zeros((NUM_ROWS, 4)), jnp.zeros((3, 4)), ur, g,
-                        nu, 0.1)
+        ops.ftrl_update(t, jnp.zeros((NUM_ROWS, 4)), jnp.zeros((3, 4)), ur, g, nu, 0.1)
     with pytest.raises(ValueError, match="learning_rate"):
         ops.sgd_update(t, ur, g, nu, jnp.ones((2,)))
     with pytest.raises(ValueError, match="step"):

@@ -56,16 +56,19 @@ def check_bags(ids, offsets, weights) -> None:
     if ids.ndim != 1:
         raise ValueError(f"ids must be rank 1 (flattened), got shape {tuple(ids.shape)}")
     if jnp.dtype(ids.dtype) not in KEY_DTYPES:
-        raise ValueError(
-            f"ids must be int32, uint32 or int64, got {jnp.dtype(ids.dtype).name}"
-        )
+        raise ValueError(f"ids must be int32, uint32 or int64, got {jnp.dtype(ids.dtype).name}")
     if offsets.ndim != 1 or offsets.shape[0] < 1 or offsets.dtype != jnp.int32:
         raise ValueError(
             f"offsets must be int32 [num_bags + 1], got {offsets.dtype} {tuple(offsets.shape)}"
         )
-    if weights.dtype != jnp.float32 or weights.ndim != 1 or weights.shape[0] not in (
-        0,
-        ids.shape[0],
+    if (
+        weights.dtype != jnp.float32
+        or weights.ndim != 1
+        or weights.shape[0]
+        not in (
+            0,
+            ids.shape[0],
+        )
     ):
         raise ValueError(
             f"weights must be float32 [{ids.shape[0]}] (or [0] for none), got "

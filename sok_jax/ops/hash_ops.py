@@ -36,13 +36,13 @@ _MAX_CAPACITY = 2**31 - 1
 def _key_dtype(dtype, what: str) -> np.dtype:
     dt = np.dtype(dtype)
     if dt not in _KEY_DTYPES:
-        raise ValueError(
-            f"{what}: unsupported key dtype {dt}, expected int32, uint32 or int64")
+        raise ValueError(f"{what}: unsupported key dtype {dt}, expected int32, uint32 or int64")
     if dt == np.int64 and not jax.config.jax_enable_x64:
         raise ValueError(
             f"{what}: int64 keys need 64-bit types in JAX; enable them with "
             "jax.config.update('jax_enable_x64', True) (or the "
-            "JAX_ENABLE_X64=1 environment variable) before creating the arrays")
+            "JAX_ENABLE_X64=1 environment variable) before creating the arrays"
+        )
     return dt
 
 
@@ -60,8 +60,7 @@ def EMPTY(key_dtype) -> np.generic:
     """
     dt = np.dtype(key_dtype)
     if dt not in _KEY_DTYPES:
-        raise ValueError(
-            f"key_dtype: unsupported {dt}, expected int32, uint32 or int64")
+        raise ValueError(f"key_dtype: unsupported {dt}, expected int32, uint32 or int64")
     return dt.type(np.iinfo(dt).max if dt == np.uint32 else -1)
 
 
@@ -88,8 +87,7 @@ def _hash_word(xp, keys):
     """The 32-bit hash word of each key (numpy or jax.numpy arrays)."""
     dt = np.dtype(keys.dtype)
     if dt == np.int64:
-        z = (keys.view(np.uint64) if xp is np
-             else lax.bitcast_convert_type(keys, jnp.uint64))
+        z = keys.view(np.uint64) if xp is np else lax.bitcast_convert_type(keys, jnp.uint64)
         z = z ^ (z >> np.uint64(30))
         z = z * np.uint64(0xBF58476D1CE4E5B9)
         z = z ^ (z >> np.uint64(27))
@@ -97,8 +95,7 @@ def _hash_word(xp, keys):
         z = z ^ (z >> np.uint64(31))
         return (z >> np.uint64(32)).astype(np.uint32)
     if dt == np.int32:
-        h = (keys.view(np.uint32) if xp is np
-             else lax.bitcast_convert_type(keys, jnp.uint32))
+        h = keys.view(np.uint32) if xp is np else lax.bitcast_convert_type(keys, jnp.uint32)
     else:
         h = keys
     h = h ^ (h >> np.uint32(16))
@@ -131,8 +128,9 @@ def hash_slot(keys, capacity: int):
         xp = np
         keys = np.asarray(keys)
         if keys.dtype not in _KEY_DTYPES:
-            raise ValueError(f"keys: unsupported key dtype {keys.dtype}, "
-                             "expected int32, uint32 or int64")
+            raise ValueError(
+                f"keys: unsupported key dtype {keys.dtype}, expected int32, uint32 or int64"
+            )
     with np.errstate(over="ignore"):
         h = _hash_word(xp, keys)
         return (h % np.uint32(capacity)).astype(np.int32)
@@ -149,17 +147,14 @@ def _as_arrays(slot_keys, keys):
 
 def _check(slot_keys, keys) -> np.dtype:
     if slot_keys.ndim != 1:
-        raise ValueError(
-            f"slot_keys must be rank 1 [capacity], got shape {slot_keys.shape}")
+        raise ValueError(f"slot_keys must be rank 1 [capacity], got shape {slot_keys.shape}")
     if keys.ndim != 1:
         raise ValueError(f"keys must be rank 1 [N], got shape {keys.shape}")
     dt = _key_dtype(slot_keys.dtype, "slot_keys")
     if np.dtype(keys.dtype) != dt:
-        raise ValueError(
-            f"keys dtype {keys.dtype} must equal slot_keys dtype {dt}")
+        raise ValueError(f"keys dtype {keys.dtype} must equal slot_keys dtype {dt}")
     if not 1 <= slot_keys.shape[0] <= _MAX_CAPACITY:
-        raise ValueError(
-            f"slot_keys: capacity must lie in [1, 2^31), got {slot_keys.shape[0]}")
+        raise ValueError(f"slot_keys: capacity must lie in [1, 2^31), got {slot_keys.shape[0]}")
     return dt
 
 
@@ -191,23 +186,26 @@ def find_or_insert(slot_keys: jax.Array, keys: jax.Array, *, insert: bool):
     dt = _check(slot_keys, keys)
     n = keys.shape[0]
     if n == 0:
-        return (slot_keys, jnp.zeros((0,), jnp.int32),
-                jnp.zeros((0,), jnp.int32), jnp.zeros((), jnp.int32))
+        return (
+            slot_keys,
+            jnp.zeros((0,), jnp.int32),
+            jnp.zeros((0,), jnp.int32),
+            jnp.zeros((), jnp.int32),
+        )
     out_types = (
         jax.ShapeDtypeStruct(slot_keys.shape, dt),  # slot_keys_out
         jax.ShapeDtypeStruct((n,), jnp.int32),  # rows
         jax.ShapeDtypeStruct((n,), jnp.int32),  # is_new
         jax.ShapeDtypeStruct((1,), jnp.int32),  # num_failed
     )
-    call = jax.ffi.ffi_call(_TARGET, out_types, vmap_method="sequential",
-                            input_output_aliases={0: 0})
-    new_slots, rows, is_new, failed = call(slot_keys, keys,
-                                           insert=np.int32(bool(insert)))
+    call = jax.ffi.ffi_call(
+        _TARGET, out_types, vmap_method="sequential", input_output_aliases={0: 0}
+    )
+    new_slots, rows, is_new, failed = call(slot_keys, keys, insert=np.int32(bool(insert)))
     return new_slots, rows, is_new, failed[0]
 
 
-def reference_find_or_insert(slot_keys: jax.Array, keys: jax.Array, *,
-                             insert: bool):
+def reference_find_or_insert(slot_keys: jax.Array, keys: jax.Array, *, insert: bool):
     """Pure-JAX `find_or_insert`, keys processed in position order.
 
     Same arguments and outputs as `find_or_insert`, and the same results as its
@@ -236,14 +234,15 @@ def reference_find_or_insert(slot_keys: jax.Array, keys: jax.Array, *,
             hit = cur == k
             free = cur == empty
             exhausted = p + 1 >= cap
-            outcome = jnp.where(hit | (free & insert), 1,
-                                jnp.where(free | exhausted, 2, 0)).astype(jnp.int32)
+            outcome = jnp.where(hit | (free & insert), 1, jnp.where(free | exhausted, 2, 0)).astype(
+                jnp.int32
+            )
             nxt = jnp.where(s + 1 == cap, 0, s + 1).astype(jnp.int32)
             return (jnp.where(outcome == 0, nxt, s), p + 1, outcome)
 
         s, _, outcome = lax.while_loop(
-            cond, body, (starts[i], jnp.int32(0),
-                         jnp.where(k == empty, 2, 0).astype(jnp.int32)))
+            cond, body, (starts[i], jnp.int32(0), jnp.where(k == empty, 2, 0).astype(jnp.int32))
+        )
         got = outcome == 1
         fresh = got & (slots[s] == empty)
         slots = slots.at[s].set(jnp.where(fresh, k, slots[s]))
@@ -252,6 +251,10 @@ def reference_find_or_insert(slot_keys: jax.Array, keys: jax.Array, *,
         full = insert & (k != empty) & ~got
         return slots, rows, is_new, failed + full.astype(jnp.int32)
 
-    init = (slot_keys, jnp.full((n,), -1, jnp.int32), jnp.zeros((n,), jnp.int32),
-            jnp.zeros((), jnp.int32))
+    init = (
+        slot_keys,
+        jnp.full((n,), -1, jnp.int32),
+        jnp.zeros((n,), jnp.int32),
+        jnp.zeros((), jnp.int32),
+    )
     return lax.fori_loop(0, n, one_key, init)

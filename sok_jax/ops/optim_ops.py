@@ -52,8 +52,7 @@ __all__ = [
     "ftrl_slots",
 ]
 
-_TABLE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
-                 jnp.dtype(jnp.float16))
+_TABLE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 # ---------------------------------------------------------------------------
 # Trace-time checks
@@ -65,37 +64,38 @@ def _check_rows(table, unique_rows, row_grads, num_unique):
     if table.ndim != 2:
         raise ValueError(f"table must be rank 2 [rows, D], got shape {table.shape}")
     if jnp.dtype(table.dtype) not in _TABLE_DTYPES:
-        raise ValueError(
-            f"table must be float32, bfloat16 or float16, got {table.dtype}")
+        raise ValueError(f"table must be float32, bfloat16 or float16, got {table.dtype}")
     if unique_rows.ndim != 1 or unique_rows.dtype != jnp.int32:
         raise ValueError(
-            "unique_rows must be int32 [U], got "
-            f"{unique_rows.dtype} {unique_rows.shape}")
+            f"unique_rows must be int32 [U], got {unique_rows.dtype} {unique_rows.shape}"
+        )
     u, d = unique_rows.shape[0], table.shape[1]
     if row_grads.shape != (u, d) or row_grads.dtype != jnp.float32:
         raise ValueError(
             f"row_grads must be float32 [U, D] = [{u}, {d}] (U from unique_rows, "
-            f"D from table), got {row_grads.dtype} {row_grads.shape}")
+            f"D from table), got {row_grads.dtype} {row_grads.shape}"
+        )
     num_unique = jnp.asarray(num_unique)
     if num_unique.dtype != jnp.int32 or num_unique.size != 1 or num_unique.ndim > 1:
         raise ValueError(
-            f"num_unique must be int32 [1] (or a scalar), got "
-            f"{num_unique.dtype} {num_unique.shape}")
+            f"num_unique must be int32 [1] (or a scalar), got {num_unique.dtype} {num_unique.shape}"
+        )
     return num_unique.reshape(1)
 
 
 def _check_slot(slot, name, shape):
     if slot.dtype != jnp.float32 or tuple(slot.shape) != tuple(shape):
         raise ValueError(
-            f"{name} must be float32 {list(shape)} like the table, got "
-            f"{slot.dtype} {slot.shape}")
+            f"{name} must be float32 {list(shape)} like the table, got {slot.dtype} {slot.shape}"
+        )
 
 
 def _check_rowwise_slot(slot, name, rows):
     if slot.dtype != jnp.float32 or tuple(slot.shape) not in ((rows,), (rows, 1)):
         raise ValueError(
             f"{name} must be float32 [{rows}] or [{rows}, 1] (one per table row), "
-            f"got {slot.dtype} {slot.shape}")
+            f"got {slot.dtype} {slot.shape}"
+        )
 
 
 def _scalar(x, name):
@@ -103,8 +103,7 @@ def _scalar(x, name):
     x = jnp.asarray(x)
     if x.size != 1 or x.ndim > 1:
         raise ValueError(f"{name} must be a scalar, got shape {x.shape}")
-    if not (jnp.issubdtype(x.dtype, jnp.floating)
-            or jnp.issubdtype(x.dtype, jnp.integer)):
+    if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
         raise ValueError(f"{name} must be a real number, got {x.dtype}")
     return x.reshape(()).astype(jnp.float32)
 
@@ -148,13 +147,13 @@ def sgd_update(table, unique_rows, row_grads, num_unique, learning_rate):
     """
     num_unique = _check_rows(table, unique_rows, row_grads, num_unique)
     hp = _hparams(("learning_rate", learning_rate))
-    (out,) = _ffi("sok_sgd_update", (table,),
-                  (table, unique_rows, row_grads, num_unique, hp))
+    (out,) = _ffi("sok_sgd_update", (table,), (table, unique_rows, row_grads, num_unique, hp))
     return out
 
 
-def adagrad_update(table, accumulator, unique_rows, row_grads, num_unique,
-                   learning_rate, *, eps=1e-7):
+def adagrad_update(
+    table, accumulator, unique_rows, row_grads, num_unique, learning_rate, *, eps=1e-7
+):
     """Adagrad on the touched rows, as optax.adagrad (scale_by_rss).
 
     ``acc += g**2; w -= learning_rate * g * rsqrt(acc + eps)`` (zero step
@@ -177,13 +176,19 @@ def adagrad_update(table, accumulator, unique_rows, row_grads, num_unique,
     num_unique = _check_rows(table, unique_rows, row_grads, num_unique)
     _check_slot(accumulator, "accumulator", table.shape)
     hp = _hparams(("learning_rate", learning_rate))
-    return tuple(_ffi("sok_adagrad_update", (table, accumulator),
-                      (table, accumulator, unique_rows, row_grads, num_unique,
-                       hp), eps=eps))
+    return tuple(
+        _ffi(
+            "sok_adagrad_update",
+            (table, accumulator),
+            (table, accumulator, unique_rows, row_grads, num_unique, hp),
+            eps=eps,
+        )
+    )
 
 
-def rowwise_adagrad_update(table, accumulator, unique_rows, row_grads,
-                           num_unique, learning_rate, *, eps=1e-7):
+def rowwise_adagrad_update(
+    table, accumulator, unique_rows, row_grads, num_unique, learning_rate, *, eps=1e-7
+):
     """Row-wise Adagrad on the touched rows (one accumulator per row).
 
     ``acc[r] += mean_d(g_d**2); w -= learning_rate * g * rsqrt(acc[r] + eps)``
@@ -206,14 +211,31 @@ def rowwise_adagrad_update(table, accumulator, unique_rows, row_grads,
     num_unique = _check_rows(table, unique_rows, row_grads, num_unique)
     _check_rowwise_slot(accumulator, "accumulator", table.shape[0])
     hp = _hparams(("learning_rate", learning_rate))
-    return tuple(_ffi("sok_rowwise_adagrad_update", (table, accumulator),
-                      (table, accumulator, unique_rows, row_grads, num_unique,
-                       hp), eps=eps))
+    return tuple(
+        _ffi(
+            "sok_rowwise_adagrad_update",
+            (table, accumulator),
+            (table, accumulator, unique_rows, row_grads, num_unique, hp),
+            eps=eps,
+        )
+    )
 
 
-def adam_update(table, m, v, unique_rows, row_grads, num_unique,
-                learning_rate, step, *, b1=0.9, b2=0.999, eps=1e-8,
-                eps_root=0.0):
+def adam_update(
+    table,
+    m,
+    v,
+    unique_rows,
+    row_grads,
+    num_unique,
+    learning_rate,
+    step,
+    *,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    eps_root=0.0,
+):
     """Lazy Adam on the touched rows (optax.adam's formulas, TF LazyAdam).
 
     ``m = (1-b1) g + b1 m; v = (1-b2) g**2 + b2 v;
@@ -240,15 +262,34 @@ def adam_update(table, m, v, unique_rows, row_grads, num_unique,
     _check_slot(m, "m", table.shape)
     _check_slot(v, "v", table.shape)
     hp = _hparams(("learning_rate", learning_rate), ("step", step))
-    return tuple(_ffi("sok_adam_update", (table, m, v),
-                      (table, m, v, unique_rows, row_grads, num_unique, hp),
-                      b1=b1, b2=b2, eps=eps, eps_root=eps_root))
+    return tuple(
+        _ffi(
+            "sok_adam_update",
+            (table, m, v),
+            (table, m, v, unique_rows, row_grads, num_unique, hp),
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            eps_root=eps_root,
+        )
+    )
 
 
-def ftrl_update(table, accumulator, linear, unique_rows, row_grads,
-                num_unique, learning_rate, *, learning_rate_power=-0.5,
-                l1_regularization_strength=0.0, l2_regularization_strength=0.0,
-                l2_shrinkage_regularization_strength=0.0, beta=0.0):
+def ftrl_update(
+    table,
+    accumulator,
+    linear,
+    unique_rows,
+    row_grads,
+    num_unique,
+    learning_rate,
+    *,
+    learning_rate_power=-0.5,
+    l1_regularization_strength=0.0,
+    l2_regularization_strength=0.0,
+    l2_shrinkage_regularization_strength=0.0,
+    beta=0.0,
+):
     """FTRL-Proximal on the touched rows, as tf.keras.optimizers.Ftrl.
 
     With ``lrp = learning_rate_power``, ``lr = learning_rate``::
@@ -280,14 +321,18 @@ def ftrl_update(table, accumulator, linear, unique_rows, row_grads,
     _check_slot(accumulator, "accumulator", table.shape)
     _check_slot(linear, "linear", table.shape)
     hp = _hparams(("learning_rate", learning_rate))
-    return tuple(_ffi(
-        "sok_ftrl_update", (table, accumulator, linear),
-        (table, accumulator, linear, unique_rows, row_grads, num_unique, hp),
-        learning_rate_power=learning_rate_power,
-        l1_regularization_strength=l1_regularization_strength,
-        l2_regularization_strength=l2_regularization_strength,
-        l2_shrinkage_regularization_strength=l2_shrinkage_regularization_strength,
-        beta=beta))
+    return tuple(
+        _ffi(
+            "sok_ftrl_update",
+            (table, accumulator, linear),
+            (table, accumulator, linear, unique_rows, row_grads, num_unique, hp),
+            learning_rate_power=learning_rate_power,
+            l1_regularization_strength=l1_regularization_strength,
+            l2_regularization_strength=l2_regularization_strength,
+            l2_shrinkage_regularization_strength=l2_shrinkage_regularization_strength,
+            beta=beta,
+        )
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -300,15 +345,21 @@ RULES = {
     "sgd": (0, ()),
     "adagrad": (1, ("eps",)),
     "adam": (2, ("b1", "b2", "eps", "eps_root")),
-    "ftrl": (3, ("learning_rate_power", "l1_regularization_strength",
-                 "l2_regularization_strength",
-                 "l2_shrinkage_regularization_strength", "beta")),
+    "ftrl": (
+        3,
+        (
+            "learning_rate_power",
+            "l1_regularization_strength",
+            "l2_regularization_strength",
+            "l2_shrinkage_regularization_strength",
+            "beta",
+        ),
+    ),
 }
 _RULE_SLOTS = {"sgd": 0, "adagrad": 1, "adam": 2, "ftrl": 2}
 
 
-def bwd_update(rule, table, slots, grad_out, ids, offsets, weights, combiner,
-               hparams, **consts):
+def bwd_update(rule, table, slots, grad_out, ids, offsets, weights, combiner, hparams, **consts):
     """The sparse backward of a lookup and an optimizer step in one target.
 
     Per distinct row of `table` that the bags (`ids`, `offsets`, `weights`,
@@ -345,13 +396,15 @@ def bwd_update(rule, table, slots, grad_out, ids, offsets, weights, combiner,
     missing = [k for k in names if k not in consts]
     extra = sorted(set(consts) - set(names))
     if missing or extra:
-        raise ValueError(f"{rule}: constants {list(names)} expected, missing {missing}, "
-                         f"unexpected {extra}")
+        raise ValueError(
+            f"{rule}: constants {list(names)} expected, missing {missing}, unexpected {extra}"
+        )
     embed_ops.check_table(table)
     embed_ops._check_grad_out(grad_out, ids, offsets, weights)
     if grad_out.shape[1] != table.shape[1]:
-        raise ValueError(f"grad_out must be [M, {table.shape[1]}] like the table, got "
-                         f"{tuple(grad_out.shape)}")
+        raise ValueError(
+            f"grad_out must be [M, {table.shape[1]}] like the table, got {tuple(grad_out.shape)}"
+        )
     if grad_out.dtype != table.dtype:
         grad_out = grad_out.astype(jnp.float32)
     slots = tuple(slots)
@@ -370,9 +423,17 @@ def bwd_update(rule, table, slots, grad_out, ids, offsets, weights, combiner,
         vmap_method="sequential",
         input_output_aliases={i: i for i in range(1 + len(slots))},
     )
-    res = call(*outs, grad_out, ids, offsets, weights, hp,
-               combiner=np.int32(embed_ops.combiner_code(combiner)), rule=np.int32(code),
-               consts=np.asarray([consts[k] for k in names] or [0.0], np.float32))
+    res = call(
+        *outs,
+        grad_out,
+        ids,
+        offsets,
+        weights,
+        hp,
+        combiner=np.int32(embed_ops.combiner_code(combiner)),
+        rule=np.int32(code),
+        consts=np.asarray([consts[k] for k in names] or [0.0], np.float32),
+    )
     return tuple(res[: 1 + len(slots)])
 
 
@@ -416,8 +477,10 @@ def adam_slots(table):
 
 def ftrl_slots(table, initial_accumulator_value=0.1):
     """FTRL's ``(accumulator, linear)``: [R, D] filled (Keras: 0.1) and zeros."""
-    return (_filled(table, table.shape, initial_accumulator_value),
-            _filled(table, table.shape, 0.0))
+    return (
+        _filled(table, table.shape, initial_accumulator_value),
+        _filled(table, table.shape, 0.0),
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -430,8 +493,7 @@ def _gather_rows(table, unique_rows, num_unique):
     rows = table.shape[0]
     u = unique_rows.shape[0]
     count = num_unique.reshape(())
-    valid = ((jnp.arange(u) < count) & (unique_rows >= 0)
-             & (unique_rows < rows))
+    valid = (jnp.arange(u) < count) & (unique_rows >= 0) & (unique_rows < rows)
     idx = jnp.where(valid, unique_rows, rows)
     return idx
 
@@ -444,8 +506,7 @@ def _set(x, idx, new):
     return x.at[idx].set(new.astype(x.dtype), mode="drop")
 
 
-def reference_sgd_update(table, unique_rows, row_grads, num_unique,
-                         learning_rate):
+def reference_sgd_update(table, unique_rows, row_grads, num_unique, learning_rate):
     """Pure-JAX :func:`sgd_update`."""
     num_unique = _check_rows(table, unique_rows, row_grads, num_unique)
     lr = _scalar(learning_rate, "learning_rate")
@@ -458,8 +519,9 @@ def _adagrad_scale(acc, eps):
     return jnp.where(acc > 0, 1.0 / jnp.sqrt(acc + np.float32(eps)), 0.0)
 
 
-def reference_adagrad_update(table, accumulator, unique_rows, row_grads,
-                             num_unique, learning_rate, *, eps=1e-7):
+def reference_adagrad_update(
+    table, accumulator, unique_rows, row_grads, num_unique, learning_rate, *, eps=1e-7
+):
     """Pure-JAX :func:`adagrad_update`."""
     num_unique = _check_rows(table, unique_rows, row_grads, num_unique)
     _check_slot(accumulator, "accumulator", table.shape)
@@ -471,9 +533,9 @@ def reference_adagrad_update(table, accumulator, unique_rows, row_grads,
     return _set(table, idx, w), _set(accumulator, idx, acc)
 
 
-def reference_rowwise_adagrad_update(table, accumulator, unique_rows,
-                                     row_grads, num_unique, learning_rate, *,
-                                     eps=1e-7):
+def reference_rowwise_adagrad_update(
+    table, accumulator, unique_rows, row_grads, num_unique, learning_rate, *, eps=1e-7
+):
     """Pure-JAX :func:`rowwise_adagrad_update`."""
     num_unique = _check_rows(table, unique_rows, row_grads, num_unique)
     _check_rowwise_slot(accumulator, "accumulator", table.shape[0])
@@ -484,13 +546,24 @@ def reference_rowwise_adagrad_update(table, accumulator, unique_rows,
     acc = jnp.sum(g * g, axis=1) / np.float32(g.shape[1]) + _get(flat, idx)
     scale = _adagrad_scale(acc, eps)[:, None]
     w = _get(table, idx) + (-lr * (scale * g))
-    return (_set(table, idx, w),
-            _set(flat, idx, acc).reshape(accumulator.shape))
+    return (_set(table, idx, w), _set(flat, idx, acc).reshape(accumulator.shape))
 
 
-def reference_adam_update(table, m, v, unique_rows, row_grads, num_unique,
-                          learning_rate, step, *, b1=0.9, b2=0.999, eps=1e-8,
-                          eps_root=0.0):
+def reference_adam_update(
+    table,
+    m,
+    v,
+    unique_rows,
+    row_grads,
+    num_unique,
+    learning_rate,
+    step,
+    *,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    eps_root=0.0,
+):
     """Pure-JAX :func:`adam_update` (lazy Adam)."""
     num_unique = _check_rows(table, unique_rows, row_grads, num_unique)
     _check_slot(m, "m", table.shape)
@@ -504,8 +577,7 @@ def reference_adam_update(table, m, v, unique_rows, row_grads, num_unique,
     g = row_grads
     m_new = (1 - b1) * g + b1 * _get(m, idx)
     v_new = (1 - b2) * (g * g) + b2 * _get(v, idx)
-    upd = (m_new / bc1) / (jnp.sqrt(v_new / bc2 + np.float32(eps_root))
-                           + np.float32(eps))
+    upd = (m_new / bc1) / (jnp.sqrt(v_new / bc2 + np.float32(eps_root)) + np.float32(eps))
     w = _get(table, idx) + (-lr * upd)
     return _set(table, idx, w), _set(m, idx, m_new), _set(v, idx, v_new)
 
@@ -516,12 +588,21 @@ def _ftrl_pow(x, lr_power):
     return jnp.power(x, np.float32(-lr_power))
 
 
-def reference_ftrl_update(table, accumulator, linear, unique_rows, row_grads,
-                          num_unique, learning_rate, *,
-                          learning_rate_power=-0.5,
-                          l1_regularization_strength=0.0,
-                          l2_regularization_strength=0.0,
-                          l2_shrinkage_regularization_strength=0.0, beta=0.0):
+def reference_ftrl_update(
+    table,
+    accumulator,
+    linear,
+    unique_rows,
+    row_grads,
+    num_unique,
+    learning_rate,
+    *,
+    learning_rate_power=-0.5,
+    l1_regularization_strength=0.0,
+    l2_regularization_strength=0.0,
+    l2_shrinkage_regularization_strength=0.0,
+    beta=0.0,
+):
     """Pure-JAX :func:`ftrl_update`."""
     num_unique = _check_rows(table, unique_rows, row_grads, num_unique)
     _check_slot(accumulator, "accumulator", table.shape)
@@ -542,6 +623,4 @@ def reference_ftrl_update(table, accumulator, linear, unique_rows, row_grads,
     z = _get(linear, idx) + (g_shrunk - (p_new - _ftrl_pow(acc, lrp)) / lr * w)
     quadratic = p_new / lr + 2.0 * l2_reg
     w_new = (jnp.clip(z, -l1, l1) - z) / quadratic
-    return (_set(table, idx, w_new), _set(accumulator, idx, acc_new),
-            _set(linear, idx, z))
-
+    return (_set(table, idx, w_new), _set(accumulator, idx, acc_new), _set(linear, idx, z))
