@@ -82,7 +82,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import baseline_distributed  # noqa: E402
 import common  # noqa: E402
 
-from sok_jax.distributed import DistributedEmbedding, _shard_map  # noqa: E402
+from sok_jax.distributed import DistributedEmbedding, shard_map  # noqa: E402
 
 AXIS = "x"
 KB = 4  # int32 keys / local rows on the wire
@@ -159,7 +159,7 @@ def bench_a2a(n, args):
     per_dev = int(args.a2a_mib * 2**20) // 4
     per_dev -= per_dev % n
     fn = jax.jit(
-        _shard_map(lambda x: jax.lax.all_to_all(x, AXIS, 0, 0, tiled=True), mesh, P(AXIS), P(AXIS))
+        shard_map(lambda x: jax.lax.all_to_all(x, AXIS, 0, 0, tiled=True), mesh, P(AXIS), P(AXIS))
     )
     sh = NamedSharding(mesh, P(AXIS))
     make = jax.jit(lambda k: jax.random.normal(k, (n * per_dev,), jnp.float32), out_shardings=sh)
@@ -448,9 +448,9 @@ def bench_ragged(n, args, rng):
         out = jnp.zeros_like(x)
         return jax.lax.ragged_all_to_all(x, out, io, ss, oo, rs, axis_name=AXIS)
 
-    rag = jax.jit(_shard_map(rag_body, mesh, (P(AXIS),) * 5, P(AXIS)))
+    rag = jax.jit(shard_map(rag_body, mesh, (P(AXIS),) * 5, P(AXIS)))
     pad = jax.jit(
-        _shard_map(lambda x: jax.lax.all_to_all(x, AXIS, 0, 0, tiled=True), mesh, P(AXIS), P(AXIS))
+        shard_map(lambda x: jax.lax.all_to_all(x, AXIS, 0, 0, tiled=True), mesh, P(AXIS), P(AXIS))
     )
     payload = float(sizes.sum() - np.trace(sizes)) / n * D * 4  # off-device bytes per device
     padded_bytes = (n - 1) * C * D * 4

@@ -50,7 +50,8 @@ from sok_jax.ops import embed_ops
 from sok_jax.ops.embed_ops import SparseRowGrad
 
 
-def _shard_map(f, mesh, in_specs, out_specs):
+def shard_map(f, mesh, in_specs, out_specs):
+    """`jax.shard_map` without replication checks, on old and new jax alike."""
     if hasattr(jax, "shard_map"):
         return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
     from jax.experimental.shard_map import shard_map  # older jax
@@ -275,7 +276,7 @@ class DistributedEmbedding:
             return (initializers.init_rows(self.initializer, key_data, keys, d, self.dtype),)
 
         out_specs = (P(axis, None), P(axis)) if self.use_hashtable else (P(axis, None),)
-        fn = _shard_map(shard_init, self.mesh, in_specs=(P(),), out_specs=out_specs)
+        fn = shard_map(shard_init, self.mesh, in_specs=(P(),), out_specs=out_specs)
         table, *slot_keys = jax.jit(fn)(key_data)
         slot_keys = slot_keys[0] if self.use_hashtable else None
         # Three distinct buffers: a donated state must not hold one twice.
@@ -493,7 +494,7 @@ class DistributedEmbedding:
             in_specs.append(row)
         # `row` is a prefix of the context: every array in it is per device.
         out_specs = (row, (row, row, row), row) + ((P(axis, None), row) if has_keys else ())
-        fn = _shard_map(body, self.mesh, tuple(in_specs), out_specs)
+        fn = shard_map(body, self.mesh, tuple(in_specs), out_specs)
         out, stats, ctx, *keyed = fn(*args)
         stats = EmbeddingStats(*stats)
         new_state = EmbeddingState(
@@ -557,7 +558,7 @@ class DistributedEmbedding:
             return r.rows, r.grads, r.count
 
         row = P(self.axis_name)
-        fn = _shard_map(body, self.mesh, (row, row), (row, P(self.axis_name, None), row))
+        fn = shard_map(body, self.mesh, (row, row), (row, P(self.axis_name, None), row))
         rows, grads, count = fn(ctx, d_out)
         return SparseRowGrad(rows, grads, count)
 
@@ -580,7 +581,7 @@ class DistributedEmbedding:
             largest = self._plan(bags.ids, self._capacity(ids.shape[0]))[4]
             return jax.lax.pmax(largest, axis).reshape(1)
 
-        largest = _shard_map(body, self.mesh, (P(axis),), P(axis))(ids)[0]
+        largest = shard_map(body, self.mesh, (P(axis),), P(axis))(ids)[0]
         return largest.astype(jnp.float32) * n / max(full, 1)
 
     def _slot_specs(self, opt_state):
@@ -600,7 +601,7 @@ class DistributedEmbedding:
         slot_specs = self._slot_specs(probe)
 
         def part(pick, spec):
-            fn = _shard_map(lambda t: pick(optimizer.init(t)), self.mesh, (P(axis, None),), spec)
+            fn = shard_map(lambda t: pick(optimizer.init(t)), self.mesh, (P(axis, None),), spec)
             return jax.jit(fn)(state.table)
 
         slots = tuple(part(lambda s, i=i: s.slots[i], spec) for i, spec in enumerate(slot_specs))
@@ -617,7 +618,7 @@ class DistributedEmbedding:
         def body(table, opt_state, rows, grads, count):
             return optimizer.update(table, opt_state, SparseRowGrad(rows, grads, count))
 
-        fn = _shard_map(
+        fn = shard_map(
             body,
             self.mesh,
             (P(axis, None), opt_specs, P(axis), P(axis, None), P(axis)),
@@ -648,7 +649,7 @@ class DistributedEmbedding:
             return update(table, opt_state, *self._owner_bags(ctx, g))
 
         row = P(axis)
-        fn = _shard_map(
+        fn = shard_map(
             body, self.mesh, (P(axis, None), opt_specs, row, row), (P(axis, None), opt_specs)
         )
         table, opt_state = fn(state.table, opt_state, ctx, d_out)
@@ -731,7 +732,7 @@ class DistributedEmbedding:
                 failed.reshape(1),
             )
 
-        fn = _shard_map(
+        fn = shard_map(
             load,
             self.mesh,
             (P(axis), P(axis, None), P(axis), P(axis, None)),
