@@ -19,52 +19,38 @@ import jax.numpy as jnp
 import numpy as np
 
 from sok_jax import ids as ids_lib
-from sok_jax.ops import embed_ops, reference
+from sok_jax.ops import checks, embed_ops, resolve
 from sok_jax.ops.embed_ops import SparseRowGrad
 
-IMPLEMENTATIONS = ("ffi", "reference")
 
-
-def _ops(implementation: str):
-    if implementation == "ffi":
-        return embed_ops
-    if implementation == "reference":
-        return reference
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+def _no_weights():
+    return jnp.zeros((0,), jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _lookup(combiner, implementation, fixed_nnz, table, ids, offsets, weights):
-    return _ops(implementation).lookup_combine(table, ids, offsets, weights, combiner, fixed_nnz)
+    return resolve(implementation).lookup_combine(table, ids, offsets, weights, combiner, fixed_nnz)
 
 
 def _lookup_fwd(combiner, implementation, fixed_nnz, table, ids, offsets, weights):
-    out = _ops(implementation).lookup_combine(table, ids, offsets, weights, combiner, fixed_nnz)
-    # No zero-size residuals: inside shard_map they cross the boundary between
-    # the forward and backward manual computations, and a zero-size array
-    # crossing it makes XLA's GPU compiler segfault under Shardy (jax 0.11.2;
-    # reproduced without sok_jax by diag_multigpu.py's zero_resid_jax case).
+    out = _lookup(combiner, implementation, fixed_nnz, table, ids, offsets, weights)
+    # No zero-size array crosses a shard_map boundary (residuals do, between
+    # the forward and the backward manual computations): absent weights are
+    # saved as None. Guarded by test_no_zero_size_array_crosses_shard_map.
     return out, (table, ids, offsets, weights if weights.shape[0] else None)
 
 
 def _lookup_bwd(combiner, implementation, fixed_nnz, res, g):
     table, ids, offsets, weights = res
-    if weights is None:
-        weights = jnp.zeros((0,), jnp.float32)
-    ops = _ops(implementation)
+    ops = resolve(implementation)
+    weights = _no_weights() if weights is None else weights
     d_table = ops.lookup_combine_bwd_dense(
         g, ids, offsets, weights, combiner, table.shape[0], table.dtype
     )
     if weights.shape[0]:
-        if implementation == "reference":
-            _, vjp = jax.vjp(
-                lambda w: reference.lookup_combine(table, ids, offsets, w, combiner), weights
-            )
-            (d_weights,) = vjp(g)
-        else:
-            d_weights = embed_ops.weight_grad(table, g, ids, offsets, weights, combiner)
+        d_weights = ops.weight_grad(table, g, ids, offsets, weights, combiner)
     else:
-        d_weights = jnp.zeros_like(weights)
+        d_weights = weights
     return d_table, None, None, d_weights
 
 
@@ -105,9 +91,10 @@ def _raise_on_invalid(bags, num_rows, shape_hint):
     )
 
 
-def _prepare(table, ids, weights, slot_num, combiner, check_ids):
-    embed_ops.check_table(table)
+def _prepare(table, ids, weights, slot_num, combiner, check_ids, implementation):
+    checks.check_table(table)
     embed_ops.combiner_code(combiner)
+    resolve(implementation)
     bags = ids_lib.to_bags(ids, weights, slot_num)
     if check_ids:
         hint = (
@@ -154,7 +141,7 @@ def embed(
     Raises:
       ValueError: at trace time for a bad shape, dtype or combiner.
     """
-    bags = _prepare(table, ids, weights, slot_num, combiner, check_ids)
+    bags = _prepare(table, ids, weights, slot_num, combiner, check_ids, implementation)
     out = _lookup(
         combiner, implementation, bags.fixed_nnz, table, bags.ids, bags.offsets, bags.weights
     )
@@ -163,7 +150,9 @@ def embed(
 
 @dataclasses.dataclass(frozen=True)
 class LookupContext:
-    """What a lookup saved for its sparse backward: the canonical bags."""
+    """What a single-shard lookup saved for its sparse backward: its bags
+    (ids [N], offsets [M + 1], weights [N] or None when unweighted) over a
+    table of `num_rows` rows, the combiner and the implementation."""
 
     ids: Any
     offsets: Any
@@ -171,6 +160,10 @@ class LookupContext:
     num_rows: int
     combiner: str
     implementation: str = "ffi"
+
+    def bag_weights(self):
+        """The weights in the ops' layout: [N], or [0] for unweighted."""
+        return _no_weights() if self.weights is None else self.weights
 
 
 jax.tree_util.register_dataclass(
@@ -198,8 +191,8 @@ def lookup(
     [rows, D] gradient is ever built. The output is not differentiable with
     respect to `table` through this function (use `embed` for that).
     """
-    bags = _prepare(table, ids, weights, slot_num, combiner, check_ids)
-    out = _ops(implementation).lookup_combine(
+    bags = _prepare(table, ids, weights, slot_num, combiner, check_ids, implementation)
+    out = resolve(implementation).lookup_combine(
         jax.lax.stop_gradient(table),
         bags.ids,
         bags.offsets,
@@ -207,17 +200,16 @@ def lookup(
         combiner,
         bags.fixed_nnz,
     )
-    ctx = LookupContext(
-        bags.ids, bags.offsets, bags.weights, table.shape[0], combiner, implementation
-    )
+    weights = bags.weights if bags.weights.shape[0] else None
+    ctx = LookupContext(bags.ids, bags.offsets, weights, table.shape[0], combiner, implementation)
     return out.reshape(*bags.batch_shape, table.shape[1]), ctx
 
 
 def sparse_grad(ctx: LookupContext, d_out) -> SparseRowGrad:
     """Per-row gradient of the table from the cotangent of `lookup`'s output."""
     g = d_out.reshape(-1, d_out.shape[-1])
-    return _ops(ctx.implementation).lookup_combine_bwd(
-        g, ctx.ids, ctx.offsets, ctx.weights, ctx.combiner, ctx.num_rows
+    return resolve(ctx.implementation).lookup_combine_bwd(
+        g, ctx.ids, ctx.offsets, ctx.bag_weights(), ctx.combiner, ctx.num_rows
     )
 
 
@@ -232,5 +224,5 @@ def sparse_update(table, optimizer, opt_state, ctx: LookupContext, d_out):
         return optimizer.update(table, opt_state, sparse_grad(ctx, d_out))
     g = d_out.reshape(-1, d_out.shape[-1])
     return optimizer.update_bags(
-        table, opt_state, g, ctx.ids, ctx.offsets, ctx.weights, ctx.combiner
+        table, opt_state, g, ctx.ids, ctx.offsets, ctx.bag_weights(), ctx.combiner
     )

@@ -20,20 +20,31 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import sparse as jsparse
 
-from sok_jax.ops.embed_ops import KEY_DTYPES
+from sok_jax.ops import checks
 
 
 class Bags(NamedTuple):
+    """Flat `ids` [N], int32 `offsets` [M + 1], float32 `weights` [N] or [0],
+    the output's leading shape (batch, slot_num), and `fixed_nnz`: > 0 when
+    bag b is exactly positions [b * fixed_nnz, (b + 1) * fixed_nnz) (padded
+    and BCOO forms), so that the forward kernel reads no offsets."""
+
     ids: jax.Array
     offsets: jax.Array
     weights: jax.Array
     batch_shape: tuple[int, int]
-    # > 0 when bag b is exactly positions [b * fixed_nnz, (b + 1) * fixed_nnz)
-    # (padded and BCOO forms): the forward kernel then reads no offsets.
     fixed_nnz: int = 0
+
+    @classmethod
+    def padded(cls, flat_ids, flat_weights, batch_shape: tuple[int, int], nnz: int) -> "Bags":
+        """The bags of padded ids [*batch_shape, nnz], flattened, and their flat
+        float32 weights (None: unweighted): bag b is [b * nnz, (b + 1) * nnz)."""
+        m = batch_shape[0] * batch_shape[1]
+        offsets = jnp.arange(m + 1, dtype=jnp.int32) * nnz
+        w = jnp.zeros((0,), jnp.float32) if flat_weights is None else flat_weights
+        return cls(flat_ids, offsets, w, tuple(batch_shape), nnz)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,33 +75,6 @@ jax.tree_util.register_dataclass(
 )
 
 
-def _padding_value(dtype):
-    return np.iinfo(np.uint32).max if jnp.dtype(dtype) == jnp.uint32 else -1
-
-
-def is_padding(ids):
-    """Where `ids` holds the "no key" value of its dtype (-1, or 0xFFFFFFFF)."""
-    return ids == jnp.asarray(_padding_value(ids.dtype), ids.dtype)
-
-
-def check_key_array(x, name: str = "ids"):
-    """Converts to a jax array, refusing silent int64 -> int32 truncation."""
-    dt = getattr(x, "dtype", None)
-    if dt is not None and np.dtype(dt) in (np.dtype(np.int64), np.dtype(np.uint64)):
-        if not jax.config.jax_enable_x64:
-            raise ValueError(
-                f"{name} are {np.dtype(dt).name} but jax_enable_x64 is off, so JAX would "
-                "silently truncate them to 32 bits. Enable it with "
-                "jax.config.update('jax_enable_x64', True), or pass int32/uint32 ids."
-            )
-    if np.dtype(dt) == np.dtype(np.uint64):
-        raise ValueError(f"{name}: uint64 keys are not supported; use int64")
-    x = jnp.asarray(x)
-    if jnp.dtype(x.dtype) not in KEY_DTYPES:
-        raise ValueError(f"{name} must be int32, uint32 or int64, got {jnp.dtype(x.dtype).name}")
-    return x
-
-
 def _weights(weights, shape, name="weights"):
     if weights is None:
         return jnp.zeros((0,), jnp.float32)
@@ -107,7 +91,7 @@ def _weights(weights, shape, name="weights"):
 def to_bags(ids, weights=None, slot_num: int | None = None) -> Bags:
     """Reduces any accepted id form (and its weights) to `Bags`."""
     if isinstance(ids, RaggedIds):
-        values = check_key_array(ids.values, "ids.values")
+        values = checks.as_key_array(ids.values, "ids.values")
         offsets = jnp.asarray(ids.offsets)
         if values.ndim != 1:
             raise ValueError(f"ids.values must be rank 1, got shape {tuple(values.shape)}")
@@ -127,15 +111,14 @@ def to_bags(ids, weights=None, slot_num: int | None = None) -> Bags:
         )
     if isinstance(ids, jsparse.BCOO):
         return _bcoo_to_bags(ids, weights, slot_num)
-    ids = check_key_array(ids)
+    ids = checks.as_key_array(ids)
     if ids.ndim != 3:
         raise ValueError(
             "padded ids must be [batch, slot_num, max_nnz] (use -1 for no key), "
             f"got shape {tuple(ids.shape)}"
         )
-    b, s, nnz = ids.shape
-    offsets = jnp.arange(b * s + 1, dtype=jnp.int32) * nnz
-    return Bags(ids.reshape(-1), offsets, _weights(weights, ids.shape), (b, s), nnz)
+    w = None if weights is None else _weights(weights, ids.shape)
+    return Bags.padded(ids.reshape(-1), w, ids.shape[:2], ids.shape[2])
 
 
 def _bcoo_to_bags(ids, weights, slot_num):
@@ -153,18 +136,16 @@ def _bcoo_to_bags(ids, weights, slot_num):
         b, s, nnz = shape[0] // slot_num, slot_num, shape[1]
     else:
         raise ValueError(f"BCOO ids must be rank 2 or 3, got shape {shape}")
-    data = check_key_array(ids.data, "ids.data")
+    data = checks.as_key_array(ids.data, "ids.data")
     idx = ids.indices.reshape(-1, len(shape))
     flat = jnp.ravel_multi_index(tuple(idx[:, i] for i in range(len(shape))), shape, mode="clip")
     # BCOO pads with out-of-bounds indices: send those to a dropped slot.
     inb = jnp.all(idx < jnp.asarray(shape), axis=1)
     flat = jnp.where(inb, flat, b * s * nnz)
-    dense = jnp.full((b * s * nnz,), _padding_value(data.dtype), data.dtype)
+    dense = jnp.full((b * s * nnz,), checks.padding_value(data.dtype), data.dtype)
     dense = dense.at[flat].set(data, mode="drop")
-    offsets = jnp.arange(b * s + 1, dtype=jnp.int32) * nnz
-    if weights is None:
-        w = jnp.zeros((0,), jnp.float32)
-    else:
+    w = None
+    if weights is not None:
         wdata = weights.data if isinstance(weights, jsparse.BCOO) else jnp.asarray(weights)
         if wdata.shape != ids.data.shape:
             raise ValueError(
@@ -176,13 +157,11 @@ def _bcoo_to_bags(ids, weights, slot_num):
             .at[flat]
             .set(wdata.astype(jnp.float32), mode="drop")
         )
-    return Bags(dense, offsets, w, (b, s), nnz)
+    return Bags.padded(dense, w, (b, s), nnz)
 
 
 def invalid_id_mask(bags: Bags, num_rows: int):
     """Ids in some bag that are neither padding nor a row in [0, num_rows)."""
-    from sok_jax.ops.reference import _positions, valid_rows
-
-    valid, _ = valid_rows(bags.ids, num_rows)
-    _, inside = _positions(bags.ids, bags.offsets)
-    return inside & ~valid & ~is_padding(bags.ids)
+    valid, _ = checks.valid_rows(bags.ids, num_rows)
+    _, inside = checks.bag_of_positions(bags.offsets, bags.ids.shape[0])
+    return inside & ~valid & ~checks.is_padding(bags.ids)

@@ -19,7 +19,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax.numpy as jnp
 
-from sok_jax.ops import optim_ops
+from sok_jax.ops import optim_ops, resolve
 from sok_jax.ops.embed_ops import SparseRowGrad
 
 
@@ -38,7 +38,7 @@ class SparseOptimizer(NamedTuple):
       -> (table, state): the lookup's backward and `update` in one step (the
       layout of `sok_jax.ops.embed_ops.lookup_combine`). For sgd, adagrad,
       adam and ftrl with the FFI implementation it is one fused target that
-      never writes the [N, D] row gradient (`optim_ops.bwd_update`); for the
+      never writes the [N, D] row gradient (`embed_ops.bwd_update`); for the
       others it is `lookup_combine_bwd` followed by `update`."""
 
     init: Callable
@@ -48,21 +48,6 @@ class SparseOptimizer(NamedTuple):
 
 def _lr(learning_rate, count):
     return learning_rate(count) if callable(learning_rate) else learning_rate
-
-
-def _impl(fn_name: str, implementation: str):
-    if implementation == "ffi":
-        return getattr(optim_ops, fn_name)
-    if implementation == "reference":
-        return getattr(optim_ops, "reference_" + fn_name)
-    raise ValueError(f"implementation must be 'ffi' or 'reference', got {implementation!r}")
-
-
-def _impl_bwd(implementation: str):
-    """The lookup's sparse backward of `implementation`."""
-    from sok_jax.ops import embed_ops, reference
-
-    return {"ffi": embed_ops, "reference": reference}[implementation].lookup_combine_bwd
 
 
 def _make(
@@ -75,34 +60,43 @@ def _make(
     rule=None,
 ):
     """`rule`: the name of the element-wise rule of the fused backward+update
-    target (optim_ops.RULES), None where there is none (row-wise Adagrad)."""
-    update_fn = _impl(update_name, implementation)
-    bwd = _impl_bwd(implementation)
+    target (`embed_ops.RULES`), None where there is none (row-wise Adagrad:
+    `update_bags` is then the backward followed by `update`)."""
+    ops = resolve(implementation)
+    update_fn = getattr(ops, update_name)
 
     def init(table):
         return SparseOptState(tuple(make_slots(table)), jnp.zeros((), jnp.int32))
 
+    def hparams(state):
+        """The traced hyperparameters of this step: lr (and Adam's 1-based step)."""
+        return (_lr(learning_rate, state.count),) + ((state.count + 1,) if step_arg else ())
+
     def update(table, state: SparseOptState, grad: SparseRowGrad):
-        count = state.count + 1
-        lr = _lr(learning_rate, state.count)
-        args = [table, *state.slots, grad.rows, grad.grads, grad.count, lr]
-        if step_arg:
-            args.append(count)
-        out = update_fn(*args, **hyper)
+        out = update_fn(
+            table, *state.slots, grad.rows, grad.grads, grad.count, *hparams(state), **hyper
+        )
         if not isinstance(out, tuple):
             out = (out,)
-        return out[0], SparseOptState(tuple(out[1:]), count)
+        return out[0], SparseOptState(tuple(out[1:]), state.count + 1)
 
     def update_bags(table, state: SparseOptState, grad_out, ids, offsets, weights, combiner):
-        if rule is None or implementation != "ffi":
-            grad = bwd(grad_out, ids, offsets, weights, combiner, table.shape[0])
+        if rule is None:
+            grad = ops.lookup_combine_bwd(grad_out, ids, offsets, weights, combiner, table.shape[0])
             return update(table, state, grad)
-        count = state.count + 1
-        hp = (_lr(learning_rate, state.count),) + ((count,) if step_arg else ())
-        out = optim_ops.bwd_update(
-            rule, table, state.slots, grad_out, ids, offsets, weights, combiner, hp, **hyper
+        out = ops.bwd_update(
+            rule,
+            table,
+            state.slots,
+            grad_out,
+            ids,
+            offsets,
+            weights,
+            combiner,
+            hparams(state),
+            **hyper,
         )
-        return out[0], SparseOptState(tuple(out[1:]), count)
+        return out[0], SparseOptState(tuple(out[1:]), state.count + 1)
 
     return SparseOptimizer(init, update, update_bags)
 

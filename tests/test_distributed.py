@@ -14,21 +14,21 @@ SOK_REQUIRE_MULTIDEVICE=1 such a skip is a failure instead.
 from __future__ import annotations
 
 # conftest.py forces 8 host devices before jax starts (the flag only works then).
-import dataclasses  # noqa: E402
-import functools  # noqa: E402
-import math  # noqa: E402
+import dataclasses
+import functools
+import math
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from conftest import AXIS, mesh_of, require_devices  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from devices import AXIS, mesh_of, require_devices
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import sok_jax  # noqa: E402
-from sok_jax import initializers  # noqa: E402
-from sok_jax.distributed import (  # noqa: E402
+import sok_jax
+from sok_jax import initializers
+from sok_jax.distributed import (
     DistributedEmbedding,
     EmbeddingState,
     EmbeddingStats,

@@ -11,7 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import (
+from jax.experimental import sparse as jsparse
+from jax.test_util import check_grads
+from oracles import (
     COMBINERS,
     FORMS,
     KEY_DTYPES,
@@ -29,8 +31,6 @@ from conftest import (
     round_to,
     x64_if,
 )
-from jax.experimental import sparse as jsparse
-from jax.test_util import check_grads
 
 import sok_jax
 

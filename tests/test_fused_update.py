@@ -1,4 +1,4 @@
-"""The lookup's backward fused with the optimizer (`optim_ops.bwd_update`,
+"""The lookup's backward fused with the optimizer (`embed_ops.bwd_update`,
 `SparseOptimizer.update_bags`) on CPU.
 
 Each step is checked against an independent oracle, over several steps so
@@ -15,25 +15,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import oracles as oo
 import pytest
-import test_optim_ops as oo
-from conftest import (
-    COMBINERS,
-    build_form,
-    np_embed_grads,
-    np_sparse_rows,
-    random_bags,
-    random_table,
-)
+from oracles import COMBINERS, build_form, np_embed_grads, np_sparse_rows, random_bags, random_table
 
 from sok_jax import optim
-from sok_jax.ops import embed_ops, optim_ops
+from sok_jax.ops import embed_ops
 
 # name -> (optimizer kwargs, oracle, slot maker); hyperparameters away from
 # their defaults where the default would hide a term.
 CASES = {
     "sgd": ({}, oo.sgd_oracle, lambda rng, r, d: []),
-    "adagrad": ({"eps": 1e-3}, oo.adagrad_oracle, lambda rng, r, d: [oo._acc_slot(rng, (r, d))]),
+    "adagrad": ({"eps": 1e-3}, oo.adagrad_oracle, lambda rng, r, d: [oo.acc_slot(rng, (r, d))]),
     "adam": (
         {"b1": 0.8, "b2": 0.95, "eps": 1e-6, "eps_root": 1e-8},
         oo.adam_oracle,
@@ -85,7 +78,7 @@ def _flat_bags(rng, batch, slots, nnz, combiner):
 
 
 def _bits(x):
-    return oo._bits(x)
+    return oo.bits(x)
 
 
 @pytest.mark.parametrize("grad_f32", [False, True])
@@ -221,7 +214,7 @@ def test_bwd_update_errors():
     w = jnp.zeros((0,), jnp.float32)
     g = jnp.ones((6, 4), jnp.float32)
     acc = jnp.ones((ROWS, 4), jnp.float32)
-    call = optim_ops.bwd_update
+    call = embed_ops.bwd_update
     with pytest.raises(ValueError, match="rule must be one of"):
         call("lamb", table, (), g, ids, offsets, w, "sum", (0.1,))
     with pytest.raises(ValueError, match="missing \\['eps'\\]"):

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import AXIS, mesh_of, require_devices
+from devices import AXIS, mesh_of, require_devices
 
 import sok_jax
 from sok_jax import initializers, optim

@@ -12,10 +12,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from oracles import (
+    acc_slot,
+    adagrad_oracle,
+    adam_oracle,
+    bits,
+    ftrl_oracle,
+    rowwise_adagrad_oracle,
+    sgd_oracle,
+)
 
 from sok_jax.ops import optim_ops as ops
+from sok_jax.ops import reference
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # (rtol, atol) on the table, against a float32/float64 oracle.
@@ -30,132 +39,49 @@ LRS = (0.05, 0.02, 0.1)  # a per-step "schedule"
 
 
 # ---------------------------------------------------------------------------
-# Oracles. Each takes the table (float32 numpy [R, D]), its slots (numpy), the
-# touched rows, their gradients [n, D] and the step's hyperparameters, and
-# returns new (table, slots), full size.
-# ---------------------------------------------------------------------------
-
-
-def _dense(rows, grads, shape):
-    g = np.zeros(shape, np.float32)
-    g[rows] = grads
-    return g
-
-
-def sgd_oracle(w, slots, rows, grads, lr, step, kw):
-    opt = optax.sgd(lr)
-    upd, _ = opt.update(jnp.asarray(_dense(rows, grads, w.shape)), opt.init(w))
-    return np.asarray(optax.apply_updates(jnp.asarray(w), upd)), []
-
-
-def adagrad_oracle(w, slots, rows, grads, lr, step, kw):
-    opt = optax.adagrad(lr, eps=kw.get("eps", 1e-7))
-    state = opt.init(jnp.asarray(w))
-    state = (state[0]._replace(sum_of_squares=jnp.asarray(slots[0])),) + state[1:]
-    upd, state = opt.update(jnp.asarray(_dense(rows, grads, w.shape)), state)
-    return (
-        np.asarray(optax.apply_updates(jnp.asarray(w), upd)),
-        [np.asarray(state[0].sum_of_squares)],
-    )
-
-
-def rowwise_adagrad_oracle(w, slots, rows, grads, lr, step, kw):
-    eps = kw.get("eps", 1e-7)
-    w = w.astype(np.float64)
-    acc = slots[0].astype(np.float64).reshape(-1)
-    g = grads.astype(np.float64)
-    acc[rows] += np.mean(g * g, axis=1)
-    a = acc[rows][:, None]
-    scale = np.where(a > 0, 1.0 / np.sqrt(a + eps), 0.0)
-    w[rows] -= lr * g * scale
-    return w, [acc.reshape(slots[0].shape)]
-
-
-def adam_oracle(w, slots, rows, grads, lr, step, kw):
-    """LazyAdam (Kingma & Ba, on the touched rows only)."""
-    b1, b2 = kw.get("b1", 0.9), kw.get("b2", 0.999)
-    eps, eps_root = kw.get("eps", 1e-8), kw.get("eps_root", 0.0)
-    w, m, v = (x.astype(np.float64) for x in (w, *slots))
-    g = grads.astype(np.float64)
-    m[rows] = b1 * m[rows] + (1 - b1) * g
-    v[rows] = b2 * v[rows] + (1 - b2) * g * g
-    m_hat = m[rows] / (1 - b1**step)
-    v_hat = v[rows] / (1 - b2**step)
-    w[rows] -= lr * m_hat / (np.sqrt(v_hat + eps_root) + eps)
-    return w, [m, v]
-
-
-def ftrl_oracle(w, slots, rows, grads, lr, step, kw):
-    """TF's ApplyFtrlV2 (McMahan et al. 2013), sign form, plus Keras' beta."""
-    lrp = kw.get("learning_rate_power", -0.5)
-    l1 = kw.get("l1_regularization_strength", 0.0)
-    l2 = kw.get("l2_regularization_strength", 0.0)
-    shrink = kw.get("l2_shrinkage_regularization_strength", 0.0)
-    beta = kw.get("beta", 0.0)
-    w, n, z = (x.astype(np.float64) for x in (w, *slots))
-    g = grads.astype(np.float64)
-    wr, nr, zr = w[rows], n[rows], z[rows]
-    g_shr = g + 2 * shrink * wr
-    n_new = nr + g * g
-    sigma = (n_new ** (-lrp) - nr ** (-lrp)) / lr
-    zr = zr + g_shr - sigma * wr
-    quad = n_new ** (-lrp) / lr + 2 * (l2 + beta / (2 * lr))
-    w[rows] = np.where(np.abs(zr) > l1, (np.sign(zr) * l1 - zr) / quad, 0.0)
-    n[rows] = n_new
-    z[rows] = zr
-    return w, [n, z]
-
-
-# ---------------------------------------------------------------------------
 # Optimizer table: FFI fn, reference fn, slot maker, oracle, attrs
 # ---------------------------------------------------------------------------
-
-
-def _acc_slot(rng, shape):
-    a = rng.uniform(0.0, 1.0, shape).astype(np.float32)
-    a[rng.random(shape) < 0.1] = 0.0  # exercises the acc > 0 guard
-    return a
 
 
 SPECS = {
     "sgd": dict(
         ffi=ops.sgd_update,
-        ref=ops.reference_sgd_update,
+        ref=reference.sgd_update,
         slots=lambda rng, r, d: [],
         oracle=sgd_oracle,
         kw={},
     ),
     "adagrad": dict(
         ffi=ops.adagrad_update,
-        ref=ops.reference_adagrad_update,
-        slots=lambda rng, r, d: [_acc_slot(rng, (r, d))],
+        ref=reference.adagrad_update,
+        slots=lambda rng, r, d: [acc_slot(rng, (r, d))],
         oracle=adagrad_oracle,
         kw={},
     ),
     "adagrad_eps": dict(
         ffi=ops.adagrad_update,
-        ref=ops.reference_adagrad_update,
-        slots=lambda rng, r, d: [_acc_slot(rng, (r, d))],
+        ref=reference.adagrad_update,
+        slots=lambda rng, r, d: [acc_slot(rng, (r, d))],
         oracle=adagrad_oracle,
         kw={"eps": 1e-3},
     ),
     "rowwise_adagrad": dict(
         ffi=ops.rowwise_adagrad_update,
-        ref=ops.reference_rowwise_adagrad_update,
-        slots=lambda rng, r, d: [_acc_slot(rng, (r,))],
+        ref=reference.rowwise_adagrad_update,
+        slots=lambda rng, r, d: [acc_slot(rng, (r,))],
         oracle=rowwise_adagrad_oracle,
         kw={},
     ),
     "rowwise_adagrad_2d": dict(
         ffi=ops.rowwise_adagrad_update,
-        ref=ops.reference_rowwise_adagrad_update,
-        slots=lambda rng, r, d: [_acc_slot(rng, (r, 1))],
+        ref=reference.rowwise_adagrad_update,
+        slots=lambda rng, r, d: [acc_slot(rng, (r, 1))],
         oracle=rowwise_adagrad_oracle,
         kw={"eps": 1e-4},
     ),
     "adam": dict(
         ffi=ops.adam_update,
-        ref=ops.reference_adam_update,
+        ref=reference.adam_update,
         slots=lambda rng, r, d: [
             rng.normal(0, 0.1, (r, d)).astype(np.float32),
             rng.uniform(0, 0.05, (r, d)).astype(np.float32),
@@ -166,7 +92,7 @@ SPECS = {
     ),
     "adam_custom": dict(
         ffi=ops.adam_update,
-        ref=ops.reference_adam_update,
+        ref=reference.adam_update,
         slots=lambda rng, r, d: [np.zeros((r, d), np.float32), np.zeros((r, d), np.float32)],
         oracle=adam_oracle,
         kw={"b1": 0.8, "b2": 0.99, "eps": 1e-6, "eps_root": 1e-8},
@@ -174,7 +100,7 @@ SPECS = {
     ),
     "ftrl": dict(
         ffi=ops.ftrl_update,
-        ref=ops.reference_ftrl_update,
+        ref=reference.ftrl_update,
         slots=lambda rng, r, d: [
             rng.uniform(0.1, 1.0, (r, d)).astype(np.float32),
             rng.normal(0, 0.5, (r, d)).astype(np.float32),
@@ -185,7 +111,7 @@ SPECS = {
     ),
     "ftrl_reg": dict(
         ffi=ops.ftrl_update,
-        ref=ops.reference_ftrl_update,
+        ref=reference.ftrl_update,
         slots=lambda rng, r, d: [
             rng.uniform(0.1, 1.0, (r, d)).astype(np.float32),
             rng.normal(0, 0.5, (r, d)).astype(np.float32),
@@ -237,11 +163,6 @@ def _f32(x):
     return np.asarray(jnp.asarray(x).astype(jnp.float32))
 
 
-def _bits(x):
-    x = np.asarray(x)
-    return x.view(np.uint16 if x.dtype.itemsize == 2 else np.uint32)
-
-
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("d", DIMS)
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -291,10 +212,10 @@ def test_update_matches_oracle(name, dtype, d, seed):
             )
         untouched = np.setdiff1d(np.arange(NUM_ROWS), touched)
         np.testing.assert_array_equal(
-            _bits(new_table)[untouched], _bits(table)[untouched], err_msg=ctx
+            bits(new_table)[untouched], bits(table)[untouched], err_msg=ctx
         )
         for ns, s in zip(new_slots, slots):
-            np.testing.assert_array_equal(_bits(ns)[untouched], _bits(s)[untouched], err_msg=ctx)
+            np.testing.assert_array_equal(bits(ns)[untouched], bits(s)[untouched], err_msg=ctx)
         assert np.all(np.isfinite(_f32(new_table))), ctx
         table, slots = new_table, new_slots
 
@@ -313,7 +234,7 @@ def test_ffi_matches_reference_under_jit_with_donation(name, dtype, d):
     donate = tuple(range(1 + nslots))
 
     def step_fn(fn, state, ur, g, nu, lr, step):
-        hp = (lr, step) if fn in (ops.adam_update, ops.reference_adam_update) else (lr,)
+        hp = (lr, step) if fn in (ops.adam_update, reference.adam_update) else (lr,)
         return _as_tuple(fn(*state, ur, g, nu, *hp, **spec["kw"]))
 
     def run(fn):
@@ -375,8 +296,8 @@ def test_num_unique_zero_changes_nothing():
     acc = jnp.asarray(rng.uniform(size=(NUM_ROWS, 4)), jnp.float32)
     ur, g, _, _ = _case(rng, 4, "float32", n_valid=5)
     t2, a2 = ops.adagrad_update(table, acc, ur, g, jnp.array([0], jnp.int32), 0.1)
-    np.testing.assert_array_equal(_bits(t2), _bits(table))
-    np.testing.assert_array_equal(_bits(a2), _bits(acc))
+    np.testing.assert_array_equal(bits(t2), bits(table))
+    np.testing.assert_array_equal(bits(a2), bits(acc))
 
 
 def test_invalid_rows_in_prefix_are_skipped():
@@ -386,13 +307,13 @@ def test_invalid_rows_in_prefix_are_skipped():
     ur = np.array([3, -1, NUM_ROWS, 7, NUM_ROWS + 100, -5], np.int32)
     g = rng.normal(size=(6, 5)).astype(np.float32)
     nu = np.array([6], np.int32)
-    for fn in (ops.sgd_update, ops.reference_sgd_update):
+    for fn in (ops.sgd_update, reference.sgd_update):
         out = _f32(fn(table, ur, g, nu, 0.5))
         want = _f32(table).copy()
         want[[3, 7]] -= 0.5 * g[[0, 3]]
         np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-7)
         untouched = np.setdiff1d(np.arange(NUM_ROWS), [3, 7])
-        np.testing.assert_array_equal(_bits(out)[untouched], _bits(table)[untouched])
+        np.testing.assert_array_equal(bits(out)[untouched], bits(table)[untouched])
 
 
 def test_num_unique_beyond_capacity_is_clamped():
@@ -401,7 +322,7 @@ def test_num_unique_beyond_capacity_is_clamped():
     ur = np.array([1, 2, 3], np.int32)
     g = rng.normal(size=(3, 4)).astype(np.float32)
     a = ops.sgd_update(table, ur, g, np.array([1000], np.int32), 0.1)
-    b = ops.reference_sgd_update(table, ur, g, np.array([1000], np.int32), 0.1)
+    b = reference.sgd_update(table, ur, g, np.array([1000], np.int32), 0.1)
     np.testing.assert_allclose(_f32(a), _f32(b), rtol=1e-6)
 
 
@@ -409,13 +330,13 @@ def test_num_unique_beyond_capacity_is_clamped():
 def test_rowwise_adagrad_with_d1_is_adagrad(dtype):
     rng = np.random.default_rng(10)
     table = jnp.asarray(rng.normal(size=(NUM_ROWS, 1)), DTYPES[dtype])
-    acc = jnp.asarray(_acc_slot(rng, (NUM_ROWS, 1)))
+    acc = jnp.asarray(acc_slot(rng, (NUM_ROWS, 1)))
     ur, g, nu, _ = _case(rng, 1, dtype)
     t1, a1 = ops.adagrad_update(table, acc, ur, g, nu, 0.3)
     t2, a2 = ops.rowwise_adagrad_update(table, acc, ur, g, nu, 0.3)
     if jax.default_backend() == "cpu":
-        np.testing.assert_array_equal(_bits(t1), _bits(t2))
-        np.testing.assert_array_equal(_bits(a1), _bits(a2))
+        np.testing.assert_array_equal(bits(t1), bits(t2))
+        np.testing.assert_array_equal(bits(a1), bits(a2))
     else:
         # nvcc contracts acc + g * g (adagrad) into an FMA but not
         # acc + mean(g * g) (rowwise): an ulp or two apart in float32, which
@@ -433,7 +354,7 @@ def test_vmap_sequential():
     nu = np.array([[5], [9]], np.int32)
     got = jax.vmap(ops.sgd_update, in_axes=(0, 0, 0, 0, None))(tables, ur, g, nu, 0.1)
     for i in range(2):
-        want = ops.reference_sgd_update(tables[i], ur[i], g[i], nu[i], 0.1)
+        want = reference.sgd_update(tables[i], ur[i], g[i], nu[i], 0.1)
         np.testing.assert_allclose(got[i], want, rtol=1e-6)
 
 
@@ -469,7 +390,7 @@ def _good():
 @pytest.mark.parametrize("use_ref", [False, True])
 def test_bad_common_arguments(bad, match, use_ref):
     a = {**_good(), **bad}
-    fn = ops.reference_sgd_update if use_ref else ops.sgd_update
+    fn = reference.sgd_update if use_ref else ops.sgd_update
     with pytest.raises(ValueError, match=match):
         fn(a["table"], a["ur"], a["g"], a["nu"], 0.1)
 

@@ -3,8 +3,9 @@
 Every op works on the canonical bag layout that `sok_jax.ids` builds from any
 input form: flat `ids` [N] (int32, uint32 or int64), `offsets` int32 [M + 1]
 (bag b holds positions [offsets[b], offsets[b+1])), and `weights` float32 [N]
-or an empty [0] array for "unweighted". An id that is not in [0, num_rows) is
-skipped (padding, out of range).
+or an empty [0] array for "unweighted". An id that is not a row of the table
+(`checks.valid_rows`) is skipped: padding and out-of-range ids contribute
+nothing. `sok_jax.ops.reference` holds the pure-JAX twin of each op.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from sok_jax import _native  # noqa: F401  (registers the targets)
+from sok_jax.ops import optim_ops
+from sok_jax.ops.checks import KEY_DTYPES, TABLE_DTYPES, check_table
 
 COMBINERS = {"sum": 0, "mean": 1, "sqrtn": 2}
-KEY_DTYPES = (jnp.dtype(jnp.int32), jnp.dtype(jnp.uint32), jnp.dtype(jnp.int64))
-TABLE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 class SparseRowGrad(NamedTuple):
@@ -43,15 +44,6 @@ def combiner_code(combiner: str) -> int:
     return COMBINERS[combiner]
 
 
-def check_table(table, name: str = "table") -> None:
-    if table.ndim != 2:
-        raise ValueError(f"{name} must be rank 2 [rows, D], got shape {tuple(table.shape)}")
-    if jnp.dtype(table.dtype) not in TABLE_DTYPES:
-        raise ValueError(
-            f"{name} must be float32, bfloat16 or float16, got {jnp.dtype(table.dtype).name}"
-        )
-
-
 def check_bags(ids, offsets, weights) -> None:
     if ids.ndim != 1:
         raise ValueError(f"ids must be rank 1 (flattened), got shape {tuple(ids.shape)}")
@@ -64,11 +56,7 @@ def check_bags(ids, offsets, weights) -> None:
     if (
         weights.dtype != jnp.float32
         or weights.ndim != 1
-        or weights.shape[0]
-        not in (
-            0,
-            ids.shape[0],
-        )
+        or weights.shape[0] not in (0, ids.shape[0])
     ):
         raise ValueError(
             f"weights must be float32 [{ids.shape[0]}] (or [0] for none), got "
@@ -83,6 +71,17 @@ def check_fixed_nnz(ids, offsets, fixed_nnz: int) -> None:
             f"fixed_nnz={fixed_nnz} must be 0 or tile the ids exactly "
             f"(len(ids)={ids.shape[0]}, num_bags={m})"
         )
+
+
+def check_grad_out(grad_out, ids, offsets, weights) -> None:
+    """The bags, and a cotangent [num_bags, D] of a float dtype."""
+    check_bags(ids, offsets, weights)
+    if grad_out.ndim != 2 or grad_out.shape[0] != offsets.shape[0] - 1:
+        raise ValueError(
+            f"grad_out must be [num_bags={offsets.shape[0] - 1}, D], got {tuple(grad_out.shape)}"
+        )
+    if jnp.dtype(grad_out.dtype) not in TABLE_DTYPES:
+        raise ValueError(f"grad_out must be a float type, got {grad_out.dtype}")
 
 
 def lookup_combine(table, ids, offsets, weights, combiner: str, fixed_nnz: int = 0):
@@ -116,23 +115,13 @@ def bwd_workspace_bytes(n: int, dim: int) -> int:
     return 36 * n + (16 * n + (4 << 20)) + (n // 64 + 1) * dim * 4 + 8192
 
 
-def _check_grad_out(grad_out, ids, offsets, weights) -> None:
-    check_bags(ids, offsets, weights)
-    if grad_out.ndim != 2 or grad_out.shape[0] != offsets.shape[0] - 1:
-        raise ValueError(
-            f"grad_out must be [num_bags={offsets.shape[0] - 1}, D], got {tuple(grad_out.shape)}"
-        )
-    if jnp.dtype(grad_out.dtype) not in TABLE_DTYPES:
-        raise ValueError(f"grad_out must be a float type, got {grad_out.dtype}")
-
-
 def lookup_combine_bwd(grad_out, ids, offsets, weights, combiner: str, num_rows: int):
     """Per distinct row, the summed gradient: a `SparseRowGrad` of capacity N.
 
     Sort + run-length on the device (cub), summed in position order, no float
     atomics: deterministic.
     """
-    _check_grad_out(grad_out, ids, offsets, weights)
+    check_grad_out(grad_out, ids, offsets, weights)
     n, d = ids.shape[0], grad_out.shape[1]
     outs = (
         jax.ShapeDtypeStruct((n,), jnp.int32),
@@ -157,7 +146,7 @@ def lookup_combine_bwd_dense(
     """The dense [num_rows, D] table cotangent in `dtype`: the same sums as
     `rows_to_dense(lookup_combine_bwd(...))`, in one target (on the GPU each
     touched row is written once, straight from the sorted runs)."""
-    _check_grad_out(grad_out, ids, offsets, weights)
+    check_grad_out(grad_out, ids, offsets, weights)
     n, d = ids.shape[0], grad_out.shape[1]
     outs = (
         jax.ShapeDtypeStruct((num_rows, d), dtype),
@@ -194,3 +183,119 @@ def rows_to_dense(sparse: SparseRowGrad, num_rows: int, dtype=jnp.float32):
     return jax.ffi.ffi_call("sok_rows_to_dense", out, vmap_method="sequential")(
         sparse.rows, sparse.grads, sparse.count
     )
+
+
+# ---------------------------------------------------------------------------
+# The backward fused with an optimizer step
+# ---------------------------------------------------------------------------
+
+
+class UpdateRule(NamedTuple):
+    """An element-wise rule of the fused target: its id (xla_ffi/optim_math.h
+    VisitRule), how many [R, D] float32 slots it updates, and the names of its
+    constant hyperparameters in the order VisitRule reads them."""
+
+    code: int
+    num_slots: int
+    consts: tuple[str, ...]
+
+
+RULES = {
+    "sgd": UpdateRule(0, 0, ()),
+    "adagrad": UpdateRule(1, 1, ("eps",)),
+    "adam": UpdateRule(2, 2, ("b1", "b2", "eps", "eps_root")),
+    "ftrl": UpdateRule(
+        3,
+        2,
+        (
+            "learning_rate_power",
+            "l1_regularization_strength",
+            "l2_regularization_strength",
+            "l2_shrinkage_regularization_strength",
+            "beta",
+        ),
+    ),
+}
+
+
+def check_bwd_update(rule, table, slots, grad_out, ids, offsets, weights, consts) -> UpdateRule:
+    """The arguments of `bwd_update`; returns the rule's `UpdateRule`."""
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {sorted(RULES)}, got {rule!r}")
+    spec = RULES[rule]
+    missing = [k for k in spec.consts if k not in consts]
+    extra = sorted(set(consts) - set(spec.consts))
+    if missing or extra:
+        raise ValueError(
+            f"{rule}: constants {list(spec.consts)} expected, missing {missing}, unexpected {extra}"
+        )
+    check_table(table)
+    check_grad_out(grad_out, ids, offsets, weights)
+    if grad_out.shape[1] != table.shape[1]:
+        raise ValueError(
+            f"grad_out must be [M, {table.shape[1]}] like the table, got {tuple(grad_out.shape)}"
+        )
+    if len(slots) != spec.num_slots:
+        raise ValueError(f"{rule} takes {spec.num_slots} slots, got {len(slots)}")
+    for k, slot in enumerate(slots):
+        optim_ops.check_slot(slot, f"slot {k}", table.shape)
+    return spec
+
+
+def bwd_update(rule, table, slots, grad_out, ids, offsets, weights, combiner, hparams, **consts):
+    """The sparse backward of a lookup and an optimizer step in one target.
+
+    Per distinct row of `table` that the bags (`ids`, `offsets`, `weights`,
+    `combiner`: the layout of `lookup_combine`) looked up, the summed
+    gradient (as `lookup_combine_bwd`) is applied to the row and its `slots`
+    in place by `rule` (as `optim_ops.<rule>_update`). On the GPU no [N, D]
+    row gradient is written or read back: each run of sorted positions
+    updates its row where it is summed.
+
+    Args:
+      rule: "sgd", "adagrad", "adam" or "ftrl" (element-wise rules).
+      table: [R, D] float32, bfloat16 or float16.
+      slots: the rule's float32 [R, D] slots (0, 1 or 2, in the order of the
+        matching `optim_ops.*_update`).
+      grad_out: [M, D] cotangent of the lookup's output, the table's dtype or
+        float32.
+      ids, offsets, weights, combiner: the lookup's bags.
+      hparams: the traced hyperparameters: (learning_rate,) or, for adam,
+        (learning_rate, step).
+      **consts: the rule's constant hyperparameters (`RULES`), by name.
+
+    Returns:
+      `(table, *slots)`, aliasing the inputs.
+
+    Raises:
+      ValueError: an unknown rule, a missing constant, or a wrong shape or
+        dtype (the message names the argument).
+    """
+    slots = tuple(slots)
+    spec = check_bwd_update(rule, table, slots, grad_out, ids, offsets, weights, consts)
+    if grad_out.dtype != table.dtype:
+        grad_out = grad_out.astype(jnp.float32)
+    hp = optim_ops.hparams_vector(*((f"hparams[{i}]", v) for i, v in enumerate(hparams)))
+    # The target always takes two slots; a rule's unused ones are [0].
+    unused = (jnp.zeros((0,), jnp.float32),) * (2 - len(slots))
+    outs = (table, *slots, *unused)
+    n, d = ids.shape[0], table.shape[1]
+    call = jax.ffi.ffi_call(
+        "sok_embed_bwd_update",
+        tuple(jax.ShapeDtypeStruct(o.shape, o.dtype) for o in outs)
+        + (jax.ShapeDtypeStruct((bwd_workspace_bytes(n, d),), jnp.uint8),),
+        vmap_method="sequential",
+        input_output_aliases={i: i for i in range(1 + len(slots))},
+    )
+    res = call(
+        *outs,
+        grad_out,
+        ids,
+        offsets,
+        weights,
+        hp,
+        combiner=np.int32(combiner_code(combiner)),
+        rule=np.int32(spec.code),
+        consts=np.asarray([consts[k] for k in spec.consts] or [0.0], np.float32),
+    )
+    return tuple(res[: 1 + len(slots)])

@@ -13,8 +13,8 @@ fmix32 of the bits of a 32-bit key or the high half of splitmix64 of the bits
 of an int64 key; start slot = word % capacity; then linear probing with
 wrap-around, for at most `capacity` slots.
 
-The CPU target and `reference_find_or_insert` process keys in position order
-and agree exactly. On GPU, new keys of one batch race for free slots, so the
+The CPU target and `sok_jax.ops.reference.find_or_insert` process keys in
+position order and agree exactly. On GPU, new keys of one batch race for free slots, so the
 row a new key gets may differ (each key still gets one row, and exactly one
 position per new key reports is_new=1).
 """
@@ -26,42 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-import sok_jax._native  # noqa: F401  (registers the FFI targets)
+from sok_jax import _native  # noqa: F401  (registers the targets)
+from sok_jax.ops.checks import MAX_ROWS, as_key_array, check_key_dtype, padding_value
 
 _TARGET = "sok_hash_find_or_insert"
-_KEY_DTYPES = (np.dtype(np.int32), np.dtype(np.uint32), np.dtype(np.int64))
-_MAX_CAPACITY = 2**31 - 1
 
 
-def _key_dtype(dtype, what: str) -> np.dtype:
-    dt = np.dtype(dtype)
-    if dt not in _KEY_DTYPES:
-        raise ValueError(f"{what}: unsupported key dtype {dt}, expected int32, uint32 or int64")
-    if dt == np.int64 and not jax.config.jax_enable_x64:
-        raise ValueError(
-            f"{what}: int64 keys need 64-bit types in JAX; enable them with "
-            "jax.config.update('jax_enable_x64', True) (or the "
-            "JAX_ENABLE_X64=1 environment variable) before creating the arrays"
-        )
-    return dt
-
-
-def EMPTY(key_dtype) -> np.generic:
-    """The EMPTY slot / padding key of a key dtype, as a numpy scalar.
-
-    Args:
-      key_dtype: int32, uint32 or int64.
-
-    Returns:
-      -1 for int32/int64, 0xFFFFFFFF for uint32, of that dtype.
-
-    Raises:
-      ValueError: for any other dtype.
-    """
-    dt = np.dtype(key_dtype)
-    if dt not in _KEY_DTYPES:
-        raise ValueError(f"key_dtype: unsupported {dt}, expected int32, uint32 or int64")
-    return dt.type(np.iinfo(dt).max if dt == np.uint32 else -1)
+# The EMPTY slot of a key dtype is its padding value (`checks.padding_value`).
+EMPTY = padding_value
 
 
 def empty_slot_keys(capacity: int, key_dtype) -> jax.Array:
@@ -77,8 +49,8 @@ def empty_slot_keys(capacity: int, key_dtype) -> jax.Array:
     Raises:
       ValueError: for a bad capacity or key dtype.
     """
-    dt = _key_dtype(key_dtype, "key_dtype")
-    if not 1 <= int(capacity) <= _MAX_CAPACITY:
+    dt = check_key_dtype(key_dtype, "key_dtype")
+    if not 1 <= int(capacity) <= MAX_ROWS:
         raise ValueError(f"capacity must lie in [1, 2^31), got {capacity}")
     return jnp.full((int(capacity),), EMPTY(dt), dtype=dt)
 
@@ -119,43 +91,36 @@ def hash_slot(keys, capacity: int):
     Returns:
       int32 array of keys' shape with values in [0, capacity).
     """
-    if not 1 <= int(capacity) <= _MAX_CAPACITY:
+    if not 1 <= int(capacity) <= MAX_ROWS:
         raise ValueError(f"capacity must lie in [1, 2^31), got {capacity}")
     if isinstance(keys, jax.Array):
         xp = jnp
-        _key_dtype(keys.dtype, "keys")
+        check_key_dtype(keys.dtype, "keys")
     else:
         xp = np
         keys = np.asarray(keys)
-        if keys.dtype not in _KEY_DTYPES:
-            raise ValueError(
-                f"keys: unsupported key dtype {keys.dtype}, expected int32, uint32 or int64"
-            )
+        check_key_dtype(keys.dtype, "keys", need_x64=False)
     with np.errstate(over="ignore"):
         h = _hash_word(xp, keys)
         return (h % np.uint32(capacity)).astype(np.int32)
 
 
-def _as_arrays(slot_keys, keys):
-    # Check int64 before jnp.asarray, which would silently truncate it to
-    # int32 without jax_enable_x64.
-    for name, x in (("slot_keys", slot_keys), ("keys", keys)):
-        if np.dtype(getattr(x, "dtype", np.int32)) == np.int64:
-            _key_dtype(np.int64, name)
-    return jnp.asarray(slot_keys), jnp.asarray(keys)
-
-
-def _check(slot_keys, keys) -> np.dtype:
+def check_find_or_insert(slot_keys, keys):
+    """(slot_keys, keys, key dtype) as jax arrays, checked: both rank 1, one
+    key dtype, a capacity in [1, 2^31). int64 is checked before the
+    conversion, which would truncate it without jax_enable_x64."""
+    slot_keys = as_key_array(slot_keys, "slot_keys")
+    keys = as_key_array(keys, "keys")
     if slot_keys.ndim != 1:
         raise ValueError(f"slot_keys must be rank 1 [capacity], got shape {slot_keys.shape}")
     if keys.ndim != 1:
         raise ValueError(f"keys must be rank 1 [N], got shape {keys.shape}")
-    dt = _key_dtype(slot_keys.dtype, "slot_keys")
+    dt = np.dtype(slot_keys.dtype)
     if np.dtype(keys.dtype) != dt:
         raise ValueError(f"keys dtype {keys.dtype} must equal slot_keys dtype {dt}")
-    if not 1 <= slot_keys.shape[0] <= _MAX_CAPACITY:
+    if not 1 <= slot_keys.shape[0] <= MAX_ROWS:
         raise ValueError(f"slot_keys: capacity must lie in [1, 2^31), got {slot_keys.shape[0]}")
-    return dt
+    return slot_keys, keys, dt
 
 
 def find_or_insert(slot_keys: jax.Array, keys: jax.Array, *, insert: bool):
@@ -182,8 +147,7 @@ def find_or_insert(slot_keys: jax.Array, keys: jax.Array, *, insert: bool):
       ValueError: for wrong ranks, mismatched or unsupported dtypes, or int64
         keys without jax_enable_x64.
     """
-    slot_keys, keys = _as_arrays(slot_keys, keys)
-    dt = _check(slot_keys, keys)
+    slot_keys, keys, dt = check_find_or_insert(slot_keys, keys)
     n = keys.shape[0]
     if n == 0:
         return (
@@ -203,58 +167,3 @@ def find_or_insert(slot_keys: jax.Array, keys: jax.Array, *, insert: bool):
     )
     new_slots, rows, is_new, failed = call(slot_keys, keys, insert=np.int32(bool(insert)))
     return new_slots, rows, is_new, failed[0]
-
-
-def reference_find_or_insert(slot_keys: jax.Array, keys: jax.Array, *, insert: bool):
-    """Pure-JAX `find_or_insert`, keys processed in position order.
-
-    Same arguments and outputs as `find_or_insert`, and the same results as its
-    CPU target. Slow (one probe per loop step); an oracle and a fallback.
-    """
-    slot_keys, keys = _as_arrays(slot_keys, keys)
-    dt = _check(slot_keys, keys)
-    cap = slot_keys.shape[0]
-    n = keys.shape[0]
-    empty = jnp.asarray(EMPTY(dt), dt)
-    starts = hash_slot(keys, cap)
-    insert = bool(insert)
-
-    def one_key(i, state):
-        slots, rows, is_new, failed = state
-        k = keys[i]
-
-        # Probe state: (slot, probes done, outcome), outcome 0 = probing,
-        # 1 = found/inserted at slot, 2 = stopped without a row.
-        def cond(c):
-            return c[2] == 0
-
-        def body(c):
-            s, p, _ = c
-            cur = slots[s]
-            hit = cur == k
-            free = cur == empty
-            exhausted = p + 1 >= cap
-            outcome = jnp.where(hit | (free & insert), 1, jnp.where(free | exhausted, 2, 0)).astype(
-                jnp.int32
-            )
-            nxt = jnp.where(s + 1 == cap, 0, s + 1).astype(jnp.int32)
-            return (jnp.where(outcome == 0, nxt, s), p + 1, outcome)
-
-        s, _, outcome = lax.while_loop(
-            cond, body, (starts[i], jnp.int32(0), jnp.where(k == empty, 2, 0).astype(jnp.int32))
-        )
-        got = outcome == 1
-        fresh = got & (slots[s] == empty)
-        slots = slots.at[s].set(jnp.where(fresh, k, slots[s]))
-        rows = rows.at[i].set(jnp.where(got, s, -1))
-        is_new = is_new.at[i].set(fresh.astype(jnp.int32))
-        full = insert & (k != empty) & ~got
-        return slots, rows, is_new, failed + full.astype(jnp.int32)
-
-    init = (
-        slot_keys,
-        jnp.full((n,), -1, jnp.int32),
-        jnp.zeros((n,), jnp.int32),
-        jnp.zeros((), jnp.int32),
-    )
-    return lax.fori_loop(0, n, one_key, init)

@@ -1,0 +1,99 @@
+"""The rules every op and layer shares, written once: which dtypes keys and
+tables may have, the "no key" value, which ids are valid rows, and the
+trace-time checks built on them.
+
+  * keys: int32, uint32 or int64 (int64 needs `jax_enable_x64`);
+  * tables: float32, bfloat16 or float16 (all arithmetic in float32);
+  * padding: -1 for the signed key dtypes, 0xFFFFFFFF for uint32. The same
+    value marks an empty slot of a hash table, so padding is never inserted
+    nor found;
+  * an id is a valid row of a table of `num_rows` rows when it lies in
+    [0, num_rows) (xla_ffi/embed_math.h `RowOf` is the kernels' twin);
+  * bags: position j of the flat ids belongs to bag b when
+    offsets[b] <= j < offsets[b + 1] (offsets non-decreasing).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+KEY_DTYPES = (np.dtype(np.int32), np.dtype(np.uint32), np.dtype(np.int64))
+TABLE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# Rows of one table (and of one shard) stay below this: rows are int32.
+MAX_ROWS = 2**31 - 1
+
+
+def padding_value(key_dtype) -> np.generic:
+    """The "no key" value of a key dtype, as a numpy scalar of that dtype."""
+    dt = check_key_dtype(key_dtype, "key_dtype", need_x64=False)
+    return dt.type(np.iinfo(np.uint32).max if dt == np.uint32 else -1)
+
+
+def is_padding(ids):
+    """Where `ids` holds the "no key" value of its dtype."""
+    return ids == jnp.asarray(padding_value(ids.dtype), ids.dtype)
+
+
+def valid_rows(ids, num_rows: int):
+    """(mask of the ids that are rows of a `num_rows`-row table, those rows
+    as int32 with every other id mapped to 0)."""
+    if not 0 <= num_rows <= MAX_ROWS:
+        raise ValueError(f"num_rows must lie in [0, 2^31 - 1], got {num_rows}")
+    if jnp.issubdtype(ids.dtype, jnp.unsignedinteger):
+        valid = ids < jnp.asarray(num_rows, ids.dtype)
+    else:
+        valid = (ids >= 0) & (ids < num_rows)
+    return valid, jnp.where(valid, ids, 0).astype(jnp.int32)
+
+
+def bag_of_positions(offsets, n: int):
+    """(bag index of each of `n` positions, whether the position is in some
+    bag at all) under the bag rule."""
+    pos = jnp.arange(n, dtype=jnp.int32)
+    # Offsets are non-decreasing: the bag of j is the number of bag ends <= j.
+    bag = jnp.searchsorted(offsets[1:], pos, side="right").astype(jnp.int32)
+    inside = (pos >= offsets[0]) & (pos < offsets[-1])
+    return bag, inside
+
+
+def x64_error(what: str) -> ValueError:
+    """The error for int64 keys while `jax_enable_x64` is off."""
+    return ValueError(
+        f"{what} are int64, which needs jax_enable_x64 (without it JAX truncates them to 32 "
+        "bits): call jax.config.update('jax_enable_x64', True) or set JAX_ENABLE_X64=1 before "
+        "creating arrays, or use int32/uint32 keys"
+    )
+
+
+def check_key_dtype(dtype, what: str, *, need_x64: bool = True) -> np.dtype:
+    """`dtype` as a numpy dtype if it is a key dtype; ValueError naming `what`
+    otherwise (uint64, and int64 without x64 when `need_x64`)."""
+    dt = np.dtype(dtype)
+    if dt not in KEY_DTYPES:
+        raise ValueError(f"{what}: unsupported dtype {dt.name}, expected int32, uint32 or int64")
+    if need_x64 and dt == np.int64 and not jax.config.jax_enable_x64:
+        raise x64_error(what)
+    return dt
+
+
+def as_key_array(x, what: str = "ids"):
+    """`x` as a jax array of a key dtype, refusing the silent int64 -> int32
+    truncation JAX does without x64 (checked before the conversion)."""
+    dt = getattr(x, "dtype", None)
+    if dt is not None:
+        check_key_dtype(dt, what)
+    x = jnp.asarray(x)
+    check_key_dtype(x.dtype, what)
+    return x
+
+
+def check_table(table, name: str = "table") -> None:
+    """A rank-2 [rows, D] table of a table dtype."""
+    if table.ndim != 2:
+        raise ValueError(f"{name} must be rank 2 [rows, D], got shape {tuple(table.shape)}")
+    if jnp.dtype(table.dtype) not in TABLE_DTYPES:
+        raise ValueError(
+            f"{name} must be float32, bfloat16 or float16, got {jnp.dtype(table.dtype).name}"
+        )

@@ -1,0 +1,36 @@
+"""Every FFI op under its op's name: the implementation `"ffi"` selects
+(`sok_jax.ops.resolve`). `sok_jax.ops.reference` has the same names."""
+
+from sok_jax.ops.embed_ops import (
+    bwd_update,
+    lookup_combine,
+    lookup_combine_bwd,
+    lookup_combine_bwd_dense,
+    rows_to_dense,
+    weight_grad,
+)
+from sok_jax.ops.hash_ops import find_or_insert
+from sok_jax.ops.optim_ops import (
+    adagrad_update,
+    adam_update,
+    ftrl_update,
+    rowwise_adagrad_update,
+    sgd_update,
+)
+
+__all__ = [
+    "lookup_combine",
+    "lookup_combine_bwd",
+    "lookup_combine_bwd_dense",
+    "rows_to_dense",
+    "weight_grad",
+    "bwd_update",
+    "sgd_update",
+    "adagrad_update",
+    "rowwise_adagrad_update",
+    "adam_update",
+    "ftrl_update",
+    "find_or_insert",
+]
+# The op names every implementation has (`sok_jax.ops.reference` too).
+OPS = tuple(__all__)
