@@ -7,13 +7,33 @@ name on both platforms.
 
 from __future__ import annotations
 
+import importlib
+import os
+import warnings
+
 import jax
 
-from sok_jax import _sok_cpu
+_BUILD_HINT = (
+    "sok_jax's compiled module {name} is not built or not importable from {where}. "
+    "Install the package (in the checkout: `pip install -e .`, or `SOK_CUDA=OFF pip install -e .` "
+    "to skip the CUDA kernels on a machine without nvcc), and rerun that install after "
+    "changing C++ sources or renaming modules."
+)
 
-try:  # the CUDA module is optional
-    from sok_jax import _sok_cuda  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on the build
+try:
+    _sok_cpu = importlib.import_module("sok_jax._sok_cpu")
+except ImportError as e:
+    where = os.path.dirname(os.path.abspath(__file__))
+    raise ImportError(_BUILD_HINT.format(name="_sok_cpu", where=where)) from e
+
+try:  # the CUDA module is optional: absent in a CPU-only build
+    _sok_cuda = importlib.import_module("sok_jax._sok_cuda")
+except ModuleNotFoundError:
+    _sok_cuda = None
+except ImportError as e:  # built, but it does not load here
+    warnings.warn(
+        f"sok_jax: the CUDA module was built but does not load ({e}); CPU only", stacklevel=2
+    )
     _sok_cuda = None
 
 _CPU_TARGETS = _sok_cpu.registrations()

@@ -6,6 +6,10 @@ dense cotangent built by sok_jax's deterministic kernel; any optax optimizer
 works). For a table sharded over devices and sparse updates use
 `sok_jax.DistributedEmbedding`.
 
+Flax's names: `param_dtype` is the table's storage dtype, `dtype` the dtype
+of the output (None: the table's); the lookup accumulates in float32 either
+way and casts once.
+
 Importing this module imports flax; `import sok_jax` alone never does.
 """
 
@@ -14,15 +18,26 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from sok_jax.embedding import embed
+from sok_jax.initializers import sok_default_init
+
+# SOK's default initializer, uniform(-0.05, 0.05).
+default_embed_init = sok_default_init
 
 
-def _sok_default_init(key, shape, dtype=jnp.float32):
-    """SOK's default: uniform(-0.05, 0.05)."""
-    return jax.random.uniform(key, shape, dtype, -0.05, 0.05)
+def _embed(table, ids, weights, combiner, slot_num, implementation, dtype):
+    out = embed(
+        table,
+        ids,
+        combiner=combiner,
+        weights=weights,
+        slot_num=slot_num,
+        implementation=implementation,
+    )
+    return out if dtype is None else out.astype(dtype)
 
 
 class Embed(nn.Module):
@@ -35,7 +50,8 @@ class Embed(nn.Module):
         are reduced.
       embedding_init: initializer of the [num_embeddings, features] table
         (default uniform(-0.05, 0.05), as SOK).
-      dtype: the table's parameter dtype (float32, bfloat16, float16).
+      param_dtype: the table's storage dtype (float32, bfloat16, float16).
+      dtype: the output's dtype (None: the table's).
       slot_num: slots per sample, only for 2-D BCOO ids.
       implementation: "ffi" (the custom calls) or "reference" (pure JAX).
 
@@ -47,69 +63,71 @@ class Embed(nn.Module):
     num_embeddings: int
     features: int
     combiner: str = "mean"
-    embedding_init: Callable[..., Any] = _sok_default_init
-    dtype: Any = jnp.float32
+    embedding_init: Callable[..., Any] = default_embed_init
+    param_dtype: Any = jnp.float32
+    dtype: Any = None
     slot_num: int | None = None
     implementation: str = "ffi"
 
     def setup(self):
         self.embedding = self.param(
-            "embedding", self.embedding_init, (self.num_embeddings, self.features), self.dtype
+            "embedding",
+            self.embedding_init,
+            (self.num_embeddings, self.features),
+            self.param_dtype,
         )
 
     def __call__(self, ids, weights=None):
-        return embed(
+        return _embed(
             self.embedding,
             ids,
-            combiner=self.combiner,
-            weights=weights,
-            slot_num=self.slot_num,
-            implementation=self.implementation,
+            weights,
+            self.combiner,
+            self.slot_num,
+            self.implementation,
+            self.dtype,
         )
 
 
-try:  # flax.nnx exists from flax 0.8 on
-    from flax import nnx
-except ImportError:  # pragma: no cover - older flax
-    nnx = None
+class NNXEmbed(nnx.Module):
+    """Bag-of-ids embedding (flax.nnx); the table is `self.embedding`, an
+    `nnx.Param` [num_embeddings, features]. Arguments as `Embed`; `rngs`
+    (keyword-only) gives the table's initial values from its `params`
+    stream."""
 
-if nnx is not None:
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        combiner: str = "mean",
+        embedding_init: Callable[..., Any] = default_embed_init,
+        param_dtype: Any = jnp.float32,
+        dtype: Any = None,
+        slot_num: int | None = None,
+        implementation: str = "ffi",
+        rngs: nnx.Rngs,
+    ):
+        self.num_embeddings = num_embeddings
+        self.features = features
+        self.combiner = combiner
+        self.dtype = dtype
+        self.slot_num = slot_num
+        self.implementation = implementation
+        self.embedding = nnx.Param(
+            embedding_init(rngs.params(), (num_embeddings, features), param_dtype)
+        )
 
-    class NNXEmbed(nnx.Module):
-        """Bag-of-ids embedding (flax.nnx); the table is `self.embedding`, an
-        `nnx.Param` [num_embeddings, features]. Arguments as `Embed`, plus
-        `rngs` (uses its `params` stream)."""
-
-        def __init__(
-            self,
-            num_embeddings: int,
-            features: int,
-            *,
-            combiner: str = "mean",
-            embedding_init: Callable[..., Any] = _sok_default_init,
-            dtype: Any = jnp.float32,
-            slot_num: int | None = None,
-            implementation: str = "ffi",
-            rngs: "nnx.Rngs",
-        ):
-            self.num_embeddings = num_embeddings
-            self.features = features
-            self.combiner = combiner
-            self.slot_num = slot_num
-            self.implementation = implementation
-            self.embedding = nnx.Param(
-                embedding_init(rngs.params(), (num_embeddings, features), dtype)
-            )
-
-        def __call__(self, ids, weights=None):
-            return embed(
-                self.embedding[...],
-                ids,
-                combiner=self.combiner,
-                weights=weights,
-                slot_num=self.slot_num,
-                implementation=self.implementation,
-            )
+    def __call__(self, ids, weights=None):
+        return _embed(
+            self.embedding[...],
+            ids,
+            weights,
+            self.combiner,
+            self.slot_num,
+            self.implementation,
+            self.dtype,
+        )
 
 
-__all__ = ["Embed"] + (["NNXEmbed"] if nnx is not None else [])
+__all__ = ["Embed", "NNXEmbed", "default_embed_init"]

@@ -13,15 +13,16 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import haiku as hk
-import jax
 import jax.numpy as jnp
 
 from sok_jax.embedding import embed
+from sok_jax.initializers import sok_default_init
 
 
-def _sok_default_init(shape, dtype=jnp.float32):
-    # Haiku initializers take (shape, dtype) and draw from hk.next_rng_key().
-    return jax.random.uniform(hk.next_rng_key(), shape, dtype, -0.05, 0.05)
+def default_embed_init(shape, dtype=jnp.float32):
+    """SOK's default initializer, uniform(-0.05, 0.05), as a Haiku
+    initializer: `(shape, dtype)`, drawing from `hk.next_rng_key()`."""
+    return sok_default_init(hk.next_rng_key(), shape, dtype)
 
 
 class Embed(hk.Module):
@@ -33,7 +34,8 @@ class Embed(hk.Module):
       combiner: "sum", "mean" or "sqrtn".
       embedding_init: Haiku initializer `init(shape, dtype)` of the table
         (default uniform(-0.05, 0.05), as SOK).
-      dtype: the table's parameter dtype.
+      param_dtype: the table's storage dtype (float32, bfloat16, float16).
+      dtype: the output's dtype (None: the table's).
       slot_num: slots per sample, only for 2-D BCOO ids.
       implementation: "ffi" (the custom calls) or "reference" (pure JAX).
       name: module name.
@@ -48,7 +50,8 @@ class Embed(hk.Module):
         features: int,
         combiner: str = "mean",
         embedding_init: Callable[..., Any] | None = None,
-        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        dtype: Any = None,
         slot_num: int | None = None,
         implementation: str = "ffi",
         name: str | None = None,
@@ -57,16 +60,20 @@ class Embed(hk.Module):
         self.num_embeddings = num_embeddings
         self.features = features
         self.combiner = combiner
-        self.embedding_init = embedding_init or _sok_default_init
+        self.embedding_init = embedding_init or default_embed_init
+        self.param_dtype = param_dtype
         self.dtype = dtype
         self.slot_num = slot_num
         self.implementation = implementation
 
     def __call__(self, ids, weights=None):
         table = hk.get_parameter(
-            "embedding", (self.num_embeddings, self.features), self.dtype, init=self.embedding_init
+            "embedding",
+            (self.num_embeddings, self.features),
+            self.param_dtype,
+            init=self.embedding_init,
         )
-        return embed(
+        out = embed(
             table,
             ids,
             combiner=self.combiner,
@@ -74,6 +81,7 @@ class Embed(hk.Module):
             slot_num=self.slot_num,
             implementation=self.implementation,
         )
+        return out if self.dtype is None else out.astype(self.dtype)
 
 
-__all__ = ["Embed"]
+__all__ = ["Embed", "default_embed_init"]

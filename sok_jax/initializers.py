@@ -13,23 +13,26 @@ import jax.numpy as jnp
 
 Initializer = Callable[..., jax.Array]
 
-_NAMED = {
-    # SOK's default: uniform(-0.05, 0.05).
-    "random_uniform": lambda: _uniform_symmetric(0.05),
-    "uniform": lambda: _uniform_symmetric(0.05),
-    "random_normal": lambda: jax.nn.initializers.normal(0.05),
-    "normal": lambda: jax.nn.initializers.normal(0.05),
-    "truncated_normal": lambda: jax.nn.initializers.truncated_normal(0.05),
-    "zeros": lambda: jax.nn.initializers.zeros,
-    "ones": lambda: jax.nn.initializers.ones,
-}
-
 
 def _uniform_symmetric(scale: float) -> Initializer:
     def init(key, shape, dtype=jnp.float32):
         return jax.random.uniform(key, shape, dtype, -scale, scale)
 
     return init
+
+
+# SOK's default initializer: uniform(-0.05, 0.05), `init(key, shape, dtype)`.
+sok_default_init: Initializer = _uniform_symmetric(0.05)
+
+_NAMED = {
+    "random_uniform": lambda: sok_default_init,
+    "uniform": lambda: sok_default_init,
+    "random_normal": lambda: jax.nn.initializers.normal(0.05),
+    "normal": lambda: jax.nn.initializers.normal(0.05),
+    "truncated_normal": lambda: jax.nn.initializers.truncated_normal(0.05),
+    "zeros": lambda: jax.nn.initializers.zeros,
+    "ones": lambda: jax.nn.initializers.ones,
+}
 
 
 def resolve(initializer) -> Initializer:

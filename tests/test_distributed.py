@@ -735,8 +735,10 @@ def test_no_zero_size_array_crosses_shard_map(hash_mode, weighted):
 @pytest.mark.parametrize("name", ["adagrad", "rowwise_adagrad", "adam", "ftrl"])
 def test_init_optimizer_slots(n, name):
     """init_optimizer gives optimizer.init's values, slots sharded like the
-    table's rows, and every leaf in a buffer of its own on every device (a
-    step donates them all; a shared buffer could not be donated twice)."""
+    table's rows, and every leaf in a buffer of its own on every device, also
+    across calls (a step donates them all; a shared buffer could not be
+    donated twice). On the GPU this guards the plain fills of the slot
+    initializers against constant buffers shared between calls."""
     require_devices(n)
     emb = make_emb(n, "sum")
     state = emb.init(0)
@@ -758,7 +760,9 @@ def test_init_optimizer_slots(n, name):
         rows_of = {s.device: s.index[0] for s in state.table.addressable_shards}
         assert {s.device: s.index[0] for s in g.addressable_shards} == rows_of
     assert int(got.count) == int(want.count) == 0
-    leaves = [state.table, *got.slots]
+    # A second call (another table's optimizer, say) gets buffers of its own too.
+    again = emb.init_optimizer(opt, state)
+    leaves = [state.table, *got.slots, *again.slots]
     for d in emb.mesh.devices.flat:
         ptrs = [
             s.data.unsafe_buffer_pointer()

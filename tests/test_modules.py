@@ -136,3 +136,32 @@ def test_haiku_embed(combiner):
     target = _target()
     first, last = _train(lambda p: jnp.mean((f.apply(p, ids, w) - target) ** 2), params)
     assert last < 0.7 * first
+
+
+def test_param_dtype_is_storage_and_dtype_is_output():
+    """Flax's names: param_dtype stores the table, dtype is the output's."""
+    pytest.importorskip("flax")
+    hk = pytest.importorskip("haiku")
+    from flax import nnx
+
+    from sok_jax.flax import Embed, NNXEmbed
+    from sok_jax.haiku import Embed as HkEmbed
+
+    ids, w = _ids(6)
+    linen = Embed(ROWS, DIM, combiner="sum", param_dtype=jnp.bfloat16, dtype=jnp.float32)
+    params = linen.init(jax.random.key(0), ids, w)
+    table = params["params"]["embedding"]
+    out = linen.apply(params, ids, w)
+    mod = NNXEmbed(ROWS, DIM, param_dtype=jnp.bfloat16, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    f = hk.without_apply_rng(
+        hk.transform(
+            lambda ids, w: HkEmbed(ROWS, DIM, "sum", param_dtype=jnp.float16, name="e")(ids, w)
+        )
+    )
+    hk_params = f.init(jax.random.key(1), ids, w)
+    assert table.dtype == jnp.bfloat16 and mod.embedding[...].dtype == jnp.bfloat16
+    assert hk_params["e"]["embedding"].dtype == jnp.float16
+    assert out.dtype == jnp.float32 and mod(ids, w).dtype == jnp.float32
+    assert f.apply(hk_params, ids, w).dtype == jnp.float16  # dtype None: the table's
+    want = sok_jax.embed(table, ids, combiner="sum", weights=w).astype(jnp.float32)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
