@@ -133,11 +133,13 @@ class DistributedEmbedding:
     # ------------------------------------------------------------------ state
     @property
     def table_sharding(self) -> NamedSharding:
-        return NamedSharding(self.mesh, P(self.axis_name, None))
+        """The table's rows (and every [rows, D] optimizer slot) over the axis."""
+        return self._rows.table_sharding
 
     @property
     def batch_sharding(self) -> NamedSharding:
-        return NamedSharding(self.mesh, P(self.axis_name))
+        """The batch (and every per-device vector) over the axis."""
+        return self._rows.row_sharding
 
     @property
     def num_rows(self) -> int:
