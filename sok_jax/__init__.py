@@ -8,9 +8,15 @@ calls; tables are plain jax.Arrays, sharded over a mesh axis by
 from sok_jax import optim
 from sok_jax._native import has_cuda, target_names
 from sok_jax.distributed import (
+    CollectionState,
     DistributedEmbedding,
+    EmbeddingCollection,
+    EmbeddingError,
     EmbeddingState,
     EmbeddingStats,
+    EmbeddingWarning,
+    FeatureSpec,
+    TableSpec,
     check_stats,
 )
 from sok_jax.embedding import (
@@ -25,9 +31,15 @@ from sok_jax.ids import RaggedIds
 from sok_jax.ops.embed_ops import SparseRowGrad
 
 __all__ = [
+    "CollectionState",
     "DistributedEmbedding",
+    "EmbeddingCollection",
+    "EmbeddingError",
     "EmbeddingState",
     "EmbeddingStats",
+    "EmbeddingWarning",
+    "FeatureSpec",
+    "TableSpec",
     "check_stats",
     "LookupContext",
     "RaggedIds",

@@ -165,3 +165,25 @@ def invalid_id_mask(bags: Bags, num_rows: int):
     valid, _ = checks.valid_rows(bags.ids, num_rows)
     _, inside = checks.bag_of_positions(bags.offsets, bags.ids.shape[0])
     return inside & ~valid & ~checks.is_padding(bags.ids)
+
+
+def ragged_to_padded(ids: RaggedIds, weights=None, width: int | None = None):
+    """Ragged ids as padded ones: (ids [batch, slot_num, width], weights of
+    that shape or None, dropped [batch]: per sample the ids of bags longer
+    than `width` that did not fit). `width` defaults to the longest bag the
+    capacity allows (the capacity itself)."""
+    bags = to_bags(ids, weights)
+    b, s = bags.batch_shape
+    width = int(bags.ids.shape[0] if width is None else width)
+    offsets = bags.offsets
+    length = jnp.maximum(offsets[1:] - offsets[:-1], 0)
+    j = jnp.arange(width, dtype=jnp.int32)
+    inside = j[None, :] < length[:, None]
+    pos = jnp.clip(offsets[:-1, None] + j[None, :], 0, max(bags.ids.shape[0] - 1, 0))
+    pad = checks.padding_value(bags.ids.dtype)
+    padded = jnp.where(inside, bags.ids[pos], jnp.asarray(pad, bags.ids.dtype))
+    w = None
+    if bags.weights.shape[0]:
+        w = jnp.where(inside, bags.weights[pos], 0.0).reshape(b, s, width)
+    dropped = jnp.maximum(length - width, 0).reshape(b, s).sum(axis=1).astype(jnp.int32)
+    return padded.reshape(b, s, width), w, dropped

@@ -1,11 +1,13 @@
 """Per-key initialization: a row's initial vector is a function of the seed
-and the global key alone, never of the device count, the shard or (in hash
-mode) the row a key lands in. So the logical table key -> vector is the same
-on 1 or 8 devices and in any insertion order.
+(for a table of a collection: the seed folded with the table's name) and the
+global key alone, never of the device count, the placement, the shard or (in
+hash mode) the row a key lands in. So the logical table key -> vector is the
+same on 1 or 8 devices, under every placement and in any insertion order.
 """
 
 from __future__ import annotations
 
+import zlib
 from typing import Callable
 
 import jax
@@ -77,3 +79,15 @@ def init_rows(initializer: Initializer, seed, keys, dim: int, dtype=jnp.float32)
         return initializer(k, (dim,), jnp.float32)
 
     return jax.vmap(one)(lo, hi).astype(dtype)
+
+
+def table_id(name: str) -> int:
+    """A stable 31-bit id of a table name (not of its position in a list), so
+    that adding or reordering tables leaves every other table's vectors."""
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+def table_seed(seed, tid):
+    """The key data of one table's vectors: `seed` folded with its id (a
+    Python int or a traced int32, e.g. picked per device)."""
+    return jax.random.key_data(jax.random.fold_in(as_key(seed), tid))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -398,34 +399,51 @@ def test_required_capacity_factor(n, pattern):
 
 
 @pytest.mark.parametrize("n", [1, 8])
-def test_check_raises_under_jit(n):
-    """check=True raises from inside a jitted (and differentiated) call. On
-    several devices a check failing on one device only would leave the others
-    blocked in the all_to_all: the process must not hang or abort."""
+def test_check_never_loses_the_state(n):
+    """check=True: an eager call raises EmbeddingError after the call, with
+    the valid new state attached; inside a jitted, donating (and a
+    differentiated) step nothing raises (the donated state would be lost):
+    the step warns, returns a valid state, and check_stats raises on it."""
     require_devices(n)
     rng = np.random.default_rng(11)
     ids = make_ids("one_owner", rng, n, batch=OVF_BATCH, nnz=OVF_NNZ).astype(np.int32)
     emb = make_emb(n, "mean", max_nnz=OVF_NNZ, capacity_factor=OVF_FACTOR, check=True)
     state = initial_state(n)
-    with pytest.raises(Exception, match="overflow"):
-        jax.block_until_ready(jax.jit(emb.apply)(state, ids))
+    with pytest.raises(sok_jax.EmbeddingError, match="overflow") as err:
+        emb.apply(state, ids)
+    assert int(np.sum(np.asarray(err.value.state.stats.overflow))) > 0
+    np.testing.assert_array_equal(np.asarray(err.value.state.table), np.asarray(state.table))
+
+    copy = jax.tree.map(jnp.copy, state)
+    step = jax.jit(lambda st, ids: emb.apply(st, ids)[1], donate_argnums=0)
+    with pytest.warns(sok_jax.EmbeddingWarning, match="overflow"):
+        new = jax.block_until_ready(step(copy, ids))
+    with pytest.raises(sok_jax.EmbeddingError, match="overflow"):
+        check_stats(new)
+    np.testing.assert_array_equal(np.asarray(new.table), np.asarray(state.table))
 
     def loss(table, ids):
-        out, _ = emb.apply(dataclasses.replace(state, table=table), ids)
-        return jnp.sum(out)
+        out, st = emb.apply(dataclasses.replace(state, table=table), ids)
+        return jnp.sum(out), st
 
-    with pytest.raises(Exception, match="overflow"):
-        jax.block_until_ready(jax.jit(jax.grad(loss))(state.table, ids))
+    with pytest.warns(sok_jax.EmbeddingWarning, match="overflow"):
+        g, st = jax.block_until_ready(jax.jit(jax.grad(loss, has_aux=True))(state.table, ids))
+    with pytest.raises(sok_jax.EmbeddingError, match="overflow"):
+        check_stats(st)
     bad = np.where(ids >= 0, TOTAL_ROWS + 1, -1).astype(np.int32)  # invalid, no overflow
-    with pytest.raises(Exception, match="neither padding"):
-        jax.block_until_ready(jax.jit(emb.apply)(state, bad))
-    # A call that fits does not raise, and the process is still usable.
+    with pytest.warns(sok_jax.EmbeddingWarning, match="neither padding"):
+        st = jax.block_until_ready(step(jax.tree.map(jnp.copy, state), bad))
+    with pytest.raises(ValueError, match="neither padding"):
+        check_stats(st)
+    # A call that fits raises and warns nothing, and the process is still usable.
     ok = np.full_like(ids, -1)
     ok[:, 0, 0] = np.arange(OVF_BATCH)
-    out, st = jax.jit(emb.apply)(state, ok)
-    jax.block_until_ready(out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sok_jax.EmbeddingWarning)
+        st = jax.block_until_ready(step(jax.tree.map(jnp.copy, state), ok))
     check_stats(st)
-    g = jax.jit(jax.grad(loss))(state.table, ok)
+    out, _ = emb.apply(state, ok)
+    g, _ = jax.jit(jax.grad(loss, has_aux=True))(state.table, ok)
     assert float(jnp.abs(g).sum()) > 0
 
 

@@ -1,28 +1,40 @@
-"""The model-parallel path: one table sharded over a mesh axis.
+"""The model-parallel path: tables sharded over a mesh axis.
 
-* `layer.py`: `DistributedEmbedding` (SOK's arguments; state creation,
-  the `shard_map` wrapping, the public methods);
-* `exchange.py`: the per-device data path, plan -> all_to_all keys ->
-  owner rows -> gather -> all_to_all vectors -> combine, and its backward;
-* `rows.py`: the row strategies, direct (key = row) and hash;
-* `state.py`: `EmbeddingState`, `EmbeddingStats`, `ExchangeContext`,
-  `check_stats`.
+* `layer.py`: `DistributedEmbedding`, SOK's one table shared by all slots;
+* `collection.py`: `EmbeddingCollection`, many tables with their own
+  placements (`specs.py`: `TableSpec`, `FeatureSpec`; `planner.py`: the
+  placement planner);
+* `tables.py`: the `shard_map` both run in; `exchange.py`: the per-device
+  data path, plan -> all_to_all keys -> owner rows -> gather -> all_to_all
+  vectors -> combine, and its backward;
+* `rows.py`: the row strategies (row, table, replicated; direct and hash);
+* `state.py`: `EmbeddingState`, `EmbeddingStats`, `check_stats` and its
+  `EmbeddingError`.
 """
 
 from sok_jax._compat import shard_map
+from sok_jax.distributed.collection import CollectionState, EmbeddingCollection, TableShard
 from sok_jax.distributed.layer import DistributedEmbedding
+from sok_jax.distributed.specs import FeatureSpec, TableSpec
 from sok_jax.distributed.state import (
+    EmbeddingError,
     EmbeddingState,
     EmbeddingStats,
-    ExchangeContext,
+    EmbeddingWarning,
     check_stats,
 )
 
 __all__ = [
+    "CollectionState",
     "DistributedEmbedding",
+    "EmbeddingCollection",
+    "EmbeddingError",
     "EmbeddingState",
     "EmbeddingStats",
-    "ExchangeContext",
+    "EmbeddingWarning",
+    "FeatureSpec",
+    "TableShard",
+    "TableSpec",
     "check_stats",
     "shard_map",
 ]

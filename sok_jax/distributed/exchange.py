@@ -1,25 +1,31 @@
-"""The per-device data path of a sharded lookup, read top to bottom (every
-function here runs inside `shard_map`, on one device's slice of the batch):
+"""The per-device data path of a sharded lookup over many tables, read top to
+bottom. Every function here runs inside `shard_map`, on one device's slice
+of the batch. The tables live in storage *units* (one array and its row
+strategy, `rows.py`); a unit is read by one or more *lookups* (a feature, or
+`DistributedEmbedding`'s slots).
 
-  1. `plan`: bucket the valid keys by owner and remove duplicates per
-     destination (one sort), so each distinct key crosses the network once;
-     each destination bucket holds `capacity` keys, the rest are counted in
-     `stats.overflow`, never silently lost;
-  2. `all_to_all` the bucketed values (keys, or local rows);
-  3. on the owner, the rows of the received keys (`rows.*.owner_rows`: in
-     hash mode find-or-insert them), then gather them with the FFI lookup;
-  4. `all_to_all` the vectors back;
-  5. combine per (sample, slot) with the FFI combine, reading the received
-     vectors through the plan's inverse index.
+Forward, for every unit that exchanges (placement "row" or "table"):
+  1. `plan`: bucket the valid keys of all the unit's lookups by owner and
+     remove duplicates per destination (one sort), so each distinct key
+     crosses the network once; a destination's bucket holds `capacity`
+     keys, the rest are counted in `stats.overflow`, never silently lost;
+  2. one `all_to_all` carries the buckets of every unit (`exchange_words`);
+  3. on the owner, the rows of the received keys (`owner_rows`: in hash mode
+     find-or-insert them), gathered with the FFI lookup;
+  4. one `all_to_all` carries every unit's vectors back (`exchange_vectors`);
+  5. per lookup, the FFI combine over the received vectors, read through
+     the plan's inverse index.
+A unit that does not exchange (placement "replicated", or one device in
+direct mode) finds the rows of its keys locally and combines them there.
 
-Steps 3 and 5 are `sok_jax.embedding._lookup` (custom_vjp), and the
-all_to_all transposes to itself, so `jax.grad` runs this path in reverse.
-The sparse backward (`owner_bags`) runs the same reverse exchange without
-the dense gradient: the requesting side sums its positions' gradients per
-received slot, sends them back, and the owner reduces them per row.
-
-`local_forward` is the path with nothing to exchange (one device, direct
-mode, a capacity that holds the batch): the single-shard lookup.
+Steps 3 and 5 are `sok_jax.embedding._lookup` (custom_vjp) and both
+exchanges transpose to themselves, so `jax.grad` runs this path in reverse.
+The sparse backward (`owner_bags`) runs the reverse exchange without the
+dense gradient: each requesting device sums its positions' gradients per
+received slot, one `all_to_all` sends every unit's sums to the owners, and
+each owner's bags are one slot each. A replicated unit's touched rows and
+their gradients are gathered over the axis, so every replica applies the
+same update.
 
 No zero-size array crosses a `shard_map` boundary (absent pieces are None);
 guarded by tests/test_distributed.py::test_no_zero_size_array_crosses_shard_map.
@@ -28,47 +34,92 @@ guarded by tests/test_distributed.py::test_no_zero_size_array_crosses_shard_map.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from sok_jax.distributed.state import EmbeddingStats, ExchangeContext
-from sok_jax.embedding import LookupContext, _lookup
+from sok_jax.distributed.state import EmbeddingStats
+from sok_jax.embedding import _lookup
 from sok_jax.ids import Bags
 from sok_jax.ops import checks, resolve
 
+# ------------------------------------------------------------------ specs
+
+
+@dataclasses.dataclass(frozen=True)
+class LookupSpec:
+    """One lookup of the batch: its output name, the table it reads (and that
+    table's index among its unit's members), its combiner ("sum", "mean",
+    "sqrtn"; a sequence lookup is "sum" over one-position bags) and how many
+    ids one sample may hold (sizes the exchange buckets)."""
+
+    name: str
+    table: str
+    member: int
+    combiner: str
+    sequence: bool
+    ids_per_sample: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """A storage array (its row strategy, `rows.py`) and the lookups that
+    read it, in a fixed order."""
+
+    name: str
+    rows: Any
+    lookups: tuple
+
 
 class ExchangePlan(NamedTuple):
-    """Where each distinct key of one device's batch goes.
+    """Where each distinct key of one device's lookups of a unit goes.
 
     send: [n * capacity] the values for each destination's bucket (keys in
       hash mode, the owner's local rows in direct mode; empty slots hold the
       send format's empty value).
     recv_index: int32 [N]: per id position, the slot of its vector in the
       [n * capacity] buffer that comes back (-1: padding, invalid, overflow).
-    overflow: int32: distinct keys that found their bucket full.
-    invalid: int32: ids that are neither padding nor keys of the table.
+    dropped: bool [N]: the first position of each distinct key that found
+      its bucket full (one per overflowed key).
+    invalid: bool [N]: ids that are neither padding nor keys of the table.
     largest_bucket: int32: the most distinct keys bound for one destination.
     """
 
     send: jax.Array
     recv_index: jax.Array
-    overflow: jax.Array
+    dropped: jax.Array
     invalid: jax.Array
     largest_bucket: jax.Array
 
 
-class DeviceLookup(NamedTuple):
-    """One device's lookup: the combined output [b, S, D], the shard after
-    any insertion (`table`, `slot_keys`: None when the lookup leaves it as it
-    was), the counters, and the context for the sparse backward."""
+class UnitContext(NamedTuple):
+    """What one unit's lookup saved for its sparse backward (per device).
 
-    out: jax.Array
-    table: Any
-    slot_keys: Any
-    stats: EmbeddingStats
-    ctx: Any
+    owner_rows: int32 [n * C]: on the owner, the local row of every key it
+      received (-1: none); None where the unit did not exchange.
+    index: per lookup, int32 [N_f]: the slot of each position's vector in the
+      returned buffer (exchanged), or the local row of each position.
+    offsets: per lookup, int32 [M_f + 1].
+    weights: per lookup, float32 [N_f], or None when unweighted.
+    """
+
+    owner_rows: Any
+    index: tuple
+    offsets: tuple
+    weights: tuple
+
+
+class DeviceLookup(NamedTuple):
+    """One device's lookup: per lookup its output, per unit the shard after
+    any insertion ((table, slot_keys), None when unchanged), per table its
+    counters, and per unit the context for the sparse backward."""
+
+    outs: dict
+    shards: dict
+    stats: dict
+    ctx: dict
 
 
 class OwnerBags(NamedTuple):
@@ -83,128 +134,386 @@ class OwnerBags(NamedTuple):
     combiner: str
 
 
-def _counts(overflow, invalid, hash_full) -> EmbeddingStats:
-    return EmbeddingStats(overflow.reshape(1), invalid.reshape(1), hash_full.reshape(1))
+def _no_weights():
+    return jnp.zeros((0,), jnp.float32)
 
 
-@dataclasses.dataclass(frozen=True)
-class Exchange:
-    """The data path of one table sharded over `axis_name` by `rows`."""
+def _singles(n: int):
+    return jnp.arange(n + 1, dtype=jnp.int32)
 
-    rows: Any  # a row strategy (sok_jax.distributed.rows)
-    axis_name: str
-    combiner: str
-    implementation: str
-    key_dtype: Any
 
-    @property
-    def num_devices(self) -> int:
-        return self.rows.num_devices
+# ------------------------------------------------------------- exchanges
 
-    def all_to_all(self, x):
-        return jax.lax.all_to_all(x, self.axis_name, 0, 0, tiled=True)
 
-    def plan(self, flat_ids, capacity: int) -> ExchangePlan:
-        """Step 1: bucket by owner and dedup per destination (one sort)."""
-        n = self.num_devices
-        N = flat_ids.shape[0]
-        valid, owner, value, bound = self.rows.bucket_keys(flat_ids)
-        invalid = jnp.sum(~valid & ~checks.is_padding(flat_ids)).astype(jnp.int32)
-        iota = jnp.arange(N, dtype=jnp.int32)
-        if bound is not None:
-            # (owner, value) packed into one int32 below n * bound: a plain
-            # key/value sort (a radix sort on the GPU), not a comparator sort.
-            packed = jnp.where(valid, owner * bound + value, n * bound).astype(jnp.int32)
-            s_packed, perm = jax.lax.sort((packed, iota), num_keys=1)
-            s_owner = jnp.minimum(s_packed // bound, n).astype(jnp.int32)
-            s_value = s_packed - s_owner * bound
-            differs = s_packed[1:] != s_packed[:-1]
-        else:
-            s_owner, s_value, perm = jax.lax.sort((owner, value, iota), num_keys=2)
-            differs = (s_owner[1:] != s_owner[:-1]) | (s_value[1:] != s_value[:-1])
-        real = s_owner < n
-        first = jnp.concatenate([jnp.ones((1,), bool), differs]) & real
-        run = jnp.cumsum(first.astype(jnp.int32)) - 1
-        per_owner = jax.ops.segment_sum(first.astype(jnp.int32), s_owner, n + 1)[:n]
-        start = jnp.cumsum(per_owner) - per_owner
-        rank = run - start[jnp.minimum(s_owner, n - 1)]
-        fits = real & (rank < capacity)
-        slot = jnp.where(fits, s_owner * capacity + rank, -1)
-        overflow = jnp.sum(first & ~fits).astype(jnp.int32)
-        send_dtype, empty = self.rows.send_format(self.key_dtype)
-        target = jnp.where(first & fits, slot, n * capacity)
-        send = (
-            jnp.full((n * capacity,), empty, send_dtype)
-            .at[target]
-            .set(s_value.astype(send_dtype), mode="drop")
-        )
-        recv_index = jnp.zeros((N,), jnp.int32).at[perm].set(slot)
-        return ExchangePlan(send, recv_index, overflow, invalid, jnp.max(per_owner))
+def _to_words(x):
+    """`x` [n, ...] as uint32 words [n, W] (int64: two words per value; 16-bit
+    floats: two values per word, padded to an even count)."""
+    n = x.shape[0]
+    x = x.reshape(n, -1)
+    if x.dtype.itemsize == 2:
+        if x.shape[1] % 2:
+            x = jnp.concatenate([x, jnp.zeros((n, 1), x.dtype)], axis=1)
+        x = x.reshape(n, -1, 2)
+    return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(n, -1)
 
-    def forward(self, table, slot_keys, seed, bags: Bags, capacity: int, training, sparse):
-        """Steps 1-5 on one device: a `DeviceLookup` with an `ExchangeContext`.
-        `sparse`: the output carries no gradient to the table."""
-        impl = self.implementation
-        plan = self.plan(bags.ids, capacity)
-        received = self.all_to_all(plan.send)  # [n*C] keys or local rows
-        owner = self.rows.owner_rows(table, slot_keys, seed, received, training)
-        # After an insertion: new rows carry their initial vectors.
-        src = owner.table if owner.table is not None else table
-        src = jax.lax.stop_gradient(src) if sparse else src
-        singles = jnp.arange(received.shape[0] + 1, dtype=jnp.int32)
-        no_weights = jnp.zeros((0,), jnp.float32)
-        vectors = _lookup("sum", impl, 1, src, owner.rows, singles, no_weights)  # a gather
-        back = self.all_to_all(vectors)  # [n*C, D], bucket-major by destination
-        out = _lookup(
-            self.combiner, impl, bags.fixed_nnz, back, plan.recv_index, bags.offsets, bags.weights
-        )
-        out = out.reshape(*bags.batch_shape, table.shape[1])
-        weights = bags.weights if bags.weights.shape[0] else None
-        ctx = ExchangeContext(owner.rows, plan.recv_index, bags.offsets, weights)
-        stats = _counts(plan.overflow, plan.invalid, owner.hash_full)
-        return DeviceLookup(out, owner.table, owner.slot_keys, stats, ctx)
 
-    def local_forward(self, table, bags: Bags, sparse):
-        """The single-shard lookup of the whole batch on the local table (one
-        device, direct mode): a `DeviceLookup` with a `LookupContext`. The
-        same function and counters as `forward`; nothing can overflow."""
-        src = jax.lax.stop_gradient(table) if sparse else table
-        num_rows = table.shape[0]
-        valid, _ = checks.valid_rows(bags.ids, num_rows)
-        invalid = jnp.sum(~valid & ~checks.is_padding(bags.ids)).astype(jnp.int32)
-        out = _lookup(
-            self.combiner,
-            self.implementation,
-            bags.fixed_nnz,
-            src,
-            bags.ids,
-            bags.offsets,
-            bags.weights,
-        )
-        out = out.reshape(*bags.batch_shape, table.shape[1])
-        weights = bags.weights if bags.weights.shape[0] else None
-        ctx = LookupContext(
-            bags.ids, bags.offsets, weights, num_rows, self.combiner, self.implementation
-        )
+def _from_words(words, like):
+    """Inverse of `_to_words` for an array shaped and typed like `like`."""
+    n = words.shape[0]
+    dtype, size = like.dtype, int(like.size) // like.shape[0]
+    if dtype.itemsize == 8:
+        words = words.reshape(n, size, 2)
+    x = jax.lax.bitcast_convert_type(words, dtype).reshape(n, -1)
+    return x[:, :size].reshape(like.shape)
+
+
+def _word_count(x) -> int:
+    per = int(x.size) // x.shape[0]
+    if x.dtype.itemsize == 2:
+        return (per + 1) // 2
+    return per * (x.dtype.itemsize // 4)
+
+
+def exchange_words(axis_name: str, n: int, parts):
+    """One `all_to_all` over the `n` devices of `axis_name` for every array
+    of `parts` (each [n * C_i, ...], destination-major): chunk d of every
+    part goes to device d, and the received chunks come back in the same
+    layout, source-major."""
+    if not parts:
+        return []
+    parts = [p.reshape(n, p.shape[0] // n, *p.shape[1:]) for p in parts]
+    buf = jnp.concatenate([_to_words(p) for p in parts], axis=1)
+    buf = jax.lax.all_to_all(buf.reshape(-1), axis_name, 0, 0, tiled=True).reshape(n, -1)
+    out, start = [], 0
+    for p in parts:
+        w = _word_count(p)
+        got = _from_words(buf[:, start : start + w], p)
+        out.append(got.reshape(-1, *p.shape[2:]))
+        start += w
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def exchange_vectors(axis_name: str, n: int, parts: tuple):
+    """`exchange_words` for float arrays, differentiable: the exchange is its
+    own transpose, so the cotangents travel back the same way."""
+    return tuple(exchange_words(axis_name, n, list(parts)))
+
+
+def _exchange_vectors_fwd(axis_name, n, parts):
+    return exchange_vectors(axis_name, n, parts), None
+
+
+def _exchange_vectors_bwd(axis_name, n, _, cotangents):
+    return (tuple(exchange_words(axis_name, n, list(cotangents))),)
+
+
+exchange_vectors.defvjp(_exchange_vectors_fwd, _exchange_vectors_bwd)
+
+
+# ------------------------------------------------------------------ plan
+
+
+def plan(rows, lookups, flat_ids, capacity: int) -> ExchangePlan:
+    """Step 1 for one unit: bucket by owner and dedup per destination (one
+    sort) the concatenated ids of its lookups (`flat_ids[i]` of lookup i)."""
+    n = rows.num_devices
+    pieces = [rows.bucket_keys(ids, spec.member) for spec, ids in zip(lookups, flat_ids)]
+    valid = jnp.concatenate([p.valid for p in pieces])
+    owner = jnp.concatenate([p.owner for p in pieces])
+    value = jnp.concatenate([p.value for p in pieces])
+    ids = jnp.concatenate(flat_ids)
+    bound = pieces[0].value_bound
+    N = ids.shape[0]
+    invalid = ~valid & ~checks.is_padding(ids)
+    iota = jnp.arange(N, dtype=jnp.int32)
+    if bound is not None:
+        # (owner, value) packed into one int32 below n * bound: a plain
+        # key/value sort (a radix sort on the GPU), not a comparator sort.
+        packed = jnp.where(valid, owner * bound + value, n * bound).astype(jnp.int32)
+        s_packed, perm = jax.lax.sort((packed, iota), num_keys=1)
+        s_owner = jnp.minimum(s_packed // bound, n).astype(jnp.int32)
+        s_value = s_packed - s_owner * bound
+        differs = s_packed[1:] != s_packed[:-1]
+    else:
+        s_owner, s_value, perm = jax.lax.sort((owner, value, iota), num_keys=2)
+        differs = (s_owner[1:] != s_owner[:-1]) | (s_value[1:] != s_value[:-1])
+    real = s_owner < n
+    first = jnp.concatenate([jnp.ones((1,), bool), differs]) & real
+    run = jnp.cumsum(first.astype(jnp.int32)) - 1
+    per_owner = jax.ops.segment_sum(first.astype(jnp.int32), s_owner, n + 1)[:n]
+    start = jnp.cumsum(per_owner) - per_owner
+    rank = run - start[jnp.minimum(s_owner, n - 1)]
+    fits = real & (rank < capacity)
+    slot = jnp.where(fits, s_owner * capacity + rank, -1)
+    send_dtype, empty = rows.send_format()
+    target = jnp.where(first & fits, slot, n * capacity)
+    send = (
+        jnp.full((n * capacity,), empty, send_dtype)
+        .at[target]
+        .set(s_value.astype(send_dtype), mode="drop")
+    )
+    recv_index = jnp.zeros((N,), jnp.int32).at[perm].set(slot)
+    dropped = jnp.zeros((N,), bool).at[perm].set(first & ~fits)
+    return ExchangePlan(send, recv_index, dropped, invalid, jnp.max(per_owner))
+
+
+def bucket_capacity(unit: Unit, capacity: int) -> int:
+    """The bucket size actually used: `capacity`, or fewer where a
+    destination can never receive that many distinct keys (direct mode: the
+    rows it holds), which changes no result."""
+    bound = unit.rows.max_distinct()
+    return max(1, min(capacity, bound)) if bound is not None else capacity
+
+
+# --------------------------------------------------------------- forward
+
+
+def _split(x, lengths):
+    out, start = [], 0
+    for k in lengths:
+        out.append(x[start : start + k])
+        start += k
+    return out
+
+
+def _weights_or_none(bags: Bags):
+    return bags.weights if bags.weights.shape[0] else None
+
+
+def _combine(spec: LookupSpec, implementation, vectors, index, bags: Bags):
+    out = _lookup(
+        spec.combiner, implementation, bags.fixed_nnz, vectors, index, bags.offsets, bags.weights
+    )
+    return out.reshape(*bags.batch_shape, vectors.shape[1])
+
+
+def member_tables(unit: Unit) -> list[str]:
+    return [m.name for m in unit.rows.members if m is not None]
+
+
+def full_positions(unit: Unit, local_batch: int) -> int:
+    """Key positions of a device's batch over a unit's lookups."""
+    return local_batch * sum(spec.ids_per_sample for spec in unit.lookups)
+
+
+def is_local(unit: Unit, capacity: int, local_batch: int) -> bool:
+    """Whether a unit needs no exchange: replicated, or one device in direct
+    mode with a bucket that holds the whole batch (a smaller one keeps the
+    exchange, so that its overflow counts stay the same)."""
+    rows = unit.rows
+    if not rows.exchanged:
+        return True
+    return (
+        rows.num_devices == 1 and not rows.hashed and capacity >= full_positions(unit, local_batch)
+    )
+
+
+class _Counters:
+    """Per table, this device's counts of the call."""
+
+    def __init__(self, tables):
         zero = jnp.zeros((), jnp.int32)
-        return DeviceLookup(out, None, None, _counts(zero, invalid, zero), ctx)
+        self.counts = {t: {"overflow": zero, "invalid": zero, "hash_full": zero} for t in tables}
 
-    def owner_bags(self, ctx, d_out) -> OwnerBags:
-        """The sparse backward up to the owner: `OwnerBags` over this device's
-        table rows. A `LookupContext` (no exchange) gives the lookup's own
-        bags; an `ExchangeContext` runs the reverse exchange: the requesting
-        side sums its positions' gradients per received slot and sends them
-        to the owners, whose bags are one slot each."""
-        g = d_out.reshape(-1, d_out.shape[-1])
-        if isinstance(ctx, LookupContext):
-            return OwnerBags(g, ctx.ids, ctx.offsets, ctx.bag_weights(), ctx.combiner)
-        ops = resolve(self.implementation)
-        weights = jnp.zeros((0,), jnp.float32) if ctx.weights is None else ctx.weights
-        slots = ctx.owner_rows.shape[0]  # n*C: the slots of the returned buffer
-        per_slot = ops.lookup_combine_bwd(
-            g, ctx.recv_index, ctx.offsets, weights, self.combiner, slots
+    def add(self, table, what, value):
+        self.counts[table][what] = self.counts[table][what] + jnp.asarray(value, jnp.int32)
+
+    def add_per_lookup(self, lookups, what, masks):
+        for spec, m in zip(lookups, masks):
+            self.add(spec.table, what, jnp.sum(m))
+
+    def add_hash_full(self, unit: Unit, hash_full):
+        """A unit's full-shard count on this device, credited to the table
+        whose keys this device owns (a column: its member there)."""
+        members = unit.rows.members
+        if len(members) == 1:
+            self.add(members[0].name, "hash_full", hash_full)
+            return
+        me = jax.lax.axis_index(unit.rows.axis_name)
+        for d, m in enumerate(members):
+            if m is not None:
+                self.add(m.name, "hash_full", jnp.where(me == d, hash_full, 0))
+
+    def stats(self):
+        return {
+            t: EmbeddingStats(*(c[k].reshape(1) for k in ("overflow", "invalid", "hash_full")))
+            for t, c in self.counts.items()
+        }
+
+
+def _context(owner_rows, unit, index, bags):
+    specs = unit.lookups
+    return UnitContext(
+        owner_rows,
+        tuple(index),
+        tuple(bags[s.name].offsets for s in specs),
+        tuple(_weights_or_none(bags[s.name]) for s in specs),
+    )
+
+
+def forward(units, shards, seed, bags, capacities, local, implementation, training, sparse):
+    """Steps 1-5 on one device for every unit: a `DeviceLookup`.
+
+    shards: {unit: (table, slot_keys or None)}; bags: {lookup: Bags};
+    capacities: {unit: bucket size}; local: {unit: True when it does not
+    exchange}; `sparse`: the outputs carry no gradient to the tables."""
+    outs, new_shards, ctxs = {}, {}, {}
+    counters = _Counters([t for u in units for t in member_tables(u)])
+
+    def read(unit, rows_found):
+        table, slot_keys = shards[unit.name]
+        if rows_found.table is not None:
+            table, slot_keys = rows_found.table, rows_found.slot_keys
+            new_shards[unit.name] = (table, slot_keys)
+        return jax.lax.stop_gradient(table) if sparse else table
+
+    exchanged = [u for u in units if not local[u.name]]
+    if exchanged:
+        rows0 = exchanged[0].rows
+        axis, n = rows0.axis_name, rows0.num_devices
+        # 1-2: plan every exchanged unit; one all_to_all for all the keys.
+        plans = [
+            plan(u.rows, u.lookups, [bags[s.name].ids for s in u.lookups], capacities[u.name])
+            for u in exchanged
+        ]
+        received = exchange_words(axis, n, [p.send for p in plans])
+        # 3: on the owners, the rows and their vectors.
+        found, vectors = [], []
+        for u, got in zip(exchanged, received):
+            table, slot_keys = shards[u.name]
+            owner = u.rows.owner_rows(table, slot_keys, seed, got, training)
+            src = read(u, owner)
+            singles = _singles(got.shape[0])
+            vectors.append(
+                _lookup("sum", implementation, 1, src, owner.rows, singles, _no_weights())
+            )
+            counters.add_hash_full(u, owner.hash_full)
+            found.append(owner.rows)
+        # 4: one all_to_all brings every unit's vectors back.
+        back = exchange_vectors(axis, n, tuple(vectors))
+        # 5: combine per lookup.
+        for u, p, owner_rows, vecs in zip(exchanged, plans, found, back):
+            lengths = [bags[s.name].ids.shape[0] for s in u.lookups]
+            index = _split(p.recv_index, lengths)
+            for spec, idx in zip(u.lookups, index):
+                outs[spec.name] = _combine(spec, implementation, vecs, idx, bags[spec.name])
+            counters.add_per_lookup(u.lookups, "overflow", _split(p.dropped, lengths))
+            counters.add_per_lookup(u.lookups, "invalid", _split(p.invalid, lengths))
+            ctxs[u.name] = _context(owner_rows, u, index, bags)
+    for u in units:
+        if not local[u.name]:
+            continue
+        table, slot_keys = shards[u.name]
+        flat = [bags[s.name].ids for s in u.lookups]
+        got = u.rows.local_rows(table, slot_keys, seed, jnp.concatenate(flat), training)
+        src = read(u, got)
+        index = _split(got.rows, [f.shape[0] for f in flat])
+        for spec, idx in zip(u.lookups, index):
+            outs[spec.name] = _combine(spec, implementation, src, idx, bags[spec.name])
+        if not u.rows.hashed:  # hash mode: every non-padding id is a key
+            invalid = [(idx < 0) & ~checks.is_padding(ids) for idx, ids in zip(index, flat)]
+            counters.add_per_lookup(u.lookups, "invalid", invalid)
+        counters.add_hash_full(u, got.hash_full)
+        ctxs[u.name] = _context(None, u, index, bags)
+    return DeviceLookup(outs, new_shards, counters.stats(), ctxs)
+
+
+# -------------------------------------------------------------- backward
+
+
+def _concat_bags(grads, index, offsets, weights):
+    """One bag set from several padded ones (offsets[0] == 0 and
+    offsets[-1] == len(ids) in each): positions and bags concatenated."""
+    w = weights[0] if len(weights) == 1 else None
+    if len(index) == 1:
+        return grads[0], index[0], offsets[0], _no_weights() if w is None else w
+    shifted, base = [offsets[0]], index[0].shape[0]
+    for i, off in zip(index[1:], offsets[1:]):
+        shifted.append(off[1:] + base)
+        base += i.shape[0]
+    if any(w is not None for w in weights):
+        ones = [jnp.ones(i.shape, jnp.float32) if w is None else w for i, w in zip(index, weights)]
+        w = jnp.concatenate(ones)
+    else:
+        w = _no_weights()
+    return jnp.concatenate(grads), jnp.concatenate(index), jnp.concatenate(shifted), w
+
+
+def _by_combiner(unit: Unit, ctx: UnitContext, d_outs):
+    """(combiner, bags) of the unit's lookups, one bag set per combiner."""
+    groups = {}
+    for k, spec in enumerate(unit.lookups):
+        groups.setdefault(spec.combiner, []).append(k)
+    for combiner, ks in groups.items():
+        g = [d_outs[unit.lookups[k].name] for k in ks]
+        yield (
+            combiner,
+            _concat_bags(
+                [x.reshape(-1, x.shape[-1]) for x in g],
+                [ctx.index[k] for k in ks],
+                [ctx.offsets[k] for k in ks],
+                [ctx.weights[k] for k in ks],
+            ),
         )
-        d_back = ops.rows_to_dense(per_slot, slots, jnp.float32)
-        d_vectors = self.all_to_all(d_back)
-        singles = jnp.arange(slots + 1, dtype=jnp.int32)
-        return OwnerBags(d_vectors, ctx.owner_rows, singles, jnp.zeros((0,), jnp.float32), "sum")
+
+
+def owner_bags(units, ctx, d_outs, local, implementation) -> dict:
+    """The sparse backward up to each unit's owners: {unit: OwnerBags} over
+    this device's rows of the unit's table. One all_to_all sends every
+    exchanged unit's per-slot gradient sums to the owners; a replicated unit
+    gathers its touched rows' gradients over the axis."""
+    ops = resolve(implementation)
+    out, sums, exchanged = {}, [], []
+    for u in units:
+        groups = list(_by_combiner(u, ctx[u.name], d_outs))
+        if local[u.name]:
+            out[u.name] = _local_owner_bags(u, groups, ops)
+            continue
+        slots = ctx[u.name].owner_rows.shape[0]
+        d_back = None
+        for combiner, (g, idx, off, w) in groups:
+            per_slot = ops.lookup_combine_bwd(g, idx, off, w, combiner, slots)
+            dense = ops.rows_to_dense(per_slot, slots, jnp.float32)
+            d_back = dense if d_back is None else d_back + dense
+        sums.append(d_back)
+        exchanged.append(u)
+    if exchanged:
+        rows0 = exchanged[0].rows
+        for u, d_vectors in zip(
+            exchanged, exchange_words(rows0.axis_name, rows0.num_devices, sums)
+        ):
+            rows = ctx[u.name].owner_rows
+            out[u.name] = OwnerBags(d_vectors, rows, _singles(rows.shape[0]), _no_weights(), "sum")
+    return out
+
+
+def _local_owner_bags(unit: Unit, groups, ops) -> OwnerBags:
+    """A unit without exchange. One device: its own bags. Several
+    (replicated): every replica must apply the same update, so the touched
+    rows' gradients are summed over the axis, as a dense [R, D] sum (psum)
+    where that moves fewer bytes than gathering every device's touched
+    rows, else gathered in device order and summed per row on each device.
+    Both are the same sums on every replica."""
+    rows = unit.rows
+    if rows.num_devices == 1 and len(groups) == 1:
+        combiner, (g, idx, off, w) = groups[0]
+        return OwnerBags(g, idx, off, w, combiner)
+    n, r = rows.num_devices, rows.rows_per_device
+    parts = [ops.lookup_combine_bwd(*bags, c, r) for c, bags in groups]
+    positions = sum(p.rows.shape[0] for p in parts)
+    if r < n * positions // 2:  # dense: 2 (n-1)/n r words against (n-1) positions
+        dense = sum(ops.rows_to_dense(p, r, jnp.float32) for p in parts)
+        touched = sum(
+            jnp.zeros((r,), jnp.int32).at[jnp.where(p.rows >= 0, p.rows, r)].add(1, mode="drop")
+            for p in parts
+        )
+        dense = jax.lax.psum(dense, rows.axis_name)
+        touched = jax.lax.psum(touched, rows.axis_name)
+        ids = jnp.where(touched > 0, jnp.arange(r, dtype=jnp.int32), -1)
+        return OwnerBags(dense, ids, _singles(r), _no_weights(), "sum")
+    touched = jnp.concatenate([p.rows for p in parts])
+    grads = jnp.concatenate([p.grads for p in parts])
+    touched = jax.lax.all_gather(touched, rows.axis_name, tiled=True)
+    grads = jax.lax.all_gather(grads, rows.axis_name, tiled=True)
+    return OwnerBags(grads, touched, _singles(touched.shape[0]), _no_weights(), "sum")

@@ -8,7 +8,6 @@ here, at construction.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -18,12 +17,15 @@ from jax.sharding import PartitionSpec as P
 
 from sok_jax import ids as ids_lib
 from sok_jax import initializers
-from sok_jax._compat import shard_map
-from sok_jax.distributed.exchange import DeviceLookup, Exchange
-from sok_jax.distributed.rows import DirectRows, HashRows
-from sok_jax.distributed.state import EmbeddingState, EmbeddingStats, raise_on_stats
+from sok_jax.distributed.exchange import LookupSpec, Unit
+from sok_jax.distributed.rows import Member, RowHashRows, RowRows
+from sok_jax.distributed.state import EmbeddingState, EmbeddingStats, check_stats
+from sok_jax.distributed.tables import LookupInput, ShardedTables
 from sok_jax.ops import checks, embed_ops, resolve
 from sok_jax.ops.embed_ops import SparseRowGrad
+
+# The one table and the one lookup (slot_num slots) of the layer.
+_TABLE, _IDS = "table", "ids"
 
 
 class DistributedEmbedding:
@@ -49,8 +51,12 @@ class DistributedEmbedding:
         key) or c > 0: each destination bucket holds
         ceil(c * max_feature_num * local_batch / n) keys.
       dtype: table storage dtype (float32, bfloat16, float16).
-      check: raise at run time when a call overflowed a bucket, met invalid
-        ids or a full hash shard (the counts are in `state.stats` either way).
+      check: check the counters of every call (they are in `state.stats`
+        either way): an eager call raises `sok_jax.EmbeddingError` (its
+        `.state` is the valid new state); inside jit nothing may raise (the
+        donated state would be lost), so a call warns
+        (`sok_jax.EmbeddingWarning`): call `sok_jax.check_stats(state)` on
+        the step's result to raise there.
       implementation: "ffi" (the custom calls) or "reference" (pure JAX
         everywhere, the hash table included).
     """
@@ -115,20 +121,27 @@ class DistributedEmbedding:
                 "max_vocabulary_size_per_gpu * devices must stay below 2^31 - 1 rows "
                 f"(got {self.max_vocabulary_size_per_gpu} * {self.num_devices})"
             )
-        shards = dict(
+        strategy = (RowHashRows if self.use_hashtable else RowRows)(
             mesh=mesh,
             axis_name=axis_name,
-            num_devices=self.num_devices,
             rows_per_device=self.max_vocabulary_size_per_gpu,
             dim=self.embedding_vec_size,
             dtype=self.dtype,
             initializer=self.initializer,
+            members=(Member(_TABLE, self.num_rows),),
+            key_dtype=self.key_dtype,
+            ops=ops,
         )
-        if self.use_hashtable:
-            self._rows = HashRows(**shards, key_dtype=self.key_dtype, ops=ops)
-        else:
-            self._rows = DirectRows(**shards)
-        self._exchange = Exchange(self._rows, axis_name, combiner, implementation, self.key_dtype)
+        self._rows = strategy
+        lookup = LookupSpec(_IDS, _TABLE, 0, combiner, False, self.max_feature_num)
+        self._tables = ShardedTables(
+            (Unit(_TABLE, strategy, (lookup,)),),
+            mesh,
+            axis_name,
+            implementation,
+            capacity_factor,
+            check,
+        )
 
     # ------------------------------------------------------------------ state
     @property
@@ -156,49 +169,18 @@ class DistributedEmbedding:
             stats=EmbeddingStats(row, row, row),
         )
 
-    def optimizer_shardings(self, opt_state):
-        """NamedShardings of a sparse optimizer state (slots like the table)."""
-        specs = self._slot_specs(opt_state)
-        return type(opt_state)(
-            tuple(NamedSharding(self.mesh, s) for s in specs), NamedSharding(self.mesh, P())
-        )
-
     def init(self, seed) -> EmbeddingState:
         """Creates the sharded state. The same seed gives every key the same
         initial vector on any number of devices."""
         key_data = jax.random.key_data(initializers.as_key(seed))
-        axis = self.axis_name
-
-        def shard_init(key_data):
-            return self._rows.init_shard(key_data, jax.lax.axis_index(axis))
-
-        fn = shard_map(shard_init, self.mesh, (P(),), (P(axis, None), P(axis)))
-        table, slot_keys = jax.jit(fn)(key_data)
-        # Three distinct buffers: a donated state must not hold one twice.
-        n = self.num_devices
-        counters = [
-            jax.device_put(jnp.zeros((n,), jnp.int32), self.batch_sharding) for _ in range(3)
-        ]
-        return EmbeddingState(table, slot_keys, key_data, EmbeddingStats(*counters))
+        table, slot_keys = self._tables.init_shards(key_data)[_TABLE]
+        return EmbeddingState(table, slot_keys, key_data, self._tables.zero_stats()[_TABLE])
 
     # ------------------------------------------------------------- the batch
     def _capacity(self, local_batch: int) -> int:
-        full = self.max_feature_num * local_batch
-        if self.capacity_factor is None:
-            return max(full, 1)
-        c = math.ceil(self.capacity_factor * full / self.num_devices)
-        return int(min(max(c, 1), full))
-
-    def _local(self, local_batch: int) -> bool:
-        """One device in direct mode with a capacity that holds the whole
-        batch: nothing to exchange (`Exchange.local_forward`). A capacity
-        below the batch keeps the exchange path, so that its overflow counts
-        stay the same."""
-        return (
-            self.num_devices == 1
-            and not self.use_hashtable
-            and self._capacity(local_batch) >= self.max_feature_num * local_batch
-        )
+        """The exchange bucket size for a device's batch of `local_batch`
+        samples (before clamping to the rows a destination holds)."""
+        return self._tables.capacity(self._tables.units[0], local_batch)
 
     def _check_ids(self, ids, weights) -> ids_lib.Bags:
         """The batch as padded bags (its one conversion), checked against the
@@ -207,7 +189,7 @@ class DistributedEmbedding:
         if isinstance(ids, ids_lib.RaggedIds):
             raise ValueError(
                 "DistributedEmbedding takes padded ids [batch, slot_num, max_nnz] or a BCOO; "
-                "convert ragged ids to padded ones first"
+                "convert ragged ids to padded ones first (EmbeddingCollection takes ragged ids)"
             )
         bags = ids_lib.to_bags(ids, weights, self.slot_num)
         shape = (*bags.batch_shape, bags.fixed_nnz)
@@ -225,54 +207,24 @@ class DistributedEmbedding:
             )
         return bags
 
-    def _device_bags(self, ids, weights) -> ids_lib.Bags:
-        """Inside shard_map: this device's slice [b, S, nnz] of the padded
-        batch (and its weights, or None) as bags."""
-        flat_w = None if weights is None else weights.reshape(-1)
-        return ids_lib.Bags.padded(ids.reshape(-1), flat_w, ids.shape[:2], ids.shape[2])
-
-    def _run(self, state: EmbeddingState, ids, weights, training: bool, sparse: bool):
+    def _inputs(self, ids, weights) -> dict:
         bags = self._check_ids(ids, weights)
         shape = (*bags.batch_shape, bags.fixed_nnz)
-        padded = bags.ids.reshape(shape)
-        padded_w = bags.weights.reshape(shape) if bags.weights.shape[0] else None
-        axis = self.axis_name
+        w = bags.weights.reshape(shape) if bags.weights.shape[0] else None
+        return {_IDS: LookupInput(bags.ids.reshape(shape), w, None)}
 
-        def body(table, slot_keys, seed, ids, weights):
-            dev_bags = self._device_bags(ids, weights)
-            local_batch = ids.shape[0]
-            if self._local(local_batch):
-                res = self._exchange.local_forward(table, dev_bags, sparse)
-            else:
-                capacity = self._capacity(local_batch)
-                res = self._exchange.forward(
-                    table, slot_keys, seed, dev_bags, capacity, training, sparse
-                )
-            if self.check:
-                # Every device raises on the same (gathered) counts: a check
-                # that failed on one device only would leave the others
-                # waiting in a collective.
-                s = res.stats
-                gathered = [
-                    jax.lax.all_gather(c, axis, tiled=True)
-                    for c in (s.overflow, s.invalid, s.hash_full)
-                ]
-                jax.debug.callback(raise_on_stats, *gathered)
-            return res
+    def _shards(self, state: EmbeddingState):
+        return {_TABLE: (state.table, state.slot_keys)}
 
-        row, mat = P(axis), P(axis, None)
-        # `row` is a prefix of the stats and the context: every array in them
-        # is per device.
-        out_specs = DeviceLookup(out=row, table=mat, slot_keys=row, stats=row, ctx=row)
-        fn = shard_map(body, self.mesh, (mat, row, P(), row, row), out_specs)
-        res = fn(state.table, state.slot_keys, state.seed, padded, padded_w)
-        new_state = EmbeddingState(
-            table=state.table if res.table is None else res.table,
-            slot_keys=state.slot_keys if res.slot_keys is None else res.slot_keys,
-            seed=state.seed,
-            stats=res.stats,
+    def _run(self, state: EmbeddingState, ids, weights, training: bool, sparse: bool):
+        outs, shards, stats, ctx = self._tables.run(
+            self._shards(state), state.seed, self._inputs(ids, weights), training, sparse
         )
-        return res.out, new_state, res.ctx
+        table, slot_keys = shards[_TABLE]
+        new_state = EmbeddingState(table, slot_keys, state.seed, stats[_TABLE])
+        if self.check and not isinstance(new_state.stats.overflow, jax.core.Tracer):
+            check_stats(new_state)  # an eager call: raise here, the state intact
+        return outs[_IDS], new_state, ctx
 
     # ------------------------------------------------------------- public API
     def apply(self, state: EmbeddingState, ids, weights=None, *, training: bool = True):
@@ -298,16 +250,7 @@ class DistributedEmbedding:
         """Per-device row gradients (stacked over the axis: rows [n*cap],
         grads [n*cap, D], count [n]) for the rows the batch touched, reduced
         on their owners. Never builds a [rows, D] array."""
-        ops = resolve(self.implementation)
-        rows = self.max_vocabulary_size_per_gpu
-
-        def body(ctx, g):
-            r = ops.lookup_combine_bwd(*self._exchange.owner_bags(ctx, g), rows)
-            return r.rows, r.grads, r.count
-
-        row = P(self.axis_name)
-        fn = shard_map(body, self.mesh, (row, row), (row, P(self.axis_name, None), row))
-        return SparseRowGrad(*fn(ctx, d_out))
+        return self._tables.sparse_grad(ctx, {_IDS: d_out})[_TABLE]
 
     def required_capacity_factor(self, ids) -> jax.Array:
         """The smallest `capacity_factor` under which this batch overflows
@@ -319,64 +262,36 @@ class DistributedEmbedding:
         above it (a tight factor shrinks every exchange buffer; see
         benchmarks/RESULTS.md). A factor of 1.0 or more can still overflow
         for skewed batches; `capacity_factor=None` never does."""
-        bags = self._check_ids(ids, None)
-        shape = (*bags.batch_shape, bags.fixed_nnz)
-        n, axis = self.num_devices, self.axis_name
-        full = self.max_feature_num * (shape[0] // n)
-
-        def body(ids):
-            plan = self._exchange.plan(ids.reshape(-1), self._capacity(ids.shape[0]))
-            return jax.lax.pmax(plan.largest_bucket, axis).reshape(1)
-
-        largest = shard_map(body, self.mesh, (P(axis),), P(axis))(bags.ids.reshape(shape))[0]
+        inputs = self._inputs(ids, None)
+        n = self.num_devices
+        full = self.max_feature_num * (inputs[_IDS].ids.shape[0] // n)
+        largest = self._tables.largest_buckets(inputs)[_TABLE]
         return largest.astype(jnp.float32) * n / max(full, 1)
 
     # ------------------------------------------------------------- optimizers
-    def _slot_specs(self, opt_state):
-        axis = self.axis_name
-        return tuple(P(axis) if s.ndim == 1 else P(axis, None) for s in opt_state.slots)
-
     def init_optimizer(self, optimizer, state: EmbeddingState):
         """The sparse optimizer's state, its slots sharded like the table.
 
         Each slot comes from a program of its own, so that every slot owns
         its buffer (a step donates them all)."""
-        axis = self.axis_name
-        probe = jax.eval_shape(
-            optimizer.init, jax.ShapeDtypeStruct(state.table.shape, state.table.dtype)
-        )
-        slot_specs = self._slot_specs(probe)
+        return self._tables.init_optimizer({_TABLE: optimizer}, self._shards(state))[_TABLE]
 
-        def part(pick, spec):
-            fn = shard_map(lambda t: pick(optimizer.init(t)), self.mesh, (P(axis, None),), spec)
-            return jax.jit(fn)(state.table)
+    def optimizer_shardings(self, opt_state):
+        """NamedShardings of a sparse optimizer state (slots like the table)."""
+        return self._tables.optimizer_shardings({_TABLE: opt_state})[_TABLE]
 
-        slots = tuple(part(lambda s, i=i: s.slots[i], spec) for i, spec in enumerate(slot_specs))
-        count = part(lambda s: s.count, P())
-        return type(probe)(slots, count)
-
-    def _owner_update(self, body, state: EmbeddingState, opt_state, args, arg_specs):
-        """Runs `body(table, opt_state, *args) -> (table, opt_state)` on each
-        owner's shard and slots."""
-        axis = self.axis_name
-        opt_specs = type(opt_state)(self._slot_specs(opt_state), P())
-        fn = shard_map(
-            body,
-            self.mesh,
-            (P(axis, None), opt_specs, *arg_specs),
-            (P(axis, None), opt_specs),
-        )
-        table, opt_state = fn(state.table, opt_state, *args)
-        return dataclasses.replace(state, table=table), opt_state
+    def _updated(self, state, shards):
+        table, slot_keys = shards[_TABLE]
+        return dataclasses.replace(state, table=table, slot_keys=slot_keys)
 
     def apply_gradients(self, state: EmbeddingState, optimizer, opt_state, grad: SparseRowGrad):
         """Applies `optimizer` to the rows in `grad` (from `sparse_grad`) on
         each owner, in place (donate `state` and `opt_state` in your step).
         Returns (new_state, new_opt_state)."""
-        row = P(self.axis_name)
-
-        specs = (SparseRowGrad(row, P(self.axis_name, None), row),)
-        return self._owner_update(optimizer.update, state, opt_state, (grad,), specs)
+        shards, opt = self._tables.apply_gradients(
+            self._shards(state), {_TABLE: optimizer}, {_TABLE: opt_state}, {_TABLE: grad}
+        )
+        return self._updated(state, shards), opt[_TABLE]
 
     def sparse_update(self, state: EmbeddingState, optimizer, opt_state, ctx, d_out):
         """`sparse_grad` and `apply_gradients` in one pass over the touched
@@ -388,21 +303,17 @@ class DistributedEmbedding:
         use that form to transform the row gradients first (e.g. clipping).
         Donate `state` and `opt_state` in your step. Returns (new_state,
         new_opt_state)."""
-        if optimizer.update_bags is None:  # a SparseOptimizer built without it
-            return self.apply_gradients(state, optimizer, opt_state, self.sparse_grad(ctx, d_out))
-
-        def body(table, opt_state, ctx, g):
-            return optimizer.update_bags(table, opt_state, *self._exchange.owner_bags(ctx, g))
-
-        row = P(self.axis_name)
-        return self._owner_update(body, state, opt_state, (ctx, d_out), (row, row))
+        shards, opt = self._tables.sparse_update(
+            self._shards(state), {_TABLE: optimizer}, {_TABLE: opt_state}, ctx, {_IDS: d_out}
+        )
+        return self._updated(state, shards), opt[_TABLE]
 
     # ------------------------------------------------------- export / import
     def export_pairs(self, state: EmbeddingState):
         """All (key, vector) pairs of a state as host numpy arrays, keys
         ascending (SOK's dump). Direct mode: every key of the table; hash
         mode: the keys inserted so far."""
-        keys, vectors = self._rows.export_pairs(state)
+        keys, vectors = self._rows.export_pairs(state.table, state.slot_keys, _TABLE)
         keys = keys.astype(self.key_dtype)
         order = np.argsort(keys, kind="stable")
         return keys[order], vectors[order]
@@ -416,7 +327,11 @@ class DistributedEmbedding:
           ValueError: shapes disagree, keys repeat, a key is out of range
             (direct mode), or a shard cannot hold its keys (hash mode).
         """
-        return self._rows.import_pairs(self.init(seed), keys, vectors)
+        state = self.init(seed)
+        table, slot_keys = self._rows.import_pairs(
+            state.table, state.slot_keys, _TABLE, keys, vectors
+        )
+        return dataclasses.replace(state, table=table, slot_keys=slot_keys)
 
     # ----------------------------------------------------------- inspection
     def logical_rows(self, state: EmbeddingState, keys):

@@ -1,20 +1,29 @@
-"""Row strategies: how a shard maps keys to its rows, chosen once when a
-layer is built.
+"""Row strategies: where each key of a table lives and how its row is found,
+chosen once when a layer or collection is built. One strategy serves one
+storage array (`table` [n * R, D] sharded over the axis, or [R, D] on every
+device, plus `slot_keys` in hash mode) and the tables it holds:
 
-* `DirectRows`: the key is the row. Key k lives on device k % n at local row
-  k // n; the physical (sharded) table holds it at global row
-  (k % n) * rows_per_device + k // n (`global_rows`, the one place this
-  layout is written). Keys must lie in [0, n * rows_per_device).
-* `HashRows`: any integer key. Key k lives on device k % n, at the row its
-  shard's hash table (`state.slot_keys`, see `sok_jax.ops.hash_ops`) gives
-  it; training lookups insert unseen keys and initialize their rows.
+* `RowRows` / `RowHashRows` (placement "row"): one table, key k on device
+  k % n. Direct mode: at local row k // n, i.e. global row
+  (k % n) * R + k // n (`global_rows`, the one place this layout is
+  written). Hash mode: at the row its owner's hash table gives it.
+* `TableRows` / `TableHashRows` (placement "table"): a column of up to n
+  tables, table `members[d]` wholly on device d (direct: key k at local row
+  k; hash: at the row device d's hash table gives it). The keys of a member
+  table all go to its device.
+* `ReplicatedRows` / `ReplicatedHashRows` (placement "replicated"): one
+  table held whole by every device; lookups need no exchange. In hash mode
+  every device inserts the keys of the whole batch in the same order, so the
+  replicas stay identical.
 
-Each strategy says what crosses the network for a key (`bucket_keys`), finds
-the rows of the keys an owner received (`owner_rows`), creates a shard
-(`init_shard`) and moves the logical (key, vector) pairs in and out of a
-state (`export_pairs`, `import_pairs`). A key's initial vector depends only
-on the seed and the key (`sok_jax.initializers.init_rows`), so the logical
-table is the same under both strategies and on any device count.
+The exchanged strategies say what crosses the network for a key
+(`bucket_keys`) and find the rows of the keys an owner received
+(`owner_rows`); the replicated ones find the rows of local keys
+(`local_rows`). All create their shard (`init_shard`) and move one table's
+logical (key, vector) pairs in and out (`export_pairs`, `import_pairs`). A
+key's initial vector depends only on the seed, its table and the key
+(`sok_jax.initializers`), so the logical tables are the same under every
+strategy and on any device count.
 """
 
 from __future__ import annotations
@@ -46,9 +55,9 @@ class BucketKeys(NamedTuple):
 
 
 class OwnerRows(NamedTuple):
-    """On the owner, for the keys it received: the shard after any insertion
-    (`table` and `slot_keys`, None when unchanged), the local row of each
-    received key (-1: none) and the count of keys that found no row."""
+    """The shard after any insertion (`table` and `slot_keys`, None when
+    unchanged), the local row of each key (-1: none) and the count of keys
+    that found no row because the shard is full."""
 
     table: Any
     slot_keys: Any
@@ -57,28 +66,89 @@ class OwnerRows(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Shards:
-    """What both strategies know of the layer: its mesh axis, its shard
-    size and row format, and how a new key's vector is initialized."""
+class Member:
+    """A logical table held by a storage array: its name (for messages), its
+    rows (direct mode: its keys are [0, vocabulary_size)) and the id its
+    initial vectors are seeded with (None: the seed as given, as
+    `DistributedEmbedding` does)."""
+
+    name: str
+    vocabulary_size: int
+    seed_id: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Strategy:
+    """What every strategy knows: the mesh axis, the block of R rows each
+    device holds, the row format, the initializer, the tables held, and
+    `ops` (the implementation of `find_or_insert`)."""
 
     mesh: Mesh
     axis_name: str
-    num_devices: int
     rows_per_device: int
     dim: int
     dtype: Any
     initializer: Callable
+    members: tuple
+    key_dtype: Any = jnp.dtype(jnp.int32)
+    ops: Any = None
+
+    placement = "row"  # "row", "table" or "replicated"
+    hashed = False
+
+    @property
+    def exchanged(self) -> bool:
+        return self.placement != "replicated"
+
+    @property
+    def replicated(self) -> bool:
+        return self.placement == "replicated"
+
+    @property
+    def num_devices(self) -> int:
+        return int(self.mesh.shape[self.axis_name])
 
     @property
     def table_sharding(self) -> NamedSharding:
-        return NamedSharding(self.mesh, P(self.axis_name, None))
+        return NamedSharding(
+            self.mesh, P(None, None) if self.replicated else P(self.axis_name, None)
+        )
+
+    @property
+    def slot_keys_sharding(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P(None) if self.replicated else P(self.axis_name))
 
     @property
     def row_sharding(self) -> NamedSharding:
+        """Per-device vectors (counters, the batch) over the axis."""
         return NamedSharding(self.mesh, P(self.axis_name))
 
-    def owner(self, keys):
-        return jnp.remainder(keys, self.num_devices).astype(jnp.int32)
+    def _seed(self, seed, member: Member):
+        if member.seed_id is None:
+            return seed
+        return initializers.table_seed(seed, member.seed_id)
+
+    def _init(self, seed, member, keys):
+        return initializers.init_rows(
+            self.initializer, self._seed(seed, member), keys, self.dim, self.dtype
+        )
+
+    def send_format(self):
+        """(dtype, value of an empty bucket slot) of what is sent for a key."""
+        if self.hashed:
+            return jnp.dtype(self.key_dtype), checks.padding_value(self.key_dtype)
+        return jnp.dtype(jnp.int32), -1
+
+    def max_distinct(self) -> int | None:
+        """The most distinct keys one destination can receive from one
+        device (direct mode: the rows it holds), None where unbounded."""
+        return None if self.hashed else self.rows_per_device
+
+    def member_index(self, name: str) -> int:
+        for i, m in enumerate(self.members):
+            if m is not None and m.name == name:
+                return i
+        raise KeyError(name)
 
     def check_pairs(self, keys, vectors):
         keys, vectors = np.asarray(keys), np.asarray(vectors)
@@ -91,71 +161,25 @@ class _Shards:
             raise ValueError("keys must be distinct")
         return keys, vectors
 
-
-@dataclasses.dataclass(frozen=True)
-class DirectRows(_Shards):
-    """The key is the row (see the module docstring)."""
-
-    uses_slot_keys = False
-
-    @property
-    def num_rows(self) -> int:
-        return self.num_devices * self.rows_per_device
-
-    def global_rows(self, keys):
-        """Row of each key in the physical [n * rows_per_device, D] table."""
-        keys = np.asarray(keys, np.int64)
-        n = self.num_devices
-        return (keys % n) * self.rows_per_device + keys // n
-
-    def bucket_keys(self, flat_ids) -> BucketKeys:
-        valid, keys = checks.valid_rows(flat_ids, self.num_rows)
-        owner = jnp.where(valid, self.owner(keys), self.num_devices)
-        local = jnp.where(valid, keys // self.num_devices, 0).astype(jnp.int32)
-        return BucketKeys(valid, owner, local, self.rows_per_device)
-
-    def send_format(self, key_dtype):
-        """(dtype, value of an empty bucket slot) of what is sent: local rows."""
-        del key_dtype
-        return jnp.dtype(jnp.int32), -1
-
-    def init_shard(self, seed, device):
-        """Device `device`'s shard: the initial vector of each of its keys
-        (local row r holds key r * n + device); no hash table."""
-        local = jnp.arange(self.rows_per_device, dtype=jnp.int32)
-        keys = local * self.num_devices + device
-        return initializers.init_rows(self.initializer, seed, keys, self.dim, self.dtype), None
-
-    def owner_rows(self, table, slot_keys, seed, received, training) -> OwnerRows:
-        """The received values are local rows already (-1: an empty slot)."""
-        del table, slot_keys, seed, training
-        return OwnerRows(None, None, received, jnp.zeros((), jnp.int32))
-
-    def export_pairs(self, state):
-        table = np.asarray(jax.device_get(state.table))
-        keys = np.arange(self.num_rows, dtype=np.int64)
-        return keys, table[self.global_rows(keys)]
-
-    def import_pairs(self, state, keys, vectors):
-        """`state` with the given pairs written over its initial vectors."""
-        keys, vectors = self.check_pairs(keys, vectors)
+    def _check_direct_keys(self, keys, member: Member):
         k = keys.astype(np.int64)
-        if k.size and (k.min() < 0 or k.max() >= self.num_rows):
-            raise ValueError(f"direct-mode keys must lie in [0, {self.num_rows})")
-        table = np.asarray(jax.device_get(state.table)).copy()
-        table[self.global_rows(k)] = vectors
-        table = jax.device_put(table.astype(self.dtype), self.table_sharding)
-        return dataclasses.replace(state, table=table)
+        if k.size and (k.min() < 0 or k.max() >= member.vocabulary_size):
+            raise ValueError(
+                f"table {member.name!r}: direct-mode keys must lie in [0, {member.vocabulary_size})"
+            )
+        return k
+
+
+# ----------------------------------------------------------------- direct
 
 
 @jax.custom_vjp
 def _insert_rows(table, target, fresh):
     """table.at[target].set(fresh) (drop out of range), with a straight-through
     gradient: the cotangent of a freshly initialized row goes to the same row
-    of the input table. So `jax.grad` w.r.t. `state.table` sees each new
-    key's first gradient, as the sparse path (`sparse_grad`) does. The rows
-    handed out were free (unused by any key): nothing else depends on their
-    old values."""
+    of the input table. So `jax.grad` w.r.t. the table sees each new key's
+    first gradient, as the sparse path does. The rows handed out were free
+    (unused by any key): nothing else depends on their old values."""
     return table.at[target].set(fresh, mode="drop")
 
 
@@ -170,71 +194,176 @@ def _insert_rows_bwd(_, g):
 _insert_rows.defvjp(_insert_rows_fwd, _insert_rows_bwd)
 
 
+def _owner(keys, n):
+    return jnp.remainder(keys, n).astype(jnp.int32)
+
+
+def _host(x):
+    return np.asarray(jax.device_get(x))
+
+
 @dataclasses.dataclass(frozen=True)
-class HashRows(_Shards):
-    """Any key; each shard maps its keys to rows by its hash table (see the
-    module docstring). `ops`: the implementation of `find_or_insert`."""
+class RowRows(_Strategy):
+    """Placement "row", direct mode (see the module docstring)."""
 
-    key_dtype: Any = jnp.int32
-    ops: Any = None
+    placement = "row"
 
-    uses_slot_keys = True
+    @property
+    def member(self) -> Member:
+        return self.members[0]
 
-    def bucket_keys(self, flat_ids) -> BucketKeys:
-        valid = ~checks.is_padding(flat_ids)
-        owner = jnp.where(valid, self.owner(flat_ids), self.num_devices)
-        return BucketKeys(valid, owner, flat_ids, None)
+    def global_rows(self, keys):
+        """Row of each key in the physical [n * R, D] table."""
+        keys = np.asarray(keys, np.int64)
+        n = self.num_devices
+        return (keys % n) * self.rows_per_device + keys // n
 
-    def send_format(self, key_dtype):
-        """(dtype, value of an empty bucket slot) of what is sent: the keys."""
-        return jnp.dtype(key_dtype), checks.padding_value(key_dtype)
+    def bucket_keys(self, flat_ids, member_index: int) -> BucketKeys:
+        n = self.num_devices
+        valid, keys = checks.valid_rows(flat_ids, self.member.vocabulary_size)
+        owner = jnp.where(valid, _owner(keys, n), n)
+        local = jnp.where(valid, keys // n, 0).astype(jnp.int32)
+        return BucketKeys(valid, owner, local, self.rows_per_device)
 
     def init_shard(self, seed, device):
-        """An empty shard: rows are handed out on insertion and initialized
-        then."""
-        del seed, device
+        """Local row r of device d holds key r * n + d."""
+        local = jnp.arange(self.rows_per_device, dtype=jnp.int32)
+        return self._init(seed, self.member, local * self.num_devices + device), None
+
+    def owner_rows(self, table, slot_keys, seed, received, training) -> OwnerRows:
+        """The received values are local rows already (-1: an empty slot)."""
+        return OwnerRows(None, None, received, jnp.zeros((), jnp.int32))
+
+    def local_rows(self, table, slot_keys, seed, flat_ids, training) -> OwnerRows:
+        """One device: every key is a local row (the no-exchange path)."""
+        valid, rows = checks.valid_rows(flat_ids, self.member.vocabulary_size)
+        return OwnerRows(None, None, jnp.where(valid, rows, -1), jnp.zeros((), jnp.int32))
+
+    def export_pairs(self, table, slot_keys, name):
+        keys = np.arange(self.member.vocabulary_size, dtype=np.int64)
+        return keys, _host(table)[self.global_rows(keys)]
+
+    def import_pairs(self, table, slot_keys, name, keys, vectors):
+        keys, vectors = self.check_pairs(keys, vectors)
+        k = self._check_direct_keys(keys, self.member)
+        host = _host(table).copy()
+        host[self.global_rows(k)] = vectors
+        return jax.device_put(host.astype(self.dtype), self.table_sharding), slot_keys
+
+
+@dataclasses.dataclass(frozen=True)
+class TableRows(_Strategy):
+    """Placement "table", direct mode: a column of tables, `members[d]` (or
+    None) on device d at local rows [0, its vocabulary_size)."""
+
+    placement = "table"
+
+    def bucket_keys(self, flat_ids, member_index: int) -> BucketKeys:
+        n = self.num_devices
+        valid, keys = checks.valid_rows(flat_ids, self.members[member_index].vocabulary_size)
+        owner = jnp.where(valid, member_index, n).astype(jnp.int32)
+        return BucketKeys(valid, owner, keys, self.rows_per_device)
+
+    def _seed_ids(self):
+        return jnp.asarray([0 if m is None else m.seed_id for m in self.members], jnp.int32)
+
+    def init_shard(self, seed, device):
+        """Device d's block holds its member's keys 0..R-1 (rows past its
+        vocabulary are never read)."""
+        keys = jnp.arange(self.rows_per_device, dtype=jnp.int32)
+        table_seed = initializers.table_seed(seed, self._seed_ids()[device])
+        rows = initializers.init_rows(self.initializer, table_seed, keys, self.dim, self.dtype)
+        return rows, None
+
+    def owner_rows(self, table, slot_keys, seed, received, training) -> OwnerRows:
+        return OwnerRows(None, None, received, jnp.zeros((), jnp.int32))
+
+    def global_rows(self, keys, name):
+        return self.member_index(name) * self.rows_per_device + np.asarray(keys, np.int64)
+
+    def export_pairs(self, table, slot_keys, name):
+        m = self.members[self.member_index(name)]
+        keys = np.arange(m.vocabulary_size, dtype=np.int64)
+        return keys, _host(table)[self.global_rows(keys, name)]
+
+    def import_pairs(self, table, slot_keys, name, keys, vectors):
+        keys, vectors = self.check_pairs(keys, vectors)
+        k = self._check_direct_keys(keys, self.members[self.member_index(name)])
+        host = _host(table).copy()
+        host[self.global_rows(k, name)] = vectors
+        return jax.device_put(host.astype(self.dtype), self.table_sharding), slot_keys
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicatedRows(_Strategy):
+    """Placement "replicated", direct mode: every device holds the table."""
+
+    placement = "replicated"
+
+    @property
+    def member(self) -> Member:
+        return self.members[0]
+
+    def init_shard(self, seed, device):
+        keys = jnp.arange(self.rows_per_device, dtype=jnp.int32)
+        return self._init(seed, self.member, keys), None
+
+    def local_rows(self, table, slot_keys, seed, flat_ids, training) -> OwnerRows:
+        valid, rows = checks.valid_rows(flat_ids, self.member.vocabulary_size)
+        return OwnerRows(None, None, jnp.where(valid, rows, -1), jnp.zeros((), jnp.int32))
+
+    def export_pairs(self, table, slot_keys, name):
+        keys = np.arange(self.member.vocabulary_size, dtype=np.int64)
+        return keys, _host(table)[keys]
+
+    def import_pairs(self, table, slot_keys, name, keys, vectors):
+        keys, vectors = self.check_pairs(keys, vectors)
+        k = self._check_direct_keys(keys, self.member)
+        host = _host(table).copy()
+        host[k] = vectors
+        return jax.device_put(host.astype(self.dtype), self.table_sharding), slot_keys
+
+
+# ------------------------------------------------------------------- hash
+
+
+class _Hashed:
+    """Hash-mode pieces: an empty shard, the insertion of received keys, and
+    the export of the stored keys of a block."""
+
+    hashed = True
+
+    def _empty_shard(self):
         table = jnp.zeros((self.rows_per_device, self.dim), self.dtype)
         return table, hash_ops.empty_slot_keys(self.rows_per_device, self.key_dtype)
 
-    def owner_rows(self, table, slot_keys, seed, received, training) -> OwnerRows:
-        """Finds the received keys in the shard; with `training`, inserts the
-        unseen ones and writes their initial vectors."""
-        slot_keys, rows, is_new, failed = self.ops.find_or_insert(
-            slot_keys, received, insert=training
-        )
+    def _find_or_insert(self, table, slot_keys, table_seed, keys, training) -> OwnerRows:
+        """Finds `keys` in the shard; with `training`, inserts the unseen ones
+        and writes their initial vectors."""
+        slot_keys, rows, is_new, failed = self.ops.find_or_insert(slot_keys, keys, insert=training)
         if training:
             fresh = initializers.init_rows(
-                self.initializer, seed, received, table.shape[1], table.dtype
+                self.initializer, table_seed, keys, table.shape[1], table.dtype
             )
             target = jnp.where(is_new.astype(bool) & (rows >= 0), rows, table.shape[0])
             table = _insert_rows(table, target, fresh)
         return OwnerRows(table, slot_keys, rows, failed.reshape(()).astype(jnp.int32))
 
-    def export_pairs(self, state):
-        table = np.asarray(jax.device_get(state.table))
-        slot_keys = np.asarray(jax.device_get(state.slot_keys))
+    def _stored(self, table, slot_keys):
+        table, slot_keys = _host(table), _host(slot_keys)
         used = slot_keys != checks.padding_value(self.key_dtype)
         return slot_keys[used], table[used]
 
-    def import_pairs(self, state, keys, vectors):
-        """`state` (empty) with each key inserted in its owner's hash table
-        and its vector written to the row it got."""
-        keys, vectors = self.check_pairs(keys, vectors)
-        n, rows, d = self.num_devices, self.rows_per_device, self.dim
-        owner = np.remainder(keys.astype(np.int64), n)
-        per_owner = np.bincount(owner, minlength=n)
-        if per_owner.max(initial=0) > rows:
-            raise ValueError(
-                f"a shard would hold {per_owner.max()} keys but has {rows} rows "
-                "(max_vocabulary_size_per_gpu)"
-            )
-        width = max(int(per_owner.max(initial=0)), 1)
+    def _load_blocks(self, table, slot_keys, keys_per_block, vectors_per_block):
+        """Inserts each block's keys into that device's hash table and writes
+        their vectors; raises if a block cannot place them all."""
+        n, d = self.num_devices, self.dim
+        width = max(max((len(k) for k in keys_per_block), default=0), 1)
         send_keys = np.full((n, width), checks.padding_value(self.key_dtype), self.key_dtype)
         send_vecs = np.zeros((n, width, d), np.float32)
-        for dev in range(n):
-            mine = owner == dev
-            send_keys[dev, : mine.sum()] = keys[mine]
-            send_vecs[dev, : mine.sum()] = vectors[mine]
+        for dev, (k, v) in enumerate(zip(keys_per_block, vectors_per_block)):
+            send_keys[dev, : len(k)] = k
+            send_vecs[dev, : len(k)] = v
 
         def load(slot_keys, table, k, v):
             slot_keys, got, _, failed = self.ops.find_or_insert(slot_keys, k, insert=True)
@@ -242,15 +371,151 @@ class HashRows(_Shards):
             table = table.at[target].set(v.astype(table.dtype), mode="drop")
             return slot_keys, table, failed.reshape(1)
 
-        axis = self.axis_name
-        row, mat = P(axis), P(axis, None)
+        row, mat = P(self.axis_name), P(self.axis_name, None)
         fn = shard_map(load, self.mesh, (row, mat, row, mat), (row, mat, row))
         slot_keys, table, failed = jax.jit(fn)(
-            state.slot_keys,
-            state.table,
+            slot_keys,
+            table,
             jax.device_put(send_keys.reshape(-1), self.row_sharding),
-            jax.device_put(send_vecs.reshape(n * width, d), self.table_sharding),
+            jax.device_put(send_vecs.reshape(n * width, d), NamedSharding(self.mesh, mat)),
         )
-        if int(np.sum(jax.device_get(failed))):
+        if int(np.sum(_host(failed))):
             raise ValueError("import_pairs: a hash shard could not place all of its keys")
-        return dataclasses.replace(state, table=table, slot_keys=slot_keys)
+        return table, slot_keys
+
+    def _check_fits(self, counts):
+        most = max(counts, default=0)
+        if most > self.rows_per_device:
+            raise ValueError(
+                f"a shard would hold {most} keys but has {self.rows_per_device} rows "
+                "(max_vocabulary_size_per_gpu)"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class RowHashRows(_Hashed, _Strategy):
+    """Placement "row", hash mode: key k on device k % n, at the row its
+    owner's hash table gives it."""
+
+    placement = "row"
+
+    @property
+    def member(self) -> Member:
+        return self.members[0]
+
+    def bucket_keys(self, flat_ids, member_index: int) -> BucketKeys:
+        n = self.num_devices
+        valid = ~checks.is_padding(flat_ids)
+        owner = jnp.where(valid, _owner(flat_ids, n), n)
+        return BucketKeys(valid, owner, flat_ids, None)
+
+    def init_shard(self, seed, device):
+        return self._empty_shard()
+
+    def owner_rows(self, table, slot_keys, seed, received, training) -> OwnerRows:
+        return self._find_or_insert(
+            table, slot_keys, self._seed(seed, self.member), received, training
+        )
+
+    def export_pairs(self, table, slot_keys, name):
+        return self._stored(table, slot_keys)
+
+    def import_pairs(self, table, slot_keys, name, keys, vectors):
+        keys, vectors = self.check_pairs(keys, vectors)
+        owner = np.remainder(keys.astype(np.int64), self.num_devices)
+        blocks = [owner == d for d in range(self.num_devices)]
+        self._check_fits([int(b.sum()) for b in blocks])
+        return self._load_blocks(
+            table, slot_keys, [keys[b] for b in blocks], [vectors[b] for b in blocks]
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TableHashRows(_Hashed, _Strategy):
+    """Placement "table", hash mode: `members[d]` on device d, at the rows
+    device d's hash table gives its keys."""
+
+    placement = "table"
+
+    def bucket_keys(self, flat_ids, member_index: int) -> BucketKeys:
+        valid = ~checks.is_padding(flat_ids)
+        owner = jnp.where(valid, member_index, self.num_devices).astype(jnp.int32)
+        return BucketKeys(valid, owner, flat_ids, None)
+
+    def init_shard(self, seed, device):
+        return self._empty_shard()
+
+    def owner_rows(self, table, slot_keys, seed, received, training) -> OwnerRows:
+        ids = jnp.asarray([0 if m is None else m.seed_id for m in self.members], jnp.int32)
+        device = jax.lax.axis_index(self.axis_name)
+        table_seed = initializers.table_seed(seed, ids[device])
+        return self._find_or_insert(table, slot_keys, table_seed, received, training)
+
+    def export_pairs(self, table, slot_keys, name):
+        d, r = self.member_index(name), self.rows_per_device
+        block = slice(d * r, (d + 1) * r)
+        return self._stored(_host(table)[block], _host(slot_keys)[block])
+
+    def import_pairs(self, table, slot_keys, name, keys, vectors):
+        keys, vectors = self.check_pairs(keys, vectors)
+        self._check_fits([len(keys)])
+        d = self.member_index(name)
+        blocks_k = [keys if i == d else keys[:0] for i in range(self.num_devices)]
+        blocks_v = [vectors if i == d else vectors[:0] for i in range(self.num_devices)]
+        return self._load_blocks(table, slot_keys, blocks_k, blocks_v)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicatedHashRows(_Hashed, _Strategy):
+    """Placement "replicated", hash mode: every device holds the whole hash
+    table and inserts the keys of the whole batch (gathered over the axis)
+    in the same order, so the replicas stay identical."""
+
+    placement = "replicated"
+
+    @property
+    def member(self) -> Member:
+        return self.members[0]
+
+    def init_shard(self, seed, device):
+        return self._empty_shard()
+
+    def local_rows(self, table, slot_keys, seed, flat_ids, training) -> OwnerRows:
+        every = jax.lax.all_gather(flat_ids, self.axis_name, tiled=True)
+        got = self._find_or_insert(table, slot_keys, self._seed(seed, self.member), every, training)
+        mine = jax.lax.axis_index(self.axis_name) * flat_ids.shape[0]
+        rows = jax.lax.dynamic_slice(got.rows, (mine,), flat_ids.shape)
+        # Full-table misses of this device's own positions (every device sees them all).
+        missed = (
+            (rows < 0) & ~checks.is_padding(flat_ids) if training else jnp.zeros_like(rows, bool)
+        )
+        return got._replace(rows=rows, hash_full=jnp.sum(missed).astype(jnp.int32))
+
+    def export_pairs(self, table, slot_keys, name):
+        return self._stored(table, slot_keys)
+
+    def import_pairs(self, table, slot_keys, name, keys, vectors):
+        keys, vectors = self.check_pairs(keys, vectors)
+        self._check_fits([len(keys)])
+
+        def load(slot_keys, table, k, v):
+            slot_keys, got, _, failed = self.ops.find_or_insert(slot_keys, k, insert=True)
+            target = jnp.where(got >= 0, got, table.shape[0])
+            return slot_keys, table.at[target].set(v.astype(table.dtype), mode="drop"), failed
+
+        slot_keys, table, failed = jax.jit(load)(
+            slot_keys, table, jnp.asarray(keys), jnp.asarray(vectors, jnp.float32)
+        )
+        if int(failed):
+            raise ValueError("import_pairs: the hash table could not place all of its keys")
+        return table, slot_keys
+
+
+STRATEGIES = {
+    ("row", False): RowRows,
+    ("row", True): RowHashRows,
+    ("table", False): TableRows,
+    ("table", True): TableHashRows,
+    ("replicated", False): ReplicatedRows,
+    ("replicated", True): ReplicatedHashRows,
+}

@@ -1,9 +1,10 @@
-"""The pytrees of the sharded layer: its state, its counters, what a lookup
-saves for the sparse backward, and the host-side check of the counters."""
+"""The pytrees of the sharded layer (its state and its counters) and the
+host-side check of the counters."""
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import jax
@@ -58,54 +59,70 @@ jax.tree_util.register_dataclass(
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class ExchangeContext:
-    """What a lookup through the exchange saved for its sparse backward. Every
-    array is per device, stacked over the axis.
+class EmbeddingError(ValueError):
+    """A call dropped ids (overflowed buckets, invalid ids, full hash shards).
 
-    owner_rows: int32 [n * n*C]: on the owner, the local row of every key it
-      received (-1: an empty bucket slot, or a key without a row).
-    recv_index: int32 [n * N]: on the requesting device, for each of its id
-      positions, the slot of that id's vector in the buffer the owners sent
-      back (-1: padding, invalid or overflowed).
-    offsets: int32 [n * (M + 1)]: the requesting device's bag offsets.
-    weights: float32 [n * N], or None when unweighted.
-    """
+    `state`: where a layer's own host check raised it, the state that call
+    returned; it is valid (nothing was lost): inspect it, skip the batch or
+    save it."""
 
-    owner_rows: Any
-    recv_index: Any
-    offsets: Any
-    weights: Any
+    def __init__(self, message: str, state=None):
+        super().__init__(message)
+        self.state = state
 
 
-jax.tree_util.register_dataclass(
-    ExchangeContext,
-    data_fields=["owner_rows", "recv_index", "offsets", "weights"],
-    meta_fields=[],
-)
+class EmbeddingWarning(UserWarning):
+    """What `check=True` reports from inside a jitted computation, which must
+    not raise (that would lose the donated state)."""
 
 
-def raise_on_stats(overflow, invalid, hash_full) -> None:
-    """Raises ValueError naming what the counters say was dropped (host side;
-    also the body of the `check=True` callback)."""
+def stats_problems(overflow, invalid, hash_full, table: str | None = None) -> list[str]:
+    """One sentence per kind of dropped id, with the per-device counts."""
+    where = f"table {table!r}: " if table else ""
     problems = []
-    if int(np.sum(overflow)):
-        problems.append(
-            f"{int(np.sum(overflow))} key(s) overflowed their exchange bucket "
-            f"(per device {np.asarray(overflow).tolist()}); raise capacity_factor"
-        )
-    if int(np.sum(invalid)):
-        problems.append(f"{int(np.sum(invalid))} id(s) are neither padding nor a key of the table")
-    if int(np.sum(hash_full)):
-        problems.append(f"{int(np.sum(hash_full))} key(s) found no row: a hash shard is full")
-    if problems:
-        raise ValueError("sok_jax.DistributedEmbedding: " + "; ".join(problems))
+    for counts, what in (
+        (overflow, "key(s) overflowed their exchange bucket; raise capacity_factor"),
+        (invalid, "id(s) are neither padding nor a key of the table"),
+        (hash_full, "key(s) found no row: a hash shard is full"),
+    ):
+        counts = np.asarray(counts)
+        if int(np.sum(counts)):
+            problems.append(f"{where}{int(np.sum(counts))} {what} (per device {counts.tolist()})")
+    return problems
 
 
-def check_stats(state: EmbeddingState) -> None:
-    """Host-side opt-in check: raises ValueError if the last call dropped
-    anything (overflow, invalid ids, full hash shard)."""
+def _all_stats(state) -> dict:
+    """{table name or None: EmbeddingStats} of a layer's or a collection's state."""
     stats = state.stats
-    raise_on_stats(
-        np.asarray(stats.overflow), np.asarray(stats.invalid), np.asarray(stats.hash_full)
-    )
+    return stats if isinstance(stats, dict) else {None: stats}
+
+
+def check_stats(state) -> None:
+    """Host-side check of the counters of the last call that made `state`
+    (of a `DistributedEmbedding` or an `EmbeddingCollection`).
+
+    Raises:
+      EmbeddingError: the call dropped anything (overflow, invalid ids, full
+        hash shards), naming each count per device (and table); `state` stays
+        valid.
+    """
+    problems = []
+    for table, s in _all_stats(state).items():
+        problems += stats_problems(s.overflow, s.invalid, s.hash_full, table)
+    if problems:
+        raise EmbeddingError("sok_jax: " + "; ".join(problems), state)
+
+
+def warn_on_stats(*counts) -> None:
+    """The callback of `check=True` inside a computation: warns (never
+    raises) with what was dropped; `counts` are (overflow, invalid,
+    hash_full) gathered over the axis, per table in order."""
+    problems = []
+    for i in range(0, len(counts), 3):
+        problems += stats_problems(*counts[i : i + 3])
+    if problems:
+        warnings.warn(
+            "sok_jax: " + "; ".join(problems) + " (call sok_jax.check_stats(state) to raise)",
+            EmbeddingWarning,
+            stacklevel=1,
+        )

@@ -1,0 +1,443 @@
+"""`EmbeddingCollection`: many tables of their own sizes, dims, modes and
+placements, looked up by many features in one program with one exchange.
+
+    tables = [TableSpec("item", 40_000_000, 128), TableSpec("country", 300, 16,
+              combiner="mean", placement="replicated"), ...]
+    features = [FeatureSpec("item_id", "item"), FeatureSpec("clicked", "item", 50), ...]
+    coll = EmbeddingCollection(tables, features, mesh=mesh, axis_name="x")
+    print(coll.plan)
+    state = coll.init(seed=0)
+    outs, state = coll.apply(state, batch)      # batch {feature: ids}, outs {feature: [B, D]}
+    outs, ctx, state = coll.lookup(state, batch)
+    state, opt_state = coll.sparse_update(state, opt, opt_state, ctx, d_outs)
+
+The planner (`planner.py`) places each table ("row", "table" or
+"replicated") and packs them into storage units; `ShardedTables` runs them
+(`tables.py`). All non-replicated tables share one `all_to_all` per
+direction. The logical tables never depend on the plan or the device count:
+a key's initial vector depends on the seed, its table's name and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import sparse as jsparse
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sok_jax import ids as ids_lib
+from sok_jax import initializers
+from sok_jax.distributed import planner
+from sok_jax.distributed.exchange import LookupSpec, Unit
+from sok_jax.distributed.rows import STRATEGIES, Member
+from sok_jax.distributed.specs import FeatureSpec, TableSpec, check_specs
+from sok_jax.distributed.state import EmbeddingStats, check_stats
+from sok_jax.distributed.tables import LookupInput, ShardedTables
+from sok_jax.ops import checks, resolve
+
+
+@dataclasses.dataclass(frozen=True)
+class TableShard:
+    """One storage unit's arrays: `table` [n * R, D] sharded over the axis
+    ([R, D] on every device when replicated) and, in hash mode, `slot_keys`
+    (None in direct mode)."""
+
+    table: Any
+    slot_keys: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectionState:
+    """Functional state of an `EmbeddingCollection`: the storage units'
+    arrays by unit name (`coll.plan` says which table lives where; a table
+    not packed with others has a unit of its own name), the seed's key data,
+    and per table the `EmbeddingStats` of the last call."""
+
+    shards: dict
+    seed: Any
+    stats: dict
+
+
+jax.tree_util.register_dataclass(TableShard, data_fields=["table", "slot_keys"], meta_fields=[])
+jax.tree_util.register_dataclass(
+    CollectionState, data_fields=["shards", "seed", "stats"], meta_fields=[]
+)
+
+
+def _slot_floats(optimizer, dim: int) -> int:
+    """float32 values of `optimizer`'s slots per row of a table of `dim`."""
+    if optimizer is None:
+        return dim  # the default assumption: one [R, D] slot (Adagrad)
+    probe = jax.eval_shape(optimizer.init, jax.ShapeDtypeStruct((8, dim), jnp.float32))
+    return sum(int(np.prod(s.shape)) // 8 for s in probe.slots)
+
+
+class EmbeddingCollection:
+    """Many tables looked up by many features, sharded over a mesh axis.
+
+    Args:
+      tables: `TableSpec`s (unique names).
+      features: `FeatureSpec`s (unique names, each reading one table; every
+        table is read by at least one feature).
+    Keyword-only:
+      mesh: the mesh (default: a 1-D mesh over all devices).
+      axis_name: the mesh axis the tables and the batch are sharded over.
+      batch_size: the global batch the planner's costs assume (default
+        16384 per device); the layer takes any batch.
+      capacity_factor: None (safe: a bucket holds every local key) or
+        c > 0: a row-wise table's bucket holds ceil(c * keys / n) keys, a
+        column of table-wise tables ceil(c * keys) of its largest member.
+      memory_per_device: the planner's budget in bytes (default: the
+        device's own, where it says).
+      optimizer: the sparse optimizer the planner counts slots for (default:
+        one float32 slot per table value, as Adagrad).
+      check: as `DistributedEmbedding`'s: an eager call raises
+        `sok_jax.EmbeddingError` on dropped ids, a jitted one warns.
+      implementation: "ffi" (the custom calls) or "reference" (pure JAX).
+
+    Raises:
+      ValueError: bad specs (named), or tables that do not fit the devices.
+    """
+
+    def __init__(
+        self,
+        tables,
+        features,
+        *,
+        mesh: Mesh | None = None,
+        axis_name: str | None = None,
+        batch_size: int | None = None,
+        capacity_factor: float | None = None,
+        memory_per_device: int | None = None,
+        optimizer=None,
+        check: bool = False,
+        implementation: str = "ffi",
+    ):
+        self.table_specs = check_specs(tables, features)
+        self.feature_specs = {f.name: f for f in features}
+        if mesh is None:
+            mesh = Mesh(np.array(jax.devices()), ("sok",))
+        if axis_name is None:
+            axis_name = mesh.axis_names[0]
+        if axis_name not in mesh.axis_names:
+            raise ValueError(
+                f"axis_name {axis_name!r} is not an axis of the mesh {mesh.axis_names}"
+            )
+        if capacity_factor is not None and capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be positive, got {capacity_factor}")
+        ops = resolve(implementation)
+        self.mesh, self.axis_name = mesh, axis_name
+        self.num_devices = int(mesh.shape[axis_name])
+        self.check = check
+        self.implementation = implementation
+        self.default_optimizer = optimizer
+        keys_per_sample = {t: 0 for t in self.table_specs}
+        for f in features:
+            keys_per_sample[f.table] += f.max_nnz
+        slots = {
+            name: _slot_floats(spec.optimizer or optimizer, spec.embedding_dim)
+            for name, spec in self.table_specs.items()
+        }
+        self.plan = planner.make_plan(
+            self.table_specs,
+            keys_per_sample,
+            num_devices=self.num_devices,
+            batch_size=batch_size or 16384 * self.num_devices,
+            capacity_factor=capacity_factor,
+            memory_per_device=memory_per_device,
+            slot_floats_per_row=slots,
+        )
+        units = [self._unit(u, features, ops) for u in self.plan.units]
+        self._tables = ShardedTables(
+            tuple(units), mesh, axis_name, implementation, capacity_factor, check
+        )
+        self._unit_of = {t.table: t.unit for t in self.plan.tables}
+
+    def _unit(self, unit_plan, features, ops) -> Unit:
+        names = [m for m in unit_plan.members if m is not None]
+        first = self.table_specs[names[0]]
+        members = tuple(
+            None
+            if m is None
+            else Member(m, self.table_specs[m].vocabulary_size, initializers.table_id(m))
+            for m in unit_plan.members
+        )
+        hashed = first.use_hashtable
+        rows = STRATEGIES[(unit_plan.placement, hashed)](
+            mesh=self.mesh,
+            axis_name=self.axis_name,
+            rows_per_device=unit_plan.rows_per_device,
+            dim=first.embedding_dim,
+            dtype=first.dtype,
+            initializer=initializers.resolve(first.initializer),
+            members=members,
+            key_dtype=first.key_dtype,
+            ops=ops,
+        )
+        index = {m.name: i for i, m in enumerate(members) if m is not None}
+        lookups = tuple(
+            LookupSpec(
+                f.name,
+                f.table,
+                index[f.table],
+                self.table_specs[f.table].combiner or "sum",
+                self.table_specs[f.table].combiner is None,
+                f.max_nnz,
+            )
+            for f in features
+            if f.table in index
+        )
+        return Unit(unit_plan.name, rows, lookups)
+
+    # ------------------------------------------------------------ state
+    def init(self, seed) -> CollectionState:
+        """The sharded state; every unit from a program of its own."""
+        key_data = jax.random.key_data(initializers.as_key(seed))
+        shards = {
+            name: TableShard(*arrays) for name, arrays in self._tables.init_shards(key_data).items()
+        }
+        return CollectionState(shards, key_data, self._tables.zero_stats())
+
+    def state_shardings(self) -> CollectionState:
+        """NamedShardings of every leaf of the state, for jit's in/out_shardings."""
+        shards = {k: TableShard(*v) for k, v in self._tables.shard_shardings().items()}
+        repl = NamedSharding(self.mesh, P())
+        return CollectionState(shards, repl, self._tables.stats_shardings())
+
+    # ------------------------------------------------------------ batch
+    def _inputs(self, batch, weights) -> dict:
+        """Each feature's ids (any form `embed` takes, [batch, max_nnz]) as a
+        padded `LookupInput`, checked: every feature present, key dtypes,
+        widths, one batch size divisible by the devices."""
+        if not isinstance(batch, dict):
+            raise ValueError(
+                f"the batch must be a dict {{feature: ids}}, got {type(batch).__name__}"
+            )
+        weights = weights or {}
+        unknown = sorted(set(batch) - set(self.feature_specs))
+        missing = sorted(set(self.feature_specs) - set(batch))
+        if unknown or missing:
+            raise ValueError(f"the batch has unknown features {unknown} and lacks {missing}")
+        bad_w = sorted(set(weights) - set(self.feature_specs))
+        if bad_w:
+            raise ValueError(f"weights given for unknown features {bad_w}")
+        inputs, sizes = {}, set()
+        for name, f in self.feature_specs.items():
+            inputs[name] = self._input(f, batch[name], weights.get(name))
+            sizes.add(inputs[name].ids.shape[0])
+        if len(sizes) != 1:
+            raise ValueError(f"every feature needs the same batch size, got {sorted(sizes)}")
+        size = sizes.pop()
+        if size % self.num_devices:
+            raise ValueError(
+                f"the batch ({size}) must be divisible by the {self.num_devices} devices of "
+                f"axis {self.axis_name!r}"
+            )
+        return inputs
+
+    def _input(self, f: FeatureSpec, ids, weights) -> LookupInput:
+        spec = self.table_specs[f.table]
+        sequence = spec.combiner is None
+        if sequence and weights is not None:
+            raise ValueError(
+                f"feature {f.name!r}: its table {f.table!r} has combiner None (a sequence "
+                "output), which takes no weights"
+            )
+        where = f"feature {f.name!r}"
+        dropped = None
+        if isinstance(ids, ids_lib.RaggedIds):
+            if ids.slot_num != 1:
+                raise ValueError(f"{where}: ragged ids must have slot_num=1, got {ids.slot_num}")
+            padded, w, dropped = ids_lib.ragged_to_padded(ids, weights, f.max_nnz)
+        else:
+            if isinstance(ids, jsparse.BCOO):
+                if ids.ndim != 2:
+                    raise ValueError(f"{where}: BCOO ids must be [batch, max_nnz], got {ids.shape}")
+                bags = ids_lib.to_bags(ids, weights, 1)
+            else:
+                ids = checks.as_key_array(ids, f"{where}: ids")
+                if ids.ndim != 2:
+                    raise ValueError(
+                        f"{where}: ids must be [batch, max_nnz={f.max_nnz}] (-1 for no key), "
+                        f"got shape {tuple(ids.shape)}"
+                    )
+                bags = ids_lib.to_bags(
+                    ids[:, None, :], None if weights is None else jnp.asarray(weights)[:, None, :]
+                )
+            shape = (*bags.batch_shape, bags.fixed_nnz)
+            padded = bags.ids.reshape(shape)
+            w = bags.weights.reshape(shape) if bags.weights.shape[0] else None
+        if padded.shape[2] > f.max_nnz:
+            raise ValueError(
+                f"{where}: ids are {padded.shape[2]} wide, more than its max_nnz={f.max_nnz}"
+            )
+        if jnp.dtype(padded.dtype) != spec.key_dtype:
+            raise ValueError(
+                f"{where}: ids must have its table's key_dtype {spec.key_dtype}, got {padded.dtype}"
+            )
+        if sequence and padded.shape[2] < f.max_nnz:  # the output is [batch, max_nnz, D]
+            pad = checks.padding_value(padded.dtype)
+            extra = f.max_nnz - padded.shape[2]
+            padded = jnp.pad(padded, ((0, 0), (0, 0), (0, extra)), constant_values=pad)
+        return LookupInput(padded, w, dropped, sequence)
+
+    def _outs(self, outs):
+        """The engine's [B, 1, D] pooled outputs as [B, D]."""
+        return {
+            name: out
+            if self.table_specs[self.feature_specs[name].table].combiner is None
+            else out.reshape(out.shape[0], out.shape[-1])
+            for name, out in outs.items()
+        }
+
+    def _shards(self, state: CollectionState):
+        return {k: (v.table, v.slot_keys) for k, v in state.shards.items()}
+
+    def _state(self, state, shards, stats=None):
+        return CollectionState(
+            {k: TableShard(*v) for k, v in shards.items()},
+            state.seed,
+            state.stats if stats is None else stats,
+        )
+
+    def _run(self, state, batch, weights, training, sparse):
+        outs, shards, stats, ctx = self._tables.run(
+            self._shards(state), state.seed, self._inputs(batch, weights), training, sparse
+        )
+        new_state = self._state(state, shards, stats)
+        some = next(iter(stats.values())).overflow
+        if self.check and not isinstance(some, jax.core.Tracer):
+            check_stats(new_state)  # an eager call: raise here, the state intact
+        return self._outs(outs), new_state, ctx
+
+    # ------------------------------------------------------------- public
+    def apply(self, state: CollectionState, batch, weights=None, *, training: bool = True):
+        """Looks up every feature: ({feature: [B, D] or [B, max_nnz, D]},
+        new_state). Differentiable with respect to the state's tables (the
+        dense-compatible path). In hash mode `training=True` inserts unseen
+        keys; False only looks up (an unseen key gives zeros)."""
+        outs, new_state, _ = self._run(state, batch, weights, training, sparse=False)
+        return outs, new_state
+
+    __call__ = apply
+
+    def lookup(self, state: CollectionState, batch, weights=None, *, training: bool = True):
+        """The sparse training path: (outs, ctx, new_state); the outputs carry
+        no gradient to the tables. Feed their cotangents to `sparse_update`."""
+        outs, new_state, ctx = self._run(state, batch, weights, training, sparse=True)
+        return outs, ctx, new_state
+
+    def _optimizers(self, optimizer) -> dict:
+        out = {}
+        for u in self._tables.units:
+            own = self.table_specs[u.lookups[0].table].optimizer
+            opt = own or optimizer
+            if opt is None:
+                raise ValueError(
+                    f"no sparse optimizer for the tables of unit {u.name!r}: pass one, or set "
+                    "TableSpec.optimizer"
+                )
+            out[u.name] = opt
+        return out
+
+    def init_optimizer(self, optimizer, state: CollectionState) -> dict:
+        """{unit: the sparse optimizer's state} (a table's own optimizer where
+        its TableSpec has one), slots laid out like the unit's table."""
+        return self._tables.init_optimizer(self._optimizers(optimizer), self._shards(state))
+
+    def optimizer_shardings(self, opt_state: dict) -> dict:
+        return self._tables.optimizer_shardings(opt_state)
+
+    def sparse_grad(self, ctx, d_outs) -> dict:
+        """{unit: SparseRowGrad} of the rows the batch touched, reduced on
+        their owners (per device, stacked over the axis)."""
+        return self._tables.sparse_grad(ctx, self._grads(d_outs))
+
+    def _grads(self, d_outs):
+        missing = sorted(set(self.feature_specs) - set(d_outs))
+        if missing:
+            raise ValueError(f"cotangents missing for features {missing}")
+        return {k: d_outs[k] for k in self.feature_specs}
+
+    def apply_gradients(self, state, optimizer, opt_state, grads):
+        """Applies each unit's optimizer to its rows in `grads` (from
+        `sparse_grad`), in place. Returns (new_state, new_opt_state)."""
+        shards, opt = self._tables.apply_gradients(
+            self._shards(state), self._optimizers(optimizer), opt_state, grads
+        )
+        return self._state(state, shards), opt
+
+    def sparse_update(self, state, optimizer, opt_state, ctx, d_outs):
+        """`sparse_grad` and `apply_gradients` in one pass over the touched
+        rows of every table (fused kernels where the optimizer has them).
+        Donate `state` and `opt_state` in your step. Returns (new_state,
+        new_opt_state)."""
+        shards, opt = self._tables.sparse_update(
+            self._shards(state), self._optimizers(optimizer), opt_state, ctx, self._grads(d_outs)
+        )
+        return self._state(state, shards), opt
+
+    # ------------------------------------------------------ export/import
+    def _strategy(self, table: str):
+        if table not in self._unit_of:
+            raise ValueError(f"no table {table!r}; the tables are {sorted(self._unit_of)}")
+        return self._tables.unit(self._unit_of[table]).rows
+
+    def export_pairs(self, state: CollectionState, table: str):
+        """One table's (key, vector) pairs as host numpy arrays, keys
+        ascending. Direct mode: every key; hash mode: the keys inserted."""
+        rows = self._strategy(table)
+        shard = state.shards[self._unit_of[table]]
+        keys, vectors = rows.export_pairs(shard.table, shard.slot_keys, table)
+        keys = keys.astype(self.table_specs[table].key_dtype)
+        order = np.argsort(keys, kind="stable")
+        return keys[order], vectors[order]
+
+    def import_pairs(self, pairs: dict, seed=0) -> CollectionState:
+        """A state holding the given pairs, {table: (keys, vectors)}, on this
+        collection's mesh and plan, whatever they were exported from; other
+        keys keep their seed's initial vectors (direct mode)."""
+        state = self.init(seed)
+        shards = self._shards(state)
+        for table, (keys, vectors) in pairs.items():
+            rows = self._strategy(table)
+            unit = self._unit_of[table]
+            shards[unit] = rows.import_pairs(*shards[unit], table, keys, vectors)
+        return self._state(state, shards)
+
+    def required_capacity_factor(self, batch) -> dict:
+        """{unit: the smallest capacity_factor under which this batch
+        overflows nowhere in that unit} (row-wise: the most distinct keys any
+        device sends one destination, times n, over its local key positions;
+        a column: over its largest member's positions)."""
+        inputs = self._inputs(batch, None)
+        n = self.num_devices
+        local_batch = next(iter(inputs.values())).ids.shape[0] // n
+        out = {}
+        for name, largest in self._tables.largest_buckets(inputs).items():
+            u = self._tables.unit(name)
+            per_member = {}
+            for spec in u.lookups:
+                per_member[spec.member] = per_member.get(spec.member, 0) + spec.ids_per_sample
+            if u.rows.placement == "table":
+                full = local_batch * max(per_member.values())
+                out[name] = largest.astype(jnp.float32) / max(full, 1)
+            else:
+                full = local_batch * sum(per_member.values())
+                out[name] = largest.astype(jnp.float32) * n / max(full, 1)
+        return out
+
+
+__all__ = [
+    "CollectionState",
+    "EmbeddingCollection",
+    "EmbeddingStats",
+    "FeatureSpec",
+    "TableShard",
+    "TableSpec",
+]

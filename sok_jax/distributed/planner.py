@@ -1,0 +1,358 @@
+"""The placement planner of `EmbeddingCollection`: per table, "row",
+"table" or "replicated", chosen from a cost model and packed into storage
+units.
+
+Cost model (bytes one device sends per training step, and bytes it holds):
+  * a table's keys per step: its features' max_nnz summed, times the local
+    batch b; its rows R, its dim D; each key sent as 4 bytes (8 for int64
+    hash keys), each vector as D table-dtype values, each cotangent as D
+    float32 values;
+  * "row": one bucket per destination of C = ceil(c * b * keys / n) keys
+    (c = capacity_factor; all the keys when None), at most the R / n rows a
+    destination holds (direct mode); the device sends (n - 1) buckets:
+    (n - 1) * C * (key + vector + cotangent). Holds R / n rows.
+  * "table": the table's keys all go to its one device, so tables on
+    different devices share buckets: a column of up to n tables sends
+    (n - 1) * C * (key + vector + cotangent) with C the largest member's
+    bucket (ceil(c * b * keys), at most its R), shared by its members.
+    Holds R rows on one device.
+  * "replicated": no exchange forward; the backward sums the gradients over
+    the replicas: a dense psum of R rows, 2 (n - 1) / n * R * (4 + 4 D), or
+    where that is larger a gather of every device's touched rows,
+    (n - 1) * b * keys * (4 + 4 D). Holds R rows on every device.
+  Memory counts the table and its optimizer slots (one float32 [R, D] slot
+  unless the table's optimizer says otherwise).
+"auto" replicates a table that fits in `replicate_bytes` when that sends
+fewer bytes than "row"; otherwise it takes "table" when that sends fewer
+bytes and the table fits on one device, else "row". Hash tables default to
+"row". Table-wise tables are packed into columns of up to n (same dim,
+dtype, mode, initializer and optimizer), the largest together, each column's
+members spread over the least loaded devices. A table can be pinned with
+`TableSpec.placement`; the logical tables never depend on the plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+
+DEFAULT_MEMORY = 16 << 30  # planning budget when the device does not report one
+REPLICATE_BYTES = 16 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class TablePlan:
+    """One table's placement: its unit (storage array), the devices that
+    hold it, the rows and bytes (table + slots) it takes on each of them,
+    and the bytes a device sends for it per training step (estimated)."""
+
+    table: str
+    placement: str
+    unit: str
+    devices: tuple
+    rows_per_device: int
+    bytes_per_device: int
+    exchange_bytes: int
+    pinned: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitPlan:
+    """A storage array: its placement, its member tables (a column: the
+    table on each device, or None) and the rows it holds per device."""
+
+    name: str
+    placement: str
+    members: tuple
+    rows_per_device: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    tables: tuple
+    units: tuple
+    num_devices: int
+    batch_size: int
+    memory_per_device: tuple
+    exchange_bytes: int
+    row_wise_exchange_bytes: int
+
+    def table(self, name: str) -> TablePlan:
+        for t in self.tables:
+            if t.table == name:
+                return t
+        raise KeyError(name)
+
+    def __str__(self) -> str:
+        def size(b):
+            for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+                if b < 1024 or unit == "TiB":
+                    return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
+                b /= 1024
+            return str(b)
+
+        rows = [("table", "placement", "devices", "rows/device", "memory/device", "sent/step")]
+        for t in self.tables:
+            devs = "all" if len(t.devices) == self.num_devices else ",".join(map(str, t.devices))
+            pin = " (pinned)" if t.pinned else ""
+            rows.append(
+                (
+                    t.table,
+                    t.placement + pin,
+                    devs,
+                    f"{t.rows_per_device:,}",
+                    size(t.bytes_per_device),
+                    size(t.exchange_bytes),
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        mem = ", ".join(size(m) for m in self.memory_per_device)
+        ratio = self.exchange_bytes / max(self.row_wise_exchange_bytes, 1)
+        lines.append(
+            f"{self.num_devices} device(s), batch {self.batch_size}; memory per device: {mem}; "
+            f"sent per device per step {size(self.exchange_bytes)} "
+            f"({ratio:.2f}x of all row-wise {size(self.row_wise_exchange_bytes)})"
+        )
+        return "\n".join(lines)
+
+
+def _key_bytes(spec) -> int:
+    return 8 if spec.use_hashtable and spec.key_dtype.itemsize == 8 else 4
+
+
+def _per_key_bytes(spec) -> int:
+    """Bytes crossing per bucket slot: the key, its vector, its cotangent."""
+    return _key_bytes(spec) + spec.embedding_dim * (spec.dtype.itemsize + 4)
+
+
+def _row_bucket(spec, keys: int, n: int, cf) -> int:
+    c = keys if cf is None else min(max(math.ceil(cf * keys / n), 1), keys)
+    return c if spec.use_hashtable else min(c, math.ceil(spec.vocabulary_size / n))
+
+
+def _table_bucket(spec, keys: int, cf) -> int:
+    c = keys if cf is None else min(max(math.ceil(cf * keys), 1), keys)
+    return c if spec.use_hashtable else min(c, spec.vocabulary_size)
+
+
+def row_exchange_bytes(spec, keys: int, n: int, cf) -> int:
+    return (n - 1) * _row_bucket(spec, keys, n, cf) * _per_key_bytes(spec)
+
+
+def replicated_exchange_bytes(spec, keys: int, n: int) -> int:
+    """The backward's sum over replicas: a dense psum of [R, D] (and a
+    touched count per row), or a gather of every device's touched rows,
+    whichever is smaller (as the exchange chooses)."""
+    row = 4 + 4 * spec.embedding_dim
+    rows = spec.vocabulary_size
+    if rows < n * keys // 2:
+        return 2 * (n - 1) * rows * row // n
+    return (n - 1) * keys * row
+
+
+def _column_key(spec, optimizer):
+    init = spec.initializer if isinstance(spec.initializer, str) else id(spec.initializer)
+    return (
+        spec.embedding_dim,
+        str(spec.dtype),
+        spec.use_hashtable,
+        str(spec.key_dtype),
+        init,
+        id(optimizer),
+    )
+
+
+def device_memory() -> int:
+    """Bytes of the first device, where it says (GPUs), else DEFAULT_MEMORY."""
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 - backends without memory stats
+        stats = {}
+    return int(stats.get("bytes_limit", DEFAULT_MEMORY))
+
+
+def make_plan(
+    specs: dict,
+    keys_per_sample: dict,
+    *,
+    num_devices: int,
+    batch_size: int,
+    capacity_factor=None,
+    memory_per_device: int | None = None,
+    slot_floats_per_row: dict,
+    replicate_bytes: int = REPLICATE_BYTES,
+) -> Plan:
+    """The placement of every table (see the module docstring).
+
+    Args:
+      specs: {name: TableSpec}, in the collection's order.
+      keys_per_sample: {table: its features' max_nnz summed}.
+      num_devices: n, the devices of the axis.
+      batch_size: the global batch the costs assume.
+      capacity_factor: the collection's.
+      memory_per_device: bytes each device may hold (default: the device's).
+      slot_floats_per_row: {table: float32 values of optimizer slots per row}.
+      replicate_bytes: the largest table (with slots) "auto" replicates.
+
+    Raises:
+      ValueError: the tables do not fit the devices' memory.
+    """
+    n = num_devices
+    b = max(batch_size // n, 1)
+    budget = memory_per_device or device_memory()
+
+    def row_bytes(name):
+        s = specs[name]
+        return s.row_bytes + 4 * slot_floats_per_row[name]
+
+    def costs_of(name):
+        """{placement: bytes sent per step} of the placements "auto" may take."""
+        s = specs[name]
+        keys = b * keys_per_sample[name]
+        table_bytes = s.vocabulary_size * row_bytes(name)
+        costs = {"row": row_exchange_bytes(s, keys, n, capacity_factor)}
+        if table_bytes <= replicate_bytes:
+            costs["replicated"] = replicated_exchange_bytes(s, keys, n)
+        if table_bytes <= budget // 2:  # its share of a full column
+            bucket = _table_bucket(s, keys, capacity_factor)
+            costs["table"] = bucket * _per_key_bytes(s) * (n - 1) // n
+        return costs
+
+    def best(costs):
+        return min(costs, key=lambda p: (costs[p], p != "row"))
+
+    def choose(name):
+        s = specs[name]
+        if s.placement != "auto":
+            return s.placement
+        if n == 1 or s.use_hashtable:
+            return "row"
+        return best(costs_of(name))
+
+    placement = {name: choose(name) for name in specs}
+    load = np.zeros(n, np.int64)
+    for name, p in placement.items():
+        v = specs[name].vocabulary_size * row_bytes(name)
+        if p == "row":
+            load += math.ceil(specs[name].vocabulary_size / n) * row_bytes(name)
+        elif p == "replicated":
+            load += v
+
+    def bucket(m):
+        return _table_bucket(specs[m], b * keys_per_sample[m], capacity_factor)
+
+    def column_cost(names):
+        width = max(bucket(m) for m in names)
+        return (n - 1) * width * max(_per_key_bytes(specs[m]) for m in names)
+
+    def others(m):
+        return {p: c for p, c in costs_of(m).items() if p != "table"}
+
+    # Columns of table-wise tables: those of the largest buckets together, n
+    # at most each. A member whose share of its column's bytes exceeds what
+    # its best other placement sends takes that instead (pinned ones stay).
+    groups = {}
+    for name in sorted(
+        (t for t, p in placement.items() if p == "table"), key=lambda t: (-bucket(t), t)
+    ):
+        groups.setdefault(_column_key(specs[name], specs[name].optimizer), []).append(name)
+    chunks = [
+        members[i : i + n] for members in groups.values() for i in range(0, len(members), n)
+    ]
+    settled = []
+    while chunks:
+        chunk = chunks.pop()
+        share = column_cost(chunk) / len(chunk)
+        leave = [
+            m for m in chunk if specs[m].placement == "auto" and min(others(m).values()) <= share
+        ]
+        if not leave:
+            settled.append(chunk)
+            continue
+        worst = max(leave, key=lambda m: (-min(others(m).values()), m))
+        placement[worst] = best(others(worst))
+        v = specs[worst].vocabulary_size
+        load += (v if placement[worst] == "replicated" else math.ceil(v / n)) * row_bytes(worst)
+        rest = [m for m in chunk if m != worst]
+        if rest:
+            chunks.append(rest)
+    columns = []
+    for chunk in settled:
+        slots = [None] * n
+        for name in chunk:  # the largest first, onto the least loaded device
+            d = min((d for d in range(n) if slots[d] is None), key=lambda d: (load[d], d))
+            slots[d] = name
+            load[d] += specs[name].vocabulary_size * row_bytes(name)
+        columns.append(tuple(slots))
+    if load.max(initial=0) > budget:
+        raise ValueError(
+            f"the tables do not fit: per device {load.tolist()} bytes (tables and optimizer "
+            f"slots) against a budget of {budget}; pin large tables to placement='row', or pass "
+            "memory_per_device"
+        )
+
+    units, tables = [], {}
+    for name, p in placement.items():
+        if p == "table":
+            continue
+        s = specs[name]
+        rows = s.vocabulary_size if p == "replicated" else math.ceil(s.vocabulary_size / n)
+        units.append(UnitPlan(name, p, (name,), rows))
+        keys = b * keys_per_sample[name]
+        sent = (
+            replicated_exchange_bytes(s, keys, n)
+            if p == "replicated"
+            else row_exchange_bytes(s, keys, n, capacity_factor)
+        )
+        if n == 1:
+            sent = 0
+        devices = tuple(range(n))
+        tables[name] = TablePlan(
+            name, p, name, devices, rows, rows * row_bytes(name), sent, s.placement != "auto"
+        )
+    taken = set(specs)
+    for k, members in enumerate(columns):
+        unit = f"table_wise_{k}"
+        while unit in taken:
+            unit = "_" + unit
+        taken.add(unit)
+        names = [m for m in members if m is not None]
+        rows = max(specs[m].vocabulary_size for m in names)
+        units.append(UnitPlan(unit, "table", members, rows))
+        keys = {m: b * keys_per_sample[m] for m in names}
+        width = max(_table_bucket(specs[m], keys[m], capacity_factor) for m in names)
+        sent = (n - 1) * width * max(_per_key_bytes(specs[m]) for m in names) if n > 1 else 0
+        for d, m in enumerate(members):
+            if m is None:
+                continue
+            v = specs[m].vocabulary_size
+            tables[m] = TablePlan(
+                m,
+                "table",
+                unit,
+                (d,),
+                v,
+                v * row_bytes(m),
+                sent // len(names),
+                specs[m].placement != "auto",
+            )
+    ordered = tuple(tables[name] for name in specs)
+    row_wise = (
+        sum(row_exchange_bytes(specs[t], b * keys_per_sample[t], n, capacity_factor) for t in specs)
+        if n > 1
+        else 0
+    )
+    return Plan(
+        ordered,
+        tuple(units),
+        n,
+        batch_size,
+        tuple(int(x) for x in load),
+        sum(t.exchange_bytes for t in ordered),
+        row_wise,
+    )

@@ -1,0 +1,382 @@
+"""`ShardedTables`: the `shard_map` around the per-device data path
+(`exchange.py`) for a fixed set of storage units and lookups, shared by
+`DistributedEmbedding` (one unit, one lookup of `slot_num` slots) and
+`EmbeddingCollection` (many tables, one lookup per feature).
+
+It owns what both layers do alike: create the shards, size the exchange
+buckets, run the lookup, the sparse backward, the optimizer updates and the
+checks, always as one program over the mesh axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sok_jax._compat import shard_map
+from sok_jax.distributed import exchange
+from sok_jax.distributed.exchange import DeviceLookup, Unit
+from sok_jax.distributed.state import EmbeddingStats, warn_on_stats
+from sok_jax.ids import Bags
+from sok_jax.ops import resolve
+from sok_jax.ops.embed_ops import SparseRowGrad
+
+
+@dataclasses.dataclass(frozen=True)
+class LookupInput:
+    """One lookup's batch as it enters `shard_map` (global arrays sharded over
+    the batch): padded ids [B, S, w], their weights or None, and per sample
+    the ids dropped before the lookup (ragged bags longer than max_nnz) or
+    None. `sequence`: every position is its own bag."""
+
+    ids: Any
+    weights: Any
+    dropped: Any
+    sequence: bool = False
+
+
+jax.tree_util.register_dataclass(
+    LookupInput, data_fields=["ids", "weights", "dropped"], meta_fields=["sequence"]
+)
+
+
+def device_bags(x: LookupInput) -> Bags:
+    """Inside shard_map: one device's slice of a lookup input as bags."""
+    ids, w = x.ids, x.weights
+    flat_w = None if w is None else w.reshape(-1)
+    if x.sequence:  # [b, 1, w]: every position its own bag, out [b, w, D]
+        b, _, width = ids.shape
+        bags = Bags.padded(ids.reshape(-1), flat_w, (b * width, 1), 1)
+        return bags._replace(batch_shape=(b, width))
+    return Bags.padded(ids.reshape(-1), flat_w, ids.shape[:2], ids.shape[2])
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedTables:
+    units: tuple  # of exchange.Unit
+    mesh: Any
+    axis_name: str
+    implementation: str
+    capacity_factor: float | None = None
+    check: bool = False
+
+    @property
+    def num_devices(self) -> int:
+        return int(self.mesh.shape[self.axis_name])
+
+    def unit(self, name: str) -> Unit:
+        for u in self.units:
+            if u.name == name:
+                return u
+        raise KeyError(name)
+
+    @property
+    def tables(self) -> list[str]:
+        return [t for u in self.units for t in exchange.member_tables(u)]
+
+    # ------------------------------------------------------------ shapes
+    def capacity(self, unit: Unit, local_batch: int) -> int:
+        """The bucket size of a unit for a device's batch. Row-wise: all the
+        unit's key positions (None) or ceil(c * positions / n); a column of
+        table-wise tables: its largest member's positions, or c times them
+        (all of a member's keys go to one device). Clamped where a
+        destination cannot receive that many distinct keys."""
+        c = self.capacity_factor
+        if unit.rows.placement != "table":
+            full = exchange.full_positions(unit, local_batch)
+            cap = full if c is None else min(max(math.ceil(c * full / self.num_devices), 1), full)
+        else:
+            per_member = {}
+            for spec in unit.lookups:
+                per_member[spec.member] = per_member.get(spec.member, 0) + spec.ids_per_sample
+            full = local_batch * max(per_member.values())
+            cap = full if c is None else min(max(math.ceil(c * full), 1), full)
+        return max(cap, 1)
+
+    def bucket_sizes(self, local_batch: int) -> dict:
+        """{unit: the bucket size the exchange uses}: the capacity, clamped
+        where a destination can never receive that many distinct keys."""
+        return {
+            u.name: exchange.bucket_capacity(u, self.capacity(u, local_batch)) for u in self.units
+        }
+
+    def _local(self, local_batch):
+        return {
+            u.name: exchange.is_local(u, self.capacity(u, local_batch), local_batch)
+            for u in self.units
+        }
+
+    # ----------------------------------------------------------- specs
+    def _shard_specs(self):
+        axis = self.axis_name
+        return {
+            u.name: ((P(None, None), P(None)) if u.rows.replicated else (P(axis, None), P(axis)))
+            for u in self.units
+        }
+
+    def shard_shardings(self) -> dict:
+        """{unit: (table sharding, slot_keys sharding or None)}."""
+        return {
+            u.name: (
+                u.rows.table_sharding,
+                u.rows.slot_keys_sharding if u.rows.hashed else None,
+            )
+            for u in self.units
+        }
+
+    def stats_shardings(self) -> dict:
+        row = NamedSharding(self.mesh, P(self.axis_name))
+        return {t: EmbeddingStats(row, row, row) for t in self.tables}
+
+    def slot_specs(self, unit: Unit, opt_state):
+        lead = None if unit.rows.replicated else self.axis_name
+        return tuple(P(lead) if s.ndim == 1 else P(lead, None) for s in opt_state.slots)
+
+    def _opt_specs(self, opt_states):
+        return {
+            name: type(s)(self.slot_specs(self.unit(name), s), P())
+            for name, s in opt_states.items()
+        }
+
+    # ------------------------------------------------------------ state
+    def init_shards(self, seed) -> dict:
+        """{unit: (table, slot_keys or None)}, each unit from its own program
+        (its shard initializer)."""
+        axis = self.axis_name
+        out = {}
+        for u in self.units:
+
+            def body(seed, u=u):
+                return u.rows.init_shard(seed, jax.lax.axis_index(axis))
+
+            specs = self._shard_specs()[u.name]
+            table, slot_keys = jax.jit(shard_map(body, self.mesh, (P(),), specs))(seed)
+            out[u.name] = (table, slot_keys)
+        return out
+
+    def zero_stats(self) -> dict:
+        """Per table, three distinct [n] counters (a donated state must not
+        hold one buffer twice)."""
+        row = NamedSharding(self.mesh, P(self.axis_name))
+        n = self.num_devices
+
+        def zeros():
+            return jax.device_put(jnp.zeros((n,), jnp.int32), row)
+
+        return {t: EmbeddingStats(zeros(), zeros(), zeros()) for t in self.tables}
+
+    # ----------------------------------------------------------- lookup
+    def run(self, shards, seed, inputs: dict, training: bool, sparse: bool):
+        """The lookup of every lookup input: (outs, new shards, stats, ctx),
+        each a dict (outs by lookup, shards and ctx by unit, stats by table).
+        Shards the lookup left as they were come back as they went in."""
+        axis = self.axis_name
+        local_batch = next(iter(inputs.values())).ids.shape[0] // self.num_devices
+        local = self._local(local_batch)
+        capacities = self.bucket_sizes(local_batch)
+        # Under a trace the caller's host check cannot run: report from inside.
+        report = self.check and any(
+            isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((shards, seed, inputs))
+        )
+
+        def body(shards, seed, inputs):
+            bags = {name: device_bags(x) for name, x in inputs.items()}
+            res = exchange.forward(
+                self.units,
+                shards,
+                seed,
+                bags,
+                capacities,
+                local,
+                self.implementation,
+                training,
+                sparse,
+            )
+            stats = dict(res.stats)
+            for name, x in inputs.items():  # ids dropped before the lookup
+                if x.dropped is not None:
+                    t = self._table_of(name)
+                    extra = jnp.sum(x.dropped).astype(jnp.int32).reshape(1)
+                    stats[t] = dataclasses.replace(stats[t], invalid=stats[t].invalid + extra)
+            if report:
+                # Reported once (from device 0), never raised: raising inside
+                # the computation would lose the caller's donated state.
+                gathered = [
+                    jax.lax.all_gather(c, axis, tiled=True)
+                    for s in stats.values()
+                    for c in (s.overflow, s.invalid, s.hash_full)
+                ]
+                jax.lax.cond(
+                    jax.lax.axis_index(axis) == 0,
+                    lambda g: jax.debug.callback(warn_on_stats, *g),
+                    lambda g: None,
+                    gathered,
+                )
+            return DeviceLookup(res.outs, res.shards, stats, res.ctx)
+
+        row = P(axis)
+        changed = {u.name for u in self.units if u.rows.hashed}
+        shard_specs = self._shard_specs()
+        out_specs = DeviceLookup(
+            outs=row,
+            shards={k: shard_specs[k] for k in changed},
+            stats=row,
+            ctx=row,
+        )
+        fn = shard_map(body, self.mesh, (shard_specs, P(), row), out_specs)
+        res = fn(shards, seed, inputs)
+        new_shards = dict(shards)
+        new_shards.update(res.shards)
+        return res.outs, new_shards, res.stats, res.ctx
+
+    def _table_of(self, lookup_name):
+        for u in self.units:
+            for spec in u.lookups:
+                if spec.name == lookup_name:
+                    return spec.table
+        raise KeyError(lookup_name)
+
+    def _ctx_specs(self, ctx):
+        return jax.tree.map(lambda _: P(self.axis_name), ctx)
+
+    # --------------------------------------------------------- backward
+    def _owner_bags(self, ctx, d_outs, local_batch):
+        local = self._local(local_batch)
+        return exchange.owner_bags(self.units, ctx, d_outs, local, self.implementation)
+
+    def _local_batch(self, d_outs):
+        return next(iter(d_outs.values())).shape[0] // self.num_devices
+
+    def sparse_grad(self, ctx, d_outs) -> dict:
+        """{unit: SparseRowGrad} per device, stacked over the axis (a
+        replicated unit's is the same on every device)."""
+        ops = resolve(self.implementation)
+        local_batch = self._local_batch(d_outs)
+        row = P(self.axis_name)
+
+        def body(ctx, d_outs):
+            bags = self._owner_bags(ctx, d_outs, local_batch)
+            out = {}
+            for u in self.units:
+                r = ops.lookup_combine_bwd(*bags[u.name], u.rows.rows_per_device)
+                out[u.name] = SparseRowGrad(r.rows, r.grads, r.count)
+            return out
+
+        specs = {u.name: SparseRowGrad(row, P(self.axis_name, None), row) for u in self.units}
+        return shard_map(body, self.mesh, (row, row), specs)(ctx, d_outs)
+
+    def _updates(self, shards, opt_states, body, args, arg_specs, optimizers):
+        shard_specs = self._shard_specs()
+        opt_specs = self._opt_specs(opt_states)
+        tables = {k: v[0] for k, v in shards.items() if k in opt_states}
+        t_specs = {k: shard_specs[k][0] for k in tables}
+
+        def run(tables, opt_states, *args):
+            return body(tables, opt_states, *args)
+
+        fn = shard_map(run, self.mesh, (t_specs, opt_specs, *arg_specs), (t_specs, opt_specs))
+        new_tables, new_opt = fn(tables, opt_states, *args)
+        out = dict(shards)
+        for k, t in new_tables.items():
+            out[k] = (t, shards[k][1])
+        return out, new_opt
+
+    def sparse_update(self, shards, optimizers: dict, opt_states: dict, ctx, d_outs):
+        """Each unit's owners sum its rows' gradients and apply the unit's
+        optimizer to them in place (`update_bags`, fused where it can)."""
+        local_batch = self._local_batch(d_outs)
+        row = P(self.axis_name)
+
+        def body(tables, opt_states, ctx, d_outs):
+            bags = self._owner_bags(ctx, d_outs, local_batch)
+            new_t, new_o = {}, {}
+            for name in tables:
+                opt = optimizers[name]
+                if opt.update_bags is None:  # a SparseOptimizer built without it
+                    ops = resolve(self.implementation)
+                    rows = self.unit(name).rows.rows_per_device
+                    g = ops.lookup_combine_bwd(*bags[name], rows)
+                    new_t[name], new_o[name] = opt.update(tables[name], opt_states[name], g)
+                else:
+                    new_t[name], new_o[name] = opt.update_bags(
+                        tables[name], opt_states[name], *bags[name]
+                    )
+            return new_t, new_o
+
+        return self._updates(shards, opt_states, body, (ctx, d_outs), (row, row), optimizers)
+
+    def apply_gradients(self, shards, optimizers: dict, opt_states: dict, grads: dict):
+        """Applies each unit's optimizer to its `SparseRowGrad` on each owner."""
+        row = P(self.axis_name)
+
+        def body(tables, opt_states, grads):
+            new_t, new_o = {}, {}
+            for name in tables:
+                new_t[name], new_o[name] = optimizers[name].update(
+                    tables[name], opt_states[name], SparseRowGrad(*grads[name])
+                )
+            return new_t, new_o
+
+        specs = {k: SparseRowGrad(row, P(self.axis_name, None), row) for k in grads}
+        return self._updates(shards, opt_states, body, (grads,), (specs,), optimizers)
+
+    def init_optimizer(self, optimizers: dict, shards) -> dict:
+        """{unit: the sparse optimizer's state}, slots laid out like the unit's
+        table. Each slot comes from a program of its own, so that every slot
+        owns its buffer (a step donates them all)."""
+        out = {}
+        for u in self.units:
+            optimizer = optimizers[u.name]
+            table = shards[u.name][0]
+            probe = jax.eval_shape(optimizer.init, jax.ShapeDtypeStruct(table.shape, table.dtype))
+            slot_specs = self.slot_specs(u, probe)
+            t_spec = self._shard_specs()[u.name][0]
+
+            def part(pick, spec, optimizer=optimizer, t_spec=t_spec, table=table):
+                fn = shard_map(lambda t: pick(optimizer.init(t)), self.mesh, (t_spec,), spec)
+                return jax.jit(fn)(table)
+
+            slots = tuple(
+                part(lambda s, i=i: s.slots[i], spec) for i, spec in enumerate(slot_specs)
+            )
+            out[u.name] = type(probe)(slots, part(lambda s: s.count, P()))
+        return out
+
+    def optimizer_shardings(self, opt_states: dict) -> dict:
+        return {
+            name: type(s)(
+                tuple(NamedSharding(self.mesh, p) for p in self.slot_specs(self.unit(name), s)),
+                NamedSharding(self.mesh, P()),
+            )
+            for name, s in opt_states.items()
+        }
+
+    # --------------------------------------------------------- capacity
+    def largest_buckets(self, inputs: dict) -> dict:
+        """{unit: the most distinct keys any device sends one destination}."""
+        axis = self.axis_name
+        local_batch = next(iter(inputs.values())).ids.shape[0] // self.num_devices
+        exchanged = [u for u in self.units if u.rows.exchanged]
+
+        def body(inputs):
+            bags = {name: device_bags(x) for name, x in inputs.items()}
+            out = {}
+            for u in exchanged:
+                p = exchange.plan(
+                    u.rows,
+                    u.lookups,
+                    [bags[s.name].ids for s in u.lookups],
+                    exchange.full_positions(u, local_batch),
+                )
+                out[u.name] = jax.lax.pmax(p.largest_bucket, axis).reshape(1)
+            return out
+
+        row = P(axis)
+        got = shard_map(body, self.mesh, (row,), row)(inputs)
+        return {k: v[0] for k, v in got.items()}
