@@ -43,9 +43,7 @@ import sys
 import time
 import traceback
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _HERE)
-sys.path.insert(1, os.path.dirname(_HERE))  # the repository root, for sok_jax
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py beside this file
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -2,10 +2,10 @@
 # One lent-GPU session: build from the checkout, run the tests on the GPU,
 # then the benchmarks named in $BENCH (space separated script names, with
 # their flags in BENCH_ARGS_<name>). SANITIZE_KERNELS=1 runs every FFI target
-# under compute-sanitizer (benchmarks/sanitize_kernels.py, one small
-# process). PROFILE=1 runs Nsight Compute on benchmarks/profile_lookup.py.
+# under compute-sanitizer (tools/sanitize_kernels.py, one small
+# process). PROFILE=1 runs Nsight Compute on tools/profile_lookup.py.
 # Logs go under $OUT (default ./gpu_out).
-#   OUT=/tmp/o BENCH="bench_lookup" bash benchmarks/gpu_session.sh
+#   OUT=/tmp/o BENCH="bench_lookup" bash tools/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
@@ -50,7 +50,7 @@ if [ -n "${SANITIZE:-}" ]; then
 fi
 if [ -n "${SANITIZE_KERNELS:-}" ]; then
   k=${SAN_SHARDS:-4}
-  log "compute-sanitizer memcheck: benchmarks/sanitize_kernels.py in $k parallel shards"
+  log "compute-sanitizer memcheck: tools/sanitize_kernels.py in $k parallel shards"
   # A shard whose process crashes on the host (seen: segfaults of the Python
   # process under the sanitizer, at random cases, with 0 errors reported) is
   # run again, up to 3 times; 99 (an error found) is never retried.
@@ -59,7 +59,7 @@ if [ -n "${SANITIZE_KERNELS:-}" ]; then
     for a in 1 2 3; do
       XLA_FLAGS=--xla_gpu_autotune_level=0 timeout ${SAN_TIMEOUT:-300} \
         compute-sanitizer --tool memcheck --leak-check no --error-exitcode 99 \
-        $PY benchmarks/sanitize_kernels.py --shard $i/$k > "$OUT/sanitize_kernels.$i.log" 2>&1
+        $PY tools/sanitize_kernels.py --shard $i/$k > "$OUT/sanitize_kernels.$i.log" 2>&1
       rc=$?
       echo "shard $i attempt $a exit $rc" >> "$OUT/session.log"
       [ $rc -eq 0 ] || [ $rc -eq 99 ] || [ $rc -eq 124 ] && return $rc
@@ -89,15 +89,15 @@ if [ -n "${PROFILE:-}" ]; then
   # (default: the forward kernels' speed-of-light sections). For the train
   # step: PROFILE_SCRIPT=profile_train_step.py PROFILE_NCU="--profile-from-start off
   # --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum --csv"
-  # (summarized by benchmarks/ncu_summary.py).
+  # (summarized by tools/ncu_summary.py).
   ps=${PROFILE_SCRIPT:-profile_lookup.py}
-  log "ncu: benchmarks/$ps ${PROFILE_ARGS:-}"
+  log "ncu: tools/$ps ${PROFILE_ARGS:-}"
   timeout ${PROFILE_TIMEOUT:-150} ncu ${PROFILE_NCU:---kernel-name regex:'EmbedFwd|gather' --launch-count ${PROFILE_LAUNCHES:-12} \
     --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats} \
-    $PY benchmarks/$ps ${PROFILE_ARGS:-} > "$OUT/ncu.log" 2>&1
+    $PY tools/$ps ${PROFILE_ARGS:-} > "$OUT/ncu.log" 2>&1
   echo "ncu exit $?" | tee -a "$OUT/ncu.log"
   if grep -q '^"ID"' "$OUT/ncu.log"; then
-    $PY benchmarks/ncu_summary.py "$OUT/ncu.log" | tee "$OUT/ncu_summary.log" | tail -60
+    $PY tools/ncu_summary.py "$OUT/ncu.log" | tee "$OUT/ncu_summary.log" | tail -60
   else
     grep -E "EmbedFwd|gather|Duration|DRAM Throughput|Achieved Occupancy|Registers Per" "$OUT/ncu.log" | head -60
   fi

@@ -4,8 +4,8 @@ against the pure-JAX reference: the program to run under compute-sanitizer
 has no test framework, no xdist, no multi-device setup).
 
   compute-sanitizer --tool memcheck --error-exitcode 99 \\
-      python3 benchmarks/sanitize_kernels.py [--shard i/k]
-  (also runs on CPU: python3 benchmarks/sanitize_kernels.py)
+      python3 tools/sanitize_kernels.py [--shard i/k]
+  (also runs on CPU: python3 tools/sanitize_kernels.py)
 
 Shapes cover what broke before: bags longer than the backward's 128-id
 chunk, padding runs longer than a chunk, empty bags, ids out of range,
