@@ -56,9 +56,9 @@ Speedup = time(jax) / time(this impl) for the same point and mode.
 Weak-scaling efficiency = time(n=1) / time(n) for the same impl and mode.
 
 Usage:
-  PYTHONPATH=. python benchmarks/bench_distributed.py [--devices 1,2,4,8] [--out r.json]
+  python benchmarks/bench_distributed.py [--devices 1,2,4,8] [--out r.json]
   XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu \\
-      PYTHONPATH=. python benchmarks/bench_distributed.py --small
+      python benchmarks/bench_distributed.py --small
 """
 
 from __future__ import annotations

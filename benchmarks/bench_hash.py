@@ -44,7 +44,7 @@ ratio hash/direct (target <= 1.3).
 
 CPU smoke run:
   JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4 \
-    PYTHONPATH=. python benchmarks/bench_hash.py --small
+    python benchmarks/bench_hash.py --small
 """
 
 from __future__ import annotations

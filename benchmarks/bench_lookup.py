@@ -15,8 +15,8 @@ reads the bag offsets, `fixed_nnz=0`; the backward as two targets, sparse
 rows then `rows_to_dense`), checked against the same oracle (forward) and
 bit-equal (gradient) before timing.
 
-Physical limit (DESIGN.md, "Physical limits"): bytes that must move, over the
-copy bandwidth measured on the same card in the same run.
+Physical limit: the bytes that must move, over the copy bandwidth measured
+on the same card in the same run (lookup and backward are memory-bound).
   forward bytes  = valid lookups * D * 4   (each looked-up row read once)
                  + B * S * D * 4           (output written)
                  + ids bytes               (padded: B*S*nnz*4; ragged: valid*4

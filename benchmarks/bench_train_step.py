@@ -32,10 +32,10 @@ fails is not timed.
 Timing: a sample runs steps back to back for at least --min-sample-ms
 (20 ms) and blocks once, as a training loop runs them (dispatch is
 asynchronous, so the host's ~0.3-0.4 ms per step of dispatch overlaps the
-previous step); "sync ms" is one step dispatched and waited for (what the
-tables before commit 759b5d0 reported as the sparse time).
+previous step); "sync ms" is one step dispatched and waited for, host
+dispatch included (what a loop that blocks on every step would see).
 
-Bytes that must move in one sparse step (DESIGN.md "Physical limits"),
+Bytes that must move in one sparse step (the step is memory-bound),
 U = distinct keys of the global batch, s = optimizer slots (sgd 0,
 adagrad 1, adam 2), B = global batch, S = slots, D:
     bytes = U * D * 4                 (lookup: each touched row read once)
@@ -51,16 +51,15 @@ Memory: `--mem-gb` (GiB per device, default 70). A path is skipped
     sparse: table * (1 + s) / n
     dense:  table * (1 + s) / n + grad + updates + new table
             = table * (4 + s) / n
-    (the new table too: a dense step that runs out of memory part-way
-    leaves the allocator fragmented for the points after it, which is the
-    suspected cause of the 20 GiB sparse adagrad OOM seen right after the
-    dense SGD OOM on one H100; better skipped than attempted)
+    (the new table too: a dense step that runs out of memory part-way can
+    leave the allocator fragmented for the points after it, so such a
+    point is skipped rather than attempted)
 Anything that still runs out of memory is caught, reported ("OOM") and the
 run goes on. XLA_PYTHON_CLIENT_MEM_FRACTION defaults to 0.95 here (JAX's
 0.75 would leave too little of an 80 GB card for a 20 GiB table + Adam).
-Run it with JAX's default preallocation: with XLA_PYTHON_CLIENT_PREALLOCATE
-=false (the allocator grows region by region) the 20 GiB Adam step ran out
-of memory on an H100 with 60 GiB live of 76 (benchmarks/RESULTS.md).
+Run it with JAX's default preallocation: in growth mode
+(XLA_PYTHON_CLIENT_PREALLOCATE=false) the allocator can fail a step whose
+arrays fit the card (RESULTS.md, the 20 GiB Adam step).
 
 After the table it prints the flatness (sparse-step time at each size over
 the time at the smallest size; target within 15% from 1 to 20 GiB) and the
@@ -68,7 +67,7 @@ per-GPU-count results side by side.
 
 Defaults are the GPU configuration. CPU smoke run:
   JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4 \
-    PYTHONPATH=. python benchmarks/bench_train_step.py --small --devices 1,4
+    python benchmarks/bench_train_step.py --small --devices 1,4
 """
 
 from __future__ import annotations

@@ -1,11 +1,16 @@
 """Helpers shared by the sok_jax benchmarks.
 
-Timing follows /work/.library/device/METHOD.md: warm up first (compilation and
-module load stay out of the numbers), synchronise with
-`jax.block_until_ready` before reading the host clock, repeat and take the
-median, rotate among several input sets so repeated runs do not measure a
-cache, and batch several back-to-back calls into one sample when a single
-call is too short for the host clock and the dispatch overhead.
+How every benchmark times a function (`time_samples`): warm-up calls first,
+so compilation and module load stay out of the numbers; the host clock is
+read only after `jax.block_until_ready`; many samples, of which the median
+is reported (with the spread (p90 - p10) / median beside it); the calls
+rotate among several input sets, so repeated calls do not measure a cache
+that real inputs would miss; and a call too short for the host clock and
+the dispatch overhead is timed as several back-to-back calls per sample,
+blocked once at the end (one stream: when the last is done, all are).
+A physical limit is measured in the same run: `copy_bandwidth` (a plain
+jitted copy, bytes read + written) is what bytes-that-must-move are
+divided by.
 """
 
 from __future__ import annotations
