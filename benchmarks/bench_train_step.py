@@ -90,14 +90,23 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from common import (  # noqa: E402
-    copy_bandwidth,
-    env_info,
+    DISTS,
+    GB,
+    GIB,
+    add_run_args,
+    add_zipf_arg,
+    draw_keys,
+    finish,
+    float_list,
+    int_list,
+    is_oom,
     print_table,
+    shrink_run_args,
+    start_run,
+    str_list,
     summarize,
     time_samples,
-    uniform_keys,
     write_json,
-    zipf_keys,
 )
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
@@ -105,42 +114,28 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from sok_jax import optim  # noqa: E402
 from sok_jax.distributed import DistributedEmbedding  # noqa: E402
 
-GB = 1e9
-GIB = 2**30
 AXIS = "sok"
 SLOTS = {"sgd": 0, "adagrad": 1, "adam": 2}
 OPTAX = {"sgd": optax.sgd, "adagrad": optax.adagrad, "adam": optax.adam}
-
-
-def _int_list(s):
-    return [int(x) for x in s.split(",") if x.strip()]
-
-
-def _float_list(s):
-    return [float(x) for x in s.split(",") if x.strip()]
-
-
-def _str_list(s):
-    return [x.strip() for x in s.split(",") if x.strip()]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
         "--table-gb",
-        type=_float_list,
+        type=float_list,
         default=[1, 5, 10, 20],
         help="TOTAL logical table sizes in GiB, comma separated (default 1,5,10,20)",
     )
     p.add_argument(
         "--devices",
-        type=_int_list,
+        type=int_list,
         default=[1],
         help="GPU counts: a mesh over the first n devices (default 1)",
     )
     p.add_argument(
         "--optimizers",
-        type=_str_list,
+        type=str_list,
         default=["sgd", "adagrad", "adam"],
         help="sgd, adagrad, adam (default all three)",
     )
@@ -150,10 +145,10 @@ def parse_args(argv=None):
     p.add_argument(
         "--dist",
         default="uniform",
-        choices=["uniform", "zipf"],
+        choices=DISTS,
         help="key distribution (default uniform)",
     )
-    p.add_argument("--zipf-a", type=float, default=1.1, help="Zipf exponent (default 1.1)")
+    add_zipf_arg(p)
     p.add_argument("--lr", type=float, default=0.01, help="learning rate while timing")
     p.add_argument("--check-lr", type=float, default=0.1, help="SGD learning rate of the check")
     p.add_argument(
@@ -176,9 +171,6 @@ def parse_args(argv=None):
         help="do not also time the two-call sparse form (sparse_grad + "
         "apply_gradients) against the fused sparse_update",
     )
-    p.add_argument("--warmup", type=int, default=3, help="warm-up steps per measurement")
-    p.add_argument("--iters", type=int, default=20, help="timed samples per measurement")
-    p.add_argument("--input-sets", type=int, default=2, help="batches rotated while timing")
     p.add_argument(
         "--min-sample-ms",
         type=float,
@@ -186,12 +178,6 @@ def parse_args(argv=None):
         help="a timing sample runs steps back to back (as a training loop "
         "does: dispatch is asynchronous) for at least this long, and blocks "
         "once (default 20)",
-    )
-    p.add_argument(
-        "--copy-gb",
-        type=float,
-        default=2.0,
-        help="GiB of the array copied to measure the copy bandwidth (default 2)",
     )
     p.add_argument(
         "--tol",
@@ -205,13 +191,7 @@ def parse_args(argv=None):
         default=1.15,
         help="flatness target: largest/smallest sparse time (default 1.15)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="write the results as JSON to this path")
-    p.add_argument(
-        "--small",
-        action="store_true",
-        help="tiny tables, batch 64, few iterations: a CPU smoke check",
-    )
+    add_run_args(p, "tiny tables, batch 64, few iterations: a CPU smoke check")
     args = p.parse_args(argv)
     if args.capacity_factor not in (None, "fit"):
         try:
@@ -221,9 +201,7 @@ def parse_args(argv=None):
     if args.small:
         args.table_gb = [2.0**-12, 2.0**-11, 2.0**-10]  # 256 KiB .. 1 MiB
         args.batch = 64
-        args.warmup = 1
-        args.iters = 3
-        args.copy_gb = 2.0**-6
+        shrink_run_args(args)
         if args.mem_gb is None:
             # So that the smoke run also exercises "skipped (memory)": on one
             # device, the largest table's dense Adam (6x table) is skipped.
@@ -315,6 +293,12 @@ class Stepper:
         self.state, self.opt_state, self.loss = self.step(self.state, self.opt_state, ids, w)
         return self.state, self.opt_state
 
+    def release(self):
+        """The state to carry to the next measurement; the optimizer state
+        is dropped (the next one makes its own)."""
+        state, self.state, self.opt_state = self.state, None, None
+        return state
+
 
 def make_state(emb, seed):
     """The embedding state with a random table, built directly.
@@ -357,10 +341,7 @@ def make_input_sets(rng, args, n, vocab, emb):
     rep = NamedSharding(emb.mesh, P())
     sets, host, distinct = [], [], []
     for _ in range(max(1, args.input_sets)):
-        if args.dist == "uniform":
-            keys = uniform_keys(rng, B * S, vocab)
-        else:
-            keys = zipf_keys(rng, B * S, vocab, a=args.zipf_a)
+        keys = draw_keys(rng, args.dist, B * S, vocab, args.zipf_a)
         ids = keys.reshape(B, S, 1).astype(np.int32)
         w = rng.standard_normal((S, D)).astype(np.float32)
         sets.append((jax.device_put(ids, emb.batch_sharding), jax.device_put(w, rep)))
@@ -417,9 +398,11 @@ def _cmp(after, ref, before):
 # --------------------------------------------------------------------------- one size
 
 
-def is_oom(e):
-    s = str(e)
-    return "RESOURCE_EXHAUSTED" in s or "out of memory" in s.lower() or "Out of memory" in s
+def failed_points(base, optimizers, e, **extra):
+    """One point per optimizer for a size whose setup or check raised `e`."""
+    msg = ("OOM: " if is_oom(e) else "") + f"{type(e).__name__}: {e}"
+    tb = traceback.format_exc()[-4000:]
+    return [dict(base, opt=name, error=msg[:4000], traceback=tb, **extra) for name in optimizers]
 
 
 def _fail(res, key, e):
@@ -565,18 +548,8 @@ def time_size(n, gb, emb, args, rng, copy_bw, results):
         base["check"] = chk
         check_status = "ok"
     except Exception as e:  # noqa: BLE001
-        msg = f"{type(e).__name__}: {e}"
-        print(f"  CHECK FAILED: {msg[:1000]}", flush=True)
-        for name in args.optimizers:
-            results.append(
-                dict(
-                    base,
-                    opt=name,
-                    check="FAILED",
-                    error=msg[:4000],
-                    traceback=traceback.format_exc()[-4000:],
-                )
-            )
+        print(f"  CHECK FAILED: {type(e).__name__}: {str(e)[:1000]}", flush=True)
+        results += failed_points(base, args.optimizers, e, check="FAILED")
         return
     del host
     gc.collect()
@@ -645,9 +618,8 @@ def time_size(n, gb, emb, args, rng, copy_bw, results):
             except Exception as e:  # noqa: BLE001
                 _fail(res, "sparse", e)
             if stp is not None:
-                state = stp.state
-                stp.opt_state = None
-                del stp
+                state = stp.release()
+            del stp
             gc.collect()
 
         # ---- dense
@@ -680,9 +652,8 @@ def time_size(n, gb, emb, args, rng, copy_bw, results):
             except Exception as e:  # noqa: BLE001
                 _fail(res, "dense", e)
             if stp is not None:
-                state = stp.state
-                stp.opt_state = None
-                del stp
+                state = stp.release()
+            del stp
             gc.collect()
         results.append(res)
         if args.out:
@@ -731,32 +702,16 @@ def _row(r):
 
 def main(argv=None):
     args = parse_args(argv)
-    env = env_info()
-    print("env:", ", ".join(f"{k}={v}" for k, v in env.items()), flush=True)
-    print(
-        f"config: tables {args.table_gb} GiB (total), devices {args.devices}, optimizers "
+    result = start_run(
+        "train_step",
+        args,
+        f"tables {args.table_gb} GiB (total), devices {args.devices}, optimizers "
         f"{args.optimizers}, batch {args.batch}/GPU x {args.slots} slots x max_nnz 1, "
         f"D {args.dim}, keys {args.dist}, mem limit {args.mem_gb:g} GiB/device, warmup "
         f"{args.warmup}, iters {args.iters}, input sets {args.input_sets}",
-        flush=True,
+        points=[],
     )
-
-    copy_bytes = int(args.copy_gb * GIB)
-    copy_bw = copy_bandwidth(copy_bytes, warmup=args.warmup, iters=args.iters)
-    gc.collect()
-    print(
-        f"copy bandwidth (x + 1.0 on {copy_bytes / 2**20:.0f} MiB, read + write): "
-        f"{copy_bw / GB:.1f} GB/s",
-        flush=True,
-    )
-
-    result = {
-        "benchmark": "train_step",
-        "env": env,
-        "config": vars(args),
-        "copy_bandwidth_Bps": copy_bw,
-        "points": [],
-    }
+    env, copy_bw = result["env"], result["copy_bandwidth_Bps"]
     points = result["points"]
     rng = np.random.default_rng(args.seed)
     t_start = time.perf_counter()
@@ -786,18 +741,8 @@ def main(argv=None):
                 )
                 time_size(n, gb, emb, args, rng, copy_bw, points)
             except Exception as e:  # noqa: BLE001 - e.g. the table does not fit
-                msg = f"{type(e).__name__}: {e}"
-                print(f"  FAILED: {msg[:1000]}", flush=True)
-                for name in args.optimizers:
-                    points.append(
-                        {
-                            "n": n,
-                            "table_gb": gb,
-                            "opt": name,
-                            "error": ("OOM: " if is_oom(e) else "") + msg[:4000],
-                            "traceback": traceback.format_exc()[-4000:],
-                        }
-                    )
+                print(f"  FAILED: {type(e).__name__}: {str(e)[:1000]}", flush=True)
+                points += failed_points({"n": n, "table_gb": gb}, args.optimizers, e)
             jax.clear_caches()
             gc.collect()
             if args.out:
@@ -822,7 +767,6 @@ def main(argv=None):
             row["ok"] = "yes" if row["worst"] <= args.flat_target else "NO"
             flat_rows.append(row)
     result["flatness"] = flat_rows
-    result["total_s"] = time.perf_counter() - t_start
 
     print(
         f"\ncopy bandwidth {copy_bw / GB:.1f} GB/s on {env['device_kind']}; batch "
@@ -875,12 +819,7 @@ def main(argv=None):
     n_fail = sum(
         1 for p in points if "error" in p or p.get("sparse") not in ("ok", "skipped (memory)")
     )
-    print(
-        f"{len(points) - n_fail} points ok, {n_fail} with errors, {result['total_s']:.1f} s",
-        flush=True,
-    )
-    write_json(args.out, result)
-    return 0 if n_fail == 0 else 1
+    return finish(result, args.out, len(points), n_fail, t_start)
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ def main(argv=None):
     )
     rng = np.random.default_rng(0)
     ns = argparse.Namespace(
-        batch=args.batch, slots=args.slots, dim=args.dim, input_sets=1, dist="uniform"
+        batch=args.batch, slots=args.slots, dim=args.dim, input_sets=1, dist="uniform", zipf_a=1.1
     )
     ((ids, w),) = bts.make_input_sets(rng, ns, 1, rows, emb)[0]
     for name in args.optimizers.split(","):
