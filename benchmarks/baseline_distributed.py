@@ -27,13 +27,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-
-def _shard_map(f, mesh, in_specs, out_specs):
-    if hasattr(jax, "shard_map"):
-        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-    from jax.experimental.shard_map import shard_map  # older jax
-
-    return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+# `jax.shard_map` without replication checks on old and new jax alike: a
+# version shim, not part of the program being compared.
+from sok_jax.distributed import shard_map
 
 
 def capacity(local_batch: int, slot_num: int, max_nnz: int) -> int:
@@ -77,4 +73,4 @@ def make_lookup(mesh, axis_name: str):
         cnt = jnp.sum(valid.reshape(b, s, nnz), axis=-1, keepdims=True).astype(table.dtype)
         return jnp.sum(per_pos, axis=2) / jnp.maximum(cnt, 1.0)
 
-    return _shard_map(body, mesh, (P(axis_name, None), P(axis_name)), P(axis_name))
+    return shard_map(body, mesh, (P(axis_name, None), P(axis_name)), P(axis_name))

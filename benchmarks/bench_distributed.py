@@ -56,9 +56,9 @@ Speedup = time(jax) / time(this impl) for the same point and mode.
 Weak-scaling efficiency = time(n=1) / time(n) for the same impl and mode.
 
 Usage:
-  PYTHONPATH=. python benchmarks/bench_distributed.py [--devices 1,2,4,8] [--out r.json]
+  python benchmarks/bench_distributed.py [--devices 1,2,4,8] [--out r.json]
   XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu \\
-      PYTHONPATH=. python benchmarks/bench_distributed.py --small
+      python benchmarks/bench_distributed.py --small
 """
 
 from __future__ import annotations
@@ -135,10 +135,9 @@ def parse_args(argv=None):
     if a.small:
         a.batch, a.slots, a.dim, a.rows_per_gpu = 64, 4, 16, 4096
         a.a2a_mib, a.iters, a.warmup = 1.0, 5, 1
-    a.nnz = [int(x) for x in a.nnz.split(",") if x]
-    a.dists = [x for x in a.dists.split(",") if x]
-    a.impls = [x for x in a.impls.split(",") if x]
-    a.modes = [x for x in a.modes.split(",") if x]
+    a.nnz = common.int_list(a.nnz)
+    a.dists, a.impls, a.modes = map(common.str_list, (a.dists, a.impls, a.modes))
+    common.check_dists(p, a.dists)
     if a.ragged_rows is None:
         a.ragged_rows = a.batch * a.slots
     return a
@@ -185,13 +184,7 @@ def bench_a2a(n, args):
 def make_ids(rng, dist, n, args, nnz):
     B, S = args.batch * n, args.slots
     vocab = args.rows_per_gpu * n
-    total = B * S * nnz
-    if dist == "uniform":
-        keys = common.uniform_keys(rng, total, vocab)
-    elif dist == "zipf":
-        keys = common.zipf_keys(rng, total, vocab, a=args.zipf_a)
-    else:
-        raise ValueError(f"unknown dist {dist}")
+    keys = common.draw_keys(rng, dist, B * S * nnz, vocab, args.zipf_a)
     keys = keys.reshape(B, S, nnz).astype(np.int32)
     if nnz > 1 and args.lengths == "random":
         lens = rng.integers(1, nnz + 1, size=(B, S))
@@ -489,10 +482,9 @@ def bench_ragged(n, args, rng):
 # ----------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
-    env = common.env_info()
-    log("env:", env)
+    env = common.print_env()
     avail = len(jax.devices())
-    counts = [int(x) for x in args.devices.split(",")] if args.devices else [avail]
+    counts = common.int_list(args.devices) if args.devices else [avail]
     for c in counts:
         if c > avail:
             log(f"skipping n={c}: only {avail} devices")

@@ -44,7 +44,7 @@ ratio hash/direct (target <= 1.3).
 
 CPU smoke run:
   JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4 \
-    PYTHONPATH=. python benchmarks/bench_hash.py --small
+    python benchmarks/bench_hash.py --small
 """
 
 from __future__ import annotations
@@ -57,11 +57,8 @@ import argparse  # noqa: E402
 import gc  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-import traceback  # noqa: E402
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _HERE)
-sys.path.insert(1, os.path.dirname(_HERE))  # the repository root, for sok_jax
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py beside this file
 
 import jax  # noqa: E402
 
@@ -72,19 +69,28 @@ import numpy as np  # noqa: E402
 from bench_train_step import (  # noqa: E402
     Stepper,
     _cmp,
-    is_oom,
     make_sparse_step,
     make_state,
     sgd_reference,
 )
 from common import (  # noqa: E402
-    copy_bandwidth,
-    env_info,
+    GIB,
+    add_dists_arg,
+    add_run_args,
+    add_zipf_arg,
+    check_dists,
+    draw_keys,
+    finish,
+    float_list,
+    guarded,
+    int_list,
     print_table,
+    shrink_run_args,
+    start_run,
+    status,
     summarize,
     time_samples,
     write_json,
-    zipf_keys,
 )
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
@@ -93,23 +99,9 @@ from sok_jax import optim  # noqa: E402
 from sok_jax.distributed import DistributedEmbedding, check_stats  # noqa: E402
 from sok_jax.ops import hash_ops  # noqa: E402
 
-GB = 1e9
-GIB = 2**30
 AXIS = "sok"
 _A = np.uint64(0x9E3779B97F4A7C15)  # odd: rank -> key is a bijection mod 2**64
 _B = np.uint64(0x632BE59BD9B4E019)
-
-
-def _float_list(s):
-    return [float(x) for x in s.split(",") if x.strip()]
-
-
-def _str_list(s):
-    return [x.strip() for x in s.split(",") if x.strip()]
-
-
-def _int_list(s):
-    return [int(x) for x in s.split(",") if x.strip()]
 
 
 def parse_args(argv=None):
@@ -118,17 +110,12 @@ def parse_args(argv=None):
     p.add_argument("--batch-keys", type=int, default=2**20, help="keys per batch (default 2**20)")
     p.add_argument(
         "--loads",
-        type=_float_list,
+        type=float_list,
         default=[0.25, 0.5, 0.75],
         help="load factors (default 0.25,0.5,0.75)",
     )
-    p.add_argument(
-        "--dists",
-        type=_str_list,
-        default=["uniform", "zipf"],
-        help="key distributions: uniform, zipf (default both)",
-    )
-    p.add_argument("--zipf-a", type=float, default=1.1, help="Zipf exponent (default 1.1)")
+    add_dists_arg(p)
+    add_zipf_arg(p)
     p.add_argument(
         "--step-table-gb",
         type=float,
@@ -136,7 +123,7 @@ def parse_args(argv=None):
         help="training step: TOTAL table size in GiB (default 4)",
     )
     p.add_argument(
-        "--step-devices", type=_int_list, default=[1], help="training step: GPU counts (default 1)"
+        "--step-devices", type=int_list, default=[1], help="training step: GPU counts (default 1)"
     )
     p.add_argument("--step-batch", type=int, default=16384, help="training step: samples/GPU")
     p.add_argument("--step-slots", type=int, default=26, help="training step: slots (default 26)")
@@ -147,12 +134,7 @@ def parse_args(argv=None):
         default=0.5,
         help="training step: distinct keys / table rows (default 0.5)",
     )
-    p.add_argument(
-        "--step-dists",
-        type=_str_list,
-        default=["uniform", "zipf"],
-        help="training step key distributions (default uniform,zipf)",
-    )
+    add_dists_arg(p, "--step-dists", "training step: ")
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate while timing")
     p.add_argument("--check-lr", type=float, default=0.1, help="SGD learning rate of the check")
     p.add_argument(
@@ -164,25 +146,15 @@ def parse_args(argv=None):
     p.add_argument("--ratio-target", type=float, default=1.3, help="hash/direct target (1.3)")
     p.add_argument("--skip-kernel", action="store_true", help="skip part 1")
     p.add_argument("--skip-step", action="store_true", help="skip part 2")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--input-sets", type=int, default=2, help="batches rotated while timing")
-    p.add_argument("--copy-gb", type=float, default=2.0, help="GiB copied for the copy bandwidth")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="write the results as JSON to this path")
-    p.add_argument("--small", action="store_true", help="tiny sizes: a CPU smoke check")
+    add_run_args(p, "tiny sizes: a CPU smoke check")
     args = p.parse_args(argv)
     if args.small:
         args.capacity = 2**14
         args.batch_keys = 2**11
         args.step_table_gb = 2.0**-10
         args.step_batch = 64
-        args.warmup = 1
-        args.iters = 3
-        args.copy_gb = 2.0**-6
-    bad = (set(args.dists) | set(args.step_dists)) - {"uniform", "zipf"}
-    if bad:
-        p.error(f"unknown distributions {sorted(bad)}")
+        shrink_run_args(args)
+    check_dists(p, args.dists, args.step_dists)
     return args
 
 
@@ -196,9 +168,8 @@ def scramble(ranks):
 
 
 def draw_ranks(rng, dist, n, vocab, a):
-    if dist == "uniform":
-        return rng.integers(0, vocab, size=n, dtype=np.int64)
-    return zipf_keys(rng, n, vocab, a=a, dtype=np.int64, scatter=False)  # rank 0 hottest
+    """int64 ranks of [0, vocab); Zipf unscattered: rank 0 is the hottest."""
+    return draw_keys(rng, dist, n, vocab, a, dtype=np.int64, scatter=False)
 
 
 # --------------------------------------------------------------------------- part 1
@@ -343,6 +314,8 @@ KCOLS = [
 
 
 def step_point(res, args, n, dist, rng):
+    if n > len(jax.devices()):
+        raise ValueError(f"only {len(jax.devices())} devices")
     S, D = args.step_slots, args.step_dim
     B = args.step_batch * n
     mesh = Mesh(np.array(jax.devices()[:n]), (AXIS,))
@@ -467,41 +440,20 @@ SCOLS = [
 # --------------------------------------------------------------------------- main
 
 
-def _status(r):
-    return (
-        "ok"
-        if "error" not in r
-        else ("OOM" if is_oom(r["error"]) else r["error"].splitlines()[0][:60])
-    )
-
-
 def main(argv=None):
     args = parse_args(argv)
-    env = env_info()
-    print("env:", ", ".join(f"{k}={v}" for k, v in env.items()), flush=True)
-    print(
-        f"config: capacity {args.capacity}, batch {args.batch_keys} int64 keys, loads "
+    result = start_run(
+        "hash",
+        args,
+        f"capacity {args.capacity}, batch {args.batch_keys} int64 keys, loads "
         f"{args.loads}, keys {args.dists} (zipf a={args.zipf_a}); step: table "
         f"{args.step_table_gb:g} GiB, devices {args.step_devices}, batch {args.step_batch}/GPU "
         f"x {args.step_slots} x 1, D {args.step_dim}, load {args.step_load}, warmup "
         f"{args.warmup}, iters {args.iters}",
-        flush=True,
+        kernel=[],
+        step=[],
     )
-    copy_bytes = int(args.copy_gb * GIB)
-    copy_bw = copy_bandwidth(copy_bytes, warmup=args.warmup, iters=args.iters)
-    print(
-        f"copy bandwidth (x + 1.0 on {copy_bytes / 2**20:.0f} MiB, read + write): "
-        f"{copy_bw / GB:.1f} GB/s",
-        flush=True,
-    )
-    result = {
-        "benchmark": "hash",
-        "env": env,
-        "config": vars(args),
-        "copy_bandwidth_Bps": copy_bw,
-        "kernel": [],
-        "step": [],
-    }
+    env = result["env"]
     rng = np.random.default_rng(args.seed)
     t_start = time.perf_counter()
 
@@ -520,8 +472,7 @@ def main(argv=None):
                     "capacity": args.capacity,
                     "batch_keys": args.batch_keys,
                 }
-                try:
-                    kernel_point(res, args, dist, load, rng)
+                if guarded(res, kernel_point, res, args, dist, load, rng):
                     print(
                         f"  find present {res['find_present_Mkps']:.1f} Mkey/s, "
                         f"find-or-insert present {res['foi_present_Mkps']:.1f}, find mixed "
@@ -531,10 +482,6 @@ def main(argv=None):
                         f"{res['copy_overhead_ms']:.3f} ms)",
                         flush=True,
                     )
-                except Exception as e:  # noqa: BLE001
-                    res["error"] = f"{type(e).__name__}: {e}"[:4000]
-                    res["traceback"] = traceback.format_exc()[-4000:]
-                    print(f"  FAILED: {res['error'][:1000]}", flush=True)
                 result["kernel"].append(res)
                 gc.collect()
                 if args.out:
@@ -546,32 +493,24 @@ def main(argv=None):
             for dist in args.step_dists:
                 print(f"-- n={n} {dist}", flush=True)
                 res = {"n": n, "dist": dist}
-                try:
-                    if n > len(jax.devices()):
-                        raise ValueError(f"only {len(jax.devices())} devices")
-                    step_point(res, args, n, dist, rng)
+                if guarded(res, step_point, res, args, n, dist, rng):
                     print(
                         f"  hash/direct {res['ratio']:.3f} (target <= {args.ratio_target})",
                         flush=True,
                     )
-                except Exception as e:  # noqa: BLE001
-                    res["error"] = f"{type(e).__name__}: {e}"[:4000]
-                    res["traceback"] = traceback.format_exc()[-4000:]
-                    print(f"  FAILED: {res['error'][:1000]}", flush=True)
                 result["step"].append(res)
                 jax.clear_caches()
                 gc.collect()
                 if args.out:
                     write_json(args.out, result)
 
-    result["total_s"] = time.perf_counter() - t_start
     if result["kernel"]:
         print(
             f"\nfind_or_insert, {args.batch_keys} int64 keys per batch, capacity "
             f"{args.capacity}, {env['device_kind']}; Mkey/s (all keys of a batch); insert "
             f"mixed = copy-corrected (each call from the table at `load`)"
         )
-        rows = [dict(r, status=_status(r)) for r in result["kernel"]]
+        rows = [dict(r, status=status(r)) for r in result["kernel"]]
         result["kernel_table"] = print_table(rows, KCOLS)
     if result["step"]:
         print(
@@ -581,21 +520,16 @@ def main(argv=None):
         )
         rows = []
         for r in result["step"]:
-            rr = dict(r, status=_status(r))
+            rr = dict(r, status=status(r))
             if "rows" in r:
                 rr["rows_m"] = r["rows"] / 1e6
             if "distinct_keys" in r:
                 rr["distinct_m"] = r["distinct_keys"] / 1e6
             rows.append(rr)
         result["step_table"] = print_table(rows, SCOLS)
-    n_fail = sum("error" in r for r in result["kernel"] + result["step"])
-    print(
-        f"{len(result['kernel']) + len(result['step']) - n_fail} points ok, {n_fail} failed, "
-        f"{result['total_s']:.1f} s",
-        flush=True,
-    )
-    write_json(args.out, result)
-    return 0 if n_fail == 0 else 1
+    points = result["kernel"] + result["step"]
+    n_fail = sum("error" in r for r in points)
+    return finish(result, args.out, len(points), n_fail, t_start)
 
 
 if __name__ == "__main__":

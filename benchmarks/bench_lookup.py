@@ -15,8 +15,8 @@ reads the bag offsets, `fixed_nnz=0`; the backward as two targets, sparse
 rows then `rows_to_dense`), checked against the same oracle (forward) and
 bit-equal (gradient) before timing.
 
-Physical limit (DESIGN.md, "Physical limits"): bytes that must move, over the
-copy bandwidth measured on the same card in the same run.
+Physical limit: the bytes that must move, over the copy bandwidth measured
+on the same card in the same run (lookup and backward are memory-bound).
   forward bytes  = valid lookups * D * 4   (each looked-up row read once)
                  + B * S * D * 4           (output written)
                  + ids bytes               (padded: B*S*nnz*4; ragged: valid*4
@@ -41,37 +41,32 @@ import gc
 import os
 import sys
 import time
-import traceback
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _HERE)
-sys.path.insert(1, os.path.dirname(_HERE))  # the repository root, for sok_jax
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py beside this file
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from common import (  # noqa: E402
-    copy_bandwidth,
-    env_info,
+    GB,
+    add_dists_arg,
+    add_run_args,
+    add_zipf_arg,
+    check_dists,
+    draw_keys,
+    finish,
+    guarded,
+    int_list,
     print_table,
+    shrink_run_args,
+    start_run,
+    status,
     summarize,
     time_samples,
-    uniform_keys,
     write_json,
-    zipf_keys,
 )
 
 import sok_jax  # noqa: E402
-
-GB = 1e9
-
-
-def _int_list(s: str) -> list[int]:
-    return [int(x) for x in s.split(",") if x.strip()]
-
-
-def _str_list(s: str) -> list[str]:
-    return [x.strip() for x in s.split(",") if x.strip()]
 
 
 def parse_args(argv=None):
@@ -86,49 +81,30 @@ def parse_args(argv=None):
     p.add_argument("--slots", type=int, default=26, help="slots per sample (default 26)")
     p.add_argument(
         "--dims",
-        type=_int_list,
+        type=int_list,
         default=[16, 64, 128],
         help="embedding sizes D, comma separated (default 16,64,128)",
     )
     p.add_argument(
         "--nnz",
-        type=_int_list,
+        type=int_list,
         default=[1, 4, 32],
         help="max_nnz values, comma separated (default 1,4,32)",
     )
     p.add_argument(
         "--ragged",
-        type=_int_list,
+        type=int_list,
         default=[32],
         help="max_nnz values whose bags have ragged lengths uniform in [1, max_nnz], "
         "given to sok as RaggedIds (others: every bag full) (default 32)",
     )
-    p.add_argument(
-        "--dists",
-        type=_str_list,
-        default=["uniform", "zipf"],
-        help="key distributions: uniform, zipf (default both)",
-    )
-    p.add_argument("--zipf-a", type=float, default=1.1, help="Zipf exponent (default 1.1)")
+    add_dists_arg(p)
+    add_zipf_arg(p)
     p.add_argument(
         "--combiner",
         default="mean",
         choices=["sum", "mean", "sqrtn"],
         help="combiner (default mean)",
-    )
-    p.add_argument("--warmup", type=int, default=3, help="warm-up calls per measurement")
-    p.add_argument("--iters", type=int, default=20, help="timed samples per measurement")
-    p.add_argument(
-        "--input-sets",
-        type=int,
-        default=2,
-        help="id/cotangent sets rotated while timing (default 2)",
-    )
-    p.add_argument(
-        "--copy-gb",
-        type=float,
-        default=2.0,
-        help="GiB of the array copied to measure the copy bandwidth (default 2)",
     )
     p.add_argument(
         "--tol",
@@ -142,23 +118,13 @@ def parse_args(argv=None):
         default=1e-3,
         help="gradient check: relative norm and max|diff|/max|ref| <= grad_tol",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="write the results as JSON to this path")
-    p.add_argument(
-        "--small",
-        action="store_true",
-        help="tiny table, batch 64, few iterations: a CPU smoke check",
-    )
+    add_run_args(p, "tiny table, batch 64, few iterations: a CPU smoke check")
     args = p.parse_args(argv)
     if args.small:
         args.table_gb = 2.0**-10  # 1 MiB
         args.batch = 64
-        args.warmup = 1
-        args.iters = 3
-        args.copy_gb = 2.0**-6  # 16 MiB
-    bad = set(args.dists) - {"uniform", "zipf"}
-    if bad:
-        p.error(f"unknown --dists {sorted(bad)}")
+        shrink_run_args(args)
+    check_dists(p, args.dists)
     return args
 
 
@@ -177,10 +143,7 @@ def make_ids(rng, dist, batch, slots, nnz, ragged, vocab, zipf_a):
     else:
         lengths = None
     n_valid = int(lengths.sum()) if ragged else batch * slots * nnz
-    if dist == "uniform":
-        keys = uniform_keys(rng, n_valid, vocab)
-    else:
-        keys = zipf_keys(rng, n_valid, vocab, a=zipf_a)
+    keys = draw_keys(rng, dist, n_valid, vocab, zipf_a)
     if ragged:
         padded = np.full((batch, slots, nnz), -1, np.int32)
         mask = np.arange(nnz, dtype=np.int32)[None, None, :] < lengths[:, :, None]
@@ -449,38 +412,22 @@ def _row(res):
         r["lookups_m"] = res["valid_lookups"] / 1e6
     if "fwd_check" in res:
         r["fwd_maxdiff"] = res["fwd_check"]["max_abs_diff"]
-    r["status"] = "ok" if "error" not in res else res["error"].splitlines()[0][:60]
+    r["status"] = status(res)
     return r
 
 
 def main(argv=None):
     args = parse_args(argv)
-    env = env_info()
-    print("env:", ", ".join(f"{k}={v}" for k, v in env.items()), flush=True)
-    print(
-        f"config: table {args.table_gb:g} GiB, batch {args.batch} x {args.slots} slots, "
+    result = start_run(
+        "lookup",
+        args,
+        f"table {args.table_gb:g} GiB, batch {args.batch} x {args.slots} slots, "
         f"D {args.dims}, max_nnz {args.nnz} (ragged: {args.ragged}), keys {args.dists} "
         f"(zipf a={args.zipf_a}), combiner {args.combiner}, warmup {args.warmup}, "
         f"iters {args.iters}, input sets {args.input_sets}",
-        flush=True,
+        points=[],
     )
-
-    copy_bytes = int(args.copy_gb * 2**30)
-    copy_bw = copy_bandwidth(copy_bytes, warmup=args.warmup, iters=args.iters)
-    gc.collect()
-    print(
-        f"copy bandwidth (x + 1.0 on {copy_bytes / 2**20:.0f} MiB, read + write): "
-        f"{copy_bw / GB:.1f} GB/s",
-        flush=True,
-    )
-
-    result = {
-        "benchmark": "lookup",
-        "env": env,
-        "config": vars(args),
-        "copy_bandwidth_Bps": copy_bw,
-        "points": [],
-    }
+    env, copy_bw = result["env"], result["copy_bandwidth_Bps"]
     rng = np.random.default_rng(args.seed)
     fns = build_fns(args.combiner)
     t_start = time.perf_counter()
@@ -522,8 +469,7 @@ def main(argv=None):
                     "rows": rows,
                     "combiner": args.combiner,
                 }
-                try:
-                    run_point(res, args, fns, table, rows, D, nnz, dist, rng, copy_bw)
+                if guarded(res, run_point, res, args, fns, table, rows, D, nnz, dist, rng, copy_bw):
                     print(
                         f"  sok fwd {res['sok_fwd_ms']:.3f} ms ({res['fwd_gbs']:.0f} GB/s, "
                         f"{res['fwd_pct_copy']:.1f}% of copy), jax fwd {res['jax_fwd_ms']:.3f} "
@@ -533,11 +479,6 @@ def main(argv=None):
                         f"jax/sok {res['fb_speedup']:.2f}x",
                         flush=True,
                     )
-                except Exception as e:  # noqa: BLE001 - report the point, go on
-                    msg = f"{type(e).__name__}: {e}"
-                    print(f"  FAILED: {msg[:1000]}", flush=True)
-                    res["error"] = msg
-                    res["traceback"] = traceback.format_exc()[-4000:]
                 res["point_s"] = time.perf_counter() - t0
                 result["points"].append(res)
                 gc.collect()
@@ -547,7 +488,6 @@ def main(argv=None):
         jax.clear_caches()
         gc.collect()
 
-    result["total_s"] = time.perf_counter() - t_start
     print(
         f"\ncopy bandwidth {copy_bw / GB:.1f} GB/s on {env['device_kind']}; "
         f"combiner {args.combiner}; 'r' = ragged bags (len uniform in [1, max_nnz]); "
@@ -555,12 +495,7 @@ def main(argv=None):
     )
     result["table"] = print_table([_row(p) for p in result["points"]], COLUMNS)
     n_fail = sum("error" in p for p in result["points"])
-    print(
-        f"{len(result['points']) - n_fail} points ok, {n_fail} failed, {result['total_s']:.1f} s",
-        flush=True,
-    )
-    write_json(args.out, result)
-    return 0 if n_fail == 0 else 1
+    return finish(result, args.out, len(result["points"]), n_fail, t_start)
 
 
 if __name__ == "__main__":

@@ -32,10 +32,10 @@ fails is not timed.
 Timing: a sample runs steps back to back for at least --min-sample-ms
 (20 ms) and blocks once, as a training loop runs them (dispatch is
 asynchronous, so the host's ~0.3-0.4 ms per step of dispatch overlaps the
-previous step); "sync ms" is one step dispatched and waited for (what the
-tables before commit 759b5d0 reported as the sparse time).
+previous step); "sync ms" is one step dispatched and waited for, host
+dispatch included (what a loop that blocks on every step would see).
 
-Bytes that must move in one sparse step (DESIGN.md "Physical limits"),
+Bytes that must move in one sparse step (the step is memory-bound),
 U = distinct keys of the global batch, s = optimizer slots (sgd 0,
 adagrad 1, adam 2), B = global batch, S = slots, D:
     bytes = U * D * 4                 (lookup: each touched row read once)
@@ -51,16 +51,15 @@ Memory: `--mem-gb` (GiB per device, default 70). A path is skipped
     sparse: table * (1 + s) / n
     dense:  table * (1 + s) / n + grad + updates + new table
             = table * (4 + s) / n
-    (the new table too: a dense step that runs out of memory part-way
-    leaves the allocator fragmented for the points after it, which is the
-    suspected cause of the 20 GiB sparse adagrad OOM seen right after the
-    dense SGD OOM on one H100; better skipped than attempted)
+    (the new table too: a dense step that runs out of memory part-way can
+    leave the allocator fragmented for the points after it, so such a
+    point is skipped rather than attempted)
 Anything that still runs out of memory is caught, reported ("OOM") and the
 run goes on. XLA_PYTHON_CLIENT_MEM_FRACTION defaults to 0.95 here (JAX's
 0.75 would leave too little of an 80 GB card for a 20 GiB table + Adam).
-Run it with JAX's default preallocation: with XLA_PYTHON_CLIENT_PREALLOCATE
-=false (the allocator grows region by region) the 20 GiB Adam step ran out
-of memory on an H100 with 60 GiB live of 76 (benchmarks/RESULTS.md).
+Run it with JAX's default preallocation: in growth mode
+(XLA_PYTHON_CLIENT_PREALLOCATE=false) the allocator can fail a step whose
+arrays fit the card (RESULTS.md, the 20 GiB Adam step).
 
 After the table it prints the flatness (sparse-step time at each size over
 the time at the smallest size; target within 15% from 1 to 20 GiB) and the
@@ -68,7 +67,7 @@ per-GPU-count results side by side.
 
 Defaults are the GPU configuration. CPU smoke run:
   JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4 \
-    PYTHONPATH=. python benchmarks/bench_train_step.py --small --devices 1,4
+    python benchmarks/bench_train_step.py --small --devices 1,4
 """
 
 from __future__ import annotations
@@ -84,23 +83,30 @@ import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _HERE)
-sys.path.insert(1, os.path.dirname(_HERE))  # the repository root, for sok_jax
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py beside this file
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from common import (  # noqa: E402
-    copy_bandwidth,
-    env_info,
+    DISTS,
+    GB,
+    GIB,
+    add_run_args,
+    add_zipf_arg,
+    draw_keys,
+    finish,
+    float_list,
+    int_list,
+    is_oom,
     print_table,
+    shrink_run_args,
+    start_run,
+    str_list,
     summarize,
     time_samples,
-    uniform_keys,
     write_json,
-    zipf_keys,
 )
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
@@ -108,42 +114,28 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from sok_jax import optim  # noqa: E402
 from sok_jax.distributed import DistributedEmbedding  # noqa: E402
 
-GB = 1e9
-GIB = 2**30
 AXIS = "sok"
 SLOTS = {"sgd": 0, "adagrad": 1, "adam": 2}
 OPTAX = {"sgd": optax.sgd, "adagrad": optax.adagrad, "adam": optax.adam}
-
-
-def _int_list(s):
-    return [int(x) for x in s.split(",") if x.strip()]
-
-
-def _float_list(s):
-    return [float(x) for x in s.split(",") if x.strip()]
-
-
-def _str_list(s):
-    return [x.strip() for x in s.split(",") if x.strip()]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
         "--table-gb",
-        type=_float_list,
+        type=float_list,
         default=[1, 5, 10, 20],
         help="TOTAL logical table sizes in GiB, comma separated (default 1,5,10,20)",
     )
     p.add_argument(
         "--devices",
-        type=_int_list,
+        type=int_list,
         default=[1],
         help="GPU counts: a mesh over the first n devices (default 1)",
     )
     p.add_argument(
         "--optimizers",
-        type=_str_list,
+        type=str_list,
         default=["sgd", "adagrad", "adam"],
         help="sgd, adagrad, adam (default all three)",
     )
@@ -153,10 +145,10 @@ def parse_args(argv=None):
     p.add_argument(
         "--dist",
         default="uniform",
-        choices=["uniform", "zipf"],
+        choices=DISTS,
         help="key distribution (default uniform)",
     )
-    p.add_argument("--zipf-a", type=float, default=1.1, help="Zipf exponent (default 1.1)")
+    add_zipf_arg(p)
     p.add_argument("--lr", type=float, default=0.01, help="learning rate while timing")
     p.add_argument("--check-lr", type=float, default=0.1, help="SGD learning rate of the check")
     p.add_argument(
@@ -179,9 +171,6 @@ def parse_args(argv=None):
         help="do not also time the two-call sparse form (sparse_grad + "
         "apply_gradients) against the fused sparse_update",
     )
-    p.add_argument("--warmup", type=int, default=3, help="warm-up steps per measurement")
-    p.add_argument("--iters", type=int, default=20, help="timed samples per measurement")
-    p.add_argument("--input-sets", type=int, default=2, help="batches rotated while timing")
     p.add_argument(
         "--min-sample-ms",
         type=float,
@@ -189,12 +178,6 @@ def parse_args(argv=None):
         help="a timing sample runs steps back to back (as a training loop "
         "does: dispatch is asynchronous) for at least this long, and blocks "
         "once (default 20)",
-    )
-    p.add_argument(
-        "--copy-gb",
-        type=float,
-        default=2.0,
-        help="GiB of the array copied to measure the copy bandwidth (default 2)",
     )
     p.add_argument(
         "--tol",
@@ -208,13 +191,7 @@ def parse_args(argv=None):
         default=1.15,
         help="flatness target: largest/smallest sparse time (default 1.15)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="write the results as JSON to this path")
-    p.add_argument(
-        "--small",
-        action="store_true",
-        help="tiny tables, batch 64, few iterations: a CPU smoke check",
-    )
+    add_run_args(p, "tiny tables, batch 64, few iterations: a CPU smoke check")
     args = p.parse_args(argv)
     if args.capacity_factor not in (None, "fit"):
         try:
@@ -224,9 +201,7 @@ def parse_args(argv=None):
     if args.small:
         args.table_gb = [2.0**-12, 2.0**-11, 2.0**-10]  # 256 KiB .. 1 MiB
         args.batch = 64
-        args.warmup = 1
-        args.iters = 3
-        args.copy_gb = 2.0**-6
+        shrink_run_args(args)
         if args.mem_gb is None:
             # So that the smoke run also exercises "skipped (memory)": on one
             # device, the largest table's dense Adam (6x table) is skipped.
@@ -318,6 +293,12 @@ class Stepper:
         self.state, self.opt_state, self.loss = self.step(self.state, self.opt_state, ids, w)
         return self.state, self.opt_state
 
+    def release(self):
+        """The state to carry to the next measurement; the optimizer state
+        is dropped (the next one makes its own)."""
+        state, self.state, self.opt_state = self.state, None, None
+        return state
+
 
 def make_state(emb, seed):
     """The embedding state with a random table, built directly.
@@ -360,10 +341,7 @@ def make_input_sets(rng, args, n, vocab, emb):
     rep = NamedSharding(emb.mesh, P())
     sets, host, distinct = [], [], []
     for _ in range(max(1, args.input_sets)):
-        if args.dist == "uniform":
-            keys = uniform_keys(rng, B * S, vocab)
-        else:
-            keys = zipf_keys(rng, B * S, vocab, a=args.zipf_a)
+        keys = draw_keys(rng, args.dist, B * S, vocab, args.zipf_a)
         ids = keys.reshape(B, S, 1).astype(np.int32)
         w = rng.standard_normal((S, D)).astype(np.float32)
         sets.append((jax.device_put(ids, emb.batch_sharding), jax.device_put(w, rep)))
@@ -420,9 +398,11 @@ def _cmp(after, ref, before):
 # --------------------------------------------------------------------------- one size
 
 
-def is_oom(e):
-    s = str(e)
-    return "RESOURCE_EXHAUSTED" in s or "out of memory" in s.lower() or "Out of memory" in s
+def failed_points(base, optimizers, e, **extra):
+    """One point per optimizer for a size whose setup or check raised `e`."""
+    msg = ("OOM: " if is_oom(e) else "") + f"{type(e).__name__}: {e}"
+    tb = traceback.format_exc()[-4000:]
+    return [dict(base, opt=name, error=msg[:4000], traceback=tb, **extra) for name in optimizers]
 
 
 def _fail(res, key, e):
@@ -568,18 +548,8 @@ def time_size(n, gb, emb, args, rng, copy_bw, results):
         base["check"] = chk
         check_status = "ok"
     except Exception as e:  # noqa: BLE001
-        msg = f"{type(e).__name__}: {e}"
-        print(f"  CHECK FAILED: {msg[:1000]}", flush=True)
-        for name in args.optimizers:
-            results.append(
-                dict(
-                    base,
-                    opt=name,
-                    check="FAILED",
-                    error=msg[:4000],
-                    traceback=traceback.format_exc()[-4000:],
-                )
-            )
+        print(f"  CHECK FAILED: {type(e).__name__}: {str(e)[:1000]}", flush=True)
+        results += failed_points(base, args.optimizers, e, check="FAILED")
         return
     del host
     gc.collect()
@@ -648,9 +618,8 @@ def time_size(n, gb, emb, args, rng, copy_bw, results):
             except Exception as e:  # noqa: BLE001
                 _fail(res, "sparse", e)
             if stp is not None:
-                state = stp.state
-                stp.opt_state = None
-                del stp
+                state = stp.release()
+            del stp
             gc.collect()
 
         # ---- dense
@@ -683,9 +652,8 @@ def time_size(n, gb, emb, args, rng, copy_bw, results):
             except Exception as e:  # noqa: BLE001
                 _fail(res, "dense", e)
             if stp is not None:
-                state = stp.state
-                stp.opt_state = None
-                del stp
+                state = stp.release()
+            del stp
             gc.collect()
         results.append(res)
         if args.out:
@@ -734,32 +702,16 @@ def _row(r):
 
 def main(argv=None):
     args = parse_args(argv)
-    env = env_info()
-    print("env:", ", ".join(f"{k}={v}" for k, v in env.items()), flush=True)
-    print(
-        f"config: tables {args.table_gb} GiB (total), devices {args.devices}, optimizers "
+    result = start_run(
+        "train_step",
+        args,
+        f"tables {args.table_gb} GiB (total), devices {args.devices}, optimizers "
         f"{args.optimizers}, batch {args.batch}/GPU x {args.slots} slots x max_nnz 1, "
         f"D {args.dim}, keys {args.dist}, mem limit {args.mem_gb:g} GiB/device, warmup "
         f"{args.warmup}, iters {args.iters}, input sets {args.input_sets}",
-        flush=True,
+        points=[],
     )
-
-    copy_bytes = int(args.copy_gb * GIB)
-    copy_bw = copy_bandwidth(copy_bytes, warmup=args.warmup, iters=args.iters)
-    gc.collect()
-    print(
-        f"copy bandwidth (x + 1.0 on {copy_bytes / 2**20:.0f} MiB, read + write): "
-        f"{copy_bw / GB:.1f} GB/s",
-        flush=True,
-    )
-
-    result = {
-        "benchmark": "train_step",
-        "env": env,
-        "config": vars(args),
-        "copy_bandwidth_Bps": copy_bw,
-        "points": [],
-    }
+    env, copy_bw = result["env"], result["copy_bandwidth_Bps"]
     points = result["points"]
     rng = np.random.default_rng(args.seed)
     t_start = time.perf_counter()
@@ -789,18 +741,8 @@ def main(argv=None):
                 )
                 time_size(n, gb, emb, args, rng, copy_bw, points)
             except Exception as e:  # noqa: BLE001 - e.g. the table does not fit
-                msg = f"{type(e).__name__}: {e}"
-                print(f"  FAILED: {msg[:1000]}", flush=True)
-                for name in args.optimizers:
-                    points.append(
-                        {
-                            "n": n,
-                            "table_gb": gb,
-                            "opt": name,
-                            "error": ("OOM: " if is_oom(e) else "") + msg[:4000],
-                            "traceback": traceback.format_exc()[-4000:],
-                        }
-                    )
+                print(f"  FAILED: {type(e).__name__}: {str(e)[:1000]}", flush=True)
+                points += failed_points({"n": n, "table_gb": gb}, args.optimizers, e)
             jax.clear_caches()
             gc.collect()
             if args.out:
@@ -825,7 +767,6 @@ def main(argv=None):
             row["ok"] = "yes" if row["worst"] <= args.flat_target else "NO"
             flat_rows.append(row)
     result["flatness"] = flat_rows
-    result["total_s"] = time.perf_counter() - t_start
 
     print(
         f"\ncopy bandwidth {copy_bw / GB:.1f} GB/s on {env['device_kind']}; batch "
@@ -878,12 +819,7 @@ def main(argv=None):
     n_fail = sum(
         1 for p in points if "error" in p or p.get("sparse") not in ("ok", "skipped (memory)")
     )
-    print(
-        f"{len(points) - n_fail} points ok, {n_fail} with errors, {result['total_s']:.1f} s",
-        flush=True,
-    )
-    write_json(args.out, result)
-    return 0 if n_fail == 0 else 1
+    return finish(result, args.out, len(points), n_fail, t_start)
 
 
 if __name__ == "__main__":

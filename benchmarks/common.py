@@ -1,16 +1,23 @@
 """Helpers shared by the sok_jax benchmarks.
 
-Timing follows /work/.library/device/METHOD.md: warm up first (compilation and
-module load stay out of the numbers), synchronise with
-`jax.block_until_ready` before reading the host clock, repeat and take the
-median, rotate among several input sets so repeated runs do not measure a
-cache, and batch several back-to-back calls into one sample when a single
-call is too short for the host clock and the dispatch overhead.
+How every benchmark times a function (`time_samples`): warm-up calls first,
+so compilation and module load stay out of the numbers; the host clock is
+read only after `jax.block_until_ready`; many samples, of which the median
+is reported (with the spread (p90 - p10) / median beside it); the calls
+rotate among several input sets, so repeated calls do not measure a cache
+that real inputs would miss; and a call too short for the host clock and
+the dispatch overhead is timed as several back-to-back calls per sample,
+blocked once at the end (one stream: when the last is done, all are).
+A physical limit is measured in the same run: `copy_bandwidth` (a plain
+jitted copy, bytes read + written) is what bytes-that-must-move are
+divided by.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import gc
 import json
 import math
 import os
@@ -18,6 +25,7 @@ import platform
 import statistics
 import subprocess
 import time
+import traceback
 from typing import Any, Callable, Sequence
 
 import jax
@@ -101,6 +109,10 @@ def summarize(samples: Sequence[float]) -> dict:
     }
 
 
+GB = 1e9
+GIB = 2**30
+
+
 def copy_bandwidth(nbytes: int = 2**31, warmup: int = 3, iters: int = 20) -> float:
     """Bytes/s of a plain jitted copy, counting bytes read + bytes written.
 
@@ -114,6 +126,18 @@ def copy_bandwidth(nbytes: int = 2**31, warmup: int = 3, iters: int = 20) -> flo
     t = timeit(copy, warmup=warmup, iters=iters, arg_sets=[(x,) for x in xs])
     del xs
     return 2 * n * 4 / t
+
+
+def measure_copy_bandwidth(args) -> float:
+    """`copy_bandwidth` on `args.copy_gb` GiB with the run's warm-up and
+    iterations, printed; the ceiling every bytes-over-time figure is divided by."""
+    nbytes = int(args.copy_gb * GIB)
+    bw = copy_bandwidth(nbytes, warmup=args.warmup, iters=args.iters)
+    print(
+        f"copy bandwidth (x + 1.0 on {nbytes / 2**20:.0f} MiB, read + write): {bw / GB:.1f} GB/s",
+        flush=True,
+    )
+    return bw
 
 
 # --------------------------------------------------------------------------- data
@@ -173,6 +197,120 @@ def zipf_keys(
 def uniform_keys(rng: np.random.Generator, n: int, vocab: int, dtype=np.int32) -> np.ndarray:
     """`n` keys uniform over [0, vocab)."""
     return rng.integers(0, vocab, size=n, dtype=np.int64).astype(dtype)
+
+
+DISTS = ("uniform", "zipf")
+
+
+def draw_keys(
+    rng: np.random.Generator,
+    dist: str,
+    n: int,
+    vocab: int,
+    zipf_a: float = 1.1,
+    dtype=np.int32,
+    scatter: bool = True,
+) -> np.ndarray:
+    """`n` keys of [0, vocab) from `dist` ("uniform" or "zipf", see `zipf_keys`)."""
+    if dist == "uniform":
+        return uniform_keys(rng, n, vocab, dtype=dtype)
+    if dist == "zipf":
+        return zipf_keys(rng, n, vocab, a=zipf_a, dtype=dtype, scatter=scatter)
+    raise ValueError(f"unknown key distribution {dist!r} (known: {DISTS})")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def int_list(s: str) -> list[int]:
+    """argparse type: "1,4,32" -> [1, 4, 32]."""
+    return [int(x) for x in s.split(",") if x.strip()]
+
+
+def float_list(s: str) -> list[float]:
+    """argparse type: "1,0.5" -> [1.0, 0.5]."""
+    return [float(x) for x in s.split(",") if x.strip()]
+
+
+def str_list(s: str) -> list[str]:
+    """argparse type: "uniform, zipf" -> ["uniform", "zipf"]."""
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def add_dists_arg(p: argparse.ArgumentParser, flag: str = "--dists", what: str = "") -> None:
+    """A comma-separated list of key distributions (default: all of DISTS)."""
+    p.add_argument(
+        flag,
+        type=str_list,
+        default=list(DISTS),
+        help=f"{what}key distributions: {', '.join(DISTS)} (default all)",
+    )
+
+
+def add_zipf_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--zipf-a", type=float, default=1.1, help="Zipf exponent (default 1.1)")
+
+
+def add_run_args(p: argparse.ArgumentParser, small_help: str) -> None:
+    """The flags of every one-device-count benchmark: timing, the copy
+    bandwidth measurement, seed, JSON output and `--small`."""
+    p.add_argument("--warmup", type=int, default=3, help="warm-up calls per measurement")
+    p.add_argument("--iters", type=int, default=20, help="timed samples per measurement")
+    p.add_argument(
+        "--input-sets", type=int, default=2, help="input sets rotated while timing (default 2)"
+    )
+    p.add_argument(
+        "--copy-gb",
+        type=float,
+        default=2.0,
+        help="GiB of the array copied to measure the copy bandwidth (default 2)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the results as JSON to this path")
+    p.add_argument("--small", action="store_true", help=small_help)
+
+
+def shrink_run_args(args) -> None:
+    """`--small`'s timing: one warm-up, three samples, a 16 MiB copy."""
+    args.warmup, args.iters, args.copy_gb = 1, 3, 2.0**-6
+
+
+def check_dists(p: argparse.ArgumentParser, *dist_lists) -> None:
+    """argparse error for a key distribution that `draw_keys` does not know."""
+    bad = set().union(*map(set, dist_lists)) - set(DISTS)
+    if bad:
+        p.error(f"unknown key distributions {sorted(bad)} (known: {', '.join(DISTS)})")
+
+
+# --------------------------------------------------------------------------- points
+
+
+def is_oom(e) -> bool:
+    """Whether an exception (or its message) is the device running out of memory."""
+    s = str(e)
+    return "RESOURCE_EXHAUSTED" in s or "out of memory" in s.lower()
+
+
+def guarded(res: dict, fn: Callable, *args, **kw) -> bool:
+    """Runs `fn(*args, **kw)`, which fills `res` as it goes; an exception is
+    recorded in `res` ("error", "traceback") and printed, and the run goes
+    on with the next point (what was learnt before it stays in `res`).
+    Returns whether `fn` finished."""
+    try:
+        fn(*args, **kw)
+        return True
+    except Exception as e:  # noqa: BLE001 - report the point, go on
+        res["error"] = f"{type(e).__name__}: {e}"[:4000]
+        res["traceback"] = traceback.format_exc()[-4000:]
+        print(f"  FAILED: {res['error'][:1000]}", flush=True)
+        return False
+
+
+def status(res: dict, width: int = 60) -> str:
+    """A point's status column: ok, OOM, or the first line of its error."""
+    if "error" not in res:
+        return "ok"
+    return "OOM" if is_oom(res["error"]) else res["error"].splitlines()[0][:width]
 
 
 # --------------------------------------------------------------------------- output
@@ -242,6 +380,13 @@ def _git_commit() -> str | None:
         return None
 
 
+def print_env() -> dict:
+    """`env_info()`, printed on one line first thing in a run; returns it."""
+    env = env_info()
+    print("env:", ", ".join(f"{k}={v}" for k, v in env.items()), flush=True)
+    return env
+
+
 def env_info() -> dict:
     """Where and with what the numbers were taken."""
     devs = jax.devices()
@@ -289,3 +434,34 @@ def write_json(path: str | None, obj) -> None:
         json.dump(obj, f, indent=2, default=_json_default)
         f.write("\n")
     print(f"wrote {path}", flush=True)
+
+
+def new_result(benchmark: str, env: dict, args, copy_bw: float | None, **lists) -> dict:
+    """The JSON every benchmark writes: its name, `env`, the parsed flags,
+    the copy bandwidth of the run and one list per table (`lists`)."""
+    out = {"benchmark": benchmark, "env": env, "config": vars(args)}
+    if copy_bw is not None:
+        out["copy_bandwidth_Bps"] = copy_bw
+    out.update(lists)
+    return out
+
+
+def start_run(benchmark: str, args, config: str, **lists) -> dict:
+    """Opens a run: prints the environment and the `config` line, measures
+    the copy bandwidth (`measure_copy_bandwidth`); returns `new_result`'s dict."""
+    env = print_env()
+    print(f"config: {config}", flush=True)
+    copy_bw = measure_copy_bandwidth(args)
+    gc.collect()
+    return new_result(benchmark, env, args, copy_bw, **lists)
+
+
+def finish(result: dict, out: str | None, n_points: int, n_fail: int, t_start: float) -> int:
+    """Closes a run: total time, the ok/failed count, the JSON; the exit status."""
+    result["total_s"] = time.perf_counter() - t_start
+    print(
+        f"{n_points - n_fail} points ok, {n_fail} failed, {result['total_s']:.1f} s",
+        flush=True,
+    )
+    write_json(out, result)
+    return 0 if n_fail == 0 else 1

@@ -7,7 +7,7 @@ brackets `--steps` steps with cuProfilerStart/Stop (driver API, through
 ctypes), so that under
 
   ncu --profile-from-start off --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \\
-      --csv python3 benchmarks/profile_train_step.py
+      --csv python3 tools/profile_train_step.py
 
 only the kernels of those steps are profiled. Without a GPU (or without
 libcuda) the bracketing is skipped: `--small` runs on the CPU as a smoke
@@ -28,9 +28,11 @@ import sys
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _HERE)
-sys.path.insert(1, os.path.dirname(_HERE))
+# What this profiles is a benchmark's program: import it (and its `common`)
+# from benchmarks/, beside this folder. sok_jax is the installed package.
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+)
 
 import bench_train_step as bts  # noqa: E402
 import jax  # noqa: E402
@@ -107,7 +109,7 @@ def main(argv=None):
     )
     rng = np.random.default_rng(0)
     ns = argparse.Namespace(
-        batch=args.batch, slots=args.slots, dim=args.dim, input_sets=1, dist="uniform"
+        batch=args.batch, slots=args.slots, dim=args.dim, input_sets=1, dist="uniform", zipf_a=1.1
     )
     ((ids, w),) = bts.make_input_sets(rng, ns, 1, rows, emb)[0]
     for name in args.optimizers.split(","):

@@ -1,13 +1,13 @@
 """Every FFI target once per shape family, in one small process, checked
 against the pure-JAX reference: the program to run under compute-sanitizer
-(a pytest process under the sanitizer died after 23 clean tests; this one
-has no test framework, no xdist, no multi-device setup).
+(no test framework, no xdist, no multi-device setup: little for the
+sanitizer to instrument besides the kernels).
 
   compute-sanitizer --tool memcheck --error-exitcode 99 \\
-      python3 benchmarks/sanitize_kernels.py [--shard i/k]
-  (also runs on CPU: python3 benchmarks/sanitize_kernels.py)
+      python3 tools/sanitize_kernels.py [--shard i/k]
+  (also runs on CPU: python3 tools/sanitize_kernels.py)
 
-Shapes cover what broke before: bags longer than the backward's 128-id
+Shapes cover each kernel's edge cases: bags longer than the backward's 128-id
 chunk, padding runs longer than a chunk, empty bags, ids out of range,
 D not a multiple of the 16-byte vector, 16-bit tables, weights, and the
 short-bag and long-bag forward shapes, the fixed-length (no offsets)
@@ -128,7 +128,7 @@ def fused_case(rng, dtype, rows, dim, m, max_len, name, grad_f32):
     the same device (the same sums in the same order, then the same rule:
     the pure-JAX reference sums in another order, and Adam's first step,
     lr * g / (|g| + eps), turns the rounding of a near-zero sum into
-    differences of ~1e-3: seen on an H100 for 2 of 54 cases)."""
+    differences of ~1e-3)."""
     from sok_jax import optim
 
     tag = f"fused {name} {jnp.dtype(dtype).name} D{dim} len<={max_len}{' g32' if grad_f32 else ''}"
@@ -217,7 +217,7 @@ def cases(rng):
 
 
 def special_cases(rng):
-    # Padding runs longer than the backward's chunk (the sentinel-run bug).
+    # Padding runs longer than the backward's chunk (a run of -1 sentinels).
     ids = jnp.full((1000,), -1, jnp.int32).at[::97].set(5)
     offsets = jnp.asarray([0, 400, 1000], jnp.int32)
     g = jnp.asarray(rng.normal(size=(2, 8)), jnp.float32)

@@ -2,7 +2,7 @@
 line per kernel launch in order (time, DRAM bytes read/written, GB/s), a
 total per profiled step, and the launches grouped by kernel name.
 
-  python3 benchmarks/ncu_summary.py ncu.log [--steps 2]
+  python3 tools/ncu_summary.py ncu.log [--steps 2]
 
 Lines of the log that are not ncu's CSV (the program's own output) are
 shown first, so the memory plan and the step markers stay next to the

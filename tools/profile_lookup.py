@@ -6,8 +6,8 @@ previous offsets-reading kernel, XLA's gather of the pure-JAX way); with
 
   ncu --kernel-name regex:'EmbedFwd|gather' --launch-count 12 \\
       --section SpeedOfLight --section Occupancy --section WarpStateStats \\
-      python3 benchmarks/profile_lookup.py
-  (also runs on CPU as a smoke check: python3 benchmarks/profile_lookup.py --small)
+      python3 tools/profile_lookup.py
+  (also runs on CPU as a smoke check: python3 tools/profile_lookup.py --small)
 
 Each function is called twice (the first call compiles); the table is 4 GiB
 as in bench_lookup.
@@ -19,9 +19,11 @@ import argparse
 import os
 import sys
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _HERE)
-sys.path.insert(1, os.path.dirname(_HERE))
+# What this profiles is a benchmark's program: import it (and its `common`)
+# from benchmarks/, beside this folder. sok_jax is the installed package.
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

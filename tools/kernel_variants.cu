@@ -6,7 +6,7 @@
 // must move (16 bytes per thread, no combiner). Every variant's output is
 // checked against the first variant's.
 //
-//   nvcc -O3 -std=c++17 -arch=sm_90 -Ixla_ffi benchmarks/kernel_variants.cu \
+//   nvcc -O3 -std=c++17 -arch=sm_90 -Ixla_ffi tools/kernel_variants.cu \
 //        -o /tmp/kv && /tmp/kv   (optional args: table GiB, batch, and any
 //                                 third to stop after the dense-fill part)
 //
