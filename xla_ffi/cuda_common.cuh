@@ -49,4 +49,13 @@ inline void CopyIfDistinct(cudaStream_t stream, const void* in, void* out,
     cudaMemcpyAsync(out, in, bytes, cudaMemcpyDeviceToDevice, stream);
 }
 
+// CopyIfDistinct on one stream, as the copy(in, out, bytes) the shared
+// handler bodies take (embed_checks.h, optim_checks.h, hash_checks.h).
+struct StreamCopy {
+  cudaStream_t stream;
+  void operator()(const void* in, void* out, size_t bytes) const {
+    CopyIfDistinct(stream, in, out, bytes);
+  }
+};
+
 }  // namespace sok

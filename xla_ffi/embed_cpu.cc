@@ -305,11 +305,8 @@ ffi::Error BwdUpdateImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> s0,
     return e;
   const int64_t rows = sh.rows, dim = sh.dim, n = sh.n, m = sh.m;
   const float* w = weights.element_count() ? weights.typed_data<float>() : nullptr;
-  auto copy = [](const void* from, void* to, size_t bytes) {
-    CopyIfDistinct(from, to, bytes);
-  };
   return WithUpdateRule(rule_id, consts, hparams, table, table_out, s0, s1,
-                        s0_out, s1_out, rows * dim, copy,
+                        s0_out, s1_out, rows * dim, HostCopy{},
                         [&](auto rule, float* const* slot) {
     rule.Bind(hparams.typed_data());
     std::vector<int32_t> ur(n);
@@ -331,9 +328,10 @@ ffi::Error BwdUpdateImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> s0,
         RowGrads rg;
         rg.rows = rows;
         rg.dim = dim;
-        rg.count = count;
+        rg.capacity = n;
         rg.unique_rows = ur.data();
         rg.grads = g.data();
+        rg.num_unique = &count;
         ApplyRows<T>(rg, rule, table_out->reinterpret_data<T>(), slot[0], slot[1]);
         return ffi::Error::Success();
       });

@@ -341,12 +341,9 @@ ffi::Error BwdUpdateImpl(cudaStream_t stream, ffi::AnyBuffer table,
     return e;
   const int64_t rows = sh.rows, dim = sh.dim, n = sh.n, m = sh.m;
   const float* w = weights.element_count() ? weights.typed_data<float>() : nullptr;
-  auto copy = [stream](const void* from, void* to, size_t bytes) {
-    CopyIfDistinct(stream, from, to, bytes);
-  };
   auto result = WithUpdateRule(
       rule_id, consts, hparams, table, table_out, s0, s1, s0_out, s1_out,
-      rows * dim, copy, [&](auto rule, float* const* slot) -> ffi::Error {
+      rows * dim, StreamCopy{stream}, [&](auto rule, float* const* slot) -> ffi::Error {
     using Rule = decltype(rule);
     if (n == 0 || dim == 0) return ffi::Error::Success();
     Runs r;
