@@ -341,34 +341,10 @@ ffi::Error BwdUpdateImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> s0,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedBwdUpdateCpu, BwdUpdateImpl,
-                              sig::EmbedBwdUpdate(ffi::Ffi::Bind()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedFwdCpu, FwdImpl,
-                              sig::EmbedFwd(ffi::Ffi::Bind()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedBwdCpu, BwdImpl,
-                              sig::EmbedBwd(ffi::Ffi::Bind()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedBwdDenseCpu, BwdDenseImpl,
-                              sig::EmbedBwdDense(ffi::Ffi::Bind()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedWgradCpu, WgradImpl,
-                              sig::EmbedWgrad(ffi::Ffi::Bind()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokRowsToDenseCpu, DenseImpl,
-                              sig::RowsToDense(ffi::Ffi::Bind()));
+SOK_EMBED_TARGETS(SOK_CPU_HANDLER)
 
 void AppendEmbedTargetsCpu(TargetList& out) {
-  out.push_back({"sok_embed_fwd", reinterpret_cast<void*>(SokEmbedFwdCpu)});
-  out.push_back({"sok_embed_bwd", reinterpret_cast<void*>(SokEmbedBwdCpu)});
-  out.push_back(
-      {"sok_embed_bwd_dense", reinterpret_cast<void*>(SokEmbedBwdDenseCpu)});
-  out.push_back(
-      {"sok_embed_bwd_update", reinterpret_cast<void*>(SokEmbedBwdUpdateCpu)});
-  out.push_back({"sok_embed_wgrad", reinterpret_cast<void*>(SokEmbedWgradCpu)});
-  out.push_back(
-      {"sok_rows_to_dense", reinterpret_cast<void*>(SokRowsToDenseCpu)});
+  out.insert(out.end(), {SOK_EMBED_TARGETS(SOK_CPU_TARGET)});
 }
 
 }  // namespace sok

@@ -423,34 +423,10 @@ ffi::Error DenseImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> unique_rows,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedFwdCuda, FwdImpl,
-                              sig::EmbedFwd(CudaBind()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedBwdCuda, BwdImpl,
-                              sig::EmbedBwd(CudaBind()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedBwdDenseCuda, BwdDenseImpl,
-                              sig::EmbedBwdDense(CudaBind()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedBwdUpdateCuda, BwdUpdateImpl,
-                              sig::EmbedBwdUpdate(CudaBind()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedWgradCuda, WgradImpl,
-                              sig::EmbedWgrad(CudaBind()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokRowsToDenseCuda, DenseImpl,
-                              sig::RowsToDense(CudaBind()));
+SOK_EMBED_TARGETS(SOK_CUDA_HANDLER)
 
 void AppendEmbedTargetsCuda(TargetList& out) {
-  out.push_back({"sok_embed_fwd", reinterpret_cast<void*>(SokEmbedFwdCuda)});
-  out.push_back({"sok_embed_bwd", reinterpret_cast<void*>(SokEmbedBwdCuda)});
-  out.push_back(
-      {"sok_embed_bwd_dense", reinterpret_cast<void*>(SokEmbedBwdDenseCuda)});
-  out.push_back(
-      {"sok_embed_bwd_update", reinterpret_cast<void*>(SokEmbedBwdUpdateCuda)});
-  out.push_back({"sok_embed_wgrad", reinterpret_cast<void*>(SokEmbedWgradCuda)});
-  out.push_back(
-      {"sok_rows_to_dense", reinterpret_cast<void*>(SokRowsToDenseCuda)});
+  out.insert(out.end(), {SOK_EMBED_TARGETS(SOK_CUDA_TARGET)});
 }
 
 }  // namespace sok

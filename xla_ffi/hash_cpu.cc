@@ -70,12 +70,10 @@ ffi::Error FindOrInsertImpl(ffi::AnyBuffer slot_keys, ffi::AnyBuffer keys,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokHashFindOrInsertCpu, FindOrInsertImpl,
-                              sig::HashFindOrInsert(ffi::Ffi::Bind()));
+SOK_HASH_TARGETS(SOK_CPU_HANDLER)
 
 void AppendHashTargetsCpu(TargetList& out) {
-  out.push_back({"sok_hash_find_or_insert",
-                 reinterpret_cast<void*>(SokHashFindOrInsertCpu)});
+  out.insert(out.end(), {SOK_HASH_TARGETS(SOK_CPU_TARGET)});
 }
 
 }  // namespace sok

@@ -47,12 +47,10 @@ ffi::Error FindOrInsertImpl(cudaStream_t stream, ffi::AnyBuffer slot_keys,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokHashFindOrInsertCuda, FindOrInsertImpl,
-                              sig::HashFindOrInsert(CudaBind()));
+SOK_HASH_TARGETS(SOK_CUDA_HANDLER)
 
 void AppendHashTargetsCuda(TargetList& out) {
-  out.push_back({"sok_hash_find_or_insert",
-                 reinterpret_cast<void*>(SokHashFindOrInsertCuda)});
+  out.insert(out.end(), {SOK_HASH_TARGETS(SOK_CUDA_TARGET)});
 }
 
 }  // namespace sok

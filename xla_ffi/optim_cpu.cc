@@ -127,29 +127,10 @@ ffi::Error RowwiseAdagradImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> acc,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokSgdUpdateCpu, SgdImpl,
-                              sig::SgdUpdate(ffi::Ffi::Bind()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokAdagradUpdateCpu, AdagradImpl,
-                              sig::AdagradUpdate(ffi::Ffi::Bind()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokRowwiseAdagradUpdateCpu, RowwiseAdagradImpl,
-                              sig::AdagradUpdate(ffi::Ffi::Bind()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokAdamUpdateCpu, AdamImpl,
-                              sig::AdamUpdate(ffi::Ffi::Bind()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokFtrlUpdateCpu, FtrlImpl,
-                              sig::FtrlUpdate(ffi::Ffi::Bind()));
+SOK_OPTIM_TARGETS(SOK_CPU_HANDLER)
 
 void AppendOptimTargetsCpu(TargetList& out) {
-  out.push_back({"sok_sgd_update", reinterpret_cast<void*>(SokSgdUpdateCpu)});
-  out.push_back(
-      {"sok_adagrad_update", reinterpret_cast<void*>(SokAdagradUpdateCpu)});
-  out.push_back({"sok_rowwise_adagrad_update",
-                 reinterpret_cast<void*>(SokRowwiseAdagradUpdateCpu)});
-  out.push_back({"sok_adam_update", reinterpret_cast<void*>(SokAdamUpdateCpu)});
-  out.push_back({"sok_ftrl_update", reinterpret_cast<void*>(SokFtrlUpdateCpu)});
+  out.insert(out.end(), {SOK_OPTIM_TARGETS(SOK_CPU_TARGET)});
 }
 
 }  // namespace sok

@@ -120,31 +120,10 @@ ffi::Error RowwiseAdagradImpl(cudaStream_t stream, ffi::AnyBuffer table,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokSgdUpdateCuda, SgdImpl,
-                              sig::SgdUpdate(CudaBind()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokAdagradUpdateCuda, AdagradImpl,
-                              sig::AdagradUpdate(CudaBind()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokRowwiseAdagradUpdateCuda, RowwiseAdagradImpl,
-                              sig::AdagradUpdate(CudaBind()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokAdamUpdateCuda, AdamImpl,
-                              sig::AdamUpdate(CudaBind()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokFtrlUpdateCuda, FtrlImpl,
-                              sig::FtrlUpdate(CudaBind()));
+SOK_OPTIM_TARGETS(SOK_CUDA_HANDLER)
 
 void AppendOptimTargetsCuda(TargetList& out) {
-  out.push_back({"sok_sgd_update", reinterpret_cast<void*>(SokSgdUpdateCuda)});
-  out.push_back(
-      {"sok_adagrad_update", reinterpret_cast<void*>(SokAdagradUpdateCuda)});
-  out.push_back({"sok_rowwise_adagrad_update",
-                 reinterpret_cast<void*>(SokRowwiseAdagradUpdateCuda)});
-  out.push_back(
-      {"sok_adam_update", reinterpret_cast<void*>(SokAdamUpdateCuda)});
-  out.push_back(
-      {"sok_ftrl_update", reinterpret_cast<void*>(SokFtrlUpdateCuda)});
+  out.insert(out.end(), {SOK_OPTIM_TARGETS(SOK_CUDA_TARGET)});
 }
 
 }  // namespace sok
