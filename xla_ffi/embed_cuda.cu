@@ -29,16 +29,14 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer table, ffi::AnyBuffer ids
                    ffi::AnyBuffer offsets, ffi::AnyBuffer weights,
                    ffi::Result<ffi::AnyBuffer> out, int32_t combiner,
                    int64_t fixed_nnz) {
-  int64_t rows, dim, n, m;
-  if (auto e = Rank2(table, "table", &rows, &dim); e.failure()) return e;
-  if (auto e = CheckBags(ids, offsets, weights, combiner, &n, &m); e.failure())
+  EmbedShape sh;
+  if (auto e = CheckFwd(table, ids, offsets, weights, *out, combiner,
+                        fixed_nnz, &sh);
+      e.failure())
     return e;
-  if (auto e = CheckFixedNnz(fixed_nnz, n, m); e.failure()) return e;
-  if (out->element_type() != table.element_type() ||
-      out->element_count() != static_cast<size_t>(m * dim))
-    return InvalidArgument("out must be [num_bags, D] of the table's dtype");
+  const int64_t rows = sh.rows, dim = sh.dim, n = sh.n, m = sh.m;
   if (m == 0 || dim == 0) return ffi::Error::Success();
-  const float* w = weights.element_count() ? weights.typed_data<float>() : nullptr;
+  const float* w = OptionalWeights(weights);
   auto err = DispatchFloat(table.element_type(), "table", [&](auto tag) {
     using T = typename DevType<decltype(tag)>::type;
     return DispatchKey(ids.element_type(), "ids", [&](auto key) {
@@ -254,21 +252,19 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer grad, ffi::AnyBuffer ids,
                    ffi::Result<ffi::Buffer<ffi::S32>> num_unique,
                    ffi::Result<ffi::AnyBuffer> workspace, int32_t combiner,
                    int64_t num_rows) {
-  int64_t m_g, dim, n, m;
-  if (auto e = Rank2(grad, "grad_out", &m_g, &dim); e.failure()) return e;
-  if (auto e = CheckBags(ids, offsets, weights, combiner, &n, &m); e.failure())
+  EmbedShape sh;
+  if (auto e = CheckBwd(grad, ids, offsets, weights, *unique_rows, *row_grads,
+                        combiner, &sh);
+      e.failure())
     return e;
-  if (m_g != m) return InvalidArgument("grad_out must have num_bags rows");
   if (num_rows < 0 || num_rows >= INT32_MAX)
     return InvalidArgument("num_rows must lie in [0, 2^31 - 1)");
-  if (unique_rows->element_count() != static_cast<size_t>(n) ||
-      row_grads->element_count() != static_cast<size_t>(n * dim))
-    return InvalidArgument("unique_rows/row_grads must be [N] and [N, D]");
+  const int64_t dim = sh.dim, n = sh.n, m = sh.m;
   if (n == 0) {
     cudaMemsetAsync(num_unique->typed_data(), 0, sizeof(int32_t), stream);
     return LastError("sok_embed_bwd");
   }
-  const float* w = weights.element_count() ? weights.typed_data<float>() : nullptr;
+  const float* w = OptionalWeights(weights);
   Runs r;
   if (auto e = SortRuns(stream, ids, offsets, w, n, m, dim, num_rows, combiner,
                         *workspace, &r);
@@ -294,18 +290,14 @@ ffi::Error BwdDenseImpl(cudaStream_t stream, ffi::AnyBuffer grad,
                         ffi::AnyBuffer weights, ffi::Result<ffi::AnyBuffer> dense,
                         ffi::Result<ffi::AnyBuffer> workspace,
                         int32_t combiner) {
-  int64_t m_g, dim_g, n, m, num_rows, dim;
-  if (auto e = Rank2(grad, "grad_out", &m_g, &dim_g); e.failure()) return e;
-  if (auto e = Rank2(*dense, "dense", &num_rows, &dim); e.failure()) return e;
-  if (auto e = CheckBags(ids, offsets, weights, combiner, &n, &m); e.failure())
+  EmbedShape sh;
+  if (auto e = CheckBwdDense(grad, ids, offsets, weights, *dense, combiner, &sh);
+      e.failure())
     return e;
-  if (m_g != m || dim_g != dim || grad.element_type() != dense->element_type())
-    return InvalidArgument("grad_out must be [num_bags, D] of the dense dtype");
-  if (num_rows >= INT32_MAX)
-    return InvalidArgument("dense may have at most 2^31 - 2 rows");
+  const int64_t num_rows = sh.rows, dim = sh.dim, n = sh.n, m = sh.m;
   cudaMemsetAsync(dense->untyped_data(), 0, dense->size_bytes(), stream);
   if (n == 0 || dim == 0) return LastError("sok_embed_bwd_dense");
-  const float* w = weights.element_count() ? weights.typed_data<float>() : nullptr;
+  const float* w = OptionalWeights(weights);
   Runs r;
   if (auto e = SortRuns(stream, ids, offsets, w, n, m, dim, num_rows, combiner,
                         *workspace, &r);
@@ -334,13 +326,13 @@ ffi::Error BwdUpdateImpl(cudaStream_t stream, ffi::AnyBuffer table,
                          ffi::Result<ffi::Buffer<ffi::F32>> s1_out,
                          ffi::Result<ffi::AnyBuffer> workspace, int32_t combiner,
                          int32_t rule_id, ffi::Span<const float> consts) {
-  BwdUpdateShape sh;
+  EmbedShape sh;
   if (auto e = CheckBwdUpdate(table, grad, ids, offsets, weights, table_out,
                               combiner, &sh);
       e.failure())
     return e;
   const int64_t rows = sh.rows, dim = sh.dim, n = sh.n, m = sh.m;
-  const float* w = weights.element_count() ? weights.typed_data<float>() : nullptr;
+  const float* w = OptionalWeights(weights);
   auto result = WithUpdateRule(
       rule_id, consts, hparams, table, table_out, s0, s1, s0_out, s1_out,
       rows * dim, StreamCopy{stream}, [&](auto rule, float* const* slot) -> ffi::Error {
@@ -371,15 +363,11 @@ ffi::Error WgradImpl(cudaStream_t stream, ffi::AnyBuffer table,
                      ffi::AnyBuffer grad, ffi::AnyBuffer ids,
                      ffi::AnyBuffer offsets, ffi::AnyBuffer weights,
                      ffi::Result<ffi::Buffer<ffi::F32>> gw, int32_t combiner) {
-  int64_t rows, dim, m_g, d_g, n, m;
-  if (auto e = Rank2(table, "table", &rows, &dim); e.failure()) return e;
-  if (auto e = Rank2(grad, "grad_out", &m_g, &d_g); e.failure()) return e;
-  if (auto e = CheckBags(ids, offsets, weights, combiner, &n, &m); e.failure())
+  EmbedShape sh;
+  if (auto e = CheckWgrad(table, grad, ids, offsets, weights, combiner, &sh);
+      e.failure())
     return e;
-  if (m_g != m || d_g != dim || grad.element_type() != table.element_type())
-    return InvalidArgument("grad_out must be [num_bags, D] of the table's dtype");
-  if (weights.element_count() != static_cast<size_t>(n))
-    return InvalidArgument("weights are required for the weight gradient");
+  const int64_t rows = sh.rows, dim = sh.dim, n = sh.n, m = sh.m;
   if (n == 0) return ffi::Error::Success();
   // Positions outside every bag get a zero gradient.
   cudaMemsetAsync(gw->typed_data(), 0, n * sizeof(float), stream);
@@ -403,11 +391,11 @@ ffi::Error DenseImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> unique_rows,
                      ffi::Buffer<ffi::F32> row_grads,
                      ffi::Buffer<ffi::S32> num_unique,
                      ffi::Result<ffi::AnyBuffer> dense) {
-  int64_t rows, dim;
-  if (auto e = Rank2(*dense, "dense", &rows, &dim); e.failure()) return e;
-  const int64_t u_cap = unique_rows.element_count();
-  if (row_grads.element_count() != static_cast<size_t>(u_cap * dim))
-    return InvalidArgument("row_grads must be [len(unique_rows), D]");
+  EmbedShape sh;
+  if (auto e = CheckRowsToDense(unique_rows, row_grads, *dense, &sh);
+      e.failure())
+    return e;
+  const int64_t rows = sh.rows, dim = sh.dim, u_cap = sh.n;
   cudaMemsetAsync(dense->untyped_data(), 0, dense->size_bytes(), stream);
   if (u_cap == 0 || dim == 0) return LastError("sok_rows_to_dense");
   auto err = DispatchFloat(dense->element_type(), "dense", [&](auto tag) {
