@@ -90,19 +90,14 @@ ffi::Error FtrlImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> acc,
 template <typename T>
 void RowwiseRows(const RowGrads& rg, const RowwiseAdagradRule& rule, T* table,
                  float* acc) {
-  const int64_t count = HostCount(rg);
-  for (int64_t u = 0; u < count; ++u) {
-    int64_t r = rg.unique_rows[u];
-    if (r < 0 || r >= rg.rows) continue;
-    T* w = table + r * rg.dim;
-    const float* g = rg.grads + u * rg.dim;
+  ForEachRow(rg, table, [&](int64_t r, T* w, const float* g) {
     float sum_sq = 0.f;
     for (int64_t d = 0; d < rg.dim; ++d) sum_sq += g[d] * g[d];
     acc[r] = rule.Accumulate(acc[r], sum_sq, rg.dim);
     float scale = AdagradScale(acc[r], rule.eps);
     for (int64_t d = 0; d < rg.dim; ++d)
       w[d] = FromFloat<T>(rule.Step(ToFloat(w[d]), g[d], scale));
-  }
+  });
 }
 
 ffi::Error RowwiseAdagradImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> acc,

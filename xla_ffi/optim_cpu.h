@@ -16,18 +16,25 @@ inline int64_t HostCount(const RowGrads& rg) {
   return ClampCount(rg.num_unique[0], rg.capacity);
 }
 
+// Calls fn(r, w, g) for every valid unique row, in order: r its index, w the
+// table row, g its gradient row.
+template <typename T, typename Fn>
+void ForEachRow(const RowGrads& rg, T* table, Fn&& fn) {
+  const int64_t count = HostCount(rg);
+  for (int64_t u = 0; u < count; ++u) {
+    const int64_t r = rg.unique_rows[u];
+    if (r < 0 || r >= rg.rows) continue;
+    fn(r, table + r * rg.dim, rg.grads + u * rg.dim);
+  }
+}
+
 // Applies `rule` element by element to every valid unique row; slots s0, s1
 // are [R, D] float32 (nullptr when the rule has fewer).
 template <typename T, typename Rule>
 void ApplyRows(const RowGrads& rg, const Rule& rule, T* table, float* s0,
                float* s1) {
   float dummy0 = 0.f, dummy1 = 0.f;
-  const int64_t count = HostCount(rg);
-  for (int64_t u = 0; u < count; ++u) {
-    int64_t r = rg.unique_rows[u];
-    if (r < 0 || r >= rg.rows) continue;
-    T* w = table + r * rg.dim;
-    const float* g = rg.grads + u * rg.dim;
+  ForEachRow(rg, table, [&](int64_t r, T* w, const float* g) {
     float* a = s0 ? s0 + r * rg.dim : nullptr;
     float* b = s1 ? s1 + r * rg.dim : nullptr;
     for (int64_t d = 0; d < rg.dim; ++d) {
@@ -37,7 +44,7 @@ void ApplyRows(const RowGrads& rg, const Rule& rule, T* table, float* s0,
       rule(wv, av, bv, g[d]);
       w[d] = FromFloat<T>(wv);
     }
-  }
+  });
 }
 
 }  // namespace sok
