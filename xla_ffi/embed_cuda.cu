@@ -1,5 +1,11 @@
-// CUDA handlers of the embedding lookup+combine family: validate buffers,
-// carve the workspace output, launch embed_kernels.cuh on XLA's
+// CUDA handlers of the embedding lookup+combine family. Same targets,
+// arguments and checks (embed_checks.h) as embed_cpu.cc. Each handler checks
+// its buffers, picks the kernel shape from D, the mean bag length and the
+// buffers' alignment, and launches embed_kernels.cuh on XLA's stream (the
+// fused update: with optim_kernels.cuh's UpdateSink), ending with one
+// LastError check; nothing is read back to the host. The backward targets
+// carve their sort keys, runs, cub temporaries and chunk partials out of the
+// workspace output (SortRuns).
 #include <cub/cub.cuh>
 
 #include <algorithm>
@@ -56,11 +62,11 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer table, ffi::AnyBuffer ids
               tp, rows, dim, ids.reinterpret_data<K>(), w, fixed_nnz, m,
               combiner, tpb, op);
         };
-        // Shapes picked with benchmarks/kernel_variants.cu (H100, float32
-        // rows): one id per bag, 2 chunks per lane at 8 blocks per SM, runs
-        // at the plain-gather floor for D 16..128; longer bags, 2 chunks x 4
-        // ids per lane (1.3x the 1x4 shape on Zipf keys). 16-bit rows keep
-        // the register-safe shapes.
+        // Float rows: one id per bag, 2 chunks per lane at 8 blocks per SM
+        // (a plain gather); longer bags, 2 chunks x 4 ids per lane. 16-bit
+        // rows keep the register-safe shapes. The shapes are the fastest
+        // of benchmarks/kernel_variants.cu (RESULTS.md, fixed-length
+        // forward).
         constexpr bool kF32 = kVec == 4;
         constexpr int kCplOne = kF32 ? 2 : kCpl;
         constexpr int kMinbOne = kF32 ? 8 : 4;
@@ -161,9 +167,9 @@ ffi::Error SortRuns(cudaStream_t stream, ffi::AnyBuffer ids,
   const size_t total = 256 * 16 + n * (4 * 9) + 4 + cub_bytes +
                        static_cast<size_t>(max_chunks) * dim * 4;
   // The workspace is an output buffer sized by the Python wrapper
-  // (embed_ops.bwd_workspace_bytes): XLA's FFI scratch allocator crashed
-  // XLA's compiler in multi-GPU programs, and an output is visible to XLA's
-  // memory planning anyway. It is aligned here to 256 bytes.
+  // (embed_ops.bwd_workspace_bytes), not FFI scratch memory: XLA plans it
+  // with the program's other buffers, on one device or many. It is aligned
+  // here to 256 bytes.
   if (workspace.size_bytes() < total + 256)
     return InvalidArgument("sok_embed_bwd: workspace of " +
                            std::to_string(workspace.size_bytes()) +

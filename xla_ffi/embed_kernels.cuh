@@ -367,9 +367,9 @@ struct RowGradSink {
   }
 };
 
-// DenseSink: row `key` of the dense [num_rows, D] cotangent (zeroed before by
-// a memset: measured faster on an H100 than one kernel writing every row
-// once, 1.51 vs 1.66 ms for a 4 GiB table with 415K touched rows).
+// DenseSink: row `key` of the dense [num_rows, D] cotangent, which a memset
+// zeroed before (cheaper than a kernel writing every row once: RESULTS.md,
+// sok_embed_bwd_dense).
 template <typename O>
 struct DenseSink : ValidRunsSink {
   O* dense;
