@@ -169,6 +169,20 @@ struct Bags {
   double W(int64_t j) const { return weights.empty() ? 1.0 : weights[j]; }
 };
 
+// Calls fn(bag, j, row) for every position j of every bag, in order, whose
+// id names a row of a table of `rows` rows.
+template <typename Fn>
+void ForEachHit(const Bags& b, const Tensor& ids, int64_t rows, Fn&& fn) {
+  for (int64_t bag = 0; bag < b.m(); ++bag) {
+    int64_t lo, hi;
+    b.Range(bag, &lo, &hi);
+    for (int64_t j = lo; j < hi; ++j) {
+      const int64_t r = RowOfKey(ids, j, rows);
+      if (r >= 0) fn(bag, j, r);
+    }
+  }
+}
+
 // An out-of-range id of this key type (never padding).
 int64_t BadId(Rng& rng, XLA_FFI_DataType key, int64_t rows) {
   switch (rng.Int(0, key == kS64 ? 3 : 2)) {
@@ -223,17 +237,10 @@ Bags FixedBags(Rng& rng, XLA_FFI_DataType key, int64_t m, int64_t nnz,
 // The most positions (in bags, valid) that name one row: how many terms the
 // backward sums for it, in float32 on both platforms.
 int64_t MaxHits(const Bags& b, int64_t rows) {
-  const Tensor ids = b.IdsT();
   std::map<int64_t, int64_t> hits;
   int64_t most = 0;
-  for (int64_t bag = 0; bag < b.m(); ++bag) {
-    int64_t lo, hi;
-    b.Range(bag, &lo, &hi);
-    for (int64_t j = lo; j < hi; ++j) {
-      const int64_t r = RowOfKey(ids, j, rows);
-      if (r >= 0) most = std::max(most, ++hits[r]);
-    }
-  }
+  ForEachHit(b, b.IdsT(), rows,
+             [&](int64_t, int64_t, int64_t r) { most = std::max(most, ++hits[r]); });
   return most;
 }
 
@@ -254,18 +261,12 @@ double CombinerScale(int combiner, double ws, double w2) {
 // The combiner's factor of each bag over its valid ids.
 std::vector<double> BagScales(const Bags& b, const Tensor& ids, int64_t rows,
                               int combiner) {
-  std::vector<double> f(b.m());
-  for (int64_t bag = 0; bag < b.m(); ++bag) {
-    int64_t lo, hi;
-    b.Range(bag, &lo, &hi);
-    double ws = 0, w2 = 0;
-    for (int64_t j = lo; j < hi; ++j) {
-      if (RowOfKey(ids, j, rows) < 0) continue;
-      ws += b.W(j);
-      w2 += b.W(j) * b.W(j);
-    }
-    f[bag] = CombinerScale(combiner, ws, w2);
-  }
+  std::vector<double> ws(b.m(), 0.0), w2(b.m(), 0.0), f(b.m());
+  ForEachHit(b, ids, rows, [&](int64_t bag, int64_t j, int64_t) {
+    ws[bag] += b.W(j);
+    w2[bag] += b.W(j) * b.W(j);
+  });
+  for (int64_t bag = 0; bag < b.m(); ++bag) f[bag] = CombinerScale(combiner, ws[bag], w2[bag]);
   return f;
 }
 
@@ -274,17 +275,10 @@ std::vector<double> RefForward(const Tensor& table, const Bags& b, int combiner)
   const Tensor ids = b.IdsT();
   const std::vector<double> f = BagScales(b, ids, rows, combiner);
   std::vector<double> out(b.m() * dim, 0.0);
-  for (int64_t bag = 0; bag < b.m(); ++bag) {
-    int64_t lo, hi;
-    b.Range(bag, &lo, &hi);
-    for (int64_t j = lo; j < hi; ++j) {
-      const int64_t r = RowOfKey(ids, j, rows);
-      if (r < 0) continue;
-      for (int64_t d = 0; d < dim; ++d)
-        out[bag * dim + d] += b.W(j) * FloatAt(table, r * dim + d);
-    }
-    for (int64_t d = 0; d < dim; ++d) out[bag * dim + d] *= f[bag];
-  }
+  ForEachHit(b, ids, rows, [&](int64_t bag, int64_t j, int64_t r) {
+    for (int64_t d = 0; d < dim; ++d)
+      out[bag * dim + d] += b.W(j) * f[bag] * FloatAt(table, r * dim + d);
+  });
   return out;
 }
 
@@ -296,18 +290,12 @@ std::map<int64_t, std::vector<double>> RefBackward(const Tensor& grad,
   const Tensor ids = b.IdsT();
   const std::vector<double> f = BagScales(b, ids, rows, combiner);
   std::map<int64_t, std::vector<double>> acc;
-  for (int64_t bag = 0; bag < b.m(); ++bag) {
-    int64_t lo, hi;
-    b.Range(bag, &lo, &hi);
-    for (int64_t j = lo; j < hi; ++j) {
-      const int64_t r = RowOfKey(ids, j, rows);
-      if (r < 0) continue;
-      auto& row = acc[r];
-      row.resize(dim, 0.0);
-      for (int64_t d = 0; d < dim; ++d)
-        row[d] += b.W(j) * f[bag] * FloatAt(grad, bag * dim + d);
-    }
-  }
+  ForEachHit(b, ids, rows, [&](int64_t bag, int64_t j, int64_t r) {
+    std::vector<double>& row = acc[r];
+    row.resize(dim, 0.0);
+    for (int64_t d = 0; d < dim; ++d)
+      row[d] += b.W(j) * f[bag] * FloatAt(grad, bag * dim + d);
+  });
   return acc;
 }
 
@@ -436,11 +424,22 @@ std::string BagTag(const Bags& b, int64_t dim, XLA_FFI_DataType dt,
              b.weights.empty() ? "" : " w", DtypeName(b.key));
 }
 
-Case Fwd(const Tensor& table, const Bags& b, int combiner, const std::string& tag) {
+// A case of `target` whose arguments are `lead`, then the bags' ids,
+// offsets and weights.
+Case BagCase(const char* target, const std::string& tag, std::vector<Tensor> lead,
+             const Bags& b) {
   Case c;
-  c.target = "sok_embed_fwd";
+  c.target = target;
   c.tag = tag;
-  c.args = {table, b.IdsT(), b.OffsetsT(), b.WeightsT()};
+  c.args = std::move(lead);
+  c.args.push_back(b.IdsT());
+  c.args.push_back(b.OffsetsT());
+  c.args.push_back(b.WeightsT());
+  return c;
+}
+
+Case Fwd(const Tensor& table, const Bags& b, int combiner, const std::string& tag) {
+  Case c = BagCase("sok_embed_fwd", tag, {table}, b);
   const int64_t dim = table.dims[1];
   c.rets = {Out("out", table.dtype, {b.m(), dim}, Compare::kClose, Tol(table.dtype))};
   c.attrs = {Attr::I32("combiner", combiner), Attr::I64("fixed_nnz", b.fixed_nnz)};
@@ -455,11 +454,8 @@ Case Fwd(const Tensor& table, const Bags& b, int combiner, const std::string& ta
 
 Case Bwd(const Tensor& grad, const Bags& b, int64_t rows, int combiner,
          const std::string& tag) {
-  Case c;
-  c.target = "sok_embed_bwd";
-  c.tag = tag;
+  Case c = BagCase("sok_embed_bwd", tag, {grad}, b);
   const int64_t n = b.n(), dim = grad.dims[1];
-  c.args = {grad, b.IdsT(), b.OffsetsT(), b.WeightsT()};
   const double tol = SumTol(2e-5, MaxHits(b, rows));
   c.rets = {Out("unique_rows", kS32, {n}, Compare::kExact),
             Out("row_grads", kF32, {n, dim}, Compare::kClose, tol),
@@ -475,11 +471,8 @@ Case Bwd(const Tensor& grad, const Bags& b, int64_t rows, int combiner,
 
 Case BwdDense(const Tensor& grad, const Bags& b, int64_t rows, int combiner,
               const std::string& tag) {
-  Case c;
-  c.target = "sok_embed_bwd_dense";
-  c.tag = tag;
+  Case c = BagCase("sok_embed_bwd_dense", tag, {grad}, b);
   const int64_t dim = grad.dims[1];
-  c.args = {grad, b.IdsT(), b.OffsetsT(), b.WeightsT()};
   const double tol = std::max(Tol(grad.dtype), SumTol(2e-5, MaxHits(b, rows)));
   c.rets = {Out("dense", grad.dtype, {rows, dim}, Compare::kClose, tol),
             Out("workspace", kU8, {WorkspaceBytes(b.n(), dim)}, Compare::kNone)};
@@ -492,10 +485,7 @@ Case BwdDense(const Tensor& grad, const Bags& b, int64_t rows, int combiner,
 
 Case Wgrad(const Tensor& table, const Tensor& grad, const Bags& b, int combiner,
            const std::string& tag) {
-  Case c;
-  c.target = "sok_embed_wgrad";
-  c.tag = tag;
-  c.args = {table, grad, b.IdsT(), b.OffsetsT(), b.WeightsT()};
+  Case c = BagCase("sok_embed_wgrad", tag, {table, grad}, b);
   c.rets = {Out("weight_grad", kF32, {b.n()}, Compare::kClose, 1e-4)};
   c.attrs = {Attr::I32("combiner", combiner)};
   const double tol = table.dtype == kF32 ? 1e-4 : Tol(table.dtype);

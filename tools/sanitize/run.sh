@@ -17,9 +17,11 @@
 #
 # Environment: OUT, BUILD (default build/sanitize), TOOLS (default
 # "plain memcheck racecheck synccheck"), STRIDE (every STRIDE-th case under
-# the sanitizer tools, default 1), PYTHON (the python3 whose jax gives the
-# XLA FFI headers), CUDA_ARCH (default 90), LIMIT_S (seconds per tool,
-# default 240).
+# memcheck and synccheck, default 1), RACE_STRIDE (the same for racecheck,
+# default 3: its cases are the cub-heavy backward ones), PYTHON (the python3
+# whose jax gives the XLA FFI headers), CUDA_ARCH (default 90), LIMIT_S
+# (seconds each tool may run, default 240; a tool cut off says how far it
+# got).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -27,6 +29,7 @@ OUT="${OUT:-$PWD/sanitize_out}"
 BUILD="${BUILD:-$ROOT/build/sanitize}"
 TOOLS="${TOOLS:-plain memcheck racecheck synccheck}"
 STRIDE="${STRIDE:-1}"
+RACE_STRIDE="${RACE_STRIDE:-3}"
 PYTHON="${PYTHON:-$(command -v python3)}"
 CUDA_ARCH="${CUDA_ARCH:-90}"
 LIMIT_S="${LIMIT_S:-240}"
@@ -48,7 +51,7 @@ compute-sanitizer --version 2>/dev/null | tail -1
 
 SUMMARIES=()
 STATUS=0
-# run TOOL LOG ARGS...: one driver run, under compute-sanitizer unless TOOL
+# run TOOL ARGS...: one driver run, under compute-sanitizer unless TOOL
 # is "plain"; adds its summary line.
 run() {
   local tool="$1" log="$OUT/$1.log"
@@ -67,9 +70,16 @@ run() {
   driver="$(grep '^SUMMARY' "$log" | tail -1 | sed 's/^SUMMARY //')"
   sanitizer="$(grep -E '(ERROR|RACECHECK) SUMMARY' "$log" | tail -1 | sed 's/^========= //')"
   grep '^FAIL' "$log" | head -5
+  [ $rc -ne 0 ] && [ -z "$driver" ] && tail -5 "$log"
   [ -n "$sanitizer" ] && grep -B2 -A12 -m3 -E '^========= (Invalid|Race|Barrier|Warp|Error|Program hit|Leaked|Malloc|cuda)' "$log" | head -60
   local verdict=ok
-  if [ $rc -ne 0 ]; then verdict="FAILED (exit $rc$([ $rc -eq 124 ] && echo ': time limit'))"; STATUS=1; fi
+  if [ $rc -eq 124 ]; then
+    verdict="CUT OFF at ${LIMIT_S} s after $(grep '^\[' "$log" | tail -1 | cut -d' ' -f1 | tr -d '[')"
+    STATUS=1
+  elif [ $rc -ne 0 ]; then
+    verdict="FAILED (exit $rc)"
+    STATUS=1
+  fi
   SUMMARIES+=("SUMMARY $tool: $verdict; ${sanitizer:-no sanitizer summary}; driver: ${driver:-no summary}; $((SECONDS - t0)) s")
 }
 
@@ -77,7 +87,7 @@ for tool in $TOOLS; do
   case "$tool" in
     plain) run plain ;;
     memcheck | synccheck) run "$tool" --progress --stride "$STRIDE" ;;
-    racecheck) run racecheck --progress --filter "$RACE_TARGETS" --stride "$STRIDE" ;;
+    racecheck) run racecheck --progress --filter "$RACE_TARGETS" --stride "$RACE_STRIDE" ;;
     *) echo "unknown tool $tool"; STATUS=1 ;;
   esac
 done
