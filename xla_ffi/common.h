@@ -31,6 +31,16 @@ void AppendOptimTargetsCuda(TargetList& out);
 void AppendHashTargetsCuda(TargetList& out);
 #endif
 
+// The CPU expansions of a family's target table (signatures.h): at namespace
+// scope, SOK_<FAMILY>_TARGETS(SOK_CPU_HANDLER) defines every handler
+// `<stem>Cpu`; inside an initializer list, SOK_<FAMILY>_TARGETS(SOK_CPU_TARGET)
+// gives their Target entries.
+#define SOK_CPU_HANDLER(name, stem, impl, signature)  \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(stem##Cpu, impl,       \
+                                sig::signature(ffi::Ffi::Bind()));
+#define SOK_CPU_TARGET(name, stem, impl, signature) \
+  Target{name, reinterpret_cast<void*>(stem##Cpu)},
+
 inline ffi::Error InvalidArgument(const std::string& msg) {
   return ffi::Error(ffi::ErrorCode::kInvalidArgument, msg);
 }

@@ -1,5 +1,6 @@
-// Host-side storage types for bfloat16 and float16 tables, with conversions
-// to and from float (round to nearest even). No XLA, no nanobind.
+// Shared by the CPU handlers: host storage types for bfloat16 and float16
+// tables, with conversions to and from float (round to nearest even), and the
+// host twin of cuda_common.cuh CopyIfDistinct. No kernels.
 #pragma once
 
 #include <cmath>
@@ -91,6 +92,20 @@ inline f16_t FromFloat<f16_t>(float f) {
   if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;
   return f16_t{static_cast<uint16_t>(sign | h)};
 }
+
+// Makes `out` hold `in` (a no-op when XLA aliased them, the normal case for
+// the in-place updates).
+inline void CopyIfDistinct(const void* in, void* out, size_t bytes) {
+  if (in != out && bytes) std::memcpy(out, in, bytes);
+}
+
+// CopyIfDistinct as the copy(in, out, bytes) the shared handler bodies take
+// (embed_checks.h, optim_checks.h, hash_checks.h).
+struct HostCopy {
+  void operator()(const void* in, void* out, size_t bytes) const {
+    CopyIfDistinct(in, out, bytes);
+  }
+};
 
 template <typename Tag>
 struct HostType;

@@ -33,6 +33,13 @@ inline auto CudaBind() {
   return ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>();
 }
 
+// The CUDA expansions of a family's target table (signatures.h), as
+// common.h SOK_CPU_HANDLER / SOK_CPU_TARGET: handlers `<stem>Cuda`.
+#define SOK_CUDA_HANDLER(name, stem, impl, signature) \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(stem##Cuda, impl, sig::signature(CudaBind()));
+#define SOK_CUDA_TARGET(name, stem, impl, signature) \
+  Target{name, reinterpret_cast<void*>(stem##Cuda)},
+
 // The last launch error on this thread, as an FFI Internal error.
 inline ffi::Error LastError(const char* what) {
   cudaError_t e = cudaGetLastError();
@@ -48,5 +55,14 @@ inline void CopyIfDistinct(cudaStream_t stream, const void* in, void* out,
   if (in != out && bytes)
     cudaMemcpyAsync(out, in, bytes, cudaMemcpyDeviceToDevice, stream);
 }
+
+// CopyIfDistinct on one stream, as the copy(in, out, bytes) the shared
+// handler bodies take (embed_checks.h, optim_checks.h, hash_checks.h).
+struct StreamCopy {
+  cudaStream_t stream;
+  void operator()(const void* in, void* out, size_t bytes) const {
+    CopyIfDistinct(stream, in, out, bytes);
+  }
+};
 
 }  // namespace sok

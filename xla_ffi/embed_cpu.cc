@@ -68,15 +68,13 @@ ffi::Error FwdImpl(ffi::AnyBuffer table, ffi::AnyBuffer ids,
                    ffi::AnyBuffer offsets, ffi::AnyBuffer weights,
                    ffi::Result<ffi::AnyBuffer> out, int32_t combiner,
                    int64_t fixed_nnz) {
-  int64_t rows, dim, n, m;
-  if (auto e = Rank2(table, "table", &rows, &dim); e.failure()) return e;
-  if (auto e = CheckBags(ids, offsets, weights, combiner, &n, &m); e.failure())
+  EmbedShape sh;
+  if (auto e = CheckFwd(table, ids, offsets, weights, *out, combiner,
+                        fixed_nnz, &sh);
+      e.failure())
     return e;
-  if (auto e = CheckFixedNnz(fixed_nnz, n, m); e.failure()) return e;
-  if (out->element_type() != table.element_type() ||
-      out->element_count() != static_cast<size_t>(m * dim))
-    return InvalidArgument("out must be [num_bags, D] of the table's dtype");
-  const float* w = weights.element_count() ? weights.typed_data<float>() : nullptr;
+  const int64_t rows = sh.rows, dim = sh.dim, n = sh.n, m = sh.m;
+  const float* w = OptionalWeights(weights);
   return DispatchFloat(table.element_type(), "table", [&](auto tag) {
     using T = typename HostType<decltype(tag)>::type;
     return DispatchKey(ids.element_type(), "ids", [&](auto key) {
@@ -142,17 +140,15 @@ ffi::Error BwdImpl(ffi::AnyBuffer grad, ffi::AnyBuffer ids,
                    ffi::Result<ffi::Buffer<ffi::S32>> num_unique,
                    ffi::Result<ffi::AnyBuffer> /*workspace: CUDA only*/,
                    int32_t combiner, int64_t num_rows) {
-  int64_t m_g, dim, n, m;
-  if (auto e = Rank2(grad, "grad_out", &m_g, &dim); e.failure()) return e;
-  if (auto e = CheckBags(ids, offsets, weights, combiner, &n, &m); e.failure())
+  EmbedShape sh;
+  if (auto e = CheckBwd(grad, ids, offsets, weights, *unique_rows, *row_grads,
+                        combiner, &sh);
+      e.failure())
     return e;
-  if (m_g != m) return InvalidArgument("grad_out must have num_bags rows");
   if (num_rows < 0 || num_rows > INT32_MAX)
     return InvalidArgument("num_rows must lie in [0, 2^31)");
-  if (unique_rows->element_count() != static_cast<size_t>(n) ||
-      row_grads->element_count() != static_cast<size_t>(n * dim))
-    return InvalidArgument("unique_rows/row_grads must be [N] and [N, D]");
-  const float* w = weights.element_count() ? weights.typed_data<float>() : nullptr;
+  const int64_t dim = sh.dim, n = sh.n, m = sh.m;
+  const float* w = OptionalWeights(weights);
   return DispatchFloat(grad.element_type(), "grad_out", [&](auto tag) {
     using G = typename HostType<decltype(tag)>::type;
     return DispatchKey(ids.element_type(), "ids", [&](auto key) {
@@ -198,15 +194,11 @@ ffi::Error WgradImpl(ffi::AnyBuffer table, ffi::AnyBuffer grad,
                      ffi::AnyBuffer ids, ffi::AnyBuffer offsets,
                      ffi::AnyBuffer weights,
                      ffi::Result<ffi::Buffer<ffi::F32>> gw, int32_t combiner) {
-  int64_t rows, dim, m_g, d_g, n, m;
-  if (auto e = Rank2(table, "table", &rows, &dim); e.failure()) return e;
-  if (auto e = Rank2(grad, "grad_out", &m_g, &d_g); e.failure()) return e;
-  if (auto e = CheckBags(ids, offsets, weights, combiner, &n, &m); e.failure())
+  EmbedShape sh;
+  if (auto e = CheckWgrad(table, grad, ids, offsets, weights, combiner, &sh);
+      e.failure())
     return e;
-  if (m_g != m || d_g != dim || grad.element_type() != table.element_type())
-    return InvalidArgument("grad_out must be [num_bags, D] of the table's dtype");
-  if (weights.element_count() != static_cast<size_t>(n))
-    return InvalidArgument("weights are required for the weight gradient");
+  const int64_t rows = sh.rows, dim = sh.dim, n = sh.n, m = sh.m;
   return DispatchFloat(table.element_type(), "table", [&](auto tag) {
     using T = typename HostType<decltype(tag)>::type;
     return DispatchKey(ids.element_type(), "ids", [&](auto key) {
@@ -237,11 +229,11 @@ ffi::Error DenseImpl(ffi::Buffer<ffi::S32> unique_rows,
                      ffi::Buffer<ffi::F32> row_grads,
                      ffi::Buffer<ffi::S32> num_unique,
                      ffi::Result<ffi::AnyBuffer> dense) {
-  int64_t rows, dim;
-  if (auto e = Rank2(*dense, "dense", &rows, &dim); e.failure()) return e;
-  int64_t u_cap = unique_rows.element_count();
-  if (row_grads.element_count() != static_cast<size_t>(u_cap * dim))
-    return InvalidArgument("row_grads must be [len(unique_rows), D]");
+  EmbedShape sh;
+  if (auto e = CheckRowsToDense(unique_rows, row_grads, *dense, &sh);
+      e.failure())
+    return e;
+  const int64_t rows = sh.rows, dim = sh.dim, u_cap = sh.n;
   return DispatchFloat(dense->element_type(), "dense", [&](auto tag) {
     using T = typename HostType<decltype(tag)>::type;
     int64_t count = std::min<int64_t>(num_unique.typed_data()[0], u_cap);
@@ -258,16 +250,12 @@ ffi::Error BwdDenseImpl(ffi::AnyBuffer grad, ffi::AnyBuffer ids,
                         ffi::Result<ffi::AnyBuffer> dense,
                         ffi::Result<ffi::AnyBuffer> /*workspace: CUDA only*/,
                         int32_t combiner) {
-  int64_t m_g, dim_g, n, m, rows, dim;
-  if (auto e = Rank2(grad, "grad_out", &m_g, &dim_g); e.failure()) return e;
-  if (auto e = Rank2(*dense, "dense", &rows, &dim); e.failure()) return e;
-  if (auto e = CheckBags(ids, offsets, weights, combiner, &n, &m); e.failure())
+  EmbedShape sh;
+  if (auto e = CheckBwdDense(grad, ids, offsets, weights, *dense, combiner, &sh);
+      e.failure())
     return e;
-  if (m_g != m || dim_g != dim || grad.element_type() != dense->element_type())
-    return InvalidArgument("grad_out must be [num_bags, D] of the dense dtype");
-  if (rows >= INT32_MAX)
-    return InvalidArgument("dense may have at most 2^31 - 2 rows");
-  const float* w = weights.element_count() ? weights.typed_data<float>() : nullptr;
+  const int64_t rows = sh.rows, dim = sh.dim, n = sh.n, m = sh.m;
+  const float* w = OptionalWeights(weights);
   std::vector<int32_t> ur(n);
   std::vector<float> g(static_cast<size_t>(n * dim));
   int32_t count = 0;
@@ -298,18 +286,15 @@ ffi::Error BwdUpdateImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> s0,
                          ffi::Result<ffi::AnyBuffer> /*workspace: CUDA only*/,
                          int32_t combiner, int32_t rule_id,
                          ffi::Span<const float> consts) {
-  BwdUpdateShape sh;
+  EmbedShape sh;
   if (auto e = CheckBwdUpdate(table, grad, ids, offsets, weights, table_out,
                               combiner, &sh);
       e.failure())
     return e;
   const int64_t rows = sh.rows, dim = sh.dim, n = sh.n, m = sh.m;
-  const float* w = weights.element_count() ? weights.typed_data<float>() : nullptr;
-  auto copy = [](const void* from, void* to, size_t bytes) {
-    CopyIfDistinct(from, to, bytes);
-  };
+  const float* w = OptionalWeights(weights);
   return WithUpdateRule(rule_id, consts, hparams, table, table_out, s0, s1,
-                        s0_out, s1_out, rows * dim, copy,
+                        s0_out, s1_out, rows * dim, HostCopy{},
                         [&](auto rule, float* const* slot) {
     rule.Bind(hparams.typed_data());
     std::vector<int32_t> ur(n);
@@ -331,9 +316,10 @@ ffi::Error BwdUpdateImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> s0,
         RowGrads rg;
         rg.rows = rows;
         rg.dim = dim;
-        rg.count = count;
+        rg.capacity = n;
         rg.unique_rows = ur.data();
         rg.grads = g.data();
+        rg.num_unique = &count;
         ApplyRows<T>(rg, rule, table_out->reinterpret_data<T>(), slot[0], slot[1]);
         return ffi::Error::Success();
       });
@@ -343,34 +329,10 @@ ffi::Error BwdUpdateImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> s0,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedBwdUpdateCpu, BwdUpdateImpl,
-                              sig::EmbedBwdUpdate(ffi::Ffi::Bind()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedFwdCpu, FwdImpl,
-                              sig::EmbedFwd(ffi::Ffi::Bind()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedBwdCpu, BwdImpl,
-                              sig::EmbedBwd(ffi::Ffi::Bind()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedBwdDenseCpu, BwdDenseImpl,
-                              sig::EmbedBwdDense(ffi::Ffi::Bind()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedWgradCpu, WgradImpl,
-                              sig::EmbedWgrad(ffi::Ffi::Bind()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokRowsToDenseCpu, DenseImpl,
-                              sig::RowsToDense(ffi::Ffi::Bind()));
+SOK_EMBED_TARGETS(SOK_CPU_HANDLER)
 
 void AppendEmbedTargetsCpu(TargetList& out) {
-  out.push_back({"sok_embed_fwd", reinterpret_cast<void*>(SokEmbedFwdCpu)});
-  out.push_back({"sok_embed_bwd", reinterpret_cast<void*>(SokEmbedBwdCpu)});
-  out.push_back(
-      {"sok_embed_bwd_dense", reinterpret_cast<void*>(SokEmbedBwdDenseCpu)});
-  out.push_back(
-      {"sok_embed_bwd_update", reinterpret_cast<void*>(SokEmbedBwdUpdateCpu)});
-  out.push_back({"sok_embed_wgrad", reinterpret_cast<void*>(SokEmbedWgradCpu)});
-  out.push_back(
-      {"sok_rows_to_dense", reinterpret_cast<void*>(SokRowsToDenseCpu)});
+  out.insert(out.end(), {SOK_EMBED_TARGETS(SOK_CPU_TARGET)});
 }
 
 }  // namespace sok

@@ -1,5 +1,11 @@
-// CUDA handlers of the embedding lookup+combine family: validate buffers,
-// carve the workspace output, launch embed_kernels.cuh on XLA's
+// CUDA handlers of the embedding lookup+combine family. Same targets,
+// arguments and checks (embed_checks.h) as embed_cpu.cc. Each handler checks
+// its buffers, picks the kernel shape from D, the mean bag length and the
+// buffers' alignment, and launches embed_kernels.cuh on XLA's stream (the
+// fused update: with optim_kernels.cuh's UpdateSink), ending with one
+// LastError check; nothing is read back to the host. The backward targets
+// carve their sort keys, runs, cub temporaries and chunk partials out of the
+// workspace output (SortRuns).
 #include <cub/cub.cuh>
 
 #include <algorithm>
@@ -29,16 +35,14 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer table, ffi::AnyBuffer ids
                    ffi::AnyBuffer offsets, ffi::AnyBuffer weights,
                    ffi::Result<ffi::AnyBuffer> out, int32_t combiner,
                    int64_t fixed_nnz) {
-  int64_t rows, dim, n, m;
-  if (auto e = Rank2(table, "table", &rows, &dim); e.failure()) return e;
-  if (auto e = CheckBags(ids, offsets, weights, combiner, &n, &m); e.failure())
+  EmbedShape sh;
+  if (auto e = CheckFwd(table, ids, offsets, weights, *out, combiner,
+                        fixed_nnz, &sh);
+      e.failure())
     return e;
-  if (auto e = CheckFixedNnz(fixed_nnz, n, m); e.failure()) return e;
-  if (out->element_type() != table.element_type() ||
-      out->element_count() != static_cast<size_t>(m * dim))
-    return InvalidArgument("out must be [num_bags, D] of the table's dtype");
+  const int64_t rows = sh.rows, dim = sh.dim, n = sh.n, m = sh.m;
   if (m == 0 || dim == 0) return ffi::Error::Success();
-  const float* w = weights.element_count() ? weights.typed_data<float>() : nullptr;
+  const float* w = OptionalWeights(weights);
   auto err = DispatchFloat(table.element_type(), "table", [&](auto tag) {
     using T = typename DevType<decltype(tag)>::type;
     return DispatchKey(ids.element_type(), "ids", [&](auto key) {
@@ -58,11 +62,11 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer table, ffi::AnyBuffer ids
               tp, rows, dim, ids.reinterpret_data<K>(), w, fixed_nnz, m,
               combiner, tpb, op);
         };
-        // Shapes picked with benchmarks/kernel_variants.cu (H100, float32
-        // rows): one id per bag, 2 chunks per lane at 8 blocks per SM, runs
-        // at the plain-gather floor for D 16..128; longer bags, 2 chunks x 4
-        // ids per lane (1.3x the 1x4 shape on Zipf keys). 16-bit rows keep
-        // the register-safe shapes.
+        // Float rows: one id per bag, 2 chunks per lane at 8 blocks per SM
+        // (a plain gather); longer bags, 2 chunks x 4 ids per lane. 16-bit
+        // rows keep the register-safe shapes. The shapes are the fastest
+        // of benchmarks/kernel_variants.cu (RESULTS.md, fixed-length
+        // forward).
         constexpr bool kF32 = kVec == 4;
         constexpr int kCplOne = kF32 ? 2 : kCpl;
         constexpr int kMinbOne = kF32 ? 8 : 4;
@@ -163,9 +167,9 @@ ffi::Error SortRuns(cudaStream_t stream, ffi::AnyBuffer ids,
   const size_t total = 256 * 16 + n * (4 * 9) + 4 + cub_bytes +
                        static_cast<size_t>(max_chunks) * dim * 4;
   // The workspace is an output buffer sized by the Python wrapper
-  // (embed_ops.bwd_workspace_bytes): XLA's FFI scratch allocator crashed
-  // XLA's compiler in multi-GPU programs, and an output is visible to XLA's
-  // memory planning anyway. It is aligned here to 256 bytes.
+  // (embed_ops.bwd_workspace_bytes), not FFI scratch memory: XLA plans it
+  // with the program's other buffers, on one device or many. It is aligned
+  // here to 256 bytes.
   if (workspace.size_bytes() < total + 256)
     return InvalidArgument("sok_embed_bwd: workspace of " +
                            std::to_string(workspace.size_bytes()) +
@@ -254,21 +258,19 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer grad, ffi::AnyBuffer ids,
                    ffi::Result<ffi::Buffer<ffi::S32>> num_unique,
                    ffi::Result<ffi::AnyBuffer> workspace, int32_t combiner,
                    int64_t num_rows) {
-  int64_t m_g, dim, n, m;
-  if (auto e = Rank2(grad, "grad_out", &m_g, &dim); e.failure()) return e;
-  if (auto e = CheckBags(ids, offsets, weights, combiner, &n, &m); e.failure())
+  EmbedShape sh;
+  if (auto e = CheckBwd(grad, ids, offsets, weights, *unique_rows, *row_grads,
+                        combiner, &sh);
+      e.failure())
     return e;
-  if (m_g != m) return InvalidArgument("grad_out must have num_bags rows");
   if (num_rows < 0 || num_rows >= INT32_MAX)
     return InvalidArgument("num_rows must lie in [0, 2^31 - 1)");
-  if (unique_rows->element_count() != static_cast<size_t>(n) ||
-      row_grads->element_count() != static_cast<size_t>(n * dim))
-    return InvalidArgument("unique_rows/row_grads must be [N] and [N, D]");
+  const int64_t dim = sh.dim, n = sh.n, m = sh.m;
   if (n == 0) {
     cudaMemsetAsync(num_unique->typed_data(), 0, sizeof(int32_t), stream);
     return LastError("sok_embed_bwd");
   }
-  const float* w = weights.element_count() ? weights.typed_data<float>() : nullptr;
+  const float* w = OptionalWeights(weights);
   Runs r;
   if (auto e = SortRuns(stream, ids, offsets, w, n, m, dim, num_rows, combiner,
                         *workspace, &r);
@@ -294,18 +296,14 @@ ffi::Error BwdDenseImpl(cudaStream_t stream, ffi::AnyBuffer grad,
                         ffi::AnyBuffer weights, ffi::Result<ffi::AnyBuffer> dense,
                         ffi::Result<ffi::AnyBuffer> workspace,
                         int32_t combiner) {
-  int64_t m_g, dim_g, n, m, num_rows, dim;
-  if (auto e = Rank2(grad, "grad_out", &m_g, &dim_g); e.failure()) return e;
-  if (auto e = Rank2(*dense, "dense", &num_rows, &dim); e.failure()) return e;
-  if (auto e = CheckBags(ids, offsets, weights, combiner, &n, &m); e.failure())
+  EmbedShape sh;
+  if (auto e = CheckBwdDense(grad, ids, offsets, weights, *dense, combiner, &sh);
+      e.failure())
     return e;
-  if (m_g != m || dim_g != dim || grad.element_type() != dense->element_type())
-    return InvalidArgument("grad_out must be [num_bags, D] of the dense dtype");
-  if (num_rows >= INT32_MAX)
-    return InvalidArgument("dense may have at most 2^31 - 2 rows");
+  const int64_t num_rows = sh.rows, dim = sh.dim, n = sh.n, m = sh.m;
   cudaMemsetAsync(dense->untyped_data(), 0, dense->size_bytes(), stream);
   if (n == 0 || dim == 0) return LastError("sok_embed_bwd_dense");
-  const float* w = weights.element_count() ? weights.typed_data<float>() : nullptr;
+  const float* w = OptionalWeights(weights);
   Runs r;
   if (auto e = SortRuns(stream, ids, offsets, w, n, m, dim, num_rows, combiner,
                         *workspace, &r);
@@ -334,19 +332,16 @@ ffi::Error BwdUpdateImpl(cudaStream_t stream, ffi::AnyBuffer table,
                          ffi::Result<ffi::Buffer<ffi::F32>> s1_out,
                          ffi::Result<ffi::AnyBuffer> workspace, int32_t combiner,
                          int32_t rule_id, ffi::Span<const float> consts) {
-  BwdUpdateShape sh;
+  EmbedShape sh;
   if (auto e = CheckBwdUpdate(table, grad, ids, offsets, weights, table_out,
                               combiner, &sh);
       e.failure())
     return e;
   const int64_t rows = sh.rows, dim = sh.dim, n = sh.n, m = sh.m;
-  const float* w = weights.element_count() ? weights.typed_data<float>() : nullptr;
-  auto copy = [stream](const void* from, void* to, size_t bytes) {
-    CopyIfDistinct(stream, from, to, bytes);
-  };
+  const float* w = OptionalWeights(weights);
   auto result = WithUpdateRule(
       rule_id, consts, hparams, table, table_out, s0, s1, s0_out, s1_out,
-      rows * dim, copy, [&](auto rule, float* const* slot) -> ffi::Error {
+      rows * dim, StreamCopy{stream}, [&](auto rule, float* const* slot) -> ffi::Error {
     using Rule = decltype(rule);
     if (n == 0 || dim == 0) return ffi::Error::Success();
     Runs r;
@@ -374,15 +369,11 @@ ffi::Error WgradImpl(cudaStream_t stream, ffi::AnyBuffer table,
                      ffi::AnyBuffer grad, ffi::AnyBuffer ids,
                      ffi::AnyBuffer offsets, ffi::AnyBuffer weights,
                      ffi::Result<ffi::Buffer<ffi::F32>> gw, int32_t combiner) {
-  int64_t rows, dim, m_g, d_g, n, m;
-  if (auto e = Rank2(table, "table", &rows, &dim); e.failure()) return e;
-  if (auto e = Rank2(grad, "grad_out", &m_g, &d_g); e.failure()) return e;
-  if (auto e = CheckBags(ids, offsets, weights, combiner, &n, &m); e.failure())
+  EmbedShape sh;
+  if (auto e = CheckWgrad(table, grad, ids, offsets, weights, combiner, &sh);
+      e.failure())
     return e;
-  if (m_g != m || d_g != dim || grad.element_type() != table.element_type())
-    return InvalidArgument("grad_out must be [num_bags, D] of the table's dtype");
-  if (weights.element_count() != static_cast<size_t>(n))
-    return InvalidArgument("weights are required for the weight gradient");
+  const int64_t rows = sh.rows, dim = sh.dim, n = sh.n, m = sh.m;
   if (n == 0) return ffi::Error::Success();
   // Positions outside every bag get a zero gradient.
   cudaMemsetAsync(gw->typed_data(), 0, n * sizeof(float), stream);
@@ -406,11 +397,11 @@ ffi::Error DenseImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> unique_rows,
                      ffi::Buffer<ffi::F32> row_grads,
                      ffi::Buffer<ffi::S32> num_unique,
                      ffi::Result<ffi::AnyBuffer> dense) {
-  int64_t rows, dim;
-  if (auto e = Rank2(*dense, "dense", &rows, &dim); e.failure()) return e;
-  const int64_t u_cap = unique_rows.element_count();
-  if (row_grads.element_count() != static_cast<size_t>(u_cap * dim))
-    return InvalidArgument("row_grads must be [len(unique_rows), D]");
+  EmbedShape sh;
+  if (auto e = CheckRowsToDense(unique_rows, row_grads, *dense, &sh);
+      e.failure())
+    return e;
+  const int64_t rows = sh.rows, dim = sh.dim, u_cap = sh.n;
   cudaMemsetAsync(dense->untyped_data(), 0, dense->size_bytes(), stream);
   if (u_cap == 0 || dim == 0) return LastError("sok_rows_to_dense");
   auto err = DispatchFloat(dense->element_type(), "dense", [&](auto tag) {
@@ -426,34 +417,10 @@ ffi::Error DenseImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> unique_rows,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedFwdCuda, FwdImpl,
-                              sig::EmbedFwd(CudaBind()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedBwdCuda, BwdImpl,
-                              sig::EmbedBwd(CudaBind()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedBwdDenseCuda, BwdDenseImpl,
-                              sig::EmbedBwdDense(CudaBind()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedBwdUpdateCuda, BwdUpdateImpl,
-                              sig::EmbedBwdUpdate(CudaBind()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokEmbedWgradCuda, WgradImpl,
-                              sig::EmbedWgrad(CudaBind()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokRowsToDenseCuda, DenseImpl,
-                              sig::RowsToDense(CudaBind()));
+SOK_EMBED_TARGETS(SOK_CUDA_HANDLER)
 
 void AppendEmbedTargetsCuda(TargetList& out) {
-  out.push_back({"sok_embed_fwd", reinterpret_cast<void*>(SokEmbedFwdCuda)});
-  out.push_back({"sok_embed_bwd", reinterpret_cast<void*>(SokEmbedBwdCuda)});
-  out.push_back(
-      {"sok_embed_bwd_dense", reinterpret_cast<void*>(SokEmbedBwdDenseCuda)});
-  out.push_back(
-      {"sok_embed_bwd_update", reinterpret_cast<void*>(SokEmbedBwdUpdateCuda)});
-  out.push_back({"sok_embed_wgrad", reinterpret_cast<void*>(SokEmbedWgradCuda)});
-  out.push_back(
-      {"sok_rows_to_dense", reinterpret_cast<void*>(SokRowsToDenseCuda)});
+  out.insert(out.end(), {SOK_EMBED_TARGETS(SOK_CUDA_TARGET)});
 }
 
 }  // namespace sok

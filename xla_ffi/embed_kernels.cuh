@@ -27,6 +27,20 @@ __device__ __forceinline__ float GroupSum(float v, unsigned mask, int tpb) {
   return v;
 }
 
+// The index of this thread's group of `tpb` consecutive lanes in the grid
+// (tpb = 1: the thread's own index).
+__device__ __forceinline__ int64_t GroupIndex(int tpb) {
+  return (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / tpb;
+}
+
+template <int CPL, int VEC>
+__device__ __forceinline__ void ZeroAcc(float (&acc)[CPL][VEC]) {
+#pragma unroll
+  for (int k = 0; k < CPL; ++k)
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[k][i] = 0.f;
+}
+
 __device__ __forceinline__ void BagRangeDev(const int32_t* off, int64_t b,
                                             int64_t n, int64_t* lo, int64_t* hi) {
   int64_t a = off[b], z = off[b + 1];
@@ -114,8 +128,7 @@ __global__ void __launch_bounds__(256, 4)
                    const float* __restrict__ w, int64_t n, int64_t m,
                    int32_t combiner, int tpb, T* __restrict__ out) {
   const int lane = threadIdx.x & (tpb - 1);
-  const int64_t bag =
-      (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / tpb;
+  const int64_t bag = GroupIndex(tpb);
   if (bag >= m) return;  // whole groups leave together
   const unsigned mask = GroupMask(tpb);
   int64_t lo, hi;
@@ -125,10 +138,7 @@ __global__ void __launch_bounds__(256, 4)
   for (int64_t c0 = 0; c0 < chunks; c0 += static_cast<int64_t>(tpb) * CPL) {
     const int64_t c_first = c0 + lane;
     float acc[CPL][VEC];
-#pragma unroll
-    for (int k = 0; k < CPL; ++k)
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) acc[k][i] = 0.f;
+    ZeroAcc(acc);
     float ws = 0.f, w2 = 0.f;
     for (int64_t base = lo; base < hi; base += tpb) {
       const int cnt = static_cast<int>(hi - base < tpb ? hi - base : tpb);
@@ -175,18 +185,14 @@ __global__ void __launch_bounds__(256, MINB)
                         int64_t nnz, int64_t m, int32_t combiner, int tpb,
                         T* __restrict__ out) {
   const int lane = threadIdx.x & (tpb - 1);
-  const int64_t bag =
-      (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / tpb;
+  const int64_t bag = GroupIndex(tpb);
   if (bag >= m) return;
   const int64_t lo = bag * nnz;
   const int64_t chunks = dim / VEC;
   for (int64_t c0 = 0; c0 < chunks; c0 += static_cast<int64_t>(tpb) * CPL) {
     const int64_t c_first = c0 + lane;
     float acc[CPL][VEC];
-#pragma unroll
-    for (int k = 0; k < CPL; ++k)
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) acc[k][i] = 0.f;
+    ZeroAcc(acc);
     float ws = 0.f, w2 = 0.f;
     for (int64_t t = 0; t < nnz; t += U) {
       int64_t r[U];
@@ -218,7 +224,7 @@ __global__ void __launch_bounds__(256, MINB)
 // sentinel written by PrepFill.
 __global__ void PrepFill(uint32_t* keys, int32_t* pos, int64_t n,
                          uint32_t sentinel) {
-  int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t j = GroupIndex(1);
   if (j < n) {
     keys[j] = sentinel;
     pos[j] = static_cast<int32_t>(j);
@@ -232,8 +238,7 @@ __global__ void PrepBags(const K* __restrict__ ids, const int32_t* __restrict__ 
                          int64_t rows, int32_t combiner, int tpb, uint32_t* keys,
                          int32_t* bag_of, float* scale_of) {
   const int lane = threadIdx.x & (tpb - 1);
-  const int64_t bag =
-      (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / tpb;
+  const int64_t bag = GroupIndex(tpb);
   if (bag >= m) return;  // whole groups leave together
   const unsigned mask = GroupMask(tpb);
   int64_t lo, hi;
@@ -269,7 +274,7 @@ __global__ void ChunkCounts(const uint32_t* __restrict__ ukeys,
                             const int32_t* __restrict__ counts,
                             const int32_t* __restrict__ num_runs, int64_t n,
                             uint32_t sentinel, int32_t* chunks) {
-  int64_t u = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t u = GroupIndex(1);
   if (u >= n) return;
   int32_t c = 0;
   if (u < *num_runs && ukeys[u] != sentinel) {
@@ -290,10 +295,7 @@ __device__ __forceinline__ void SumRun(const G* __restrict__ grad, int64_t dim,
                                        int64_t p0, int64_t p1, int64_t c_first,
                                        int tpb, int64_t chunks,
                                        float (&acc)[CPL][VEC]) {
-#pragma unroll
-  for (int k = 0; k < CPL; ++k)
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) acc[k][i] = 0.f;
+  ZeroAcc(acc);
   for (int64_t p = p0; p < p1; p += U) {
     int64_t b[U];
     float sc[U];
@@ -365,9 +367,9 @@ struct RowGradSink {
   }
 };
 
-// DenseSink: row `key` of the dense [num_rows, D] cotangent (zeroed before by
-// a memset: measured faster on an H100 than one kernel writing every row
-// once, 1.51 vs 1.66 ms for a 4 GiB table with 415K touched rows).
+// DenseSink: row `key` of the dense [num_rows, D] cotangent, which a memset
+// zeroed before (cheaper than a kernel writing every row once: RESULTS.md,
+// sok_embed_bwd_dense).
 template <typename O>
 struct DenseSink : ValidRunsSink {
   O* dense;
@@ -398,8 +400,7 @@ __global__ void __launch_bounds__(256, 4)
                const float* __restrict__ scale_of, int64_t n, uint32_t sentinel,
                int tpb, Sink sink) {
   const int lane = threadIdx.x & (tpb - 1);
-  const int64_t u =
-      (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / tpb;
+  const int64_t u = GroupIndex(tpb);
   if (u >= n) return;
   const int64_t valid = ValidRuns(ukeys, num_runs, sentinel);
   const int64_t cols = dim / VEC;
@@ -428,8 +429,7 @@ __global__ void ReduceChunks(const G* __restrict__ grad, int64_t dim,
                              const float* __restrict__ scale_of,
                              int64_t max_chunks, float* partial) {
   const int lane = threadIdx.x & 31;
-  const int64_t k =
-      (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int64_t k = GroupIndex(32);
   const int64_t runs = *num_runs;
   if (runs == 0 || k >= max_chunks) return;
   const int64_t total = chunk_start[runs - 1] + chunks[runs - 1];
@@ -464,8 +464,7 @@ __global__ void ReducePartials(const uint32_t* __restrict__ ukeys,
                                const float* __restrict__ partial, int64_t dim,
                                int64_t n, Sink sink) {
   const int lane = threadIdx.x & 31;
-  const int64_t base =
-      (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32 * 32;
+  const int64_t base = GroupIndex(32) * 32;
   if (base >= n) return;  // whole warps leave together
   const int64_t runs = min(static_cast<int64_t>(*num_runs), n);
   const bool is_long = base + lane < runs && chunks[base + lane] != 0;
@@ -478,8 +477,7 @@ __global__ void ReducePartials(const uint32_t* __restrict__ ukeys,
     const uint32_t key = ukeys[u];
     for (int64_t c = lane; c < cols; c += 32) {
       float acc[1][VEC];
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) acc[0][i] = 0.f;
+      ZeroAcc(acc);
       for (int64_t k = k0; k < k1; ++k) {
         float v[VEC];
         LoadF<float, VEC>(partial + k * dim + c * VEC, v);
@@ -502,8 +500,7 @@ __global__ void WeightGradKernel(const T* __restrict__ table, int64_t rows,
                                  const float* __restrict__ w, int64_t n,
                                  int64_t m, int32_t combiner, float* gw) {
   const int lane = threadIdx.x & 31;
-  const int64_t bag =
-      (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int64_t bag = GroupIndex(32);
   if (bag >= m) return;
   int64_t lo, hi;
   BagRangeDev(off, bag, n, &lo, &hi);
@@ -545,8 +542,7 @@ __global__ void ScatterRows(const int32_t* __restrict__ unique_rows,
                             const int32_t* __restrict__ num_unique,
                             int64_t u_cap, int64_t rows, int64_t dim, T* dense) {
   const int lane = threadIdx.x & 31;
-  const int64_t u =
-      (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int64_t u = GroupIndex(32);
   if (u >= u_cap || u >= *num_unique) return;
   const int64_t r = unique_rows[u];
   if (r < 0 || r >= rows) return;

@@ -1,18 +1,18 @@
-// CPU handler of the hash find-or-insert target. Same target, arguments and
-// probe rule as hash_cuda.cu; here keys are processed one after another in
-// position order, so the result is deterministic (the pure-JAX reference in
-// sok_jax/ops/hash_ops.py reproduces it exactly).
-#include <cstring>
-#include <string>
+// CPU handler of the hash find-or-insert target. Same target, arguments,
+// checks (hash_checks.h) and probe rule (hash_math.h) as hash_cuda.cu; here
+// keys are processed one after another in position order, so the result is
+// deterministic (the pure-JAX reference in sok_jax/ops/hash_ops.py
+// reproduces it exactly).
+#include <cstdint>
 
 #include "common.h"
+#include "cpu_types.h"
 #include "hash_checks.h"
 #include "hash_math.h"
 #include "signatures.h"
 
 namespace sok {
 namespace {
-
 
 // Finds (and with `insert`, inserts) each key in turn; returns the number of
 // non-padding positions that found no free slot in a full table.
@@ -58,34 +58,22 @@ ffi::Error FindOrInsertImpl(ffi::AnyBuffer slot_keys, ffi::AnyBuffer keys,
                             ffi::Result<ffi::Buffer<ffi::S32>> is_new,
                             ffi::Result<ffi::Buffer<ffi::S32>> num_failed,
                             int32_t insert) {
-  int32_t cap;
-  int64_t n;
-  if (auto e = CheckHashArgs(slot_keys, keys, *slot_keys_out,
-                             rows->element_count(), is_new->element_count(),
-                             num_failed->element_count(), insert, &cap, &n);
-      e.failure())
-    return e;
-  return DispatchKey(slot_keys.element_type(), "slot_keys", [&](auto key) {
-    using K = decltype(key);
-    K* slots = slot_keys_out->reinterpret_data<K>();
-    // Aliased by input_output_aliases, so normally the same buffer.
-    if (slots != slot_keys.reinterpret_data<K>())
-      std::memcpy(slots, slot_keys.reinterpret_data<K>(), cap * sizeof(K));
-    num_failed->typed_data()[0] =
-        FindOrInsert<K>(slots, cap, keys.reinterpret_data<K>(), n, insert != 0,
-                        rows->typed_data(), is_new->typed_data());
-    return ffi::Error::Success();
-  });
+  return WithHashTable(
+      slot_keys, keys, slot_keys_out, rows, is_new, num_failed, insert,
+      HostCopy{}, [&](auto* slots, const auto* k, int32_t cap, int64_t n) {
+        num_failed->typed_data()[0] =
+            FindOrInsert(slots, cap, k, n, insert != 0, rows->typed_data(),
+                         is_new->typed_data());
+        return ffi::Error::Success();
+      });
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SokHashFindOrInsertCpu, FindOrInsertImpl,
-                              sig::HashFindOrInsert(ffi::Ffi::Bind()));
+SOK_HASH_TARGETS(SOK_CPU_HANDLER)
 
 void AppendHashTargetsCpu(TargetList& out) {
-  out.push_back({"sok_hash_find_or_insert",
-                 reinterpret_cast<void*>(SokHashFindOrInsertCpu)});
+  out.insert(out.end(), {SOK_HASH_TARGETS(SOK_CPU_TARGET)});
 }
 
 }  // namespace sok

@@ -2,15 +2,18 @@
 // and CUDA kernels so both paths compute the same function. All math is in
 // float32 whatever the table's storage type. No XLA, no nanobind.
 //
-// Each rule is a small struct: constant hyperparameters (the FFI attributes)
-// are set on the host, `Bind(hparams)` reads the traced ones (learning rate
-// first) from the float32 hparams buffer where the kernel runs (on the device
-// for CUDA, so nothing is copied to the host), and `operator()` updates one
+// Each rule is a small struct: its constructor takes the constant
+// hyperparameters (the FFI attributes of its `sok_*_update` target, in
+// signature order; `FromConsts` takes the same from the float list of the
+// fused target), `Bind(hparams)` reads the traced ones (learning rate first)
+// from the float32 hparams buffer where the kernel runs (on the device for
+// CUDA, so nothing is copied to the host), and `operator()` updates one
 // element of the table and its slots in place. kSlots says how many [R, D]
 // float32 slot arrays the rule uses (0, 1 or 2); unused slot references are
-// dummies. The formulas follow optax (SGD, Adagrad, Adam) and TF/Keras (FTRL)
-// term by term, so the pure-JAX reference in sok_jax/ops/optim_ops.py and
-// these kernels agree to float rounding.
+// dummies; kConsts says how many constants it takes. The formulas follow
+// optax (SGD, Adagrad, Adam) and TF/Keras (FTRL) term by term, so the pure-JAX
+// reference in sok_jax/ops/optim_ops.py and these kernels agree to float
+// rounding.
 #pragma once
 
 #include <cmath>
@@ -25,8 +28,10 @@ namespace sok {
 struct SgdRule {
   static constexpr int kSlots = 0;
   static constexpr int kHparams = 1;  // learning_rate
+  static constexpr int kConsts = 0;
   float lr = 0.f;
 
+  SOK_HD static SgdRule FromConsts(const float*) { return SgdRule(); }
   SOK_HD void Bind(const float* hp) { lr = hp[0]; }
   SOK_HD void operator()(float& w, float&, float&, float g) const {
     w = w + (-lr * g);
@@ -42,9 +47,14 @@ SOK_HD float AdagradScale(float acc, float eps) {
 struct AdagradRule {
   static constexpr int kSlots = 1;  // accumulator
   static constexpr int kHparams = 1;  // learning_rate
+  static constexpr int kConsts = 1;  // eps
   float lr = 0.f;
-  float eps = 1e-7f;
+  float eps;
 
+  SOK_HD explicit AdagradRule(float eps_) : eps(eps_) {}
+  SOK_HD static AdagradRule FromConsts(const float* c) {
+    return AdagradRule(c[0]);
+  }
   SOK_HD void Bind(const float* hp) { lr = hp[0]; }
   SOK_HD void operator()(float& w, float& acc, float&, float g) const {
     acc = g * g + acc;
@@ -59,8 +69,9 @@ struct AdagradRule {
 struct RowwiseAdagradRule {
   static constexpr int kHparams = 1;  // learning_rate
   float lr = 0.f;
-  float eps = 1e-7f;
+  float eps;
 
+  SOK_HD explicit RowwiseAdagradRule(float eps_) : eps(eps_) {}
   SOK_HD void Bind(const float* hp) { lr = hp[0]; }
   // The new accumulator from the old one and the row's sum of g^2.
   SOK_HD float Accumulate(float acc, float sum_sq, int64_t dim) const {
@@ -79,14 +90,17 @@ struct RowwiseAdagradRule {
 struct AdamRule {
   static constexpr int kSlots = 2;  // m, v
   static constexpr int kHparams = 2;  // learning_rate, step
+  static constexpr int kConsts = 4;  // b1, b2, eps, eps_root
   float lr = 0.f;
   float bc1 = 1.f;
   float bc2 = 1.f;
-  float b1 = 0.9f;
-  float b2 = 0.999f;
-  float eps = 1e-8f;
-  float eps_root = 0.f;
+  float b1, b2, eps, eps_root;
 
+  SOK_HD AdamRule(float b1_, float b2_, float eps_, float eps_root_)
+      : b1(b1_), b2(b2_), eps(eps_), eps_root(eps_root_) {}
+  SOK_HD static AdamRule FromConsts(const float* c) {
+    return AdamRule(c[0], c[1], c[2], c[3]);
+  }
   SOK_HD void Bind(const float* hp) {
     lr = hp[0];
     bc1 = 1.f - powf(b1, hp[1]);
@@ -113,13 +127,17 @@ SOK_HD float FtrlPow(float x, float lr_power) {
 struct FtrlRule {
   static constexpr int kSlots = 2;  // accumulator, linear
   static constexpr int kHparams = 1;  // learning_rate
+  static constexpr int kConsts = 5;  // lr_power, l1, l2, l2_shrinkage, beta
   float lr = 0.f;
-  float lr_power = -0.5f;
-  float l1 = 0.f;
-  float l2 = 0.f;
-  float l2_shrinkage = 0.f;
-  float beta = 0.f;
+  float lr_power, l1, l2, l2_shrinkage, beta;
 
+  SOK_HD FtrlRule(float lr_power_, float l1_, float l2_, float l2_shrinkage_,
+                  float beta_)
+      : lr_power(lr_power_), l1(l1_), l2(l2_), l2_shrinkage(l2_shrinkage_),
+        beta(beta_) {}
+  SOK_HD static FtrlRule FromConsts(const float* c) {
+    return FtrlRule(c[0], c[1], c[2], c[3], c[4]);
+  }
   SOK_HD void Bind(const float* hp) { lr = hp[0]; }
   SOK_HD void operator()(float& w, float& acc, float& z, float g) const {
     float l2_reg = l2 + beta / (2.f * lr);
@@ -137,47 +155,33 @@ struct FtrlRule {
 
 // The element-wise rules by the id the fused backward+update target takes
 // (sok_embed_bwd_update), with their constant hyperparameters from a float
-// list in the order of the Python wrapper (sok_jax/ops/optim_ops.py RULES):
+// list in the order of the Python wrapper (sok_jax/ops/optim_ops.py RULES),
+// which is the order of each rule's constructor:
 //   0 sgd: -;  1 adagrad: eps;  2 adam: b1, b2, eps, eps_root;
 //   3 ftrl: learning_rate_power, l1, l2, l2_shrinkage, beta.
 // Calls f(rule) and returns true, or returns false for an unknown id or too
 // few constants.
 enum RuleId : int32_t { kRuleSgd = 0, kRuleAdagrad = 1, kRuleAdam = 2, kRuleFtrl = 3 };
 
+template <typename Rule, typename F>
+bool VisitWithConsts(const float* c, size_t nc, F&& f) {
+  if constexpr (Rule::kConsts > 0)
+    if (nc < static_cast<size_t>(Rule::kConsts)) return false;
+  f(Rule::FromConsts(c));
+  return true;
+}
+
 template <typename F>
 bool VisitRule(int32_t id, const float* c, size_t nc, F&& f) {
   switch (id) {
     case kRuleSgd:
-      f(SgdRule{});
-      return true;
-    case kRuleAdagrad: {
-      if (nc < 1) return false;
-      AdagradRule r;
-      r.eps = c[0];
-      f(r);
-      return true;
-    }
-    case kRuleAdam: {
-      if (nc < 4) return false;
-      AdamRule r;
-      r.b1 = c[0];
-      r.b2 = c[1];
-      r.eps = c[2];
-      r.eps_root = c[3];
-      f(r);
-      return true;
-    }
-    case kRuleFtrl: {
-      if (nc < 5) return false;
-      FtrlRule r;
-      r.lr_power = c[0];
-      r.l1 = c[1];
-      r.l2 = c[2];
-      r.l2_shrinkage = c[3];
-      r.beta = c[4];
-      f(r);
-      return true;
-    }
+      return VisitWithConsts<SgdRule>(c, nc, f);
+    case kRuleAdagrad:
+      return VisitWithConsts<AdagradRule>(c, nc, f);
+    case kRuleAdam:
+      return VisitWithConsts<AdamRule>(c, nc, f);
+    case kRuleFtrl:
+      return VisitWithConsts<FtrlRule>(c, nc, f);
     default:
       return false;
   }

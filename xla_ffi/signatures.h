@@ -1,8 +1,16 @@
 // The FFI signature of every sok_jax target, written once for both platforms.
 // Each function appends a target's arguments, results and attributes to a
-// binding (FFI bindings are built from rvalues, hence the moves): the CPU handlers pass `ffi::Ffi::Bind()`, the CUDA handlers pass
-// `CudaBind()` (cuda_common.cuh: the same with the stream as context). The
-// Python wrappers in sok_jax/ops/ call these targets with exactly this order.
+// binding (FFI bindings are built from rvalues, hence the moves): the CPU
+// handlers pass `ffi::Ffi::Bind()`, the CUDA handlers pass `CudaBind()`
+// (cuda_common.cuh: the same with the stream as context). The Python wrappers
+// in sok_jax/ops/ call these targets with exactly this order.
+//
+// Each family also lists its targets once, SOK_<FAMILY>_TARGETS(X) calling
+// X(target name, handler stem, Impl function, signature) per target: each
+// platform file defines its handlers `<stem>Cpu` / `<stem>Cuda` from its own
+// Impl functions and appends them to its target list with it (common.h
+// SOK_CPU_HANDLER / SOK_CPU_TARGET, cuda_common.cuh SOK_CUDA_HANDLER /
+// SOK_CUDA_TARGET), so both modules register the same names.
 #pragma once
 
 #include <utility>
@@ -91,6 +99,15 @@ auto RowsToDense(B b) {
       .template Ret<ffi::AnyBuffer>();            // dense
 }
 
+#define SOK_EMBED_TARGETS(X)                                              \
+  X("sok_embed_fwd", SokEmbedFwd, FwdImpl, EmbedFwd)                      \
+  X("sok_embed_bwd", SokEmbedBwd, BwdImpl, EmbedBwd)                      \
+  X("sok_embed_bwd_dense", SokEmbedBwdDense, BwdDenseImpl, EmbedBwdDense) \
+  X("sok_embed_bwd_update", SokEmbedBwdUpdate, BwdUpdateImpl,             \
+    EmbedBwdUpdate)                                                       \
+  X("sok_embed_wgrad", SokEmbedWgrad, WgradImpl, EmbedWgrad)              \
+  X("sok_rows_to_dense", SokRowsToDense, DenseImpl, RowsToDense)
+
 // ------------------------------------------------------------ optimizers
 // The touched rows every update reads after its slots, then the per-step
 // hyperparameters (float32: learning rate, and Adam's step).
@@ -147,6 +164,15 @@ auto FtrlUpdate(B b) {
       .template Attr<float>("beta");
 }
 
+// Row-wise Adagrad takes Adagrad's signature ([R] or [R, 1] accumulator).
+#define SOK_OPTIM_TARGETS(X)                                               \
+  X("sok_sgd_update", SokSgdUpdate, SgdImpl, SgdUpdate)                    \
+  X("sok_adagrad_update", SokAdagradUpdate, AdagradImpl, AdagradUpdate)    \
+  X("sok_rowwise_adagrad_update", SokRowwiseAdagradUpdate,                 \
+    RowwiseAdagradImpl, AdagradUpdate)                                     \
+  X("sok_adam_update", SokAdamUpdate, AdamImpl, AdamUpdate)                \
+  X("sok_ftrl_update", SokFtrlUpdate, FtrlImpl, FtrlUpdate)
+
 // ------------------------------------------------------------------ hash
 template <typename B>
 auto HashFindOrInsert(B b) {
@@ -158,6 +184,10 @@ auto HashFindOrInsert(B b) {
       .template Ret<ffi::Buffer<ffi::S32>>()  // num_failed
       .template Attr<int32_t>("insert");
 }
+
+#define SOK_HASH_TARGETS(X)                                          \
+  X("sok_hash_find_or_insert", SokHashFindOrInsert, FindOrInsertImpl, \
+    HashFindOrInsert)
 
 }  // namespace sig
 }  // namespace sok

@@ -1,0 +1,1112 @@
+// The driver's cases (cases.h). Random inputs from one seeded generator,
+// never all zeros; the brute forces compute in double from the stored
+// inputs and know nothing of the handlers' code beyond the documented
+// semantics (embed_math.h RowOf / CombinerScale / WeightGrad, hash_math.h
+// StartSlot / NextSlot / EmptyKey, which are the targets' definitions).
+#include "cases.h"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdarg>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <random>
+#include <set>
+#include <sstream>
+
+#include "cpu_types.h"
+#include "hash_math.h"
+
+namespace sok {
+namespace sanitize {
+namespace {
+
+constexpr XLA_FFI_DataType kF32 = XLA_FFI_DataType_F32;
+constexpr XLA_FFI_DataType kBF16 = XLA_FFI_DataType_BF16;
+constexpr XLA_FFI_DataType kF16 = XLA_FFI_DataType_F16;
+constexpr XLA_FFI_DataType kS32 = XLA_FFI_DataType_S32;
+constexpr XLA_FFI_DataType kU32 = XLA_FFI_DataType_U32;
+constexpr XLA_FFI_DataType kS64 = XLA_FFI_DataType_S64;
+constexpr XLA_FFI_DataType kU8 = XLA_FFI_DataType_U8;
+
+constexpr XLA_FFI_DataType kTableTypes[] = {kF32, kBF16, kF16};
+constexpr XLA_FFI_DataType kKeyTypes[] = {kS32, kU32, kS64};
+
+enum Combiner { kSum = 0, kMean = 1, kSqrtn = 2 };
+const char* const kCombinerNames[] = {"sum", "mean", "sqrtn"};
+
+// The backward's chunk (embed_kernels.cuh kChunk): bags and runs longer than
+// this take the chunked path.
+constexpr int kChunk = 128;
+
+class Rng {
+ public:
+  explicit Rng(uint64_t seed) : g_(seed) {}
+  double Uniform(double lo, double hi) {
+    return std::uniform_real_distribution<double>(lo, hi)(g_);
+  }
+  double Normal() { return std::normal_distribution<double>(0.0, 1.0)(g_); }
+  int64_t Int(int64_t lo, int64_t hi) {  // inclusive
+    return std::uniform_int_distribution<int64_t>(lo, hi)(g_);
+  }
+  bool Chance(double p) { return Uniform(0.0, 1.0) < p; }
+  std::mt19937_64& engine() { return g_; }
+
+ private:
+  std::mt19937_64 g_;
+};
+
+std::string Fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
+std::string Fmt(const char* f, ...) {
+  char buf[512];
+  va_list ap;
+  va_start(ap, f);
+  std::vsnprintf(buf, sizeof buf, f, ap);
+  va_end(ap);
+  return buf;
+}
+
+// Tolerance of a float result of this storage type, relative to the
+// result's largest magnitude (as sanitize_kernels.py).
+double Tol(XLA_FFI_DataType dt) {
+  return dt == kF32 ? 2e-5 : dt == kBF16 ? 1.6e-2 : 2e-3;
+}
+
+void SetFloat(Tensor& t, int64_t i, double v) {
+  const float f = static_cast<float>(v);
+  switch (t.dtype) {
+    case kF32: t.as<float>()[i] = f; break;
+    case kBF16: t.as<bf16_t>()[i] = FromFloat<bf16_t>(f); break;
+    case kF16: t.as<f16_t>()[i] = FromFloat<f16_t>(f); break;
+    default: std::abort();
+  }
+}
+
+Tensor Floats(XLA_FFI_DataType dt, std::vector<int64_t> dims,
+              const std::vector<double>& v) {
+  Tensor t = MakeTensor(dt, std::move(dims));
+  for (int64_t i = 0; i < t.count(); ++i) SetFloat(t, i, v[i]);
+  return t;
+}
+
+Tensor Normals(Rng& rng, XLA_FFI_DataType dt, std::vector<int64_t> dims,
+               double scale = 1.0) {
+  Tensor t = MakeTensor(dt, std::move(dims));
+  for (int64_t i = 0; i < t.count(); ++i) SetFloat(t, i, scale * rng.Normal());
+  return t;
+}
+
+Tensor Uniforms(Rng& rng, std::vector<int64_t> dims, double lo, double hi) {
+  Tensor t = MakeTensor(kF32, std::move(dims));
+  for (int64_t i = 0; i < t.count(); ++i)
+    t.as<float>()[i] = static_cast<float>(rng.Uniform(lo, hi));
+  return t;
+}
+
+Tensor I32s(std::vector<int64_t> dims, const std::vector<int32_t>& v) {
+  Tensor t = MakeTensor(kS32, std::move(dims));
+  if (!v.empty()) std::memcpy(t.bytes.data(), v.data(), t.size_bytes());
+  return t;
+}
+
+Tensor F32s(std::vector<int64_t> dims, const std::vector<float>& v) {
+  Tensor t = MakeTensor(kF32, std::move(dims));
+  if (!v.empty()) std::memcpy(t.bytes.data(), v.data(), t.size_bytes());
+  return t;
+}
+
+// Keys stored in `dt` from int64 values (-1 is padding / EMPTY in every
+// key type: 0xFFFFFFFF for uint32).
+Tensor Keys(XLA_FFI_DataType dt, const std::vector<int64_t>& v) {
+  Tensor t = MakeTensor(dt, {static_cast<int64_t>(v.size())});
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (dt == kS32) t.as<int32_t>()[i] = static_cast<int32_t>(v[i]);
+    else if (dt == kU32) t.as<uint32_t>()[i] = static_cast<uint32_t>(v[i]);
+    else t.as<int64_t>()[i] = v[i];
+  }
+  return t;
+}
+
+// The id at position i as the targets read it (uint32 zero-extends).
+int64_t KeyAt(const Tensor& t, int64_t i) {
+  if (t.dtype == kS32) return t.as<int32_t>()[i];
+  if (t.dtype == kU32) return t.as<uint32_t>()[i];
+  return t.as<int64_t>()[i];
+}
+
+int64_t RowOfKey(const Tensor& ids, int64_t j, int64_t rows) {
+  const int64_t k = KeyAt(ids, j);
+  return (k >= 0 && k < rows) ? k : -1;
+}
+
+// ----------------------------------------------------------------- bags
+struct Bags {
+  XLA_FFI_DataType key = kS32;
+  std::vector<int64_t> ids;
+  std::vector<int32_t> offsets;
+  std::vector<float> weights;  // empty: unweighted
+  int64_t fixed_nnz = 0;
+
+  int64_t n() const { return static_cast<int64_t>(ids.size()); }
+  int64_t m() const { return static_cast<int64_t>(offsets.size()) - 1; }
+  Tensor IdsT() const { return Keys(key, ids); }
+  Tensor OffsetsT() const { return I32s({m() + 1}, offsets); }
+  Tensor WeightsT() const {
+    return F32s({static_cast<int64_t>(weights.size())}, weights);
+  }
+  // [lo, hi) of bag b as the targets read it.
+  void Range(int64_t b, int64_t* lo, int64_t* hi) const {
+    if (fixed_nnz > 0) {
+      *lo = b * fixed_nnz;
+      *hi = *lo + fixed_nnz;
+      return;
+    }
+    *lo = std::min<int64_t>(std::max<int64_t>(offsets[b], 0), n());
+    *hi = std::min<int64_t>(std::max<int64_t>(offsets[b + 1], *lo), n());
+  }
+  double W(int64_t j) const { return weights.empty() ? 1.0 : weights[j]; }
+};
+
+// Calls fn(bag, j, row) for every position j of every bag, in order, whose
+// id names a row of a table of `rows` rows.
+template <typename Fn>
+void ForEachHit(const Bags& b, const Tensor& ids, int64_t rows, Fn&& fn) {
+  for (int64_t bag = 0; bag < b.m(); ++bag) {
+    int64_t lo, hi;
+    b.Range(bag, &lo, &hi);
+    for (int64_t j = lo; j < hi; ++j) {
+      const int64_t r = RowOfKey(ids, j, rows);
+      if (r >= 0) fn(bag, j, r);
+    }
+  }
+}
+
+// An out-of-range id of this key type (never padding).
+int64_t BadId(Rng& rng, XLA_FFI_DataType key, int64_t rows) {
+  switch (rng.Int(0, key == kS64 ? 3 : 2)) {
+    case 0: return rows;
+    case 1: return rows + 7;
+    case 2: return -5;  // uint32: 0xFFFFFFFB
+    default: return rows + (int64_t{1} << 40);
+  }
+}
+
+// m bags of 0..max_len ids each, some out of range, some padding.
+Bags RandomBags(Rng& rng, XLA_FFI_DataType key, int64_t m, int max_len,
+                int64_t rows, bool weighted, double p_bad = 0.05,
+                double p_pad = 0.1) {
+  Bags b;
+  b.key = key;
+  b.offsets.push_back(0);
+  for (int64_t i = 0; i < m; ++i)
+    b.offsets.push_back(b.offsets.back() + static_cast<int32_t>(rng.Int(0, max_len)));
+  const int64_t n = b.offsets.back();
+  for (int64_t j = 0; j < n; ++j) {
+    int64_t id = rng.Int(0, rows - 1);
+    if (rng.Chance(p_bad)) id = BadId(rng, key, rows);
+    if (rng.Chance(p_pad)) id = -1;
+    b.ids.push_back(id);
+  }
+  if (weighted)
+    for (int64_t j = 0; j < n; ++j)
+      b.weights.push_back(static_cast<float>(rng.Uniform(0.5, 1.5)));
+  return b;
+}
+
+// m bags of exactly nnz ids (offsets = arange * nnz, as the wrapper passes).
+Bags FixedBags(Rng& rng, XLA_FFI_DataType key, int64_t m, int64_t nnz,
+               int64_t rows, bool weighted) {
+  Bags b;
+  b.key = key;
+  b.fixed_nnz = nnz;
+  for (int64_t i = 0; i <= m; ++i) b.offsets.push_back(static_cast<int32_t>(i * nnz));
+  for (int64_t j = 0; j < m * nnz; ++j) {
+    int64_t id = rng.Int(0, rows - 1);
+    if (rng.Chance(0.05)) id = BadId(rng, key, rows);
+    if (rng.Chance(0.1)) id = -1;
+    b.ids.push_back(id);
+  }
+  if (weighted)
+    for (int64_t j = 0; j < m * nnz; ++j)
+      b.weights.push_back(static_cast<float>(rng.Uniform(0.5, 1.5)));
+  return b;
+}
+
+// The most positions (in bags, valid) that name one row: how many terms the
+// backward sums for it, in float32 on both platforms.
+int64_t MaxHits(const Bags& b, int64_t rows) {
+  std::map<int64_t, int64_t> hits;
+  int64_t most = 0;
+  ForEachHit(b, b.IdsT(), rows,
+             [&](int64_t, int64_t, int64_t r) { most = std::max(most, ++hits[r]); });
+  return most;
+}
+
+// A float32 sum's tolerance: `base` up to 100 terms, growing with the number
+// of terms past that (the platforms associate long sums differently: in
+// position order on the CPU, in 128-position chunks on the GPU).
+double SumTol(double base, int64_t terms) {
+  return base * std::max(1.0, static_cast<double>(terms) / 100.0);
+}
+
+// ------------------------------------------------------------ oracles
+double CombinerScale(int combiner, double ws, double w2) {
+  if (combiner == kMean) return ws != 0.0 ? 1.0 / ws : 0.0;
+  if (combiner == kSqrtn) return w2 > 0.0 ? 1.0 / std::sqrt(w2) : 0.0;
+  return 1.0;
+}
+
+// The combiner's factor of each bag over its valid ids.
+std::vector<double> BagScales(const Bags& b, const Tensor& ids, int64_t rows,
+                              int combiner) {
+  std::vector<double> ws(b.m(), 0.0), w2(b.m(), 0.0), f(b.m());
+  ForEachHit(b, ids, rows, [&](int64_t bag, int64_t j, int64_t) {
+    ws[bag] += b.W(j);
+    w2[bag] += b.W(j) * b.W(j);
+  });
+  for (int64_t bag = 0; bag < b.m(); ++bag) f[bag] = CombinerScale(combiner, ws[bag], w2[bag]);
+  return f;
+}
+
+std::vector<double> RefForward(const Tensor& table, const Bags& b, int combiner) {
+  const int64_t rows = table.dims[0], dim = table.dims[1];
+  const Tensor ids = b.IdsT();
+  const std::vector<double> f = BagScales(b, ids, rows, combiner);
+  std::vector<double> out(b.m() * dim, 0.0);
+  ForEachHit(b, ids, rows, [&](int64_t bag, int64_t j, int64_t r) {
+    for (int64_t d = 0; d < dim; ++d)
+      out[bag * dim + d] += b.W(j) * f[bag] * FloatAt(table, r * dim + d);
+  });
+  return out;
+}
+
+// The dense table cotangent: per row, sum of w_j f(bag) grad[bag].
+std::map<int64_t, std::vector<double>> RefBackward(const Tensor& grad,
+                                                   const Bags& b,
+                                                   int64_t rows, int combiner) {
+  const int64_t dim = grad.dims[1];
+  const Tensor ids = b.IdsT();
+  const std::vector<double> f = BagScales(b, ids, rows, combiner);
+  std::map<int64_t, std::vector<double>> acc;
+  ForEachHit(b, ids, rows, [&](int64_t bag, int64_t j, int64_t r) {
+    std::vector<double>& row = acc[r];
+    row.resize(dim, 0.0);
+    for (int64_t d = 0; d < dim; ++d)
+      row[d] += b.W(j) * f[bag] * FloatAt(grad, bag * dim + d);
+  });
+  return acc;
+}
+
+// |got - want| <= tol * (1 + max|want|) over n values, NaN never allowed.
+std::string Close(const char* what, int64_t n,
+                  const std::function<double(int64_t)>& got,
+                  const std::function<double(int64_t)>& want, double tol) {
+  double scale = 0.0;
+  for (int64_t i = 0; i < n; ++i) scale = std::max(scale, std::fabs(want(i)));
+  const double bound = tol * (1.0 + scale);
+  for (int64_t i = 0; i < n; ++i) {
+    const double g = got(i), w = want(i);
+    if (!(std::fabs(g - w) <= bound))
+      return Fmt("%s[%lld] = %.9g, want %.9g (bound %.3g)", what,
+                 static_cast<long long>(i), g, w, bound);
+  }
+  return "";
+}
+
+std::string CheckSparse(const std::map<int64_t, std::vector<double>>& ref,
+                        const Tensor& ur, const Tensor& rg,
+                        const Tensor& count, int64_t dim, double tol) {
+  const int64_t n = ur.count();
+  const int32_t c = count.as<int32_t>()[0];
+  if (c != static_cast<int32_t>(ref.size()))
+    return Fmt("num_unique %d, want %zu", c, ref.size());
+  int64_t u = 0;
+  double scale = 0.0;
+  for (const auto& [r, g] : ref)
+    for (double v : g) scale = std::max(scale, std::fabs(v));
+  const double bound = tol * (1.0 + scale);
+  for (const auto& [r, g] : ref) {
+    if (ur.as<int32_t>()[u] != r)
+      return Fmt("unique_rows[%lld] = %d, want %lld", static_cast<long long>(u),
+                 ur.as<int32_t>()[u], static_cast<long long>(r));
+    for (int64_t d = 0; d < dim; ++d) {
+      const double v = rg.as<float>()[u * dim + d];
+      if (!(std::fabs(v - g[d]) <= bound))
+        return Fmt("row_grads[%lld, %lld] = %.9g, want %.9g",
+                   static_cast<long long>(u), static_cast<long long>(d), v, g[d]);
+    }
+    ++u;
+  }
+  for (; u < n; ++u) {
+    if (ur.as<int32_t>()[u] != -1)
+      return Fmt("unique_rows[%lld] = %d beyond num_unique, want -1",
+                 static_cast<long long>(u), ur.as<int32_t>()[u]);
+    for (int64_t d = 0; d < dim; ++d)
+      if (rg.as<float>()[u * dim + d] != 0.f)
+        return Fmt("row_grads[%lld] not zero beyond num_unique",
+                   static_cast<long long>(u));
+  }
+  return "";
+}
+
+std::string CheckDense(const std::map<int64_t, std::vector<double>>& ref,
+                       const Tensor& dense, double tol) {
+  const int64_t dim = dense.dims[1];
+  return Close(
+      "dense", dense.count(), [&](int64_t i) { return FloatAt(dense, i); },
+      [&](int64_t i) {
+        auto it = ref.find(i / dim);
+        return it == ref.end() ? 0.0 : it->second[i % dim];
+      },
+      tol);
+}
+
+// d out_b / d w_j contracted with g_b (embed_math.h WeightGrad), in double.
+double RefWeightGrad(int combiner, double gdot, double w, double s, double ws,
+                     double w2) {
+  if (combiner == kMean) return ws == 0.0 ? 0.0 : (gdot - s / ws) / ws;
+  if (combiner == kSqrtn) {
+    if (!(w2 > 0.0)) return 0.0;
+    const double r = std::sqrt(w2);
+    return gdot / r - s * w / (w2 * r);
+  }
+  return gdot;
+}
+
+std::vector<double> RefWgrad(const Tensor& table, const Tensor& grad,
+                             const Bags& b, int combiner) {
+  const int64_t rows = table.dims[0], dim = table.dims[1];
+  const Tensor ids = b.IdsT();
+  std::vector<double> gw(b.n(), 0.0);
+  for (int64_t bag = 0; bag < b.m(); ++bag) {
+    int64_t lo, hi;
+    b.Range(bag, &lo, &hi);
+    double ws = 0, w2 = 0, s = 0;
+    std::vector<double> gdot(hi - lo, 0.0);
+    for (int64_t j = lo; j < hi; ++j) {
+      const int64_t r = RowOfKey(ids, j, rows);
+      if (r < 0) continue;
+      ws += b.W(j);
+      w2 += b.W(j) * b.W(j);
+      for (int64_t d = 0; d < dim; ++d)
+        gdot[j - lo] += FloatAt(grad, bag * dim + d) * FloatAt(table, r * dim + d);
+      s += b.W(j) * gdot[j - lo];
+    }
+    for (int64_t j = lo; j < hi; ++j)
+      if (RowOfKey(ids, j, rows) >= 0)
+        gw[j] = RefWeightGrad(combiner, gdot[j - lo], b.W(j), s, ws, w2);
+  }
+  return gw;
+}
+
+// ---------------------------------------------------------- case makers
+Output Out(std::string name, XLA_FFI_DataType dt, std::vector<int64_t> dims,
+           Compare cmp, double tol = 0.0, int alias = -1) {
+  Output o;
+  o.spec = RetSpec{std::move(name), dt, std::move(dims), alias};
+  o.compare = cmp;
+  o.tol = tol;
+  return o;
+}
+
+// As sok_jax/ops/embed_ops.bwd_workspace_bytes.
+int64_t WorkspaceBytes(int64_t n, int64_t dim) {
+  return 36 * n + (16 * n + (int64_t{4} << 20)) + (n / 64 + 1) * dim * 4 + 8192;
+}
+
+std::string BagTag(const Bags& b, int64_t dim, XLA_FFI_DataType dt,
+                   int combiner, const char* shape) {
+  return Fmt("%s D%lld %s m%lld n%lld %s%s keys %s", DtypeName(dt),
+             static_cast<long long>(dim), shape, static_cast<long long>(b.m()),
+             static_cast<long long>(b.n()), kCombinerNames[combiner],
+             b.weights.empty() ? "" : " w", DtypeName(b.key));
+}
+
+// A case of `target` whose arguments are `lead`, then the bags' ids,
+// offsets and weights.
+Case BagCase(const char* target, const std::string& tag, std::vector<Tensor> lead,
+             const Bags& b) {
+  Case c;
+  c.target = target;
+  c.tag = tag;
+  c.args = std::move(lead);
+  c.args.push_back(b.IdsT());
+  c.args.push_back(b.OffsetsT());
+  c.args.push_back(b.WeightsT());
+  return c;
+}
+
+Case Fwd(const Tensor& table, const Bags& b, int combiner, const std::string& tag) {
+  Case c = BagCase("sok_embed_fwd", tag, {table}, b);
+  const int64_t dim = table.dims[1];
+  c.rets = {Out("out", table.dtype, {b.m(), dim}, Compare::kClose, Tol(table.dtype))};
+  c.attrs = {Attr::I32("combiner", combiner), Attr::I64("fixed_nnz", b.fixed_nnz)};
+  const double tol = Tol(table.dtype);
+  c.oracle = [b, combiner, tol](const Case& cs, const std::vector<Tensor>& out) {
+    const std::vector<double> want = RefForward(cs.args[0], b, combiner);
+    return Close("out", out[0].count(), [&](int64_t i) { return FloatAt(out[0], i); },
+                 [&](int64_t i) { return want[i]; }, tol);
+  };
+  return c;
+}
+
+Case Bwd(const Tensor& grad, const Bags& b, int64_t rows, int combiner,
+         const std::string& tag) {
+  Case c = BagCase("sok_embed_bwd", tag, {grad}, b);
+  const int64_t n = b.n(), dim = grad.dims[1];
+  const double tol = SumTol(2e-5, MaxHits(b, rows));
+  c.rets = {Out("unique_rows", kS32, {n}, Compare::kExact),
+            Out("row_grads", kF32, {n, dim}, Compare::kClose, tol),
+            Out("num_unique", kS32, {1}, Compare::kExact),
+            Out("workspace", kU8, {WorkspaceBytes(n, dim)}, Compare::kNone)};
+  c.attrs = {Attr::I32("combiner", combiner), Attr::I64("num_rows", rows)};
+  c.oracle = [b, rows, combiner, dim, tol](const Case& cs, const std::vector<Tensor>& out) {
+    return CheckSparse(RefBackward(cs.args[0], b, rows, combiner), out[0], out[1],
+                       out[2], dim, tol);
+  };
+  return c;
+}
+
+Case BwdDense(const Tensor& grad, const Bags& b, int64_t rows, int combiner,
+              const std::string& tag) {
+  Case c = BagCase("sok_embed_bwd_dense", tag, {grad}, b);
+  const int64_t dim = grad.dims[1];
+  const double tol = std::max(Tol(grad.dtype), SumTol(2e-5, MaxHits(b, rows)));
+  c.rets = {Out("dense", grad.dtype, {rows, dim}, Compare::kClose, tol),
+            Out("workspace", kU8, {WorkspaceBytes(b.n(), dim)}, Compare::kNone)};
+  c.attrs = {Attr::I32("combiner", combiner)};
+  c.oracle = [b, rows, combiner, tol](const Case& cs, const std::vector<Tensor>& out) {
+    return CheckDense(RefBackward(cs.args[0], b, rows, combiner), out[0], tol);
+  };
+  return c;
+}
+
+Case Wgrad(const Tensor& table, const Tensor& grad, const Bags& b, int combiner,
+           const std::string& tag) {
+  Case c = BagCase("sok_embed_wgrad", tag, {table, grad}, b);
+  c.rets = {Out("weight_grad", kF32, {b.n()}, Compare::kClose, 1e-4)};
+  c.attrs = {Attr::I32("combiner", combiner)};
+  const double tol = table.dtype == kF32 ? 1e-4 : Tol(table.dtype);
+  c.oracle = [b, combiner, tol](const Case& cs, const std::vector<Tensor>& out) {
+    const std::vector<double> want = RefWgrad(cs.args[0], cs.args[1], b, combiner);
+    return Close("weight_grad", out[0].count(),
+                 [&](int64_t i) { return FloatAt(out[0], i); },
+                 [&](int64_t i) { return want[i]; }, tol);
+  };
+  return c;
+}
+
+// rows_to_dense of unique rows [cap] with `count` valid entries (a row
+// outside [0, rows) or -1 among them is skipped).
+Case RowsToDense(Rng& rng, XLA_FFI_DataType dt, int64_t rows, int64_t dim,
+                 int64_t cap, int32_t count, bool odd_rows) {
+  std::vector<int64_t> all(rows);
+  for (int64_t r = 0; r < rows; ++r) all[r] = r;
+  std::shuffle(all.begin(), all.end(), rng.engine());
+  std::vector<int32_t> ur(cap, -1);
+  const int64_t valid = std::min<int64_t>(std::max(count, 0), cap);
+  for (int64_t u = 0; u < valid; ++u) ur[u] = static_cast<int32_t>(all[u % rows]);
+  if (odd_rows && valid >= 2) {
+    ur[0] = static_cast<int32_t>(rows + 3);
+    ur[valid - 1] = -1;
+  }
+  Case c;
+  c.target = "sok_rows_to_dense";
+  c.tag = Fmt("%s rows%lld D%lld cap%lld count%d%s", DtypeName(dt),
+              static_cast<long long>(rows), static_cast<long long>(dim),
+              static_cast<long long>(cap), count, odd_rows ? " odd rows" : "");
+  c.args = {I32s({cap}, ur), Normals(rng, kF32, {cap, dim}), I32s({1}, {count})};
+  c.rets = {Out("dense", dt, {rows, dim}, Compare::kClose, 0.0)};
+  c.oracle = [ur, valid, rows, dim](const Case& cs, const std::vector<Tensor>& out) {
+    const Tensor& grads = cs.args[1];
+    std::vector<double> want(rows * dim, 0.0);
+    for (int64_t u = 0; u < valid; ++u) {
+      const int64_t r = ur[u];
+      if (r < 0 || r >= rows) continue;
+      for (int64_t d = 0; d < dim; ++d) want[r * dim + d] = grads.as<float>()[u * dim + d];
+    }
+    // The stored value is the float32 gradient rounded to the dense type.
+    Tensor rounded = Floats(out[0].dtype, {rows, dim}, want);
+    return Close("dense", out[0].count(), [&](int64_t i) { return FloatAt(out[0], i); },
+                 [&](int64_t i) { return FloatAt(rounded, i); }, 0.0);
+  };
+  return c;
+}
+
+// -------------------------------------------------------------- optimizers
+struct Rule {
+  const char* update_target;  // sok_<rule>_update
+  int fused_id;               // sok_embed_bwd_update's rule id, -1: none
+  int slots;                  // [R, D] float32 slots
+  std::vector<Attr> attrs;    // the update target's constants
+  std::vector<float> consts;  // the same for the fused target, in order
+  int hparams;                // learning rate (, step)
+};
+
+std::vector<Rule> Rules(bool ftrl_pow) {
+  const float lrp = ftrl_pow ? -0.7f : -0.5f;
+  return {
+      {"sok_sgd_update", 0, 0, {}, {0.f}, 1},
+      {"sok_adagrad_update", 1, 1, {Attr::F32("eps", 1e-7f)}, {1e-7f}, 1},
+      {"sok_adam_update", 2, 2,
+       {Attr::F32("b1", 0.9f), Attr::F32("b2", 0.999f), Attr::F32("eps", 1e-8f),
+        Attr::F32("eps_root", 0.f)},
+       {0.9f, 0.999f, 1e-8f, 0.f}, 2},
+      {"sok_ftrl_update", 3, 2,
+       {Attr::F32("learning_rate_power", lrp),
+        Attr::F32("l1_regularization_strength", 0.01f),
+        Attr::F32("l2_regularization_strength", 0.001f),
+        Attr::F32("l2_shrinkage_regularization_strength", 0.002f),
+        Attr::F32("beta", 0.1f)},
+       {lrp, 0.01f, 0.001f, 0.002f, 0.1f}, 1},
+  };
+}
+
+// Slot k of a rule, random and never zero: an accumulator in [0.1, 1] (so
+// Adagrad's and FTRL's steps are finite), Adam's m small, v in [0.01, 1].
+Tensor Slot(Rng& rng, const Rule& rule, int k, std::vector<int64_t> dims) {
+  const bool adam = rule.fused_id == 2, ftrl = rule.fused_id == 3;
+  if ((adam && k == 0) || (ftrl && k == 1)) return Normals(rng, kF32, dims, 0.1);
+  return Uniforms(rng, dims, adam ? 0.01 : 0.1, 1.0);
+}
+
+std::vector<float> Hparams(const Rule& rule) {
+  return rule.hparams == 2 ? std::vector<float>{0.05f, 3.f} : std::vector<float>{0.05f};
+}
+
+// One sok_*_update call: `cap` unique rows of which `count` are valid (a -1
+// and an out-of-range row among them when `odd_rows`).
+Case Update(Rng& rng, const Rule& rule, bool rowwise, XLA_FFI_DataType dt,
+            int64_t rows, int64_t dim, int64_t cap, int32_t count, bool odd_rows,
+            bool alias, bool acc_2d) {
+  std::vector<int64_t> perm(rows);
+  for (int64_t r = 0; r < rows; ++r) perm[r] = r;
+  std::shuffle(perm.begin(), perm.end(), rng.engine());
+  std::vector<int32_t> ur(cap, -1);
+  const int64_t valid = std::min<int64_t>(std::max(count, 0), cap);
+  for (int64_t u = 0; u < valid && u < rows; ++u) ur[u] = static_cast<int32_t>(perm[u]);
+  if (odd_rows && valid >= 2) {
+    ur[0] = static_cast<int32_t>(rows + 3);
+    ur[valid - 1] = -1;
+  }
+  Case c;
+  c.target = rowwise ? "sok_rowwise_adagrad_update" : rule.update_target;
+  c.tag = Fmt("%s rows%lld D%lld cap%lld count%d%s%s%s", DtypeName(dt),
+              static_cast<long long>(rows), static_cast<long long>(dim),
+              static_cast<long long>(cap), count, odd_rows ? " odd rows" : "",
+              alias ? "" : " unaliased", acc_2d ? " acc[R,1]" : "");
+  const double tol = dt == kF32 ? 1e-5 : Tol(dt);
+  c.args.push_back(Normals(rng, dt, {rows, dim}));
+  c.rets.push_back(Out("table", dt, {rows, dim}, Compare::kClose, tol, alias ? 0 : -1));
+  const int slots = rowwise ? 1 : rule.slots;
+  for (int k = 0; k < slots; ++k) {
+    std::vector<int64_t> sd = rowwise ? (acc_2d ? std::vector<int64_t>{rows, 1}
+                                                : std::vector<int64_t>{rows})
+                                      : std::vector<int64_t>{rows, dim};
+    c.args.push_back(Slot(rng, rule, k, sd));
+    c.rets.push_back(Out(Fmt("slot%d", k), kF32, sd, Compare::kClose, 1e-5,
+                         alias ? 1 + k : -1));
+  }
+  c.args.push_back(I32s({cap}, ur));
+  c.args.push_back(Normals(rng, kF32, {cap, dim}));
+  c.args.push_back(I32s({1}, {count}));
+  c.args.push_back(F32s({rule.hparams}, Hparams(rule)));
+  c.attrs = rowwise ? std::vector<Attr>{Attr::F32("eps", 1e-7f)} : rule.attrs;
+  return c;
+}
+
+// One sok_embed_bwd_update call, cross-checked on the CPU against
+// sok_embed_bwd followed by the rule's sok_*_update.
+Case BwdUpdate(Rng& rng, const Rule& rule, XLA_FFI_DataType dt, int64_t rows,
+               int64_t dim, const Bags& b, int combiner, bool grad_f32,
+               bool alias, const std::string& shape) {
+  Case c;
+  c.target = "sok_embed_bwd_update";
+  c.tag = Fmt("%s ", rule.update_target) +
+          BagTag(b, dim, dt, combiner, shape.c_str()) + (grad_f32 ? " g32" : "") +
+          (alias ? "" : " unaliased");
+  const double sum_tol = SumTol(1e-4, MaxHits(b, rows));
+  const double tol = std::max(dt == kF32 ? 0.0 : Tol(dt), sum_tol);
+  c.args.push_back(Normals(rng, dt, {rows, dim}));
+  c.rets.push_back(Out("table", dt, {rows, dim}, Compare::kClose, tol, alias ? 0 : -1));
+  for (int k = 0; k < 2; ++k) {
+    if (k < rule.slots) {
+      c.args.push_back(Slot(rng, rule, k, {rows, dim}));
+      c.rets.push_back(Out(Fmt("slot%d", k), kF32, {rows, dim}, Compare::kClose, sum_tol,
+                           alias ? 1 + k : -1));
+    } else {  // the wrapper's [0] dummy, not aliased
+      c.args.push_back(MakeTensor(kF32, {0}));
+      c.rets.push_back(Out(Fmt("slot%d", k), kF32, {0}, Compare::kExact));
+    }
+  }
+  c.args.push_back(Normals(rng, grad_f32 ? kF32 : dt, {b.m(), dim}));
+  c.args.push_back(b.IdsT());
+  c.args.push_back(b.OffsetsT());
+  c.args.push_back(b.WeightsT());
+  c.args.push_back(F32s({rule.hparams}, Hparams(rule)));
+  c.rets.push_back(Out("workspace", kU8, {WorkspaceBytes(b.n(), dim)}, Compare::kNone));
+  c.attrs = {Attr::I32("combiner", combiner), Attr::I32("rule", rule.fused_id),
+             Attr::F32Array("consts", rule.consts)};
+  c.cross = [rule, rows, combiner](const Case& cs, const std::vector<Tensor>& fused,
+                                   const CpuCall& call) -> std::string {
+    const Tensor& grad = cs.args[3];
+    const int64_t n = cs.args[4].count(), dim = grad.dims[1];
+    CallResult sp = call(
+        "sok_embed_bwd", {grad, cs.args[4], cs.args[5], cs.args[6]},
+        {RetSpec{"unique_rows", kS32, {n}}, RetSpec{"row_grads", kF32, {n, dim}},
+         RetSpec{"num_unique", kS32, {1}}, RetSpec{"workspace", kU8, {WorkspaceBytes(n, dim)}}},
+        {Attr::I32("combiner", combiner), Attr::I64("num_rows", rows)});
+    if (!sp.error.empty()) return "sok_embed_bwd: " + sp.error;
+    std::vector<Tensor> args = {cs.args[0]};
+    std::vector<RetSpec> rets = {RetSpec{"table", cs.args[0].dtype, cs.args[0].dims, 0}};
+    for (int k = 0; k < rule.slots; ++k) {
+      args.push_back(cs.args[1 + k]);
+      rets.push_back(RetSpec{"slot", kF32, cs.args[1 + k].dims, 1 + k});
+    }
+    args.insert(args.end(), {sp.rets[0], sp.rets[1], sp.rets[2], cs.args[7]});
+    CallResult up = call(rule.update_target, args, rets, rule.attrs);
+    if (!up.error.empty()) return std::string(rule.update_target) + ": " + up.error;
+    for (size_t k = 0; k < up.rets.size(); ++k)
+      if (up.rets[k].bytes != fused[k].bytes)
+        return Fmt("result %zu differs from sok_embed_bwd + %s", k, rule.update_target);
+    return "";
+  };
+  return c;
+}
+
+// ------------------------------------------------------------------ hash
+template <typename K>
+struct HashRef {
+  std::vector<K> slots;
+  std::vector<int32_t> rows, is_new;
+  int32_t failed = 0;
+};
+
+// Keys in position order, linear probing from StartSlot (hash_math.h).
+template <typename K>
+HashRef<K> RefHash(std::vector<K> slots, const std::vector<K>& keys, bool insert) {
+  HashRef<K> h;
+  const int32_t cap = static_cast<int32_t>(slots.size());
+  const K empty = EmptyKey<K>();
+  for (K k : keys) {
+    int32_t row = -1, fresh = 0;
+    bool placed = false;
+    if (k != empty) {
+      int32_t s = StartSlot(k, cap);
+      for (int32_t p = 0; p < cap; ++p, s = NextSlot(s, cap)) {
+        if (slots[s] == k) {
+          row = s;
+          placed = true;
+          break;
+        }
+        if (slots[s] == empty) {
+          if (insert) {
+            slots[s] = k;
+            row = s;
+            fresh = 1;
+          }
+          placed = true;
+          break;
+        }
+      }
+      if (!placed && insert) ++h.failed;
+    }
+    h.rows.push_back(row);
+    h.is_new.push_back(fresh);
+  }
+  h.slots = std::move(slots);
+  return h;
+}
+
+template <typename K>
+std::vector<K> ToVec(const Tensor& t) {
+  return std::vector<K>(t.as<K>(), t.as<K>() + t.count());
+}
+
+template <typename K>
+std::string HashOracle(const Tensor& slots_in, const Tensor& keys, bool insert,
+                       const std::vector<Tensor>& out) {
+  HashRef<K> ref = RefHash<K>(ToVec<K>(slots_in), ToVec<K>(keys), insert);
+  if (ToVec<K>(out[0]) != ref.slots) return "slot_keys differ from the brute force";
+  if (ToVec<int32_t>(out[1]) != ref.rows) return "rows differ from the brute force";
+  if (ToVec<int32_t>(out[2]) != ref.is_new) return "is_new differs from the brute force";
+  if (out[3].as<int32_t>()[0] != ref.failed)
+    return Fmt("num_failed %d, want %d", out[3].as<int32_t>()[0], ref.failed);
+  return "";
+}
+
+// What holds for any order of racing inserts: the old keys stay where they
+// were; every stored key is distinct, reachable from its start slot without
+// crossing an empty slot, and sits at the row of every position that asked
+// for it; each new key is reported new at exactly one position; a position
+// gets -1 only for padding or for a key that is not stored, and num_failed
+// counts those; with no failure on the CPU, the same set of keys is stored.
+template <typename K>
+std::string HashEquivalent(const Tensor& slots_in, const Tensor& keys,
+                           const std::vector<Tensor>& cpu,
+                           const std::vector<Tensor>& dev) {
+  const K empty = EmptyKey<K>();
+  const std::vector<K> before = ToVec<K>(slots_in), after = ToVec<K>(dev[0]),
+                       kk = ToVec<K>(keys);
+  const std::vector<int32_t> rows = ToVec<int32_t>(dev[1]),
+                             is_new = ToVec<int32_t>(dev[2]);
+  const int32_t cap = static_cast<int32_t>(after.size());
+  std::set<K> stored, old;
+  for (int32_t s = 0; s < cap; ++s) {
+    if (before[s] != empty) {
+      old.insert(before[s]);
+      if (after[s] != before[s]) return Fmt("slot %d lost its key", s);
+    }
+    if (after[s] == empty) continue;
+    if (!stored.insert(after[s]).second) return Fmt("key in two slots (slot %d)", s);
+    for (int32_t p = StartSlot(after[s], cap); p != s; p = NextSlot(p, cap))
+      if (after[p] == empty) return Fmt("slot %d unreachable from its start slot", s);
+  }
+  std::map<K, int> new_reports;
+  int32_t failed = 0;
+  for (size_t i = 0; i < kk.size(); ++i) {
+    if (kk[i] == empty) {
+      if (rows[i] != -1 || is_new[i] != 0) return Fmt("padding at %zu got a row", i);
+      continue;
+    }
+    if (rows[i] < 0) {
+      if (stored.count(kk[i])) return Fmt("position %zu: stored key got no row", i);
+      ++failed;
+      continue;
+    }
+    if (rows[i] >= cap || after[rows[i]] != kk[i])
+      return Fmt("position %zu: row %d does not hold its key", i, rows[i]);
+    if (is_new[i]) {
+      if (old.count(kk[i])) return Fmt("position %zu: old key reported new", i);
+      ++new_reports[kk[i]];
+    }
+  }
+  for (K k : stored)
+    if (!old.count(k) && new_reports[k] != 1)
+      return Fmt("a new key reported new %d times", new_reports[k]);
+  if (dev[3].as<int32_t>()[0] != failed)
+    return Fmt("num_failed %d, but %d positions got no row", dev[3].as<int32_t>()[0], failed);
+  if (cpu[3].as<int32_t>()[0] == 0) {
+    if (failed != 0) return "positions failed where the CPU placed every key";
+    std::set<K> cpu_stored;
+    for (K k : ToVec<K>(cpu[0]))
+      if (k != empty) cpu_stored.insert(k);
+    if (cpu_stored != stored) return "another set of keys stored than on the CPU";
+  } else if (static_cast<int32_t>(stored.size()) != cap) {
+    return "the CPU filled the table, the CUDA handler did not";
+  }
+  return "";
+}
+
+template <typename K>
+Case HashCaseT(Rng& rng, XLA_FFI_DataType dt, int32_t cap, int64_t n,
+               int64_t prefill, bool insert, bool alias) {
+  const K empty = EmptyKey<K>();
+  // Keys in [-3, 4 cap), -1 (EMPTY) being padding; int64 keys spread wide.
+  auto key = [&]() {
+    int64_t k = rng.Int(-3, 4 * static_cast<int64_t>(cap));
+    if (dt == kS64 && k > 0 && rng.Chance(0.5)) k += int64_t{1} << 40;
+    return static_cast<K>(k);
+  };
+  std::vector<K> pre;
+  for (int64_t i = 0; i < prefill; ++i) pre.push_back(key());
+  std::vector<K> slots = RefHash<K>(std::vector<K>(cap, empty), pre, true).slots;
+  std::vector<K> keys;
+  for (int64_t i = 0; i < n; ++i) {
+    // A find over a filled table asks for stored keys half the time.
+    if (!insert && prefill > 0 && rng.Chance(0.5)) keys.push_back(pre[rng.Int(0, prefill - 1)]);
+    else keys.push_back(key());
+  }
+  Case c;
+  c.target = "sok_hash_find_or_insert";
+  c.tag = Fmt("%s cap%d keys%lld prefill%lld %s%s", DtypeName(dt), cap,
+              static_cast<long long>(n), static_cast<long long>(prefill),
+              insert ? "insert" : "find", alias ? "" : " unaliased");
+  Tensor slots_t = MakeTensor(dt, {cap});
+  std::memcpy(slots_t.bytes.data(), slots.data(), slots_t.size_bytes());
+  Tensor keys_t = MakeTensor(dt, {n});
+  if (n) std::memcpy(keys_t.bytes.data(), keys.data(), keys_t.size_bytes());
+  c.args = {std::move(slots_t), std::move(keys_t)};
+  c.rets = {Out("slot_keys", dt, {cap}, Compare::kExact, 0.0, alias ? 0 : -1),
+            Out("rows", kS32, {n}, Compare::kExact),
+            Out("is_new", kS32, {n}, Compare::kExact),
+            Out("num_failed", kS32, {1}, Compare::kExact)};
+  c.attrs = {Attr::I32("insert", insert ? 1 : 0)};
+  c.oracle = [insert](const Case& cs, const std::vector<Tensor>& out) {
+    return HashOracle<K>(cs.args[0], cs.args[1], insert, out);
+  };
+  if (insert)
+    c.equivalent = [](const Case& cs, const std::vector<Tensor>& cpu,
+                      const std::vector<Tensor>& dev) {
+      return HashEquivalent<K>(cs.args[0], cs.args[1], cpu, dev);
+    };
+  return c;
+}
+
+Case HashCase(Rng& rng, XLA_FFI_DataType dt, int32_t cap, int64_t n,
+              int64_t prefill, bool insert, bool alias) {
+  if (dt == kS32) return HashCaseT<int32_t>(rng, dt, cap, n, prefill, insert, alias);
+  if (dt == kU32) return HashCaseT<uint32_t>(rng, dt, cap, n, prefill, insert, alias);
+  return HashCaseT<int64_t>(rng, dt, cap, n, prefill, insert, alias);
+}
+
+// ----------------------------------------------------------------- groups
+// The lookup family over one bag layout: forward, sparse and dense backward,
+// weight gradient (weighted bags), rows_to_dense of the oracle's sparse form.
+void EmbedGroup(Rng& rng, std::vector<Case>& out, XLA_FFI_DataType dt,
+                int64_t rows, int64_t dim, const Bags& b, int combiner,
+                const std::string& shape, bool backward = true) {
+  const std::string tag = BagTag(b, dim, dt, combiner, shape.c_str());
+  Tensor table = Normals(rng, dt, {rows, dim});
+  out.push_back(Fwd(table, b, combiner, tag));
+  if (!backward || b.fixed_nnz > 0) return;
+  Tensor grad = Normals(rng, dt, {b.m(), dim});
+  out.push_back(Bwd(grad, b, rows, combiner, tag));
+  out.push_back(BwdDense(grad, b, rows, combiner, tag));
+  if (!b.weights.empty()) out.push_back(Wgrad(table, grad, b, combiner, tag));
+}
+
+void ErrorCases(Rng& rng, std::vector<Case>& out) {
+  Bags b = RandomBags(rng, kS32, 4, 3, 10, false);
+  Tensor table = Normals(rng, kF32, {10, 4});
+  Case c = Fwd(table, b, kSum, "out of the wrong shape");
+  c.rets[0].spec.dims = {b.m(), 5};
+  c.expect_error = "out must be [num_bags, D]";
+  c.oracle = nullptr;
+  out.push_back(c);
+
+  c = Fwd(table, b, kSum, "misnamed attribute (decoding error)");
+  c.attrs[0].name = "combinr";
+  c.expect_error = "Attribute name mismatch";
+  c.oracle = nullptr;
+  out.push_back(c);
+
+  c = Fwd(table, b, kSum, "a missing argument (decoding error)");
+  c.args.pop_back();
+  c.expect_error = "Wrong number of arguments";
+  c.oracle = nullptr;
+  out.push_back(c);
+
+  c = Fwd(MakeTensor(kS32, {10, 4}), b, kSum, "an int32 table");
+  c.rets[0].spec.dtype = kS32;
+  c.expect_error = "table: unsupported dtype";
+  c.oracle = nullptr;
+  out.push_back(c);
+
+  Rule sgd = Rules(false)[0];
+  c = Update(rng, sgd, false, kF32, 10, 4, 3, 2, false, true, false);
+  c.args.back() = MakeTensor(kF32, {0});
+  c.tag = "no hparams";
+  c.expect_error = "hparams must hold 1 float32 values";
+  out.push_back(c);
+
+  Rule bad = Rules(false)[1];
+  bad.fused_id = 9;
+  c = BwdUpdate(rng, bad, kF32, 10, 4, b, kSum, false, true, "unknown rule");
+  c.expect_error = "unknown rule 9";
+  c.cross = nullptr;
+  out.push_back(c);
+
+  c = HashCase(rng, kS32, 8, 4, 0, true, true);
+  c.attrs[0].i = 2;
+  c.tag = "insert=2";
+  c.expect_error = "insert must be 0 (find only) or 1 (insert)";
+  c.oracle = nullptr;
+  c.equivalent = nullptr;
+  out.push_back(c);
+}
+
+// Edge layouts the random ones may miss.
+void SpecialCases(Rng& rng, std::vector<Case>& out) {
+  const int64_t rows = 16, dim = 8;
+  // Padding runs far longer than a chunk: ids -1 but every 97th.
+  Bags pad;
+  pad.key = kS32;
+  pad.offsets = {0, 400, 1000};
+  for (int j = 0; j < 1000; ++j) pad.ids.push_back(j % 97 == 0 ? 5 : -1);
+  EmbedGroup(rng, out, kF32, rows, dim, pad, kMean, "padding runs");
+  // Two rows repeated far past a chunk (the chunked long-run path).
+  Bags hot;
+  hot.key = kU32;
+  hot.offsets = {0, 400, 1000};
+  for (int j = 0; j < 1000; ++j) hot.ids.push_back(j % 50 == 0 ? 7 : 5);
+  for (int j = 0; j < 1000; ++j) hot.weights.push_back(static_cast<float>(rng.Uniform(0.5, 1.5)));
+  EmbedGroup(rng, out, kF32, rows, dim, hot, kSqrtn, "hot rows");
+  EmbedGroup(rng, out, kBF16, rows, 33, hot, kSum, "hot rows");
+  // Many long runs at once: 24 bags of 300 ids over 3 rows.
+  Bags many;
+  many.key = kS64;
+  many.offsets.push_back(0);
+  for (int b = 0; b < 24; ++b) many.offsets.push_back(many.offsets.back() + 300);
+  for (int j = 0; j < 24 * 300; ++j) many.ids.push_back(rng.Int(0, 2));
+  EmbedGroup(rng, out, kF16, rows, 5, many, kMean, "many long runs");
+  EmbedGroup(rng, out, kF32, rows, 128, many, kSum, "many long runs");
+  // No ids at all (every bag empty), and no bags at all (ids outside every bag).
+  Bags empty;
+  empty.key = kS32;
+  empty.offsets = {0, 0, 0, 0, 0, 0};
+  empty.weights = {};
+  EmbedGroup(rng, out, kF32, rows, dim, empty, kMean, "all bags empty");
+  Bags no_bags;
+  no_bags.key = kS32;
+  no_bags.offsets = {0};
+  no_bags.ids = {1, 2, 3, -1, 4, 5, 6};
+  no_bags.weights = {0.5f, 1.f, 1.5f, 1.f, 0.7f, 0.9f, 1.1f};
+  EmbedGroup(rng, out, kF32, rows, dim, no_bags, kSqrtn, "no bags");
+  // Offsets outside [0, N] (clamped) and ids past the last bag; decreasing
+  // offsets (overlapping bags) only for the forward, which only reads.
+  Bags clamp = RandomBags(rng, kS32, 6, 5, rows, true);
+  clamp.ids.resize(clamp.n() + 9, 3);
+  clamp.weights.resize(clamp.ids.size(), 1.25f);
+  clamp.offsets.front() = -4;
+  clamp.offsets[3] = clamp.offsets[2];
+  EmbedGroup(rng, out, kF32, rows, dim, clamp, kMean, "clamped offsets");
+  Bags over = clamp;
+  over.offsets.back() = static_cast<int32_t>(over.n() + 40);
+  EmbedGroup(rng, out, kBF16, rows, dim, over, kSum, "offsets past N");
+  Bags dec = clamp;
+  dec.offsets[2] = dec.offsets[1] - 2;
+  EmbedGroup(rng, out, kF32, rows, dim, dec, kSqrtn, "decreasing offsets", false);
+  // Every id out of range: a table of no rows for the backward.
+  Bags any = RandomBags(rng, kS32, 8, 6, rows, false);
+  out.push_back(Bwd(Normals(rng, kF32, {8, 3}), any, 0, kSum, "num_rows 0"));
+  // A one-row table.
+  EmbedGroup(rng, out, kF16, 1, 3, RandomBags(rng, kS64, 8, 6, 1, true), kMean, "one row");
+  // The fixed-length forward with zeroed offsets (it must not read them).
+  Bags fixed = FixedBags(rng, kS32, 20, 3, rows, true);
+  std::fill(fixed.offsets.begin(), fixed.offsets.end(), 0);
+  Case c = Fwd(Normals(rng, kF32, {rows, 16}), fixed, kMean,
+               "fixed_nnz 3, offsets zeroed (unread)");
+  out.push_back(c);
+  // The fused update on the edge layouts.
+  for (const Rule& rule : Rules(false)) {
+    out.push_back(BwdUpdate(rng, rule, kF32, rows, dim, hot, kSqrtn, false, true, "hot rows"));
+    out.push_back(BwdUpdate(rng, rule, kBF16, rows, 4, pad, kMean, true, true, "padding runs"));
+    out.push_back(BwdUpdate(rng, rule, kF32, rows, 3, empty, kSum, false, true, "all bags empty"));
+    out.push_back(BwdUpdate(rng, rule, kF16, rows, 5, no_bags, kMean, true, true, "no bags"));
+  }
+}
+
+}  // namespace
+
+std::vector<RetSpec> Specs(const Case& c) {
+  std::vector<RetSpec> s;
+  for (const Output& o : c.rets) s.push_back(o.spec);
+  return s;
+}
+
+std::string CompareOutputs(const Case& c, const std::vector<Tensor>& cpu,
+                           const std::vector<Tensor>& cuda) {
+  for (size_t k = 0; k < c.rets.size(); ++k) {
+    const Output& o = c.rets[k];
+    if (o.compare == Compare::kNone) continue;
+    if (o.compare == Compare::kExact) {
+      if (cpu[k].bytes != cuda[k].bytes) {
+        size_t i = 0;
+        const size_t w = ByteWidthOf(cpu[k].dtype);
+        while (i < cpu[k].bytes.size() && cpu[k].bytes[i] == cuda[k].bytes[i]) ++i;
+        return Fmt("%s differs at element %zu", o.spec.name.c_str(), w ? i / w : i);
+      }
+      continue;
+    }
+    std::string e = Close(o.spec.name.c_str(), cpu[k].count(),
+                          [&](int64_t i) { return FloatAt(cuda[k], i); },
+                          [&](int64_t i) { return FloatAt(cpu[k], i); }, o.tol);
+    if (!e.empty()) return e;
+  }
+  return "";
+}
+
+std::vector<Case> AllCases(uint64_t seed) {
+  Rng rng(seed);
+  std::vector<Case> out;
+  const int64_t rows = 997, m = 96;
+  const int combos[3][2] = {{kSum, 0}, {kMean, 1}, {kSqrtn, 0}};
+  int k = 0;
+  // Ragged bags: one id on average (the short-bag forward shape), a few,
+  // and runs past the backward's chunk.
+  for (XLA_FFI_DataType dt : kTableTypes)
+    for (int64_t dim : {1, 3, 4, 5, 16, 33, 128})
+      for (int max_len : {1, 4, 300})
+        for (const auto& cw : combos) {
+          const XLA_FFI_DataType key = kKeyTypes[k++ % 3];
+          Bags b = RandomBags(rng, key, m, max_len, rows, cw[1] != 0);
+          EmbedGroup(rng, out, dt, rows, dim, b, cw[0], Fmt("len<=%d", max_len));
+        }
+  // Fixed-length bags (fixed_nnz > 0: no offsets read).
+  for (XLA_FFI_DataType dt : kTableTypes)
+    for (int64_t dim : {1, 3, 4, 5, 33, 128, 129, 600})
+      for (int64_t nnz : {1, 2, 5})
+        for (const auto& cw : {std::array<int, 2>{kSum, 1}, std::array<int, 2>{kMean, 0},
+                               std::array<int, 2>{kSqrtn, 1}}) {
+          const XLA_FFI_DataType key = kKeyTypes[k++ % 3];
+          Bags b = FixedBags(rng, key, 77, nnz, rows, cw[1] != 0);
+          EmbedGroup(rng, out, dt, rows, dim, b, cw[0], Fmt("fixed_nnz=%lld", static_cast<long long>(nnz)));
+        }
+  // rows_to_dense on its own: counts within, at and past the capacity.
+  for (XLA_FFI_DataType dt : kTableTypes)
+    for (int64_t dim : {1, 5, 16, 33}) {
+      out.push_back(RowsToDense(rng, dt, 211, dim, 50, 37, true));
+      out.push_back(RowsToDense(rng, dt, 211, dim, 50, 55, false));
+    }
+  out.push_back(RowsToDense(rng, kF32, 211, 4, 0, 0, false));
+  out.push_back(RowsToDense(rng, kBF16, 211, 8, 1, 1, false));
+  // The optimizer updates.
+  int a = 0;
+  for (const Rule& rule : Rules(false))
+    for (XLA_FFI_DataType dt : kTableTypes)
+      for (int64_t dim : {1, 3, 4, 5, 33, 128}) {
+        const bool alias = a++ % 3 != 2;
+        out.push_back(Update(rng, rule, false, dt, 211, dim, 64, 41, a % 2 == 0, alias, false));
+        if (rule.fused_id == 1)  // row-wise Adagrad takes Adagrad's signature
+          out.push_back(Update(rng, rule, true, dt, 211, dim, 64, 41, a % 2 == 0, alias, a % 4 == 0));
+      }
+  for (const Rule& rule : Rules(true)) {
+    out.push_back(Update(rng, rule, false, kF32, 211, 16, 64, 70, false, true, false));  // past cap
+    out.push_back(Update(rng, rule, false, kBF16, 211, 16, 64, -3, false, true, false));  // negative
+    out.push_back(Update(rng, rule, false, kF16, 211, 16, 0, 0, false, true, false));  // no rows
+    if (rule.fused_id == 1) {
+      out.push_back(Update(rng, rule, true, kF32, 211, 16, 64, 70, true, false, true));
+      out.push_back(Update(rng, rule, true, kF16, 211, 3, 0, 0, false, true, false));
+    }
+  }
+  // The fused backward + update.
+  int f = 0;
+  for (const Rule& rule : Rules(false))
+    for (XLA_FFI_DataType dt : kTableTypes)
+      for (int64_t dim : {1, 3, 4, 33, 128})
+        for (int max_len : {1, 300}) {
+          const XLA_FFI_DataType key = kKeyTypes[f % 3];
+          const int combiner = f % 3;
+          Bags b = RandomBags(rng, key, m, max_len, rows, f % 2 == 0);
+          out.push_back(BwdUpdate(rng, rule, dt, rows, dim, b, combiner, f % 4 == 1,
+                                  f % 5 != 4, Fmt("len<=%d", max_len)));
+          ++f;
+        }
+  {
+    Rule ftrl = Rules(true)[3];
+    Bags b = RandomBags(rng, kS32, m, 4, rows, true);
+    out.push_back(BwdUpdate(rng, ftrl, kF32, rows, 16, b, kMean, false, true,
+                            "len<=4 lr_power -0.7"));
+  }
+  SpecialCases(rng, out);
+  // Hash find-or-insert: roomy, overfull, one slot, prefilled; then finds.
+  for (XLA_FFI_DataType dt : kKeyTypes) {
+    out.push_back(HashCase(rng, dt, 64, 40, 0, true, true));
+    out.push_back(HashCase(rng, dt, 64, 500, 0, true, true));
+    out.push_back(HashCase(rng, dt, 4096, 3000, 0, true, true));
+    out.push_back(HashCase(rng, dt, 1, 5, 0, true, false));
+    out.push_back(HashCase(rng, dt, 97, 300, 30, true, false));
+    out.push_back(HashCase(rng, dt, 97, 0, 30, true, true));
+    out.push_back(HashCase(rng, dt, 97, 300, 60, false, true));
+    out.push_back(HashCase(rng, dt, 64, 200, 64, false, true));  // a full table
+    out.push_back(HashCase(rng, dt, 64, 50, 0, false, false));   // an empty one
+  }
+  ErrorCases(rng, out);
+  return out;
+}
+
+}  // namespace sanitize
+}  // namespace sok
