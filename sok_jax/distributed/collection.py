@@ -398,16 +398,18 @@ class EmbeddingCollection:
         order = np.argsort(keys, kind="stable")
         return keys[order], vectors[order]
 
-    def import_pairs(self, pairs: dict, seed=0) -> CollectionState:
+    def import_pairs(self, pairs: dict, seed=0, *, share: bool = False) -> CollectionState:
         """A state holding the given pairs, {table: (keys, vectors)}, on this
         collection's mesh and plan, whatever they were exported from; other
-        keys keep their seed's initial vectors (direct mode)."""
+        keys keep their seed's initial vectors (direct mode). Under several
+        processes every process passes the same pairs (checked), or with
+        `share=True` each its own share of them."""
         state = self.init(seed)
         shards = self._shards(state)
         for table, (keys, vectors) in pairs.items():
             rows = self._strategy(table)
             unit = self._unit_of[table]
-            shards[unit] = rows.import_pairs(*shards[unit], table, keys, vectors)
+            shards[unit] = rows.import_pairs(*shards[unit], table, keys, vectors, share)
         return self._state(state, shards)
 
     def required_capacity_factor(self, batch) -> dict:

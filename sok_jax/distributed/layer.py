@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 from sok_jax import ids as ids_lib
 from sok_jax import initializers
 from sok_jax.distributed.exchange import LookupSpec, Unit
+from sok_jax.distributed.host import to_host
 from sok_jax.distributed.rows import Member, RowHashRows, RowRows
 from sok_jax.distributed.state import EmbeddingState, EmbeddingStats, check_stats
 from sok_jax.distributed.tables import LookupInput, ShardedTables
@@ -318,18 +319,21 @@ class DistributedEmbedding:
         order = np.argsort(keys, kind="stable")
         return keys[order], vectors[order]
 
-    def import_pairs(self, keys, vectors, seed=0) -> EmbeddingState:
+    def import_pairs(self, keys, vectors, seed=0, *, share: bool = False) -> EmbeddingState:
         """A state on this layer's mesh holding the given (key, vector) pairs
         (SOK's load), whatever device count they were exported from. Direct
         mode: keys absent from `keys` keep their seed's initial vectors.
+        Under several processes every process passes the same pairs
+        (checked), or with `share=True` each its own share of them.
 
         Raises:
           ValueError: shapes disagree, keys repeat, a key is out of range
-            (direct mode), or a shard cannot hold its keys (hash mode).
+            (direct mode), a shard cannot hold its keys (hash mode), or the
+            processes passed different pairs.
         """
         state = self.init(seed)
         table, slot_keys = self._rows.import_pairs(
-            state.table, state.slot_keys, _TABLE, keys, vectors
+            state.table, state.slot_keys, _TABLE, keys, vectors, share
         )
         return dataclasses.replace(state, table=table, slot_keys=slot_keys)
 
@@ -339,5 +343,4 @@ class DistributedEmbedding:
         tests and export)."""
         if self.use_hashtable:
             raise ValueError("logical_rows is for direct mode; use export_pairs in hash mode")
-        table = np.asarray(jax.device_get(state.table))
-        return table[self._rows.global_rows(keys)]
+        return to_host(state.table)[self._rows.global_rows(keys)]

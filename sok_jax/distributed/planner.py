@@ -261,9 +261,7 @@ def make_plan(
         (t for t, p in placement.items() if p == "table"), key=lambda t: (-bucket(t), t)
     ):
         groups.setdefault(_column_key(specs[name], specs[name].optimizer), []).append(name)
-    chunks = [
-        members[i : i + n] for members in groups.values() for i in range(0, len(members), n)
-    ]
+    chunks = [members[i : i + n] for members in groups.values() for i in range(0, len(members), n)]
     settled = []
     while chunks:
         chunk = chunks.pop()

@@ -39,6 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 from sok_jax import initializers
 from sok_jax._compat import shard_map
+from sok_jax.distributed.host import check_same_on_every_process, from_host, gather_shares, to_host
 from sok_jax.ops import checks, hash_ops
 
 
@@ -150,8 +151,15 @@ class _Strategy:
                 return i
         raise KeyError(name)
 
-    def check_pairs(self, keys, vectors):
+    def check_pairs(self, keys, vectors, share: bool = False):
+        """The pairs to import, the same on every process: as given (checked
+        identical across processes), or with `share` every process's share
+        gathered."""
         keys, vectors = np.asarray(keys), np.asarray(vectors)
+        if share:
+            keys, vectors = gather_shares(keys, vectors)
+        else:
+            check_same_on_every_process("import_pairs", keys, vectors)
         if keys.ndim != 1 or vectors.shape != (keys.shape[0], self.dim):
             raise ValueError(
                 f"keys must be [K] and vectors [K, {self.dim}], got {keys.shape} and "
@@ -198,10 +206,6 @@ def _owner(keys, n):
     return jnp.remainder(keys, n).astype(jnp.int32)
 
 
-def _host(x):
-    return np.asarray(jax.device_get(x))
-
-
 @dataclasses.dataclass(frozen=True)
 class RowRows(_Strategy):
     """Placement "row", direct mode (see the module docstring)."""
@@ -241,14 +245,14 @@ class RowRows(_Strategy):
 
     def export_pairs(self, table, slot_keys, name):
         keys = np.arange(self.member.vocabulary_size, dtype=np.int64)
-        return keys, _host(table)[self.global_rows(keys)]
+        return keys, to_host(table)[self.global_rows(keys)]
 
-    def import_pairs(self, table, slot_keys, name, keys, vectors):
-        keys, vectors = self.check_pairs(keys, vectors)
+    def import_pairs(self, table, slot_keys, name, keys, vectors, share=False):
+        keys, vectors = self.check_pairs(keys, vectors, share)
         k = self._check_direct_keys(keys, self.member)
-        host = _host(table).copy()
+        host = to_host(table).copy()
         host[self.global_rows(k)] = vectors
-        return jax.device_put(host.astype(self.dtype), self.table_sharding), slot_keys
+        return from_host(host.astype(self.dtype), self.table_sharding), slot_keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,14 +288,14 @@ class TableRows(_Strategy):
     def export_pairs(self, table, slot_keys, name):
         m = self.members[self.member_index(name)]
         keys = np.arange(m.vocabulary_size, dtype=np.int64)
-        return keys, _host(table)[self.global_rows(keys, name)]
+        return keys, to_host(table)[self.global_rows(keys, name)]
 
-    def import_pairs(self, table, slot_keys, name, keys, vectors):
-        keys, vectors = self.check_pairs(keys, vectors)
+    def import_pairs(self, table, slot_keys, name, keys, vectors, share=False):
+        keys, vectors = self.check_pairs(keys, vectors, share)
         k = self._check_direct_keys(keys, self.members[self.member_index(name)])
-        host = _host(table).copy()
+        host = to_host(table).copy()
         host[self.global_rows(k, name)] = vectors
-        return jax.device_put(host.astype(self.dtype), self.table_sharding), slot_keys
+        return from_host(host.astype(self.dtype), self.table_sharding), slot_keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,14 +318,14 @@ class ReplicatedRows(_Strategy):
 
     def export_pairs(self, table, slot_keys, name):
         keys = np.arange(self.member.vocabulary_size, dtype=np.int64)
-        return keys, _host(table)[keys]
+        return keys, to_host(table)[keys]
 
-    def import_pairs(self, table, slot_keys, name, keys, vectors):
-        keys, vectors = self.check_pairs(keys, vectors)
+    def import_pairs(self, table, slot_keys, name, keys, vectors, share=False):
+        keys, vectors = self.check_pairs(keys, vectors, share)
         k = self._check_direct_keys(keys, self.member)
-        host = _host(table).copy()
+        host = to_host(table).copy()
         host[k] = vectors
-        return jax.device_put(host.astype(self.dtype), self.table_sharding), slot_keys
+        return from_host(host.astype(self.dtype), self.table_sharding), slot_keys
 
 
 # ------------------------------------------------------------------- hash
@@ -350,7 +354,7 @@ class _Hashed:
         return OwnerRows(table, slot_keys, rows, failed.reshape(()).astype(jnp.int32))
 
     def _stored(self, table, slot_keys):
-        table, slot_keys = _host(table), _host(slot_keys)
+        table, slot_keys = to_host(table), to_host(slot_keys)
         used = slot_keys != checks.padding_value(self.key_dtype)
         return slot_keys[used], table[used]
 
@@ -376,10 +380,10 @@ class _Hashed:
         slot_keys, table, failed = jax.jit(fn)(
             slot_keys,
             table,
-            jax.device_put(send_keys.reshape(-1), self.row_sharding),
-            jax.device_put(send_vecs.reshape(n * width, d), NamedSharding(self.mesh, mat)),
+            from_host(send_keys.reshape(-1), self.row_sharding),
+            from_host(send_vecs.reshape(n * width, d), NamedSharding(self.mesh, mat)),
         )
-        if int(np.sum(_host(failed))):
+        if int(np.sum(to_host(failed))):
             raise ValueError("import_pairs: a hash shard could not place all of its keys")
         return table, slot_keys
 
@@ -420,8 +424,8 @@ class RowHashRows(_Hashed, _Strategy):
     def export_pairs(self, table, slot_keys, name):
         return self._stored(table, slot_keys)
 
-    def import_pairs(self, table, slot_keys, name, keys, vectors):
-        keys, vectors = self.check_pairs(keys, vectors)
+    def import_pairs(self, table, slot_keys, name, keys, vectors, share=False):
+        keys, vectors = self.check_pairs(keys, vectors, share)
         owner = np.remainder(keys.astype(np.int64), self.num_devices)
         blocks = [owner == d for d in range(self.num_devices)]
         self._check_fits([int(b.sum()) for b in blocks])
@@ -454,10 +458,10 @@ class TableHashRows(_Hashed, _Strategy):
     def export_pairs(self, table, slot_keys, name):
         d, r = self.member_index(name), self.rows_per_device
         block = slice(d * r, (d + 1) * r)
-        return self._stored(_host(table)[block], _host(slot_keys)[block])
+        return self._stored(to_host(table)[block], to_host(slot_keys)[block])
 
-    def import_pairs(self, table, slot_keys, name, keys, vectors):
-        keys, vectors = self.check_pairs(keys, vectors)
+    def import_pairs(self, table, slot_keys, name, keys, vectors, share=False):
+        keys, vectors = self.check_pairs(keys, vectors, share)
         self._check_fits([len(keys)])
         d = self.member_index(name)
         blocks_k = [keys if i == d else keys[:0] for i in range(self.num_devices)]
@@ -494,8 +498,8 @@ class ReplicatedHashRows(_Hashed, _Strategy):
     def export_pairs(self, table, slot_keys, name):
         return self._stored(table, slot_keys)
 
-    def import_pairs(self, table, slot_keys, name, keys, vectors):
-        keys, vectors = self.check_pairs(keys, vectors)
+    def import_pairs(self, table, slot_keys, name, keys, vectors, share=False):
+        keys, vectors = self.check_pairs(keys, vectors, share)
         self._check_fits([len(keys)])
 
         def load(slot_keys, table, k, v):
@@ -503,10 +507,14 @@ class ReplicatedHashRows(_Hashed, _Strategy):
             target = jnp.where(got >= 0, got, table.shape[0])
             return slot_keys, table.at[target].set(v.astype(table.dtype), mode="drop"), failed
 
+        replicated = NamedSharding(self.mesh, P())
         slot_keys, table, failed = jax.jit(load)(
-            slot_keys, table, jnp.asarray(keys), jnp.asarray(vectors, jnp.float32)
+            slot_keys,
+            table,
+            from_host(keys, replicated),
+            from_host(vectors.astype(np.float32), replicated),
         )
-        if int(failed):
+        if int(to_host(failed)):
             raise ValueError("import_pairs: the hash table could not place all of its keys")
         return table, slot_keys
 

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sok_jax.distributed.host import to_host
+
 
 @dataclasses.dataclass(frozen=True)
 class EmbeddingStats:
@@ -108,7 +110,8 @@ def check_stats(state) -> None:
     """
     problems = []
     for table, s in _all_stats(state).items():
-        problems += stats_problems(s.overflow, s.invalid, s.hash_full, table)
+        counts = (to_host(s.overflow), to_host(s.invalid), to_host(s.hash_full))
+        problems += stats_problems(*counts, table)
     if problems:
         raise EmbeddingError("sok_jax: " + "; ".join(problems), state)
 
