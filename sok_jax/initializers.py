@@ -70,7 +70,10 @@ def _key_words(keys):
 
 
 def init_rows(initializer: Initializer, seed, keys, dim: int, dtype=jnp.float32):
-    """Initial vectors [len(keys), dim] of the given global keys."""
+    """Initial vectors [len(keys), dim] of the given global keys.
+
+    Large key sets are initialized in blocks of `_INIT_BLOCK` keys (a loop),
+    so that the temporaries stay a block's size, not the table's."""
     base = as_key(seed)
     lo, hi = _key_words(keys)
 
@@ -78,7 +81,21 @@ def init_rows(initializer: Initializer, seed, keys, dim: int, dtype=jnp.float32)
         k = jax.random.fold_in(jax.random.fold_in(base, a), b)
         return initializer(k, (dim,), jnp.float32)
 
-    return jax.vmap(one)(lo, hi).astype(dtype)
+    n = keys.shape[0]
+    if n <= _INIT_BLOCK:
+        return jax.vmap(one)(lo, hi).astype(dtype)
+    blocks = -(-n // _INIT_BLOCK)
+    pad = blocks * _INIT_BLOCK - n
+
+    def block(words):
+        return jax.vmap(one)(*words).astype(dtype)
+
+    lo = jnp.pad(lo, (0, pad)).reshape(blocks, _INIT_BLOCK)
+    hi = jnp.pad(hi, (0, pad)).reshape(blocks, _INIT_BLOCK)
+    return jax.lax.map(block, (lo, hi)).reshape(-1, dim)[:n]
+
+
+_INIT_BLOCK = 1 << 20
 
 
 def table_id(name: str) -> int:
