@@ -286,17 +286,28 @@ class TableEmbedding:
             parts.append(jnp.where(ids >= 0, ids + int(off), -1).reshape(b, slots, self.pack))
         return jnp.concatenate(parts, axis=1)
 
+    def _slot_ranges(self):
+        """(first, stop) lookup slots of each feature."""
+        ends = np.cumsum(np.bincount(self.slot_feature, minlength=len(self.features)))
+        return list(zip(np.concatenate([[0], ends[:-1]]).tolist(), ends.tolist()))
+
     def _pool(self, out):
-        """[B, slots, D] -> [B, features, D]: a feature's slots summed."""
+        """[B, slots, D] -> [B, features, D]: a feature's slots summed (static
+        slices: one fusion that reads the slots once)."""
         if self.num_slots == len(self.features):
             return out
-        seg = jax.ops.segment_sum(
-            jnp.moveaxis(out, 1, 0),
-            self.slot_feature,
-            len(self.features),
-            indices_are_sorted=True,
-        )
-        return jnp.moveaxis(seg, 0, 1)
+        return jnp.stack([out[:, a:b].sum(axis=1) for a, b in self._slot_ranges()], axis=1)
+
+    def _unpool(self, d_pooled):
+        """The cotangent of `_pool`: each feature's gradient to each of its slots."""
+        if self.num_slots == len(self.features):
+            return d_pooled
+        b, _, d = d_pooled.shape
+        parts = [
+            jnp.broadcast_to(d_pooled[:, k : k + 1], (b, stop - first, d))
+            for k, (first, stop) in enumerate(self._slot_ranges())
+        ]
+        return jnp.concatenate(parts, axis=1)
 
     def lookup(self, state, sparse: dict):
         """The sparse training path: (pooled [B, F, D], ctx, new_state)."""
@@ -306,8 +317,9 @@ class TableEmbedding:
     def update(self, state, opt_state, ctx, d_pooled):
         """Applies the optimizer to the rows the batch touched, in place
         (donate `state` and `opt_state`). `d_pooled`: d loss / d pooled."""
-        d_out = d_pooled if self.num_slots == len(self.features) else d_pooled[:, self.slot_feature]
-        return self.layer.sparse_update(state, self.optimizer, opt_state, ctx, d_out)
+        return self.layer.sparse_update(
+            state, self.optimizer, opt_state, ctx, self._unpool(d_pooled)
+        )
 
     def apply(self, state, sparse: dict, *, training: bool = False):
         """(pooled [B, F, D], new_state), differentiable w.r.t. `state.table`
