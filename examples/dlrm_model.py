@@ -152,7 +152,7 @@ def dense_flops(model_name: str, num_dense: int, num_features: int, dim: int, **
 
 
 # ------------------------------------------------------------- embeddings
-def pack_width(nnzs: Sequence[int], dim: int) -> int:
+def pack_width(nnzs: Sequence[int], dim: int, *, fused_update: bool = True) -> int:
     """Ids per lookup slot for bags of sizes `nnzs` in one padded layer.
 
     The layer takes [B, slots, P] ids (-1 padding); a feature with nnz ids
@@ -160,10 +160,14 @@ def pack_width(nnzs: Sequence[int], dim: int) -> int:
     pads every bag to the largest one (MLPerf's 100: 2600 positions for 214
     ids); P = 1 writes one output vector per id. The P chosen minimizes the
     bytes a step moves for it, per sample: 16 * D per slot (its output
-    written, read, its gradient written, read) and 32 per position (the
-    ids and their sort in the backward)."""
+    written, read, its gradient written, read) and 32 per position (the ids
+    and their sort in the backward), plus, when the optimizer has no fused
+    backward+update kernel (`fused_update=False`: row-wise Adagrad), 8 * D per
+    position: its [positions, D] row gradient is written and read (and held:
+    17 GiB at MLPerf's multi-hot batch 65536 with P 17, 8.4 GiB with P 4)."""
+    per_position = 32 + (0 if fused_update else 8 * dim)
     costs = {
-        p: sum(math.ceil(n / p) for n in nnzs) * (16 * dim + 32 * p)
+        p: sum(math.ceil(n / p) for n in nnzs) * (16 * dim + per_position * p)
         for p in range(1, max(nnzs) + 1)
     }
     return min(costs, key=lambda p: (costs[p], p))
@@ -179,7 +183,9 @@ class TableEmbedding:
     [B, nnz_k] are packed into ceil(nnz_k / P) lookup slots of P ids
     (`pack_width`); the vectors of a feature's slots are summed into its one
     pooled vector, so `lookup` gives [B, num_features, D] whatever the bag
-    sizes.
+    sizes. `fused_update`: whether `optimizer` updates in the fused
+    backward kernel (sgd, adagrad, adam, ftrl; not row-wise Adagrad), which
+    `pack_width` weighs.
 
     The interface (`init`, `lookup`, `update`, `apply`, `plan`) is what a
     many-tables collection offers with one table per feature; switching to
@@ -201,6 +207,7 @@ class TableEmbedding:
         capacity_factor: float | None = 1.0,
         check: bool = False,
         pack: int | None = None,
+        fused_update: bool = True,
         init_chunk_rows: int = 1 << 22,
     ):
         self.features = tuple(features)
@@ -211,7 +218,7 @@ class TableEmbedding:
         self.offsets = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64)
         self.total_rows = int(sum(rows))
         nnzs = [f.nnz for f in self.features]
-        self.pack = int(pack or pack_width(nnzs, self.dim))
+        self.pack = int(pack or pack_width(nnzs, self.dim, fused_update=fused_update))
         slots = [math.ceil(n / self.pack) for n in nnzs]
         # Lookup slot -> its feature (slots of one feature are adjacent).
         self.slot_feature = np.repeat(np.arange(len(self.features)), slots).astype(np.int32)
