@@ -32,7 +32,12 @@ Tables are initialized on the device (`TableEmbedding.init_table`). The
 memory a step needs is read from the compiled program's memory analysis
 and, on GPUs, the allocator's peak.
 
-GPU (one H200, ~4 minutes including compiles and table init):
+Memory at full size (the compiled programs' analysis, abstract compile on
+CPU): state 98.2 GiB + 7.2 GiB temporaries one-hot, 11.8 GiB multi-hot; the
+nn.Embed model needs 195 + 116 GiB at scale 1, 97 + 58 at 1/2 (both over an
+H200), 49 + 32 at 1/4.
+
+GPU (one H200, an estimated 5-6 minutes, mostly compiles and table inits):
   python benchmarks/bench_dlrm.py --out dlrm_h200.json
 CPU smoke run (seconds):
   JAX_PLATFORMS=cpu python benchmarks/bench_dlrm.py --scale 1e-5 --batch 256 --steps 2
