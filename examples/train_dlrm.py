@@ -1,26 +1,41 @@
-"""DLRM-style CTR training with sok_jax on synthetic Criteo-shaped data.
+"""DLRM training with sok_jax on Criteo-shaped data, made on the device.
 
-Bottom MLP over 13 dense features, one `sok_jax.DistributedEmbedding` shared
-by the 26 categorical slots (SOK style: slot s's keys are offset so slots
-never collide), pairwise-dot interaction, top MLP, binary cross-entropy.
-Dense layers are Flax linen + optax, data-parallel (replicated parameters,
-batch sharded over the mesh axis). The table is model-parallel and trained
-with the sparse path: only the rows a batch touched are updated, by a fused
-kernel, inside the same jitted step, with the table and its optimizer slots
-donated. `--dense-path` trains the table with `jax.grad` + optax instead.
+Two models (the dense halves are flax NNX, `examples/dlrm_model.py`):
 
-Runs as is on a CPU (8 forced host devices) in about half a minute on two cores:
+* `--model dlrm` (the default, the quickstart's job): a small DLRM (bottom
+  MLP, pairwise dots, top MLP) over 13 dense and 26 sparse features, the
+  Criteo Kaggle cardinalities scaled into `--table-rows` (1M) rows of D 16.
+  About half a minute on a 2-core CPU (8 forced host devices).
+* `--model dcnv2 --preset mlperf`: MLPerf Training's DLRM-DCNv2 at full size:
+  26 tables with the Criteo 1TB cardinalities capped at 40M rows
+  (204,184,588 rows x D 128 = 104.5 GB in float32), bottom MLP 512-256-128,
+  3 low-rank (512) cross layers, top MLP 1024-1024-512-256-1, bfloat16
+  compute with float32 parameters, batch 65536; Adagrad lr 0.005 for the
+  dense part as in the reference, and for the tables row-wise Adagrad (the
+  reference's full Adagrad needs a second 104.5 GB for its accumulator,
+  more than one H200 has; `--optimizer adagrad` at a smaller `--scale`).
+  `--multi-hot` uses MLPerf's bag sizes (214 ids per sample); `--scale s`
+  shrinks every table by s (the same preset on a CPU).
 
-    python examples/train_dlrm.py [--optimizer adagrad] [--dense-path] [--json out.json]
+The embedding side is one `sok_jax.DistributedEmbedding` holding every
+feature's rows (`TableEmbedding`), trained with the sparse path inside one
+jitted step that donates all state. The data is `sok_jax.data.SyntheticCriteo`,
+generated inside that step from the step number (power-law ids, lognormal
+dense features, labels from a planted model whose AUC is printed beside the
+trained one), or the preprocessed NumPy Criteo files with `--criteo-dir`.
+
+    python examples/train_dlrm.py                       # the small default
+    python examples/train_dlrm.py --model dcnv2 --scale 1e-4 --batch-size 1024
+    python examples/train_dlrm.py --model dcnv2 --multi-hot --plot dcnv2.png --json m.json
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import os
+import statistics
+import sys
 import time
 
 # Forced host devices exist only for the CPU ("host") platform, so this is
@@ -30,65 +45,67 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
 
-import flax.linen as nn  # noqa: E402
+# The full-size table (97.3 GiB) and the step's activations need more of an
+# H200 than JAX's default 75% preallocation.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import dlrm_model as dm  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from flax import nnx  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import sok_jax  # noqa: E402
-from sok_jax import optim  # noqa: E402
+from sok_jax import data, optim  # noqa: E402
 
-# Per-slot cardinalities of the Criteo Kaggle display-advertising data set.
-CRITEO_CARDINALITIES = [
-    1460,
-    583,
-    10131227,
-    2202608,
-    305,
-    24,
-    12517,
-    633,
-    3,
-    93145,
-    5683,
-    8351593,
-    3194,
-    27,
-    14992,
-    5461306,
-    10,
-    5652,
-    2173,
-    4,
-    7046547,
-    18,
-    15,
-    286181,
-    105,
-    142572,
-]
-NUM_DENSE, NUM_SLOTS, AXIS = 13, 26, "data"
-# Embedding learning rates that train well here. The loss is a batch mean, so
-# a row's gradient is ~1/batch: plain SGD needs a large rate, and Adagrad/FTRL
-# (whose 0.1 initial accumulator dominates such small gradients) a larger one
-# than usual; Adam normalizes the scale away.
+AXIS = "data"
+# Table learning rates of the small model that train well here. The loss is
+# a batch mean, so a row's gradient is ~1/batch: plain SGD needs a large rate,
+# and Adagrad/FTRL (whose 0.1 initial accumulator dominates such small
+# gradients) a larger one than usual; Adam normalizes the scale away.
 DEFAULT_LR = {"sgd": 20.0, "adagrad": 0.5, "rowwise_adagrad": 0.5, "adam": 0.01, "ftrl": 0.5}
+# MLPerf DLRM-DCNv2 (mlcommons/training recommendation_v2/torchrec_dlrm):
+# Adagrad, lr 0.005, no warm-up or decay, initial accumulator 0; eps 1e-10
+# for the dense part (torch.optim.Adagrad), 1e-8 for the fused table update.
+PRESETS = {
+    "mlperf": dict(
+        cardinalities=data.MLPERF_CARDINALITIES,
+        dim=128,
+        bottom=(512, 256, 128),
+        top=(1024, 1024, 512, 256, 1),
+        cross_layers=3,
+        cross_rank=512,
+        batch_size=65536,
+        lr=0.005,
+        table_eps=1e-8,
+        dense_eps=1e-10,
+    )
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch-size", type=int, default=4096, help="global batch")
-    p.add_argument("--table-rows", type=int, default=1_000_000, help="total rows of the table")
-    p.add_argument("--dim", type=int, default=16, help="embedding size D")
-    p.add_argument("--optimizer", default="adam", choices=sorted(DEFAULT_LR))
-    p.add_argument("--lr", type=float, default=None, help="embedding lr (default per optimizer)")
-    p.add_argument("--dense-lr", type=float, default=1e-3, help="adam lr of the MLPs")
-    p.add_argument("--steps", type=int, default=100, help="steps per epoch")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--model", default="dlrm", choices=["dlrm", "dcnv2"])
+    p.add_argument("--preset", default="mlperf", choices=sorted(PRESETS), help="dcnv2's sizes")
+    p.add_argument("--scale", type=float, default=1.0, help="dcnv2: shrink every table by this")
+    p.add_argument("--multi-hot", action="store_true", help="dcnv2: MLPerf's bag sizes")
+    p.add_argument("--table-rows", type=int, default=1_000_000, help="dlrm: total table rows")
+    p.add_argument("--dim", type=int, default=None, help="embedding size D (dlrm 16, dcnv2 128)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch (4096 / 65536)")
+    p.add_argument("--steps", type=int, default=None, help="steps per epoch (100 / 500)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (3 / 4)")
+    p.add_argument("--eval-batches", type=int, default=4, help="held-out batches per evaluation")
+    p.add_argument("--optimizer", default=None, choices=sorted(DEFAULT_LR), help="the tables'")
+    p.add_argument("--lr", type=float, default=None, help="the tables' learning rate")
+    p.add_argument("--dense-lr", type=float, default=None, help="the dense part's learning rate")
+    p.add_argument("--table-dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--compute-dtype", default=None, choices=sorted(DTYPES), help="dense compute")
+    p.add_argument("--pack", type=int, default=None, help="ids per lookup slot (default: chosen)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--capacity-factor",
@@ -102,253 +119,405 @@ def parse_args(argv=None):
         action="store_true",
         help="train the table with jax.grad + optax (O(table) per step)",
     )
+    p.add_argument("--criteo-dir", default=None, help="preprocessed NumPy Criteo (day_*.npy)")
+    p.add_argument("--train-days", default="0-22", help="with --criteo-dir: e.g. 0-22 or 0,1")
+    p.add_argument("--eval-day", type=int, default=23, help="with --criteo-dir: its first half")
+    p.add_argument("--no-split", action="store_true", help="skip timing the step's parts")
+    p.add_argument("--split-steps", type=int, default=10, help="calls per timing sample")
     p.add_argument("--json", default=None, help="write final metrics here")
-    return p.parse_args(argv)
+    p.add_argument("--plot", default=None, help="write a PNG of loss and AUC here")
+    args = p.parse_args(argv)
+    dcn = args.model == "dcnv2"
+    preset = PRESETS[args.preset] if dcn else {}
+    args.dim = args.dim or (preset["dim"] if dcn else 16)
+    args.batch_size = args.batch_size or (preset["batch_size"] if dcn else 4096)
+    args.steps = args.steps or (500 if dcn else 100)
+    args.epochs = args.epochs or (4 if dcn else 3)
+    args.optimizer = args.optimizer or ("rowwise_adagrad" if dcn else "adam")
+    args.compute_dtype = args.compute_dtype or ("bfloat16" if dcn else "float32")
+    if args.lr is None:
+        adagrads = ("adagrad", "rowwise_adagrad")
+        args.lr = preset["lr"] if dcn and args.optimizer in adagrads else DEFAULT_LR[args.optimizer]
+    if args.dense_lr is None:
+        args.dense_lr = preset["lr"] if dcn else 1e-3
+    if args.multi_hot and not dcn:
+        p.error("--multi-hot is for --model dcnv2")
+    return args
 
 
-# ----------------------------------------------------------------- data
-def make_sampler(rng, cards, offsets):
-    """Returns `sample(num) -> (dense [num, 13], ids [num, 26, 1], labels [num])`:
-    Criteo-shaped samples, Zipf keys per slot, lognormal counts as dense
-    features, and labels from a fixed logistic model of both (a per-key
-    weight summed over the slots plus a dense term), so there is something to
-    learn and a fresh draw is a fair eval set."""
-    key_weight = rng.normal(0, 0.5, offsets[-1] + cards[-1]).astype(np.float32)
-    dense_weight = rng.normal(0, 0.3, NUM_DENSE).astype(np.float32)
-    # Finite Zipf(1.1) by inverse CDF: a few hot keys, a long tail.
-    cdfs = [np.cumsum(1.0 / np.arange(1, c + 1) ** 1.1) for c in cards]
-    cdfs = [c / c[-1] for c in cdfs]
-
-    def sample(num):
-        ids = np.empty((num, NUM_SLOTS, 1), np.int32)
-        for s, cdf in enumerate(cdfs):
-            local = np.minimum(np.searchsorted(cdf, rng.random(num)), len(cdf) - 1)
-            ids[:, s, 0] = offsets[s] + local
-        dense = np.log1p(rng.lognormal(1.0, 1.5, (num, NUM_DENSE))).astype(np.float32)
-        logit = key_weight[ids[:, :, 0]].sum(1) + (dense - 1.5) @ dense_weight - 1.0
-        labels = (rng.random(num) < 1 / (1 + np.exp(-logit))).astype(np.float32)
-        return dense, ids, labels
-
-    return sample
+def _days(spec: str) -> list[int]:
+    out = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi or lo) + 1))
+    return out
 
 
-def auc(labels, scores):
-    """ROC AUC by the Mann-Whitney rank sum (tied scores share their mean rank)."""
-    order = np.argsort(scores, kind="mergesort")
-    _, first, counts = np.unique(scores[order], return_index=True, return_counts=True)
-    ranks = np.empty(len(scores))
-    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)
-    pos = labels > 0.5
-    n_pos, n_neg = pos.sum(), (~pos).sum()
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / max(n_pos * n_neg, 1))
-
-
-# ---------------------------------------------------------------- model
-class MLP(nn.Module):
-    features: tuple
-
-    @nn.compact
-    def __call__(self, x, final_relu=True):
-        for i, f in enumerate(self.features):
-            x = nn.Dense(f)(x)
-            if i + 1 < len(self.features) or final_relu:
-                x = nn.relu(x)
-        return x
-
-
-class DLRM(nn.Module):
-    """Everything but the table: it gets the looked-up embeddings [B, 26, D]."""
-
-    dim: int
-
-    @nn.compact
-    def __call__(self, dense, emb):
-        bottom = MLP((64, self.dim))(dense)
-        x = jnp.concatenate([bottom[:, None], emb.astype(bottom.dtype)], axis=1)  # [B, 27, D]
-        dots = jnp.einsum("bid,bjd->bij", x, x)
-        i, j = np.triu_indices(x.shape[1], k=1)  # each pair once, no self-dots
-        top_in = jnp.concatenate([bottom, dots[:, i, j]], axis=1)
-        return MLP((128, 64, 1))(top_in, final_relu=False)[:, 0]
-
-
-def bce(logits, labels):
-    return optax.sigmoid_binary_cross_entropy(logits, labels).mean()
-
-
-def dense_table_optimizer(name, lr):
-    """The optax twin of a sparse optimizer, for --dense-path."""
-    table = {
-        "sgd": lambda: optax.sgd(lr),
-        "adam": lambda: optax.adam(lr),
-        "adagrad": lambda: optax.adagrad(lr, initial_accumulator_value=0.1, eps=1e-7),
+# --------------------------------------------------------------- set-up
+def table_optimizer(args):
+    """The tables' sparse optimizer (or its optax twin for --dense-path)."""
+    dcn_adagrad = args.model == "dcnv2" and args.optimizer in ("adagrad", "rowwise_adagrad")
+    kw = (
+        dict(initial_accumulator_value=0.0, eps=PRESETS[args.preset]["table_eps"])
+        if dcn_adagrad
+        else {}
+    )
+    if not args.dense_path:
+        return optim.by_name(args.optimizer, args.lr, **kw)
+    twins = {
+        "sgd": lambda: optax.sgd(args.lr),
+        "adam": lambda: optax.adam(args.lr),
+        "adagrad": lambda: optax.adagrad(
+            args.lr, kw.get("initial_accumulator_value", 0.1), kw.get("eps", 1e-7)
+        ),
     }
-    if name not in table:
-        raise SystemExit(f"--dense-path takes --optimizer {sorted(table)}; {name} is sparse-only")
-    return table[name]()
+    if args.optimizer not in twins:
+        raise SystemExit(
+            f"--dense-path takes --optimizer {sorted(twins)}; {args.optimizer} is sparse-only"
+        )
+    return twins[args.optimizer]()
+
+
+def dense_optimizer(args):
+    if args.model == "dcnv2":
+        eps = PRESETS[args.preset]["dense_eps"]
+        return optax.adagrad(args.dense_lr, initial_accumulator_value=0.0, eps=eps)
+    return optax.adam(args.dense_lr)
+
+
+def make_features(args):
+    if args.model == "dcnv2":
+        preset = PRESETS[args.preset]
+        return data.criteo_features(
+            preset["cardinalities"], scale=args.scale, multi_hot=args.multi_hot
+        )
+    scale = min(1.0, args.table_rows / sum(data.KAGGLE_CARDINALITIES))
+    return data.criteo_features(data.KAGGLE_CARDINALITIES, scale=scale, min_rows=2)
+
+
+def make_model(args, features):
+    kw = dict(dtype=DTYPES[args.compute_dtype], param_dtype=jnp.float32, rngs=nnx.Rngs(args.seed))
+    if args.model == "dcnv2":
+        preset = PRESETS[args.preset]
+        shapes = {k: preset[k] for k in ("bottom", "top", "cross_layers", "cross_rank")}
+        return dm.DCNv2(data.NUM_DENSE, len(features), args.dim, **shapes, **kw), shapes
+    return dm.DLRM(data.NUM_DENSE, len(features), args.dim, **kw), {}
+
+
+def make_loaders(args, features):
+    """(training loader, list of held-out batches on the device, generator or None)."""
+    if args.criteo_dir is None:
+        gen = data.SyntheticCriteo(features, args.batch_size, seed=args.seed)
+        make = jax.jit(gen.eval_batch)
+        return gen, [make(i) for i in range(args.eval_batches)], gen
+    kw = dict(features=features, multi_hot=args.multi_hot)
+    train = data.CriteoNumpy(args.criteo_dir, _days(args.train_days), args.batch_size, **kw)
+    held = data.CriteoNumpy(args.criteo_dir, [args.eval_day], args.batch_size, **kw)
+    n = min(args.eval_batches, max(held.num_batches // 2, 1))  # the validation half
+    return train, [held.batch(i) for i in range(n)], None
+
+
+# --------------------------------------------------------------- timing
+def median_time(call, calls: int, samples: int = 3) -> float:
+    """Median seconds per call over `samples` runs of `calls` calls, each run
+    blocking once on the last result (after one blocking warm-up call)."""
+    jax.block_until_ready(call())
+    times = []
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        out = None
+        for _ in range(calls):
+            out = call()
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / calls)
+    return statistics.median(times)
+
+
+def time_split(args, step, state, loader, embed, graphdef, dense_tx, put):
+    """Times the whole step and its parts as jitted sub-steps of the same
+    shapes: the batch (generated, or read and transferred), the embedding
+    half (lookup + sparse update, given a cotangent), the dense half
+    (forward, backward, optimizer, given the pooled vectors) and, on several
+    devices, the exchange's all_to_alls alone. Trains `state` further (with a
+    fixed cotangent): run it last."""
+    calls, counter = args.split_steps, [0]
+    box = {"state": state}
+
+    def whole():
+        counter[0] += 1
+        box["state"], loss, _ = step(box["state"], counter[0] if loader.on_device else batch)
+        return loss
+
+    if loader.on_device:
+        make_batch = jax.jit(lambda i: put(loader.batch(i)))  # sharded as in the step
+        batch = make_batch(0)
+        t_data = median_time(lambda: make_batch(counter[0]), calls)
+    else:
+        batch = put(loader.batch(0))
+        t_data = median_time(lambda: put(loader.batch(0)), calls)
+    res = {"whole": median_time(whole, calls), "data": t_data}
+    state = box.pop("state")
+
+    emb_step = jax.jit(dm.make_embedding_step(embed), donate_argnums=(0, 1))
+    shape = (args.batch_size, len(embed.features), embed.dim)
+    d_pooled = put(jax.random.normal(jax.random.key(1), shape, jnp.float32) * 1e-4)
+    emb_box = [state.emb, state.emb_opt]
+
+    def emb_call():
+        emb_box[0], emb_box[1] = emb_step(emb_box[0], emb_box[1], batch.sparse, d_pooled)
+        return emb_box[1]
+
+    res["embedding"] = median_time(emb_call, calls)
+
+    dense_step = jax.jit(dm.make_dense_step(graphdef, dense_tx), donate_argnums=(0, 1))
+    pooled = put(d_pooled * 100.0)
+    dense_box = [state.params, state.dense_opt]
+
+    def dense_call():
+        dense_box[0], dense_box[1], loss, _ = dense_step(
+            dense_box[0], dense_box[1], batch.dense, pooled, batch.labels
+        )
+        return loss
+
+    res["dense"] = median_time(dense_call, calls)
+    fn, ex_args = dm.make_exchange_step(embed, args.batch_size)
+    if fn is not None:
+        fn = jax.jit(fn)
+        res["exchange"] = median_time(lambda: fn(*ex_args), calls)
+    return res
+
+
+def print_split(res, batch_size, on_device):
+    whole = res["whole"]
+    print(
+        f"step time split at batch {batch_size:,} (jitted sub-steps of the same shapes, "
+        "median of 3 runs):"
+    )
+    rows = [
+        ("whole training step", whole),
+        (
+            "data: " + ("generated on the device" if on_device else "read + transferred"),
+            res["data"],
+        ),
+        ("embedding lookup + sparse update", res["embedding"]),
+        ("exchange (all_to_alls alone)", res.get("exchange")),
+        ("dense forward + backward + optimizer", res["dense"]),
+    ]
+    for name, t in rows:
+        if t is None:
+            print(f"  {name:<40} {'-':>9}    one device: looked up locally, nothing exchanged")
+            continue
+        extra = (
+            f"{batch_size / t / 1e6:8.3f} M samples/s" if t is whole else f"{100 * t / whole:6.1f}%"
+        )
+        print(f"  {name:<40} {t * 1e3:9.3f} ms {extra}")
+    parts = res["embedding"] + res["dense"] + (res["data"] if on_device else 0.0)
+    print(
+        f"  {'parts summed':<40} {parts * 1e3:9.3f} ms (whole - parts {1e3 * (whole - parts):+.3f} ms: "
+        "what overlaps or fuses across the halves; the embedding part includes the exchange)"
+    )
+
+
+def write_plot(path, losses, evals, planted):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: no plot written to {path}")
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.plot(np.arange(1, len(losses) + 1), losses, lw=0.6)
+    a.set(xlabel="step", ylabel="training loss (BCE)", title="loss")
+    if max(losses) > 20 * min(losses):  # an early spike would flatten the rest
+        a.set_yscale("log")
+    steps, aucs = zip(*[(e["step"], e["auc"]) for e in evals])
+    b.plot(steps, aucs, "o-", label="trained model")
+    if planted is not None:
+        b.axhline(planted, color="gray", ls="--", label=f"planted model {planted:.4f}")
+    b.set(xlabel="step", ylabel="held-out AUC", title="AUC")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 # ----------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
-    lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
-    if args.dense_path:
-        table_tx = dense_table_optimizer(args.optimizer, lr)
-    else:
-        table_tx = optim.by_name(args.optimizer, lr)
+    table_tx, dense_tx = table_optimizer(args), dense_optimizer(args)
     devices = jax.devices()
     n = len(devices)
     if args.batch_size % n:
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by {n} devices")
     mesh = Mesh(np.array(devices), (AXIS,))
     repl, batch_sh = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
-
-    # Scale the real cardinalities into the row budget; slot s owns keys
-    # [offsets[s], offsets[s] + cards[s]) of the one shared table.
-    scale = args.table_rows / sum(CRITEO_CARDINALITIES)
-    cards = [max(2, int(c * scale)) for c in CRITEO_CARDINALITIES]
-    offsets = np.concatenate([[0], np.cumsum(cards)[:-1]])
-    total_rows = int(sum(cards))
     path = "dense" if args.dense_path else "sparse"
     print(f"devices: {n} x {devices[0].platform} ({devices[0].device_kind})")
     print(
-        f"config: {vars(args)} | embedding lr {lr} | table {total_rows} rows x {args.dim} "
-        f"({math.ceil(total_rows / n)} per device) | {path} path"
+        f"config: {vars(args)} | table optimizer {args.optimizer} lr {args.lr} | dense "
+        f"{'adagrad' if args.model == 'dcnv2' else 'adam'} lr {args.dense_lr} | {path} path"
     )
 
-    rng = np.random.default_rng(args.seed)
-    sample = make_sampler(rng, cards, offsets)
-    n_eval = 4 * args.batch_size
-    evals = sample(n_eval)  # held out: never trained on
-
-    emb = sok_jax.DistributedEmbedding(
-        combiner="sum",
-        max_vocabulary_size_per_gpu=math.ceil(total_rows / n),
-        embedding_vec_size=args.dim,
-        slot_num=NUM_SLOTS,
-        max_nnz=1,
+    features = make_features(args)
+    model, shapes = make_model(args, features)
+    graphdef, params = nnx.split(model)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    flops = dm.dense_flops(args.model, data.NUM_DENSE, len(features), args.dim, **shapes)
+    print(
+        f"dense model: {type(model).__name__}, {n_params:,} parameters (float32), "
+        f"{args.compute_dtype} compute, {3 * flops / 1e6:.1f} MFLOP per sample per step"
+    )
+    embed = dm.TableEmbedding(
+        features,
+        args.dim,
         mesh=mesh,
         axis_name=AXIS,
+        optimizer=table_tx if not args.dense_path else optim.sgd(0.0),
+        dtype=DTYPES[args.table_dtype],
         capacity_factor=args.capacity_factor or None,
         check=args.check,
+        pack=args.pack,
+        fused_update=args.optimizer != "rowwise_adagrad",  # optim.py: no fused kernel
     )
-    model = DLRM(args.dim)
-    dense_tx = optax.adam(args.dense_lr)
-    params = model.init(
-        jax.random.key(args.seed), evals[0][:2], jnp.zeros((2, NUM_SLOTS, args.dim))
-    )
-    params = jax.device_put(params, repl)
-    dense_opt = jax.device_put(dense_tx.init(params), repl)
-    emb_state = emb.init(args.seed)
-    if args.dense_path:
-        table_opt = jax.jit(table_tx.init)(emb_state.table)
-    else:
-        table_opt = emb.init_optimizer(table_tx, emb_state)
+    print(embed.plan(args.optimizer))
 
-    # Explicit shardings: the table and its optimizer slots are row-sharded,
-    # the stats are per device, the dense side is replicated.
-    emb_sh = emb.state_shardings()
-    if args.dense_path:  # an optax state: its table-shaped leaves follow the table
+    t0 = time.perf_counter()
+    if args.dense_path:
+        emb_state = embed.init_table(args.seed)
+        emb_opt = jax.jit(table_tx.init)(emb_state.table)
+        emb_sh = embed.layer.state_shardings()
         opt_sh = jax.tree.map(
-            lambda x: emb.table_sharding if x.shape == emb_state.table.shape else repl, table_opt
+            lambda x: embed.layer.table_sharding if x.shape == emb_state.table.shape else repl,
+            emb_opt,
         )
     else:
-        opt_sh = emb.optimizer_shardings(table_opt)
-    state_sh = (
+        emb_state, emb_opt = embed.init(args.seed)
+        emb_sh, opt_sh = embed.shardings(emb_opt)
+    jax.block_until_ready((emb_state, emb_opt))
+    print(f"table initialized on the device(s) in {time.perf_counter() - t0:.1f}s")
+
+    params = jax.device_put(params, repl)
+    dense_opt = jax.device_put(dense_tx.init(params), repl)
+    state = dm.TrainState(params, dense_opt, emb_state, emb_opt)
+    state_sh = dm.TrainState(
         jax.tree.map(lambda _: repl, params),
         jax.tree.map(lambda _: repl, dense_opt),
         emb_sh,
         opt_sh,
     )
-    data_sh = (batch_sh, batch_sh, batch_sh)
-
-    def train_step(params, dense_opt, emb_state, table_opt, dense, ids, labels):
-        if args.dense_path:  # the whole [rows, D] gradient, through jax.grad
-
-            def loss_fn(params, table):
-                out, new_state = emb.apply(dataclasses.replace(emb_state, table=table), ids)
-                return bce(model.apply(params, dense, out), labels), new_state.stats
-
-            (loss, stats), (g_params, g_table) = jax.value_and_grad(loss_fn, (0, 1), has_aux=True)(
-                params, emb_state.table
-            )
-            upd, table_opt = table_tx.update(g_table, table_opt, emb_state.table)
-            new_table = optax.apply_updates(emb_state.table, upd)
-            emb_state = dataclasses.replace(emb_state, table=new_table, stats=stats)
-        else:  # sparse: differentiate w.r.t. the looked-up vectors only
-            out, ctx, emb_state = emb.lookup(emb_state, ids)
-            loss, (g_params, g_out) = jax.value_and_grad(
-                lambda p, e: bce(model.apply(p, dense, e), labels), (0, 1)
-            )(params, out)
-            # Touched rows only, summed on their owners and updated in place
-            # (= apply_gradients(..., sparse_grad(ctx, g_out)) in one pass).
-            emb_state, table_opt = emb.sparse_update(emb_state, table_tx, table_opt, ctx, g_out)
-        # Replicated params + sharded batch: XLA all-reduces g_params itself.
-        upd, dense_opt = dense_tx.update(g_params, dense_opt, params)
-        params = optax.apply_updates(params, upd)
-        return params, dense_opt, emb_state, table_opt, loss, emb_state.stats.total()
-
-    step = jax.jit(
-        train_step,
-        in_shardings=state_sh + data_sh,
-        out_shardings=state_sh + (repl, repl),
-        donate_argnums=(0, 1, 2, 3),
+    train_step = dm.make_train_step(
+        graphdef, embed, dense_tx, table_tx=table_tx if args.dense_path else None
     )
+    loader, held_out, gen = make_loaders(args, features)
 
-    @jax.jit
-    def predict(params, emb_state, dense, ids):
-        out, _ = emb.apply(emb_state, ids, training=False)
-        return model.apply(params, dense, out)
+    def put(batch):
+        """The batch (or any [B, ...] arrays) sharded over the axis; inside
+        jit a sharding constraint."""
+        if isinstance(jax.tree.leaves(batch)[0], jax.core.Tracer):
+            return jax.lax.with_sharding_constraint(batch, batch_sh)
+        return jax.device_put(batch, batch_sh)
 
-    def put(arrays, lo, hi):
-        return tuple(jax.device_put(a[lo:hi], batch_sh) for a in arrays)
+    if loader.on_device:  # the batch is made inside the step, from its number
 
-    state = (params, dense_opt, emb_state, table_opt)
+        def synthetic_step(state, step_number):
+            return train_step(state, put(loader.batch(step_number)))
+
+        step = jax.jit(
+            synthetic_step,
+            in_shardings=(state_sh, None),
+            out_shardings=(state_sh, repl, repl),
+            donate_argnums=(0,),
+        )
+        example = 0
+    else:
+        step = jax.jit(
+            train_step,
+            in_shardings=(state_sh, batch_sh),
+            out_shardings=(state_sh, repl, repl),
+            donate_argnums=(0,),
+        )
+        example = put(loader.batch(0))
     t0 = time.perf_counter()
-    step = step.lower(*state, *put(evals, 0, args.batch_size)).compile()  # shapes only
-    print(f"compiled the train step in {time.perf_counter() - t0:.1f}s")
-    first_loss = None
+    step = step.lower(state, example).compile()
+    compile_s = time.perf_counter() - t0
+    print(f"compiled the train step in {compile_s:.1f}s")
+
+    predict = jax.jit(dm.make_predict(graphdef, embed))
+    held_out = [put(b) for b in held_out]
+    eval_labels = np.concatenate([np.asarray(b.labels) for b in held_out])
+    planted_auc = None
+    if gen is not None:
+        planted = np.concatenate([np.asarray(jax.jit(gen.planted_logits)(b)) for b in held_out])
+        planted_auc = data.roc_auc(eval_labels, planted)
+
+    steps_per_epoch = args.steps
+    if loader.num_batches is not None:
+        steps_per_epoch = min(args.steps, loader.num_batches // args.epochs)
+        if steps_per_epoch < 1:
+            raise SystemExit(f"{loader.num_batches} batches cannot make {args.epochs} epochs")
+    all_losses, evals, first_loss = [], [], None
+    global_step = 0
     for epoch in range(1, args.epochs + 1):
-        # Fresh samples every epoch, like one pass over a click log far larger
-        # than the run (repeating a small set lets the tail keys memorize it).
-        data = sample(args.steps * args.batch_size)
         losses, dropped = [], []
+        bar = tqdm(
+            range(steps_per_epoch), desc=f"epoch {epoch}/{args.epochs}", unit="step", leave=False
+        )
         t0 = time.perf_counter()
-        bar = tqdm(range(args.steps), desc=f"epoch {epoch}/{args.epochs}", unit="step", leave=False)
         for i in bar:
-            batch = put(data, i * args.batch_size, (i + 1) * args.batch_size)
-            *state, loss, drop = step(*state, *batch)
+            if loader.on_device:
+                state, loss, drop = step(state, global_step)
+            else:
+                state, loss, drop = step(state, put(loader.batch(global_step)))
+            global_step += 1
             losses.append(loss)
             dropped.append(drop)
             if i % 10 == 0:  # reading a value waits for the step; not every step
-                bar.set_postfix(loss=f"{float(loss):.4f}")
+                sps = (i + 1) * args.batch_size / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{float(loss):.4f}", samples_s=f"{sps:,.0f}")
         losses = np.asarray(jax.device_get(losses))
         elapsed = time.perf_counter() - t0
+        all_losses += losses.tolist()
         first_loss = float(losses[0]) if first_loss is None else first_loss
-        logits = np.concatenate(
-            [
-                np.asarray(predict(state[0], state[2], *put(evals[:2], lo, lo + args.batch_size)))
-                for lo in range(0, n_eval, args.batch_size)
-            ]
+        logits = np.concatenate([np.asarray(predict(state.params, state.emb, b)) for b in held_out])
+        eval_auc = data.roc_auc(eval_labels, logits)
+        eval_loss = float(dm.bce(jnp.asarray(logits), jnp.asarray(eval_labels)))
+        sps = steps_per_epoch * args.batch_size / elapsed
+        drops = int(np.sum(jax.device_get(dropped)))
+        evals.append(
+            dict(epoch=epoch, step=global_step, auc=eval_auc, loss=eval_loss, samples_per_s=sps)
         )
-        eval_auc = auc(evals[2], logits)
-        eval_loss = float(bce(jnp.asarray(logits), jnp.asarray(evals[2])))
-        sps = args.steps * args.batch_size / elapsed
+        planted_txt = f" (planted model {planted_auc:.4f})" if planted_auc is not None else ""
         print(
             f"epoch {epoch}: loss {losses.mean():.4f} (last step {losses[-1]:.4f}) | eval loss "
-            f"{eval_loss:.4f} auc {eval_auc:.4f} | {sps:,.0f} samples/s | "
-            f"dropped keys {int(np.sum(jax.device_get(dropped)))}"
+            f"{eval_loss:.4f} auc {eval_auc:.4f}{planted_txt} | {sps:,.0f} samples/s "
+            f"({1e3 * elapsed / steps_per_epoch:.2f} ms/step) | dropped keys {drops}"
         )
+
     metrics = dict(
         first_loss=first_loss,
         final_loss=float(losses.mean()),
         eval_loss=eval_loss,
         auc=eval_auc,
+        planted_auc=planted_auc,
         samples_per_s=sps,
+        compile_s=compile_s,
+        epochs=evals,
         devices=n,
         platform=devices[0].platform,
+        device_kind=devices[0].device_kind,
         path=path,
-        config=vars(args) | {"lr": lr},
+        model=args.model,
+        table_rows=embed.total_rows,
+        config=vars(args),
     )
+    if args.plot:
+        write_plot(args.plot, all_losses, evals, planted_auc)
+    if not args.no_split and not args.dense_path:
+        split = time_split(args, step, state, loader, embed, graphdef, dense_tx, put)
+        print_split(split, args.batch_size, loader.on_device)
+        metrics["step_split_s"] = split
     if args.json:
         with open(args.json, "w") as f:
             json.dump(metrics, f, indent=2)

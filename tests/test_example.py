@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,3 +56,143 @@ def test_train_dlrm_learns(tmp_path, extra):
     assert 0.5 < m["auc"] <= 1.0
     assert m["samples_per_s"] > 0
     assert "epoch 2:" in proc.stdout
+
+
+def _run(tmp_path, args, devices=8, timeout=300):
+    out = tmp_path / "metrics.json"
+    env = dict(os.environ)
+    env.update(
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
+    )
+    cmd = [sys.executable, SCRIPT, "--json", str(out), *args]
+    proc = subprocess.run(
+        cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+@pytest.mark.parametrize("multi_hot", [False, True], ids=["one-hot", "multi-hot"])
+def test_dcnv2_mlperf_preset_learns_at_tiny_scale(tmp_path, multi_hot):
+    """The MLPerf DLRM-DCNv2 preset with every table shrunk 10^4 times, on 2
+    host devices (an exchange, at a CPU's pace). MLPerf's dense Adagrad rate
+    (0.005, zero initial accumulator: the first update is a sign step of
+    0.005 on every weight) spikes the loss of a batch-128 run for its first
+    steps; a lower rate keeps a 16-step run's loss falling."""
+    for mod in ("optax", "flax", "tqdm"):
+        pytest.importorskip(mod)
+    png = tmp_path / "curves.png"
+    args = ["--model", "dcnv2", "--preset", "mlperf", "--scale", "1e-4", "--batch-size", "128"]
+    args += ["--steps", "8", "--epochs", "2", "--dense-lr", "5e-4", "--plot", str(png)]
+    args += ["--multi-hot", "--no-split"] if multi_hot else ["--split-steps", "1"]
+    m, stdout = _run(tmp_path, args, devices=2)
+    assert m["model"] == "dcnv2" and m["devices"] == 2
+    assert m["config"]["dim"] == 128 and m["config"]["optimizer"] == "rowwise_adagrad"
+    assert m["final_loss"] < m["first_loss"], m
+    assert 0.55 < m["auc"] <= 1.0 and 0.75 < m["planted_auc"] <= 1.0, m
+    assert [e["epoch"] for e in m["epochs"]] == [1, 2]
+    assert "planted model" in stdout and "embedding plan" in stdout and "compiled" in stdout
+    if multi_hot:
+        assert "214 ids/sample packed" in stdout
+    else:
+        split = m["step_split_s"]
+        assert {"whole", "data", "embedding", "dense", "exchange"} <= set(split)
+        assert all(v > 0 for v in split.values())
+        assert "step time split" in stdout
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "no plot" in stdout
+    else:
+        assert png.stat().st_size > 0
+
+
+def test_train_dlrm_reads_criteo_numpy_files(tmp_path):
+    """--criteo-dir: the same job on preprocessed NumPy Criteo files (two days
+    written here, labels from a rule the model can learn)."""
+    for mod in ("optax", "flax", "tqdm"):
+        pytest.importorskip(mod)
+    from sok_jax import data
+
+    rng = np.random.default_rng(0)
+    for day, n in ((0, 4096), (1, 1024)):
+        sparse = rng.integers(0, 1000, (n, 26)).astype(np.int32)
+        dense = np.log(rng.integers(0, 100, (n, 13)) + 3.0).astype(np.float32)
+        labels = ((sparse[:, 0] % 2 == 0) ^ (rng.random(n) < 0.1)).astype(np.int32)
+        data.write_day(str(tmp_path / "criteo"), day, dense, sparse, labels)
+    args = ["--criteo-dir", str(tmp_path / "criteo"), "--train-days", "0", "--eval-day", "1"]
+    args += ["--batch-size", "256", "--steps", "8", "--epochs", "2", "--table-rows", "20000"]
+    m, stdout = _run(tmp_path, args + ["--split-steps", "1"])
+    assert m["planted_auc"] is None and "read + transferred" in stdout
+    assert m["final_loss"] < m["first_loss"] and m["auc"] > 0.6, m
+
+
+# ------------------------------------------------- the example's embedding side
+def _dlrm_model():
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    try:
+        import dlrm_model
+    finally:
+        sys.path.remove(os.path.dirname(SCRIPT))
+    return dlrm_model
+
+
+def test_pack_width():
+    dm = _dlrm_model()
+    assert dm.pack_width([1] * 26, 128) == 1
+    p = dm.pack_width(data_sizes(), 128)
+    assert 1 < p < 100  # neither one slot per id nor every bag padded to 100
+    # Without a fused update the [positions, D] row gradient counts: fewer positions.
+    assert 1 < dm.pack_width(data_sizes(), 128, fused_update=False) < p
+
+
+def data_sizes():
+    from sok_jax import data
+
+    return data.MLPERF_MULTI_HOT_SIZES
+
+
+def test_table_embedding_init_and_pooled_lookup():
+    """The chunked table init is `layer.init` (the same vectors), and the
+    pooled lookup of packed multi-hot bags is the sum of each bag's rows."""
+    pytest.importorskip("flax")
+    pytest.importorskip("optax")
+    import jax
+    from jax.sharding import Mesh
+
+    from sok_jax import data, optim
+
+    dm = _dlrm_model()
+    mesh = Mesh(np.array(jax.devices()), ("x",))
+    feats = [
+        data.SparseFeature("a", 37, 5),
+        data.SparseFeature("b", 11, 1),
+        data.SparseFeature("c", 50, 12),
+    ]
+    embed = dm.TableEmbedding(
+        feats,
+        8,
+        mesh=mesh,
+        axis_name="x",
+        optimizer=optim.adagrad(0.1),
+        pack=4,
+        init_chunk_rows=3,
+        capacity_factor=None,
+    )
+    assert embed.num_slots == 2 + 1 + 3 and embed.pack == 4
+    state = embed.init_table(7)
+    ref = embed.layer.init(7)
+    np.testing.assert_array_equal(np.asarray(state.table), np.asarray(ref.table))
+
+    rng = np.random.default_rng(0)
+    n = 2 * len(jax.devices())
+    sparse = {f.name: rng.integers(0, f.cardinality, (n, f.nnz)).astype(np.int32) for f in feats}
+    sparse["c"][0, 3:] = -1  # a shorter bag
+    pooled, _ = jax.jit(lambda s, b: embed.apply(s, b))(state, sparse)
+    table = embed.layer.logical_rows(state, np.arange(embed.total_rows))
+    for k, (f, off) in enumerate(zip(feats, embed.offsets)):
+        ids = sparse[f.name]
+        want = np.stack([table[off + row[row >= 0]].sum(0) for row in ids])
+        np.testing.assert_allclose(np.asarray(pooled[:, k]), want, rtol=1e-6, atol=1e-6)
