@@ -334,6 +334,11 @@ class TableEmbedding:
         out, state = self.layer.apply(state, self.ids(sparse), training=training)
         return self._pool(out), state
 
+    @staticmethod
+    def dropped(state):
+        """Ids the last call dropped, over every device."""
+        return state.stats.total()
+
     # ----------------------------------------------------------- inspection
     def slot_bytes(self) -> int:
         probe = jax.eval_shape(
@@ -375,6 +380,86 @@ class TableEmbedding:
             )
         lines.append(f"  lookup layout: {layout}")
         return "\n".join(lines)
+
+
+class CollectionEmbedding:
+    """The embedding side as `sok_jax.EmbeddingCollection`: one table per
+    feature (its own cardinality, sum combiner), placed by the planner
+    (`plan()` prints its choices), trained with the sparse path. The same
+    interface as `TableEmbedding`, whose one shared table with per-feature
+    key offsets is SOK v1's form of the same work."""
+
+    def __init__(
+        self,
+        features: Sequence[SparseFeature],
+        dim: int,
+        *,
+        mesh,
+        axis_name: str,
+        optimizer,
+        batch_size: int,
+        dtype=jnp.float32,
+        capacity_factor: float | None = None,
+        check: bool = False,
+    ):
+        self.features = tuple(features)
+        self.dim = int(dim)
+        self.optimizer = optimizer
+        self.mesh, self.axis_name = mesh, axis_name
+        self.total_rows = int(sum(f.cardinality for f in self.features))
+        self.collection = sok_jax.EmbeddingCollection(
+            [
+                sok_jax.TableSpec(f.name, f.cardinality, self.dim, combiner="sum", dtype=dtype)
+                for f in self.features
+            ],
+            [sok_jax.FeatureSpec(f.name, f.name, f.nnz) for f in self.features],
+            mesh=mesh,
+            axis_name=axis_name,
+            batch_size=batch_size,
+            capacity_factor=capacity_factor,
+            optimizer=optimizer,
+            check=check,
+        )
+
+    def init(self, seed):
+        """(collection state, optimizer state), both sharded over the axis."""
+        state = self.collection.init(seed)
+        return state, self.collection.init_optimizer(self.optimizer, state)
+
+    def shardings(self, opt_state):
+        return self.collection.state_shardings(), self.collection.optimizer_shardings(opt_state)
+
+    def _stack(self, outs):
+        return jnp.stack([outs[f.name] for f in self.features], axis=1)
+
+    def _ids(self, sparse):
+        return {f.name: jnp.asarray(sparse[f.name]).astype(jnp.int32) for f in self.features}
+
+    def lookup(self, state, sparse: dict):
+        """The sparse training path: (pooled [B, F, D], ctx, new_state)."""
+        outs, ctx, state = self.collection.lookup(state, self._ids(sparse))
+        return self._stack(outs), ctx, state
+
+    def update(self, state, opt_state, ctx, d_pooled):
+        d = {f.name: d_pooled[:, k] for k, f in enumerate(self.features)}
+        return self.collection.sparse_update(state, self.optimizer, opt_state, ctx, d)
+
+    def apply(self, state, sparse: dict, *, training: bool = False):
+        outs, state = self.collection.apply(state, self._ids(sparse), training=training)
+        return self._stack(outs), state
+
+    @staticmethod
+    def dropped(state):
+        """Ids the last call dropped, over every table and device."""
+        return sum(s.total() for s in state.stats.values())
+
+    def plan(self, optimizer_name: str = "") -> str:
+        ids = sum(f.nnz for f in self.features)
+        return (
+            f"embedding plan: sok_jax.EmbeddingCollection, one table per feature, "
+            f"{self.total_rows:,} rows x {self.dim}, {optimizer_name} slots, "
+            f"{ids} ids/sample in {len(self.features)} features\n" + str(self.collection.plan)
+        )
 
 
 # ------------------------------------------------------------------ steps
@@ -429,7 +514,7 @@ def make_train_step(graphdef, embed: TableEmbedding, dense_tx, *, table_tx=None)
         # Replicated parameters + a sharded batch: XLA all-reduces g_params.
         upd, dense_opt = dense_tx.update(g_params, state.dense_opt, state.params)
         params = optax.apply_updates(state.params, upd)
-        return TrainState(params, dense_opt, emb, emb_opt), loss, emb.stats.total()
+        return TrainState(params, dense_opt, emb, emb_opt), loss, embed.dropped(emb)
 
     return step
 
@@ -472,22 +557,29 @@ def make_dense_step(graphdef, dense_tx):
     return step
 
 
-def make_exchange_step(embed: TableEmbedding, batch_size: int):
+def make_exchange_step(embed, batch_size: int):
     """The traffic of one step's exchange alone: the all_to_all of the keys,
     of the vectors and of their gradients, at the layer's bucket sizes.
     `(keys, vectors) -> (keys, vectors)`; None on one device (the layer
     then looks up locally: no exchange). Returns (step, example args)."""
-    layer = embed.layer
-    n = layer.num_devices
+    n = int(embed.mesh.shape[embed.axis_name])
     if n == 1:
         return None, None
-    local = batch_size // n
-    full = layer.max_feature_num * local
-    cap = (
-        full
-        if layer.capacity_factor is None
-        else min(full, math.ceil(layer.capacity_factor * full / n))
-    )
+    if isinstance(embed, CollectionEmbedding):
+        sizes = embed.collection.exchange_sizes(batch_size)
+        key_words, values = sizes["key_words"], sizes["vector_values"]
+    else:
+        layer = embed.layer
+        local = batch_size // n
+        full = layer.max_feature_num * local
+        cap = (
+            full
+            if layer.capacity_factor is None
+            else min(full, math.ceil(layer.capacity_factor * full / n))
+        )
+        key_words, values = cap, cap * embed.dim
+    if key_words == 0:  # every table replicated: nothing crosses
+        return None, None
     axis = embed.axis_name
 
     def body(keys, vectors):
@@ -497,10 +589,9 @@ def make_exchange_step(embed: TableEmbedding, batch_size: int):
         grads = a2a(back * 0.5)  # their gradients, the other way
         return keys, grads
 
-    row, mat = P(axis), P(axis, None)
-    fn = shard_map(body, embed.mesh, (row, mat), (row, mat))
-    keys = jax.device_put(jnp.zeros((n * n * cap,), jnp.int32), NamedSharding(embed.mesh, row))
-    vecs = jax.device_put(
-        jnp.zeros((n * n * cap, embed.dim), jnp.float32), NamedSharding(embed.mesh, mat)
-    )
+    row = P(axis)
+    fn = shard_map(body, embed.mesh, (row, row), (row, row))
+    sh = NamedSharding(embed.mesh, row)
+    keys = jax.device_put(jnp.zeros((n * n * key_words,), jnp.uint32), sh)
+    vecs = jax.device_put(jnp.zeros((n * n * values,), jnp.float32), sh)
     return fn, (keys, vecs)

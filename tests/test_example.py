@@ -74,19 +74,25 @@ def _run(tmp_path, args, devices=8, timeout=300):
     return json.loads(out.read_text()), proc.stdout
 
 
-@pytest.mark.parametrize("multi_hot", [False, True], ids=["one-hot", "multi-hot"])
-def test_dcnv2_mlperf_preset_learns_at_tiny_scale(tmp_path, multi_hot):
+@pytest.mark.parametrize(
+    "multi_hot,embedding",
+    [(False, "collection"), (True, "one-table")],
+    ids=["one-hot-collection", "multi-hot-one-table"],
+)
+def test_dcnv2_mlperf_preset_learns_at_tiny_scale(tmp_path, multi_hot, embedding):
     """The MLPerf DLRM-DCNv2 preset with every table shrunk 10^4 times, on 2
-    host devices (an exchange, at a CPU's pace). MLPerf's dense Adagrad rate
-    (0.005, zero initial accumulator: the first update is a sign step of
-    0.005 on every weight) spikes the loss of a batch-128 run for its first
-    steps; a lower rate keeps a 16-step run's loss falling."""
+    host devices (an exchange, at a CPU's pace), with each embedding side.
+    MLPerf's dense Adagrad rate (0.005, zero initial accumulator: the first
+    update is a sign step of 0.005 on every weight) spikes the loss of a
+    batch-128 run for its first steps; a lower rate keeps a 16-step run's
+    loss falling."""
     for mod in ("optax", "flax", "tqdm"):
         pytest.importorskip(mod)
     png = tmp_path / "curves.png"
     args = ["--model", "dcnv2", "--preset", "mlperf", "--scale", "1e-4", "--batch-size", "128"]
     args += ["--steps", "8", "--epochs", "2", "--dense-lr", "5e-4", "--plot", str(png)]
     args += ["--multi-hot", "--no-split"] if multi_hot else ["--split-steps", "1"]
+    args += ["--embedding", embedding]
     m, stdout = _run(tmp_path, args, devices=2)
     assert m["model"] == "dcnv2" and m["devices"] == 2
     assert m["config"]["dim"] == 128 and m["config"]["optimizer"] == "rowwise_adagrad"
@@ -94,6 +100,7 @@ def test_dcnv2_mlperf_preset_learns_at_tiny_scale(tmp_path, multi_hot):
     assert 0.55 < m["auc"] <= 1.0 and 0.75 < m["planted_auc"] <= 1.0, m
     assert [e["epoch"] for e in m["epochs"]] == [1, 2]
     assert "planted model" in stdout and "embedding plan" in stdout and "compiled" in stdout
+    assert ("EmbeddingCollection" in stdout) == (embedding == "collection")
     if multi_hot:
         assert "214 ids/sample packed" in stdout
     else:

@@ -151,9 +151,7 @@ def hash_case(rng, capacity, n_keys, dtype):
     slots = hash_ops.empty_slot_keys(capacity, dtype)
     keys = jnp.asarray(rng.integers(-3, 4 * capacity, size=n_keys), dtype)
     got = hash_ops.find_or_insert(slots, keys, insert=True)
-    want = reference.find_or_insert(
-        hash_ops.empty_slot_keys(capacity, dtype), keys, insert=True
-    )
+    want = reference.find_or_insert(hash_ops.empty_slot_keys(capacity, dtype), keys, insert=True)
     # Which slot a racing new key takes may differ, and on a full table which
     # new keys win: check what holds for any winners.
     g_keys, kk = np.asarray(got[0]), np.asarray(keys)

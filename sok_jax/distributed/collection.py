@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from sok_jax import ids as ids_lib
 from sok_jax import initializers
-from sok_jax.distributed import planner
+from sok_jax.distributed import exchange, planner
 from sok_jax.distributed.exchange import LookupSpec, Unit
 from sok_jax.distributed.rows import STRATEGIES, Member
 from sok_jax.distributed.specs import FeatureSpec, TableSpec, check_specs
@@ -411,6 +411,22 @@ class EmbeddingCollection:
             unit = self._unit_of[table]
             shards[unit] = rows.import_pairs(*shards[unit], table, keys, vectors, share)
         return self._state(state, shards)
+
+    def exchange_sizes(self, batch_size: int) -> dict:
+        """Per device and destination, what one lookup exchanges at a global
+        batch of `batch_size`: {"key_words": uint32 words of keys,
+        "vector_values": float values of vectors} (the sparse update sends
+        the vector values again, as float32 cotangents)."""
+        local_batch = batch_size // self.num_devices
+        buckets = self._tables.bucket_sizes(local_batch)
+        words = values = 0
+        for u in self._tables.units:
+            if exchange.is_local(u, self._tables.capacity(u, local_batch), local_batch):
+                continue
+            key_bytes = u.rows.send_format()[0].itemsize
+            words += buckets[u.name] * max(key_bytes // 4, 1)
+            values += buckets[u.name] * u.rows.dim
+        return {"key_words": words, "vector_values": values}
 
     def required_capacity_factor(self, batch) -> dict:
         """{unit: the smallest capacity_factor under which this batch

@@ -146,19 +146,16 @@ class ShardedTables:
 
     # ------------------------------------------------------------ state
     def init_shards(self, seed) -> dict:
-        """{unit: (table, slot_keys or None)}, each unit from its own program
-        (its shard initializer)."""
+        """{unit: (table, slot_keys or None)}, every unit's shard from one
+        program (each unit's rows from its strategy's initializer)."""
         axis = self.axis_name
-        out = {}
-        for u in self.units:
 
-            def body(seed, u=u):
-                return u.rows.init_shard(seed, jax.lax.axis_index(axis))
+        def body(seed):
+            device = jax.lax.axis_index(axis)
+            return {u.name: u.rows.init_shard(seed, device) for u in self.units}
 
-            specs = self._shard_specs()[u.name]
-            table, slot_keys = jax.jit(shard_map(body, self.mesh, (P(),), specs))(seed)
-            out[u.name] = (table, slot_keys)
-        return out
+        fn = shard_map(body, self.mesh, (P(),), self._shard_specs())
+        return jax.jit(fn)(seed)
 
     def zero_stats(self) -> dict:
         """Per table, three distinct [n] counters (a donated state must not
