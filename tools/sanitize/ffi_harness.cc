@@ -6,11 +6,14 @@
 //     numbers of arguments, results and attributes; then decodes each by
 //     position (attributes by their index in the name-sorted list, checking
 //     the name);
-//   - errors go through XLA_FFI_Error_Create (and Error_GetMessage /
-//     Error_Destroy when a context decoding fails);
+//   - errors go through XLA_FFI_Error_Create (and Error_GetMessage, where the
+//     header has it, / Error_Destroy when a context decoding fails);
 //   - PlatformStream<cudaStream_t> calls XLA_FFI_Stream_Get with the frame's
-//     ctx.
-// Every other entry of XLA_FFI_Api aborts with its argument type's name.
+//     ctx (opaque to the handlers: here a HarnessContext).
+// Every other entry of XLA_FFI_Api that the header has aborts with its
+// argument type's name. The API's names differ between jax releases (0.10:
+// ExecutionContext, Error_GetMessage; 0.11: InvokeContext, Error_GetDetails):
+// the entries are set where the header has them (HAS_ENTRY below).
 #include "ffi_harness.h"
 
 #include <algorithm>
@@ -20,6 +23,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <numeric>
+#include <type_traits>
 
 #include "cpu_types.h"  // bf16_t, f16_t, ToFloat
 #include "xla/ffi/api/ffi.h"
@@ -34,13 +38,26 @@ struct XLA_FFI_Error {
   std::string message;
 };
 
-struct XLA_FFI_ExecutionContext {
-  void* stream;
-};
-
 namespace sok {
 namespace sanitize {
 namespace {
+
+// What the frame's ctx points to (the handlers only pass it back to
+// XLA_FFI_Stream_Get).
+struct HarnessContext {
+  void* stream;
+};
+
+// HasEntry_<name><Api>: whether XLA_FFI_Api has the entry `name`.
+#define SOK_HAS_ENTRY(name)                                             \
+  template <typename T, typename = void>                                \
+  struct HasEntry_##name : std::false_type {};                          \
+  template <typename T>                                                 \
+  struct HasEntry_##name<T, std::void_t<decltype(&T::name)>> : std::true_type {}
+SOK_HAS_ENTRY(XLA_FFI_Error_GetMessage);
+SOK_HAS_ENTRY(XLA_FFI_ExecutionContext_Get);
+SOK_HAS_ENTRY(XLA_FFI_InvokeContext_Get);
+#undef SOK_HAS_ENTRY
 
 enum Entry { kErrorCreate, kErrorGetMessage, kErrorDestroy, kStreamGet, kEntries };
 const char* const kEntryNames[kEntries] = {
@@ -63,11 +80,14 @@ XLA_FFI_Error* ErrorCreate(XLA_FFI_Error_Create_Args* args) {
   return new XLA_FFI_Error{args->errc, args->message ? args->message : ""};
 }
 
-void ErrorGetMessage(XLA_FFI_Error_GetMessage_Args* args) {
-  ++g_calls[kErrorGetMessage];
-  CheckSize("XLA_FFI_Error_GetMessage_Args",
-            XLA_FFI_Error_GetMessage_Args_STRUCT_SIZE, args->struct_size);
-  args->message = args->error->message.c_str();
+// Error_GetMessage for the headers that have it (the args type is deduced
+// from the entry, so this compiles where the header has none).
+template <typename R, typename A>
+void SetErrorGetMessage(R (*&entry)(A*)) {
+  entry = [](A* args) -> R {
+    ++g_calls[kErrorGetMessage];
+    args->message = args->error->message.c_str();
+  };
 }
 
 void ErrorDestroy(XLA_FFI_Error_Destroy_Args* args) {
@@ -81,10 +101,11 @@ XLA_FFI_Error* StreamGet(XLA_FFI_Stream_Get_Args* args) {
   ++g_calls[kStreamGet];
   CheckSize("XLA_FFI_Stream_Get_Args", XLA_FFI_Stream_Get_Args_STRUCT_SIZE,
             args->struct_size);
-  if (args->ctx == nullptr || args->ctx->stream == nullptr)
+  auto* ctx = reinterpret_cast<HarnessContext*>(args->ctx);
+  if (ctx == nullptr || ctx->stream == nullptr)
     return new XLA_FFI_Error{XLA_FFI_Error_Code_FAILED_PRECONDITION,
                              "no stream: a CUDA handler called on the host"};
-  args->stream = args->ctx->stream;
+  args->stream = ctx->stream;
   return nullptr;
 }
 
@@ -101,8 +122,9 @@ void Stub(R (*&entry)(A*)) {
   entry = &Unimplemented<R, A>;
 }
 
-XLA_FFI_Api MakeApi() {
-  XLA_FFI_Api api{};  // entries a newer header adds stay null
+template <typename Api>
+Api MakeApi() {
+  Api api{};  // entries a newer header adds stay null
   api.struct_size = XLA_FFI_Api_STRUCT_SIZE;
   api.extension_start = nullptr;
   api.api_version.struct_size = XLA_FFI_Api_Version_STRUCT_SIZE;
@@ -111,12 +133,16 @@ XLA_FFI_Api MakeApi() {
   api.api_version.minor_version = XLA_FFI_API_MINOR;
   api.internal_api = nullptr;
   api.XLA_FFI_Error_Create = &ErrorCreate;
-  api.XLA_FFI_Error_GetMessage = &ErrorGetMessage;
+  if constexpr (HasEntry_XLA_FFI_Error_GetMessage<Api>::value)
+    SetErrorGetMessage(api.XLA_FFI_Error_GetMessage);
   api.XLA_FFI_Error_Destroy = &ErrorDestroy;
   api.XLA_FFI_Stream_Get = &StreamGet;
   Stub(api.XLA_FFI_Handler_Register);
   Stub(api.XLA_FFI_Type_Register);
-  Stub(api.XLA_FFI_ExecutionContext_Get);
+  if constexpr (HasEntry_XLA_FFI_ExecutionContext_Get<Api>::value)
+    Stub(api.XLA_FFI_ExecutionContext_Get);
+  if constexpr (HasEntry_XLA_FFI_InvokeContext_Get<Api>::value)
+    Stub(api.XLA_FFI_InvokeContext_Get);
   Stub(api.XLA_FFI_State_Set);
   Stub(api.XLA_FFI_State_Get);
   Stub(api.XLA_FFI_DeviceMemory_Allocate);
@@ -132,7 +158,7 @@ XLA_FFI_Api MakeApi() {
 }
 
 const XLA_FFI_Api& Api() {
-  static const XLA_FFI_Api api = MakeApi();
+  static const XLA_FFI_Api api = MakeApi<XLA_FFI_Api>();
   return api;
 }
 
@@ -386,12 +412,12 @@ CallResult Call(XLA_FFI_Handler* handler, Memory& mem,
                          : static_cast<void*>(&s.scalar);
   }
 
-  XLA_FFI_ExecutionContext ctx{mem.Stream()};
+  HarnessContext ctx{mem.Stream()};
   XLA_FFI_CallFrame frame{};
   frame.struct_size = XLA_FFI_CallFrame_STRUCT_SIZE;
   frame.extension_start = nullptr;
   frame.api = &Api();
-  frame.ctx = &ctx;
+  frame.ctx = reinterpret_cast<decltype(frame.ctx)>(&ctx);
   frame.stage = XLA_FFI_ExecutionStage_EXECUTE;
   frame.args.struct_size = XLA_FFI_Args_STRUCT_SIZE;
   frame.args.size = static_cast<int64_t>(args.size());
@@ -409,11 +435,8 @@ CallResult Call(XLA_FFI_Handler* handler, Memory& mem,
   frame.future = nullptr;
 
   if (XLA_FFI_Error* err = handler(&frame)) {
-    XLA_FFI_Error_GetMessage_Args get{};
-    get.struct_size = XLA_FFI_Error_GetMessage_Args_STRUCT_SIZE;
-    get.error = err;
-    Api().XLA_FFI_Error_GetMessage(&get);
-    result.error = get.message ? get.message : "(no message)";
+    // Our own error type (ErrorCreate): read it directly.
+    result.error = err->message.empty() ? "(no message)" : err->message;
     XLA_FFI_Error_Destroy_Args destroy{};
     destroy.struct_size = XLA_FFI_Error_Destroy_Args_STRUCT_SIZE;
     destroy.error = err;
