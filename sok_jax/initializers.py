@@ -84,15 +84,17 @@ def init_rows(initializer: Initializer, seed, keys, dim: int, dtype=jnp.float32)
     n = keys.shape[0]
     if n <= _INIT_BLOCK:
         return jax.vmap(one)(lo, hi).astype(dtype)
-    blocks = -(-n // _INIT_BLOCK)
-    pad = blocks * _INIT_BLOCK - n
 
-    def block(words):
-        return jax.vmap(one)(*words).astype(dtype)
+    # Blocks written in place into the output; the last block starts at
+    # n - _INIT_BLOCK (it may redo rows of the one before: the same values).
+    def block(i, out):
+        start = jnp.minimum(i * _INIT_BLOCK, n - _INIT_BLOCK)
+        words = (jax.lax.dynamic_slice(w, (start,), (_INIT_BLOCK,)) for w in (lo, hi))
+        rows = jax.vmap(one)(*words).astype(dtype)
+        return jax.lax.dynamic_update_slice(out, rows, (start, 0))
 
-    lo = jnp.pad(lo, (0, pad)).reshape(blocks, _INIT_BLOCK)
-    hi = jnp.pad(hi, (0, pad)).reshape(blocks, _INIT_BLOCK)
-    return jax.lax.map(block, (lo, hi)).reshape(-1, dim)[:n]
+    out = jnp.zeros((n, dim), dtype)
+    return jax.lax.fori_loop(0, -(-n // _INIT_BLOCK), block, out)
 
 
 _INIT_BLOCK = 1 << 20
