@@ -401,6 +401,8 @@ def run_step(args, result):
             if not guarded(sub, fn, sub, args, cards, sets, mesh, w, opt):
                 res[name + "_status"] = status(sub)
             res.update({k: v for k, v in sub.items() if k not in ("error", "traceback")})
+            if name in res:
+                print(f"  {shape} {name}: {res[name]['median_s'] * 1e3:.3f} ms", flush=True)
             jax.clear_caches()
         if "plan" in res:
             print(res["plan"], flush=True)
@@ -408,10 +410,10 @@ def run_step(args, result):
     result["step"] = rows
 
     def ms(key):
-        return lambda r: r[key]["median"] * 1e3 if key in r else r.get(key + "_status")
+        return lambda r: r[key]["median_s"] * 1e3 if key in r else r.get(key + "_status")
 
     def ratio(a, b):
-        return lambda r: r[a]["median"] / r[b]["median"] if a in r and b in r else None
+        return lambda r: r[a]["median_s"] / r[b]["median_s"] if a in r and b in r else None
 
     show(
         rows,
@@ -425,7 +427,7 @@ def run_step(args, result):
             ("pure-JAX/coll", ratio("pure_jax", "collection"), ".2f"),
             (
                 "samples/s",
-                lambda r: args.batch / r["collection"]["median"] if "collection" in r else None,
+                lambda r: args.batch / r["collection"]["median_s"] if "collection" in r else None,
                 ",.0f",
             ),
         ],

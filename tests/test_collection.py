@@ -34,10 +34,11 @@ BATCH = 16
 TOL = dict(rtol=2e-5, atol=2e-5)
 
 
-def make_collection(n, placement, hashed, **kw):
+def make_collection(n, placement, hashed, dims=DIMS, **kw):
     """Four tables (one per combiner and dim) pinned to `placement`, five
     features: two on the first table (padded and ragged), BCOO on the
-    second, weighted padded on the third, the sequence table padded."""
+    second, weighted padded on the third, the sequence table padded. With
+    one dim for all, the row-wise tables share one array."""
     tables = [
         sok_jax.TableSpec(
             f"t{i}",
@@ -47,7 +48,7 @@ def make_collection(n, placement, hashed, **kw):
             use_hashtable=hashed,
             placement=placement,
         )
-        for i, (c, d) in enumerate(zip(COMBINERS, DIMS))
+        for i, (c, d) in enumerate(zip(COMBINERS, dims))
     ]
     features = [
         sok_jax.FeatureSpec("f0a", "t0", 3),
@@ -175,16 +176,20 @@ def _assert_logical(got, want, what):
             _close(got[t][k], v, f"{what}: table {t} key {k}")
 
 
-# Every placement x mode on 8 devices; a few on 1 and 2.
-CASES = [(8, p, h) for p in ("row", "table", "replicated") for h in (False, True)]
-CASES += [(1, "row", False), (1, "replicated", True), (2, "table", True), (2, "row", True)]
+# Every placement x mode on 8 devices; a few on 1 and 2; row-wise tables of
+# one dim (one shared array) on 1 and 8.
+CASES = [(8, p, h, DIMS) for p in ("row", "table", "replicated") for h in (False, True)]
+CASES += [(1, "row", False, DIMS), (1, "replicated", True, DIMS), (2, "table", True, DIMS)]
+CASES += [(2, "row", True, DIMS), (8, "row", False, (16,) * 4), (1, "row", False, (16,) * 4)]
 
 
-@pytest.mark.parametrize("n,placement,hashed", CASES)
-def test_outputs_and_gradients_equal_the_oracle(n, placement, hashed):
+@pytest.mark.parametrize("n,placement,hashed,dims", CASES)
+def test_outputs_and_gradients_equal_the_oracle(n, placement, hashed, dims):
     require_devices(n)
     rng = np.random.default_rng()
-    coll, forms, weighted = make_collection(n, placement, hashed)
+    coll, forms, weighted = make_collection(n, placement, hashed, dims)
+    if dims != DIMS and placement == "row":  # the four tables share one array
+        assert len({t.unit for t in coll.plan.tables}) == 1
     state = coll.init(int(rng.integers(1 << 30)))
     batch, weights, bagsets = make_batch(coll, forms, weighted, rng, hashed)
 

@@ -406,7 +406,8 @@ def forward(units, shards, seed, bags, capacities, local, implementation, traini
             continue
         table, slot_keys = shards[u.name]
         flat = [bags[s.name].ids for s in u.lookups]
-        got = u.rows.local_rows(table, slot_keys, seed, jnp.concatenate(flat), training)
+        members = [s.member for s in u.lookups]
+        got = u.rows.local_rows(table, slot_keys, seed, flat, members, training)
         src = read(u, got)
         index = _split(got.rows, [f.shape[0] for f in flat])
         for spec, idx in zip(u.lookups, index):

@@ -295,12 +295,46 @@ def make_plan(
         )
 
     units, tables = [], {}
+    taken = set(specs)
+
+    def unit_name(prefix, k):
+        name = f"{prefix}_{k}"
+        while name in taken:
+            name = "_" + name
+        taken.add(name)
+        return name
+
+    # Row-wise direct tables of one kind share one array (a unit of several
+    # members, each its own block of rows per device): one plan, one lookup
+    # and one update for all of them. The packed sort key (owner, local row)
+    # must stay below 2^31, which caps a group's rows.
+    groups = {}
+    for name, p in placement.items():
+        if p == "row" and not specs[name].use_hashtable:
+            groups.setdefault(_column_key(specs[name], specs[name].optimizer), []).append(name)
+    row_units = []
+    for members in groups.values():
+        chunk, rows = [], 0
+        for m in members:
+            r = math.ceil(specs[m].vocabulary_size / n)
+            if chunk and n * (rows + r) >= (1 << 31) - 1:
+                row_units.append((tuple(chunk), rows))
+                chunk, rows = [], 0
+            chunk.append(m)
+            rows += r
+        row_units.append((tuple(chunk), rows))
+    for k, (members, rows) in enumerate(row_units):
+        name = members[0] if len(members) == 1 else unit_name("row_wise", k)
+        units.append(UnitPlan(name, "row", members, rows))
+    unit_of = {m: u.name for u in units for m in u.members}
     for name, p in placement.items():
         if p == "table":
             continue
         s = specs[name]
         rows = s.vocabulary_size if p == "replicated" else math.ceil(s.vocabulary_size / n)
-        units.append(UnitPlan(name, p, (name,), rows))
+        if name not in unit_of:  # hash row-wise, replicated: a unit of its own
+            units.append(UnitPlan(name, p, (name,), rows))
+            unit_of[name] = name
         keys = b * keys_per_sample[name]
         sent = (
             replicated_exchange_bytes(s, keys, n)
@@ -311,14 +345,17 @@ def make_plan(
             sent = 0
         devices = tuple(range(n))
         tables[name] = TablePlan(
-            name, p, name, devices, rows, rows * row_bytes(name), sent, s.placement != "auto"
+            name,
+            p,
+            unit_of[name],
+            devices,
+            rows,
+            rows * row_bytes(name),
+            sent,
+            s.placement != "auto",
         )
-    taken = set(specs)
     for k, members in enumerate(columns):
-        unit = f"table_wise_{k}"
-        while unit in taken:
-            unit = "_" + unit
-        taken.add(unit)
+        unit = unit_name("table_wise", k)
         names = [m for m in members if m is not None]
         rows = max(specs[m].vocabulary_size for m in names)
         units.append(UnitPlan(unit, "table", members, rows))

@@ -208,7 +208,10 @@ def _owner(keys, n):
 
 @dataclasses.dataclass(frozen=True)
 class RowRows(_Strategy):
-    """Placement "row", direct mode (see the module docstring)."""
+    """Placement "row", direct mode: one or more tables in one array (as
+    FBGEMM's table-batched embeddings), each device holding a block of
+    ceil(V_m / n) rows per member m, one after the other: key k of member m
+    on device k % n at local row offset_m + k // n."""
 
     placement = "row"
 
@@ -216,42 +219,62 @@ class RowRows(_Strategy):
     def member(self) -> Member:
         return self.members[0]
 
-    def global_rows(self, keys):
-        """Row of each key in the physical [n * R, D] table."""
+    def member_rows(self, m: int) -> int:
+        """Rows member m takes on each device (all of R for a lone table)."""
+        if len(self.members) == 1:
+            return self.rows_per_device
+        return -(-self.members[m].vocabulary_size // self.num_devices)
+
+    def offset(self, m: int) -> int:
+        return sum(self.member_rows(j) for j in range(m))
+
+    def global_rows(self, keys, name=None):
+        """Row of each key (of the member named `name`, default the first)
+        in the physical [n * R, D] array."""
+        m = 0 if name is None else self.member_index(name)
         keys = np.asarray(keys, np.int64)
         n = self.num_devices
-        return (keys % n) * self.rows_per_device + keys // n
+        return (keys % n) * self.rows_per_device + self.offset(m) + keys // n
 
     def bucket_keys(self, flat_ids, member_index: int) -> BucketKeys:
         n = self.num_devices
-        valid, keys = checks.valid_rows(flat_ids, self.member.vocabulary_size)
+        m = self.members[member_index]
+        valid, keys = checks.valid_rows(flat_ids, m.vocabulary_size)
         owner = jnp.where(valid, _owner(keys, n), n)
-        local = jnp.where(valid, keys // n, 0).astype(jnp.int32)
+        local = jnp.where(valid, self.offset(member_index) + keys // n, 0).astype(jnp.int32)
         return BucketKeys(valid, owner, local, self.rows_per_device)
 
     def init_shard(self, seed, device):
-        """Local row r of device d holds key r * n + d."""
-        local = jnp.arange(self.rows_per_device, dtype=jnp.int32)
-        return self._init(seed, self.member, local * self.num_devices + device), None
+        """Local row offset_m + r of device d holds key r * n + d of member m."""
+        blocks = []
+        for m, member in enumerate(self.members):
+            local = jnp.arange(self.member_rows(m), dtype=jnp.int32)
+            blocks.append(self._init(seed, member, local * self.num_devices + device))
+        table = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks)
+        return table, None
 
     def owner_rows(self, table, slot_keys, seed, received, training) -> OwnerRows:
         """The received values are local rows already (-1: an empty slot)."""
         return OwnerRows(None, None, received, jnp.zeros((), jnp.int32))
 
-    def local_rows(self, table, slot_keys, seed, flat_ids, training) -> OwnerRows:
+    def local_rows(self, table, slot_keys, seed, flat_ids, members, training) -> OwnerRows:
         """One device: every key is a local row (the no-exchange path)."""
-        valid, rows = checks.valid_rows(flat_ids, self.member.vocabulary_size)
-        return OwnerRows(None, None, jnp.where(valid, rows, -1), jnp.zeros((), jnp.int32))
+        rows = []
+        for ids, m in zip(flat_ids, members):
+            valid, r = checks.valid_rows(ids, self.members[m].vocabulary_size)
+            rows.append(jnp.where(valid, r + self.offset(m), -1))
+        return OwnerRows(None, None, jnp.concatenate(rows), jnp.zeros((), jnp.int32))
 
     def export_pairs(self, table, slot_keys, name):
-        keys = np.arange(self.member.vocabulary_size, dtype=np.int64)
-        return keys, to_host(table)[self.global_rows(keys)]
+        m = self.members[self.member_index(name)]
+        keys = np.arange(m.vocabulary_size, dtype=np.int64)
+        return keys, to_host(table)[self.global_rows(keys, name)]
 
     def import_pairs(self, table, slot_keys, name, keys, vectors, share=False):
         keys, vectors = self.check_pairs(keys, vectors, share)
-        k = self._check_direct_keys(keys, self.member)
+        k = self._check_direct_keys(keys, self.members[self.member_index(name)])
         host = to_host(table).copy()
-        host[self.global_rows(k)] = vectors
+        host[self.global_rows(k, name)] = vectors
         return from_host(host.astype(self.dtype), self.table_sharding), slot_keys
 
 
@@ -312,8 +335,8 @@ class ReplicatedRows(_Strategy):
         keys = jnp.arange(self.rows_per_device, dtype=jnp.int32)
         return self._init(seed, self.member, keys), None
 
-    def local_rows(self, table, slot_keys, seed, flat_ids, training) -> OwnerRows:
-        valid, rows = checks.valid_rows(flat_ids, self.member.vocabulary_size)
+    def local_rows(self, table, slot_keys, seed, flat_ids, members, training) -> OwnerRows:
+        valid, rows = checks.valid_rows(jnp.concatenate(flat_ids), self.member.vocabulary_size)
         return OwnerRows(None, None, jnp.where(valid, rows, -1), jnp.zeros((), jnp.int32))
 
     def export_pairs(self, table, slot_keys, name):
@@ -484,7 +507,8 @@ class ReplicatedHashRows(_Hashed, _Strategy):
     def init_shard(self, seed, device):
         return self._empty_shard()
 
-    def local_rows(self, table, slot_keys, seed, flat_ids, training) -> OwnerRows:
+    def local_rows(self, table, slot_keys, seed, flat_ids, members, training) -> OwnerRows:
+        flat_ids = jnp.concatenate(flat_ids)
         every = jax.lax.all_gather(flat_ids, self.axis_name, tiled=True)
         got = self._find_or_insert(table, slot_keys, self._seed(seed, self.member), every, training)
         mine = jax.lax.axis_index(self.axis_name) * flat_ids.shape[0]
