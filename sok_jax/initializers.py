@@ -69,11 +69,14 @@ def _key_words(keys):
     return keys.astype(jnp.uint32), jnp.zeros(keys.shape, jnp.uint32)
 
 
-def init_rows(initializer: Initializer, seed, keys, dim: int, dtype=jnp.float32):
-    """Initial vectors [len(keys), dim] of the given global keys.
+def init_rows(initializer: Initializer, seed, keys, dim: int, dtype=jnp.float32, *, into=None):
+    """Initial vectors [len(keys), dim] of the given global keys; with
+    `into=(table, row)`, written into `table` at rows [row, row + len(keys))
+    instead, and the table returned.
 
-    Large key sets are initialized in blocks of `_INIT_BLOCK` keys (a loop),
-    so that the temporaries stay a block's size, not the table's."""
+    Large key sets are initialized in blocks of `_INIT_BLOCK` keys (a loop
+    writing each block in place), so that the temporaries stay a block's
+    size, not the table's."""
     base = as_key(seed)
     lo, hi = _key_words(keys)
 
@@ -82,8 +85,10 @@ def init_rows(initializer: Initializer, seed, keys, dim: int, dtype=jnp.float32)
         return initializer(k, (dim,), jnp.float32)
 
     n = keys.shape[0]
+    out, base_row = into if into is not None else (None, 0)
     if n <= _INIT_BLOCK:
-        return jax.vmap(one)(lo, hi).astype(dtype)
+        rows = jax.vmap(one)(lo, hi).astype(dtype)
+        return rows if out is None else jax.lax.dynamic_update_slice(out, rows, (base_row, 0))
 
     # Blocks written in place into the output; the last block starts at
     # n - _INIT_BLOCK (it may redo rows of the one before: the same values).
@@ -91,9 +96,9 @@ def init_rows(initializer: Initializer, seed, keys, dim: int, dtype=jnp.float32)
         start = jnp.minimum(i * _INIT_BLOCK, n - _INIT_BLOCK)
         words = (jax.lax.dynamic_slice(w, (start,), (_INIT_BLOCK,)) for w in (lo, hi))
         rows = jax.vmap(one)(*words).astype(dtype)
-        return jax.lax.dynamic_update_slice(out, rows, (start, 0))
+        return jax.lax.dynamic_update_slice(out, rows, (base_row + start, 0))
 
-    out = jnp.zeros((n, dim), dtype)
+    out = jnp.zeros((n, dim), dtype) if out is None else out
     return jax.lax.fori_loop(0, -(-n // _INIT_BLOCK), block, out)
 
 

@@ -281,11 +281,33 @@ def _weights_or_none(bags: Bags):
     return bags.weights if bags.weights.shape[0] else None
 
 
-def _combine(spec: LookupSpec, implementation, vectors, index, bags: Bags):
-    out = _lookup(
-        spec.combiner, implementation, bags.fixed_nnz, vectors, index, bags.offsets, bags.weights
-    )
-    return out.reshape(*bags.batch_shape, vectors.shape[1])
+def _combine(lookups, implementation, vectors, index, bags) -> dict:
+    """Step 5 for a unit's lookups: {lookup: its output [*batch_shape, D]}.
+    Lookups of one combiner and bag shape are combined in one call over
+    their concatenated bags (one kernel for the 26 one-hot features of a
+    DLRM, say), then split."""
+    groups = {}
+    for spec, idx in zip(lookups, index):
+        b = bags[spec.name]
+        key = (spec.combiner, b.fixed_nnz, b.weights.shape[0] > 0)
+        groups.setdefault(key, []).append((spec, idx, b))
+    out = {}
+    for (combiner, nnz, _), members in groups.items():
+        if len(members) == 1 or nnz == 0:  # ragged bags: one call each
+            for spec, idx, b in members:
+                got = _lookup(combiner, implementation, nnz, vectors, idx, b.offsets, b.weights)
+                out[spec.name] = got.reshape(*b.batch_shape, vectors.shape[1])
+            continue
+        ids = jnp.concatenate([idx for _, idx, _ in members])
+        weights = jnp.concatenate([b.weights for _, _, b in members])
+        offsets = jnp.arange(ids.shape[0] // nnz + 1, dtype=jnp.int32) * nnz
+        got = _lookup(combiner, implementation, nnz, vectors, ids, offsets, weights)
+        start = 0
+        for spec, idx, b in members:
+            m = idx.shape[0] // nnz
+            out[spec.name] = got[start : start + m].reshape(*b.batch_shape, vectors.shape[1])
+            start += m
+    return out
 
 
 def member_tables(unit: Unit) -> list[str]:
@@ -396,8 +418,7 @@ def forward(units, shards, seed, bags, capacities, local, implementation, traini
         for u, p, owner_rows, vecs in zip(exchanged, plans, found, back):
             lengths = [bags[s.name].ids.shape[0] for s in u.lookups]
             index = _split(p.recv_index, lengths)
-            for spec, idx in zip(u.lookups, index):
-                outs[spec.name] = _combine(spec, implementation, vecs, idx, bags[spec.name])
+            outs.update(_combine(u.lookups, implementation, vecs, index, bags))
             counters.add_per_lookup(u.lookups, "overflow", _split(p.dropped, lengths))
             counters.add_per_lookup(u.lookups, "invalid", _split(p.invalid, lengths))
             ctxs[u.name] = _context(owner_rows, u, index, bags)
@@ -410,8 +431,7 @@ def forward(units, shards, seed, bags, capacities, local, implementation, traini
         got = u.rows.local_rows(table, slot_keys, seed, flat, members, training)
         src = read(u, got)
         index = _split(got.rows, [f.shape[0] for f in flat])
-        for spec, idx in zip(u.lookups, index):
-            outs[spec.name] = _combine(spec, implementation, src, idx, bags[spec.name])
+        outs.update(_combine(u.lookups, implementation, src, index, bags))
         if not u.rows.hashed:  # hash mode: every non-padding id is a key
             invalid = [(idx < 0) & ~checks.is_padding(ids) for idx, ids in zip(index, flat)]
             counters.add_per_lookup(u.lookups, "invalid", invalid)

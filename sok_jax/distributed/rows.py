@@ -129,9 +129,9 @@ class _Strategy:
             return seed
         return initializers.table_seed(seed, member.seed_id)
 
-    def _init(self, seed, member, keys):
+    def _init(self, seed, member, keys, into=None):
         return initializers.init_rows(
-            self.initializer, self._seed(seed, member), keys, self.dim, self.dtype
+            self.initializer, self._seed(seed, member), keys, self.dim, self.dtype, into=into
         )
 
     def send_format(self):
@@ -245,12 +245,12 @@ class RowRows(_Strategy):
         return BucketKeys(valid, owner, local, self.rows_per_device)
 
     def init_shard(self, seed, device):
-        """Local row offset_m + r of device d holds key r * n + d of member m."""
-        blocks = []
+        """Local row offset_m + r of device d holds key r * n + d of member m
+        (each member's block written in place into the shard)."""
+        table = jnp.zeros((self.rows_per_device, self.dim), self.dtype)
         for m, member in enumerate(self.members):
-            local = jnp.arange(self.member_rows(m), dtype=jnp.int32)
-            blocks.append(self._init(seed, member, local * self.num_devices + device))
-        table = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks)
+            keys = jnp.arange(self.member_rows(m), dtype=jnp.int32) * self.num_devices + device
+            table = self._init(seed, member, keys, into=(table, self.offset(m)))
         return table, None
 
     def owner_rows(self, table, slot_keys, seed, received, training) -> OwnerRows:
