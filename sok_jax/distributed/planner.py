@@ -306,11 +306,22 @@ def make_plan(
 
     # Row-wise direct tables of one kind share one array (a unit of several
     # members, each its own block of rows per device): one plan, one lookup
-    # and one update for all of them. The packed sort key (owner, local row)
-    # must stay below 2^31, which caps a group's rows.
+    # and one update for all of them. On several devices only those whose
+    # bucket the rows a destination holds do not clamp: a shared bucket
+    # holds the sum of its members' keys, so a clamped table keeps a unit
+    # (and a bucket) of its own. The packed sort key (owner, local row) must
+    # stay below 2^31, which caps a group's rows.
+    def groupable(name):
+        s = specs[name]
+        if s.use_hashtable:
+            return False
+        keys = b * keys_per_sample[name]
+        free = keys if capacity_factor is None else math.ceil(capacity_factor * keys / n)
+        return n == 1 or _row_bucket(s, keys, n, capacity_factor) >= min(free, keys)
+
     groups = {}
     for name, p in placement.items():
-        if p == "row" and not specs[name].use_hashtable:
+        if p == "row" and groupable(name):
             groups.setdefault(_column_key(specs[name], specs[name].optimizer), []).append(name)
     row_units = []
     for members in groups.values():
