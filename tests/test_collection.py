@@ -29,7 +29,7 @@ from sok_jax import optim
 
 DIMS = (1, 3, 16, 128)
 COMBINERS = ("sum", "mean", "sqrtn", None)
-VOCAB = 48  # per table; hash tables see keys [0, VOCAB) of a capacity above it
+VOCAB = 400  # per table; hash tables see keys [0, VOCAB) of a capacity above it
 BATCH = 16
 TOL = dict(rtol=2e-5, atol=2e-5)
 
