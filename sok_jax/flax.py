@@ -1,10 +1,13 @@
-"""Flax modules over `sok_jax.embed`: `Embed` (linen) and `NNXEmbed` (nnx).
+"""Flax modules.
 
-The table is an ordinary parameter `[num_embeddings, features]`, so it is
-initialized, checkpointed and trained like any other (jax.grad gives it the
-dense cotangent built by sok_jax's deterministic kernel; any optax optimizer
-works). For a table sharded over devices and sparse updates use
-`sok_jax.DistributedEmbedding`.
+* `Embed` (linen) and `NNXEmbed` (NNX) over `sok_jax.embed`: one table as an
+  ordinary parameter `[num_embeddings, features]`, initialized,
+  checkpointed and trained like any other (jax.grad gives it the dense
+  cotangent built by sok_jax's deterministic kernel; any optax optimizer).
+* `ShardedEmbedding` (NNX) and `ShardedEmbed` (linen) over the sharded
+  layers, `sok_jax.DistributedEmbedding` and `sok_jax.EmbeddingCollection`:
+  their state lives in variables of its own collection, trained with the
+  fused sparse update.
 
 Flax's names: `param_dtype` is the table's storage dtype, `dtype` the dtype
 of the output (None: the table's); the lookup accumulates in float32 either
@@ -21,6 +24,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from flax import nnx
 
+from sok_jax.distributed.state import check_stats
 from sok_jax.embedding import embed
 from sok_jax.initializers import sok_default_init
 
@@ -131,3 +135,125 @@ class NNXEmbed(nnx.Module):
 
 
 __all__ = ["Embed", "NNXEmbed", "default_embed_init"]
+
+
+# --------------------------------------------------------------------------
+# Sharded layers: DistributedEmbedding and EmbeddingCollection as modules.
+
+
+class EmbeddingTables(nnx.Variable):
+    """The functional state of a sharded layer (its tables, hash keys,
+    counters and seed: an `EmbeddingState` or a `CollectionState`), a
+    variable collection of its own: `nnx.state(model, EmbeddingTables)`."""
+
+
+class EmbeddingSlots(nnx.Variable):
+    """A sharded layer's sparse optimizer state (slots laid out like its
+    tables): `nnx.state(model, EmbeddingSlots)`."""
+
+
+def _value(var):
+    return var.get_value() if hasattr(var, "get_value") else var.value
+
+
+def _assign(var, value):
+    if hasattr(var, "set_value"):
+        var.set_value(value)
+    else:
+        var.value = value
+
+
+class ShardedEmbedding(nnx.Module):
+    """A `sok_jax.DistributedEmbedding` or `sok_jax.EmbeddingCollection` as an
+    NNX module. Its state is an `EmbeddingTables` variable (sharded as the
+    layer's `state_shardings()` say), and with `optimizer` (a
+    `sok_jax.optim.SparseOptimizer`) its optimizer state an `EmbeddingSlots`
+    variable; `nnx.state(model)` and orbax see both.
+
+    The sparse step, in one jitted function (the dense parameters trained by
+    optax, the tables by the fused sparse update):
+
+        outs, ctx = model.embedding.lookup(ids)            # no gradient to the tables
+        loss, (grads, d_outs) = nnx.value_and_grad(loss_fn, argnums=(0, 1))(model, outs)
+        dense_optimizer.update(model, grads)                # nnx.Optimizer over nnx.Param
+        model.embedding.sparse_update(ctx, d_outs)         # touched rows + slots in place
+
+    `loss_fn(model, outs)` runs the dense part on the embedding outputs.
+    `__call__` is the lookup alone (evaluation; in hash mode `training=False`
+    inserts nothing).
+    """
+
+    def __init__(self, layer, *, seed=0, optimizer=None):
+        self.layer = layer
+        self.optimizer = optimizer
+        state = layer.init(seed)
+        self.tables = EmbeddingTables(state)
+        self.slots = EmbeddingSlots(
+            layer.init_optimizer(optimizer, state) if optimizer is not None else None
+        )
+
+    def __call__(self, ids, weights=None, *, training: bool = False):
+        out, state = self.layer.apply(_value(self.tables), ids, weights, training=training)
+        _assign(self.tables, state)
+        return out
+
+    def lookup(self, ids, weights=None, *, training: bool = True):
+        """The sparse path: (outputs, ctx); the outputs carry no gradient to
+        the tables. Give their cotangent to `sparse_update(ctx, d_out)`."""
+        out, ctx, state = self.layer.lookup(_value(self.tables), ids, weights, training=training)
+        _assign(self.tables, state)
+        return out, ctx
+
+    def sparse_update(self, ctx, d_out):
+        """The touched rows and their optimizer slots updated in place."""
+        if self.optimizer is None:
+            raise ValueError(
+                "ShardedEmbedding.sparse_update needs the module built with optimizer="
+            )
+        state, slots = self.layer.sparse_update(
+            _value(self.tables), self.optimizer, _value(self.slots), ctx, d_out
+        )
+        _assign(self.tables, state)
+        _assign(self.slots, slots)
+
+    @property
+    def state(self):
+        """The layer's state (for `export_pairs`, `check_stats`, ...)."""
+        return _value(self.tables)
+
+    def check(self) -> None:
+        """`sok_jax.check_stats` of the last call."""
+        check_stats(_value(self.tables))
+
+
+class ShardedEmbed(nn.Module):
+    """A `sok_jax.DistributedEmbedding` or `sok_jax.EmbeddingCollection` as a
+    linen module. Its state is the variable "state" of the collection
+    "embedding" (make it mutable in `apply`); the sparse optimizer state is
+    yours, beside it (`layer.init_optimizer(opt, variables["embedding"][...]
+    ["state"])`).
+
+    `module.apply(variables, ids, mutable=["embedding"])` looks up (the dense
+    path: differentiable w.r.t. the tables); with `sparse=True` it returns
+    (outputs, ctx) for `layer.sparse_update(state, opt, opt_state, ctx,
+    d_out)` on the state it left in `variables["embedding"]`.
+
+    Attributes:
+      layer: the sharded layer.
+      seed: its `init` seed.
+    """
+
+    layer: Any
+    seed: int = 0
+
+    @nn.compact
+    def __call__(self, ids, weights=None, *, training: bool = True, sparse: bool = False):
+        var = self.variable("embedding", "state", lambda: self.layer.init(self.seed))
+        if sparse:
+            out, ctx, var.value = self.layer.lookup(var.value, ids, weights, training=training)
+            return out, ctx
+        out, var.value = self.layer.apply(var.value, ids, weights, training=training)
+        return out
+
+
+__all__ += ["EmbeddingSlots", "EmbeddingTables", "ShardedEmbed", "ShardedEmbedding"]

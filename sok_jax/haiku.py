@@ -85,3 +85,39 @@ class Embed(hk.Module):
 
 
 __all__ = ["Embed", "default_embed_init"]
+
+
+class ShardedEmbed(hk.Module):
+    """A `sok_jax.DistributedEmbedding` or `sok_jax.EmbeddingCollection` as a
+    Haiku module (use `hk.transform_with_state`). Its state is the Haiku
+    state "state" of this module; the sparse optimizer state is yours, beside
+    it (`layer.init_optimizer(opt, state[module_name]["state"])`).
+
+    Called, it looks up (the dense path, differentiable w.r.t. the tables);
+    with `sparse=True` it returns (outputs, ctx) for `layer.sparse_update(
+    state, opt, opt_state, ctx, d_out)` on the state it leaves.
+
+    Args:
+      layer: the sharded layer.
+      seed: its `init` seed.
+      name: module name.
+    """
+
+    def __init__(self, layer, seed: int = 0, name: str | None = None):
+        super().__init__(name=name)
+        self.layer = layer
+        self.seed = seed
+
+    def __call__(self, ids, weights=None, *, training: bool = True, sparse: bool = False):
+        # The state is a pytree, not one array: shape and dtype are only asked for.
+        state = hk.get_state("state", (), jnp.float32, init=lambda *_: self.layer.init(self.seed))
+        if sparse:
+            out, ctx, state = self.layer.lookup(state, ids, weights, training=training)
+            hk.set_state("state", state)
+            return out, ctx
+        out, state = self.layer.apply(state, ids, weights, training=training)
+        hk.set_state("state", state)
+        return out
+
+
+__all__ += ["ShardedEmbed"]
