@@ -62,6 +62,7 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import sok_jax  # noqa: E402
 from sok_jax import data, optim  # noqa: E402
 
 AXIS = "data"
@@ -134,6 +135,14 @@ def parse_args(argv=None):
     p.add_argument("--no-split", action="store_true", help="skip timing the step's parts")
     p.add_argument("--split-steps", type=int, default=10, help="calls per timing sample")
     p.add_argument("--json", default=None, help="write final metrics here")
+    p.add_argument(
+        "--coordinator",
+        default=None,
+        help="host:port of process 0: run as one of --num-processes processes "
+        "(jax.distributed; without these, cluster auto-detection where there is one)",
+    )
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
     p.add_argument("--plot", default=None, help="write a PNG of loss and AUC here")
     args = p.parse_args(argv)
     dcn = args.model == "dcnv2"
@@ -358,8 +367,41 @@ def write_plot(path, losses, evals, planted):
 
 
 # ----------------------------------------------------------------- main
+def _local_share(x, sharding):
+    """This process's rows of a host array of the whole batch, as one global
+    array (rows in device order along the mesh axis)."""
+    devices = list(sharding.mesh.devices.flat)
+    rows = x.shape[0] // len(devices)
+    mine = [i for i, d in enumerate(devices) if d.process_index == jax.process_index()]
+    local = np.concatenate([x[i * rows : (i + 1) * rows] for i in mine])
+    return jax.make_array_from_process_local_data(sharding, local, x.shape)
+
+
+def start_processes(args):
+    """Joins JAX's multi-controller runtime when asked (every process runs
+    this program; each holds some devices of the one mesh). Only process 0
+    prints and writes files."""
+    if args.coordinator is None and args.num_processes is None:
+        return
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        args.coordinator, num_processes=args.num_processes, process_id=args.process_id
+    )
+    if jax.process_index() != 0:
+        import builtins
+
+        builtins.print = lambda *a, **k: None
+
+
+def to_host(x):
+    """All of a (possibly multi-process) array on this host."""
+    return sok_jax.distributed.host.to_host(x)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    start_processes(args)
     table_tx, dense_tx = table_optimizer(args), dense_optimizer(args)
     devices = jax.devices()
     n = len(devices)
@@ -441,9 +483,12 @@ def main(argv=None):
 
     def put(batch):
         """The batch (or any [B, ...] arrays) sharded over the axis; inside
-        jit a sharding constraint."""
+        jit a sharding constraint. Host arrays of the whole batch: each
+        process puts its devices' rows (the same on one process)."""
         if isinstance(jax.tree.leaves(batch)[0], jax.core.Tracer):
             return jax.lax.with_sharding_constraint(batch, batch_sh)
+        if jax.process_count() > 1 and not isinstance(jax.tree.leaves(batch)[0], jax.Array):
+            return jax.tree.map(lambda x: _local_share(np.asarray(x), batch_sh), batch)
         return jax.device_put(batch, batch_sh)
 
     if loader.on_device:  # the batch is made inside the step, from its number
@@ -473,10 +518,10 @@ def main(argv=None):
 
     predict = jax.jit(dm.make_predict(graphdef, embed))
     held_out = [put(b) for b in held_out]
-    eval_labels = np.concatenate([np.asarray(b.labels) for b in held_out])
+    eval_labels = np.concatenate([to_host(b.labels) for b in held_out])
     planted_auc = None
     if gen is not None:
-        planted = np.concatenate([np.asarray(jax.jit(gen.planted_logits)(b)) for b in held_out])
+        planted = np.concatenate([to_host(jax.jit(gen.planted_logits)(b)) for b in held_out])
         planted_auc = data.roc_auc(eval_labels, planted)
 
     steps_per_epoch = args.steps
@@ -489,7 +534,11 @@ def main(argv=None):
     for epoch in range(1, args.epochs + 1):
         losses, dropped = [], []
         bar = tqdm(
-            range(steps_per_epoch), desc=f"epoch {epoch}/{args.epochs}", unit="step", leave=False
+            range(steps_per_epoch),
+            desc=f"epoch {epoch}/{args.epochs}",
+            unit="step",
+            leave=False,
+            disable=jax.process_index() != 0,
         )
         t0 = time.perf_counter()
         for i in bar:
@@ -503,15 +552,15 @@ def main(argv=None):
             if i % 10 == 0:  # reading a value waits for the step; not every step
                 sps = (i + 1) * args.batch_size / (time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{float(loss):.4f}", samples_s=f"{sps:,.0f}")
-        losses = np.asarray(jax.device_get(losses))
+        losses = np.asarray([to_host(x) for x in losses])
         elapsed = time.perf_counter() - t0
         all_losses += losses.tolist()
         first_loss = float(losses[0]) if first_loss is None else first_loss
-        logits = np.concatenate([np.asarray(predict(state.params, state.emb, b)) for b in held_out])
+        logits = np.concatenate([to_host(predict(state.params, state.emb, b)) for b in held_out])
         eval_auc = data.roc_auc(eval_labels, logits)
         eval_loss = float(dm.bce(jnp.asarray(logits), jnp.asarray(eval_labels)))
         sps = steps_per_epoch * args.batch_size / elapsed
-        drops = int(np.sum(jax.device_get(dropped)))
+        drops = int(np.sum([to_host(x) for x in dropped]))
         evals.append(
             dict(epoch=epoch, step=global_step, auc=eval_auc, loss=eval_loss, samples_per_s=sps)
         )
@@ -539,13 +588,14 @@ def main(argv=None):
         table_rows=embed.total_rows,
         config=vars(args),
     )
-    if args.plot:
+    if args.plot and jax.process_index() == 0:
         write_plot(args.plot, all_losses, evals, planted_auc)
     if not args.no_split and not args.dense_path:
         split = time_split(args, step, state, loader, embed, graphdef, dense_tx, put)
         print_split(split, args.batch_size, loader.on_device)
         metrics["step_split_s"] = split
-    if args.json:
+    metrics["processes"] = jax.process_count()
+    if args.json and jax.process_index() == 0:
         with open(args.json, "w") as f:
             json.dump(metrics, f, indent=2)
     return metrics

@@ -203,3 +203,62 @@ def test_table_embedding_init_and_pooled_lookup():
         ids = sparse[f.name]
         want = np.stack([table[off + row[row >= 0]].sum(0) for row in ids])
         np.testing.assert_allclose(np.asarray(pooled[:, k]), want, rtol=1e-6, atol=1e-6)
+
+
+def test_train_dlrm_trains_the_same_on_1x8_and_2x4(tmp_path):
+    """The example under JAX's multi-controller runtime: 2 processes x 4 CPU
+    devices (--coordinator on 127.0.0.1) train as 1 process x 8 devices."""
+    for mod in ("optax", "flax", "tqdm"):
+        pytest.importorskip(mod)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["--steps", "12", "--epochs", "2", "--batch-size", "256", "--table-rows", "20000"]
+    args += ["--no-split"]
+    one, _ = _run(tmp_path, args)
+    env = dict(os.environ)
+    env.update(
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
+    )
+    out = tmp_path / "two.json"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                SCRIPT,
+                *args,
+                "--json",
+                str(out),
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=300)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in procs), "\n".join(x[-3000:] for x in logs)
+    two = json.loads(out.read_text())
+    assert two["processes"] == 2 and two["devices"] == one["devices"] == 8
+    for k in ("first_loss", "final_loss", "eval_loss", "auc"):
+        assert two[k] == pytest.approx(one[k], rel=1e-5), k
