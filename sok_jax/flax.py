@@ -27,6 +27,7 @@ from flax import nnx
 from sok_jax.distributed.state import check_stats
 from sok_jax.embedding import embed
 from sok_jax.initializers import sok_default_init
+from sok_jax.ops import checks
 
 # SOK's default initializer, uniform(-0.05, 0.05).
 default_embed_init = sok_default_init
@@ -74,6 +75,8 @@ class Embed(nn.Module):
     implementation: str = "ffi"
 
     def setup(self):
+        checks.positive_int("num_embeddings", self.num_embeddings)
+        checks.positive_int("features", self.features)
         self.embedding = self.param(
             "embedding",
             self.embedding_init,
@@ -112,8 +115,8 @@ class NNXEmbed(nnx.Module):
         implementation: str = "ffi",
         rngs: nnx.Rngs,
     ):
-        self.num_embeddings = num_embeddings
-        self.features = features
+        self.num_embeddings = checks.positive_int("num_embeddings", num_embeddings)
+        self.features = checks.positive_int("features", features)
         self.combiner = combiner
         self.dtype = dtype
         self.slot_num = slot_num

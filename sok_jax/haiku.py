@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from sok_jax.embedding import embed
 from sok_jax.initializers import sok_default_init
+from sok_jax.ops import checks
 
 
 def default_embed_init(shape, dtype=jnp.float32):
@@ -57,8 +58,8 @@ class Embed(hk.Module):
         name: str | None = None,
     ):
         super().__init__(name=name)
-        self.num_embeddings = num_embeddings
-        self.features = features
+        self.num_embeddings = checks.positive_int("num_embeddings", num_embeddings)
+        self.features = checks.positive_int("features", features)
         self.combiner = combiner
         self.embedding_init = embedding_init or default_embed_init
         self.param_dtype = param_dtype

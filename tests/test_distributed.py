@@ -704,6 +704,13 @@ def test_constructor_errors():
         make_emb(2, "sum", max_nnz=0)
     with pytest.raises(ValueError, match="embedding_vec_size"):
         DistributedEmbedding("sum", 8, 0, mesh=mesh_of(2), axis_name=AXIS)
+    with pytest.raises(ValueError, match="embedding_vec_size must be a positive integer, got 2.5"):
+        DistributedEmbedding("sum", 8, 2.5, mesh=mesh_of(2), axis_name=AXIS)  # not truncated to 2
+    with pytest.raises(ValueError, match="weights must be floating"):
+        emb = make_emb(2, "sum")
+        emb.apply(
+            emb.init(0), np.zeros((4, SLOTS, NNZ), np.int32), np.ones((4, SLOTS, NNZ), np.int32)
+        )
 
 
 def _boundary_lines(text):

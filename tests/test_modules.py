@@ -165,3 +165,21 @@ def test_param_dtype_is_storage_and_dtype_is_output():
     assert f.apply(hk_params, ids, w).dtype == jnp.float16  # dtype None: the table's
     want = sok_jax.embed(table, ids, combiner="sum", weights=w).astype(jnp.float32)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
+
+
+@pytest.mark.parametrize("features", [0, -1, 2.5])
+def test_modules_refuse_sizes_that_are_not_positive_integers(features):
+    pytest.importorskip("flax")
+    hk = pytest.importorskip("haiku")
+    from flax import nnx
+
+    from sok_jax.flax import Embed, NNXEmbed
+    from sok_jax.haiku import Embed as HkEmbed
+
+    ids, _ = _ids()
+    with pytest.raises(ValueError, match="features must be a positive integer"):
+        NNXEmbed(ROWS, features, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="features must be a positive integer"):
+        Embed(ROWS, features).init(jax.random.key(0), ids)
+    with pytest.raises(ValueError, match="features must be a positive integer"):
+        hk.transform(lambda ids: HkEmbed(ROWS, features)(ids)).init(jax.random.key(0), ids)

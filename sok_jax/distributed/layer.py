@@ -88,8 +88,9 @@ class DistributedEmbedding:
             ("slot_num", slot_num),
             ("max_nnz", max_nnz),
         ):
-            if int(v) <= 0:
-                raise ValueError(f"{name} must be positive, got {v}")
+            checks.positive_int(name, v)
+        if max_feature_num is not None:
+            checks.positive_int("max_feature_num", max_feature_num)
         if mesh is None:
             mesh = Mesh(np.array(jax.devices()), ("sok",))
         if axis_name is None:

@@ -16,12 +16,6 @@ from sok_jax.ops import checks, embed_ops
 PLACEMENTS = ("auto", "row", "table", "replicated")
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or int(value) != value or int(value) <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 @dataclasses.dataclass(frozen=True)
 class TableSpec:
     """A logical embedding table.
@@ -62,7 +56,9 @@ class TableSpec:
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"TableSpec.name must be a non-empty string, got {self.name!r}")
-        size = _positive_int(f"TableSpec {self.name!r}: vocabulary_size", self.vocabulary_size)
+        size = checks.positive_int(
+            f"TableSpec {self.name!r}: vocabulary_size", self.vocabulary_size
+        )
         if size >= checks.MAX_ROWS:
             raise ValueError(
                 f"TableSpec {self.name!r}: vocabulary_size must stay below 2^31 - 1, got {size}"
@@ -71,7 +67,7 @@ class TableSpec:
         object.__setattr__(
             self,
             "embedding_dim",
-            _positive_int(f"TableSpec {self.name!r}: embedding_dim", self.embedding_dim),
+            checks.positive_int(f"TableSpec {self.name!r}: embedding_dim", self.embedding_dim),
         )
         if self.combiner is not None:
             embed_ops.combiner_code(self.combiner)
@@ -115,7 +111,9 @@ class FeatureSpec:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"FeatureSpec.name must be a non-empty string, got {self.name!r}")
         object.__setattr__(
-            self, "max_nnz", _positive_int(f"FeatureSpec {self.name!r}: max_nnz", self.max_nnz)
+            self,
+            "max_nnz",
+            checks.positive_int(f"FeatureSpec {self.name!r}: max_nnz", self.max_nnz),
         )
 
 

@@ -25,6 +25,13 @@ TABLE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.f
 MAX_ROWS = 2**31 - 1
 
 
+def positive_int(name: str, value) -> int:
+    """`value` as an int if it is a positive integer (2.5, 0, True refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def padding_value(key_dtype) -> np.generic:
     """The "no key" value of a key dtype, as a numpy scalar of that dtype."""
     dt = check_key_dtype(key_dtype, "key_dtype", need_x64=False)
