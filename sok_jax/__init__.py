@@ -22,6 +22,7 @@ from sok_jax.distributed import (
 from sok_jax.embedding import (
     LookupContext,
     count_invalid_ids,
+    count_nonfinite,
     embed,
     lookup,
     sparse_grad,
@@ -45,6 +46,7 @@ __all__ = [
     "RaggedIds",
     "SparseRowGrad",
     "count_invalid_ids",
+    "count_nonfinite",
     "embed",
     "has_cuda",
     "lookup",

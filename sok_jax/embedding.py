@@ -80,6 +80,14 @@ def count_invalid_ids(ids, num_rows: int, *, slot_num: int | None = None):
     return jnp.sum(ids_lib.invalid_id_mask(bags, num_rows)).astype(jnp.int32)
 
 
+def count_nonfinite(d_out):
+    """How many output vectors of a cotangent `d_out` ([..., D], the
+    gradient of a lookup's output) hold a NaN or Inf: int32 scalar. Each
+    reaches every row its bag looked up; `skip_nonfinite=True` on a sparse
+    optimizer leaves those rows and their slots as they were."""
+    return jnp.sum(~jnp.all(jnp.isfinite(d_out), axis=-1)).astype(jnp.int32)
+
+
 def _raise_on_invalid(bags, num_rows, shape_hint):
     bad = ids_lib.invalid_id_mask(bags, num_rows)
     first = jnp.argmax(bad)

@@ -11,6 +11,13 @@ gradient is ever built, so a step costs O(batch), not O(table).
 Hyperparameter names and defaults follow optax where optax has the
 optimizer (sgd, adagrad, adam) and Keras for FTRL. `learning_rate` may be a
 float or an optax schedule (a function of the step count).
+
+`skip_nonfinite=True` (every optimizer) leaves each row whose summed
+gradient holds a NaN or Inf, and that row's slots, exactly as they were;
+the other rows of the step are updated as usual. It costs the unfused
+backward (`update_bags` writes the row gradient to find those rows), so it
+is off by default; `sok_jax.count_nonfinite` and the distributed layers'
+`stats.nonfinite` count such cotangents either way.
 """
 
 from __future__ import annotations
@@ -58,10 +65,13 @@ def _make(
     implementation,
     step_arg=False,
     rule=None,
+    skip_nonfinite=False,
 ):
     """`rule`: the name of the element-wise rule of the fused backward+update
     target (`embed_ops.RULES`), None where there is none (row-wise Adagrad:
-    `update_bags` is then the backward followed by `update`)."""
+    `update_bags` is then the backward followed by `update`). With
+    `skip_nonfinite` the backward is never fused: the rows are filtered on
+    their summed gradient first."""
     ops = resolve(implementation)
     update_fn = getattr(ops, update_name)
 
@@ -73,6 +83,8 @@ def _make(
         return (_lr(learning_rate, state.count),) + ((state.count + 1,) if step_arg else ())
 
     def update(table, state: SparseOptState, grad: SparseRowGrad):
+        if skip_nonfinite:
+            grad = drop_nonfinite_rows(grad)
         out = update_fn(
             table, *state.slots, grad.rows, grad.grads, grad.count, *hparams(state), **hyper
         )
@@ -81,7 +93,7 @@ def _make(
         return out[0], SparseOptState(tuple(out[1:]), state.count + 1)
 
     def update_bags(table, state: SparseOptState, grad_out, ids, offsets, weights, combiner):
-        if rule is None:
+        if rule is None or skip_nonfinite:
             grad = ops.lookup_combine_bwd(grad_out, ids, offsets, weights, combiner, table.shape[0])
             return update(table, state, grad)
         out = ops.bwd_update(
@@ -101,9 +113,30 @@ def _make(
     return SparseOptimizer(init, update, update_bags)
 
 
-def sgd(learning_rate, *, implementation: str = "ffi") -> SparseOptimizer:
+def drop_nonfinite_rows(grad: SparseRowGrad) -> SparseRowGrad:
+    """`grad` with every row whose gradient holds a NaN or Inf marked absent
+    (row -1, which every update target ignores; its gradient zeroed)."""
+    finite = jnp.all(jnp.isfinite(grad.grads), axis=1)
+    return SparseRowGrad(
+        jnp.where(finite, grad.rows, -1),
+        jnp.where(finite[:, None], grad.grads, 0.0),
+        grad.count,
+    )
+
+
+def sgd(
+    learning_rate, *, implementation: str = "ffi", skip_nonfinite: bool = False
+) -> SparseOptimizer:
     """Plain SGD on the touched rows (optax.sgd without momentum)."""
-    return _make("sgd_update", lambda t: (), {}, learning_rate, implementation, rule="sgd")
+    return _make(
+        "sgd_update",
+        lambda t: (),
+        {},
+        learning_rate,
+        implementation,
+        rule="sgd",
+        skip_nonfinite=skip_nonfinite,
+    )
 
 
 def adagrad(
@@ -112,6 +145,7 @@ def adagrad(
     eps: float = 1e-7,
     *,
     implementation: str = "ffi",
+    skip_nonfinite: bool = False,
 ) -> SparseOptimizer:
     """optax.adagrad on the touched rows (rows with no gradient are unchanged,
     exactly as optax leaves them)."""
@@ -122,6 +156,7 @@ def adagrad(
         learning_rate,
         implementation,
         rule="adagrad",
+        skip_nonfinite=skip_nonfinite,
     )
 
 
@@ -131,6 +166,7 @@ def rowwise_adagrad(
     eps: float = 1e-7,
     *,
     implementation: str = "ffi",
+    skip_nonfinite: bool = False,
 ) -> SparseOptimizer:
     """Adagrad with one accumulator per row (mean of g^2 over D), as FBGEMM."""
     return _make(
@@ -139,6 +175,7 @@ def rowwise_adagrad(
         {"eps": eps},
         learning_rate,
         implementation,
+        skip_nonfinite=skip_nonfinite,
     )
 
 
@@ -150,6 +187,7 @@ def adam(
     eps_root: float = 0.0,
     *,
     implementation: str = "ffi",
+    skip_nonfinite: bool = False,
 ) -> SparseOptimizer:
     """Lazy Adam (TF LazyAdam, SOK's Adam): optax.adam's formulas applied to
     the touched rows only; untouched rows keep their moments."""
@@ -161,6 +199,7 @@ def adam(
         implementation,
         step_arg=True,
         rule="adam",
+        skip_nonfinite=skip_nonfinite,
     )
 
 
@@ -174,6 +213,7 @@ def ftrl(
     beta: float = 0.0,
     *,
     implementation: str = "ffi",
+    skip_nonfinite: bool = False,
 ) -> SparseOptimizer:
     """FTRL-Proximal on the touched rows, as tf.keras.optimizers.Ftrl."""
     return _make(
@@ -189,6 +229,7 @@ def ftrl(
         learning_rate,
         implementation,
         rule="ftrl",
+        skip_nonfinite=skip_nonfinite,
     )
 
 

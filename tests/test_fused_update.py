@@ -255,3 +255,63 @@ def test_single_table_sparse_update(name):
         for a, b in zip(s_a.slots, s_b.slots):
             np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
     assert not np.array_equal(np.asarray(t_b), np.asarray(table))
+
+
+@pytest.mark.parametrize("path", ["update_bags", "update"])
+@pytest.mark.parametrize("implementation", ["ffi", "reference"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_skip_nonfinite(name, implementation, path):
+    """skip_nonfinite=True: every row whose summed gradient (numpy, float64)
+    holds a NaN or Inf keeps its bits in the table and every slot; the other
+    touched rows follow the optimizer's oracle; `count_nonfinite` counts the
+    poisoned cotangents. Without the flag the same step poisons those rows."""
+    import sok_jax
+
+    kw, oracle, make_slots = CASES[name]
+    rng = np.random.default_rng()
+    dim, batch, slots = 6, 8, 3
+    table, _ = random_table(rng, ROWS, dim, "float32")
+    opt = optim.by_name(name, 0.05, implementation=implementation, skip_nonfinite=True, **kw)
+    plain = optim.by_name(name, 0.05, implementation=implementation, **kw)
+    state = opt.init(table)._replace(
+        slots=tuple(jnp.asarray(s) for s in make_slots(rng, ROWS, dim))
+    )
+    bags, ids, offsets, w = _flat_bags(rng, batch, slots, 4, "sum")
+    g = rng.normal(size=(batch * slots, dim)).astype(np.float32)
+    reaching = [  # bags holding a row, in the flat order of g
+        b * slots + s
+        for b in range(batch)
+        for s in range(slots)
+        if any(0 <= k < ROWS for k in bags.keys[b][s])
+    ]
+    poisoned = rng.choice(reaching, size=3, replace=False)
+    g[poisoned[0], rng.integers(dim)] = np.nan
+    g[poisoned[1], rng.integers(dim)] = np.inf
+    g[poisoned[2], :] = -np.inf
+    assert int(sok_jax.count_nonfinite(jnp.asarray(g))) == 3
+
+    d_table, _ = np_embed_grads(np.zeros((ROWS, dim)), bags, "sum", g.reshape(batch, slots, dim))
+    touched = np_sparse_rows(bags)
+    finite = np.all(np.isfinite(d_table), axis=1)
+    bad, good = touched[~finite[touched]], touched[finite[touched]]
+    assert bad.size >= 1 and good.size >= 1
+
+    def step(o, t, s):
+        if path == "update_bags":
+            return o.update_bags(t, s, jnp.asarray(g), ids, offsets, w, "sum")
+        return o.update(
+            t, s, embed_ops.lookup_combine_bwd(jnp.asarray(g), ids, offsets, w, "sum", ROWS)
+        )
+
+    old_t, old_s = np.asarray(table), [np.asarray(s) for s in state.slots]
+    old_bits = [_bits(table)] + [_bits(s) for s in state.slots]
+    poisoned_t, _ = step(plain, table, state)
+    assert not np.all(np.isfinite(np.asarray(poisoned_t)[bad]))
+    new_t, new_s = jax.jit(lambda t, s: step(opt, t, s))(table, state)
+    keep = np.setdiff1d(np.arange(ROWS), good)
+    for k, (got, before) in enumerate(zip([new_t, *new_s.slots], old_bits)):
+        np.testing.assert_array_equal(_bits(got)[keep], before[keep], err_msg=f"leaf {k}")
+    o_t, o_s = oracle(old_t, old_s, good, d_table[good].astype(np.float32), 0.05, 1, kw)
+    np.testing.assert_allclose(np.asarray(new_t)[good], np.asarray(o_t)[good], 2e-5, 2e-6)
+    for got, want in zip(new_s.slots, o_s):
+        np.testing.assert_allclose(np.asarray(got)[good], np.asarray(want)[good], 2e-5, 2e-5)
