@@ -16,6 +16,8 @@ from sok_jax.distributed import (
     EmbeddingStats,
     EmbeddingWarning,
     FeatureSpec,
+    HashOptions,
+    TableExport,
     TableSpec,
     check_stats,
 )
@@ -39,6 +41,8 @@ __all__ = [
     "EmbeddingStats",
     "EmbeddingWarning",
     "FeatureSpec",
+    "HashOptions",
+    "TableExport",
     "TableSpec",
     "check_stats",
     "LookupContext",
