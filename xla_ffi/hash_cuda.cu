@@ -75,7 +75,8 @@ ffi::Error Insert(cudaStream_t stream, HashCall<K>& c, ffi::AnyBuffer& workspace
                                              c.evicted, c.status, miss, vals_alt);
   // 2. The misses in position order, then sorted (stably) by order word.
   size_t bytes = part_bytes;
-  cub::DevicePartition::Flagged(cub_tmp, bytes, vals_alt, miss, part, num_miss, ni, stream);
+  cub::DevicePartition::Flagged(cub_tmp, bytes, static_cast<const int32_t*>(vals_alt),
+                                static_cast<const int32_t*>(miss), part, num_miss, ni, stream);
   OrderKeysKernel<K><<<grid, kBlock, 0, stream>>>(c.keys, part, num_miss, n, order);
   okeys = cub::DoubleBuffer<O>(order, order_alt);
   ovals = cub::DoubleBuffer<int32_t>(part, vals_alt);

@@ -260,6 +260,7 @@ __global__ void __launch_bounds__(kOverflowBlock)
       }
       __syncthreads();  // the placed key is visible to the next search
     }
+    __syncthreads();  // every thread is done with `flagged` before it is refilled
   }
 }
 

@@ -41,6 +41,7 @@ from sok_jax.distributed.online import (
     host_step,
     import_table,
     join_hash_part,
+    resolve_seed,
     split_hash_part,
 )
 from sok_jax.distributed.rows import STRATEGIES, Member
@@ -424,44 +425,44 @@ class EmbeddingCollection:
             None if opt_state is None else opt_state[unit],
             since_step,
             self.table_specs[table].key_dtype,
+            state.seed,
         )
 
-    def import_pairs(self, pairs: dict, seed=0, *, share: bool = False, optimizer=None):
+    def import_pairs(self, pairs: dict, seed=None, *, share: bool = False, optimizer=None):
         """A state holding the given pairs, {table: (keys, vectors) or a
         `TableExport`}, on this collection's mesh and plan, whatever they
         were exported from; other keys keep their seed's initial vectors
         (direct mode). Under several processes every process passes the same
         pairs (checked), or with `share=True` each its own share of them.
         With `optimizer` (or the tables' own) the result is (state,
-        opt_state), the exports' slots restored."""
-        state = self.init(seed)
+        opt_state), the exports' slots restored. `seed`: the new state's;
+        None: the (first) export's, else 0."""
+        state = self.init(resolve_seed(next(iter(pairs.values()), None), seed))
         shards = self._shards(state)
         optimizers = self._optimizers(optimizer) if optimizer is not None else None
-        opt_states = {}
+        # Every unit's optimizer state (zeros of the tables' shapes), filled
+        # with the exports' slots as the tables are imported.
+        opt_states = {} if optimizers is None else self._tables.init_optimizer(optimizers, shards)
         for table, given in pairs.items():
             rows = self._strategy(table)
             unit = self._unit_of[table]
             keys, vectors = (given, None) if isinstance(given, TableExport) else given
             opt = None if optimizers is None else optimizers[unit]
-
-            def init_opt(t, unit=unit, opt=opt):
-                if unit not in opt_states:
-                    opt_states[unit] = self._tables.init_optimizer({unit: opt}, {unit: (t, None)})[
-                        unit
-                    ]
-                return opt_states[unit]
-
-            t, h, o = import_table(rows, table, *shards[unit], keys, vectors, share, opt, init_opt)
+            t, h, o = import_table(
+                rows,
+                table,
+                *shards[unit],
+                keys,
+                vectors,
+                share,
+                opt,
+                lambda _, unit=unit: opt_states[unit],
+            )
             shards[unit] = (t, h)
             if o is not None:
                 opt_states[unit] = o
         state = self._state(state, shards)
-        if optimizers is None:
-            return state
-        for unit, opt in optimizers.items():
-            if unit not in opt_states:
-                opt_states[unit] = self._tables.init_optimizer({unit: opt}, shards)[unit]
-        return state, opt_states
+        return state if optimizers is None else (state, opt_states)
 
     # ---------------------------------------------------------- online hash
     def step(self, state: CollectionState) -> int:

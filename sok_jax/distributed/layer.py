@@ -25,6 +25,7 @@ from sok_jax.distributed.online import (
     host_step,
     import_table,
     join_hash_part,
+    resolve_seed,
     split_hash_part,
 )
 from sok_jax.distributed.rows import Member, RowHashRows, RowRows
@@ -364,10 +365,11 @@ class DistributedEmbedding:
             opt_state,
             since_step,
             self.key_dtype,
+            state.seed,
         )
 
     def import_pairs(
-        self, keys, vectors=None, seed=0, *, share: bool = False, optimizer=None
+        self, keys, vectors=None, seed=None, *, share: bool = False, optimizer=None
     ) -> EmbeddingState:
         """A state on this layer's mesh holding the given (key, vector) pairs
         (SOK's load), whatever device count they were exported from. Direct
@@ -378,8 +380,10 @@ class DistributedEmbedding:
         `keys` may be a `TableExport` (from `export_pairs(state, opt_state)`):
         its scores, step and sketches are restored too, and with `optimizer`
         its slots: the result is then (state, opt_state), and training goes
-        on as it would have where it was exported. Growing a hash table is
-        an import into a layer with more rows per device.
+        on as it would have where it was exported. `seed`: that of the new
+        state (new keys' initial vectors); None: the export's, else 0.
+        Growing a hash table is an import into a layer with more rows per
+        device.
 
         Raises:
           ValueError: shapes disagree, keys repeat, a key is out of range
@@ -387,7 +391,7 @@ class DistributedEmbedding:
             keys (hash mode), the export has slots but no optimizer is
             given, or the processes passed different pairs.
         """
-        state = self.init(seed)
+        state = self.init(resolve_seed(keys, seed))
         table, hash_part, opt_state = import_table(
             self._rows,
             _TABLE,

@@ -32,6 +32,8 @@ class TableExport(NamedTuple):
     sketch: int32 [shards, depth * width] admission sketches, or None.
     evicted: with `since_step`, the keys evicted since then that hold no
       row now; else None.
+    seed: uint32[2] key data of the state's seed (new keys' initial vectors
+      derive from it; `import_pairs` takes it unless given another).
     """
 
     keys: np.ndarray
@@ -43,6 +45,16 @@ class TableExport(NamedTuple):
     step: int = 0
     sketch: Any = None
     evicted: Any = None
+    seed: Any = None
+
+
+def resolve_seed(keys, seed):
+    """The seed of an import: as given, else the export's, else 0."""
+    if seed is not None:
+        return seed
+    if isinstance(keys, TableExport) and keys.seed is not None:
+        return np.asarray(keys.seed, np.uint32)
+    return 0
 
 
 def join_hash_part(slot_keys, sc):
@@ -73,7 +85,7 @@ def _no_scores(what):
     )
 
 
-def export_table(rows, name, table, hash_part, opt_state, since_step, key_dtype):
+def export_table(rows, name, table, hash_part, opt_state, since_step, key_dtype, seed=None):
     """(keys, vectors), or a `TableExport` with `opt_state` or `since_step`."""
     stored = rows.export_rows(table, hash_part, name)
     keys = stored.keys.astype(key_dtype)
@@ -119,6 +131,7 @@ def export_table(rows, name, table, hash_part, opt_state, since_step, key_dtype)
         0 if state is None else state["step"],
         None if state is None else state["sketch"],
         evicted,
+        None if seed is None else to_host(seed),
     )
 
 

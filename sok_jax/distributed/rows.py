@@ -24,6 +24,13 @@ logical (key, vector) pairs in and out (`export_pairs`, `import_pairs`). A
 key's initial vector depends only on the seed, its table and the key
 (`sok_jax.initializers`), so the logical tables are the same under every
 strategy and on any device count.
+
+A hash strategy built with `online` (a `scores.HashOptions`: eviction,
+admission, scores) carries the hash part of its shard as a
+`scores.HashShard` (keys and `HashScores`) instead of the keys alone; its
+lookups then evict and admit (xla_ffi/hash_math.h has the rule), count into
+`OwnerRows.online`, and name the rows they gave to new keys
+(`OwnerRows.reset_rows`) so that the sparse update resets their slots.
 """
 
 from __future__ import annotations

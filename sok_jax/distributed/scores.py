@@ -29,6 +29,11 @@ and checkpoints of a plain hash table):
   evictions the ring no longer holds in full (deltas since an earlier step
   are refused).
 
+Moving a table to another device count (`import_pairs` of a `TableExport`)
+restores rows, slots, scores and step exactly, and the sketches as
+`merge_sketches` says: a key not yet admitted may then be admitted sooner
+than it would have been on the old count, never later.
+
 An evicted row is re-initialized for its new key (from the seed and the
 key, as any new key) by the lookup, and its optimizer slots are reset by the
 sparse update that follows (`reset_slots`, fed by the lookup's context).
@@ -312,11 +317,14 @@ class HashRowGrad(NamedTuple):
 
 def merge_sketches(sketches: np.ndarray, m: int) -> np.ndarray:
     """Per-shard sketches [n, depth * width] of an n-shard table -> those of
-    its m-shard layout: key k moves from shard k % n to k % m, and a sketch
-    counter holds the sum of its keys' counts, so where m divides n the new
-    shard d gets exactly the sum of the old shards d' with d' % m == d (the
-    counters it would have built); otherwise every new shard gets the sum of
-    all (an upper bound: keys may be admitted sooner, never later)."""
+    its m-shard layout. Key k moves from shard k % n to k % m, and a counter
+    holds the sum of its keys' counts, so where m divides n the new shard d
+    gets the sum of the old shards d' with d' % m == d: exactly the counters
+    m shards would have built from the same stream. Its estimates can exceed
+    the n shards' where keys of several old shards share a counter (a key
+    may be admitted sooner, never later); with a sketch much wider than the
+    keys it counts, as the default, that is rare. Otherwise (m does not
+    divide n) every new shard gets the sum of all, an upper bound too."""
     n = sketches.shape[0]
     if n % m == 0:
         return np.stack([sketches[d::m].sum(axis=0) for d in range(m)]).astype(np.int32)
