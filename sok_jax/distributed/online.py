@@ -218,7 +218,7 @@ def evict_stale_shards(tables, unit_name, hash_part, max_age):
 
     def body(hp):
         hp, freed = rows.evict_stale(hp, int(max_age))
-        load = scores.load_factor(hp.slot_keys)
+        load = scores.load_of(hp.scores, hp.slot_keys.shape[0])
         counters = exchange._Counters(names, names)
         counters.add_online(unit, {"evicted": freed, "load": load})
         return hp, counters.stats()

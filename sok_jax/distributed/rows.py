@@ -501,6 +501,7 @@ class _Hashed:
                 sc,
                 last_seen=r.last_seen.at[target].set(ls, mode="drop"),
                 count=r.count.at[target].set(ct, mode="drop"),
+                used=scores.count_used(r.slot_keys),
             )
             hash_part = scores.HashShard(r.slot_keys, sc)
         else:

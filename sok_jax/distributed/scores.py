@@ -14,6 +14,8 @@ and checkpoints of a plain hash table):
 * `step` [1]: the training lookups so far. A training lookup stamps the
   rows it sees with `step + 1`; the sparse update that follows writes
   exactly those rows, so a row's step is that of its last update.
+* `used` [1]: the rows holding a key (kept up to date by every call, so the
+  load in the stats costs nothing per step).
 * `sketch` [depth * width] (admission only): a count-min sketch of how many
   training lookups saw each key while it had no row; a key becomes a row in
   the lookup that brings its estimate to `admit_after`. Its memory is
@@ -158,6 +160,7 @@ class HashScores:
     last_seen: Any
     count: Any
     step: Any
+    used: Any
     sketch: Any = None
     log_keys: Any = None
     log_steps: Any = None
@@ -188,12 +191,13 @@ def empty_scores(rows: int, key_dtype, options: HashOptions) -> HashScores:
         sketch = jnp.zeros((options.sketch_depth * options.sketch_width,), jnp.int32)
     log = options.log_size(rows)
     if not log:
-        return HashScores(z, jnp.zeros((rows,), jnp.int32), one, sketch)
+        return HashScores(z, jnp.zeros((rows,), jnp.int32), one, jnp.zeros((1,), jnp.int32), sketch)
     pad = checks.padding_value(key_dtype)
     return HashScores(
         z,
         jnp.zeros((rows,), jnp.int32),
         one,
+        jnp.zeros((1,), jnp.int32),
         sketch,
         jnp.full((log,), pad, key_dtype),
         jnp.zeros((log,), jnp.int32),
@@ -253,23 +257,36 @@ class OnlineLookup:
         )
         empty = jnp.asarray(checks.padding_value(keys.dtype), keys.dtype)
         evicted = r.evicted != empty
+        n_evicted = jnp.sum(evicted).astype(jnp.int32)
+        # Every new key took a free row or an evicted one.
+        used = sc.used + jnp.sum(r.is_new).astype(jnp.int32) - n_evicted
         new = dataclasses.replace(
-            sc, last_seen=r.last_seen, count=r.count, sketch=r.sketch, step=step.reshape(1)
+            sc,
+            last_seen=r.last_seen,
+            count=r.count,
+            sketch=r.sketch,
+            step=step.reshape(1),
+            used=used.reshape(1),
         )
         if training:
             new = append_log(new, r.evicted, evicted, step)
         counts = {
-            "evicted": jnp.sum(evicted).astype(jnp.int32),
+            "evicted": n_evicted,
             "not_admitted": jnp.sum(r.status == hash_ops.NOT_ADMITTED).astype(jnp.int32),
-            "load": load_factor(r.slot_keys),
+            "load": load_of(new, shard.slot_keys.shape[0]),
         }
         return HashShard(r.slot_keys, new), r, counts
 
 
-def load_factor(slot_keys):
+def load_of(sc: HashScores, rows: int):
     """float32: the fraction of the shard's rows that hold a key."""
+    return sc.used[0].astype(jnp.float32) / np.float32(rows)
+
+
+def count_used(slot_keys):
+    """int32 [1]: the rows of a shard that hold a key (a pass over them)."""
     pad = jnp.asarray(checks.padding_value(slot_keys.dtype), slot_keys.dtype)
-    return jnp.mean((slot_keys != pad).astype(jnp.float32))
+    return jnp.sum(slot_keys != pad).astype(jnp.int32).reshape(1)
 
 
 def evict_stale(shard: HashShard, max_age) -> tuple:
@@ -280,14 +297,16 @@ def evict_stale(shard: HashShard, max_age) -> tuple:
     pad = jnp.asarray(checks.padding_value(shard.slot_keys.dtype), shard.slot_keys.dtype)
     step = sc.step[0]
     stale = (shard.slot_keys != pad) & (sc.last_seen <= step - max_age)
+    freed = jnp.sum(stale).astype(jnp.int32)
     new = dataclasses.replace(
         sc,
         last_seen=jnp.where(stale, 0, sc.last_seen),
         count=jnp.where(stale, 0, sc.count),
+        used=sc.used - freed,
     )
     new = append_log(new, shard.slot_keys, stale, step)
     keys = jnp.where(stale, pad, shard.slot_keys)
-    return HashShard(keys, new), jnp.sum(stale).astype(jnp.int32)
+    return HashShard(keys, new), freed
 
 
 def reset_slots(optimizer, opt_state, rows, dim: int):
