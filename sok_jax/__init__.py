@@ -16,6 +16,8 @@ from sok_jax.distributed import (
     EmbeddingStats,
     EmbeddingWarning,
     FeatureSpec,
+    HashOptions,
+    TableExport,
     TableSpec,
     check_stats,
 )
@@ -40,6 +42,8 @@ __all__ = [
     "EmbeddingStats",
     "EmbeddingWarning",
     "FeatureSpec",
+    "HashOptions",
+    "TableExport",
     "TableSpec",
     "check_stats",
     "LookupContext",

@@ -416,3 +416,185 @@ def bits(x):
     """The raw bits of an array of 2- or 4-byte floats."""
     x = np.asarray(x)
     return x.view(np.uint16 if x.dtype.itemsize == 2 else np.uint32)
+
+
+# --------------------------------------------------------------------------
+# Hash tables: the insertion rule of xla_ffi/hash_math.h from its definition,
+# on Python ints (no sok_jax code).
+
+_M32, _M64 = (1 << 32) - 1, (1 << 64) - 1
+BUCKET_SLOTS = 16
+FOUND, INSERTED, MISSING, FULL, NOT_ADMITTED, PADDING = range(6)
+
+
+def _fmix32(h: int) -> int:
+    h &= _M32
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _M32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+def _mix64(z: int) -> int:
+    z &= _M64
+    z ^= z >> 30
+    z = (z * 0xBF58476D1CE4E5B9) & _M64
+    z ^= z >> 27
+    z = (z * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def py_order_word(key: int, wide: bool) -> int:
+    """The claim order of a key (wide: int64 keys)."""
+    return _mix64(key) if wide else _fmix32(key)
+
+
+def py_hash_word(key: int, wide: bool) -> int:
+    o = py_order_word(key, wide)
+    return o >> 32 if wide else o
+
+
+def py_num_buckets(capacity: int) -> int:
+    return -(-capacity // BUCKET_SLOTS)
+
+
+def py_bucket(word: int, n: int) -> int:
+    return (word * n) >> 32
+
+
+def py_bucket_slots(b: int, capacity: int) -> range:
+    nb = py_num_buckets(capacity)
+    return range(b * capacity // nb, (b + 1) * capacity // nb)
+
+
+def py_home(key: int, capacity: int, wide: bool) -> int:
+    return py_bucket(py_hash_word(key, wide), py_num_buckets(capacity))
+
+
+def py_sketch_cells(key: int, depth: int, width: int, wide: bool) -> list[int]:
+    o = py_order_word(key, wide)
+    out = []
+    for h in range(depth):
+        if wide:
+            w = _mix64((o + (h + 1) * 0x9E3779B97F4A7C15) & _M64) >> 32
+        else:
+            w = _fmix32((o + (h + 1) * 0x9E3779B9) & _M32)
+        out.append(h * width + py_bucket(w, width))
+    return out
+
+
+class HashShardOracle:
+    """One hash shard under the rule, on Python lists: slots (EMPTY = None),
+    per-row last_seen and count, the admission sketch. `call` is one
+    find-or-insert call and returns (rows, is_new, evicted, status) per
+    position, evicted None where no key was evicted."""
+
+    def __init__(self, capacity, wide, policy=None, admit_after=0, depth=1, width=0):
+        self.capacity, self.wide = capacity, wide
+        self.policy, self.admit_after = policy, admit_after
+        self.depth, self.width = depth, width
+        self.slots = [None] * capacity
+        self.last_seen = [0] * capacity
+        self.count = [0] * capacity
+        self.sketch = [0] * (depth * width)
+
+    @property
+    def nb(self):
+        return py_num_buckets(self.capacity)
+
+    def home(self, key):
+        return py_home(key, self.capacity, self.wide)
+
+    def find(self, key):
+        b = self.home(key)
+        for _ in range(self.nb):
+            slots = py_bucket_slots(b, self.capacity)
+            for s in slots:
+                if self.slots[s] == key:
+                    return s
+            if self.policy is not None or None in [self.slots[s] for s in slots]:
+                return -1
+            b = (b + 1) % self.nb
+        return -1
+
+    def estimate(self, key):
+        return min(self.sketch[c] for c in py_sketch_cells(key, self.depth, self.width, self.wide))
+
+    def call(self, keys, insert, step, padding=None):
+        n = len(keys)
+        rows, is_new, evicted, status = [-1] * n, [0] * n, [None] * n, [PADDING] * n
+        misses = {}  # key -> its positions, in order
+        stamped = set()
+        for i, k in enumerate(keys):
+            if k == padding:
+                continue
+            r = self.find(k)
+            if r >= 0:
+                rows[i], status[i] = r, FOUND
+                if insert and r not in stamped:
+                    stamped.add(r)
+                    self.last_seen[r] = step
+                    self.count[r] += 1
+            elif insert:
+                misses.setdefault(k, []).append(i)
+            else:
+                status[i] = MISSING
+        if not insert:
+            return rows, is_new, evicted, status
+        new = sorted(misses, key=lambda k: py_order_word(k, self.wide))
+        admitted = {k: True for k in new}
+        init = {k: 1 for k in new}
+        if self.admit_after:
+            for k in new:
+                for c in py_sketch_cells(k, self.depth, self.width, self.wide):
+                    self.sketch[c] += 1
+            for k in new:
+                init[k] = self.estimate(k)
+                admitted[k] = init[k] >= self.admit_after
+        placed = {}
+
+        def place(k, r, old):
+            self.slots[r] = k
+            self.last_seen[r], self.count[r] = step, init[k]
+            placed[k] = r
+            first = misses[k][0]
+            is_new[first] = 1
+            evicted[first] = old
+
+        leftover = []
+        by_bucket = {}
+        for k in new:
+            if admitted[k]:
+                by_bucket.setdefault(self.home(k), []).append(k)
+        for b, ks in by_bucket.items():
+            slots = list(py_bucket_slots(b, self.capacity))
+            free = [s for s in slots if self.slots[s] is None]
+            score = self.last_seen if self.policy == "lru" else self.count
+            victims = sorted(
+                (s for s in slots if self.slots[s] is not None and self.last_seen[s] != step),
+                key=lambda s: (score[s], self.slots[s]),
+            )
+            for k in ks:
+                if free:
+                    place(k, free.pop(0), None)
+                elif self.policy is not None and victims:
+                    s = victims.pop(0)
+                    place(k, s, self.slots[s])
+                elif self.policy is None:
+                    leftover.append(k)
+        for k in sorted(leftover, key=lambda k: py_order_word(k, self.wide)):
+            b = self.home(k)
+            for _ in range(self.nb - 1):
+                b = (b + 1) % self.nb
+                free = [s for s in py_bucket_slots(b, self.capacity) if self.slots[s] is None]
+                if free:
+                    place(k, free[0], None)
+                    break
+        for k, ps in misses.items():
+            for i in ps:
+                if k in placed:
+                    rows[i], status[i] = placed[k], INSERTED
+                else:
+                    status[i] = FULL if admitted[k] else NOT_ADMITTED
+        return rows, is_new, evicted, status

@@ -174,15 +174,30 @@ auto FtrlUpdate(B b) {
   X("sok_ftrl_update", SokFtrlUpdate, FtrlImpl, FtrlUpdate)
 
 // ------------------------------------------------------------------ hash
+// Find-or-insert with the optional per-row scores (last_seen, count: [R] or
+// [0]) and admission sketch ([depth * width] or [0]), aliased to their
+// outputs; hash_math.h has the insertion rule.
 template <typename B>
 auto HashFindOrInsert(B b) {
   return std::move(b).template Arg<ffi::AnyBuffer>()     // slot_keys
+      .template Arg<ffi::Buffer<ffi::S32>>()  // last_seen
+      .template Arg<ffi::Buffer<ffi::S32>>()  // count
+      .template Arg<ffi::Buffer<ffi::S32>>()  // sketch
       .template Arg<ffi::AnyBuffer>()         // keys
+      .template Arg<ffi::Buffer<ffi::S32>>()  // step [1]
       .template Ret<ffi::AnyBuffer>()         // slot_keys_out
+      .template Ret<ffi::Buffer<ffi::S32>>()  // last_seen_out
+      .template Ret<ffi::Buffer<ffi::S32>>()  // count_out
+      .template Ret<ffi::Buffer<ffi::S32>>()  // sketch_out
       .template Ret<ffi::Buffer<ffi::S32>>()  // rows
       .template Ret<ffi::Buffer<ffi::S32>>()  // is_new
-      .template Ret<ffi::Buffer<ffi::S32>>()  // num_failed
-      .template Attr<int32_t>("insert");
+      .template Ret<ffi::AnyBuffer>()         // evicted (key dtype)
+      .template Ret<ffi::Buffer<ffi::S32>>()  // status
+      .template Ret<ffi::AnyBuffer>()         // workspace (CUDA only uses it)
+      .template Attr<int32_t>("insert")
+      .template Attr<int32_t>("policy")
+      .template Attr<int32_t>("admit_after")
+      .template Attr<int32_t>("sketch_depth");
 }
 
 #define SOK_HASH_TARGETS(X)                                          \

@@ -8,6 +8,9 @@
   data path, plan -> all_to_all keys -> owner rows -> gather -> all_to_all
   vectors -> combine, and its backward;
 * `rows.py`: the row strategies (row, table, replicated; direct and hash);
+* `scores.py`: online hash tables (eviction, admission, per-row scores;
+  `HashOptions`), `online.py` their export with optimizer state and
+  deltas (`TableExport`), import on any device count and maintenance;
 * `state.py`: `EmbeddingState`, `EmbeddingStats`, `check_stats` and its
   `EmbeddingError`.
 """
@@ -15,6 +18,8 @@
 from sok_jax._compat import shard_map
 from sok_jax.distributed.collection import CollectionState, EmbeddingCollection, TableShard
 from sok_jax.distributed.layer import DistributedEmbedding
+from sok_jax.distributed.online import TableExport
+from sok_jax.distributed.scores import HashOptions, HashRowGrad, HashScores
 from sok_jax.distributed.specs import FeatureSpec, TableSpec
 from sok_jax.distributed.state import (
     EmbeddingError,
@@ -33,6 +38,10 @@ __all__ = [
     "EmbeddingStats",
     "EmbeddingWarning",
     "FeatureSpec",
+    "HashOptions",
+    "HashRowGrad",
+    "HashScores",
+    "TableExport",
     "TableShard",
     "TableSpec",
     "check_stats",

@@ -34,6 +34,16 @@ from sok_jax import ids as ids_lib
 from sok_jax import initializers
 from sok_jax.distributed import exchange, planner
 from sok_jax.distributed.exchange import LookupSpec, Unit
+from sok_jax.distributed.online import (
+    TableExport,
+    evict_stale_shards,
+    export_table,
+    host_step,
+    import_table,
+    join_hash_part,
+    resolve_seed,
+    split_hash_part,
+)
 from sok_jax.distributed.rows import STRATEGIES, Member
 from sok_jax.distributed.specs import FeatureSpec, TableSpec, check_specs
 from sok_jax.distributed.state import EmbeddingStats, check_stats
@@ -45,10 +55,12 @@ from sok_jax.ops import checks, resolve
 class TableShard:
     """One storage unit's arrays: `table` [n * R, D] sharded over the axis
     ([R, D] on every device when replicated) and, in hash mode, `slot_keys`
-    (None in direct mode)."""
+    (None in direct mode), and an online hash table's `scores` (None
+    otherwise; `scores.HashScores`)."""
 
     table: Any
     slot_keys: Any
+    scores: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +75,9 @@ class CollectionState:
     stats: dict
 
 
-jax.tree_util.register_dataclass(TableShard, data_fields=["table", "slot_keys"], meta_fields=[])
+jax.tree_util.register_dataclass(
+    TableShard, data_fields=["table", "slot_keys", "scores"], meta_fields=[]
+)
 jax.tree_util.register_dataclass(
     CollectionState, data_fields=["shards", "seed", "stats"], meta_fields=[]
 )
@@ -178,6 +192,7 @@ class EmbeddingCollection:
             members=members,
             key_dtype=first.key_dtype,
             ops=ops,
+            online=first.online,
         )
         index = {m.name: i for i, m in enumerate(members) if m is not None}
         lookups = tuple(
@@ -199,13 +214,17 @@ class EmbeddingCollection:
         """The sharded state; every unit from a program of its own."""
         key_data = jax.random.key_data(initializers.as_key(seed))
         shards = {
-            name: TableShard(*arrays) for name, arrays in self._tables.init_shards(key_data).items()
+            name: TableShard(t, *split_hash_part(h))
+            for name, (t, h) in self._tables.init_shards(key_data).items()
         }
         return CollectionState(shards, key_data, self._tables.zero_stats())
 
     def state_shardings(self) -> CollectionState:
         """NamedShardings of every leaf of the state, for jit's in/out_shardings."""
-        shards = {k: TableShard(*v) for k, v in self._tables.shard_shardings().items()}
+        shards = {
+            k: TableShard(t, *split_hash_part(h))
+            for k, (t, h) in self._tables.shard_shardings().items()
+        }
         repl = NamedSharding(self.mesh, P())
         return CollectionState(shards, repl, self._tables.stats_shardings())
 
@@ -296,11 +315,13 @@ class EmbeddingCollection:
         }
 
     def _shards(self, state: CollectionState):
-        return {k: (v.table, v.slot_keys) for k, v in state.shards.items()}
+        return {
+            k: (v.table, join_hash_part(v.slot_keys, v.scores)) for k, v in state.shards.items()
+        }
 
     def _state(self, state, shards, stats=None):
         return CollectionState(
-            {k: TableShard(*v) for k, v in shards.items()},
+            {k: TableShard(t, *split_hash_part(h)) for k, (t, h) in shards.items()},
             state.seed,
             state.stats if stats is None else stats,
         )
@@ -388,29 +409,79 @@ class EmbeddingCollection:
             raise ValueError(f"no table {table!r}; the tables are {sorted(self._unit_of)}")
         return self._tables.unit(self._unit_of[table]).rows
 
-    def export_pairs(self, state: CollectionState, table: str):
+    def export_pairs(self, state: CollectionState, table: str, opt_state=None, *, since_step=None):
         """One table's (key, vector) pairs as host numpy arrays, keys
-        ascending. Direct mode: every key; hash mode: the keys inserted."""
+        ascending. Direct mode: every key; hash mode: the keys inserted.
+        With `opt_state` (the collection's, {unit: state}) or `since_step`, a
+        `TableExport` as `DistributedEmbedding.export_pairs` gives."""
         rows = self._strategy(table)
-        shard = state.shards[self._unit_of[table]]
-        keys, vectors = rows.export_pairs(shard.table, shard.slot_keys, table)
-        keys = keys.astype(self.table_specs[table].key_dtype)
-        order = np.argsort(keys, kind="stable")
-        return keys[order], vectors[order]
+        unit = self._unit_of[table]
+        shard = state.shards[unit]
+        return export_table(
+            rows,
+            table,
+            shard.table,
+            join_hash_part(shard.slot_keys, shard.scores),
+            None if opt_state is None else opt_state[unit],
+            since_step,
+            self.table_specs[table].key_dtype,
+            state.seed,
+        )
 
-    def import_pairs(self, pairs: dict, seed=0, *, share: bool = False) -> CollectionState:
-        """A state holding the given pairs, {table: (keys, vectors)}, on this
-        collection's mesh and plan, whatever they were exported from; other
-        keys keep their seed's initial vectors (direct mode). Under several
-        processes every process passes the same pairs (checked), or with
-        `share=True` each its own share of them."""
-        state = self.init(seed)
+    def import_pairs(self, pairs: dict, seed=None, *, share: bool = False, optimizer=None):
+        """A state holding the given pairs, {table: (keys, vectors) or a
+        `TableExport`}, on this collection's mesh and plan, whatever they
+        were exported from; other keys keep their seed's initial vectors
+        (direct mode). Under several processes every process passes the same
+        pairs (checked), or with `share=True` each its own share of them.
+        With `optimizer` (or the tables' own) the result is (state,
+        opt_state), the exports' slots restored. `seed`: the new state's;
+        None: the (first) export's, else 0."""
+        state = self.init(resolve_seed(next(iter(pairs.values()), None), seed))
         shards = self._shards(state)
-        for table, (keys, vectors) in pairs.items():
+        optimizers = self._optimizers(optimizer) if optimizer is not None else None
+        # Every unit's optimizer state (zeros of the tables' shapes), filled
+        # with the exports' slots as the tables are imported.
+        opt_states = {} if optimizers is None else self._tables.init_optimizer(optimizers, shards)
+        for table, given in pairs.items():
             rows = self._strategy(table)
             unit = self._unit_of[table]
-            shards[unit] = rows.import_pairs(*shards[unit], table, keys, vectors, share)
-        return self._state(state, shards)
+            keys, vectors = (given, None) if isinstance(given, TableExport) else given
+            opt = None if optimizers is None else optimizers[unit]
+            t, h, o = import_table(
+                rows,
+                table,
+                *shards[unit],
+                keys,
+                vectors,
+                share,
+                opt,
+                lambda _, unit=unit: opt_states[unit],
+            )
+            shards[unit] = (t, h)
+            if o is not None:
+                opt_states[unit] = o
+        state = self._state(state, shards)
+        return state if optimizers is None else (state, opt_states)
+
+    # ---------------------------------------------------------- online hash
+    def step(self, state: CollectionState) -> int:
+        """The training lookups the online hash tables have seen (0 without)."""
+        return max((host_step(s.scores) for s in state.shards.values()), default=0)
+
+    def evict_stale(self, state: CollectionState, max_age: int) -> CollectionState:
+        """`DistributedEmbedding.evict_stale` on every hash table that evicts;
+        the result's stats count the rows freed (other counters zero)."""
+        shards = self._shards(state)
+        stats = self._tables.zero_stats()
+        units = [u.name for u in self._tables.units if getattr(u.rows, "evicting", False)]
+        if not units:
+            raise ValueError("evict_stale needs a hash table with eviction ('lru' or 'lfu')")
+        for unit in units:
+            hash_part, got = evict_stale_shards(self._tables, unit, shards[unit][1], max_age)
+            shards[unit] = (shards[unit][0], hash_part)
+            stats.update(got)
+        return self._state(state, shards, stats)
 
     def exchange_sizes(self, batch_size: int) -> dict:
         """Per device and destination, what one lookup exchanges at a global

@@ -103,12 +103,16 @@ class UnitContext(NamedTuple):
       returned buffer (exchanged), or the local row of each position.
     offsets: per lookup, int32 [M_f + 1].
     weights: per lookup, float32 [N_f], or None when unweighted.
+    reset_rows: a table that evicts: int32, the local rows the lookup
+      (re)initialized for new keys (-1: none), whose optimizer slots the
+      sparse update resets; None otherwise.
     """
 
     owner_rows: Any
     index: tuple
     offsets: tuple
     weights: tuple
+    reset_rows: Any = None
 
 
 class DeviceLookup(NamedTuple):
@@ -331,15 +335,22 @@ def is_local(unit: Unit, capacity: int, local_batch: int) -> bool:
     )
 
 
-class _Counters:
-    """Per table, this device's counts of the call."""
+ONLINE_COUNTS = ("evicted", "not_admitted", "load")
 
-    def __init__(self, tables):
+
+class _Counters:
+    """Per table, this device's counts of the call (and an online hash
+    table's evictions, unadmitted keys and load)."""
+
+    def __init__(self, tables, online=()):
         zero = jnp.zeros((), jnp.int32)
         self.counts = {t: {"overflow": zero, "invalid": zero, "hash_full": zero} for t in tables}
+        for t in online:
+            self.counts[t].update(evicted=zero, not_admitted=zero, load=jnp.zeros((), jnp.float32))
 
     def add(self, table, what, value):
-        self.counts[table][what] = self.counts[table][what] + jnp.asarray(value, jnp.int32)
+        c = self.counts[table][what]
+        self.counts[table][what] = c + jnp.asarray(value, c.dtype)
 
     def add_per_lookup(self, lookups, what, masks):
         for spec, m in zip(lookups, masks):
@@ -348,30 +359,47 @@ class _Counters:
     def add_hash_full(self, unit: Unit, hash_full):
         """A unit's full-shard count on this device, credited to the table
         whose keys this device owns (a column: its member there)."""
+        self._credit(unit, "hash_full", hash_full)
+
+    def add_online(self, unit: Unit, counts):
+        """An online hash unit's counts on this device (None: not online)."""
+        for k, v in (counts or {}).items():
+            self._credit(unit, k, v)
+
+    def _credit(self, unit: Unit, what, value):
         members = unit.rows.members
         if len(members) == 1:
-            self.add(members[0].name, "hash_full", hash_full)
+            self.add(members[0].name, what, value)
             return
         me = jax.lax.axis_index(unit.rows.axis_name)
         for d, m in enumerate(members):
             if m is not None:
-                self.add(m.name, "hash_full", jnp.where(me == d, hash_full, 0))
+                self.add(m.name, what, jnp.where(me == d, value, 0))
 
     def stats(self):
         return {
-            t: EmbeddingStats(*(c[k].reshape(1) for k in ("overflow", "invalid", "hash_full")))
+            t: EmbeddingStats(
+                *(c[k].reshape(1) for k in ("overflow", "invalid", "hash_full")),
+                **{k: c[k].reshape(1) for k in ONLINE_COUNTS if k in c},
+            )
             for t, c in self.counts.items()
         }
 
 
-def _context(owner_rows, unit, index, bags):
+def _context(owner_rows, unit, index, bags, reset_rows=None):
     specs = unit.lookups
     return UnitContext(
         owner_rows,
         tuple(index),
         tuple(bags[s.name].offsets for s in specs),
         tuple(_weights_or_none(bags[s.name]) for s in specs),
+        reset_rows,
     )
+
+
+def online_tables(units) -> list:
+    """The tables of the units that are online hash tables."""
+    return [t for u in units if getattr(u.rows, "scored", False) for t in member_tables(u)]
 
 
 def forward(units, shards, seed, bags, capacities, local, implementation, training, sparse):
@@ -381,7 +409,7 @@ def forward(units, shards, seed, bags, capacities, local, implementation, traini
     capacities: {unit: bucket size}; local: {unit: True when it does not
     exchange}; `sparse`: the outputs carry no gradient to the tables."""
     outs, new_shards, ctxs = {}, {}, {}
-    counters = _Counters([t for u in units for t in member_tables(u)])
+    counters = _Counters([t for u in units for t in member_tables(u)], online_tables(units))
 
     def read(unit, rows_found):
         table, slot_keys = shards[unit.name]
@@ -401,7 +429,7 @@ def forward(units, shards, seed, bags, capacities, local, implementation, traini
         ]
         received = exchange_words(axis, n, [p.send for p in plans])
         # 3: on the owners, the rows and their vectors.
-        found, vectors = [], []
+        found, vectors, resets = [], [], []
         for u, got in zip(exchanged, received):
             table, slot_keys = shards[u.name]
             owner = u.rows.owner_rows(table, slot_keys, seed, got, training)
@@ -411,17 +439,19 @@ def forward(units, shards, seed, bags, capacities, local, implementation, traini
                 _lookup("sum", implementation, 1, src, owner.rows, singles, _no_weights())
             )
             counters.add_hash_full(u, owner.hash_full)
+            counters.add_online(u, owner.online)
             found.append(owner.rows)
+            resets.append(owner.reset_rows)
         # 4: one all_to_all brings every unit's vectors back.
         back = exchange_vectors(axis, n, tuple(vectors))
         # 5: combine per lookup.
-        for u, p, owner_rows, vecs in zip(exchanged, plans, found, back):
+        for u, p, owner_rows, vecs, reset in zip(exchanged, plans, found, back, resets):
             lengths = [bags[s.name].ids.shape[0] for s in u.lookups]
             index = _split(p.recv_index, lengths)
             outs.update(_combine(u.lookups, implementation, vecs, index, bags))
             counters.add_per_lookup(u.lookups, "overflow", _split(p.dropped, lengths))
             counters.add_per_lookup(u.lookups, "invalid", _split(p.invalid, lengths))
-            ctxs[u.name] = _context(owner_rows, u, index, bags)
+            ctxs[u.name] = _context(owner_rows, u, index, bags, reset)
     for u in units:
         if not local[u.name]:
             continue
@@ -436,7 +466,8 @@ def forward(units, shards, seed, bags, capacities, local, implementation, traini
             invalid = [(idx < 0) & ~checks.is_padding(ids) for idx, ids in zip(index, flat)]
             counters.add_per_lookup(u.lookups, "invalid", invalid)
         counters.add_hash_full(u, got.hash_full)
-        ctxs[u.name] = _context(None, u, index, bags)
+        counters.add_online(u, got.online)
+        ctxs[u.name] = _context(None, u, index, bags, got.reset_rows)
     return DeviceLookup(outs, new_shards, counters.stats(), ctxs)
 
 

@@ -19,8 +19,18 @@ from sok_jax import ids as ids_lib
 from sok_jax import initializers
 from sok_jax.distributed.exchange import LookupSpec, Unit
 from sok_jax.distributed.host import to_host
+from sok_jax.distributed.online import (
+    evict_stale_shards,
+    export_table,
+    host_step,
+    import_table,
+    join_hash_part,
+    resolve_seed,
+    split_hash_part,
+)
 from sok_jax.distributed.rows import Member, RowHashRows, RowRows
-from sok_jax.distributed.state import EmbeddingState, EmbeddingStats, check_stats
+from sok_jax.distributed.scores import make_options
+from sok_jax.distributed.state import EmbeddingState, check_stats
 from sok_jax.distributed.tables import LookupInput, ShardedTables
 from sok_jax.ops import checks, embed_ops, resolve
 from sok_jax.ops.embed_ops import SparseRowGrad
@@ -60,6 +70,13 @@ class DistributedEmbedding:
         the step's result to raise there.
       implementation: "ffi" (the custom calls) or "reference" (pure JAX
         everywhere, the hash table included).
+      eviction: hash mode: None (a new key that finds its shard full gets
+        no row), "lru" or "lfu": it replaces the least recently / least
+        often seen row of its bucket (see `sok_jax.distributed.scores`).
+      admit_after: hash mode: a new key becomes a row only in the k-th
+        training lookup that sees it (None: at once).
+      hash_options: a `HashOptions` for the rest (sketch size, eviction log,
+        scores without eviction); `eviction` and `admit_after` override it.
     """
 
     def __init__(
@@ -80,8 +97,12 @@ class DistributedEmbedding:
         dtype=jnp.float32,
         check: bool = False,
         implementation: str = "ffi",
+        eviction: str | None = None,
+        admit_after: int | None = None,
+        hash_options=None,
     ):
         embed_ops.combiner_code(combiner)
+        online = make_options(eviction, admit_after, hash_options, bool(use_hashtable))
         for name, v in (
             ("max_vocabulary_size_per_gpu", max_vocabulary_size_per_gpu),
             ("embedding_vec_size", embedding_vec_size),
@@ -133,7 +154,9 @@ class DistributedEmbedding:
             members=(Member(_TABLE, self.num_rows),),
             key_dtype=self.key_dtype,
             ops=ops,
+            online=online,
         )
+        self.online = online
         self._rows = strategy
         lookup = LookupSpec(_IDS, _TABLE, 0, combiner, False, self.max_feature_num)
         self._tables = ShardedTables(
@@ -163,20 +186,23 @@ class DistributedEmbedding:
     def state_shardings(self) -> EmbeddingState:
         """NamedShardings of every leaf of the state, for jit's in/out_shardings."""
         repl = NamedSharding(self.mesh, P())
-        row = self.batch_sharding
+        table, hash_part = self._tables.shard_shardings()[_TABLE]
+        slot_keys, scores = split_hash_part(hash_part)
         return EmbeddingState(
-            table=self.table_sharding,
-            slot_keys=row if self.use_hashtable else None,
+            table=table,
+            slot_keys=slot_keys,
             seed=repl,
-            stats=EmbeddingStats(row, row, row),
+            stats=self._tables.stats_shardings()[_TABLE],
+            scores=scores,
         )
 
     def init(self, seed) -> EmbeddingState:
         """Creates the sharded state. The same seed gives every key the same
         initial vector on any number of devices."""
         key_data = jax.random.key_data(initializers.as_key(seed))
-        table, slot_keys = self._tables.init_shards(key_data)[_TABLE]
-        return EmbeddingState(table, slot_keys, key_data, self._tables.zero_stats()[_TABLE])
+        table, hash_part = self._tables.init_shards(key_data)[_TABLE]
+        slot_keys, scores = split_hash_part(hash_part)
+        return EmbeddingState(table, slot_keys, key_data, self._tables.zero_stats()[_TABLE], scores)
 
     # ------------------------------------------------------------- the batch
     def _capacity(self, local_batch: int) -> int:
@@ -216,14 +242,15 @@ class DistributedEmbedding:
         return {_IDS: LookupInput(bags.ids.reshape(shape), w, None)}
 
     def _shards(self, state: EmbeddingState):
-        return {_TABLE: (state.table, state.slot_keys)}
+        return {_TABLE: (state.table, join_hash_part(state.slot_keys, state.scores))}
 
     def _run(self, state: EmbeddingState, ids, weights, training: bool, sparse: bool):
         outs, shards, stats, ctx = self._tables.run(
             self._shards(state), state.seed, self._inputs(ids, weights), training, sparse
         )
-        table, slot_keys = shards[_TABLE]
-        new_state = EmbeddingState(table, slot_keys, state.seed, stats[_TABLE])
+        table, hash_part = shards[_TABLE]
+        slot_keys, scores = split_hash_part(hash_part)
+        new_state = EmbeddingState(table, slot_keys, state.seed, stats[_TABLE], scores)
         if self.check and not isinstance(new_state.stats.overflow, jax.core.Tracer):
             check_stats(new_state)  # an eager call: raise here, the state intact
         return outs[_IDS], new_state, ctx
@@ -283,8 +310,9 @@ class DistributedEmbedding:
         return self._tables.optimizer_shardings({_TABLE: opt_state})[_TABLE]
 
     def _updated(self, state, shards):
-        table, slot_keys = shards[_TABLE]
-        return dataclasses.replace(state, table=table, slot_keys=slot_keys)
+        table, hash_part = shards[_TABLE]
+        slot_keys, scores = split_hash_part(hash_part)
+        return dataclasses.replace(state, table=table, slot_keys=slot_keys, scores=scores)
 
     def apply_gradients(self, state: EmbeddingState, optimizer, opt_state, grad: SparseRowGrad):
         """Applies `optimizer` to the rows in `grad` (from `sparse_grad`) on
@@ -311,32 +339,92 @@ class DistributedEmbedding:
         return self._updated(state, shards), opt[_TABLE]
 
     # ------------------------------------------------------- export / import
-    def export_pairs(self, state: EmbeddingState):
+    def export_pairs(self, state: EmbeddingState, opt_state=None, *, since_step=None):
         """All (key, vector) pairs of a state as host numpy arrays, keys
         ascending (SOK's dump). Direct mode: every key of the table; hash
-        mode: the keys inserted so far."""
-        keys, vectors = self._rows.export_pairs(state.table, state.slot_keys, _TABLE)
-        keys = keys.astype(self.key_dtype)
-        order = np.argsort(keys, kind="stable")
-        return keys[order], vectors[order]
+        mode: the keys inserted so far.
 
-    def import_pairs(self, keys, vectors, seed=0, *, share: bool = False) -> EmbeddingState:
+        With `opt_state` (this layer's sparse optimizer state) or
+        `since_step`, a `TableExport` instead: also each key's optimizer
+        slots, its scores, the step and the admission sketches (online hash
+        tables), everything `import_pairs` needs to continue the run on any
+        device count. `since_step=t` keeps only the rows inserted or updated
+        after step t (a training lookup at step s stamps the rows it sees
+        with s, `step(state)` is the last one) and lists the keys evicted
+        since then that hold no row now (the deltas a serving copy needs
+        after an export at step t); it needs scores.
+
+        Raises:
+          ValueError: `since_step` on a table without scores, or before the
+            oldest step the eviction log still covers.
+        """
+        return export_table(
+            self._rows,
+            _TABLE,
+            state.table,
+            join_hash_part(state.slot_keys, state.scores),
+            opt_state,
+            since_step,
+            self.key_dtype,
+            state.seed,
+        )
+
+    def import_pairs(
+        self, keys, vectors=None, seed=None, *, share: bool = False, optimizer=None
+    ) -> EmbeddingState:
         """A state on this layer's mesh holding the given (key, vector) pairs
         (SOK's load), whatever device count they were exported from. Direct
         mode: keys absent from `keys` keep their seed's initial vectors.
         Under several processes every process passes the same pairs
         (checked), or with `share=True` each its own share of them.
 
+        `keys` may be a `TableExport` (from `export_pairs(state, opt_state)`):
+        its scores, step and sketches are restored too, and with `optimizer`
+        its slots: the result is then (state, opt_state), and training goes
+        on as it would have where it was exported. `seed`: that of the new
+        state (new keys' initial vectors); None: the export's, else 0.
+        Growing a hash table is an import into a layer with more rows per
+        device.
+
         Raises:
           ValueError: shapes disagree, keys repeat, a key is out of range
-            (direct mode), a shard cannot hold its keys (hash mode), or the
-            processes passed different pairs.
+            (direct mode), a shard (with eviction: a bucket) cannot hold its
+            keys (hash mode), the export has slots but no optimizer is
+            given, or the processes passed different pairs.
         """
-        state = self.init(seed)
-        table, slot_keys = self._rows.import_pairs(
-            state.table, state.slot_keys, _TABLE, keys, vectors, share
+        state = self.init(resolve_seed(keys, seed))
+        table, hash_part, opt_state = import_table(
+            self._rows,
+            _TABLE,
+            state.table,
+            join_hash_part(state.slot_keys, state.scores),
+            keys,
+            vectors,
+            share,
+            optimizer,
+            lambda t: self._tables.init_optimizer({_TABLE: optimizer}, {_TABLE: (t, None)})[_TABLE],
         )
-        return dataclasses.replace(state, table=table, slot_keys=slot_keys)
+        slot_keys, scores = split_hash_part(hash_part)
+        state = dataclasses.replace(state, table=table, slot_keys=slot_keys, scores=scores)
+        return state if optimizer is None else (state, opt_state)
+
+    # ---------------------------------------------------------- online hash
+    def step(self, state: EmbeddingState) -> int:
+        """The training lookups an online hash table's state has seen (the
+        step of its last one; 0 before any)."""
+        return host_step(state.scores)
+
+    def evict_stale(self, state: EmbeddingState, max_age: int) -> EmbeddingState:
+        """Frees every row that no training lookup saw in the last `max_age`
+        steps (an online hash table with eviction), logging its key for the
+        deltas; `stats.evicted` of the result counts them per shard (the
+        other counters are zero). Their vectors and slots are reset when a
+        new key takes the row."""
+        hash_part, stats = evict_stale_shards(
+            self._tables, _TABLE, join_hash_part(state.slot_keys, state.scores), max_age
+        )
+        slot_keys, scores = split_hash_part(hash_part)
+        return dataclasses.replace(state, slot_keys=slot_keys, scores=scores, stats=stats[_TABLE])
 
     # ----------------------------------------------------------- inspection
     def logical_rows(self, state: EmbeddingState, keys):

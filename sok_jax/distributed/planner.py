@@ -164,6 +164,7 @@ def _column_key(spec, optimizer):
         str(spec.key_dtype),
         init,
         id(optimizer),
+        getattr(spec, "online", None),
     )
 
 

@@ -24,6 +24,13 @@ logical (key, vector) pairs in and out (`export_pairs`, `import_pairs`). A
 key's initial vector depends only on the seed, its table and the key
 (`sok_jax.initializers`), so the logical tables are the same under every
 strategy and on any device count.
+
+A hash strategy built with `online` (a `scores.HashOptions`: eviction,
+admission, scores) carries the hash part of its shard as a
+`scores.HashShard` (keys and `HashScores`) instead of the keys alone; its
+lookups then evict and admit (xla_ffi/hash_math.h has the rule), count into
+`OwnerRows.online`, and name the rows they gave to new keys
+(`OwnerRows.reset_rows`) so that the sparse update resets their slots.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from jax.sharding import PartitionSpec as P
 
 from sok_jax import initializers
 from sok_jax._compat import shard_map
+from sok_jax.distributed import scores
 from sok_jax.distributed.host import check_same_on_every_process, from_host, gather_shares, to_host
 from sok_jax.ops import checks, hash_ops
 
@@ -58,12 +66,29 @@ class BucketKeys(NamedTuple):
 class OwnerRows(NamedTuple):
     """The shard after any insertion (`table` and `slot_keys`, None when
     unchanged), the local row of each key (-1: none) and the count of keys
-    that found no row because the shard is full."""
+    that found no row because the shard is full. Online hash tables also
+    give this device's counts {evicted, not_admitted, load} and the rows
+    (re)initialized for new keys in a table that evicts, whose optimizer
+    slots the sparse update resets (-1: none); None otherwise."""
 
     table: Any
     slot_keys: Any
     rows: jax.Array
     hash_full: jax.Array
+    online: Any = None
+    reset_rows: Any = None
+
+
+class StoredRows(NamedTuple):
+    """One table's rows on the host (`export_rows`): its keys, their vectors,
+    the rows of the storage array that hold them, and their scores (None
+    without)."""
+
+    keys: np.ndarray
+    vectors: np.ndarray
+    rows: np.ndarray
+    last_seen: Any = None
+    count: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,9 +118,12 @@ class _Strategy:
     members: tuple
     key_dtype: Any = jnp.dtype(jnp.int32)
     ops: Any = None
+    online: Any = None  # scores.HashOptions of an online hash table
 
     placement = "row"  # "row", "table" or "replicated"
     hashed = False
+    scored = False
+    evicting = False
 
     @property
     def exchanged(self) -> bool:
@@ -151,23 +179,42 @@ class _Strategy:
                 return i
         raise KeyError(name)
 
-    def check_pairs(self, keys, vectors, share: bool = False):
-        """The pairs to import, the same on every process: as given (checked
-        identical across processes), or with `share` every process's share
-        gathered."""
+    def check_pairs(self, keys, vectors, share: bool = False, *extra):
+        """The pairs to import (and `extra` per-key arrays, or None), the same
+        on every process: as given (checked identical across processes), or
+        with `share` every process's share gathered."""
         keys, vectors = np.asarray(keys), np.asarray(vectors)
+        given = [np.asarray(x) for x in extra if x is not None]
         if share:
-            keys, vectors = gather_shares(keys, vectors)
+            keys, vectors, *given = gather_shares(keys, vectors, *given)
         else:
-            check_same_on_every_process("import_pairs", keys, vectors)
+            check_same_on_every_process("import_pairs", keys, vectors, *given)
         if keys.ndim != 1 or vectors.shape != (keys.shape[0], self.dim):
             raise ValueError(
                 f"keys must be [K] and vectors [K, {self.dim}], got {keys.shape} and "
                 f"{vectors.shape}"
             )
+        if any(x.shape[:1] != keys.shape for x in given):
+            raise ValueError(f"every per-key array must be [{keys.shape[0]}, ...] like keys")
         if len(np.unique(keys)) != len(keys):
             raise ValueError("keys must be distinct")
-        return keys, vectors
+        it = iter(given)
+        return (keys, vectors, *(None if x is None else next(it) for x in extra))
+
+    def export_pairs(self, table, slot_keys, name):
+        """One table's (keys, vectors) on the host."""
+        r = self.export_rows(table, slot_keys, name)
+        return r.keys, r.vectors
+
+    def import_pairs(self, table, slot_keys, name, keys, vectors, share=False):
+        """(table, slot_keys) holding the given pairs of one table."""
+        table, slot_keys, _ = self.import_rows(table, slot_keys, name, keys, vectors, share)
+        return table, slot_keys
+
+    def _write_direct(self, table, rows, vectors):
+        host = to_host(table).copy()
+        host[rows] = vectors
+        return from_host(host.astype(self.dtype), self.table_sharding)
 
     def _check_direct_keys(self, keys, member: Member):
         k = keys.astype(np.int64)
@@ -265,17 +312,16 @@ class RowRows(_Strategy):
             rows.append(jnp.where(valid, r + self.offset(m), -1))
         return OwnerRows(None, None, jnp.concatenate(rows), jnp.zeros((), jnp.int32))
 
-    def export_pairs(self, table, slot_keys, name):
-        m = self.members[self.member_index(name)]
-        keys = np.arange(m.vocabulary_size, dtype=np.int64)
-        return keys, to_host(table)[self.global_rows(keys, name)]
+    def export_rows(self, table, slot_keys, name) -> StoredRows:
+        keys = np.arange(self.members[self.member_index(name)].vocabulary_size, dtype=np.int64)
+        rows = self.global_rows(keys, name)
+        return StoredRows(keys, to_host(table)[rows], rows)
 
-    def import_pairs(self, table, slot_keys, name, keys, vectors, share=False):
+    def import_rows(self, table, slot_keys, name, keys, vectors, share=False, **_):
         keys, vectors = self.check_pairs(keys, vectors, share)
         k = self._check_direct_keys(keys, self.members[self.member_index(name)])
-        host = to_host(table).copy()
-        host[self.global_rows(k, name)] = vectors
-        return from_host(host.astype(self.dtype), self.table_sharding), slot_keys
+        rows = self.global_rows(k, name)
+        return self._write_direct(table, rows, vectors), slot_keys, rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,17 +354,17 @@ class TableRows(_Strategy):
     def global_rows(self, keys, name):
         return self.member_index(name) * self.rows_per_device + np.asarray(keys, np.int64)
 
-    def export_pairs(self, table, slot_keys, name):
+    def export_rows(self, table, slot_keys, name) -> StoredRows:
         m = self.members[self.member_index(name)]
         keys = np.arange(m.vocabulary_size, dtype=np.int64)
-        return keys, to_host(table)[self.global_rows(keys, name)]
+        rows = self.global_rows(keys, name)
+        return StoredRows(keys, to_host(table)[rows], rows)
 
-    def import_pairs(self, table, slot_keys, name, keys, vectors, share=False):
+    def import_rows(self, table, slot_keys, name, keys, vectors, share=False, **_):
         keys, vectors = self.check_pairs(keys, vectors, share)
         k = self._check_direct_keys(keys, self.members[self.member_index(name)])
-        host = to_host(table).copy()
-        host[self.global_rows(k, name)] = vectors
-        return from_host(host.astype(self.dtype), self.table_sharding), slot_keys
+        rows = self.global_rows(k, name)
+        return self._write_direct(table, rows, vectors), slot_keys, rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,76 +385,196 @@ class ReplicatedRows(_Strategy):
         valid, rows = checks.valid_rows(jnp.concatenate(flat_ids), self.member.vocabulary_size)
         return OwnerRows(None, None, jnp.where(valid, rows, -1), jnp.zeros((), jnp.int32))
 
-    def export_pairs(self, table, slot_keys, name):
+    def export_rows(self, table, slot_keys, name) -> StoredRows:
         keys = np.arange(self.member.vocabulary_size, dtype=np.int64)
-        return keys, to_host(table)[keys]
+        return StoredRows(keys, to_host(table)[keys], keys)
 
-    def import_pairs(self, table, slot_keys, name, keys, vectors, share=False):
+    def import_rows(self, table, slot_keys, name, keys, vectors, share=False, **_):
         keys, vectors = self.check_pairs(keys, vectors, share)
         k = self._check_direct_keys(keys, self.member)
-        host = to_host(table).copy()
-        host[k] = vectors
-        return from_host(host.astype(self.dtype), self.table_sharding), slot_keys
+        return self._write_direct(table, k, vectors), slot_keys, k
 
 
 # ------------------------------------------------------------------- hash
 
 
 class _Hashed:
-    """Hash-mode pieces: an empty shard, the insertion of received keys, and
-    the export of the stored keys of a block."""
+    """Hash-mode pieces: an empty shard, the insertion of received keys, the
+    export and import of the stored keys of a block, and, for an online
+    table (`online`: a `scores.HashOptions`), its scores: then the hash
+    part of the shard is a `scores.HashShard` (keys and scores), else its
+    `slot_keys` alone."""
 
     hashed = True
 
+    @property
+    def scored(self) -> bool:
+        return self.online is not None
+
+    @property
+    def evicting(self) -> bool:
+        return self.online is not None and self.online.eviction is not None
+
     def _empty_shard(self):
         table = jnp.zeros((self.rows_per_device, self.dim), self.dtype)
-        return table, hash_ops.empty_slot_keys(self.rows_per_device, self.key_dtype)
+        keys = hash_ops.empty_slot_keys(self.rows_per_device, self.key_dtype)
+        if not self.scored:
+            return table, keys
+        sc = scores.empty_scores(self.rows_per_device, self.key_dtype, self.online)
+        return table, scores.HashShard(keys, sc)
 
-    def _find_or_insert(self, table, slot_keys, table_seed, keys, training) -> OwnerRows:
+    def hash_sharding(self):
+        """The sharding of the hash part of the shard: slot_keys', or a
+        `HashShard` of it for every leaf."""
+        s = self.slot_keys_sharding
+        if not self.scored:
+            return s
+        return jax.tree.map(lambda _: s, jax.eval_shape(lambda: self._empty_shard()[1]))
+
+    def _lookup(self, table, hash_part, table_seed, keys, training):
         """Finds `keys` in the shard; with `training`, inserts the unseen ones
-        and writes their initial vectors."""
-        slot_keys, rows, is_new, failed = self.ops.find_or_insert(slot_keys, keys, insert=training)
+        (evicting or admitting as the table does) and writes their initial
+        vectors. Returns (OwnerRows, per-position status or None)."""
+        if self.scored:
+            run = scores.OnlineLookup(self.ops, self.online).run
+            hash_part, r, counts = run(hash_part, keys, training)
+            rows, is_new, status = r.rows, r.is_new, r.status
+            failed = hash_ops.failures(status)
+        else:
+            hash_part, rows, is_new, failed = self.ops.find_or_insert(
+                hash_part, keys, insert=training
+            )
+            counts = status = None
         if training:
             fresh = initializers.init_rows(
                 self.initializer, table_seed, keys, table.shape[1], table.dtype
             )
             target = jnp.where(is_new.astype(bool) & (rows >= 0), rows, table.shape[0])
             table = _insert_rows(table, target, fresh)
-        return OwnerRows(table, slot_keys, rows, failed.reshape(()).astype(jnp.int32))
+        # An evicting table reuses rows: the sparse update resets their slots.
+        reset = jnp.where(is_new == 1, rows, -1) if training and self.evicting else None
+        found = OwnerRows(
+            table, hash_part, rows, failed.reshape(()).astype(jnp.int32), counts, reset
+        )
+        return found, status
 
-    def _stored(self, table, slot_keys):
-        table, slot_keys = to_host(table), to_host(slot_keys)
-        used = slot_keys != checks.padding_value(self.key_dtype)
-        return slot_keys[used], table[used]
+    def _find_or_insert(self, table, hash_part, table_seed, keys, training) -> OwnerRows:
+        return self._lookup(table, hash_part, table_seed, keys, training)[0]
 
-    def _load_blocks(self, table, slot_keys, keys_per_block, vectors_per_block):
-        """Inserts each block's keys into that device's hash table and writes
-        their vectors; raises if a block cannot place them all."""
-        n, d = self.num_devices, self.dim
-        width = max(max((len(k) for k in keys_per_block), default=0), 1)
+    def evict_stale(self, hash_part, max_age):
+        """One device: frees the rows no training lookup saw in the last
+        `max_age` steps. Returns (hash_part, rows freed)."""
+        return scores.evict_stale(hash_part, max_age)
+
+    # ------------------------------------------------------------- host side
+    def _keys_and_scores(self, hash_part):
+        if not self.scored:
+            return to_host(hash_part), None, None
+        sc = hash_part.scores
+        return to_host(hash_part.slot_keys), to_host(sc.last_seen), to_host(sc.count)
+
+    def _stored(self, table, hash_part, block=slice(None)) -> StoredRows:
+        keys, last_seen, count = self._keys_and_scores(hash_part)
+        table = to_host(table)[block]
+        keys = keys[block]
+        used = keys != checks.padding_value(self.key_dtype)
+        rows = np.nonzero(used)[0] + (block.start or 0)
+        if last_seen is not None:
+            last_seen, count = last_seen[block][used], count[block][used]
+        return StoredRows(keys[used], table[used], rows, last_seen, count)
+
+    def shard_state(self, hash_part, device=None) -> dict:
+        """Host: the step, per-shard sketches [S, depth * width] (None
+        without admission) and eviction logs of the table's shards (one
+        device's with `device`, the one copy for a replicated table)."""
+        sc = hash_part.scores
+        shards = 1 if self.replicated else self.num_devices
+        pick = (lambda x: x) if device is None else (lambda x: x[device : device + 1])
+
+        def per_shard(x):
+            return None if x is None else pick(to_host(x).reshape(shards, -1))
+
+        return {
+            "step": int(per_shard(sc.step).max()),
+            "sketch": per_shard(sc.sketch),
+            "log_keys": per_shard(sc.log_keys),
+            "log_steps": per_shard(sc.log_steps),
+            "log_floor": None if sc.log_floor is None else int(per_shard(sc.log_floor).max()),
+            "log_total": None if sc.log_total is None else int(per_shard(sc.log_total).sum()),
+        }
+
+    def _load(self, table, hash_part, k, v, ls, ct):
+        """One device: inserts keys `k` (padding: none) and writes their
+        vectors, and with scores their last_seen and count. Returns
+        (hash_part, table, failed [1], rows)."""
+        if self.scored:
+            sc = hash_part.scores
+            r = self.ops.hash_lookup(
+                hash_part.slot_keys,
+                k,
+                insert=True,
+                last_seen=sc.last_seen,
+                count=sc.count,
+                step=jnp.int32(1),
+                policy=self.online.eviction,
+            )
+            got, failed = r.rows, hash_ops.failures(r.status)
+            target = jnp.where(got >= 0, got, table.shape[0])
+            sc = dataclasses.replace(
+                sc,
+                last_seen=r.last_seen.at[target].set(ls, mode="drop"),
+                count=r.count.at[target].set(ct, mode="drop"),
+                used=scores.count_used(r.slot_keys),
+            )
+            hash_part = scores.HashShard(r.slot_keys, sc)
+        else:
+            hash_part, got, _, failed = self.ops.find_or_insert(hash_part, k, insert=True)
+            target = jnp.where(got >= 0, got, table.shape[0])
+        table = table.at[target].set(v.astype(table.dtype), mode="drop")
+        return hash_part, table, failed.reshape(1), got
+
+    def _load_blocks(self, table, hash_part, keys, vectors, owner, last_seen=None, count=None):
+        """Inserts each key into the hash table of device owner[i] and writes
+        its vector (and scores); raises if a shard cannot place them all.
+        Returns (table, hash_part, the global row of each key)."""
+        n, d, r = self.num_devices, self.dim, self.rows_per_device
+        blocks = [np.nonzero(owner == dev)[0] for dev in range(n)]
+        width = max(max((len(b) for b in blocks), default=0), 1)
         send_keys = np.full((n, width), checks.padding_value(self.key_dtype), self.key_dtype)
         send_vecs = np.zeros((n, width, d), np.float32)
-        for dev, (k, v) in enumerate(zip(keys_per_block, vectors_per_block)):
-            send_keys[dev, : len(k)] = k
-            send_vecs[dev, : len(k)] = v
-
-        def load(slot_keys, table, k, v):
-            slot_keys, got, _, failed = self.ops.find_or_insert(slot_keys, k, insert=True)
-            target = jnp.where(got >= 0, got, table.shape[0])
-            table = table.at[target].set(v.astype(table.dtype), mode="drop")
-            return slot_keys, table, failed.reshape(1)
+        send_ls = np.zeros((n, width), np.int32)
+        send_ct = np.zeros((n, width), np.int32)
+        for dev, b in enumerate(blocks):
+            send_keys[dev, : len(b)] = keys[b]
+            send_vecs[dev, : len(b)] = vectors[b]
+            if last_seen is not None:
+                send_ls[dev, : len(b)] = last_seen[b]
+                send_ct[dev, : len(b)] = count[b]
 
         row, mat = P(self.axis_name), P(self.axis_name, None)
-        fn = shard_map(load, self.mesh, (row, mat, row, mat), (row, mat, row))
-        slot_keys, table, failed = jax.jit(fn)(
-            slot_keys,
+        fn = shard_map(self._load, self.mesh, (mat, row, row, mat, row, row), (row, mat, row, row))
+        hash_part, table, failed, got = jax.jit(fn)(
             table,
+            hash_part,
             from_host(send_keys.reshape(-1), self.row_sharding),
             from_host(send_vecs.reshape(n * width, d), NamedSharding(self.mesh, mat)),
+            from_host(send_ls.reshape(-1), self.row_sharding),
+            from_host(send_ct.reshape(-1), self.row_sharding),
         )
         if int(np.sum(to_host(failed))):
-            raise ValueError("import_pairs: a hash shard could not place all of its keys")
-        return table, slot_keys
+            raise ValueError(self._cannot_place())
+        got = to_host(got).reshape(n, width)
+        rows = np.zeros(len(keys), np.int64)
+        for dev, b in enumerate(blocks):
+            rows[b] = dev * r + got[dev, : len(b)]
+        return table, hash_part, rows
+
+    def _cannot_place(self):
+        where = "a bucket of 16 rows" if self.evicting else "a hash shard"
+        return (
+            f"import_pairs: {where} could not place all of its keys; import into a layer with "
+            "more rows per shard (max_vocabulary_size_per_gpu / vocabulary_size)"
+        )
 
     def _check_fits(self, counts):
         most = max(counts, default=0)
@@ -417,6 +583,22 @@ class _Hashed:
                 f"a shard would hold {most} keys but has {self.rows_per_device} rows "
                 "(max_vocabulary_size_per_gpu)"
             )
+
+    def _check_scores(self, last_seen, count):
+        if (last_seen is None) != (count is None):
+            raise ValueError("import_pairs: last_seen and count must be given together")
+
+    def import_rows(
+        self, table, hash_part, name, keys, vectors, share=False, last_seen=None, count=None
+    ):
+        """(table, hash_part, global row of each key) holding the given pairs
+        of table `name` (and their scores, where the table keeps scores)."""
+        self._check_scores(last_seen, count)
+        keys, vectors, last_seen, count = self.check_pairs(keys, vectors, share, last_seen, count)
+        if self.scored and last_seen is None:  # rows imported without scores
+            last_seen = np.zeros(len(keys), np.int32)
+            count = np.zeros(len(keys), np.int32)
+        return self._import_checked(table, hash_part, name, keys, vectors, last_seen, count)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -444,17 +626,13 @@ class RowHashRows(_Hashed, _Strategy):
             table, slot_keys, self._seed(seed, self.member), received, training
         )
 
-    def export_pairs(self, table, slot_keys, name):
+    def export_rows(self, table, slot_keys, name) -> StoredRows:
         return self._stored(table, slot_keys)
 
-    def import_pairs(self, table, slot_keys, name, keys, vectors, share=False):
-        keys, vectors = self.check_pairs(keys, vectors, share)
+    def _import_checked(self, table, hash_part, name, keys, vectors, last_seen, count):
         owner = np.remainder(keys.astype(np.int64), self.num_devices)
-        blocks = [owner == d for d in range(self.num_devices)]
-        self._check_fits([int(b.sum()) for b in blocks])
-        return self._load_blocks(
-            table, slot_keys, [keys[b] for b in blocks], [vectors[b] for b in blocks]
-        )
+        self._check_fits(np.bincount(owner, minlength=self.num_devices).tolist())
+        return self._load_blocks(table, hash_part, keys, vectors, owner, last_seen, count)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -478,18 +656,14 @@ class TableHashRows(_Hashed, _Strategy):
         table_seed = initializers.table_seed(seed, ids[device])
         return self._find_or_insert(table, slot_keys, table_seed, received, training)
 
-    def export_pairs(self, table, slot_keys, name):
+    def export_rows(self, table, slot_keys, name) -> StoredRows:
         d, r = self.member_index(name), self.rows_per_device
-        block = slice(d * r, (d + 1) * r)
-        return self._stored(to_host(table)[block], to_host(slot_keys)[block])
+        return self._stored(table, slot_keys, slice(d * r, (d + 1) * r))
 
-    def import_pairs(self, table, slot_keys, name, keys, vectors, share=False):
-        keys, vectors = self.check_pairs(keys, vectors, share)
+    def _import_checked(self, table, hash_part, name, keys, vectors, last_seen, count):
         self._check_fits([len(keys)])
-        d = self.member_index(name)
-        blocks_k = [keys if i == d else keys[:0] for i in range(self.num_devices)]
-        blocks_v = [vectors if i == d else vectors[:0] for i in range(self.num_devices)]
-        return self._load_blocks(table, slot_keys, blocks_k, blocks_v)
+        owner = np.full(len(keys), self.member_index(name), np.int64)
+        return self._load_blocks(table, hash_part, keys, vectors, owner, last_seen, count)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -510,37 +684,42 @@ class ReplicatedHashRows(_Hashed, _Strategy):
     def local_rows(self, table, slot_keys, seed, flat_ids, members, training) -> OwnerRows:
         flat_ids = jnp.concatenate(flat_ids)
         every = jax.lax.all_gather(flat_ids, self.axis_name, tiled=True)
-        got = self._find_or_insert(table, slot_keys, self._seed(seed, self.member), every, training)
+        got, status = self._lookup(table, slot_keys, self._seed(seed, self.member), every, training)
         mine = jax.lax.axis_index(self.axis_name) * flat_ids.shape[0]
         rows = jax.lax.dynamic_slice(got.rows, (mine,), flat_ids.shape)
         # Full-table misses of this device's own positions (every device sees them all).
-        missed = (
-            (rows < 0) & ~checks.is_padding(flat_ids) if training else jnp.zeros_like(rows, bool)
-        )
-        return got._replace(rows=rows, hash_full=jnp.sum(missed).astype(jnp.int32))
+        if status is None:
+            missed = (
+                (rows < 0) & ~checks.is_padding(flat_ids)
+                if training
+                else jnp.zeros_like(rows, bool)
+            )
+            return got._replace(rows=rows, hash_full=jnp.sum(missed).astype(jnp.int32))
+        own = jax.lax.dynamic_slice(status, (mine,), flat_ids.shape)
+        online = dict(got.online)
+        online["not_admitted"] = jnp.sum(own == hash_ops.NOT_ADMITTED).astype(jnp.int32)
+        full = jnp.sum(own == hash_ops.FULL).astype(jnp.int32)
+        return got._replace(rows=rows, hash_full=full, online=online)
 
-    def export_pairs(self, table, slot_keys, name):
+    def export_rows(self, table, slot_keys, name) -> StoredRows:
         return self._stored(table, slot_keys)
 
-    def import_pairs(self, table, slot_keys, name, keys, vectors, share=False):
-        keys, vectors = self.check_pairs(keys, vectors, share)
+    def _import_checked(self, table, hash_part, name, keys, vectors, last_seen, count):
         self._check_fits([len(keys)])
-
-        def load(slot_keys, table, k, v):
-            slot_keys, got, _, failed = self.ops.find_or_insert(slot_keys, k, insert=True)
-            target = jnp.where(got >= 0, got, table.shape[0])
-            return slot_keys, table.at[target].set(v.astype(table.dtype), mode="drop"), failed
-
         replicated = NamedSharding(self.mesh, P())
-        slot_keys, table, failed = jax.jit(load)(
-            slot_keys,
+        if last_seen is None:
+            last_seen = count = np.zeros(len(keys), np.int32)
+        hash_part, table, failed, got = jax.jit(self._load)(
             table,
+            hash_part,
             from_host(keys, replicated),
             from_host(vectors.astype(np.float32), replicated),
+            from_host(np.asarray(last_seen, np.int32), replicated),
+            from_host(np.asarray(count, np.int32), replicated),
         )
-        if int(to_host(failed)):
-            raise ValueError("import_pairs: the hash table could not place all of its keys")
-        return table, slot_keys
+        if int(np.sum(to_host(failed))):
+            raise ValueError(self._cannot_place())
+        return table, hash_part, to_host(got).astype(np.int64)
 
 
 STRATEGIES = {

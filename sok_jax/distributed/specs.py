@@ -11,6 +11,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from sok_jax import initializers
+from sok_jax.distributed.scores import make_options
 from sok_jax.ops import checks, embed_ops
 
 PLACEMENTS = ("auto", "row", "table", "replicated")
@@ -40,6 +41,8 @@ class TableSpec:
         (every device holds it; data parallel).
       optimizer: a `sok_jax.optim.SparseOptimizer` for this table, or None
         for the one passed to `sparse_update`.
+      eviction, admit_after, hash_options: an online hash table (hash mode
+        only), as `DistributedEmbedding`'s arguments of those names.
     """
 
     name: str
@@ -52,6 +55,9 @@ class TableSpec:
     key_dtype: Any = jnp.int32
     placement: str = "auto"
     optimizer: Any = None
+    eviction: str | None = None
+    admit_after: int | None = None
+    hash_options: Any = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -85,6 +91,18 @@ class TableSpec:
                 f"got {self.placement!r}"
             )
         initializers.resolve(self.initializer)
+        _ = self.online  # raises on bad online hash options
+
+    @property
+    def online(self):
+        """The table's `scores.HashOptions`, None for a plain table."""
+        return make_options(
+            self.eviction,
+            self.admit_after,
+            self.hash_options,
+            self.use_hashtable,
+            f"TableSpec {self.name!r}: ",
+        )
 
     @property
     def row_bytes(self) -> int:

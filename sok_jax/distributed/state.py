@@ -22,12 +22,23 @@ class EmbeddingStats:
       bucket (they got zeros and no gradient). Raise `capacity_factor`.
     invalid: ids that are neither padding nor a key of the table (direct
       mode: outside [0, n * max_vocabulary_size_per_gpu)).
-    hash_full: keys that found no row because their owner's shard was full.
+    hash_full: keys that found no row because their owner's shard was full
+      (with eviction: its bucket held only rows the same call saw).
+    Online hash tables only (`HashOptions`; None otherwise):
+    evicted: rows whose key the call (or `evict_stale`) evicted, per shard
+      (replicas of a replicated table report the same).
+    not_admitted: keys that got no row because admission has not seen them
+      in `admit_after` training lookups yet.
+    load: float32, the fraction of each shard's rows that hold a key after
+      the call.
     """
 
     overflow: Any
     invalid: Any
     hash_full: Any
+    evicted: Any = None
+    not_admitted: Any = None
+    load: Any = None
 
     def total(self):
         return jnp.sum(self.overflow) + jnp.sum(self.invalid) + jnp.sum(self.hash_full)
@@ -45,19 +56,26 @@ class EmbeddingState:
       mode.
     seed: uint32[2] PRNG key data; initial vectors of new keys derive from it.
     stats: `EmbeddingStats` of the last call.
+    scores: online hash tables only (`HashOptions`): their
+      `scores.HashScores` (per-row last_seen and count, the step, the
+      admission sketch, the eviction log), sharded like slot_keys; None
+      otherwise.
     """
 
     table: Any
     slot_keys: Any
     seed: Any
     stats: EmbeddingStats
+    scores: Any = None
 
 
 jax.tree_util.register_dataclass(
-    EmbeddingStats, data_fields=["overflow", "invalid", "hash_full"], meta_fields=[]
+    EmbeddingStats,
+    data_fields=["overflow", "invalid", "hash_full", "evicted", "not_admitted", "load"],
+    meta_fields=[],
 )
 jax.tree_util.register_dataclass(
-    EmbeddingState, data_fields=["table", "slot_keys", "seed", "stats"], meta_fields=[]
+    EmbeddingState, data_fields=["table", "slot_keys", "seed", "stats", "scores"], meta_fields=[]
 )
 
 

@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 from sok_jax._compat import shard_map
 from sok_jax.distributed import exchange
 from sok_jax.distributed.exchange import DeviceLookup, Unit
+from sok_jax.distributed.scores import HashRowGrad, reset_slots
 from sok_jax.distributed.state import EmbeddingStats, warn_on_stats
 from sok_jax.ids import Bags
 from sok_jax.ops import resolve
@@ -125,14 +126,18 @@ class ShardedTables:
         return {
             u.name: (
                 u.rows.table_sharding,
-                u.rows.slot_keys_sharding if u.rows.hashed else None,
+                u.rows.hash_sharding() if u.rows.hashed else None,
             )
             for u in self.units
         }
 
     def stats_shardings(self) -> dict:
         row = NamedSharding(self.mesh, P(self.axis_name))
-        return {t: EmbeddingStats(row, row, row) for t in self.tables}
+        online = set(exchange.online_tables(self.units))
+        extra = {k: row for k in exchange.ONLINE_COUNTS}
+        return {
+            t: EmbeddingStats(row, row, row, **(extra if t in online else {})) for t in self.tables
+        }
 
     def slot_specs(self, unit: Unit, opt_state):
         lead = None if unit.rows.replicated else self.axis_name
@@ -162,11 +167,17 @@ class ShardedTables:
         hold one buffer twice)."""
         row = NamedSharding(self.mesh, P(self.axis_name))
         n = self.num_devices
+        online = set(exchange.online_tables(self.units))
 
-        def zeros():
-            return jax.device_put(jnp.zeros((n,), jnp.int32), row)
+        def zeros(dtype=jnp.int32):
+            return jax.device_put(jnp.zeros((n,), dtype), row)
 
-        return {t: EmbeddingStats(zeros(), zeros(), zeros()) for t in self.tables}
+        def extra(t):
+            if t not in online:
+                return {}
+            return dict(evicted=zeros(), not_admitted=zeros(), load=zeros(jnp.float32))
+
+        return {t: EmbeddingStats(zeros(), zeros(), zeros(), **extra(t)) for t in self.tables}
 
     # ----------------------------------------------------------- lookup
     def run(self, shards, seed, inputs: dict, training: bool, sparse: bool):
@@ -263,9 +274,19 @@ class ShardedTables:
             for u in self.units:
                 r = ops.lookup_combine_bwd(*bags[u.name], u.rows.rows_per_device)
                 out[u.name] = SparseRowGrad(r.rows, r.grads, r.count)
+                if ctx[u.name].reset_rows is not None:  # an evicting hash table
+                    out[u.name] = HashRowGrad(*out[u.name], ctx[u.name].reset_rows)
             return out
 
-        specs = {u.name: SparseRowGrad(row, P(self.axis_name, None), row) for u in self.units}
+        specs = {
+            u.name: (HashRowGrad if ctx[u.name].reset_rows is not None else SparseRowGrad)(
+                row,
+                P(self.axis_name, None),
+                row,
+                *([row] if ctx[u.name].reset_rows is not None else []),
+            )
+            for u in self.units
+        }
         return shard_map(body, self.mesh, (row, row), specs)(ctx, d_outs)
 
     def _updates(self, shards, opt_states, body, args, arg_specs, optimizers):
@@ -295,6 +316,10 @@ class ShardedTables:
             new_t, new_o = {}, {}
             for name in tables:
                 opt = optimizers[name]
+                opt_states = dict(opt_states)
+                opt_states[name] = reset_slots(
+                    opt, opt_states[name], ctx[name].reset_rows, tables[name].shape[1]
+                )
                 if opt.update_bags is None:  # a SparseOptimizer built without it
                     ops = resolve(self.implementation)
                     rows = self.unit(name).rows.rows_per_device
@@ -315,12 +340,22 @@ class ShardedTables:
         def body(tables, opt_states, grads):
             new_t, new_o = {}, {}
             for name in tables:
+                g = grads[name]
+                state = reset_slots(
+                    optimizers[name],
+                    opt_states[name],
+                    getattr(g, "reset_rows", None),
+                    tables[name].shape[1],
+                )
                 new_t[name], new_o[name] = optimizers[name].update(
-                    tables[name], opt_states[name], SparseRowGrad(*grads[name])
+                    tables[name], state, SparseRowGrad(g.rows, g.grads, g.count)
                 )
             return new_t, new_o
 
-        specs = {k: SparseRowGrad(row, P(self.axis_name, None), row) for k in grads}
+        specs = {
+            k: type(g)(row, P(self.axis_name, None), row, *([row] if len(g) > 3 else []))
+            for k, g in grads.items()
+        }
         return self._updates(shards, opt_states, body, (grads,), (specs,), optimizers)
 
     def init_optimizer(self, optimizers: dict, shards) -> dict:

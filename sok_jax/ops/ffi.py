@@ -9,7 +9,7 @@ from sok_jax.ops.embed_ops import (
     rows_to_dense,
     weight_grad,
 )
-from sok_jax.ops.hash_ops import find_or_insert
+from sok_jax.ops.hash_ops import find_or_insert, hash_lookup
 from sok_jax.ops.optim_ops import (
     adagrad_update,
     adam_update,
@@ -31,6 +31,7 @@ __all__ = [
     "adam_update",
     "ftrl_update",
     "find_or_insert",
+    "hash_lookup",
 ]
 # The op names every implementation has (`sok_jax.ops.reference` too).
 OPS = tuple(__all__)

@@ -6,8 +6,9 @@ Same arguments, outputs and rules as the FFI wrappers (`embed_ops`,
 (`checks.valid_rows`) are skipped; `mean` divides by the sum of the valid
 weights and `sqrtn` by the square root of the sum of their squares; an empty
 or zero-weight bag gives zeros; optimizer updates follow
-xla_ffi/optim_math.h term by term; `find_or_insert` processes keys in
-position order, exactly as the CPU target.
+xla_ffi/optim_math.h term by term; `hash_lookup` and `find_or_insert` follow
+the insertion rule of xla_ffi/hash_math.h step by step, with the same
+results as the CPU and CUDA targets.
 """
 
 from __future__ import annotations
@@ -268,59 +269,222 @@ _RULE_UPDATES = {
 
 
 # ---------------------------------------------------------------------------
-# Hash table
+# Hash table (the rule of xla_ffi/hash_math.h, vectorized per step)
 # ---------------------------------------------------------------------------
 
 
-def find_or_insert(slot_keys: jax.Array, keys: jax.Array, *, insert: bool):
-    """Pure-JAX `hash_ops.find_or_insert`, keys processed in position order.
+def _first_true(mask, axis=1):
+    """Index of the first True along `axis` (0 where none)."""
+    return jnp.argmax(mask, axis=axis)
 
-    Same arguments and outputs, and the same results as its CPU target. Slow
-    (one probe per loop step); an oracle and a fallback.
-    """
-    slot_keys, keys, dt = hash_ops.check_find_or_insert(slot_keys, keys)
-    cap = slot_keys.shape[0]
-    n = keys.shape[0]
-    empty = jnp.asarray(hash_ops.EMPTY(dt), dt)
-    starts = hash_ops.hash_slot(keys, cap)
-    insert = bool(insert)
 
-    def one_key(i, state):
-        slots, rows, is_new, failed = state
-        k = keys[i]
+def hash_lookup(
+    slot_keys,
+    keys,
+    *,
+    insert: bool,
+    last_seen=None,
+    count=None,
+    sketch=None,
+    step=None,
+    policy=None,
+    admit_after=None,
+    sketch_depth: int = 1,
+):
+    """Pure-JAX `hash_ops.hash_lookup`: the same rule, the same results bit
+    for bit as its CPU and CUDA targets. Slow where it must be sequential
+    (keys left over by full buckets without eviction go one per loop step);
+    an oracle and a fallback."""
+    a = hash_ops.check_hash_lookup(
+        slot_keys, keys, last_seen, count, sketch, step, policy, admit_after, sketch_depth
+    )
+    slots, keys, dt = a.slot_keys, a.keys, a.dtype
+    n, cap = keys.shape[0], slots.shape[0]
+    i32 = jnp.int32
+    fill = hash_ops.EMPTY(dt)  # a numpy scalar: gathers take it as fill_value
+    empty = jnp.asarray(fill, dt)
+    if n == 0:
+        z = jnp.zeros((0,), i32)
+        return hash_ops.HashLookup(
+            slots, a.last_seen, a.count, a.sketch, z, z, jnp.zeros((0,), dt), z
+        )
+    ls, ct, sk = a.last_seen, a.count, a.sketch
+    scores = ls is not None
+    now = a.step[0]
+    evicting = a.policy != 0
+    nb = hash_ops.num_buckets(cap)
+    starts = hash_ops.bucket_starts(cap)
+    width = int((starts[1:] - starts[:-1]).max())
+    grid = starts[:-1, None] + np.arange(width)[None, :]
+    valid_np = grid < starts[1:, None]
+    slot_of = jnp.asarray(np.where(valid_np, grid, cap).astype(np.int32))  # [nb, width]
+    valid = jnp.asarray(valid_np)
+    pad = keys == empty
+    home = hash_ops.home_bucket(keys, cap)
 
-        # Probe state: (slot, probes done, outcome), outcome 0 = probing,
-        # 1 = found/inserted at slot, 2 = stopped without a row.
+    # 1. Lookup (FindRow).
+    def view(table, b):
+        return table.at[slot_of[b]].get(mode="fill", fill_value=fill), valid[b], slot_of[b]
+
+    if evicting:
+        cur, ok, idx = view(slots, home)
+        hit = ok & (cur == keys[:, None]) & ~pad[:, None]
+        row = jnp.where(
+            hit.any(1), jnp.take_along_axis(idx, _first_true(hit)[:, None], 1)[:, 0], -1
+        )
+    else:
+
         def cond(c):
-            return c[2] == 0
+            return jnp.any(~c[2]) & (c[3] < nb)
 
         def body(c):
-            s, p, _ = c
-            cur = slots[s]
-            hit = cur == k
-            free = cur == empty
-            exhausted = p + 1 >= cap
-            outcome = jnp.where(hit | (free & insert), 1, jnp.where(free | exhausted, 2, 0)).astype(
-                jnp.int32
-            )
-            nxt = jnp.where(s + 1 == cap, 0, s + 1).astype(jnp.int32)
-            return (jnp.where(outcome == 0, nxt, s), p + 1, outcome)
+            b, row, done, t = c
+            cur, ok, idx = view(slots, b)
+            is_empty = ok & (cur == empty)
+            before_empty = (jnp.cumsum(is_empty, axis=1) - is_empty) == 0
+            hit = ok & (cur == keys[:, None]) & before_empty
+            found = hit.any(1)
+            at = jnp.take_along_axis(idx, _first_true(hit)[:, None], 1)[:, 0]
+            row = jnp.where(~done & found, at, row)
+            done = done | found | is_empty.any(1)
+            return jnp.where(b + 1 == nb, 0, b + 1).astype(i32), row, done, t + 1
 
-        s, _, outcome = lax.while_loop(
-            cond, body, (starts[i], jnp.int32(0), jnp.where(k == empty, 2, 0).astype(jnp.int32))
+        init = (home, jnp.full((n,), -1, i32), pad, jnp.int32(0))
+        _, row, _, _ = lax.while_loop(cond, body, init)
+    row = row.astype(i32)
+    found = row >= 0
+    no_evict = jnp.full((n,), empty, dt)
+    if not insert:
+        status = jnp.where(
+            pad, hash_ops.PADDING, jnp.where(found, hash_ops.FOUND, hash_ops.MISSING)
         )
-        got = outcome == 1
-        fresh = got & (slots[s] == empty)
-        slots = slots.at[s].set(jnp.where(fresh, k, slots[s]))
-        rows = rows.at[i].set(jnp.where(got, s, -1))
-        is_new = is_new.at[i].set(fresh.astype(jnp.int32))
-        full = insert & (k != empty) & ~got
-        return slots, rows, is_new, failed + full.astype(jnp.int32)
+        return hash_ops.HashLookup(
+            slots, ls, ct, sk, row, jnp.zeros((n,), i32), no_evict, status.astype(i32)
+        )
+    if scores:  # StampSeen, once per row
+        touched = jnp.zeros((cap,), bool).at[jnp.where(found, row, cap)].set(True, mode="drop")
+        ct = ct + (touched & (ls != now)).astype(i32)
+        ls = jnp.where(touched, now, ls)
 
-    init = (
-        slot_keys,
-        jnp.full((n,), -1, jnp.int32),
-        jnp.zeros((n,), jnp.int32),
-        jnp.zeros((), jnp.int32),
+    # 2. The misses in claim order, each key's positions ascending.
+    miss = ~pad & ~found
+    pos = jnp.arange(n, dtype=i32)
+    not_miss, _, s_pos = lax.sort(
+        (jnp.where(miss, 0, 1).astype(i32), hash_ops.order_word(keys), pos), num_keys=3
     )
-    return lax.fori_loop(0, n, one_key, init)
+    s_order = hash_ops.order_word(keys)[s_pos]
+    s_miss = not_miss == 0
+    s_keys = keys[s_pos]
+    head = s_miss & jnp.concatenate([jnp.ones((1,), bool), s_order[1:] != s_order[:-1]])
+    s_home = home[s_pos]
+
+    # 3. Admission.
+    if a.admit_after:
+        w = sk.shape[0] // a.sketch_depth
+        cells = hash_ops.sketch_cells(s_keys, a.sketch_depth, w)
+        sk = sk.at[cells.reshape(-1)].add(jnp.repeat(head.astype(i32), a.sketch_depth))
+        est = jnp.min(sk[cells], axis=1)
+        admitted = est >= a.admit_after
+        init_count = est
+    else:
+        admitted = jnp.ones((n,), bool)
+        init_count = jnp.ones((n,), i32)
+
+    # 4. Per home bucket: its free slots ascending, then (eviction) its rows
+    # not seen in this call by (score, key).
+    cand = head & admitted
+    ci = cand.astype(i32)
+    seg = jnp.where(s_miss, s_home, nb)
+    per_bucket = jax.ops.segment_sum(ci, seg, nb + 1)[:nb]
+    b = jnp.minimum(s_home, nb - 1)
+    rank = jnp.cumsum(ci) - 1 - (jnp.cumsum(per_bucket) - per_bucket)[b]
+    bview = slots.at[slot_of].get(mode="fill", fill_value=fill)
+    jj = jnp.broadcast_to(jnp.arange(width, dtype=i32), (nb, width))
+    free = valid & (bview == empty)
+    nfree = jnp.sum(free, axis=1)
+    _, free_j = lax.sort((jnp.where(free, 0, 1).astype(i32), jj), dimension=1, num_keys=2)
+    free_slot = jnp.take_along_axis(slot_of, free_j, 1)
+    clip = jnp.clip(rank, 0, width - 1)
+    use_free = cand & (rank < nfree[b])
+    row1 = jnp.where(use_free, free_slot[b, clip], -1)
+    ev_key = no_evict
+    use_ev = jnp.zeros((n,), bool)
+    if evicting:
+        ls_b = ls.at[slot_of].get(mode="fill", fill_value=0)
+        score_b = ls_b if a.policy == 1 else ct.at[slot_of].get(mode="fill", fill_value=0)
+        ok_ev = valid & (bview != empty) & (ls_b != now)
+        *_, ev_j = lax.sort(
+            (jnp.where(ok_ev, 0, 1).astype(i32), score_b, bview, jj), dimension=1, num_keys=4
+        )
+        ev_slot = jnp.take_along_axis(slot_of, ev_j, 1)
+        er = rank - nfree[b]
+        use_ev = cand & ~use_free & (er < jnp.sum(ok_ev, axis=1)[b])
+        eslot = ev_slot[b, jnp.clip(er, 0, width - 1)]
+        row1 = jnp.where(use_ev, eslot, row1)
+        ev_key = jnp.where(use_ev, slots.at[eslot].get(mode="fill", fill_value=fill), empty)
+    target = jnp.where(row1 >= 0, row1, cap)
+    slots = slots.at[target].set(s_keys, mode="drop")
+    if scores:
+        ls = ls.at[target].set(now, mode="drop")
+        ct = ct.at[target].set(init_count, mode="drop")
+
+    # 5. No eviction: the leftovers, in claim order, to the first later
+    # bucket with an EMPTY slot (its lowest).
+    if not evicting:
+        leftover = cand & (row1 < 0)
+        dummy = jnp.zeros((1,), i32)
+
+        def place(i, c):
+            def do(c):
+                slots, ls_, ct_, rows_ = c
+                bv = slots.at[slot_of].get(mode="fill", fill_value=fill)
+                fr = valid & (bv == empty)
+                dist = jnp.remainder(jnp.arange(nb, dtype=i32) - s_home[i], nb)
+                ok = fr.any(1) & (dist > 0)
+                bb = jnp.argmin(jnp.where(ok, dist, nb))
+                slot = jnp.where(ok.any(), slot_of[bb, _first_true(fr[bb], axis=0)], -1)
+                t = jnp.where(slot >= 0, slot, cap)
+                slots = slots.at[t].set(s_keys[i], mode="drop")
+                if scores:
+                    ls_ = ls_.at[t].set(now, mode="drop")
+                    ct_ = ct_.at[t].set(init_count[i], mode="drop")
+                return slots, ls_, ct_, rows_.at[i].set(slot)
+
+            return lax.cond(leftover[i], do, lambda c: c, c)
+
+        carry = (slots, ls if scores else dummy, ct if scores else dummy, row1)
+        slots, ls2, ct2, row1 = lax.fori_loop(0, n, place, carry)
+        if scores:
+            ls, ct = ls2, ct2
+
+    # Every position of a new key: its key's row, or why it has none.
+    run = jnp.cumsum(head.astype(i32)) - 1
+    run_row = jnp.full((n,), -1, i32).at[jnp.where(head, run, n)].set(row1, mode="drop")
+    s_row = jnp.where(s_miss, run_row[jnp.maximum(run, 0)], -1)
+    s_status = jnp.where(
+        s_row >= 0, hash_ops.INSERTED, jnp.where(admitted, hash_ops.FULL, hash_ops.NOT_ADMITTED)
+    )
+    at_miss = jnp.where(s_miss, s_pos, n)
+    rows = row.at[at_miss].set(s_row, mode="drop")
+    status = jnp.where(pad, hash_ops.PADDING, hash_ops.FOUND).astype(i32)
+    status = status.at[at_miss].set(s_status.astype(i32), mode="drop")
+    placed_head = head & (row1 >= 0)
+    is_new = jnp.zeros((n,), i32).at[jnp.where(placed_head, s_pos, n)].set(1, mode="drop")
+    evicted = no_evict.at[jnp.where(placed_head & use_ev, s_pos, n)].set(ev_key, mode="drop")
+    return hash_ops.HashLookup(
+        slots,
+        ls if scores else None,
+        ct if scores else None,
+        sk,
+        rows,
+        is_new,
+        evicted,
+        status,
+    )
+
+
+def find_or_insert(slot_keys: jax.Array, keys: jax.Array, *, insert: bool):
+    """Pure-JAX `hash_ops.find_or_insert` (`hash_lookup` without scores):
+    the same results as its CPU and CUDA targets."""
+    r = hash_lookup(slot_keys, keys, insert=insert)
+    return r.slot_keys, r.rows, r.is_new, hash_ops.failures(r.status)

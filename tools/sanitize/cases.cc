@@ -2,7 +2,8 @@
 // never all zeros; the brute forces compute in double from the stored
 // inputs and know nothing of the handlers' code beyond the documented
 // semantics (embed_math.h RowOf / CombinerScale / WeightGrad, hash_math.h
-// StartSlot / NextSlot / EmptyKey, which are the targets' definitions).
+// HashWord / NumBuckets / BucketStart / OrderWord / SketchCell / EmptyKey,
+// which are the targets' definitions).
 #include "cases.h"
 
 #include <algorithm>
@@ -677,47 +678,138 @@ Case BwdUpdate(Rng& rng, const Rule& rule, XLA_FFI_DataType dt, int64_t rows,
 }
 
 // ------------------------------------------------------------------ hash
+// A hash call's setup: the table state before it and how it is called.
+struct HashSetup {
+  int32_t policy = kNoEviction;
+  int32_t admit_after = 0;
+  int32_t depth = 2, width = 0;  // width 0: no sketch
+  bool scores = false;
+  int32_t step = 1;
+};
+
 template <typename K>
 struct HashRef {
   std::vector<K> slots;
-  std::vector<int32_t> rows, is_new;
-  int32_t failed = 0;
+  std::vector<int32_t> last_seen, count, sketch;
+  std::vector<int32_t> rows, is_new, status;
+  std::vector<K> evicted;
 };
 
-// Keys in position order, linear probing from StartSlot (hash_math.h).
+// The insertion rule of hash_math.h by brute force: buckets by their bounds,
+// the claim order by sorting order words, victims by sorting (score, key),
+// every search a full scan of the bucket chain. Uses hash_math.h only for
+// the hash words, bucket bounds and sketch cells.
 template <typename K>
-HashRef<K> RefHash(std::vector<K> slots, const std::vector<K>& keys, bool insert) {
-  HashRef<K> h;
-  const int32_t cap = static_cast<int32_t>(slots.size());
+HashRef<K> RefHash(HashRef<K> t, const std::vector<K>& keys, bool insert,
+                   const HashSetup& h) {
   const K empty = EmptyKey<K>();
-  for (K k : keys) {
-    int32_t row = -1, fresh = 0;
-    bool placed = false;
-    if (k != empty) {
-      int32_t s = StartSlot(k, cap);
-      for (int32_t p = 0; p < cap; ++p, s = NextSlot(s, cap)) {
-        if (slots[s] == k) {
-          row = s;
-          placed = true;
-          break;
-        }
-        if (slots[s] == empty) {
-          if (insert) {
-            slots[s] = k;
-            row = s;
-            fresh = 1;
-          }
-          placed = true;
-          break;
-        }
+  const int32_t cap = static_cast<int32_t>(t.slots.size());
+  const int32_t nb = NumBuckets(cap);
+  const bool evict = h.policy != kNoEviction;
+  auto lo = [&](int32_t b) { return BucketStart(b, cap, nb); };
+  auto find = [&](K k) -> int32_t {
+    int32_t b = HomeBucket(k, nb);
+    for (int32_t v = 0; v < nb; ++v, b = (b + 1) % nb) {
+      bool open = false;
+      for (int32_t s = lo(b); s < lo(b + 1); ++s) {
+        if (t.slots[s] == k && (evict || !open)) return s;
+        open |= t.slots[s] == empty;
       }
-      if (!placed && insert) ++h.failed;
+      if (evict || open) return -1;
     }
-    h.rows.push_back(row);
-    h.is_new.push_back(fresh);
+    return -1;
+  };
+  const size_t n = keys.size();
+  t.rows.assign(n, -1);
+  t.is_new.assign(n, 0);
+  t.status.assign(n, kPadding);
+  t.evicted.assign(n, empty);
+  std::map<K, std::vector<size_t>> misses;
+  std::set<int32_t> stamped;
+  for (size_t i = 0; i < n; ++i) {
+    if (keys[i] == empty) continue;
+    const int32_t r = find(keys[i]);
+    if (r >= 0) {
+      t.rows[i] = r;
+      t.status[i] = kFound;
+      if (insert && h.scores && stamped.insert(r).second && t.last_seen[r] != h.step) {
+        t.last_seen[r] = h.step;
+        ++t.count[r];
+      }
+    } else if (insert) {
+      misses[keys[i]].push_back(i);
+    } else {
+      t.status[i] = kMissing;
+    }
   }
-  h.slots = std::move(slots);
-  return h;
+  if (!insert) return t;
+  std::vector<K> order;
+  for (auto& kv : misses) order.push_back(kv.first);
+  std::sort(order.begin(), order.end(),
+            [](K a, K b) { return OrderWord(a) < OrderWord(b); });
+  std::map<K, int32_t> est;
+  for (K k : order) est[k] = 1;
+  if (h.admit_after > 0) {
+    for (K k : order)
+      for (int32_t d = 0; d < h.depth; ++d) ++t.sketch[SketchCell(k, d, h.width)];
+    for (K k : order) {
+      int32_t e = INT32_MAX;
+      for (int32_t d = 0; d < h.depth; ++d) e = std::min(e, t.sketch[SketchCell(k, d, h.width)]);
+      est[k] = e;
+    }
+  }
+  std::map<K, int32_t> placed;
+  auto place = [&](K k, int32_t r) {
+    const size_t first = misses[k][0];
+    t.evicted[first] = t.slots[r];
+    t.slots[r] = k;
+    if (h.scores) {
+      t.last_seen[r] = h.step;
+      t.count[r] = est[k];
+    }
+    t.is_new[first] = 1;
+    placed[k] = r;
+  };
+  std::vector<K> left;
+  for (int32_t b = 0; b < nb; ++b) {
+    std::vector<int32_t> free_rows, victims;
+    for (int32_t s = lo(b); s < lo(b + 1); ++s) {
+      if (t.slots[s] == empty) free_rows.push_back(s);
+      else if (evict && t.last_seen[s] != h.step) victims.push_back(s);
+    }
+    const std::vector<int32_t>& score = h.policy == kEvictLru ? t.last_seen : t.count;
+    std::sort(victims.begin(), victims.end(), [&](int32_t a, int32_t c) {
+      return score[a] != score[c] ? score[a] < score[c] : t.slots[a] < t.slots[c];
+    });
+    size_t f = 0, v = 0;
+    for (K k : order) {
+      if (HomeBucket(k, nb) != b || (h.admit_after > 0 && est[k] < h.admit_after)) continue;
+      if (f < free_rows.size()) place(k, free_rows[f++]);
+      else if (evict && v < victims.size()) place(k, victims[v++]);
+      else if (!evict) left.push_back(k);
+    }
+  }
+  for (K k : left) {  // already in claim order
+    int32_t b = HomeBucket(k, nb);
+    for (int32_t d = 1; d < nb && !placed.count(k); ++d) {
+      const int32_t bb = (b + d) % nb;
+      for (int32_t s = lo(bb); s < lo(bb + 1); ++s)
+        if (t.slots[s] == empty) {
+          place(k, s);
+          break;
+        }
+    }
+  }
+  for (auto& kv : misses)
+    for (size_t i : kv.second) {
+      if (placed.count(kv.first)) {
+        t.rows[i] = placed[kv.first];
+        t.status[i] = kInserted;
+      } else {
+        t.status[i] = h.admit_after > 0 && est[kv.first] < h.admit_after ? kNotAdmitted : kFull;
+      }
+    }
+  return t;
 }
 
 template <typename K>
@@ -725,84 +817,15 @@ std::vector<K> ToVec(const Tensor& t) {
   return std::vector<K>(t.as<K>(), t.as<K>() + t.count());
 }
 
-template <typename K>
-std::string HashOracle(const Tensor& slots_in, const Tensor& keys, bool insert,
-                       const std::vector<Tensor>& out) {
-  HashRef<K> ref = RefHash<K>(ToVec<K>(slots_in), ToVec<K>(keys), insert);
-  if (ToVec<K>(out[0]) != ref.slots) return "slot_keys differ from the brute force";
-  if (ToVec<int32_t>(out[1]) != ref.rows) return "rows differ from the brute force";
-  if (ToVec<int32_t>(out[2]) != ref.is_new) return "is_new differs from the brute force";
-  if (out[3].as<int32_t>()[0] != ref.failed)
-    return Fmt("num_failed %d, want %d", out[3].as<int32_t>()[0], ref.failed);
-  return "";
-}
-
-// What holds for any order of racing inserts: the old keys stay where they
-// were; every stored key is distinct, reachable from its start slot without
-// crossing an empty slot, and sits at the row of every position that asked
-// for it; each new key is reported new at exactly one position; a position
-// gets -1 only for padding or for a key that is not stored, and num_failed
-// counts those; with no failure on the CPU, the same set of keys is stored.
-template <typename K>
-std::string HashEquivalent(const Tensor& slots_in, const Tensor& keys,
-                           const std::vector<Tensor>& cpu,
-                           const std::vector<Tensor>& dev) {
-  const K empty = EmptyKey<K>();
-  const std::vector<K> before = ToVec<K>(slots_in), after = ToVec<K>(dev[0]),
-                       kk = ToVec<K>(keys);
-  const std::vector<int32_t> rows = ToVec<int32_t>(dev[1]),
-                             is_new = ToVec<int32_t>(dev[2]);
-  const int32_t cap = static_cast<int32_t>(after.size());
-  std::set<K> stored, old;
-  for (int32_t s = 0; s < cap; ++s) {
-    if (before[s] != empty) {
-      old.insert(before[s]);
-      if (after[s] != before[s]) return Fmt("slot %d lost its key", s);
-    }
-    if (after[s] == empty) continue;
-    if (!stored.insert(after[s]).second) return Fmt("key in two slots (slot %d)", s);
-    for (int32_t p = StartSlot(after[s], cap); p != s; p = NextSlot(p, cap))
-      if (after[p] == empty) return Fmt("slot %d unreachable from its start slot", s);
-  }
-  std::map<K, int> new_reports;
-  int32_t failed = 0;
-  for (size_t i = 0; i < kk.size(); ++i) {
-    if (kk[i] == empty) {
-      if (rows[i] != -1 || is_new[i] != 0) return Fmt("padding at %zu got a row", i);
-      continue;
-    }
-    if (rows[i] < 0) {
-      if (stored.count(kk[i])) return Fmt("position %zu: stored key got no row", i);
-      ++failed;
-      continue;
-    }
-    if (rows[i] >= cap || after[rows[i]] != kk[i])
-      return Fmt("position %zu: row %d does not hold its key", i, rows[i]);
-    if (is_new[i]) {
-      if (old.count(kk[i])) return Fmt("position %zu: old key reported new", i);
-      ++new_reports[kk[i]];
-    }
-  }
-  for (K k : stored)
-    if (!old.count(k) && new_reports[k] != 1)
-      return Fmt("a new key reported new %d times", new_reports[k]);
-  if (dev[3].as<int32_t>()[0] != failed)
-    return Fmt("num_failed %d, but %d positions got no row", dev[3].as<int32_t>()[0], failed);
-  if (cpu[3].as<int32_t>()[0] == 0) {
-    if (failed != 0) return "positions failed where the CPU placed every key";
-    std::set<K> cpu_stored;
-    for (K k : ToVec<K>(cpu[0]))
-      if (k != empty) cpu_stored.insert(k);
-    if (cpu_stored != stored) return "another set of keys stored than on the CPU";
-  } else if (static_cast<int32_t>(stored.size()) != cap) {
-    return "the CPU filled the table, the CUDA handler did not";
-  }
-  return "";
+// As sok_jax/ops/hash_ops.workspace_bytes.
+int64_t HashWorkspaceBytes(int64_t n, XLA_FFI_DataType dt) {
+  const int64_t order = dt == kS64 ? 8 : 4;
+  return n * (12 + 2 * order) + (16 * n + (int64_t{4} << 20)) + 8192;
 }
 
 template <typename K>
-Case HashCaseT(Rng& rng, XLA_FFI_DataType dt, int32_t cap, int64_t n,
-               int64_t prefill, bool insert, bool alias) {
+Case HashCaseT(Rng& rng, XLA_FFI_DataType dt, int32_t cap, int64_t n, int64_t prefill,
+               bool insert, bool alias, const HashSetup& h) {
   const K empty = EmptyKey<K>();
   // Keys in [-3, 4 cap), -1 (EMPTY) being padding; int64 keys spread wide.
   auto key = [&]() {
@@ -812,44 +835,74 @@ Case HashCaseT(Rng& rng, XLA_FFI_DataType dt, int32_t cap, int64_t n,
   };
   std::vector<K> pre;
   for (int64_t i = 0; i < prefill; ++i) pre.push_back(key());
-  std::vector<K> slots = RefHash<K>(std::vector<K>(cap, empty), pre, true).slots;
+  HashRef<K> t0;
+  t0.slots.assign(cap, empty);
+  if (h.scores) {
+    t0.last_seen.assign(cap, 0);
+    t0.count.assign(cap, 0);
+  }
+  t0.sketch.assign(h.width ? h.depth * h.width : 0, 0);
+  HashSetup fill = h;
+  fill.step = h.step - 1;
+  fill.admit_after = 0;
+  t0 = RefHash<K>(t0, pre, true, fill);
   std::vector<K> keys;
   for (int64_t i = 0; i < n; ++i) {
     // A find over a filled table asks for stored keys half the time.
-    if (!insert && prefill > 0 && rng.Chance(0.5)) keys.push_back(pre[rng.Int(0, prefill - 1)]);
+    if (prefill > 0 && rng.Chance(insert ? 0.3 : 0.5)) keys.push_back(pre[rng.Int(0, prefill - 1)]);
     else keys.push_back(key());
   }
   Case c;
   c.target = "sok_hash_find_or_insert";
-  c.tag = Fmt("%s cap%d keys%lld prefill%lld %s%s", DtypeName(dt), cap,
+  c.tag = Fmt("%s cap%d keys%lld prefill%lld %s policy%d admit%d%s%s", DtypeName(dt), cap,
               static_cast<long long>(n), static_cast<long long>(prefill),
-              insert ? "insert" : "find", alias ? "" : " unaliased");
-  Tensor slots_t = MakeTensor(dt, {cap});
-  std::memcpy(slots_t.bytes.data(), slots.data(), slots_t.size_bytes());
-  Tensor keys_t = MakeTensor(dt, {n});
-  if (n) std::memcpy(keys_t.bytes.data(), keys.data(), keys_t.size_bytes());
-  c.args = {std::move(slots_t), std::move(keys_t)};
+              insert ? "insert" : "find", h.policy, h.admit_after, h.scores ? " scores" : "",
+              alias ? "" : " unaliased");
+  auto tensor = [](XLA_FFI_DataType d, const void* data, int64_t count, size_t item) {
+    Tensor x = MakeTensor(d, {count});
+    if (count) std::memcpy(x.bytes.data(), data, count * item);
+    return x;
+  };
+  const int64_t sc = h.scores ? cap : 0, sk = static_cast<int64_t>(t0.sketch.size());
+  const int32_t step = h.step;
+  c.args = {tensor(dt, t0.slots.data(), cap, sizeof(K)),
+            tensor(kS32, t0.last_seen.data(), sc, 4),
+            tensor(kS32, t0.count.data(), sc, 4),
+            tensor(kS32, t0.sketch.data(), sk, 4),
+            tensor(dt, keys.data(), n, sizeof(K)),
+            tensor(kS32, &step, 1, 4)};
+  const int a = alias ? 0 : -1;
   c.rets = {Out("slot_keys", dt, {cap}, Compare::kExact, 0.0, alias ? 0 : -1),
+            Out("last_seen", kS32, {sc}, Compare::kExact, 0.0, alias ? 1 : a),
+            Out("count", kS32, {sc}, Compare::kExact, 0.0, alias ? 2 : a),
+            Out("sketch", kS32, {sk}, Compare::kExact, 0.0, alias ? 3 : a),
             Out("rows", kS32, {n}, Compare::kExact),
             Out("is_new", kS32, {n}, Compare::kExact),
-            Out("num_failed", kS32, {1}, Compare::kExact)};
-  c.attrs = {Attr::I32("insert", insert ? 1 : 0)};
-  c.oracle = [insert](const Case& cs, const std::vector<Tensor>& out) {
-    return HashOracle<K>(cs.args[0], cs.args[1], insert, out);
+            Out("evicted", dt, {n}, Compare::kExact),
+            Out("status", kS32, {n}, Compare::kExact),
+            Out("workspace", kU8, {insert ? HashWorkspaceBytes(n, dt) : 1}, Compare::kNone)};
+  c.attrs = {Attr::I32("insert", insert ? 1 : 0), Attr::I32("policy", h.policy),
+             Attr::I32("admit_after", h.admit_after), Attr::I32("sketch_depth", h.depth)};
+  c.oracle = [t0, keys, insert, h](const Case&, const std::vector<Tensor>& out) -> std::string {
+    const HashRef<K> ref = RefHash<K>(t0, keys, insert, h);
+    if (ToVec<K>(out[0]) != ref.slots) return "slot_keys differ from the brute force";
+    if (ToVec<int32_t>(out[1]) != ref.last_seen) return "last_seen differs from the brute force";
+    if (ToVec<int32_t>(out[2]) != ref.count) return "count differs from the brute force";
+    if (ToVec<int32_t>(out[3]) != ref.sketch) return "sketch differs from the brute force";
+    if (ToVec<int32_t>(out[4]) != ref.rows) return "rows differ from the brute force";
+    if (ToVec<int32_t>(out[5]) != ref.is_new) return "is_new differs from the brute force";
+    if (ToVec<K>(out[6]) != ref.evicted) return "evicted differs from the brute force";
+    if (ToVec<int32_t>(out[7]) != ref.status) return "status differs from the brute force";
+    return "";
   };
-  if (insert)
-    c.equivalent = [](const Case& cs, const std::vector<Tensor>& cpu,
-                      const std::vector<Tensor>& dev) {
-      return HashEquivalent<K>(cs.args[0], cs.args[1], cpu, dev);
-    };
   return c;
 }
 
-Case HashCase(Rng& rng, XLA_FFI_DataType dt, int32_t cap, int64_t n,
-              int64_t prefill, bool insert, bool alias) {
-  if (dt == kS32) return HashCaseT<int32_t>(rng, dt, cap, n, prefill, insert, alias);
-  if (dt == kU32) return HashCaseT<uint32_t>(rng, dt, cap, n, prefill, insert, alias);
-  return HashCaseT<int64_t>(rng, dt, cap, n, prefill, insert, alias);
+Case HashCase(Rng& rng, XLA_FFI_DataType dt, int32_t cap, int64_t n, int64_t prefill,
+              bool insert, bool alias, const HashSetup& h = HashSetup{}) {
+  if (dt == kS32) return HashCaseT<int32_t>(rng, dt, cap, n, prefill, insert, alias, h);
+  if (dt == kU32) return HashCaseT<uint32_t>(rng, dt, cap, n, prefill, insert, alias, h);
+  return HashCaseT<int64_t>(rng, dt, cap, n, prefill, insert, alias, h);
 }
 
 // ----------------------------------------------------------------- groups
@@ -914,7 +967,13 @@ void ErrorCases(Rng& rng, std::vector<Case>& out) {
   c.tag = "insert=2";
   c.expect_error = "insert must be 0 (find only) or 1 (insert)";
   c.oracle = nullptr;
-  c.equivalent = nullptr;
+  out.push_back(c);
+
+  c = HashCase(rng, kS32, 8, 4, 0, true, true);
+  c.attrs[1].i = 1;
+  c.tag = "lru without scores";
+  c.expect_error = "an eviction policy needs last_seen and count";
+  c.oracle = nullptr;
   out.push_back(c);
 }
 
@@ -1103,6 +1162,23 @@ std::vector<Case> AllCases(uint64_t seed) {
     out.push_back(HashCase(rng, dt, 97, 300, 60, false, true));
     out.push_back(HashCase(rng, dt, 64, 200, 64, false, true));  // a full table
     out.push_back(HashCase(rng, dt, 64, 50, 0, false, false));   // an empty one
+    // Scores, eviction and admission: a hot stream on full buckets.
+    HashSetup h;
+    h.scores = true;
+    h.step = 5;
+    out.push_back(HashCase(rng, dt, 97, 300, 80, true, true, h));  // scores only
+    h.policy = kEvictLru;
+    out.push_back(HashCase(rng, dt, 64, 300, 64, true, true, h));
+    out.push_back(HashCase(rng, dt, 4096, 6000, 4000, true, false, h));
+    h.policy = kEvictLfu;
+    out.push_back(HashCase(rng, dt, 40, 200, 40, true, true, h));
+    out.push_back(HashCase(rng, dt, 64, 200, 64, false, true, h));  // find, evicting layout
+    h.admit_after = 1;
+    h.width = 64;
+    out.push_back(HashCase(rng, dt, 64, 300, 30, true, true, h));
+    h.admit_after = 2;
+    h.policy = kNoEviction;
+    out.push_back(HashCase(rng, dt, 97, 400, 50, true, true, h));
   }
   ErrorCases(rng, out);
   return out;

@@ -3,10 +3,11 @@
 # handlers, no XLA, no Python) and runs it under compute-sanitizer:
 #   plain      the driver alone: CPU vs brute force, CUDA vs CPU
 #   memcheck   every target, every case (--leak-check full)
-#   racecheck  the targets whose kernels use shared memory: only cub's sort,
+#   racecheck  the targets whose kernels use shared memory: cub's sort,
 #              run-length and scan in the backward (sok_embed_bwd,
-#              sok_embed_bwd_dense, sok_embed_bwd_update); our own kernels
-#              use none (grep __shared__ xla_ffi/)
+#              sok_embed_bwd_dense, sok_embed_bwd_update), cub's partition
+#              and sort and the overflow kernel of the hash insertion
+#              (sok_hash_find_or_insert; grep __shared__ xla_ffi/)
 #   synccheck  every target (the kernels' __shfl_sync / __ballot_sync masks)
 # Logs go to $OUT (default ./sanitize_out); the last lines printed are one
 # summary per tool. Exit status: 0 when every tool ran clean and the driver
@@ -33,7 +34,7 @@ RACE_STRIDE="${RACE_STRIDE:-3}"
 PYTHON="${PYTHON:-$(command -v python3)}"
 CUDA_ARCH="${CUDA_ARCH:-90}"
 LIMIT_S="${LIMIT_S:-240}"
-RACE_TARGETS="sok_embed_bwd"  # matches the three backward targets
+RACE_TARGETS="sok_embed_bwd,sok_hash"  # the three backward targets and the hash one
 mkdir -p "$OUT"
 
 echo "== build ($BUILD)"
