@@ -665,7 +665,7 @@ def test_collection_hash_tables_in_every_placement(n):
 
 def test_plain_tables_keep_their_state():
     """Without eviction, admission or scores a hash table's state is today's:
-    no scores, three counters; direct mode likewise."""
+    no scores, the four counters of every table; direct mode likewise."""
     require_devices(2)
     for hashed in (True, False):
         emb = DistributedEmbedding(
@@ -674,7 +674,7 @@ def test_plain_tables_keep_their_state():
         st = emb.init(0)
         assert st.scores is None
         assert st.stats.evicted is None and st.stats.load is None
-        assert len(jax.tree.leaves(st)) == (6 if hashed else 5)
+        assert len(jax.tree.leaves(st)) == (7 if hashed else 6)
         sh = emb.state_shardings()
         assert jax.tree.structure(sh) == jax.tree.structure(st)
 

@@ -398,10 +398,11 @@ class EmbeddingCollection:
         rows of every table (fused kernels where the optimizer has them).
         Donate `state` and `opt_state` in your step. Returns (new_state,
         new_opt_state)."""
+        grads = self._grads(d_outs)
         shards, opt = self._tables.sparse_update(
-            self._shards(state), self._optimizers(optimizer), opt_state, ctx, self._grads(d_outs)
+            self._shards(state), self._optimizers(optimizer), opt_state, ctx, grads
         )
-        return self._state(state, shards), opt
+        return self._state(state, shards, self._tables.with_nonfinite(state.stats, grads)), opt
 
     # ------------------------------------------------------ export/import
     def _strategy(self, table: str):

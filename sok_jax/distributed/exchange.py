@@ -380,6 +380,7 @@ class _Counters:
         return {
             t: EmbeddingStats(
                 *(c[k].reshape(1) for k in ("overflow", "invalid", "hash_full")),
+                nonfinite=jnp.zeros((1,), jnp.int32),
                 **{k: c[k].reshape(1) for k in ONLINE_COUNTS if k in c},
             )
             for t, c in self.counts.items()

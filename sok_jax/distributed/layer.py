@@ -336,7 +336,8 @@ class DistributedEmbedding:
         shards, opt = self._tables.sparse_update(
             self._shards(state), {_TABLE: optimizer}, {_TABLE: opt_state}, ctx, {_IDS: d_out}
         )
-        return self._updated(state, shards), opt[_TABLE]
+        stats = self._tables.with_nonfinite({_TABLE: state.stats}, {_IDS: d_out})[_TABLE]
+        return dataclasses.replace(self._updated(state, shards), stats=stats), opt[_TABLE]
 
     # ------------------------------------------------------- export / import
     def export_pairs(self, state: EmbeddingState, opt_state=None, *, since_step=None):

@@ -24,6 +24,11 @@ class EmbeddingStats:
       mode: outside [0, n * max_vocabulary_size_per_gpu)).
     hash_full: keys that found no row because their owner's shard was full
       (with eviction: its bucket held only rows the same call saw).
+    nonfinite: set by `sparse_update` (zeros after a lookup): the cotangent
+      vectors of each device's share of the batch that held a NaN or Inf.
+      They reach every row their bags looked up; with `skip_nonfinite=True`
+      on the optimizer those rows and slots were left as they were,
+      otherwise they now hold NaN.
     Online hash tables only (`HashOptions`; None otherwise):
     evicted: rows whose key the call (or `evict_stale`) evicted, per shard
       (replicas of a replicated table report the same).
@@ -36,6 +41,7 @@ class EmbeddingStats:
     overflow: Any
     invalid: Any
     hash_full: Any
+    nonfinite: Any = None
     evicted: Any = None
     not_admitted: Any = None
     load: Any = None
@@ -71,7 +77,15 @@ class EmbeddingState:
 
 jax.tree_util.register_dataclass(
     EmbeddingStats,
-    data_fields=["overflow", "invalid", "hash_full", "evicted", "not_admitted", "load"],
+    data_fields=[
+        "overflow",
+        "invalid",
+        "hash_full",
+        "nonfinite",
+        "evicted",
+        "not_admitted",
+        "load",
+    ],
     meta_fields=[],
 )
 jax.tree_util.register_dataclass(
@@ -96,14 +110,22 @@ class EmbeddingWarning(UserWarning):
     not raise (that would lose the donated state)."""
 
 
-def stats_problems(overflow, invalid, hash_full, table: str | None = None) -> list[str]:
-    """One sentence per kind of dropped id, with the per-device counts."""
+def stats_problems(
+    overflow, invalid, hash_full, table: str | None = None, nonfinite=None
+) -> list[str]:
+    """One sentence per kind of dropped id (and of non-finite cotangent),
+    with the per-device counts."""
     where = f"table {table!r}: " if table else ""
     problems = []
     for counts, what in (
         (overflow, "key(s) overflowed their exchange bucket; raise capacity_factor"),
         (invalid, "id(s) are neither padding nor a key of the table"),
         (hash_full, "key(s) found no row: a hash shard is full"),
+        (
+            0 if nonfinite is None else nonfinite,
+            "cotangent vector(s) held NaN or Inf (their rows now hold NaN unless the "
+            "optimizer has skip_nonfinite=True)",
+        ),
     ):
         counts = np.asarray(counts)
         if int(np.sum(counts)):
@@ -123,13 +145,14 @@ def check_stats(state) -> None:
 
     Raises:
       EmbeddingError: the call dropped anything (overflow, invalid ids, full
-        hash shards), naming each count per device (and table); `state` stays
-        valid.
+        hash shards) or, for a `sparse_update`, got a NaN or Inf cotangent,
+        naming each count per device (and table); `state` stays valid.
     """
     problems = []
     for table, s in _all_stats(state).items():
         counts = (to_host(s.overflow), to_host(s.invalid), to_host(s.hash_full))
-        problems += stats_problems(*counts, table)
+        nonfinite = None if s.nonfinite is None else to_host(s.nonfinite)
+        problems += stats_problems(*counts, table, nonfinite)
     if problems:
         raise EmbeddingError("sok_jax: " + "; ".join(problems), state)
 

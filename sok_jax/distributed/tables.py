@@ -136,7 +136,8 @@ class ShardedTables:
         online = set(exchange.online_tables(self.units))
         extra = {k: row for k in exchange.ONLINE_COUNTS}
         return {
-            t: EmbeddingStats(row, row, row, **(extra if t in online else {})) for t in self.tables
+            t: EmbeddingStats(row, row, row, row, **(extra if t in online else {}))
+            for t in self.tables
         }
 
     def slot_specs(self, unit: Unit, opt_state):
@@ -163,8 +164,8 @@ class ShardedTables:
         return jax.jit(fn)(seed)
 
     def zero_stats(self) -> dict:
-        """Per table, three distinct [n] counters (a donated state must not
-        hold one buffer twice)."""
+        """Per table, distinct [n] counters (a donated state must not hold one
+        buffer twice)."""
         row = NamedSharding(self.mesh, P(self.axis_name))
         n = self.num_devices
         online = set(exchange.online_tables(self.units))
@@ -177,7 +178,34 @@ class ShardedTables:
                 return {}
             return dict(evicted=zeros(), not_admitted=zeros(), load=zeros(jnp.float32))
 
-        return {t: EmbeddingStats(zeros(), zeros(), zeros(), **extra(t)) for t in self.tables}
+        return {
+            t: EmbeddingStats(zeros(), zeros(), zeros(), zeros(), **extra(t)) for t in self.tables
+        }
+
+    def with_nonfinite(self, stats: dict, d_outs: dict) -> dict:
+        """`stats` with each table's `nonfinite`: per device, the vectors of
+        its share of the cotangents (the batch's leading axis, in device
+        order) of the lookups reading the table that hold a NaN or Inf."""
+        reading = {}
+        for u in self.units:
+            for s in u.lookups:
+                reading.setdefault(s.table, []).append(s.name)
+
+        def body(d_outs):
+            return {
+                t: sum(
+                    jnp.sum(~jnp.all(jnp.isfinite(d_outs[f]), axis=-1), dtype=jnp.int32)
+                    for f in features
+                ).reshape(1)
+                for t, features in reading.items()
+            }
+
+        row = P(self.axis_name)
+        counts = shard_map(body, self.mesh, (row,), row)({f: d_outs[f] for f in d_outs})
+        return {
+            t: dataclasses.replace(st, nonfinite=counts.get(t, jnp.zeros_like(st.overflow)))
+            for t, st in stats.items()
+        }
 
     # ----------------------------------------------------------- lookup
     def run(self, shards, seed, inputs: dict, training: bool, sparse: bool):
