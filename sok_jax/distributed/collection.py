@@ -47,7 +47,7 @@ from sok_jax.distributed.online import (
 from sok_jax.distributed.rows import STRATEGIES, Member
 from sok_jax.distributed.specs import FeatureSpec, TableSpec, check_specs
 from sok_jax.distributed.state import EmbeddingStats, check_stats
-from sok_jax.distributed.tables import LookupInput, ShardedTables
+from sok_jax.distributed.tables import LookupInput, ShardedTables, mesh_and_axis
 from sok_jax.ops import checks, resolve
 
 
@@ -134,16 +134,7 @@ class EmbeddingCollection:
     ):
         self.table_specs = check_specs(tables, features)
         self.feature_specs = {f.name: f for f in features}
-        if mesh is None:
-            mesh = Mesh(np.array(jax.devices()), ("sok",))
-        if axis_name is None:
-            axis_name = mesh.axis_names[0]
-        if axis_name not in mesh.axis_names:
-            raise ValueError(
-                f"axis_name {axis_name!r} is not an axis of the mesh {mesh.axis_names}"
-            )
-        if capacity_factor is not None and capacity_factor <= 0:
-            raise ValueError(f"capacity_factor must be positive, got {capacity_factor}")
+        mesh, axis_name = mesh_and_axis(mesh, axis_name, capacity_factor)
         ops = resolve(implementation)
         self.mesh, self.axis_name = mesh, axis_name
         self.num_devices = int(mesh.shape[axis_name])

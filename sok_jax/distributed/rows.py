@@ -253,8 +253,24 @@ def _owner(keys, n):
     return jnp.remainder(keys, n).astype(jnp.int32)
 
 
+class _Direct:
+    """Direct-mode pieces: a member's keys are 0..vocabulary_size-1, each at
+    the row `global_rows(key, name)` of the physical array."""
+
+    def export_rows(self, table, slot_keys, name) -> StoredRows:
+        keys = np.arange(self.members[self.member_index(name)].vocabulary_size, dtype=np.int64)
+        rows = self.global_rows(keys, name)
+        return StoredRows(keys, to_host(table)[rows], rows)
+
+    def import_rows(self, table, slot_keys, name, keys, vectors, share=False, **_):
+        keys, vectors = self.check_pairs(keys, vectors, share)
+        k = self._check_direct_keys(keys, self.members[self.member_index(name)])
+        rows = self.global_rows(k, name)
+        return self._write_direct(table, rows, vectors), slot_keys, rows
+
+
 @dataclasses.dataclass(frozen=True)
-class RowRows(_Strategy):
+class RowRows(_Direct, _Strategy):
     """Placement "row", direct mode: one or more tables in one array (as
     FBGEMM's table-batched embeddings), each device holding a block of
     ceil(V_m / n) rows per member m, one after the other: key k of member m
@@ -312,20 +328,9 @@ class RowRows(_Strategy):
             rows.append(jnp.where(valid, r + self.offset(m), -1))
         return OwnerRows(None, None, jnp.concatenate(rows), jnp.zeros((), jnp.int32))
 
-    def export_rows(self, table, slot_keys, name) -> StoredRows:
-        keys = np.arange(self.members[self.member_index(name)].vocabulary_size, dtype=np.int64)
-        rows = self.global_rows(keys, name)
-        return StoredRows(keys, to_host(table)[rows], rows)
-
-    def import_rows(self, table, slot_keys, name, keys, vectors, share=False, **_):
-        keys, vectors = self.check_pairs(keys, vectors, share)
-        k = self._check_direct_keys(keys, self.members[self.member_index(name)])
-        rows = self.global_rows(k, name)
-        return self._write_direct(table, rows, vectors), slot_keys, rows
-
 
 @dataclasses.dataclass(frozen=True)
-class TableRows(_Strategy):
+class TableRows(_Direct, _Strategy):
     """Placement "table", direct mode: a column of tables, `members[d]` (or
     None) on device d at local rows [0, its vocabulary_size)."""
 
@@ -354,21 +359,9 @@ class TableRows(_Strategy):
     def global_rows(self, keys, name):
         return self.member_index(name) * self.rows_per_device + np.asarray(keys, np.int64)
 
-    def export_rows(self, table, slot_keys, name) -> StoredRows:
-        m = self.members[self.member_index(name)]
-        keys = np.arange(m.vocabulary_size, dtype=np.int64)
-        rows = self.global_rows(keys, name)
-        return StoredRows(keys, to_host(table)[rows], rows)
-
-    def import_rows(self, table, slot_keys, name, keys, vectors, share=False, **_):
-        keys, vectors = self.check_pairs(keys, vectors, share)
-        k = self._check_direct_keys(keys, self.members[self.member_index(name)])
-        rows = self.global_rows(k, name)
-        return self._write_direct(table, rows, vectors), slot_keys, rows
-
 
 @dataclasses.dataclass(frozen=True)
-class ReplicatedRows(_Strategy):
+class ReplicatedRows(_Direct, _Strategy):
     """Placement "replicated", direct mode: every device holds the table."""
 
     placement = "replicated"
@@ -385,14 +378,8 @@ class ReplicatedRows(_Strategy):
         valid, rows = checks.valid_rows(jnp.concatenate(flat_ids), self.member.vocabulary_size)
         return OwnerRows(None, None, jnp.where(valid, rows, -1), jnp.zeros((), jnp.int32))
 
-    def export_rows(self, table, slot_keys, name) -> StoredRows:
-        keys = np.arange(self.member.vocabulary_size, dtype=np.int64)
-        return StoredRows(keys, to_host(table)[keys], keys)
-
-    def import_rows(self, table, slot_keys, name, keys, vectors, share=False, **_):
-        keys, vectors = self.check_pairs(keys, vectors, share)
-        k = self._check_direct_keys(keys, self.member)
-        return self._write_direct(table, k, vectors), slot_keys, k
+    def global_rows(self, keys, name=None):
+        return np.asarray(keys, np.int64)
 
 
 # ------------------------------------------------------------------- hash

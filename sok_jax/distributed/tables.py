@@ -16,7 +16,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sok_jax._compat import shard_map
@@ -27,6 +28,20 @@ from sok_jax.distributed.state import EmbeddingStats, warn_on_stats
 from sok_jax.ids import Bags
 from sok_jax.ops import resolve
 from sok_jax.ops.embed_ops import SparseRowGrad
+
+
+def mesh_and_axis(mesh, axis_name, capacity_factor):
+    """The layers' common arguments, checked: (the mesh, default one 1-D
+    mesh "sok" over every device; the axis, default its first)."""
+    if mesh is None:
+        mesh = Mesh(np.array(jax.devices()), ("sok",))
+    if axis_name is None:
+        axis_name = mesh.axis_names[0]
+    if axis_name not in mesh.axis_names:
+        raise ValueError(f"axis_name {axis_name!r} is not an axis of the mesh {mesh.axis_names}")
+    if capacity_factor is not None and capacity_factor <= 0:
+        raise ValueError(f"capacity_factor must be positive, got {capacity_factor}")
+    return mesh, axis_name
 
 
 @dataclasses.dataclass(frozen=True)
