@@ -236,6 +236,7 @@ class TableEmbedding:
             capacity_factor=capacity_factor,
             dtype=dtype,
             check=check,
+            use_hashtable=False,
         )
         self.init_chunk_rows = int(init_chunk_rows)
 
@@ -264,9 +265,7 @@ class TableEmbedding:
 
         fn = shard_map(shard, self.mesh, (P(),), P(axis, None))
         table = jax.jit(fn)(key_data)
-        stats = sok_jax.EmbeddingStats(
-            *[jax.device_put(jnp.zeros((n,), jnp.int32), layer.batch_sharding) for _ in range(3)]
-        )
+        stats = layer.zero_stats()
         seed_data = jax.device_put(key_data, NamedSharding(self.mesh, P()))
         return sok_jax.EmbeddingState(table, None, seed_data, stats)
 

@@ -78,18 +78,22 @@ def test_distributed_sparse_step_memory_is_flat(n, name):
     temps = {}
     for rows in (SMALL, LARGE):
         emb = sok_jax.DistributedEmbedding(
-            "mean", rows // n, D, slot_num=4, max_nnz=2, mesh=mesh, axis_name="x"
+            "mean",
+            rows // n,
+            D,
+            slot_num=4,
+            max_nnz=2,
+            mesh=mesh,
+            axis_name="x",
+            use_hashtable=False,
         )
         sh = emb.state_shardings()
         state = sok_jax.EmbeddingState(
             table=jax.ShapeDtypeStruct((emb.num_rows, D), jnp.float32, sharding=sh.table),
             slot_keys=None,
             seed=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sh.seed),
-            stats=sok_jax.EmbeddingStats(
-                *(
-                    jax.ShapeDtypeStruct((n,), jnp.int32, sharding=s)
-                    for s in (sh.stats.overflow, sh.stats.invalid, sh.stats.hash_full)
-                )
+            stats=jax.tree.map(
+                lambda s: jax.ShapeDtypeStruct((n,), jnp.int32, sharding=s), sh.stats
             ),
         )
         opt_state = jax.eval_shape(opt.init, state.table)

@@ -30,7 +30,7 @@ from sok_jax.distributed.online import (
 )
 from sok_jax.distributed.rows import Member, RowHashRows, RowRows
 from sok_jax.distributed.scores import make_options
-from sok_jax.distributed.state import EmbeddingState, check_stats
+from sok_jax.distributed.state import EmbeddingState, EmbeddingStats, check_stats
 from sok_jax.distributed.tables import LookupInput, ShardedTables
 from sok_jax.ops import checks, embed_ops, resolve
 from sok_jax.ops.embed_ops import SparseRowGrad
@@ -202,7 +202,13 @@ class DistributedEmbedding:
         key_data = jax.random.key_data(initializers.as_key(seed))
         table, hash_part = self._tables.init_shards(key_data)[_TABLE]
         slot_keys, scores = split_hash_part(hash_part)
-        return EmbeddingState(table, slot_keys, key_data, self._tables.zero_stats()[_TABLE], scores)
+        return EmbeddingState(table, slot_keys, key_data, self.zero_stats(), scores)
+
+    def zero_stats(self) -> EmbeddingStats:
+        """The counters of a fresh state (every field this layer reports,
+        zeros, sharded over the axis): for a state built by hand, e.g. a table
+        initialized by the user's own program."""
+        return self._tables.zero_stats()[_TABLE]
 
     # ------------------------------------------------------------- the batch
     def _capacity(self, local_batch: int) -> int:
