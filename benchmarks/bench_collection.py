@@ -337,10 +337,24 @@ def time_one_table(res, args, cards, sets, mesh, w, opt):
     """The same work as one table with per-feature key offsets (SOK v1)."""
     offsets = np.concatenate([[0], np.cumsum(cards)[:-1]]).astype(np.int32)
     emb = sok_jax.DistributedEmbedding(
-        "sum", int(sum(cards)), args.dim, slot_num=len(cards), max_nnz=1, mesh=mesh, axis_name="x"
+        "sum",
+        int(sum(cards)),
+        args.dim,
+        slot_num=len(cards),
+        max_nnz=1,
+        mesh=mesh,
+        axis_name="x",
+        use_hashtable=False,
     )
     small = sok_jax.DistributedEmbedding(
-        "sum", 1, args.dim, slot_num=len(cards), max_nnz=1, mesh=mesh, axis_name="x"
+        "sum",
+        1,
+        args.dim,
+        slot_num=len(cards),
+        max_nnz=1,
+        mesh=mesh,
+        axis_name="x",
+        use_hashtable=False,
     ).init(0)
     table = uniform((emb.num_rows, args.dim), emb.table_sharding, args.seed)
     state = sok_jax.EmbeddingState(table, None, small.seed, small.stats)

@@ -234,7 +234,15 @@ def run_device_count(n, args, a2a_bw, results, rng):
     state = None
     for nnz in args.nnz:
         emb0 = DistributedEmbedding(
-            "mean", rows, D, S, nnz, mesh=mesh, axis_name=AXIS, implementation=args.implementation
+            "mean",
+            rows,
+            D,
+            S,
+            nnz,
+            mesh=mesh,
+            axis_name=AXIS,
+            implementation=args.implementation,
+            use_hashtable=False,
         )
         if state is None:
             state = emb0.init(args.seed)
@@ -281,6 +289,7 @@ def run_device_count(n, args, a2a_bw, results, rng):
                     axis_name=AXIS,
                     capacity_factor=tight,
                     implementation=args.implementation,
+                    use_hashtable=False,
                 ),
             }
             ref_out = ref_grad = None

@@ -319,6 +319,7 @@ def make_state(emb, seed):
         max_nnz=emb.max_nnz,
         mesh=emb.mesh,
         axis_name=emb.axis_name,
+        use_hashtable=False,
     ).init(seed)
     shape = (emb.num_rows, emb.embedding_vec_size)
     make = jax.jit(
@@ -535,6 +536,7 @@ def time_size(n, gb, emb, args, rng, copy_bw, results):
             mesh=emb.mesh,
             axis_name=emb.axis_name,
             capacity_factor=float(cf),
+            use_hashtable=False,
         )
         base["capacity_factor"] = float(cf)
         print(
@@ -737,7 +739,14 @@ def main(argv=None):
             )
             try:
                 emb = DistributedEmbedding(
-                    "mean", rpg, args.dim, slot_num=args.slots, max_nnz=1, mesh=mesh, axis_name=AXIS
+                    "mean",
+                    rpg,
+                    args.dim,
+                    slot_num=args.slots,
+                    max_nnz=1,
+                    mesh=mesh,
+                    axis_name=AXIS,
+                    use_hashtable=False,
                 )
                 time_size(n, gb, emb, args, rng, copy_bw, points)
             except Exception as e:  # noqa: BLE001 - e.g. the table does not fit

@@ -29,7 +29,7 @@ def scenario(mesh, put, seed: int = 0) -> dict:
     out = {}
     layers = {
         "direct": sok_jax.DistributedEmbedding(
-            "mean", 16, 4, slot_num=2, max_nnz=3, mesh=mesh, axis_name=axis
+            "mean", 16, 4, slot_num=2, max_nnz=3, mesh=mesh, axis_name=axis, use_hashtable=False
         ),
         "hash": sok_jax.DistributedEmbedding(
             "sum", 64, 4, slot_num=2, max_nnz=3, use_hashtable=True, mesh=mesh, axis_name=axis

@@ -27,7 +27,7 @@ def _layer(hash_mode: bool):
     if len(jax.devices()) < N:
         pytest.skip(f"needs {N} devices")
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:N]), ("x",))
-    kw = dict(use_hashtable=True, key_dtype=jnp.int32) if hash_mode else {}
+    kw = dict(use_hashtable=True, key_dtype=jnp.int32) if hash_mode else dict(use_hashtable=False)
     return sok_jax.DistributedEmbedding(
         "mean", 64, DIM, slot_num=SLOTS, max_nnz=NNZ, mesh=mesh, axis_name="x", **kw
     )
@@ -113,7 +113,9 @@ def test_restore_names_the_array_that_does_not_match(tmp_path):
     n = 2
     require_devices(n)
     mesh = mesh_of(n)
-    emb = sok_jax.DistributedEmbedding("sum", 16, 8, slot_num=2, max_nnz=2, mesh=mesh)
+    emb = sok_jax.DistributedEmbedding(
+        "sum", 16, 8, slot_num=2, max_nnz=2, mesh=mesh, use_hashtable=False
+    )
     state = emb.init(3)
     ids = np.random.default_rng().integers(0, 32, (8, 2, 2)).astype(np.int32)
     _, state = emb.apply(state, ids)
@@ -123,7 +125,9 @@ def test_restore_names_the_array_that_does_not_match(tmp_path):
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert back.table.sharding.is_equivalent_to(emb.table_sharding, 2)
-    wider = sok_jax.DistributedEmbedding("sum", 16, 12, slot_num=2, max_nnz=2, mesh=mesh)
+    wider = sok_jax.DistributedEmbedding(
+        "sum", 16, 12, slot_num=2, max_nnz=2, mesh=mesh, use_hashtable=False
+    )
     with pytest.raises(
         ValueError, match=r"'table' is float32\[32, 8\] but the target's is float32\[32, 12\]"
     ):

@@ -289,7 +289,14 @@ def test_one_table_collection_equals_distributed_embedding():
     require_devices(n)
     rng = np.random.default_rng()
     emb = sok_jax.DistributedEmbedding(
-        "mean", VOCAB // n, 16, slot_num=S, max_nnz=nnz, mesh=mesh_of(n), axis_name=AXIS
+        "mean",
+        VOCAB // n,
+        16,
+        slot_num=S,
+        max_nnz=nnz,
+        mesh=mesh_of(n),
+        axis_name=AXIS,
+        use_hashtable=False,
     )
     coll = sok_jax.EmbeddingCollection(
         [sok_jax.TableSpec("t", VOCAB, 16, combiner="mean", placement="row")],

@@ -32,7 +32,6 @@ from sok_jax import initializers
 from sok_jax.distributed import (
     DistributedEmbedding,
     EmbeddingState,
-    EmbeddingStats,
     check_stats,
 )
 
@@ -67,6 +66,7 @@ def assert_grad_close(got, want, what=""):
 def make_emb(n, combiner, **kw) -> DistributedEmbedding:
     kw.setdefault("slot_num", SLOTS)
     kw.setdefault("max_nnz", NNZ)
+    kw.setdefault("use_hashtable", False)
     return DistributedEmbedding(
         combiner, TOTAL_ROWS // n, DIM, mesh=mesh_of(n), axis_name=AXIS, **kw
     )
@@ -549,7 +549,14 @@ def _train(n: int, steps: int):
     mesh = mesh_of(n)
     vocab = TR_ROWS_PER_GPU * 8  # the same logical table for any n
     emb = DistributedEmbedding(
-        "sum", vocab // n, DIM, slot_num=SLOTS, max_nnz=TR_NNZ, mesh=mesh, axis_name=AXIS
+        "sum",
+        vocab // n,
+        DIM,
+        slot_num=SLOTS,
+        max_nnz=TR_NNZ,
+        mesh=mesh,
+        axis_name=AXIS,
+        use_hashtable=False,
     )
 
     class MLP(nn.Module):
@@ -574,7 +581,7 @@ def _train(n: int, steps: int):
         table=emb.table_sharding,
         slot_keys=None,
         seed=repl,
-        stats=EmbeddingStats(batch_sh, batch_sh, batch_sh),
+        stats=emb.state_shardings().stats,
     )
     params, dense_os, table_os, state = jax.device_put(
         (params, dense_os, table_os, state), (params_sh, dense_os_sh, table_os_sh, state_sh)
@@ -692,6 +699,28 @@ def test_trace_time_errors():
         _trace(u, state, good)
 
 
+def test_sok_defaults():
+    """SOK's defaults: hash mode, int64 keys under jax_enable_x64 and int32
+    otherwise; a key past any direct-mode table is a row of its own, found
+    again with the vector it was given."""
+    require_devices(2)
+    emb = DistributedEmbedding("sum", 8, DIM, mesh=mesh_of(2), axis_name=AXIS)
+    assert emb.use_hashtable and emb.key_dtype == jnp.int32
+    with jax.enable_x64(True):
+        wide = DistributedEmbedding("sum", 8, DIM, mesh=mesh_of(2), axis_name=AXIS)
+    assert wide.use_hashtable and wide.key_dtype == jnp.int64
+    rng = np.random.default_rng()
+    keys = rng.choice(np.arange(10**6, 2 * 10**6), size=(4, 1, 1), replace=False)
+    sh = NamedSharding(mesh_of(2), P(AXIS))
+    ids = jax.device_put(jnp.asarray(keys, jnp.int32), sh)
+    out, state = jax.jit(emb.apply, static_argnames="training")(emb.init(0), ids, training=True)
+    assert int(np.sum(state.stats.invalid)) == 0 and np.all(np.any(np.asarray(out) != 0, -1))
+    got_keys, vecs = emb.export_pairs(state)
+    np.testing.assert_array_equal(got_keys, np.sort(keys.ravel()))
+    order = np.argsort(keys.ravel())
+    np.testing.assert_array_equal(vecs, np.asarray(out).reshape(4, DIM)[order])
+
+
 def test_constructor_errors():
     require_devices(2)
     with pytest.raises(ValueError, match="combiner"):
@@ -699,13 +728,15 @@ def test_constructor_errors():
     with pytest.raises(ValueError, match="capacity_factor"):
         make_emb(2, "sum", capacity_factor=0.0)
     with pytest.raises(ValueError, match="axis_name"):
-        DistributedEmbedding("sum", 8, DIM, mesh=mesh_of(2), axis_name="nope")
+        DistributedEmbedding("sum", 8, DIM, mesh=mesh_of(2), axis_name="nope", use_hashtable=False)
     with pytest.raises(ValueError, match="max_nnz"):
         make_emb(2, "sum", max_nnz=0)
     with pytest.raises(ValueError, match="embedding_vec_size"):
-        DistributedEmbedding("sum", 8, 0, mesh=mesh_of(2), axis_name=AXIS)
+        DistributedEmbedding("sum", 8, 0, mesh=mesh_of(2), axis_name=AXIS, use_hashtable=False)
     with pytest.raises(ValueError, match="embedding_vec_size must be a positive integer, got 2.5"):
-        DistributedEmbedding("sum", 8, 2.5, mesh=mesh_of(2), axis_name=AXIS)  # not truncated to 2
+        DistributedEmbedding(
+            "sum", 8, 2.5, mesh=mesh_of(2), axis_name=AXIS, use_hashtable=False
+        )  # not truncated to 2
     with pytest.raises(ValueError, match="weights must be floating"):
         emb = make_emb(2, "sum")
         emb.apply(

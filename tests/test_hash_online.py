@@ -685,7 +685,14 @@ def test_direct_mode_export_with_optimizer_state_moves_across_device_counts():
     rng = np.random.default_rng(0)
     embs = {
         n: DistributedEmbedding(
-            "sum", 64 // n, DIM, slot_num=SLOTS, max_nnz=NNZ, mesh=mesh_of(n), axis_name=AXIS
+            "sum",
+            64 // n,
+            DIM,
+            slot_num=SLOTS,
+            max_nnz=NNZ,
+            mesh=mesh_of(n),
+            axis_name=AXIS,
+            use_hashtable=False,
         )
         for n in (8, 2)
     }
@@ -738,7 +745,9 @@ def test_bad_arguments_raise_naming_them():
     with pytest.raises(ValueError, match="eviction_log"):
         HashOptions(eviction_log=-1)
     with pytest.raises(ValueError, match="use_hashtable"):
-        DistributedEmbedding("sum", 8, DIM, mesh=mesh_of(2), axis_name=AXIS, eviction="lru")
+        DistributedEmbedding(
+            "sum", 8, DIM, mesh=mesh_of(2), axis_name=AXIS, eviction="lru", use_hashtable=False
+        )
     with pytest.raises(ValueError, match="TableSpec 'x': admit_after"):
         sok_jax.TableSpec("x", 10, 4, use_hashtable=True, admit_after=0)
     with pytest.raises(ValueError, match="TableSpec 'x': eviction"):

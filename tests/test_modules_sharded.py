@@ -27,7 +27,14 @@ N, ROWS, DIM, SLOTS, NNZ, BATCH = 8, 32, 8, 3, 2, 16
 def _layers():
     mesh = mesh_of(N)
     emb = sok_jax.DistributedEmbedding(
-        "sum", ROWS, DIM, slot_num=SLOTS, max_nnz=NNZ, mesh=mesh, axis_name=AXIS
+        "sum",
+        ROWS,
+        DIM,
+        slot_num=SLOTS,
+        max_nnz=NNZ,
+        mesh=mesh,
+        axis_name=AXIS,
+        use_hashtable=False,
     )
     coll = sok_jax.EmbeddingCollection(
         [

@@ -105,7 +105,14 @@ def main(argv=None):
     rows = int(args.table_gb * 2**30 // (args.dim * 4))
     mesh = Mesh(np.array(jax.devices()[:1]), (bts.AXIS,))
     emb = DistributedEmbedding(
-        "mean", rows, args.dim, slot_num=args.slots, max_nnz=1, mesh=mesh, axis_name=bts.AXIS
+        "mean",
+        rows,
+        args.dim,
+        slot_num=args.slots,
+        max_nnz=1,
+        mesh=mesh,
+        axis_name=bts.AXIS,
+        use_hashtable=False,
     )
     rng = np.random.default_rng(0)
     ns = argparse.Namespace(

@@ -11,7 +11,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -31,7 +30,7 @@ from sok_jax.distributed.online import (
 from sok_jax.distributed.rows import Member, RowHashRows, RowRows
 from sok_jax.distributed.scores import make_options
 from sok_jax.distributed.state import EmbeddingState, EmbeddingStats, check_stats
-from sok_jax.distributed.tables import LookupInput, ShardedTables
+from sok_jax.distributed.tables import LookupInput, ShardedTables, mesh_and_axis
 from sok_jax.ops import checks, embed_ops, resolve
 from sok_jax.ops.embed_ops import SparseRowGrad
 
@@ -50,9 +49,13 @@ class DistributedEmbedding:
       max_nnz: most keys in one (sample, slot).
       max_feature_num: most valid keys in one sample (default
         slot_num * max_nnz); sizes the exchange buffers.
-      use_hashtable: map arbitrary keys to rows through a per-shard hash
-        table with dynamic insertion (see `sok_jax.ops.hash_ops`).
-      key_dtype: int32, uint32 or int64 (int64 needs jax_enable_x64).
+      use_hashtable: True (SOK's default): arbitrary keys, mapped to rows
+        by a per-shard hash table with dynamic insertion (see
+        `sok_jax.ops.hash_ops`); False: direct mode, key k is row k of the
+        logical table (keys in [0, n * max_vocabulary_size_per_gpu)).
+      key_dtype: int32, uint32 or int64 (int64 needs jax_enable_x64). The
+        default (None), as SOK's: int64 where jax_enable_x64 is on when the
+        layer is built, int32 otherwise.
       embedding_initializer: a name ("random_uniform", "zeros", ...) or a
         callable `init(key, (D,), dtype)`, applied per key.
     Keyword-only:
@@ -87,8 +90,8 @@ class DistributedEmbedding:
         slot_num: int = 1,
         max_nnz: int = 1,
         max_feature_num: int | None = None,
-        use_hashtable: bool = False,
-        key_dtype=jnp.int32,
+        use_hashtable: bool = True,
+        key_dtype=None,
         embedding_initializer="random_uniform",
         *,
         mesh: Mesh | None = None,
@@ -112,16 +115,7 @@ class DistributedEmbedding:
             checks.positive_int(name, v)
         if max_feature_num is not None:
             checks.positive_int("max_feature_num", max_feature_num)
-        if mesh is None:
-            mesh = Mesh(np.array(jax.devices()), ("sok",))
-        if axis_name is None:
-            axis_name = mesh.axis_names[0]
-        if axis_name not in mesh.axis_names:
-            raise ValueError(
-                f"axis_name {axis_name!r} is not an axis of the mesh {mesh.axis_names}"
-            )
-        if capacity_factor is not None and capacity_factor <= 0:
-            raise ValueError(f"capacity_factor must be positive, got {capacity_factor}")
+        mesh, axis_name = mesh_and_axis(mesh, axis_name, capacity_factor)
         ops = resolve(implementation)
         self.combiner = combiner
         self.max_vocabulary_size_per_gpu = int(max_vocabulary_size_per_gpu)
@@ -130,6 +124,8 @@ class DistributedEmbedding:
         self.max_nnz = int(max_nnz)
         self.max_feature_num = int(max_feature_num or slot_num * max_nnz)
         self.use_hashtable = bool(use_hashtable)
+        if key_dtype is None:
+            key_dtype = jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
         self.key_dtype = jnp.dtype(checks.check_key_dtype(key_dtype, "key_dtype"))
         self.initializer = initializers.resolve(embedding_initializer)
         self.mesh = mesh
