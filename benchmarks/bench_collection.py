@@ -346,18 +346,9 @@ def time_one_table(res, args, cards, sets, mesh, w, opt):
         axis_name="x",
         use_hashtable=False,
     )
-    small = sok_jax.DistributedEmbedding(
-        "sum",
-        1,
-        args.dim,
-        slot_num=len(cards),
-        max_nnz=1,
-        mesh=mesh,
-        axis_name="x",
-        use_hashtable=False,
-    ).init(0)
     table = uniform((emb.num_rows, args.dim), emb.table_sharding, args.seed)
-    state = sok_jax.EmbeddingState(table, None, small.seed, small.stats)
+    seed = jax.random.key_data(jax.random.key(0))
+    state = sok_jax.EmbeddingState(table, None, seed, emb.zero_stats())
     joined = [
         np.stack([b[f"t{i}"][:, 0] + offsets[i] for i in range(len(cards))], 1)[..., None]
         for b in sets
