@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <string>
 
 #include "common.h"
@@ -62,6 +63,33 @@ struct StreamCopy {
   cudaStream_t stream;
   void operator()(const void* in, void* out, size_t bytes) const {
     CopyIfDistinct(stream, in, out, bytes);
+  }
+};
+
+// A workspace output buffer (sized by the Python wrapper, planned by XLA with
+// the program's other buffers) carved into pieces: `needed` bytes of them
+// plus up to 256 for aligning its start.
+inline ffi::Error CheckWorkspace(const char* what, size_t have, size_t needed) {
+  if (have < needed + 256)
+    return InvalidArgument(std::string(what) + ": workspace of " + std::to_string(have) +
+                           " bytes, needs " + std::to_string(needed + 256));
+  return ffi::Error::Success();
+}
+
+// Bump allocator over one workspace block: its start aligned up to 256
+// bytes, every piece 256-byte aligned.
+struct Carver {
+  explicit Carver(void* block)
+      : base(reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(block) + 255) &
+                                     ~uintptr_t{255})) {}
+  char* base;
+  size_t used = 0;
+  template <typename P>
+  P* Take(size_t count) {
+    used = (used + 255) & ~size_t{255};
+    P* p = reinterpret_cast<P*>(base + used);
+    used += count * sizeof(P);
+    return p;
   }
 };
 

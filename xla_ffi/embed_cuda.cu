@@ -105,19 +105,6 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer table, ffi::AnyBuffer ids
   return LastError("sok_embed_fwd");
 }
 
-// Bump allocator over one scratch block, 256-byte aligned pieces.
-struct Carver {
-  char* base;
-  size_t used = 0;
-  template <typename P>
-  P* Take(size_t count) {
-    used = (used + 255) & ~size_t{255};
-    P* p = reinterpret_cast<P*>(base + used);
-    used += count * sizeof(P);
-    return p;
-  }
-};
-
 int EndBit(int64_t sentinel) {
   int b = 1;
   while (b < 32 && (int64_t{1} << b) <= sentinel) ++b;
@@ -166,16 +153,10 @@ ffi::Error SortRuns(cudaStream_t stream, ffi::AnyBuffer ids,
   const size_t cub_bytes = std::max({sort_bytes, rle_bytes, scan_bytes});
   const size_t total = 256 * 16 + n * (4 * 9) + 4 + cub_bytes +
                        static_cast<size_t>(max_chunks) * dim * 4;
-  // The workspace is an output buffer sized by the Python wrapper
-  // (embed_ops.bwd_workspace_bytes), not FFI scratch memory: XLA plans it
-  // with the program's other buffers, on one device or many. It is aligned
-  // here to 256 bytes.
-  if (workspace.size_bytes() < total + 256)
-    return InvalidArgument("sok_embed_bwd: workspace of " +
-                           std::to_string(workspace.size_bytes()) +
-                           " bytes, needs " + std::to_string(total + 256));
-  const uintptr_t raw = reinterpret_cast<uintptr_t>(workspace.untyped_data());
-  Carver cv{reinterpret_cast<char*>((raw + 255) & ~uintptr_t{255})};
+  // The workspace is sized by embed_ops.bwd_workspace_bytes.
+  if (auto e = CheckWorkspace("sok_embed_bwd", workspace.size_bytes(), total); e.failure())
+    return e;
+  Carver cv(workspace.untyped_data());
   uint32_t* keys_in = cv.Take<uint32_t>(n);
   uint32_t* keys_out = cv.Take<uint32_t>(n);
   int32_t* pos_in = cv.Take<int32_t>(n);

@@ -20,18 +20,6 @@
 namespace sok {
 namespace {
 
-struct Carver {
-  char* base;
-  size_t used = 0;
-  template <typename P>
-  P* Take(size_t count) {
-    used = (used + 255) & ~size_t{255};
-    P* p = reinterpret_cast<P*>(base + used);
-    used += count * sizeof(P);
-    return p;
-  }
-};
-
 template <typename K>
 ffi::Error Insert(cudaStream_t stream, HashCall<K>& c, ffi::AnyBuffer& workspace) {
   using namespace hash_kernels;
@@ -50,12 +38,10 @@ ffi::Error Insert(cudaStream_t stream, HashCall<K>& c, ffi::AnyBuffer& workspace
   const size_t cub_bytes = std::max(part_bytes, sort_bytes);
   const size_t total = 8 * 256 + n * (3 * sizeof(int32_t) + 2 * sizeof(O)) + 2 * sizeof(int32_t) +
                        cub_bytes;
-  if (workspace.size_bytes() < total + 256)
-    return InvalidArgument("sok_hash_find_or_insert: workspace of " +
-                           std::to_string(workspace.size_bytes()) + " bytes, needs " +
-                           std::to_string(total + 256));
-  const uintptr_t raw = reinterpret_cast<uintptr_t>(workspace.untyped_data());
-  Carver cv{reinterpret_cast<char*>((raw + 255) & ~uintptr_t{255})};
+  if (auto e = CheckWorkspace("sok_hash_find_or_insert", workspace.size_bytes(), total);
+      e.failure())
+    return e;
+  Carver cv(workspace.untyped_data());
   int32_t* miss = cv.Take<int32_t>(n);
   int32_t* part = cv.Take<int32_t>(n);
   int32_t* vals_alt = cv.Take<int32_t>(n);
