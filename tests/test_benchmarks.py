@@ -8,25 +8,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+from subprocesses import child_env, run_checked
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
 
 def _run(tmp_path, script, args, devices):
     out = tmp_path / "result.json"
-    env = dict(os.environ)
-    env.update(
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
-    )
     cmd = [sys.executable, os.path.join(BENCHMARKS, script), *args, "--out", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_checked(cmd, child_env(devices), cwd=tmp_path, timeout=600)
     return json.loads(out.read_text()), proc.stdout
 
 

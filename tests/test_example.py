@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
+from subprocesses import child_env, free_port, run_checked, run_together
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "train_dlrm.py")
@@ -25,14 +25,6 @@ def test_train_dlrm_learns(tmp_path, extra):
     pytest.importorskip("flax")
     pytest.importorskip("tqdm")
     out = tmp_path / "metrics.json"
-    env = dict(os.environ)
-    env.update(
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-        # The child imports sok_jax exactly as this process does (installed
-        # package or checkout), without assuming the checkout is on the path.
-        PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
-    )
     cmd = [
         sys.executable,
         SCRIPT,
@@ -48,8 +40,7 @@ def test_train_dlrm_learns(tmp_path, extra):
         str(out),
         *extra,
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_checked(cmd, child_env(8), cwd=tmp_path)
     m = json.loads(out.read_text())
     assert m["devices"] == 8
     assert m["final_loss"] < 0.85 * m["first_loss"], m
@@ -60,17 +51,8 @@ def test_train_dlrm_learns(tmp_path, extra):
 
 def _run(tmp_path, args, devices=8, timeout=300):
     out = tmp_path / "metrics.json"
-    env = dict(os.environ)
-    env.update(
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
-    )
     cmd = [sys.executable, SCRIPT, "--json", str(out), *args]
-    proc = subprocess.run(
-        cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp_path
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_checked(cmd, child_env(devices), cwd=tmp_path, timeout=timeout)
     return json.loads(out.read_text()), proc.stdout
 
 
@@ -210,54 +192,17 @@ def test_train_dlrm_trains_the_same_on_1x8_and_2x4(tmp_path):
     devices (--coordinator on 127.0.0.1) train as 1 process x 8 devices."""
     for mod in ("optax", "flax", "tqdm"):
         pytest.importorskip(mod)
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     args = ["--steps", "12", "--epochs", "2", "--batch-size", "256", "--table-rows", "20000"]
     args += ["--no-split"]
     one, _ = _run(tmp_path, args)
-    env = dict(os.environ)
-    env.update(
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=4",
-        PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
-    )
     out = tmp_path / "two.json"
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                SCRIPT,
-                *args,
-                "--json",
-                str(out),
-                "--coordinator",
-                f"127.0.0.1:{port}",
-                "--num-processes",
-                "2",
-                "--process-id",
-                str(i),
-            ],
-            env=env,
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
+    port = free_port()
+    cmds = [
+        [sys.executable, SCRIPT, *args, "--json", str(out), "--coordinator", f"127.0.0.1:{port}"]
+        + ["--num-processes", "2", "--process-id", str(i)]
         for i in range(2)
     ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=300)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert all(p.returncode == 0 for p in procs), "\n".join(x[-3000:] for x in logs)
+    run_together(cmds, child_env(4), cwd=tmp_path)
     two = json.loads(out.read_text())
     assert two["processes"] == 2 and two["devices"] == one["devices"] == 8
     for k in ("first_loss", "final_loss", "eval_loss", "auc"):

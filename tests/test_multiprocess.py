@@ -8,55 +8,28 @@ its share of the batch (`jax.make_array_from_process_local_data`)."""
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
 from devices import AXIS, mesh_of, require_devices
+from subprocesses import child_env, free_port, run_together
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from multiprocess_worker import scenario  # noqa: E402  (a helper script, not a test module)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_compute_what_one_does(tmp_path):
     require_devices(8)
     if not hasattr(jax.distributed, "initialize"):
         pytest.skip("no jax.distributed")
-    port = _free_port()
+    port = free_port()
     out = tmp_path / "two.npz"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    env.pop("XLA_FLAGS", None)
     worker = os.path.join(HERE, "multiprocess_worker.py")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, worker, str(i), str(port), str(out)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=300)[0])
-    finally:
-        for p in procs:  # every process ended, whatever happened
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert all(p.returncode == 0 for p in procs), "\n".join(x[-3000:] for x in logs)
+    cmds = [[sys.executable, worker, str(i), str(port), str(out)] for i in range(2)]
+    run_together(cmds, child_env())
     two = np.load(out)
 
     mesh = mesh_of(8)
