@@ -202,6 +202,19 @@ def make_emb(n, rows, policy, admit, combiner="sum", key_dtype=jnp.int32, **kw):
     )
 
 
+def sparse_stepper(emb, opt):
+    """A jitted sparse training step of `emb`: (state, opt_state, ids, d_out)
+    -> (out, state, opt_state)."""
+
+    @jax.jit
+    def step(state, opt_state, ids, g):
+        out, ctx, state = emb.lookup(state, ids)
+        state, opt_state = emb.sparse_update(state, opt, opt_state, ctx, g)
+        return out, state, opt_state
+
+    return step
+
+
 @functools.lru_cache(maxsize=None)
 def step_fn(
     n, rows, policy, admit, combiner, opt_name, fused, key_dtype="int32", impl="ffi", log=None
@@ -218,14 +231,13 @@ def step_fn(
         implementation=impl,
     )
     opt = make_opt(opt_name, impl)
+    if fused:
+        return emb, opt, sparse_stepper(emb, opt)
 
     @jax.jit
-    def step(state, opt_state, ids, g):
+    def step(state, opt_state, ids, g):  # the two-call form: gradient, then update
         out, ctx, state = emb.lookup(state, ids)
-        if fused:
-            state, opt_state = emb.sparse_update(state, opt, opt_state, ctx, g)
-        else:
-            state, opt_state = emb.apply_gradients(state, opt, opt_state, emb.sparse_grad(ctx, g))
+        state, opt_state = emb.apply_gradients(state, opt, opt_state, emb.sparse_grad(ctx, g))
         return out, state, opt_state
 
     return emb, opt, step
@@ -417,16 +429,7 @@ def test_resume_8_to_2_devices_with_adam_equals_the_uninterrupted_run():
     emb8 = make_emb(8, 16, "lru", 2, "mean", hash_options=None)
     emb2 = make_emb(2, 256, "lru", 2, "mean", hash_options=None)
 
-    def stepper(emb):
-        @jax.jit
-        def step(state, opt_state, ids, g):
-            out, ctx, state = emb.lookup(state, ids)
-            state, opt_state = emb.sparse_update(state, opt, opt_state, ctx, g)
-            return out, state, opt_state
-
-        return step
-
-    step8, step2 = stepper(emb8), stepper(emb2)
+    step8, step2 = sparse_stepper(emb8, opt), sparse_stepper(emb2, opt)
     state = emb8.init(5)
     opt_state = emb8.init_optimizer(opt, state)
     pool = np.arange(1, 300) * 7919 % 1_000_003
@@ -697,16 +700,7 @@ def test_direct_mode_export_with_optimizer_state_moves_across_device_counts():
         for n in (8, 2)
     }
 
-    def stepper(emb):
-        @jax.jit
-        def step(state, opt_state, ids, g):
-            out, ctx, state = emb.lookup(state, ids)
-            state, opt_state = emb.sparse_update(state, opt, opt_state, ctx, g)
-            return out, state, opt_state
-
-        return step
-
-    steps = {n: stepper(e) for n, e in embs.items()}
+    steps = {n: sparse_stepper(e, opt) for n, e in embs.items()}
     state = embs[8].init(0)
     opt_state = embs[8].init_optimizer(opt, state)
     batches = [
