@@ -22,9 +22,12 @@ is off by default; `sok_jax.count_nonfinite` and the distributed layers'
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sok_jax.ops import optim_ops, resolve
 from sok_jax.ops.embed_ops import SparseRowGrad
@@ -55,6 +58,54 @@ class SparseOptimizer(NamedTuple):
 
 def _lr(learning_rate, count):
     return learning_rate(count) if callable(learning_rate) else learning_rate
+
+
+def check_sparse_optimizer(optimizer, what: str = "optimizer") -> SparseOptimizer:
+    """`optimizer` if it is a `SparseOptimizer`; TypeError naming `what`
+    otherwise (an optax `GradientTransformation` above all: those train the
+    dense path, `jax.grad` of `embed` or of `apply`)."""
+    if isinstance(optimizer, SparseOptimizer):
+        return optimizer
+    if hasattr(optimizer, "init") and hasattr(optimizer, "update"):
+        raise TypeError(
+            f"{what} is an optax-style GradientTransformation; the sparse path takes a "
+            "sok_jax.optim optimizer (sok_jax.optim.sgd, adagrad, rowwise_adagrad, adam, ftrl). "
+            "optax optimizers are for the dense path (jax.grad with respect to the table)"
+        )
+    raise TypeError(
+        f"{what} must be a sok_jax.optim.SparseOptimizer (sok_jax.optim.sgd, adagrad, "
+        f"rowwise_adagrad, adam, ftrl), got {type(optimizer).__name__}"
+    )
+
+
+def _real(name: str, value) -> float:
+    """A concrete real scalar hyperparameter as a float: TypeError if it is
+    not one (a string, an array of several values), ValueError if not finite."""
+    arr = np.asarray(value) if not isinstance(value, bool) else np.asarray(value, object)
+    if arr.ndim != 0 or arr.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    value = float(arr)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value
+
+
+def _check_hyper(learning_rate, **bounds) -> None:
+    """Raises naming the first hyperparameter out of its range. `learning_rate`:
+    a finite number >= 0, or a callable schedule (not checked). `bounds`:
+    name -> (value, rule), rule one of ">=0", "[0,1)", "<=0" (all finite)."""
+    if not callable(learning_rate) and not isinstance(learning_rate, jax.core.Tracer):
+        if _real("learning_rate", learning_rate) < 0:
+            raise ValueError(f"learning_rate must be >= 0, got {learning_rate!r}")
+    tests = {
+        ">=0": (lambda v: v >= 0, "must be >= 0"),
+        "[0,1)": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
+        "<=0": (lambda v: v <= 0, "must be <= 0"),
+    }
+    for name, (value, rule) in bounds.items():
+        ok, says = tests[rule]
+        if not ok(_real(name, value)):
+            raise ValueError(f"{name} {says}, got {value!r}")
 
 
 def _make(
@@ -128,6 +179,7 @@ def sgd(
     learning_rate, *, implementation: str = "ffi", skip_nonfinite: bool = False
 ) -> SparseOptimizer:
     """Plain SGD on the touched rows (optax.sgd without momentum)."""
+    _check_hyper(learning_rate)
     return _make(
         "sgd_update",
         lambda t: (),
@@ -149,6 +201,11 @@ def adagrad(
 ) -> SparseOptimizer:
     """optax.adagrad on the touched rows (rows with no gradient are unchanged,
     exactly as optax leaves them)."""
+    _check_hyper(
+        learning_rate,
+        initial_accumulator_value=(initial_accumulator_value, ">=0"),
+        eps=(eps, ">=0"),
+    )
     return _make(
         "adagrad_update",
         lambda t: (optim_ops.adagrad_slots(t, initial_accumulator_value),),
@@ -169,6 +226,11 @@ def rowwise_adagrad(
     skip_nonfinite: bool = False,
 ) -> SparseOptimizer:
     """Adagrad with one accumulator per row (mean of g^2 over D), as FBGEMM."""
+    _check_hyper(
+        learning_rate,
+        initial_accumulator_value=(initial_accumulator_value, ">=0"),
+        eps=(eps, ">=0"),
+    )
     return _make(
         "rowwise_adagrad_update",
         lambda t: (optim_ops.rowwise_adagrad_slots(t, initial_accumulator_value),),
@@ -191,6 +253,13 @@ def adam(
 ) -> SparseOptimizer:
     """Lazy Adam (TF LazyAdam, SOK's Adam): optax.adam's formulas applied to
     the touched rows only; untouched rows keep their moments."""
+    _check_hyper(
+        learning_rate,
+        b1=(b1, "[0,1)"),
+        b2=(b2, "[0,1)"),
+        eps=(eps, ">=0"),
+        eps_root=(eps_root, ">=0"),
+    )
     return _make(
         "adam_update",
         lambda t: optim_ops.adam_slots(t),
@@ -216,6 +285,15 @@ def ftrl(
     skip_nonfinite: bool = False,
 ) -> SparseOptimizer:
     """FTRL-Proximal on the touched rows, as tf.keras.optimizers.Ftrl."""
+    _check_hyper(
+        learning_rate,
+        learning_rate_power=(learning_rate_power, "<=0"),
+        initial_accumulator_value=(initial_accumulator_value, ">=0"),
+        l1_regularization_strength=(l1_regularization_strength, ">=0"),
+        l2_regularization_strength=(l2_regularization_strength, ">=0"),
+        l2_shrinkage_regularization_strength=(l2_shrinkage_regularization_strength, ">=0"),
+        beta=(beta, ">=0"),
+    )
     return _make(
         "ftrl_update",
         lambda t: optim_ops.ftrl_slots(t, initial_accumulator_value),

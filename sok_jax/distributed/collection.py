@@ -49,6 +49,7 @@ from sok_jax.distributed.specs import FeatureSpec, TableSpec, check_specs
 from sok_jax.distributed.state import EmbeddingStats, check_stats
 from sok_jax.distributed.tables import LookupInput, ShardedTables, mesh_and_axis
 from sok_jax.ops import checks, resolve
+from sok_jax.optim import check_sparse_optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +88,7 @@ def _slot_floats(optimizer, dim: int) -> int:
     """float32 values of `optimizer`'s slots per row of a table of `dim`."""
     if optimizer is None:
         return dim  # the default assumption: one [R, D] slot (Adagrad)
+    check_sparse_optimizer(optimizer)
     probe = jax.eval_shape(optimizer.init, jax.ShapeDtypeStruct((8, dim), jnp.float32))
     return sum(int(np.prod(s.shape)) // 8 for s in probe.slots)
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from sok_jax import initializers
 from sok_jax.distributed.scores import make_options
 from sok_jax.ops import checks, embed_ops
+from sok_jax.optim import check_sparse_optimizer
 
 PLACEMENTS = ("auto", "row", "table", "replicated")
 
@@ -91,6 +92,8 @@ class TableSpec:
                 f"got {self.placement!r}"
             )
         initializers.resolve(self.initializer)
+        if self.optimizer is not None:
+            check_sparse_optimizer(self.optimizer, f"TableSpec {self.name!r}: optimizer")
         _ = self.online  # raises on bad online hash options
 
     @property

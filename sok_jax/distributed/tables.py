@@ -26,6 +26,7 @@ from sok_jax.distributed.exchange import DeviceLookup, Unit
 from sok_jax.distributed.scores import HashRowGrad, reset_slots
 from sok_jax.distributed.state import EmbeddingStats, warn_on_stats
 from sok_jax.ids import Bags
+from sok_jax.optim import check_sparse_optimizer
 from sok_jax.ops import resolve
 from sok_jax.ops.embed_ops import SparseRowGrad
 
@@ -44,11 +45,17 @@ def mesh_and_axis(mesh, axis_name, capacity_factor):
     return mesh, axis_name
 
 
+def _check_optimizers(optimizers: dict) -> None:
+    """TypeError naming the unit whose optimizer is no `SparseOptimizer`."""
+    for name, opt in optimizers.items():
+        check_sparse_optimizer(opt, f"the sparse optimizer of {name!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class LookupInput:
     """One lookup's batch as it enters `shard_map` (global arrays sharded over
     the batch): padded ids [B, S, w], their weights or None, and per sample
-    the ids dropped before the lookup (ragged bags longer than max_nnz) or
+    the ids dropped before the lookup (ragged: see `ids.ragged_to_padded`) or
     None. `sequence`: every position is its own bag."""
 
     ids: Any
@@ -333,6 +340,7 @@ class ShardedTables:
         return shard_map(body, self.mesh, (row, row), specs)(ctx, d_outs)
 
     def _updates(self, shards, opt_states, body, args, arg_specs, optimizers):
+        _check_optimizers(optimizers)
         shard_specs = self._shard_specs()
         opt_specs = self._opt_specs(opt_states)
         tables = {k: v[0] for k, v in shards.items() if k in opt_states}
@@ -405,6 +413,7 @@ class ShardedTables:
         """{unit: the sparse optimizer's state}, slots laid out like the unit's
         table. Each slot comes from a program of its own, so that every slot
         owns its buffer (a step donates them all)."""
+        _check_optimizers(optimizers)
         out = {}
         for u in self.units:
             optimizer = optimizers[u.name]
