@@ -30,7 +30,7 @@ from sok_jax.embedding import (
     sparse_grad,
     sparse_update,
 )
-from sok_jax.ids import RaggedIds
+from sok_jax.ids import RaggedIds, check_ids
 from sok_jax.ops.embed_ops import SparseRowGrad
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "HashOptions",
     "TableExport",
     "TableSpec",
+    "check_ids",
     "check_stats",
     "LookupContext",
     "RaggedIds",

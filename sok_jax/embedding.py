@@ -20,6 +20,7 @@ import numpy as np
 
 from sok_jax import ids as ids_lib
 from sok_jax.ops import checks, embed_ops, resolve
+from sok_jax.optim import check_sparse_optimizer
 from sok_jax.ops.embed_ops import SparseRowGrad
 
 
@@ -71,13 +72,17 @@ def _check_ids_callback(bad_count, first_pos, first_id, shape_hint):
 
 
 def count_invalid_ids(ids, num_rows: int, *, slot_num: int | None = None):
-    """How many ids (any accepted form) are neither padding nor in [0, num_rows).
+    """How many ids (any accepted form) are neither padding nor in [0, num_rows),
+    plus, for `RaggedIds`, the ids its offsets name but no lookup reads
+    (lengths past the values' capacity, negative lengths and the bags they
+    shift; `ids.count_lost_ragged`).
 
     Such ids are skipped by `embed` (they contribute nothing); this is the
-    counter to read, and `embed(..., check_ids=True)` raises on them.
+    counter to read, and `embed(..., check_ids=True)` raises on invalid ids.
     """
     bags = ids_lib.to_bags(ids, None, slot_num)
-    return jnp.sum(ids_lib.invalid_id_mask(bags, num_rows)).astype(jnp.int32)
+    bad = jnp.sum(ids_lib.invalid_id_mask(bags, num_rows)).astype(jnp.int32)
+    return bad + ids_lib.count_lost_ragged(ids)
 
 
 def count_nonfinite(d_out):
@@ -228,6 +233,7 @@ def sparse_update(table, optimizer, opt_state, ctx: LookupContext, d_out):
     and its slots in place, never writing the [touched rows, D] gradient.
     Donate `table` and `opt_state` in your step. Returns (table, opt_state).
     """
+    check_sparse_optimizer(optimizer)
     if optimizer.update_bags is None:  # a SparseOptimizer built without it
         return optimizer.update(table, opt_state, sparse_grad(ctx, d_out))
     g = d_out.reshape(-1, d_out.shape[-1])

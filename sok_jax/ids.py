@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import sparse as jsparse
 
 from sok_jax.ops import checks
@@ -62,12 +63,53 @@ class RaggedIds:
 
     @classmethod
     def from_lengths(cls, values, lengths) -> "RaggedIds":
+        """Ragged ids from `values` [capacity] and integer `lengths`
+        [batch, slot_num] (bag (b, s) holds the next lengths[b, s] values).
+
+        Raises:
+          ValueError: lengths of another rank or a non-integer dtype; and
+            where `lengths` are concrete (not traced), a negative length or
+            lengths summing past the capacity. Traced lengths cannot be
+            checked here: the ids such lengths lose are counted where the
+            ragged ids are used (`stats.invalid`, `count_invalid_ids`).
+        """
         lengths = jnp.asarray(lengths)
         if lengths.ndim != 2:
             raise ValueError(f"lengths must be [batch, slot_num], got shape {tuple(lengths.shape)}")
+        if not jnp.issubdtype(lengths.dtype, jnp.integer):
+            raise ValueError(f"lengths must be integers, got {lengths.dtype}")
+        concrete = not isinstance(lengths, jax.core.Tracer)
+        if concrete and (np.asarray(lengths) < 0).any():
+            first = np.argwhere(np.asarray(lengths) < 0)[0]
+            raise ValueError(
+                f"lengths must be >= 0; lengths[{first[0]}, {first[1]}] is "
+                f"{int(np.asarray(lengths)[tuple(first)])}"
+            )
         flat = lengths.reshape(-1).astype(jnp.int32)
         offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(flat, dtype=jnp.int32)])
+        if concrete and np.ndim(values) == 1:
+            _check_offsets(offsets, np.shape(values)[0])
         return cls(values, offsets, int(lengths.shape[1]))
+
+
+def _check_offsets(offsets, capacity: int) -> None:
+    """Concrete offsets: non-negative, non-decreasing, ending within the
+    capacity (ValueError naming the first bag that is not)."""
+    o = np.asarray(offsets).astype(np.int64)
+    if o.size and o[0] < 0:
+        raise ValueError(f"ids.offsets must be >= 0, got offsets[0] = {int(o[0])}")
+    down = np.diff(o) < 0
+    if down.any():
+        b = int(np.argmax(down))
+        raise ValueError(
+            f"ids.offsets must be non-decreasing (no negative length); bag {b} runs from "
+            f"{int(o[b])} to {int(o[b + 1])}"
+        )
+    if o.size and o[-1] > capacity:
+        raise ValueError(
+            f"ids.offsets end at {int(o[-1])} but the values hold only {capacity}: the ids past "
+            "the capacity would be lost"
+        )
 
 
 jax.tree_util.register_dataclass(
@@ -98,6 +140,8 @@ def to_bags(ids, weights=None, slot_num: int | None = None) -> Bags:
         if offsets.ndim != 1 or not jnp.issubdtype(offsets.dtype, jnp.integer):
             raise ValueError(f"ids.offsets must be an integer vector, got {offsets.dtype}")
         m = offsets.shape[0] - 1
+        if not isinstance(offsets, jax.core.Tracer):
+            _check_offsets(offsets, values.shape[0])
         if ids.slot_num <= 0 or m % ids.slot_num:
             raise ValueError(
                 f"ids.offsets describes {m} bags, not a multiple of slot_num={ids.slot_num}"
@@ -167,23 +211,108 @@ def invalid_id_mask(bags: Bags, num_rows: int):
     return inside & ~valid & ~checks.is_padding(bags.ids)
 
 
+class RaggedBags(NamedTuple):
+    """What of each ragged bag [M] can be read: `start`, `kept` (how many of
+    its ids, from `start`, are read) and `lost` (the ids it names but that
+    are not read: past the width or the capacity, or all of a malformed
+    bag's; a negative length counts 1)."""
+
+    start: jax.Array
+    kept: jax.Array
+    lost: jax.Array
+
+
+def ragged_bags(offsets, capacity: int, width: int | None = None) -> RaggedBags:
+    """Traced offsets [M + 1] checked against the bag rule: bag b is
+    well-formed when its length is >= 0 and it starts at or past every
+    earlier offset, at 0 or later (else it overlaps ids of earlier bags or
+    lies before the values: none of it is read). A well-formed bag keeps
+    its ids within the capacity and the first `width` of them (None: no
+    limit)."""
+    start, end = offsets[:-1], offsets[1:]
+    length = end - start
+    reach = jax.lax.cummax(offsets)[:-1]
+    ok = (length >= 0) & (start >= reach) & (start >= 0)
+    kept = jnp.clip(jnp.minimum(end, capacity) - start, 0, None)
+    if width is not None:
+        kept = jnp.minimum(kept, width)
+    kept = jnp.where(ok, kept, 0)
+    lost = jnp.where(ok, length - kept, jnp.where(length < 0, 1, length))
+    return RaggedBags(start, kept.astype(jnp.int32), lost.astype(jnp.int32))
+
+
+def count_lost_ragged(ids) -> jax.Array:
+    """How many ids a `RaggedIds` names but no lookup reads (lengths past
+    the values' capacity, negative lengths and the bags they shift): int32
+    scalar, 0 for every other id form."""
+    if not isinstance(ids, RaggedIds):
+        return jnp.zeros((), jnp.int32)
+    offsets = jnp.asarray(ids.offsets).astype(jnp.int32)
+    return jnp.sum(ragged_bags(offsets, int(jnp.shape(ids.values)[0])).lost)
+
+
 def ragged_to_padded(ids: RaggedIds, weights=None, width: int | None = None):
     """Ragged ids as padded ones: (ids [batch, slot_num, width], weights of
-    that shape or None, dropped [batch]: per sample the ids of bags longer
-    than `width` that did not fit). `width` defaults to the longest bag the
-    capacity allows (the capacity itself)."""
+    that shape or None, dropped [batch]: per sample the ids that did not
+    make it: of bags longer than `width`, past the values' capacity, or of
+    malformed bags, see `ragged_bags`). `width` defaults to the longest bag
+    the capacity allows (the capacity itself)."""
     bags = to_bags(ids, weights)
     b, s = bags.batch_shape
-    width = int(bags.ids.shape[0] if width is None else width)
-    offsets = bags.offsets
-    length = jnp.maximum(offsets[1:] - offsets[:-1], 0)
+    capacity = bags.ids.shape[0]
+    width = int(capacity if width is None else width)
+    rb = ragged_bags(bags.offsets, capacity, width)
     j = jnp.arange(width, dtype=jnp.int32)
-    inside = j[None, :] < length[:, None]
-    pos = jnp.clip(offsets[:-1, None] + j[None, :], 0, max(bags.ids.shape[0] - 1, 0))
+    inside = j[None, :] < rb.kept[:, None]
+    pos = jnp.clip(rb.start[:, None] + j[None, :], 0, max(capacity - 1, 0))
     pad = checks.padding_value(bags.ids.dtype)
     padded = jnp.where(inside, bags.ids[pos], jnp.asarray(pad, bags.ids.dtype))
     w = None
     if bags.weights.shape[0]:
         w = jnp.where(inside, bags.weights[pos], 0.0).reshape(b, s, width)
-    dropped = jnp.maximum(length - width, 0).reshape(b, s).sum(axis=1).astype(jnp.int32)
+    dropped = rb.lost.reshape(b, s).sum(axis=1).astype(jnp.int32)
     return padded.reshape(b, s, width), w, dropped
+
+
+def check_ids(ids, key_dtype):
+    """Host check of a batch before it enters a jitted step: the ids as
+    numpy arrays of the table's key dtype, or a ValueError naming what does
+    not fit. Under `jit` (and in `jnp.asarray`) JAX without jax_enable_x64
+    turns int64 ids into int32 before any layer sees them, so 2^33 + 1
+    silently becomes 1; floats, likewise, are no keys. Padding (-1,
+    0xFFFFFFFF for uint32) is allowed.
+
+    Args:
+      ids: padded ids (any integer array-like), a `RaggedIds` (its values
+        are checked), a BCOO (its data), or for an `EmbeddingCollection` a
+        dict {feature: ids}.
+      key_dtype: a key dtype, or what has one: a `DistributedEmbedding`, a
+        `TableSpec`, or (with a dict of ids) an `EmbeddingCollection`.
+
+    Returns:
+      `ids` in the same form, its values numpy arrays of the key dtype.
+
+    Raises:
+      ValueError: a value is not an integer or does not fit the key dtype.
+    """
+    if isinstance(ids, dict):
+        specs = getattr(key_dtype, "feature_specs", None)
+        if specs is None:
+            return {k: check_ids(v, key_dtype) for k, v in ids.items()}
+        unknown = sorted(set(ids) - set(specs))
+        if unknown:
+            raise ValueError(f"check_ids: no features {unknown}; the features are {sorted(specs)}")
+        tables = key_dtype.table_specs
+        return {k: _checked_values(v, tables[specs[k].table].key_dtype, k) for k, v in ids.items()}
+    return _checked_values(ids, getattr(key_dtype, "key_dtype", key_dtype), None)
+
+
+def _checked_values(ids, key_dtype, feature):
+    what = "ids" if feature is None else f"feature {feature!r}: ids"
+    if isinstance(ids, RaggedIds):
+        values = checks.host_keys(ids.values, key_dtype, f"{what}.values", padding_ok=True)
+        return dataclasses.replace(ids, values=values)
+    if isinstance(ids, jsparse.BCOO):
+        data = checks.host_keys(ids.data, key_dtype, f"{what}.data", padding_ok=True)
+        return jsparse.BCOO((data, ids.indices), shape=ids.shape)
+    return checks.host_keys(ids, key_dtype, what, padding_ok=True)

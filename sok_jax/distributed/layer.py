@@ -435,4 +435,6 @@ class DistributedEmbedding:
         tests and export)."""
         if self.use_hashtable:
             raise ValueError("logical_rows is for direct mode; use export_pairs in hash mode")
+        keys = checks.host_keys(keys, self.key_dtype, "logical_rows: keys", padding_ok=False)
+        self._rows._check_direct_keys(keys, self._rows.member)
         return to_host(state.table)[self._rows.global_rows(keys)]

@@ -182,8 +182,10 @@ class _Strategy:
     def check_pairs(self, keys, vectors, share: bool = False, *extra):
         """The pairs to import (and `extra` per-key arrays, or None), the same
         on every process: as given (checked identical across processes), or
-        with `share` every process's share gathered."""
-        keys, vectors = np.asarray(keys), np.asarray(vectors)
+        with `share` every process's share gathered. Keys must be integers
+        that fit `key_dtype`, never the padding value; vectors finite."""
+        keys = checks.host_keys(keys, self.key_dtype, "import_pairs: keys", padding_ok=False)
+        vectors = checks.host_vectors(vectors, "import_pairs: vectors")
         given = [np.asarray(x) for x in extra if x is not None]
         if share:
             keys, vectors, *given = gather_shares(keys, vectors, *given)

@@ -104,3 +104,46 @@ def check_table(table, name: str = "table") -> None:
         raise ValueError(
             f"{name} must be float32, bfloat16 or float16, got {jnp.dtype(table.dtype).name}"
         )
+
+
+def host_keys(keys, key_dtype, what: str, *, padding_ok: bool) -> np.ndarray:
+    """Host `keys` (any integer array-like) as a numpy array of `key_dtype`,
+    refusing every value that conversion would change or that is no key:
+    non-integer dtypes (1.7 is not truncated to 1), values outside the range
+    of `key_dtype` (2^33 + 1 is not wrapped to 1), and unless `padding_ok`
+    the padding value ("no key"). ValueError naming `what` and the value."""
+    arr = np.asarray(keys)
+    dt = check_key_dtype(key_dtype, "key_dtype", need_x64=False)
+    if arr.size == 0:
+        return arr.astype(dt)
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"{what} must be integers, got dtype {arr.dtype.name}")
+    info = np.iinfo(dt)
+    outside = (arr < info.min) | (arr > info.max)
+    if outside.any():
+        bad = arr[outside].reshape(-1)[0]
+        hint = " (int64 keys need key_dtype=int64 and jax_enable_x64)" if dt != np.int64 else ""
+        raise ValueError(
+            f"{what}: {int(bad)} does not fit key_dtype {dt.name} "
+            f"[{info.min}, {info.max}]{hint}; {int(outside.sum())} value(s) do not"
+        )
+    out = arr.astype(dt)
+    if not padding_ok and (out == padding_value(dt)).any():
+        raise ValueError(
+            f"{what}: {int(padding_value(dt))} is the padding value of {dt.name} (\"no key\"), "
+            "which cannot be a key"
+        )
+    return out
+
+
+def host_vectors(vectors, what: str) -> np.ndarray:
+    """Host `vectors` as a numpy array, refusing non-numbers and NaN or Inf
+    (ValueError naming `what`, how many and the first bad entry's index)."""
+    arr = np.asarray(vectors)
+    if arr.dtype.kind not in "iuf" and arr.dtype != jnp.bfloat16:
+        raise ValueError(f"{what} must be numbers, got dtype {arr.dtype.name}")
+    bad = ~np.isfinite(arr.astype(np.float32))
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{what}: {int(bad.sum())} value(s) are NaN or Inf, the first at {first}")
+    return arr
