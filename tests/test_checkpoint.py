@@ -3,8 +3,9 @@ its sparse optimizer state are plain pytrees of sharded jax.Arrays, so
 orbax's StandardCheckpointer saves them and restores them onto the
 layer's shardings (`state_shardings()`, `optimizer_shardings()`); training
 resumed from the restored state is bit-identical to training that never
-stopped. (To change the device count, go through the logical table:
-`export_pairs` / `import_pairs`, tested in test_hash_distributed.py.)"""
+stopped. A checkpoint saved on another device count moves through the
+logical pairs (`sok_jax.checkpoint.restore(..., layer=)`) or is refused in
+one sentence, never restored permuted."""
 
 from __future__ import annotations
 
@@ -137,3 +138,74 @@ def test_restore_names_the_array_that_does_not_match(tmp_path):
     )
     with pytest.raises(ValueError, match="slot_keys"):
         checkpoint.restore(path, hashed.init(0))
+
+
+@pytest.mark.parametrize("hash_mode", [False, True])
+def test_restore_on_another_device_count_goes_through_the_pairs(tmp_path, hash_mode):
+    """Saved on 8 devices, restored on 4 and 2 (same logical capacity): the
+    logical table, the optimizer slots and the online scores equal those of
+    the original (numpy on the exports); without layer= it is refused in one
+    sentence naming export_pairs/import_pairs, never restored permuted."""
+    from sok_jax import checkpoint
+
+    require_devices(8)
+    kw = dict(use_hashtable=True, eviction="lru") if hash_mode else dict(use_hashtable=False)
+
+    def layer(n):
+        return sok_jax.DistributedEmbedding(
+            "sum", 128 // n, DIM, slot_num=1, max_nnz=2, mesh=mesh_of(n), **kw
+        )
+
+    opt = optim.adagrad(0.2)
+    emb8 = layer(8)
+    state = emb8.init(5)
+    opt_state = emb8.init_optimizer(opt, state)
+    rng = np.random.default_rng()
+    ids = rng.integers(0, 10**6 if hash_mode else 128, (16, 1, 2)).astype(np.int32)
+    out, ctx, state = emb8.lookup(state, ids)
+    g = rng.normal(size=out.shape).astype(np.float32)
+    state, opt_state = emb8.sparse_update(state, opt, opt_state, ctx, g)
+    path = str(tmp_path / "ckpt")
+    checkpoint.save(path, {"state": state, "opt": opt_state})
+    want = emb8.export_pairs(state, opt_state)
+    for n in (4, 2):
+        emb = layer(n)
+        fresh = emb.init(0)
+        target = {"state": fresh, "opt": emb.init_optimizer(opt, fresh)}
+        with pytest.raises(ValueError, match=r"saved on 8 devices .* export_pairs and import_"):
+            checkpoint.restore(path, target)
+        with pytest.raises(ValueError, match="pass optimizer="):
+            checkpoint.restore(path, target, layer=emb)
+        back = checkpoint.restore(path, target, layer=emb, optimizer=opt)
+        assert back["state"].table.sharding.is_equivalent_to(emb.table_sharding, 2)
+        got = emb.export_pairs(back["state"], back["opt"])
+        np.testing.assert_array_equal(got.keys, want.keys)
+        np.testing.assert_array_equal(got.vectors, want.vectors)
+        for a, b in zip(got.slots, want.slots):
+            np.testing.assert_array_equal(a, b)
+        assert got.opt_count == want.opt_count == 1
+        if hash_mode:
+            np.testing.assert_array_equal(got.last_seen, want.last_seen)
+            np.testing.assert_array_equal(got.count, want.count)
+        # A table-only checkpoint moves too.
+        checkpoint.save(str(tmp_path / f"table{n}"), state)
+        alone = checkpoint.restore(str(tmp_path / f"table{n}"), fresh, layer=emb)
+        k, v = emb.export_pairs(alone)
+        np.testing.assert_array_equal(k, want.keys)
+        np.testing.assert_array_equal(v, want.vectors)
+
+
+def test_a_collection_on_another_device_count_is_refused(tmp_path):
+    from sok_jax import checkpoint
+
+    require_devices(8)
+
+    def coll(n):
+        return sok_jax.EmbeddingCollection(
+            [sok_jax.TableSpec("t", 64, DIM)], [sok_jax.FeatureSpec("f", "t", 1)], mesh=mesh_of(n)
+        )
+
+    path = str(tmp_path / "ckpt")
+    checkpoint.save(path, coll(8).init(0))
+    with pytest.raises(ValueError, match="EmbeddingCollection's tables with export_pairs"):
+        checkpoint.restore(path, coll(4).init(0), layer=coll(4))
