@@ -195,17 +195,52 @@ def test_restore_on_another_device_count_goes_through_the_pairs(tmp_path, hash_m
         np.testing.assert_array_equal(v, want.vectors)
 
 
-def test_a_collection_on_another_device_count_is_refused(tmp_path):
+def test_a_collection_moves_to_another_device_count(tmp_path):
+    """A collection saved on 8 devices with its plan (save(layer=)) restores
+    on 4 through the pairs of every table (row, table-wise and
+    replicated, direct and hash), optimizer slots included; saved without
+    its plan it is refused in one sentence."""
     from sok_jax import checkpoint
 
     require_devices(8)
+    tables = [
+        sok_jax.TableSpec("r", 64, DIM, placement="row"),
+        sok_jax.TableSpec("h", 64, DIM, use_hashtable=True, placement="row"),
+        sok_jax.TableSpec("t", 24, DIM, placement="table"),
+        sok_jax.TableSpec("p", 16, DIM, use_hashtable=True, placement="replicated"),
+    ]
+    features = [sok_jax.FeatureSpec(f"f{t.name}", t.name, 2) for t in tables]
 
     def coll(n):
-        return sok_jax.EmbeddingCollection(
-            [sok_jax.TableSpec("t", 64, DIM)], [sok_jax.FeatureSpec("f", "t", 1)], mesh=mesh_of(n)
-        )
+        return sok_jax.EmbeddingCollection(tables, features, mesh=mesh_of(n), batch_size=16)
 
+    opt = optim.adagrad(0.2)
+    c8 = coll(8)
+    state = c8.init(2)
+    opt_state = c8.init_optimizer(opt, state)
+    rng = np.random.default_rng()
+    batch = {
+        f"f{t.name}": rng.integers(0, t.vocabulary_size, (16, 2)).astype(np.int32) for t in tables
+    }
+    outs, ctx, state = c8.lookup(state, batch)
+    grads = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in outs.items()}
+    state, opt_state = c8.sparse_update(state, opt, opt_state, ctx, grads)
     path = str(tmp_path / "ckpt")
-    checkpoint.save(path, coll(8).init(0))
-    with pytest.raises(ValueError, match="EmbeddingCollection's tables with export_pairs"):
-        checkpoint.restore(path, coll(4).init(0), layer=coll(4))
+    checkpoint.save(path, {"state": state, "opt": opt_state}, layer=c8)
+    want = {t.name: c8.export_pairs(state, t.name, opt_state) for t in tables}
+    for n in (4,):
+        c = coll(n)
+        fresh = c.init(0)
+        target = {"state": fresh, "opt": c.init_optimizer(opt, fresh)}
+        with pytest.raises(ValueError, match="pass layer="):
+            checkpoint.restore(path, target)
+        back = checkpoint.restore(path, target, layer=c, optimizer=opt)
+        for t in tables:
+            got = c.export_pairs(back["state"], t.name, back["opt"])
+            np.testing.assert_array_equal(got.keys, want[t.name].keys)
+            np.testing.assert_array_equal(got.vectors, want[t.name].vectors)
+            for a, b in zip(got.slots, want[t.name].slots):
+                np.testing.assert_array_equal(a, b)
+    checkpoint.save(str(tmp_path / "noplan"), state)
+    with pytest.raises(ValueError, match="no plan of the collection.*export_pairs and import"):
+        checkpoint.restore(str(tmp_path / "noplan"), coll(4).init(0), layer=coll(4))

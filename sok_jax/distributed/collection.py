@@ -165,7 +165,10 @@ class EmbeddingCollection:
         )
         self._unit_of = {t.table: t.unit for t in self.plan.tables}
 
-    def _unit(self, unit_plan, features, ops) -> Unit:
+    def unit_rows(self, unit_plan, mesh=None, ops=None):
+        """The row strategy of a planned unit (`planner.UnitPlan`) on `mesh`
+        (default the collection's; an abstract mesh of another device count
+        gives the host layout of a plan made for it, as a checkpoint's)."""
         names = [m for m in unit_plan.members if m is not None]
         first = self.table_specs[names[0]]
         members = tuple(
@@ -174,9 +177,8 @@ class EmbeddingCollection:
             else Member(m, self.table_specs[m].vocabulary_size, initializers.table_id(m))
             for m in unit_plan.members
         )
-        hashed = first.use_hashtable
-        rows = STRATEGIES[(unit_plan.placement, hashed)](
-            mesh=self.mesh,
+        return STRATEGIES[(unit_plan.placement, first.use_hashtable)](
+            mesh=self.mesh if mesh is None else mesh,
             axis_name=self.axis_name,
             rows_per_device=unit_plan.rows_per_device,
             dim=first.embedding_dim,
@@ -184,9 +186,13 @@ class EmbeddingCollection:
             initializer=initializers.resolve(first.initializer),
             members=members,
             key_dtype=first.key_dtype,
-            ops=ops,
+            ops=resolve(self.implementation) if ops is None else ops,
             online=first.online,
         )
+
+    def _unit(self, unit_plan, features, ops) -> Unit:
+        rows = self.unit_rows(unit_plan, ops=ops)
+        members = rows.members
         index = {m.name: i for i, m in enumerate(members) if m is not None}
         lookups = tuple(
             LookupSpec(
