@@ -107,8 +107,8 @@ def _check_offsets(offsets, capacity: int) -> None:
         )
     if o.size and o[-1] > capacity:
         raise ValueError(
-            f"ids.offsets end at {int(o[-1])} but the values hold only {capacity}: the ids past "
-            "the capacity would be lost"
+            f"the ragged bags end at {int(o[-1])} (offsets[-1], the sum of the lengths) but the "
+            f"values hold only {capacity}: the ids past the capacity would be lost"
         )
 
 
