@@ -103,7 +103,8 @@ class EmbeddingCollection:
       mesh: the mesh (default: a 1-D mesh over all devices).
       axis_name: the mesh axis the tables and the batch are sharded over.
       batch_size: the global batch the planner's costs assume (default
-        16384 per device); the layer takes any batch.
+        `planner.DEFAULT_BATCH_PER_DEVICE`, 16384, per device; `print(plan)`
+        says which); the layer takes any batch.
       capacity_factor: None (safe: a bucket holds every local key) or
         c > 0: a row-wise table's bucket holds ceil(c * keys / n) keys, a
         column of table-wise tables ceil(c * keys) of its largest member.
@@ -153,7 +154,7 @@ class EmbeddingCollection:
             self.table_specs,
             keys_per_sample,
             num_devices=self.num_devices,
-            batch_size=batch_size or 16384 * self.num_devices,
+            batch_size=batch_size or planner.DEFAULT_BATCH_PER_DEVICE * self.num_devices,
             capacity_factor=capacity_factor,
             memory_per_device=memory_per_device,
             slot_floats_per_row=slots,
@@ -407,11 +408,23 @@ class EmbeddingCollection:
             raise ValueError(f"no table {table!r}; the tables are {sorted(self._unit_of)}")
         return self._tables.unit(self._unit_of[table]).rows
 
-    def export_pairs(self, state: CollectionState, table: str, opt_state=None, *, since_step=None):
+    def export_pairs(
+        self, state: CollectionState, table: str | None = None, opt_state=None, *, since_step=None
+    ):
         """One table's (key, vector) pairs as host numpy arrays, keys
         ascending. Direct mode: every key; hash mode: the keys inserted.
         With `opt_state` (the collection's, {unit: state}) or `since_step`, a
-        `TableExport` as `DistributedEmbedding.export_pairs` gives."""
+        `TableExport` as `DistributedEmbedding.export_pairs` gives.
+
+        `table=None`: every table's, {table: pairs}, the form `import_pairs`
+        takes (`import_pairs(coll.export_pairs(state))` rebuilds the
+        state on any plan or mesh; with `opt_state`, pass the optimizer to
+        `import_pairs` too)."""
+        if table is None:
+            return {
+                t: self.export_pairs(state, t, opt_state, since_step=since_step)
+                for t in self.table_specs
+            }
         rows = self._strategy(table)
         unit = self._unit_of[table]
         shard = state.shards[unit]
