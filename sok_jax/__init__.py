@@ -7,6 +7,7 @@ calls; tables are plain jax.Arrays, sharded over a mesh axis by
 
 from sok_jax import optim
 from sok_jax._native import has_cuda, target_names
+from sok_jax.batching import PaddedBatch, pad_batch
 from sok_jax.distributed import (
     CollectionState,
     DistributedEmbedding,
@@ -47,6 +48,7 @@ __all__ = [
     "TableSpec",
     "check_stats",
     "LookupContext",
+    "PaddedBatch",
     "RaggedIds",
     "SparseRowGrad",
     "count_invalid_ids",
@@ -54,6 +56,7 @@ __all__ = [
     "embed",
     "has_cuda",
     "lookup",
+    "pad_batch",
     "optim",
     "sparse_grad",
     "sparse_update",
