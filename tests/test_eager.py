@@ -5,6 +5,7 @@ new values, and checked on the host with `check=True`."""
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import time
@@ -179,8 +180,8 @@ def test_eager_keeps_the_host_checks():
 
 
 def test_eager_cache_is_per_layer_and_freed():
-    """Two layers of other sizes each run their own program, and a layer's
-    compiled methods die with it."""
+    """Two layers of other sizes (and a copy of one) each run their own
+    program, and a layer's compiled methods die with it."""
     require_devices(N)
     mesh = mesh_of(N)
     a = sok_jax.DistributedEmbedding("sum", 16, 4, slot_num=1, use_hashtable=False, mesh=mesh)
@@ -189,6 +190,9 @@ def test_eager_cache_is_per_layer_and_freed():
     assert a.apply(a.init(0), ids)[0].shape == (8, 1, 4)
     assert b.apply(b.init(0), ids)[0].shape == (8, 1, 8)
     assert eager_cache(a).jits["apply"] is not eager_cache(b).jits["apply"]
+    c = copy.copy(b)  # shares b's attributes, not its compiled methods
+    assert c.apply(c.init(0), ids)[0].shape == (8, 1, 8)
+    assert eager_cache(c).jits["apply"] is not eager_cache(b).jits["apply"]
     gone = weakref.ref(a)
     del a
     gc.collect()

@@ -27,6 +27,7 @@ import contextlib
 import contextvars
 import functools
 import inspect
+import weakref
 
 import jax
 import numpy as np
@@ -52,27 +53,27 @@ def _compiling():
 
 
 class EagerCache:
-    """{method name: its jit} of one layer instance. Copies and pickles of the
-    layer start empty (a jit is bound to the instance it was built for)."""
+    """{method name: its jit} of one layer instance (`owner`, weakly). A copy
+    or a pickle of the layer starts with an empty one (a jit is bound to the
+    instance it was built for)."""
 
-    def __init__(self):
+    def __init__(self, owner):
+        self.owner = weakref.ref(owner)
         self.jits = {}
 
     def __deepcopy__(self, memo):
-        return EagerCache()
-
-    def __copy__(self):
-        return EagerCache()
+        return None
 
     def __reduce__(self):
-        return (EagerCache, ())
+        return (type(None), ())
 
 
 def eager_cache(layer) -> EagerCache:
-    """The layer's cache of compiled methods (created on first use)."""
+    """The layer's cache of compiled methods (created on first use, and anew
+    for a copy of a layer that carried its original's)."""
     cache = layer.__dict__.get("_eager_cache")
-    if cache is None:
-        cache = layer.__dict__["_eager_cache"] = EagerCache()
+    if cache is None or cache.owner() is not layer:
+        cache = layer.__dict__["_eager_cache"] = EagerCache(layer)
     return cache
 
 
