@@ -7,6 +7,7 @@ calls; tables are plain jax.Arrays, sharded over a mesh axis by
 
 from sok_jax import optim
 from sok_jax._native import has_cuda, target_names
+from sok_jax.batching import PaddedBatch, pad_batch
 from sok_jax.distributed import (
     CollectionState,
     DistributedEmbedding,
@@ -48,6 +49,7 @@ __all__ = [
     "check_ids",
     "check_stats",
     "LookupContext",
+    "PaddedBatch",
     "RaggedIds",
     "SparseRowGrad",
     "count_invalid_ids",
@@ -55,6 +57,7 @@ __all__ = [
     "embed",
     "has_cuda",
     "lookup",
+    "pad_batch",
     "optim",
     "sparse_grad",
     "sparse_update",

@@ -182,8 +182,10 @@ class ShardedEmbedding(nnx.Module):
         model.embedding.sparse_update(ctx, d_outs)         # touched rows + slots in place
 
     `loss_fn(model, outs)` runs the dense part on the embedding outputs.
-    `__call__` is the lookup alone (evaluation; in hash mode `training=False`
-    inserts nothing).
+    `__call__` is the layer's `apply` (the dense-compatible lookup). Every
+    lookup takes `training`, True by default as the layer's own methods (and
+    SOK's): a hash table inserts, admits, evicts and stamps scores; evaluate
+    with `training=False`, which only looks up.
     """
 
     def __init__(self, layer, *, seed=0, optimizer=None):
@@ -195,7 +197,7 @@ class ShardedEmbedding(nnx.Module):
             layer.init_optimizer(optimizer, state) if optimizer is not None else None
         )
 
-    def __call__(self, ids, weights=None, *, training: bool = False):
+    def __call__(self, ids, weights=None, *, training: bool = True):
         out, state = self.layer.apply(_value(self.tables), ids, weights, training=training)
         _assign(self.tables, state)
         return out

@@ -12,7 +12,8 @@
   `HashOptions`), `online.py` their export with optimizer state and
   deltas (`TableExport`), import on any device count and maintenance;
 * `state.py`: `EmbeddingState`, `EmbeddingStats`, `check_stats` and its
-  `EmbeddingError`.
+  `EmbeddingError`;
+* `eager.py`: the layers' methods called outside `jit`, compiled once.
 """
 
 from sok_jax._compat import shard_map

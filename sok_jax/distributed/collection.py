@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 from sok_jax import ids as ids_lib
 from sok_jax import initializers
 from sok_jax.distributed import exchange, planner
+from sok_jax.distributed.eager import compiled_when_eager
 from sok_jax.distributed.exchange import LookupSpec, Unit
 from sok_jax.distributed.online import (
     TableExport,
@@ -46,7 +47,7 @@ from sok_jax.distributed.online import (
 )
 from sok_jax.distributed.rows import STRATEGIES, Member
 from sok_jax.distributed.specs import FeatureSpec, TableSpec, check_specs
-from sok_jax.distributed.state import EmbeddingStats, check_stats
+from sok_jax.distributed.state import EmbeddingStats
 from sok_jax.distributed.tables import LookupInput, ShardedTables, mesh_and_axis
 from sok_jax.ops import checks, resolve
 from sok_jax.optim import check_sparse_optimizer
@@ -104,7 +105,8 @@ class EmbeddingCollection:
       mesh: the mesh (default: a 1-D mesh over all devices).
       axis_name: the mesh axis the tables and the batch are sharded over.
       batch_size: the global batch the planner's costs assume (default
-        16384 per device); the layer takes any batch.
+        `planner.DEFAULT_BATCH_PER_DEVICE`, 16384, per device; `print(plan)`
+        says which); the layer takes any batch.
       capacity_factor: None (safe: a bucket holds every local key) or
         c > 0: a row-wise table's bucket holds ceil(c * keys / n) keys, a
         column of table-wise tables ceil(c * keys) of its largest member.
@@ -154,7 +156,7 @@ class EmbeddingCollection:
             self.table_specs,
             keys_per_sample,
             num_devices=self.num_devices,
-            batch_size=batch_size or 16384 * self.num_devices,
+            batch_size=batch_size or planner.DEFAULT_BATCH_PER_DEVICE * self.num_devices,
             capacity_factor=capacity_factor,
             memory_per_device=memory_per_device,
             slot_floats_per_row=slots,
@@ -211,7 +213,7 @@ class EmbeddingCollection:
     # ------------------------------------------------------------ state
     def init(self, seed) -> CollectionState:
         """The sharded state; every unit from a program of its own."""
-        key_data = jax.random.key_data(initializers.as_key(seed))
+        key_data = self._tables.seed_data(seed)
         shards = {
             name: TableShard(t, *split_hash_part(h))
             for name, (t, h) in self._tables.init_shards(key_data).items()
@@ -330,22 +332,24 @@ class EmbeddingCollection:
             self._shards(state), state.seed, self._inputs(batch, weights), training, sparse
         )
         new_state = self._state(state, shards, stats)
-        some = next(iter(stats.values())).overflow
-        if self.check and not isinstance(some, jax.core.Tracer):
-            check_stats(new_state)  # an eager call: raise here, the state intact
         return self._outs(outs), new_state, ctx
 
     # ------------------------------------------------------------- public
+    # As DistributedEmbedding's: compiled once per instance when eager.
+    @compiled_when_eager(("training",), checked_state=lambda r: r[1])
     def apply(self, state: CollectionState, batch, weights=None, *, training: bool = True):
         """Looks up every feature: ({feature: [B, D] or [B, max_nnz, D]},
         new_state). Differentiable with respect to the state's tables (the
-        dense-compatible path). In hash mode `training=True` inserts unseen
-        keys; False only looks up (an unseen key gives zeros)."""
+        dense-compatible path). `training` as in
+        `DistributedEmbedding.apply`: True by default (hash tables insert,
+        online ones admit, evict and stamp scores); evaluate with
+        `training=False`, which only looks up."""
         outs, new_state, _ = self._run(state, batch, weights, training, sparse=False)
         return outs, new_state
 
     __call__ = apply
 
+    @compiled_when_eager(("training",), checked_state=lambda r: r[2])
     def lookup(self, state: CollectionState, batch, weights=None, *, training: bool = True):
         """The sparse training path: (outs, ctx, new_state); the outputs carry
         no gradient to the tables. Feed their cotangents to `sparse_update`."""
@@ -373,6 +377,7 @@ class EmbeddingCollection:
     def optimizer_shardings(self, opt_state: dict) -> dict:
         return self._tables.optimizer_shardings(opt_state)
 
+    @compiled_when_eager()
     def sparse_grad(self, ctx, d_outs) -> dict:
         """{unit: SparseRowGrad} of the rows the batch touched, reduced on
         their owners (per device, stacked over the axis)."""
@@ -384,6 +389,7 @@ class EmbeddingCollection:
             raise ValueError(f"cotangents missing for features {missing}")
         return {k: d_outs[k] for k in self.feature_specs}
 
+    @compiled_when_eager(("optimizer",))
     def apply_gradients(self, state, optimizer, opt_state, grads):
         """Applies each unit's optimizer to its rows in `grads` (from
         `sparse_grad`), in place. Returns (new_state, new_opt_state)."""
@@ -392,6 +398,7 @@ class EmbeddingCollection:
         )
         return self._state(state, shards), opt
 
+    @compiled_when_eager(("optimizer",))
     def sparse_update(self, state, optimizer, opt_state, ctx, d_outs):
         """`sparse_grad` and `apply_gradients` in one pass over the touched
         rows of every table (fused kernels where the optimizer has them).
@@ -409,11 +416,23 @@ class EmbeddingCollection:
             raise ValueError(f"no table {table!r}; the tables are {sorted(self._unit_of)}")
         return self._tables.unit(self._unit_of[table]).rows
 
-    def export_pairs(self, state: CollectionState, table: str, opt_state=None, *, since_step=None):
+    def export_pairs(
+        self, state: CollectionState, table: str | None = None, opt_state=None, *, since_step=None
+    ):
         """One table's (key, vector) pairs as host numpy arrays, keys
         ascending. Direct mode: every key; hash mode: the keys inserted.
         With `opt_state` (the collection's, {unit: state}) or `since_step`, a
-        `TableExport` as `DistributedEmbedding.export_pairs` gives."""
+        `TableExport` as `DistributedEmbedding.export_pairs` gives.
+
+        `table=None`: every table's, {table: pairs}, the form `import_pairs`
+        takes (`import_pairs(coll.export_pairs(state))` rebuilds the
+        state on any plan or mesh; with `opt_state`, pass the optimizer to
+        `import_pairs` too)."""
+        if table is None:
+            return {
+                t: self.export_pairs(state, t, opt_state, since_step=since_step)
+                for t in self.table_specs
+            }
         rows = self._strategy(table)
         unit = self._unit_of[table]
         shard = state.shards[unit]
@@ -499,6 +518,7 @@ class EmbeddingCollection:
             values += buckets[u.name] * u.rows.dim
         return {"key_words": words, "vector_values": values}
 
+    @compiled_when_eager()
     def required_capacity_factor(self, batch) -> dict:
         """{unit: the smallest capacity_factor under which this batch
         overflows nowhere in that unit} (row-wise: the most distinct keys any

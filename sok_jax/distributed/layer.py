@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from sok_jax import ids as ids_lib
 from sok_jax import initializers
+from sok_jax.distributed.eager import compiled_when_eager
 from sok_jax.distributed.exchange import LookupSpec, Unit
 from sok_jax.distributed.host import to_host
 from sok_jax.distributed.online import (
@@ -29,7 +30,7 @@ from sok_jax.distributed.online import (
 )
 from sok_jax.distributed.rows import Member, RowHashRows, RowRows
 from sok_jax.distributed.scores import make_options
-from sok_jax.distributed.state import EmbeddingState, EmbeddingStats, check_stats
+from sok_jax.distributed.state import EmbeddingState, EmbeddingStats
 from sok_jax.distributed.tables import LookupInput, ShardedTables, mesh_and_axis
 from sok_jax.ops import checks, embed_ops, resolve
 from sok_jax.ops.embed_ops import SparseRowGrad
@@ -195,7 +196,7 @@ class DistributedEmbedding:
     def init(self, seed) -> EmbeddingState:
         """Creates the sharded state. The same seed gives every key the same
         initial vector on any number of devices."""
-        key_data = jax.random.key_data(initializers.as_key(seed))
+        key_data = self._tables.seed_data(seed)
         table, hash_part = self._tables.init_shards(key_data)[_TABLE]
         slot_keys, scores = split_hash_part(hash_part)
         return EmbeddingState(table, slot_keys, key_data, self.zero_stats(), scores)
@@ -253,36 +254,47 @@ class DistributedEmbedding:
         table, hash_part = shards[_TABLE]
         slot_keys, scores = split_hash_part(hash_part)
         new_state = EmbeddingState(table, slot_keys, state.seed, stats[_TABLE], scores)
-        if self.check and not isinstance(new_state.stats.overflow, jax.core.Tracer):
-            check_stats(new_state)  # an eager call: raise here, the state intact
         return outs[_IDS], new_state, ctx
 
     # ------------------------------------------------------------- public API
+    # Every method that runs a shard_map is compiled once per instance when
+    # called eagerly (`eager.py`); the checked ones raise there on `check`.
+    @compiled_when_eager(("training",), checked_state=lambda r: r[1])
     def apply(self, state: EmbeddingState, ids, weights=None, *, training: bool = True):
         """Looks up a batch sharded over the axis: (out [B, S, D], new_state).
 
         Differentiable with respect to `state.table` (the dense-compatible
-        path: `jax.grad` gives the sharded [n*rows, D] cotangent). In hash
-        mode `training=True` inserts unseen keys; False only looks up (an
-        unseen key gives zeros)."""
+        path: `jax.grad` gives the sharded [n*rows, D] cotangent).
+
+        `training` is True by default, here, in `lookup`, in
+        `EmbeddingCollection` and in the Flax and Haiku modules, as in SOK
+        (its layer inserts when called in training): in hash mode a training
+        lookup inserts unseen keys and, on an online table, admits, evicts
+        and stamps scores. Evaluate with `training=False`: it only looks up
+        (an unseen key gives zeros) and leaves the table as it was. Direct
+        mode computes the same either way."""
         out, new_state, _ = self._run(state, ids, weights, training, sparse=False)
         return out, new_state
 
     __call__ = apply
 
+    @compiled_when_eager(("training",), checked_state=lambda r: r[2])
     def lookup(self, state: EmbeddingState, ids, weights=None, *, training: bool = True):
         """The sparse training path: (out, ctx, new_state); `out` carries no
         gradient to the table. Feed the cotangent of `out` to
-        `sparse_grad(ctx, d_out)` or `sparse_update`."""
+        `sparse_grad(ctx, d_out)` or `sparse_update`. `training` as in
+        `apply`."""
         out, new_state, ctx = self._run(state, ids, weights, training, sparse=True)
         return out, ctx, new_state
 
+    @compiled_when_eager()
     def sparse_grad(self, ctx, d_out) -> SparseRowGrad:
         """Per-device row gradients (stacked over the axis: rows [n*cap],
         grads [n*cap, D], count [n]) for the rows the batch touched, reduced
         on their owners. Never builds a [rows, D] array."""
         return self._tables.sparse_grad(ctx, {_IDS: d_out})[_TABLE]
 
+    @compiled_when_eager()
     def required_capacity_factor(self, ids) -> jax.Array:
         """The smallest `capacity_factor` under which this batch overflows
         nowhere: the most distinct keys any device sends to one destination
@@ -316,6 +328,7 @@ class DistributedEmbedding:
         slot_keys, scores = split_hash_part(hash_part)
         return dataclasses.replace(state, table=table, slot_keys=slot_keys, scores=scores)
 
+    @compiled_when_eager(("optimizer",))
     def apply_gradients(self, state: EmbeddingState, optimizer, opt_state, grad: SparseRowGrad):
         """Applies `optimizer` to the rows in `grad` (from `sparse_grad`) on
         each owner, in place (donate `state` and `opt_state` in your step).
@@ -325,6 +338,7 @@ class DistributedEmbedding:
         )
         return self._updated(state, shards), opt[_TABLE]
 
+    @compiled_when_eager(("optimizer",))
     def sparse_update(self, state: EmbeddingState, optimizer, opt_state, ctx, d_out):
         """`sparse_grad` and `apply_gradients` in one pass over the touched
         rows: each owner sums its rows' gradients and applies `optimizer` to

@@ -41,6 +41,8 @@ import numpy as np
 
 DEFAULT_MEMORY = 16 << 30  # planning budget when the device does not report one
 REPLICATE_BYTES = 16 << 20
+# The local batch the costs assume when the collection is given no batch_size.
+DEFAULT_BATCH_PER_DEVICE = 16384
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +74,10 @@ class UnitPlan:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
+    """The planner's choices (`print(plan)` shows them): per table its
+    placement and costs, the storage units, and the global `batch_size` the
+    bytes sent per step assume."""
+
     tables: tuple
     units: tuple
     num_devices: int
@@ -113,10 +119,15 @@ class Plan:
         lines.insert(1, "  ".join("-" * w for w in widths))
         mem = ", ".join(size(m) for m in self.memory_per_device)
         ratio = self.exchange_bytes / max(self.row_wise_exchange_bytes, 1)
+        lines.append(f"{self.num_devices} device(s); memory per device: {mem}")
         lines.append(
-            f"{self.num_devices} device(s), batch {self.batch_size}; memory per device: {mem}; "
-            f"sent per device per step {size(self.exchange_bytes)} "
-            f"({ratio:.2f}x of all row-wise {size(self.row_wise_exchange_bytes)})"
+            f"sent per device per step: {size(self.exchange_bytes)} "
+            f"({ratio:.2f}x of all row-wise {size(self.row_wise_exchange_bytes)}) "
+            f"at a global batch of {self.batch_size:,}"
+        )
+        lines.append(
+            "(the batch the costs assume: EmbeddingCollection(batch_size=...), default "
+            f"{DEFAULT_BATCH_PER_DEVICE:,} per device; the layer takes any batch)"
         )
         return "\n".join(lines)
 

@@ -20,8 +20,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sok_jax import initializers
 from sok_jax._compat import shard_map
-from sok_jax.distributed import exchange
+from sok_jax.distributed import eager, exchange
 from sok_jax.distributed.exchange import DeviceLookup, Unit
 from sok_jax.distributed.scores import HashRowGrad, reset_slots
 from sok_jax.distributed.state import EmbeddingStats, warn_on_stats
@@ -173,6 +174,13 @@ class ShardedTables:
         }
 
     # ------------------------------------------------------------ state
+    def seed_data(self, seed):
+        """The key data of `seed` (an int or a key) replicated over the mesh,
+        the sharding `state_shardings` gives it, so that a state from `init`
+        and one a call returned share one compiled program."""
+        key_data = jax.random.key_data(initializers.as_key(seed))
+        return jax.device_put(key_data, NamedSharding(self.mesh, P()))
+
     def init_shards(self, seed) -> dict:
         """{unit: (table, slot_keys or None)}, every unit's shard from one
         program (each unit's rows from its strategy's initializer)."""
@@ -238,8 +246,9 @@ class ShardedTables:
         local_batch = next(iter(inputs.values())).ids.shape[0] // self.num_devices
         local = self._local(local_batch)
         capacities = self.bucket_sizes(local_batch)
-        # Under a trace the caller's host check cannot run: report from inside.
-        report = self.check and any(
+        # Under the caller's trace its host check cannot run: report from
+        # inside (an eager call's compiled program raises on the host instead).
+        report = self.check and not eager.compiling() and any(
             isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((shards, seed, inputs))
         )
 
