@@ -222,7 +222,7 @@ def append_log(scores: HashScores, keys, mask, step) -> HashScores:
     size = scores.log_keys.shape[0]
     mask = mask.astype(bool)
     k = jnp.cumsum(mask.astype(jnp.int32)) - 1
-    total = jnp.sum(mask.astype(jnp.int32))
+    total = jnp.sum(mask, dtype=jnp.int32)  # int32 under x64 too: the state keeps its dtypes
     keep = mask & (k >= total - size)
     at = scores.log_total[0] + k
     target = jnp.where(keep, jnp.remainder(at, size), size)

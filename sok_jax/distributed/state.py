@@ -219,41 +219,63 @@ def check_call(before, state) -> None:
         raise EmbeddingError("sok_jax: " + "; ".join(problems), state)
 
 
+def _shape_dtype(x) -> tuple:
+    """(shape, dtype) of an array, a tracer or a ShapeDtypeStruct (never
+    reading a tracer's values), or of anything numpy converts."""
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        x = np.asarray(x)
+    return tuple(x.shape), np.dtype(x.dtype)
+
+
+def _outside(paths, others) -> list:
+    """The shortest prefix of each path of `paths` that no path of `others`
+    starts with (e.g. `.scores` for a whole subtree one side lacks), once
+    each, in order."""
+    out = []
+    for p in paths:
+        for i in range(1, len(p) + 1):
+            if not any(q[:i] == p[:i] for q in others):
+                if p[:i] not in out:
+                    out.append(p[:i])
+                break
+    return out
+
+
 def check_like(expected, got, what: str) -> None:
     """Trace-time check that the pytree `got` has the structure, shapes and
     dtypes of `expected` (a pytree of `jax.ShapeDtypeStruct`s), e.g. a state
     against the layer that is given it.
 
     Raises:
-      ValueError: naming the first field that differs, the expected and the
-        given shape and dtype.
+      ValueError: naming the fields one side has and the other lacks, or the
+        first field whose shape or dtype differs with both.
     """
     want = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
     have = dict(jax.tree_util.tree_flatten_with_path(got)[0])
 
-    def show(x):
-        return f"{tuple(np.shape(x))} {np.dtype(getattr(x, 'dtype', np.asarray(x).dtype))}"
+    def names(paths):
+        return ", ".join(what + jax.tree_util.keystr(p) for p in paths)
 
-    for path, w in want.items():
-        name = what + jax.tree_util.keystr(path)
-        if path not in have:
-            raise ValueError(
-                f"{name}: this layer expects {show(w)}, the given {what} has none (is it "
-                "another layer's, or built by hand?)"
-            )
-        h = have[path]
-        if tuple(np.shape(h)) != tuple(w.shape) or np.dtype(
-            getattr(h, "dtype", np.asarray(h).dtype)
-        ) != np.dtype(w.dtype):
-            raise ValueError(
-                f"{name}: this layer expects {show(w)}, got {show(h)} (is the {what} "
-                "another layer's?)"
-            )
-    extra = [what + jax.tree_util.keystr(p) for p in have if p not in want]
+    lacking = _outside([p for p in want if p not in have], list(have))
+    if lacking:
+        raise ValueError(
+            f"{what}: this layer has {names(lacking)}, the given {what} has not (is it "
+            "another layer's, or built by hand?)"
+        )
+    extra = _outside([p for p in have if p not in want], list(want))
     if extra:
         raise ValueError(
-            f"{extra[0]}: this layer has no such field (is the {what} another layer's?)"
+            f"{what}: the given {what} has {names(extra)}, which this layer has not (is it "
+            "another layer's?)"
         )
+    for path, w in want.items():
+        h = have[path]
+        if _shape_dtype(h) != _shape_dtype(w):
+            (shape, dtype), (got_shape, got_dtype) = _shape_dtype(w), _shape_dtype(h)
+            raise ValueError(
+                f"{what}{jax.tree_util.keystr(path)}: this layer expects {shape} {dtype}, got "
+                f"{got_shape} {got_dtype} (is the {what} another layer's?)"
+            )
 
 
 def check_opt_state(table_like, opt_state, optimizer, what: str) -> None:
@@ -269,10 +291,11 @@ def check_opt_state(table_like, opt_state, optimizer, what: str) -> None:
         check_like(jax.eval_shape(optimizer.init, table_like), opt_state, what)
         return
     for i, slot in enumerate(getattr(opt_state, "slots", ())):
-        if not np.shape(slot) or np.shape(slot)[0] != table_like.shape[0]:
+        shape, _ = _shape_dtype(slot)
+        if not shape or shape[0] != table_like.shape[0]:
             raise ValueError(
                 f"{what}.slots[{i}]: this layer's table has {table_like.shape[0]} rows, the slot "
-                f"is {tuple(np.shape(slot))} (is the {what} another layer's?)"
+                f"is {shape} (is the {what} another layer's?)"
             )
 
 
