@@ -73,8 +73,8 @@ class DistributedEmbedding:
         key) or c > 0: each destination bucket holds
         ceil(c * max_feature_num * local_batch / n) keys.
       dtype: table storage dtype (float32, bfloat16, float16).
-      check: check the counters of every call (they are in `state.stats`
-        either way): an eager call raises `sok_jax.EmbeddingError` (its
+      check: check what every call counts (the counters accumulate in
+        `state.stats` either way): an eager call that dropped ids raises `sok_jax.EmbeddingError` (its
         `.state` is the valid new state); inside jit nothing may raise (the
         donated state would be lost), so a call warns
         (`sok_jax.EmbeddingWarning`): call `sok_jax.check_stats(state)` on
@@ -308,7 +308,9 @@ class DistributedEmbedding:
     def sparse_grad(self, ctx, d_out) -> SparseRowGrad:
         """Per-device row gradients (stacked over the axis: rows [n*cap],
         grads [n*cap, D], count [n]) for the rows the batch touched, reduced
-        on their owners. Never builds a [rows, D] array."""
+        on their owners. Never builds a [rows, D] array. A table that evicts
+        gives a `HashRowGrad`, which also carries the keys its lookup found
+        (`apply_gradients` skips the rows a later lookup gave away)."""
         return self._tables.sparse_grad(ctx, {_IDS: d_out})[_TABLE]
 
     def required_capacity_factor(self, ids) -> jax.Array:
