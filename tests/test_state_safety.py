@@ -136,25 +136,27 @@ def test_a_stale_context_skips_the_rows_given_to_other_keys(n, impl, two_call):
 
 @pytest.mark.parametrize("n", [1, 8])
 def test_a_collection_skips_stale_rows_in_every_placement(n):
-    """The same for a collection of a row-wise and a replicated evicting
-    table (the latter with mean bags of 2: dropping a stale key leaves its
-    bag-mates' gradients as they were) and a direct table, which cannot go
-    stale and trains as ever."""
+    """The same for a collection of a row-wise, a table-wise and a
+    replicated evicting table (the latter with mean bags of 2: dropping a
+    stale key leaves its bag-mates' gradients as they were) and a direct
+    table, which cannot go stale and trains as ever."""
     require_devices(n)
     rng = np.random.default_rng(n)
+    hashed = dict(use_hashtable=True, eviction="lru")
     tables = [
-        sok_jax.TableSpec("row", ROWS * n, DIM, combiner="sum", use_hashtable=True,
-                          placement="row", eviction="lru"),
-        sok_jax.TableSpec("rep", ROWS, DIM, combiner="mean", use_hashtable=True,
-                          placement="replicated", eviction="lru"),
+        sok_jax.TableSpec("row", ROWS * n, DIM, combiner="sum", placement="row", **hashed),
+        sok_jax.TableSpec("rep", ROWS, DIM, combiner="mean", placement="replicated", **hashed),
+        sok_jax.TableSpec("tab", ROWS, DIM, combiner="sum", placement="table", **hashed),
         sok_jax.TableSpec("dir", 64, DIM, combiner="sum", placement="row"),
     ]
     features = [
         sok_jax.FeatureSpec("frow", "row", 2),
         sok_jax.FeatureSpec("frep", "rep", 2),
+        sok_jax.FeatureSpec("ftab", "tab", 2),
         sok_jax.FeatureSpec("fdir", "dir", 2),
     ]
     coll = sok_jax.EmbeddingCollection(tables, features, mesh=mesh_of(n), axis_name=AXIS)
+    features_ = [f.name for f in features]
     opt = optim.adagrad(LR)
     lookup = jax.jit(coll.lookup)
     update = jax.jit(lambda s, o, c, g: coll.sparse_update(s, opt, o, c, g))
@@ -167,34 +169,34 @@ def test_a_collection_skips_stale_rows_in_every_placement(n):
         ids.reshape(-1)[: len(keys)] = keys
         return rng.permutation(ids)
 
-    def batch(row_keys, rep_keys):
+    def batch(row_keys, few_keys):
         return {
             "frow": padded(row_keys),
-            "frep": padded(rep_keys),
+            "frep": padded(few_keys),
+            "ftab": padded(few_keys),
             "fdir": rng.integers(-1, 64, (batch_size, 2)).astype(np.int32),
         }
 
     def cots():
-        return {f: rng.normal(size=(batch_size, DIM)).astype(np.float32) for f in ("frow", "frep",
-                                                                               "fdir")}
+        return {f: rng.normal(size=(batch_size, DIM)).astype(np.float32) for f in features_}
 
     batch_a = batch(np.arange(ROWS * n), np.arange(ROWS))
     batch_b = batch(1000 + np.arange(ROWS // 2 * n), 1000 + np.arange(ROWS // 2))
     _, ctx_a, state = lookup(state, batch_a)
     _, ctx_b, state = lookup(state, batch_b)
     state, opt_state = update(state, opt_state, ctx_b, cots())
-    before = {t: coll.export_pairs(state, t, opt_state) for t in ("row", "rep", "dir")}
+    before = {t: coll.export_pairs(state, t, opt_state) for t in ("row", "rep", "tab", "dir")}
     g_a = cots()
     state, opt_state = update(state, opt_state, ctx_a, g_a)
-    for t, combiner in (("row", "sum"), ("rep", "mean"), ("dir", "sum")):
+    for t, combiner in (("row", "sum"), ("rep", "mean"), ("tab", "sum"), ("dir", "sum")):
         f = f"f{t}"
-        _check_update(
-            before[t], coll.export_pairs(state, t, opt_state), batch_a[f][:, None],
-            g_a[f][:, None], combiner, t,
-        )
+        after = coll.export_pairs(state, t, opt_state)
+        _check_update(before[t], after, batch_a[f][:, None], g_a[f][:, None], combiner, t)
     # Half of A's keys lost their rows: per shard ("rep": the same on every replica).
     np.testing.assert_array_equal(np.asarray(state.stats["row"].stale), [ROWS // 2] * n)
     np.testing.assert_array_equal(np.asarray(state.stats["rep"].stale), [ROWS // 2] * n)
+    on = coll._tables.unit(coll._unit_of["tab"]).rows.member_index("tab")  # its one device
+    np.testing.assert_array_equal(np.asarray(state.stats["tab"].stale), np.eye(n)[on] * ROWS // 2)
     assert state.stats["dir"].stale is None
     with pytest.raises(sok_jax.EmbeddingError, match="table 'rep'.*context from before"):
         sok_jax.check_stats(state)
@@ -240,10 +242,12 @@ def test_a_layer_rejects_the_state_of_another_configuration():
     big.sparse_update(st, opt, big_opt, ctx, out)  # its own state passes
     # slot_keys' dtype, scores present iff online, a direct layer's none.
     u32 = DistributedEmbedding("sum", 32, 8, 1, key_dtype=jnp.uint32, mesh=mesh, axis_name=AXIS)
-    with pytest.raises(ValueError, match=r"state\.slot_keys: .*\(256,\) int32, got \(256,\) uint32"):
+    keys = r"state\.slot_keys: .*\(256,\) int32, got \(256,\) uint32"
+    with pytest.raises(ValueError, match=keys):
         big.apply(u32.init(0), ids)
     lru = DistributedEmbedding("sum", 32, 8, 1, mesh=mesh, axis_name=AXIS, eviction="lru")
-    with pytest.raises(ValueError, match=r"this layer has .*state\.scores, the given state has not"):
+    lacks = r"this layer has .*state\.scores, the given state has not"
+    with pytest.raises(ValueError, match=lacks):
         lru.apply(good, ids)
     with pytest.raises(ValueError, match=r"state has .*state\.scores, which this layer has not"):
         big.apply(lru.init(0), ids)
@@ -256,6 +260,7 @@ def test_a_layer_rejects_the_state_of_another_configuration():
 
 
 def test_a_collection_rejects_the_state_of_another_configuration():
+    """As the layer's, for a collection's state and its {unit: opt_state}."""
     n = 8
     require_devices(n)
 
