@@ -335,7 +335,7 @@ class TableEmbedding:
 
     @staticmethod
     def dropped(state):
-        """Ids the last call dropped, over every device."""
+        """Ids dropped since init (the counters accumulate), over every device."""
         return state.stats.total()
 
     # ----------------------------------------------------------- inspection
@@ -449,7 +449,8 @@ class CollectionEmbedding:
 
     @staticmethod
     def dropped(state):
-        """Ids the last call dropped, over every table and device."""
+        """Ids dropped since init (the counters accumulate), over every table
+        and device."""
         return sum(s.total() for s in state.stats.values())
 
     def plan(self, optimizer_name: str = "") -> str:
@@ -477,7 +478,7 @@ def bce(logits, labels):
 
 
 def make_train_step(graphdef, embed: TableEmbedding, dense_tx, *, table_tx=None):
-    """`step(state: TrainState, batch) -> (state, loss, dropped keys)`.
+    """`step(state: TrainState, batch) -> (state, loss, keys dropped so far)`.
 
     Sparse path (table_tx None): the lookup gives the pooled vectors without
     a table gradient; the loss is differentiated w.r.t. the dense parameters

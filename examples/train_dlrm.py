@@ -531,8 +531,9 @@ def main(argv=None):
             raise SystemExit(f"{loader.num_batches} batches cannot make {args.epochs} epochs")
     all_losses, evals, first_loss = [], [], None
     global_step = 0
+    dropped_before = 0  # the counters accumulate from init: keys dropped before this epoch
     for epoch in range(1, args.epochs + 1):
-        losses, dropped = [], []
+        losses, dropped = [], None
         bar = tqdm(
             range(steps_per_epoch),
             desc=f"epoch {epoch}/{args.epochs}",
@@ -548,7 +549,7 @@ def main(argv=None):
                 state, loss, drop = step(state, put(loader.batch(global_step)))
             global_step += 1
             losses.append(loss)
-            dropped.append(drop)
+            dropped = drop
             if i % 10 == 0:  # reading a value waits for the step; not every step
                 sps = (i + 1) * args.batch_size / (time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{float(loss):.4f}", samples_s=f"{sps:,.0f}")
@@ -560,7 +561,8 @@ def main(argv=None):
         eval_auc = data.roc_auc(eval_labels, logits)
         eval_loss = float(dm.bce(jnp.asarray(logits), jnp.asarray(eval_labels)))
         sps = steps_per_epoch * args.batch_size / elapsed
-        drops = int(np.sum([to_host(x) for x in dropped]))
+        drops = int(to_host(dropped)) - dropped_before
+        dropped_before += drops
         evals.append(
             dict(epoch=epoch, step=global_step, auc=eval_auc, loss=eval_loss, samples_per_s=sps)
         )

@@ -227,7 +227,8 @@ class ShardedEmbedding(nnx.Module):
         return _value(self.tables)
 
     def check(self) -> None:
-        """`sok_jax.check_stats` of the last call."""
+        """`sok_jax.check_stats` of the state (its counters accumulate from
+        init)."""
         check_stats(_value(self.tables))
 
 

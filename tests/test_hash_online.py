@@ -16,6 +16,7 @@ to a serving copy), the collection's three placements, and bad arguments.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 
 import jax
@@ -319,11 +320,15 @@ def test_eviction_and_admission_equal_the_oracle(n, rows, policy, admit, combine
     pool = pool[pool != PAD]
     hot = pool[:10]
     total_evicted = not_admitted = 0
+    # The counters accumulate from init: per shard (evicted, not_admitted,
+    # hash_full) so far.
+    counted = np.zeros((n, 3), np.int64)
     for i, (ids, g) in enumerate(stream(rng, 10, pool, hot)):
         if i == 6:
             freed = oracle.evict_stale(1)
             state = emb.evict_stale(state, 1)
-            np.testing.assert_array_equal(np.asarray(state.stats.evicted), freed)
+            counted[:, 0] += freed
+            np.testing.assert_array_equal(np.asarray(state.stats.evicted), counted[:, 0])
             assert sum(freed) > 0
             check_against(emb, state, opt_state, oracle, "after evict_stale")
         before = physical(state, opt_state)
@@ -335,9 +340,11 @@ def test_eviction_and_admission_equal_the_oracle(n, rows, policy, admit, combine
         )
         oracle.train(ids, g, combiner)
         st = state.stats
-        np.testing.assert_array_equal(np.asarray(st.evicted), [c[0] for c in counts])
-        np.testing.assert_array_equal(np.asarray(st.not_admitted), [c[1] for c in counts])
-        np.testing.assert_array_equal(np.asarray(st.hash_full), [c[2] for c in counts])
+        counted += np.asarray(counts)
+        np.testing.assert_array_equal(np.asarray(st.evicted), counted[:, 0])
+        np.testing.assert_array_equal(np.asarray(st.not_admitted), counted[:, 1])
+        np.testing.assert_array_equal(np.asarray(st.hash_full), counted[:, 2])
+        np.testing.assert_array_equal(np.asarray(st.stale), 0)  # each update right after its lookup
         loads = [sum(k is not None for k in s.slots) / rows for s in oracle.shards]
         np.testing.assert_allclose(np.asarray(st.load), loads, rtol=1e-6)
         total_evicted += sum(c[0] for c in counts)
@@ -451,7 +458,7 @@ def test_resume_8_to_2_devices_with_adam_equals_the_uninterrupted_run():
             break
     new = np.array(new)
     s2, o2 = emb2.import_pairs(exp, optimizer=opt)  # the export's seed
-    s8, o8 = state, opt_state
+    s8, o8 = dataclasses.replace(state, stats=emb8.zero_stats()), opt_state  # phase 2's counts
     for i in range(5):
         ids = np.where(
             rng.random((BATCH, SLOTS, NNZ)) < 0.3,
@@ -606,6 +613,10 @@ def test_collection_hash_tables_in_every_placement(n):
             cots[f"f{s.name}"] = rng.normal(size=(BATCH, DIM)).astype(np.float32)
         counts = {k: o.lookup(ids3[k], n) for k, o in oracles.items()}
         want = {k: o.output(ids3[k], combiners[k]) for k, o in oracles.items()}
+        before = {
+            k: (np.asarray(st.evicted), np.asarray(st.not_admitted))
+            for k, st in state.stats.items()
+        }
         outs, state, opt_state = step(state, opt_state, batch, cots)
         for k, o in oracles.items():
             np.testing.assert_allclose(
@@ -631,21 +642,22 @@ def test_collection_hash_tables_in_every_placement(n):
                 sc = o.scores()
                 np.testing.assert_array_equal(exp.last_seen, [sc[x][0] for x in keys])
                 np.testing.assert_array_equal(exp.count, [sc[x][1] for x in keys])
-            st = state.stats[k]
+            # This step's counts: the counters accumulate from init.
+            evicted = np.asarray(state.stats[k].evicted) - before[k][0]
+            not_admitted = np.asarray(state.stats[k].not_admitted) - before[k][1]
+            np.testing.assert_array_equal(np.asarray(state.stats[k].stale), 0)
             ev = sum(c[0] for c in counts[k])
             if k == "p":  # every replica evicts the same rows; own positions' counts
-                np.testing.assert_array_equal(np.asarray(st.evicted), [ev] * n)
-                assert int(np.sum(st.not_admitted)) == counts[k][0][1]
+                np.testing.assert_array_equal(evicted, [ev] * n)
+                assert int(np.sum(not_admitted)) == counts[k][0][1]
             elif k == "t":
                 d = coll._tables.unit(coll._unit_of[k]).rows.member_index(k)
                 want_ev = np.zeros(n, int)
                 want_ev[d] = ev
-                np.testing.assert_array_equal(np.asarray(st.evicted), want_ev)
+                np.testing.assert_array_equal(evicted, want_ev)
             else:
-                np.testing.assert_array_equal(np.asarray(st.evicted), [c[0] for c in counts[k]])
-                np.testing.assert_array_equal(
-                    np.asarray(st.not_admitted), [c[1] for c in counts[k]]
-                )
+                np.testing.assert_array_equal(evicted, [c[0] for c in counts[k]])
+                np.testing.assert_array_equal(not_admitted, [c[1] for c in counts[k]])
     assert all(o.evictions for o in oracles.values())
     # Round trip through the exports, on this collection's mesh.
     pairs = {s.name: coll.export_pairs(state, s.name, opt_state) for s in specs}
@@ -657,10 +669,11 @@ def test_collection_hash_tables_in_every_placement(n):
         np.testing.assert_array_equal(a.slots[0], b.slots[0])
         np.testing.assert_array_equal(a.last_seen, b.last_seen)
         assert a.step == b.step
+    before = {k: np.asarray(st.evicted) for k, st in state.stats.items()}
     state = coll.evict_stale(state, 1)
     for s in specs:
         freed = sum(oracles[s.name].evict_stale(1))
-        ev = np.asarray(state.stats[s.name].evicted)
+        ev = np.asarray(state.stats[s.name].evicted) - before[s.name]
         assert int(ev.max() if s.placement == "replicated" else ev.sum()) == freed, s.name
         keys = coll.export_pairs(state, s.name)[0].astype(np.int64)
         np.testing.assert_array_equal(keys, sorted(oracles[s.name].vec))

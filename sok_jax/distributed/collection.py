@@ -21,6 +21,7 @@ a key's initial vector depends on the seed, its table's name and the key.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -47,7 +48,12 @@ from sok_jax.distributed.online import (
 )
 from sok_jax.distributed.rows import STRATEGIES, Member
 from sok_jax.distributed.specs import FeatureSpec, TableSpec, check_specs
-from sok_jax.distributed.state import EmbeddingStats
+from sok_jax.distributed.state import (
+    EmbeddingStats,
+    accumulate,
+    check_like,
+    check_opt_state,
+)
 from sok_jax.distributed.tables import LookupInput, ShardedTables, mesh_and_axis
 from sok_jax.ops import checks, resolve
 from sok_jax.optim import check_sparse_optimizer
@@ -218,7 +224,33 @@ class EmbeddingCollection:
             name: TableShard(t, *split_hash_part(h))
             for name, (t, h) in self._tables.init_shards(key_data).items()
         }
-        return CollectionState(shards, key_data, self._tables.zero_stats())
+        return CollectionState(shards, key_data, self.zero_stats())
+
+    def zero_stats(self) -> dict:
+        """{table: the counters of a fresh state} (zeros, sharded over the
+        axis): to reset the counters, which accumulate from `init`
+        (`dataclasses.replace(state, stats=coll.zero_stats())`)."""
+        return self._tables.zero_stats()
+
+    @functools.cached_property
+    def _state_like(self) -> CollectionState:
+        """Shapes and dtypes of every leaf of this collection's state."""
+        return jax.eval_shape(lambda: self.init(0))
+
+    def _check_state(self, state, opt_state=None, optimizers=None):
+        """Trace-time: `state` (and `opt_state`, {unit: state}) fit this
+        collection; ValueError naming the field otherwise."""
+        check_like(self._state_like, state, "state")
+        if opt_state is None:
+            return
+        units = sorted(self._state_like.shards)
+        if not isinstance(opt_state, dict) or sorted(opt_state) != units:
+            got = sorted(opt_state) if isinstance(opt_state, dict) else type(opt_state).__name__
+            raise ValueError(f"opt_state must be a dict over the units {units}, got {got}")
+        for unit, o in opt_state.items():
+            table = self._state_like.shards[unit].table
+            opt = None if optimizers is None else optimizers[unit]
+            check_opt_state(table, o, opt, f"opt_state[{unit!r}]")
 
     def state_shardings(self) -> CollectionState:
         """NamedShardings of every leaf of the state, for jit's in/out_shardings."""
@@ -315,7 +347,8 @@ class EmbeddingCollection:
             for name, out in outs.items()
         }
 
-    def _shards(self, state: CollectionState):
+    def _shards(self, state: CollectionState, opt_state=None, optimizers=None):
+        self._check_state(state, opt_state, optimizers)
         return {
             k: (v.table, join_hash_part(v.slot_keys, v.scores)) for k, v in state.shards.items()
         }
@@ -329,7 +362,12 @@ class EmbeddingCollection:
 
     def _run(self, state, batch, weights, training, sparse):
         outs, shards, stats, ctx = self._tables.run(
-            self._shards(state), state.seed, self._inputs(batch, weights), training, sparse
+            self._shards(state),
+            state.seed,
+            state.stats,
+            self._inputs(batch, weights),
+            training,
+            sparse,
         )
         new_state = self._state(state, shards, stats)
         return self._outs(outs), new_state, ctx
@@ -393,10 +431,11 @@ class EmbeddingCollection:
     def apply_gradients(self, state, optimizer, opt_state, grads):
         """Applies each unit's optimizer to its rows in `grads` (from
         `sparse_grad`), in place. Returns (new_state, new_opt_state)."""
-        shards, opt = self._tables.apply_gradients(
-            self._shards(state), self._optimizers(optimizer), opt_state, grads
+        optimizers = self._optimizers(optimizer)
+        shards, opt, stats = self._tables.apply_gradients(
+            self._shards(state, opt_state, optimizers), optimizers, opt_state, state.stats, grads
         )
-        return self._state(state, shards), opt
+        return self._state(state, shards, stats), opt
 
     @compiled_when_eager(("optimizer",))
     def sparse_update(self, state, optimizer, opt_state, ctx, d_outs):
@@ -405,10 +444,16 @@ class EmbeddingCollection:
         Donate `state` and `opt_state` in your step. Returns (new_state,
         new_opt_state)."""
         grads = self._grads(d_outs)
-        shards, opt = self._tables.sparse_update(
-            self._shards(state), self._optimizers(optimizer), opt_state, ctx, grads
+        optimizers = self._optimizers(optimizer)
+        shards, opt, stats = self._tables.sparse_update(
+            self._shards(state, opt_state, optimizers),
+            optimizers,
+            opt_state,
+            state.stats,
+            ctx,
+            grads,
         )
-        return self._state(state, shards, self._tables.with_nonfinite(state.stats, grads)), opt
+        return self._state(state, shards, self._tables.with_nonfinite(stats, grads)), opt
 
     # ------------------------------------------------------ export/import
     def _strategy(self, table: str):
@@ -435,6 +480,7 @@ class EmbeddingCollection:
             }
         rows = self._strategy(table)
         unit = self._unit_of[table]
+        self._check_state(state, opt_state)
         shard = state.shards[unit]
         return export_table(
             rows,
@@ -486,20 +532,21 @@ class EmbeddingCollection:
     # ---------------------------------------------------------- online hash
     def step(self, state: CollectionState) -> int:
         """The training lookups the online hash tables have seen (0 without)."""
+        self._check_state(state)
         return max((host_step(s.scores) for s in state.shards.values()), default=0)
 
     def evict_stale(self, state: CollectionState, max_age: int) -> CollectionState:
         """`DistributedEmbedding.evict_stale` on every hash table that evicts;
-        the result's stats count the rows freed (other counters zero)."""
+        the result's stats add the rows freed to `evicted`."""
         shards = self._shards(state)
-        stats = self._tables.zero_stats()
+        stats = dict(state.stats)
         units = [u.name for u in self._tables.units if getattr(u.rows, "evicting", False)]
         if not units:
             raise ValueError("evict_stale needs a hash table with eviction ('lru' or 'lfu')")
         for unit in units:
             hash_part, got = evict_stale_shards(self._tables, unit, shards[unit][1], max_age)
             shards[unit] = (shards[unit][0], hash_part)
-            stats.update(got)
+            stats.update({t: accumulate(stats[t], s) for t, s in got.items()})
         return self._state(state, shards, stats)
 
     def exchange_sizes(self, batch_size: int) -> dict:

@@ -32,7 +32,7 @@ import weakref
 import jax
 import numpy as np
 
-from sok_jax.distributed.state import check_stats
+from sok_jax.distributed.state import check_call, check_stats
 
 _COMPILING = contextvars.ContextVar("sok_jax_eager_compiling", default=False)
 
@@ -155,8 +155,13 @@ def compiled_when_eager(static_argnames=(), checked_state=None):
                 result = compiled(self)(*args, **kwargs)
             if checked_state is not None and getattr(self, "check", False):
                 state = checked_state(result)
+                given = None if bound is None else bound.arguments.get("state")
                 if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(state)):
-                    check_stats(state)  # an eager call: raise here, the state intact
+                    # An eager call raises on what it added, the state intact.
+                    if given is None:
+                        check_stats(state)
+                    else:
+                        check_call(given.stats, state)
             return result
 
         return call

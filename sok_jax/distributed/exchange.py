@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from sok_jax.distributed import scores
 from sok_jax.distributed.state import EmbeddingStats
 from sok_jax.embedding import _lookup
 from sok_jax.ids import Bags
@@ -103,16 +104,18 @@ class UnitContext(NamedTuple):
       returned buffer (exchanged), or the local row of each position.
     offsets: per lookup, int32 [M_f + 1].
     weights: per lookup, float32 [N_f], or None when unweighted.
-    reset_rows: a table that evicts: int32, the local rows the lookup
-      (re)initialized for new keys (-1: none), whose optimizer slots the
-      sparse update resets; None otherwise.
+    held: a table that evicts: the owner's `scores.HeldRows` (its rows, the
+      keys they held at this lookup, those given to new keys), by which the
+      sparse update resets the new keys' slots and skips the rows a later
+      lookup gave to other keys; None otherwise (no other table ever gives
+      a row to another key).
     """
 
     owner_rows: Any
     index: tuple
     offsets: tuple
     weights: tuple
-    reset_rows: Any = None
+    held: Any = None
 
 
 class DeviceLookup(NamedTuple):
@@ -340,13 +343,16 @@ ONLINE_COUNTS = ("evicted", "not_admitted", "load")
 
 class _Counters:
     """Per table, this device's counts of the call (and an online hash
-    table's evictions, unadmitted keys and load)."""
+    table's evictions, unadmitted keys and load, and an evicting one's stale
+    rows)."""
 
-    def __init__(self, tables, online=()):
+    def __init__(self, tables, online=(), evicting=()):
         zero = jnp.zeros((), jnp.int32)
         self.counts = {t: {"overflow": zero, "invalid": zero, "hash_full": zero} for t in tables}
         for t in online:
             self.counts[t].update(evicted=zero, not_admitted=zero, load=jnp.zeros((), jnp.float32))
+        for t in evicting:
+            self.counts[t]["stale"] = zero
 
     def add(self, table, what, value):
         c = self.counts[table][what]
@@ -366,6 +372,10 @@ class _Counters:
         for k, v in (counts or {}).items():
             self._credit(unit, k, v)
 
+    def add_stale(self, unit: Unit, stale):
+        """An evicting unit's stale rows on this device."""
+        self._credit(unit, "stale", stale)
+
     def _credit(self, unit: Unit, what, value):
         members = unit.rows.members
         if len(members) == 1:
@@ -381,26 +391,32 @@ class _Counters:
             t: EmbeddingStats(
                 *(c[k].reshape(1) for k in ("overflow", "invalid", "hash_full")),
                 nonfinite=jnp.zeros((1,), jnp.int32),
-                **{k: c[k].reshape(1) for k in ONLINE_COUNTS if k in c},
+                **{k: c[k].reshape(1) for k in (*ONLINE_COUNTS, "stale") if k in c},
             )
             for t, c in self.counts.items()
         }
 
 
-def _context(owner_rows, unit, index, bags, reset_rows=None):
+def _context(owner_rows, unit, index, bags, held=None):
     specs = unit.lookups
     return UnitContext(
         owner_rows,
         tuple(index),
         tuple(bags[s.name].offsets for s in specs),
         tuple(_weights_or_none(bags[s.name]) for s in specs),
-        reset_rows,
+        held,
     )
 
 
 def online_tables(units) -> list:
     """The tables of the units that are online hash tables."""
     return [t for u in units if getattr(u.rows, "scored", False) for t in member_tables(u)]
+
+
+def evicting_tables(units) -> list:
+    """The tables of the units that evict (the only ones whose rows change
+    key, so whose contexts can go stale)."""
+    return [t for u in units if u.rows.evicting for t in member_tables(u)]
 
 
 def forward(units, shards, seed, bags, capacities, local, implementation, training, sparse):
@@ -410,7 +426,9 @@ def forward(units, shards, seed, bags, capacities, local, implementation, traini
     capacities: {unit: bucket size}; local: {unit: True when it does not
     exchange}; `sparse`: the outputs carry no gradient to the tables."""
     outs, new_shards, ctxs = {}, {}, {}
-    counters = _Counters([t for u in units for t in member_tables(u)], online_tables(units))
+    counters = _Counters(
+        [t for u in units for t in member_tables(u)], online_tables(units), evicting_tables(units)
+    )
 
     def read(unit, rows_found):
         table, slot_keys = shards[unit.name]
@@ -430,7 +448,7 @@ def forward(units, shards, seed, bags, capacities, local, implementation, traini
         ]
         received = exchange_words(axis, n, [p.send for p in plans])
         # 3: on the owners, the rows and their vectors.
-        found, vectors, resets = [], [], []
+        found, vectors, helds = [], [], []
         for u, got in zip(exchanged, received):
             table, slot_keys = shards[u.name]
             owner = u.rows.owner_rows(table, slot_keys, seed, got, training)
@@ -442,17 +460,17 @@ def forward(units, shards, seed, bags, capacities, local, implementation, traini
             counters.add_hash_full(u, owner.hash_full)
             counters.add_online(u, owner.online)
             found.append(owner.rows)
-            resets.append(owner.reset_rows)
+            helds.append(owner.held)
         # 4: one all_to_all brings every unit's vectors back.
         back = exchange_vectors(axis, n, tuple(vectors))
         # 5: combine per lookup.
-        for u, p, owner_rows, vecs, reset in zip(exchanged, plans, found, back, resets):
+        for u, p, owner_rows, vecs, held in zip(exchanged, plans, found, back, helds):
             lengths = [bags[s.name].ids.shape[0] for s in u.lookups]
             index = _split(p.recv_index, lengths)
             outs.update(_combine(u.lookups, implementation, vecs, index, bags))
             counters.add_per_lookup(u.lookups, "overflow", _split(p.dropped, lengths))
             counters.add_per_lookup(u.lookups, "invalid", _split(p.invalid, lengths))
-            ctxs[u.name] = _context(owner_rows, u, index, bags, reset)
+            ctxs[u.name] = _context(owner_rows, u, index, bags, held)
     for u in units:
         if not local[u.name]:
             continue
@@ -468,7 +486,7 @@ def forward(units, shards, seed, bags, capacities, local, implementation, traini
             counters.add_per_lookup(u.lookups, "invalid", invalid)
         counters.add_hash_full(u, got.hash_full)
         counters.add_online(u, got.online)
-        ctxs[u.name] = _context(None, u, index, bags, got.reset_rows)
+        ctxs[u.name] = _context(None, u, index, bags, got.held)
     return DeviceLookup(outs, new_shards, counters.stats(), ctxs)
 
 
@@ -570,3 +588,14 @@ def _local_owner_bags(unit: Unit, groups, ops) -> OwnerBags:
     touched = jax.lax.all_gather(touched, rows.axis_name, tiled=True)
     grads = jax.lax.all_gather(grads, rows.axis_name, tiled=True)
     return OwnerBags(grads, touched, _singles(touched.shape[0]), _no_weights(), "sum")
+
+
+def fresh_bags(unit: Unit, bags: OwnerBags, stale, ops) -> OwnerBags:
+    """An evicting unit's owner bags without the rows in `stale` (a
+    `scores.StaleRows`): their positions become -1, which every update skips.
+    Bags of a mean or sqrtn combiner are first reduced to one row each, so
+    that dropping a row leaves the other rows' gradients as they were."""
+    if bags.combiner != "sum":
+        g = ops.lookup_combine_bwd(*bags, unit.rows.rows_per_device)
+        bags = OwnerBags(g.grads, g.rows, _singles(g.rows.shape[0]), _no_weights(), "sum")
+    return bags._replace(ids=scores.drop_stale(stale, bags.ids))

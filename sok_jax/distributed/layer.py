@@ -8,6 +8,7 @@ here, at construction.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,13 @@ from sok_jax.distributed.online import (
 )
 from sok_jax.distributed.rows import Member, RowHashRows, RowRows
 from sok_jax.distributed.scores import make_options
-from sok_jax.distributed.state import EmbeddingState, EmbeddingStats
+from sok_jax.distributed.state import (
+    EmbeddingState,
+    EmbeddingStats,
+    accumulate,
+    check_like,
+    check_opt_state,
+)
 from sok_jax.distributed.tables import LookupInput, ShardedTables, mesh_and_axis
 from sok_jax.ops import checks, embed_ops, resolve
 from sok_jax.ops.embed_ops import SparseRowGrad
@@ -66,8 +73,8 @@ class DistributedEmbedding:
         key) or c > 0: each destination bucket holds
         ceil(c * max_feature_num * local_batch / n) keys.
       dtype: table storage dtype (float32, bfloat16, float16).
-      check: check the counters of every call (they are in `state.stats`
-        either way): an eager call raises `sok_jax.EmbeddingError` (its
+      check: check what every call counts (the counters accumulate in
+        `state.stats` either way): an eager call that dropped ids raises `sok_jax.EmbeddingError` (its
         `.state` is the valid new state); inside jit nothing may raise (the
         donated state would be lost), so a call warns
         (`sok_jax.EmbeddingWarning`): call `sok_jax.check_stats(state)` on
@@ -203,9 +210,23 @@ class DistributedEmbedding:
 
     def zero_stats(self) -> EmbeddingStats:
         """The counters of a fresh state (every field this layer reports,
-        zeros, sharded over the axis): for a state built by hand, e.g. a table
-        initialized by the user's own program."""
+        zeros, sharded over the axis): to reset the counters, which
+        accumulate from `init` (`dataclasses.replace(state,
+        stats=layer.zero_stats())`), or for a state built by hand, e.g. a
+        table initialized by the user's own program."""
         return self._tables.zero_stats()[_TABLE]
+
+    @functools.cached_property
+    def _state_like(self) -> EmbeddingState:
+        """Shapes and dtypes of every leaf of this layer's state."""
+        return jax.eval_shape(lambda: self.init(0))
+
+    def _check_state(self, state, opt_state=None, optimizer=None):
+        """Trace-time: `state` (and `opt_state`) fit this layer; ValueError
+        naming the field otherwise."""
+        check_like(self._state_like, state, "state")
+        if opt_state is not None:
+            check_opt_state(self._state_like.table, opt_state, optimizer, "opt_state")
 
     # ------------------------------------------------------------- the batch
     def _capacity(self, local_batch: int) -> int:
@@ -244,12 +265,18 @@ class DistributedEmbedding:
         w = bags.weights.reshape(shape) if bags.weights.shape[0] else None
         return {_IDS: LookupInput(bags.ids.reshape(shape), w, None)}
 
-    def _shards(self, state: EmbeddingState):
+    def _shards(self, state: EmbeddingState, opt_state=None, optimizer=None):
+        self._check_state(state, opt_state, optimizer)
         return {_TABLE: (state.table, join_hash_part(state.slot_keys, state.scores))}
 
     def _run(self, state: EmbeddingState, ids, weights, training: bool, sparse: bool):
         outs, shards, stats, ctx = self._tables.run(
-            self._shards(state), state.seed, self._inputs(ids, weights), training, sparse
+            self._shards(state),
+            state.seed,
+            {_TABLE: state.stats},
+            self._inputs(ids, weights),
+            training,
+            sparse,
         )
         table, hash_part = shards[_TABLE]
         slot_keys, scores = split_hash_part(hash_part)
@@ -291,7 +318,9 @@ class DistributedEmbedding:
     def sparse_grad(self, ctx, d_out) -> SparseRowGrad:
         """Per-device row gradients (stacked over the axis: rows [n*cap],
         grads [n*cap, D], count [n]) for the rows the batch touched, reduced
-        on their owners. Never builds a [rows, D] array."""
+        on their owners. Never builds a [rows, D] array. A table that evicts
+        gives a `HashRowGrad`, which also carries the keys its lookup found
+        (`apply_gradients` skips the rows a later lookup gave away)."""
         return self._tables.sparse_grad(ctx, {_IDS: d_out})[_TABLE]
 
     @compiled_when_eager()
@@ -323,20 +352,25 @@ class DistributedEmbedding:
         """NamedShardings of a sparse optimizer state (slots like the table)."""
         return self._tables.optimizer_shardings({_TABLE: opt_state})[_TABLE]
 
-    def _updated(self, state, shards):
+    def _updated(self, state, shards, stats):
         table, hash_part = shards[_TABLE]
         slot_keys, scores = split_hash_part(hash_part)
-        return dataclasses.replace(state, table=table, slot_keys=slot_keys, scores=scores)
+        return EmbeddingState(table, slot_keys, state.seed, stats[_TABLE], scores)
 
     @compiled_when_eager(("optimizer",))
     def apply_gradients(self, state: EmbeddingState, optimizer, opt_state, grad: SparseRowGrad):
         """Applies `optimizer` to the rows in `grad` (from `sparse_grad`) on
         each owner, in place (donate `state` and `opt_state` in your step).
-        Returns (new_state, new_opt_state)."""
-        shards, opt = self._tables.apply_gradients(
-            self._shards(state), {_TABLE: optimizer}, {_TABLE: opt_state}, {_TABLE: grad}
+        A table that evicts skips the rows a lookup after `grad`'s gave to
+        other keys (`stats.stale`). Returns (new_state, new_opt_state)."""
+        shards, opt, stats = self._tables.apply_gradients(
+            self._shards(state, opt_state, optimizer),
+            {_TABLE: optimizer},
+            {_TABLE: opt_state},
+            {_TABLE: state.stats},
+            {_TABLE: grad},
         )
-        return self._updated(state, shards), opt[_TABLE]
+        return self._updated(state, shards, stats), opt[_TABLE]
 
     @compiled_when_eager(("optimizer",))
     def sparse_update(self, state: EmbeddingState, optimizer, opt_state, ctx, d_out):
@@ -347,13 +381,20 @@ class DistributedEmbedding:
         The same function as
         `apply_gradients(state, optimizer, opt_state, sparse_grad(ctx, d_out))`;
         use that form to transform the row gradients first (e.g. clipping).
-        Donate `state` and `opt_state` in your step. Returns (new_state,
-        new_opt_state)."""
-        shards, opt = self._tables.sparse_update(
-            self._shards(state), {_TABLE: optimizer}, {_TABLE: opt_state}, ctx, {_IDS: d_out}
+        A table that evicts skips the rows that a lookup after `ctx`'s gave
+        to other keys, counted in `stats.stale` (call it right after its
+        lookup). Donate `state` and `opt_state` in your step. Returns
+        (new_state, new_opt_state)."""
+        shards, opt, stats = self._tables.sparse_update(
+            self._shards(state, opt_state, optimizer),
+            {_TABLE: optimizer},
+            {_TABLE: opt_state},
+            {_TABLE: state.stats},
+            ctx,
+            {_IDS: d_out},
         )
-        stats = self._tables.with_nonfinite({_TABLE: state.stats}, {_IDS: d_out})[_TABLE]
-        return dataclasses.replace(self._updated(state, shards), stats=stats), opt[_TABLE]
+        stats = self._tables.with_nonfinite(stats, {_IDS: d_out})
+        return self._updated(state, shards, stats), opt[_TABLE]
 
     # ------------------------------------------------------- export / import
     def export_pairs(self, state: EmbeddingState, opt_state=None, *, since_step=None):
@@ -375,6 +416,7 @@ class DistributedEmbedding:
           ValueError: `since_step` on a table without scores, or before the
             oldest step the eviction log still covers.
         """
+        self._check_state(state, opt_state)
         return export_table(
             self._rows,
             _TABLE,
@@ -429,19 +471,21 @@ class DistributedEmbedding:
     def step(self, state: EmbeddingState) -> int:
         """The training lookups an online hash table's state has seen (the
         step of its last one; 0 before any)."""
+        self._check_state(state)
         return host_step(state.scores)
 
     def evict_stale(self, state: EmbeddingState, max_age: int) -> EmbeddingState:
         """Frees every row that no training lookup saw in the last `max_age`
         steps (an online hash table with eviction), logging its key for the
-        deltas; `stats.evicted` of the result counts them per shard (the
-        other counters are zero). Their vectors and slots are reset when a
-        new key takes the row."""
+        deltas; `stats.evicted` of the result adds them per shard. Their
+        vectors and slots are reset when a new key takes the row."""
+        self._check_state(state)
         hash_part, stats = evict_stale_shards(
             self._tables, _TABLE, join_hash_part(state.slot_keys, state.scores), max_age
         )
         slot_keys, scores = split_hash_part(hash_part)
-        return dataclasses.replace(state, slot_keys=slot_keys, scores=scores, stats=stats[_TABLE])
+        stats = accumulate(state.stats, stats[_TABLE])
+        return dataclasses.replace(state, slot_keys=slot_keys, scores=scores, stats=stats)
 
     # ----------------------------------------------------------- inspection
     def logical_rows(self, state: EmbeddingState, keys):
@@ -449,6 +493,7 @@ class DistributedEmbedding:
         tests and export)."""
         if self.use_hashtable:
             raise ValueError("logical_rows is for direct mode; use export_pairs in hash mode")
+        self._check_state(state)
         keys = checks.host_keys(keys, self.key_dtype, "logical_rows: keys", padding_ok=False)
         self._rows._check_direct_keys(keys, self._rows.member)
         return to_host(state.table)[self._rows.global_rows(keys)]

@@ -29,8 +29,10 @@ A hash strategy built with `online` (a `scores.HashOptions`: eviction,
 admission, scores) carries the hash part of its shard as a
 `scores.HashShard` (keys and `HashScores`) instead of the keys alone; its
 lookups then evict and admit (xla_ffi/hash_math.h has the rule), count into
-`OwnerRows.online`, and name the rows they gave to new keys
-(`OwnerRows.reset_rows`) so that the sparse update resets their slots.
+`OwnerRows.online`, and, where the table evicts, record the rows they found
+and the keys those held (`OwnerRows.held`, a `scores.HeldRows`) so that the
+sparse update resets the slots of the rows given to new keys and skips the
+rows whose key a later lookup evicted.
 """
 
 from __future__ import annotations
@@ -67,16 +69,16 @@ class OwnerRows(NamedTuple):
     """The shard after any insertion (`table` and `slot_keys`, None when
     unchanged), the local row of each key (-1: none) and the count of keys
     that found no row because the shard is full. Online hash tables also
-    give this device's counts {evicted, not_admitted, load} and the rows
-    (re)initialized for new keys in a table that evicts, whose optimizer
-    slots the sparse update resets (-1: none); None otherwise."""
+    give this device's counts {evicted, not_admitted, load}, and a table
+    that evicts its `scores.HeldRows` (the rows of the keys looked up, the
+    keys, which rows went to new keys); None otherwise."""
 
     table: Any
     slot_keys: Any
     rows: jax.Array
     hash_full: jax.Array
     online: Any = None
-    reset_rows: Any = None
+    held: Any = None
 
 
 class StoredRows(NamedTuple):
@@ -440,10 +442,13 @@ class _Hashed:
             )
             target = jnp.where(is_new.astype(bool) & (rows >= 0), rows, table.shape[0])
             table = _insert_rows(table, target, fresh)
-        # An evicting table reuses rows: the sparse update resets their slots.
-        reset = jnp.where(is_new == 1, rows, -1) if training and self.evicting else None
+        # An evicting table reuses rows: the sparse update resets the slots of
+        # the new keys' rows and skips the rows a later lookup gave away.
+        held = None
+        if self.evicting:
+            held = scores.HeldRows(rows, keys, (is_new == 1) & training)
         found = OwnerRows(
-            table, hash_part, rows, failed.reshape(()).astype(jnp.int32), counts, reset
+            table, hash_part, rows, failed.reshape(()).astype(jnp.int32), counts, held
         )
         return found, status
 

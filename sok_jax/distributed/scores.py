@@ -39,6 +39,13 @@ than it would have been on the old count, never later.
 An evicted row is re-initialized for its new key (from the seed and the
 key, as any new key) by the lookup, and its optimizer slots are reset by the
 sparse update that follows (`reset_slots`, fed by the lookup's context).
+
+Only a table that evicts ever gives a row to another key (without eviction
+rows are taken only while free, and `evict_stale` needs eviction), so only
+its lookups record the key each of their rows held (`HeldRows`). The update
+that uses a lookup's context skips the rows whose key changed since (a later
+lookup evicted it): `find_stale` and `drop_stale`, counted in
+`stats.stale`.
 """
 
 from __future__ import annotations
@@ -215,7 +222,7 @@ def append_log(scores: HashScores, keys, mask, step) -> HashScores:
     size = scores.log_keys.shape[0]
     mask = mask.astype(bool)
     k = jnp.cumsum(mask.astype(jnp.int32)) - 1
-    total = jnp.sum(mask.astype(jnp.int32))
+    total = jnp.sum(mask, dtype=jnp.int32)  # int32 under x64 too: the state keeps its dtypes
     keep = mask & (k >= total - size)
     at = scores.log_total[0] + k
     target = jnp.where(keep, jnp.remainder(at, size), size)
@@ -323,15 +330,64 @@ def reset_slots(optimizer, opt_state, rows, dim: int):
     return type(opt_state)(tuple(out), opt_state.count)
 
 
+class HeldRows(NamedTuple):
+    """What one device's lookup of a table that evicts found, per key it
+    looked up: the row (int32, -1: none), the key (which the row held then)
+    and whether the lookup gave the row to that key (`new`: its optimizer
+    slots are reset by the update that follows)."""
+
+    rows: Any
+    keys: Any
+    new: Any
+
+
+class StaleRows(NamedTuple):
+    """The rows of a `HeldRows` whose key changed since its lookup.
+
+    sorted: int32 [H]: the stale rows ascending, then int32 max.
+    count: int32: how many distinct rows are stale.
+    reset_rows: int32 [H]: the rows given to new keys that are not stale
+      (-1 elsewhere), whose optimizer slots the update resets.
+    """
+
+    sorted: Any
+    count: Any
+    reset_rows: Any
+
+
+_NO_ROW = np.iinfo(np.int32).max
+
+
+def find_stale(slot_keys, held: HeldRows) -> StaleRows:
+    """One device: the rows of `held` that hold another key in `slot_keys`
+    now (a lookup after the one that made `held` evicted their key)."""
+    rows = held.rows
+    now = slot_keys.at[rows].get(mode="fill", fill_value=checks.padding_value(slot_keys.dtype))
+    stale = (rows >= 0) & (now != held.keys.astype(slot_keys.dtype))
+    s = jnp.sort(jnp.where(stale, rows, _NO_ROW))
+    first = jnp.concatenate([s[:1] != _NO_ROW, (s[1:] != s[:-1]) & (s[1:] != _NO_ROW)])
+    reset = jnp.where(held.new.astype(bool) & ~stale & (rows >= 0), rows, -1)
+    return StaleRows(s, jnp.sum(first).astype(jnp.int32), reset)
+
+
+def drop_stale(stale: StaleRows, rows):
+    """`rows` (int32, -1: none) with the stale ones set to -1 (an update
+    skips them: their vectors and slots stay as they are)."""
+    s = stale.sorted
+    at = jnp.clip(jnp.searchsorted(s, rows), 0, s.shape[0] - 1)
+    return jnp.where((rows >= 0) & (s[at] == rows), -1, rows)
+
+
 class HashRowGrad(NamedTuple):
     """`sparse_grad` of a hash table that evicts: a `SparseRowGrad` (rows,
-    grads, count) and the rows whose optimizer slots `apply_gradients`
-    resets first (int32, -1: none): those the lookup gave to new keys."""
+    grads, count) and its lookup's `HeldRows`: `apply_gradients` skips the
+    rows whose key changed since that lookup (counted in `stats.stale`) and
+    resets the slots of the others it gave to new keys."""
 
     rows: Any
     grads: Any
     count: Any
-    reset_rows: Any
+    held: Any
 
 
 def merge_sketches(sketches: np.ndarray, m: int) -> np.ndarray:

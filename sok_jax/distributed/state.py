@@ -16,7 +16,12 @@ from sok_jax.distributed.host import to_host
 
 @dataclasses.dataclass(frozen=True)
 class EmbeddingStats:
-    """Per-device counts of the last call, int32 [n] each.
+    """Per-device counters, int32 [n] each, that accumulate from `init`:
+    every call adds what it counted, so a `check_stats` every N steps sees
+    the drops of all N. `load` alone is a gauge (of the last call). Reset
+    them with the layer's `zero_stats()`:
+    `state = dataclasses.replace(state, stats=layer.zero_stats())` (a
+    collection's: `stats=coll.zero_stats()`).
 
     overflow: distinct keys that did not fit their destination's exchange
       bucket (they got zeros and no gradient). Raise `capacity_factor`.
@@ -24,8 +29,8 @@ class EmbeddingStats:
       mode: outside [0, n * max_vocabulary_size_per_gpu)).
     hash_full: keys that found no row because their owner's shard was full
       (with eviction: its bucket held only rows the same call saw).
-    nonfinite: set by `sparse_update` (zeros after a lookup): the cotangent
-      vectors of each device's share of the batch that held a NaN or Inf.
+    nonfinite: counted by `sparse_update`: the cotangent vectors of each
+      device's share of the batch that held a NaN or Inf.
       They reach every row their bags looked up; with `skip_nonfinite=True`
       on the optimizer those rows and slots were left as they were,
       otherwise they now hold NaN.
@@ -35,7 +40,11 @@ class EmbeddingStats:
     not_admitted: keys that got no row because admission has not seen them
       in `admit_after` training lookups yet.
     load: float32, the fraction of each shard's rows that hold a key after
-      the call.
+      the last call.
+    Hash tables that evict only (None otherwise):
+    stale: rows that an update (`sparse_update`, `apply_gradients`) skipped
+      because a lookup after the one that made its context evicted their
+      key: the update left them and their optimizer slots as they were.
     """
 
     overflow: Any
@@ -45,6 +54,7 @@ class EmbeddingStats:
     evicted: Any = None
     not_admitted: Any = None
     load: Any = None
+    stale: Any = None
 
     def total(self):
         return jnp.sum(self.overflow) + jnp.sum(self.invalid) + jnp.sum(self.hash_full)
@@ -85,6 +95,7 @@ jax.tree_util.register_dataclass(
         "evicted",
         "not_admitted",
         "load",
+        "stale",
     ],
     meta_fields=[],
 )
@@ -110,11 +121,17 @@ class EmbeddingWarning(UserWarning):
     not raise (that would lose the donated state)."""
 
 
+_STALE = (
+    "row update(s) skipped: the update used a context from before a lookup that evicted "
+    "its rows' keys; call sparse_update (or sparse_grad) right after its lookup"
+)
+
+
 def stats_problems(
-    overflow, invalid, hash_full, table: str | None = None, nonfinite=None
+    overflow, invalid, hash_full, table: str | None = None, nonfinite=None, stale=None
 ) -> list[str]:
-    """One sentence per kind of dropped id (and of non-finite cotangent),
-    with the per-device counts."""
+    """One sentence per kind of dropped id (and of non-finite cotangent and
+    skipped stale row), with the per-device counts."""
     where = f"table {table!r}: " if table else ""
     problems = []
     for counts, what in (
@@ -126,11 +143,29 @@ def stats_problems(
             "cotangent vector(s) held NaN or Inf (their rows now hold NaN unless the "
             "optimizer has skip_nonfinite=True)",
         ),
+        (0 if stale is None else stale, _STALE),
     ):
         counts = np.asarray(counts)
         if int(np.sum(counts)):
             problems.append(f"{where}{int(np.sum(counts))} {what} (per device {counts.tolist()})")
     return problems
+
+
+# The counters that accumulate (`load` is a gauge).
+COUNTS = ("overflow", "invalid", "hash_full", "nonfinite", "evicted", "not_admitted", "stale")
+
+
+def accumulate(old: EmbeddingStats, new: EmbeddingStats) -> EmbeddingStats:
+    """`old` plus the counts of a call (`new`), with the call's `load`; a
+    field absent from one side is taken from the other."""
+
+    def add(a, b):
+        if a is None or b is None:
+            return b if a is None else a
+        return a + b
+
+    sums = {k: add(getattr(old, k), getattr(new, k)) for k in COUNTS}
+    return EmbeddingStats(**sums, load=old.load if new.load is None else new.load)
 
 
 def _all_stats(state) -> dict:
@@ -139,22 +174,129 @@ def _all_stats(state) -> dict:
     return stats if isinstance(stats, dict) else {None: stats}
 
 
+def _problems(stats: dict, before: dict | None = None) -> list[str]:
+    problems = []
+    for table, s in stats.items():
+        b = None if before is None else before[table]
+
+        def host(k, s=s, b=b):
+            x = getattr(s, k)
+            if x is None:
+                return None
+            x = to_host(x)
+            prior = None if b is None else getattr(b, k)
+            return x if prior is None else x - to_host(prior)
+
+        problems += stats_problems(
+            host("overflow"), host("invalid"), host("hash_full"), table, host("nonfinite"),
+            host("stale"),
+        )
+    return problems
+
+
 def check_stats(state) -> None:
-    """Host-side check of the counters of the last call that made `state`
-    (of a `DistributedEmbedding` or an `EmbeddingCollection`).
+    """Host-side check of the counters of `state` (of a
+    `DistributedEmbedding` or an `EmbeddingCollection`): everything counted
+    since `init` (or the last `zero_stats()`).
 
     Raises:
-      EmbeddingError: the call dropped anything (overflow, invalid ids, full
-        hash shards) or, for a `sparse_update`, got a NaN or Inf cotangent,
-        naming each count per device (and table); `state` stays valid.
+      EmbeddingError: a call dropped anything (overflow, invalid ids, full
+        hash shards), a `sparse_update` got a NaN or Inf cotangent, or an
+        update skipped rows of a stale context, naming each count per
+        device (and table); `state` stays valid.
     """
-    problems = []
-    for table, s in _all_stats(state).items():
-        counts = (to_host(s.overflow), to_host(s.invalid), to_host(s.hash_full))
-        nonfinite = None if s.nonfinite is None else to_host(s.nonfinite)
-        problems += stats_problems(*counts, table, nonfinite)
+    problems = _problems(_all_stats(state))
     if problems:
         raise EmbeddingError("sok_jax: " + "; ".join(problems), state)
+
+
+def check_call(before, state) -> None:
+    """`check_stats` of what one call added to the counters (`before`: the
+    stats it was given), for a layer's `check=True` eager calls."""
+    before = before if isinstance(before, dict) else {None: before}
+    problems = _problems(_all_stats(state), before)
+    if problems:
+        raise EmbeddingError("sok_jax: " + "; ".join(problems), state)
+
+
+def _shape_dtype(x) -> tuple:
+    """(shape, dtype) of an array, a tracer or a ShapeDtypeStruct (never
+    reading a tracer's values), or of anything numpy converts."""
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        x = np.asarray(x)
+    return tuple(x.shape), np.dtype(x.dtype)
+
+
+def _outside(paths, others) -> list:
+    """The shortest prefix of each path of `paths` that no path of `others`
+    starts with (e.g. `.scores` for a whole subtree one side lacks), once
+    each, in order."""
+    out = []
+    for p in paths:
+        for i in range(1, len(p) + 1):
+            if not any(q[:i] == p[:i] for q in others):
+                if p[:i] not in out:
+                    out.append(p[:i])
+                break
+    return out
+
+
+def check_like(expected, got, what: str) -> None:
+    """Trace-time check that the pytree `got` has the structure, shapes and
+    dtypes of `expected` (a pytree of `jax.ShapeDtypeStruct`s), e.g. a state
+    against the layer that is given it.
+
+    Raises:
+      ValueError: naming the fields one side has and the other lacks, or the
+        first field whose shape or dtype differs with both.
+    """
+    want = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+    have = dict(jax.tree_util.tree_flatten_with_path(got)[0])
+
+    def names(paths):
+        return ", ".join(what + jax.tree_util.keystr(p) for p in paths)
+
+    lacking = _outside([p for p in want if p not in have], list(have))
+    if lacking:
+        raise ValueError(
+            f"{what}: this layer has {names(lacking)}, the given {what} has not (is it "
+            "another layer's, or built by hand?)"
+        )
+    extra = _outside([p for p in have if p not in want], list(want))
+    if extra:
+        raise ValueError(
+            f"{what}: the given {what} has {names(extra)}, which this layer has not (is it "
+            "another layer's?)"
+        )
+    for path, w in want.items():
+        h = have[path]
+        if _shape_dtype(h) != _shape_dtype(w):
+            (shape, dtype), (got_shape, got_dtype) = _shape_dtype(w), _shape_dtype(h)
+            raise ValueError(
+                f"{what}{jax.tree_util.keystr(path)}: this layer expects {shape} {dtype}, got "
+                f"{got_shape} {got_dtype} (is the {what} another layer's?)"
+            )
+
+
+def check_opt_state(table_like, opt_state, optimizer, what: str) -> None:
+    """Trace-time check of a sparse optimizer state against the table it
+    updates (`table_like`: its shape and dtype): with `optimizer`, the
+    structure, shapes and dtypes of `optimizer.init(table)`; without, every
+    slot's leading dimension (the table's rows).
+
+    Raises:
+      ValueError: naming the slot that differs.
+    """
+    if optimizer is not None and callable(getattr(optimizer, "init", None)):
+        check_like(jax.eval_shape(optimizer.init, table_like), opt_state, what)
+        return
+    for i, slot in enumerate(getattr(opt_state, "slots", ())):
+        shape, _ = _shape_dtype(slot)
+        if not shape or shape[0] != table_like.shape[0]:
+            raise ValueError(
+                f"{what}.slots[{i}]: this layer's table has {table_like.shape[0]} rows, the slot "
+                f"is {shape} (is the {what} another layer's?)"
+            )
 
 
 def warn_on_stats(*counts) -> None:

@@ -24,8 +24,8 @@ from sok_jax import initializers
 from sok_jax._compat import shard_map
 from sok_jax.distributed import eager, exchange
 from sok_jax.distributed.exchange import DeviceLookup, Unit
-from sok_jax.distributed.scores import HashRowGrad, reset_slots
-from sok_jax.distributed.state import EmbeddingStats, warn_on_stats
+from sok_jax.distributed.scores import HashRowGrad, drop_stale, find_stale, reset_slots
+from sok_jax.distributed.state import EmbeddingStats, accumulate, warn_on_stats
 from sok_jax.ids import Bags
 from sok_jax.optim import check_sparse_optimizer
 from sok_jax.ops import resolve
@@ -68,6 +68,11 @@ class LookupInput:
 jax.tree_util.register_dataclass(
     LookupInput, data_fields=["ids", "weights", "dropped"], meta_fields=["sequence"]
 )
+
+
+def _slot_keys(hash_part):
+    """The slot_keys of a shard's hash part (keys alone, or a HashShard)."""
+    return getattr(hash_part, "slot_keys", hash_part)
 
 
 def device_bags(x: LookupInput) -> Bags:
@@ -156,12 +161,7 @@ class ShardedTables:
 
     def stats_shardings(self) -> dict:
         row = NamedSharding(self.mesh, P(self.axis_name))
-        online = set(exchange.online_tables(self.units))
-        extra = {k: row for k in exchange.ONLINE_COUNTS}
-        return {
-            t: EmbeddingStats(row, row, row, row, **(extra if t in online else {}))
-            for t in self.tables
-        }
+        return jax.tree.map(lambda _: row, jax.eval_shape(self.zero_stats))
 
     def slot_specs(self, unit: Unit, opt_state):
         lead = None if unit.rows.replicated else self.axis_name
@@ -203,45 +203,49 @@ class ShardedTables:
         def zeros(dtype=jnp.int32):
             return jax.device_put(jnp.zeros((n,), dtype), row)
 
+        evicting = set(exchange.evicting_tables(self.units))
+
         def extra(t):
-            if t not in online:
-                return {}
-            return dict(evicted=zeros(), not_admitted=zeros(), load=zeros(jnp.float32))
+            out = {}
+            if t in online:
+                out.update(evicted=zeros(), not_admitted=zeros(), load=zeros(jnp.float32))
+            if t in evicting:
+                out["stale"] = zeros()
+            return out
 
         return {
             t: EmbeddingStats(zeros(), zeros(), zeros(), zeros(), **extra(t)) for t in self.tables
         }
 
     def with_nonfinite(self, stats: dict, d_outs: dict) -> dict:
-        """`stats` with each table's `nonfinite`: per device, the vectors of
-        its share of the cotangents (the batch's leading axis, in device
-        order) of the lookups reading the table that hold a NaN or Inf."""
+        """`stats` with each table's `nonfinite` raised by, per device, the
+        vectors of its share of the cotangents (the batch's leading axis, in
+        device order) of the lookups reading the table that hold a NaN or
+        Inf."""
         reading = {}
         for u in self.units:
             for s in u.lookups:
                 reading.setdefault(s.table, []).append(s.name)
 
-        def body(d_outs):
-            return {
-                t: sum(
+        def body(d_outs, stats):
+            out = dict(stats)
+            for t, features in reading.items():
+                bad = sum(
                     jnp.sum(~jnp.all(jnp.isfinite(d_outs[f]), axis=-1), dtype=jnp.int32)
                     for f in features
-                ).reshape(1)
-                for t, features in reading.items()
-            }
+                )
+                out[t] = accumulate(stats[t], EmbeddingStats(None, None, None, bad.reshape(1)))
+            return out
 
         row = P(self.axis_name)
-        counts = shard_map(body, self.mesh, (row,), row)({f: d_outs[f] for f in d_outs})
-        return {
-            t: dataclasses.replace(st, nonfinite=counts.get(t, jnp.zeros_like(st.overflow)))
-            for t, st in stats.items()
-        }
+        return shard_map(body, self.mesh, (row, row), row)({f: d_outs[f] for f in d_outs}, stats)
 
     # ----------------------------------------------------------- lookup
-    def run(self, shards, seed, inputs: dict, training: bool, sparse: bool):
+    def run(self, shards, seed, stats, inputs: dict, training: bool, sparse: bool):
         """The lookup of every lookup input: (outs, new shards, stats, ctx),
-        each a dict (outs by lookup, shards and ctx by unit, stats by table).
-        Shards the lookup left as they were come back as they went in."""
+        each a dict (outs by lookup, shards and ctx by unit, stats by table:
+        `stats` plus this call's counts). Shards the lookup left as they
+        were come back as they went in."""
         axis = self.axis_name
         local_batch = next(iter(inputs.values())).ids.shape[0] // self.num_devices
         local = self._local(local_batch)
@@ -252,7 +256,7 @@ class ShardedTables:
             isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((shards, seed, inputs))
         )
 
-        def body(shards, seed, inputs):
+        def body(shards, seed, before, inputs):
             bags = {name: device_bags(x) for name, x in inputs.items()}
             res = exchange.forward(
                 self.units,
@@ -285,7 +289,8 @@ class ShardedTables:
                     lambda g: None,
                     gathered,
                 )
-            return DeviceLookup(res.outs, res.shards, stats, res.ctx)
+            total = {t: accumulate(before[t], s) for t, s in stats.items()}
+            return DeviceLookup(res.outs, res.shards, total, res.ctx)
 
         row = P(axis)
         changed = {u.name for u in self.units if u.rows.hashed}
@@ -296,8 +301,8 @@ class ShardedTables:
             stats=row,
             ctx=row,
         )
-        fn = shard_map(body, self.mesh, (shard_specs, P(), row), out_specs)
-        res = fn(shards, seed, inputs)
+        fn = shard_map(body, self.mesh, (shard_specs, P(), row, row), out_specs)
+        res = fn(shards, seed, stats, inputs)
         new_shards = dict(shards)
         new_shards.update(res.shards)
         return res.outs, new_shards, res.stats, res.ctx
@@ -322,7 +327,8 @@ class ShardedTables:
 
     def sparse_grad(self, ctx, d_outs) -> dict:
         """{unit: SparseRowGrad} per device, stacked over the axis (a
-        replicated unit's is the same on every device)."""
+        replicated unit's is the same on every device); an evicting unit's
+        is a `HashRowGrad` carrying its lookup's `HeldRows`."""
         ops = resolve(self.implementation)
         local_batch = self._local_batch(d_outs)
         row = P(self.axis_name)
@@ -333,90 +339,116 @@ class ShardedTables:
             for u in self.units:
                 r = ops.lookup_combine_bwd(*bags[u.name], u.rows.rows_per_device)
                 out[u.name] = SparseRowGrad(r.rows, r.grads, r.count)
-                if ctx[u.name].reset_rows is not None:  # an evicting hash table
-                    out[u.name] = HashRowGrad(*out[u.name], ctx[u.name].reset_rows)
+                if ctx[u.name].held is not None:  # an evicting hash table
+                    out[u.name] = HashRowGrad(*out[u.name], ctx[u.name].held)
             return out
 
         specs = {
-            u.name: (HashRowGrad if ctx[u.name].reset_rows is not None else SparseRowGrad)(
+            u.name: (HashRowGrad if ctx[u.name].held is not None else SparseRowGrad)(
                 row,
                 P(self.axis_name, None),
                 row,
-                *([row] if ctx[u.name].reset_rows is not None else []),
+                *([row] if ctx[u.name].held is not None else []),
             )
             for u in self.units
         }
         return shard_map(body, self.mesh, (row, row), specs)(ctx, d_outs)
 
-    def _updates(self, shards, opt_states, body, args, arg_specs, optimizers):
-        _check_optimizers(optimizers)
+    def _updates(self, shards, opt_states, stats, body, args, arg_specs):
+        """One program applying `body(tables, opt_states, slot_keys, *args)`
+        -> (tables, opt_states, {unit: StaleRows}) on every device; the
+        slot_keys (and the stats) enter only for units that evict. Returns
+        (shards, opt_states, stats plus the stale rows counted)."""
         shard_specs = self._shard_specs()
         opt_specs = self._opt_specs(opt_states)
         tables = {k: v[0] for k, v in shards.items() if k in opt_states}
         t_specs = {k: shard_specs[k][0] for k in tables}
+        evicting = [u for u in self.units if u.rows.evicting and u.name in tables]
+        keys = {u.name: _slot_keys(shards[u.name][1]) for u in evicting}
+        k_specs = {u.name: shard_specs[u.name][1] for u in evicting}
+        names = exchange.evicting_tables(evicting)
+        row = P(self.axis_name)
 
-        def run(tables, opt_states, *args):
-            return body(tables, opt_states, *args)
+        def run(tables, opt_states, keys, stats, *args):
+            new_t, new_o, stale = body(tables, opt_states, keys, *args)
+            counters = exchange._Counters(names, (), names)
+            for u in evicting:
+                counters.add_stale(u, stale[u.name].count)
+            added = counters.stats()
+            return new_t, new_o, {t: accumulate(stats[t], added[t]) for t in names}
 
-        fn = shard_map(run, self.mesh, (t_specs, opt_specs, *arg_specs), (t_specs, opt_specs))
-        new_tables, new_opt = fn(tables, opt_states, *args)
+        fn = shard_map(
+            run,
+            self.mesh,
+            (t_specs, opt_specs, k_specs, row, *arg_specs),
+            (t_specs, opt_specs, row),
+        )
+        new_tables, new_opt, counted = fn(
+            tables, opt_states, keys, {t: stats[t] for t in names}, *args
+        )
         out = dict(shards)
         for k, t in new_tables.items():
             out[k] = (t, shards[k][1])
-        return out, new_opt
+        return out, new_opt, {**stats, **counted}
 
-    def sparse_update(self, shards, optimizers: dict, opt_states: dict, ctx, d_outs):
+    def sparse_update(self, shards, optimizers: dict, opt_states: dict, stats, ctx, d_outs):
         """Each unit's owners sum its rows' gradients and apply the unit's
-        optimizer to them in place (`update_bags`, fused where it can)."""
+        optimizer to them in place (`update_bags`, fused where it can). An
+        evicting unit skips the rows a lookup after `ctx`'s gave to other
+        keys, counted in their tables' `stale`. Returns (shards, opt_states,
+        stats)."""
+        _check_optimizers(optimizers)
         local_batch = self._local_batch(d_outs)
+        ops = resolve(self.implementation)
         row = P(self.axis_name)
 
-        def body(tables, opt_states, ctx, d_outs):
+        def body(tables, opt_states, keys, ctx, d_outs):
             bags = self._owner_bags(ctx, d_outs, local_batch)
-            new_t, new_o = {}, {}
+            new_t, new_o, stale = {}, {}, {}
             for name in tables:
-                opt = optimizers[name]
-                opt_states = dict(opt_states)
-                opt_states[name] = reset_slots(
-                    opt, opt_states[name], ctx[name].reset_rows, tables[name].shape[1]
-                )
+                opt, state, held = optimizers[name], opt_states[name], ctx[name].held
+                if held is not None:
+                    stale[name] = find_stale(keys[name], held)
+                    bags[name] = exchange.fresh_bags(self.unit(name), bags[name], stale[name], ops)
+                    state = reset_slots(opt, state, stale[name].reset_rows, tables[name].shape[1])
                 if opt.update_bags is None:  # a SparseOptimizer built without it
-                    ops = resolve(self.implementation)
                     rows = self.unit(name).rows.rows_per_device
                     g = ops.lookup_combine_bwd(*bags[name], rows)
-                    new_t[name], new_o[name] = opt.update(tables[name], opt_states[name], g)
+                    new_t[name], new_o[name] = opt.update(tables[name], state, g)
                 else:
-                    new_t[name], new_o[name] = opt.update_bags(
-                        tables[name], opt_states[name], *bags[name]
-                    )
-            return new_t, new_o
+                    new_t[name], new_o[name] = opt.update_bags(tables[name], state, *bags[name])
+            return new_t, new_o, stale
 
-        return self._updates(shards, opt_states, body, (ctx, d_outs), (row, row), optimizers)
+        return self._updates(shards, opt_states, stats, body, (ctx, d_outs), (row, row))
 
-    def apply_gradients(self, shards, optimizers: dict, opt_states: dict, grads: dict):
-        """Applies each unit's optimizer to its `SparseRowGrad` on each owner."""
+    def apply_gradients(self, shards, optimizers: dict, opt_states: dict, stats, grads: dict):
+        """Applies each unit's optimizer to its `SparseRowGrad` on each owner
+        (an evicting unit's `HashRowGrad`: without its stale rows, counted).
+        Returns (shards, opt_states, stats)."""
+        _check_optimizers(optimizers)
         row = P(self.axis_name)
 
-        def body(tables, opt_states, grads):
-            new_t, new_o = {}, {}
+        def body(tables, opt_states, keys, grads):
+            new_t, new_o, stale = {}, {}, {}
             for name in tables:
-                g = grads[name]
-                state = reset_slots(
-                    optimizers[name],
-                    opt_states[name],
-                    getattr(g, "reset_rows", None),
-                    tables[name].shape[1],
-                )
+                g, state = grads[name], opt_states[name]
+                rows = g.rows
+                if isinstance(g, HashRowGrad):
+                    stale[name] = find_stale(keys[name], g.held)
+                    rows = drop_stale(stale[name], rows)
+                    state = reset_slots(
+                        optimizers[name], state, stale[name].reset_rows, tables[name].shape[1]
+                    )
                 new_t[name], new_o[name] = optimizers[name].update(
-                    tables[name], state, SparseRowGrad(g.rows, g.grads, g.count)
+                    tables[name], state, SparseRowGrad(rows, g.grads, g.count)
                 )
-            return new_t, new_o
+            return new_t, new_o, stale
 
         specs = {
             k: type(g)(row, P(self.axis_name, None), row, *([row] if len(g) > 3 else []))
             for k, g in grads.items()
         }
-        return self._updates(shards, opt_states, body, (grads,), (specs,), optimizers)
+        return self._updates(shards, opt_states, stats, body, (grads,), (specs,))
 
     def init_optimizer(self, optimizers: dict, shards) -> dict:
         """{unit: the sparse optimizer's state}, slots laid out like the unit's
