@@ -379,10 +379,10 @@ class EmbeddingCollection:
     def apply_gradients(self, state, optimizer, opt_state, grads):
         """Applies each unit's optimizer to its rows in `grads` (from
         `sparse_grad`), in place. Returns (new_state, new_opt_state)."""
-        shards, opt = self._tables.apply_gradients(
+        shards, opt, skipped = self._tables.apply_gradients(
             self._shards(state), self._optimizers(optimizer), opt_state, grads
         )
-        return self._state(state, shards), opt
+        return self._state(state, shards, self._tables.with_skipped(state.stats, skipped)), opt
 
     def sparse_update(self, state, optimizer, opt_state, ctx, d_outs):
         """`sparse_grad` and `apply_gradients` in one pass over the touched
@@ -390,10 +390,11 @@ class EmbeddingCollection:
         Donate `state` and `opt_state` in your step. Returns (new_state,
         new_opt_state)."""
         grads = self._grads(d_outs)
-        shards, opt = self._tables.sparse_update(
+        shards, opt, skipped = self._tables.sparse_update(
             self._shards(state), self._optimizers(optimizer), opt_state, ctx, grads
         )
-        return self._state(state, shards, self._tables.with_nonfinite(state.stats, grads)), opt
+        stats = self._tables.with_skipped(self._tables.with_nonfinite(state.stats, grads), skipped)
+        return self._state(state, shards, stats), opt
 
     # ------------------------------------------------------ export/import
     def _strategy(self, table: str):

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from sok_jax.distributed.state import EmbeddingStats
+from sok_jax.distributed.storage import CACHE_COUNTS, HbmStorage, sparse_only
 from sok_jax.embedding import _lookup
 from sok_jax.ids import Bags
 from sok_jax.ops import checks, resolve
@@ -65,12 +66,13 @@ class LookupSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
-    """A storage array (its row strategy, `rows.py`) and the lookups that
-    read it, in a fixed order."""
+    """A storage array (its row strategy, `rows.py`), the lookups that read
+    it, in a fixed order, and its storage tier (`storage.py`)."""
 
     name: str
     rows: Any
     lookups: tuple
+    storage: Any = HbmStorage()
 
 
 class ExchangePlan(NamedTuple):
@@ -342,11 +344,13 @@ class _Counters:
     """Per table, this device's counts of the call (and an online hash
     table's evictions, unadmitted keys and load)."""
 
-    def __init__(self, tables, online=()):
+    def __init__(self, tables, online=(), cached=()):
         zero = jnp.zeros((), jnp.int32)
         self.counts = {t: {"overflow": zero, "invalid": zero, "hash_full": zero} for t in tables}
         for t in online:
             self.counts[t].update(evicted=zero, not_admitted=zero, load=jnp.zeros((), jnp.float32))
+        for t in cached:
+            self.counts[t].update({k: zero for k in CACHE_COUNTS})
 
     def add(self, table, what, value):
         c = self.counts[table][what]
@@ -362,7 +366,8 @@ class _Counters:
         self._credit(unit, "hash_full", hash_full)
 
     def add_online(self, unit: Unit, counts):
-        """An online hash unit's counts on this device (None: not online)."""
+        """An online hash unit's (or a cached unit's cache) counts on this
+        device (None: none)."""
         for k, v in (counts or {}).items():
             self._credit(unit, k, v)
 
@@ -381,7 +386,8 @@ class _Counters:
             t: EmbeddingStats(
                 *(c[k].reshape(1) for k in ("overflow", "invalid", "hash_full")),
                 nonfinite=jnp.zeros((1,), jnp.int32),
-                **{k: c[k].reshape(1) for k in ONLINE_COUNTS if k in c},
+                **{k: c[k].reshape(1) for k in ONLINE_COUNTS + CACHE_COUNTS if k in c},
+                **({"cache_skipped": jnp.zeros((1,), jnp.int32)} if CACHE_COUNTS[0] in c else {}),
             )
             for t, c in self.counts.items()
         }
@@ -403,6 +409,11 @@ def online_tables(units) -> list:
     return [t for u in units if getattr(u.rows, "scored", False) for t in member_tables(u)]
 
 
+def cached_tables(units) -> list:
+    """The tables of the units kept in a host store behind an HBM cache."""
+    return [t for u in units if u.storage.cached for t in member_tables(u)]
+
+
 def forward(units, shards, seed, bags, capacities, local, implementation, training, sparse):
     """Steps 1-5 on one device for every unit: a `DeviceLookup`.
 
@@ -410,14 +421,20 @@ def forward(units, shards, seed, bags, capacities, local, implementation, traini
     capacities: {unit: bucket size}; local: {unit: True when it does not
     exchange}; `sparse`: the outputs carry no gradient to the tables."""
     outs, new_shards, ctxs = {}, {}, {}
-    counters = _Counters([t for u in units for t in member_tables(u)], online_tables(units))
+    ops = resolve(implementation)
+    counters = _Counters(
+        [t for u in units for t in member_tables(u)], online_tables(units), cached_tables(units)
+    )
 
     def read(unit, rows_found):
         table, slot_keys = shards[unit.name]
         if rows_found.table is not None:
             table, slot_keys = rows_found.table, rows_found.slot_keys
             new_shards[unit.name] = (table, slot_keys)
-        return jax.lax.stop_gradient(table) if sparse else table
+        source = unit.storage.lookup_source(table)
+        if sparse:
+            return jax.lax.stop_gradient(source)
+        return source if unit.storage.kind == "hbm" else sparse_only(source)
 
     exchanged = [u for u in units if not local[u.name]]
     if exchanged:
@@ -433,7 +450,7 @@ def forward(units, shards, seed, bags, capacities, local, implementation, traini
         found, vectors, resets = [], [], []
         for u, got in zip(exchanged, received):
             table, slot_keys = shards[u.name]
-            owner = u.rows.owner_rows(table, slot_keys, seed, got, training)
+            owner = u.storage.owner_rows(u.rows, table, slot_keys, seed, got, training, ops)
             src = read(u, owner)
             singles = _singles(got.shape[0])
             vectors.append(
@@ -441,6 +458,7 @@ def forward(units, shards, seed, bags, capacities, local, implementation, traini
             )
             counters.add_hash_full(u, owner.hash_full)
             counters.add_online(u, owner.online)
+            counters.add_online(u, owner.cache)
             found.append(owner.rows)
             resets.append(owner.reset_rows)
         # 4: one all_to_all brings every unit's vectors back.
@@ -459,7 +477,7 @@ def forward(units, shards, seed, bags, capacities, local, implementation, traini
         table, slot_keys = shards[u.name]
         flat = [bags[s.name].ids for s in u.lookups]
         members = [s.member for s in u.lookups]
-        got = u.rows.local_rows(table, slot_keys, seed, flat, members, training)
+        got = u.storage.local_rows(u.rows, table, slot_keys, seed, flat, members, training, ops)
         src = read(u, got)
         index = _split(got.rows, [f.shape[0] for f in flat])
         outs.update(_combine(u.lookups, implementation, src, index, bags))
@@ -468,6 +486,7 @@ def forward(units, shards, seed, bags, capacities, local, implementation, traini
             counters.add_per_lookup(u.lookups, "invalid", invalid)
         counters.add_hash_full(u, got.hash_full)
         counters.add_online(u, got.online)
+        counters.add_online(u, got.cache)
         ctxs[u.name] = _context(None, u, index, bags, got.reset_rows)
     return DeviceLookup(outs, new_shards, counters.stats(), ctxs)
 

@@ -30,6 +30,7 @@ from sok_jax.distributed.online import (
 from sok_jax.distributed.rows import Member, RowHashRows, RowRows
 from sok_jax.distributed.scores import make_options
 from sok_jax.distributed.state import EmbeddingState, EmbeddingStats, check_stats
+from sok_jax.distributed.storage import make_storage
 from sok_jax.distributed.tables import LookupInput, ShardedTables, mesh_and_axis
 from sok_jax.ops import checks, embed_ops, resolve
 from sok_jax.ops.embed_ops import SparseRowGrad
@@ -80,6 +81,13 @@ class DistributedEmbedding:
         training lookup that sees it (None: at once).
       hash_options: a `HashOptions` for the rest (sketch size, eviction log,
         scores without eviction); `eviction` and `admit_after` override it.
+      storage: where the rows and their optimizer slots live: "hbm" (the
+        default), "host" (pinned host memory, read and updated over the host
+        link) or "host_cached" (a host store behind an HBM cache of
+        `cache_rows` rows per device, kept by `cache_policy` "lru" or
+        "lfu"); see `sok_jax.distributed.storage`. A host table trains
+        through `lookup` + `sparse_update` (or `sparse_grad` +
+        `apply_gradients`), not through `jax.grad` of `apply`.
     """
 
     def __init__(
@@ -103,6 +111,9 @@ class DistributedEmbedding:
         eviction: str | None = None,
         admit_after: int | None = None,
         hash_options=None,
+        storage: str = "hbm",
+        cache_rows: int | None = None,
+        cache_policy: str = "lru",
     ):
         embed_ops.combiner_code(combiner)
         online = make_options(eviction, admit_after, hash_options, bool(use_hashtable))
@@ -154,9 +165,11 @@ class DistributedEmbedding:
         )
         self.online = online
         self._rows = strategy
+        self.storage = make_storage(storage, cache_rows, cache_policy)
+        self.storage.check_strategy(strategy)
         lookup = LookupSpec(_IDS, _TABLE, 0, combiner, False, self.max_feature_num)
         self._tables = ShardedTables(
-            (Unit(_TABLE, strategy, (lookup,)),),
+            (Unit(_TABLE, strategy, (lookup,), self.storage),),
             mesh,
             axis_name,
             implementation,
@@ -320,10 +333,11 @@ class DistributedEmbedding:
         """Applies `optimizer` to the rows in `grad` (from `sparse_grad`) on
         each owner, in place (donate `state` and `opt_state` in your step).
         Returns (new_state, new_opt_state)."""
-        shards, opt = self._tables.apply_gradients(
+        shards, opt, skipped = self._tables.apply_gradients(
             self._shards(state), {_TABLE: optimizer}, {_TABLE: opt_state}, {_TABLE: grad}
         )
-        return self._updated(state, shards), opt[_TABLE]
+        stats = self._tables.with_skipped({_TABLE: state.stats}, skipped)[_TABLE]
+        return dataclasses.replace(self._updated(state, shards), stats=stats), opt[_TABLE]
 
     def sparse_update(self, state: EmbeddingState, optimizer, opt_state, ctx, d_out):
         """`sparse_grad` and `apply_gradients` in one pass over the touched
@@ -335,10 +349,11 @@ class DistributedEmbedding:
         use that form to transform the row gradients first (e.g. clipping).
         Donate `state` and `opt_state` in your step. Returns (new_state,
         new_opt_state)."""
-        shards, opt = self._tables.sparse_update(
+        shards, opt, skipped = self._tables.sparse_update(
             self._shards(state), {_TABLE: optimizer}, {_TABLE: opt_state}, ctx, {_IDS: d_out}
         )
-        stats = self._tables.with_nonfinite({_TABLE: state.stats}, {_IDS: d_out})[_TABLE]
+        stats = self._tables.with_nonfinite({_TABLE: state.stats}, {_IDS: d_out})
+        stats = self._tables.with_skipped(stats, skipped)[_TABLE]
         return dataclasses.replace(self._updated(state, shards), stats=stats), opt[_TABLE]
 
     # ------------------------------------------------------- export / import
@@ -361,10 +376,11 @@ class DistributedEmbedding:
           ValueError: `since_step` on a table without scores, or before the
             oldest step the eviction log still covers.
         """
+        table, opt_state = self.storage.logical(state.table, opt_state, self.num_devices)
         return export_table(
             self._rows,
             _TABLE,
-            state.table,
+            table,
             join_hash_part(state.slot_keys, state.scores),
             opt_state,
             since_step,
@@ -396,17 +412,19 @@ class DistributedEmbedding:
             given, or the processes passed different pairs.
         """
         state = self.init(resolve_seed(keys, seed))
+        logical, _ = self.storage.logical(state.table, None, self.num_devices)
         table, hash_part, opt_state = import_table(
             self._rows,
             _TABLE,
-            state.table,
+            jax.device_put(logical, self._rows.table_sharding),
             join_hash_part(state.slot_keys, state.scores),
             keys,
             vectors,
             share,
             optimizer,
-            lambda t: self._tables.init_optimizer({_TABLE: optimizer}, {_TABLE: (t, None)})[_TABLE],
+            lambda t: self._tables.plain_optimizer(_TABLE, optimizer, t),
         )
+        table, opt_state = self._tables.adopt(_TABLE, state.table, table, optimizer, opt_state)
         slot_keys, scores = split_hash_part(hash_part)
         state = dataclasses.replace(state, table=table, slot_keys=slot_keys, scores=scores)
         return state if optimizer is None else (state, opt_state)
@@ -435,4 +453,5 @@ class DistributedEmbedding:
         tests and export)."""
         if self.use_hashtable:
             raise ValueError("logical_rows is for direct mode; use export_pairs in hash mode")
-        return to_host(state.table)[self._rows.global_rows(keys)]
+        table, _ = self.storage.logical(state.table, None, self.num_devices)
+        return to_host(table)[self._rows.global_rows(keys)]

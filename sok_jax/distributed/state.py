@@ -36,6 +36,16 @@ class EmbeddingStats:
       in `admit_after` training lookups yet.
     load: float32, the fraction of each shard's rows that hold a key after
       the call.
+    Host-cached tables only (`storage="host_cached"`; None otherwise):
+    cache_hits, cache_misses: the distinct rows of each owner's lookup found
+      in its HBM cache, and those brought in from the host store.
+    cache_evictions: rows that left the cache (written back to the host
+      store) to make room.
+    cache_skipped: set by `sparse_update` / `apply_gradients`: row updates
+      skipped because the optimizer slots of their cache slots could not be
+      synced in that update (more rows entered the cache since the last
+      update than one update syncs: call the update after every training
+      lookup). The rows kept their values; `check_stats` reports them.
     """
 
     overflow: Any
@@ -45,6 +55,10 @@ class EmbeddingStats:
     evicted: Any = None
     not_admitted: Any = None
     load: Any = None
+    cache_hits: Any = None
+    cache_misses: Any = None
+    cache_evictions: Any = None
+    cache_skipped: Any = None
 
     def total(self):
         return jnp.sum(self.overflow) + jnp.sum(self.invalid) + jnp.sum(self.hash_full)
@@ -85,6 +99,10 @@ jax.tree_util.register_dataclass(
         "evicted",
         "not_admitted",
         "load",
+        "cache_hits",
+        "cache_misses",
+        "cache_evictions",
+        "cache_skipped",
     ],
     meta_fields=[],
 )
@@ -111,7 +129,7 @@ class EmbeddingWarning(UserWarning):
 
 
 def stats_problems(
-    overflow, invalid, hash_full, table: str | None = None, nonfinite=None
+    overflow, invalid, hash_full, table: str | None = None, nonfinite=None, cache_skipped=None
 ) -> list[str]:
     """One sentence per kind of dropped id (and of non-finite cotangent),
     with the per-device counts."""
@@ -125,6 +143,11 @@ def stats_problems(
             0 if nonfinite is None else nonfinite,
             "cotangent vector(s) held NaN or Inf (their rows now hold NaN unless the "
             "optimizer has skip_nonfinite=True)",
+        ),
+        (
+            0 if cache_skipped is None else cache_skipped,
+            "row update(s) skipped: their optimizer slots were not synced into the cache "
+            "(call sparse_update after every training lookup of a host_cached table)",
         ),
     ):
         counts = np.asarray(counts)
@@ -152,7 +175,7 @@ def check_stats(state) -> None:
     for table, s in _all_stats(state).items():
         counts = (to_host(s.overflow), to_host(s.invalid), to_host(s.hash_full))
         nonfinite = None if s.nonfinite is None else to_host(s.nonfinite)
-        problems += stats_problems(*counts, table, nonfinite)
+        problems += stats_problems(*counts, table, nonfinite, to_host(s.cache_skipped))
     if problems:
         raise EmbeddingError("sok_jax: " + "; ".join(problems), state)
 

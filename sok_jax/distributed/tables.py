@@ -25,6 +25,7 @@ from sok_jax.distributed import exchange
 from sok_jax.distributed.exchange import DeviceLookup, Unit
 from sok_jax.distributed.scores import HashRowGrad, reset_slots
 from sok_jax.distributed.state import EmbeddingStats, warn_on_stats
+from sok_jax.distributed.storage import CACHE_COUNTS, CachedOptState
 from sok_jax.ids import Bags
 from sok_jax.ops import resolve
 from sok_jax.ops.embed_ops import SparseRowGrad
@@ -132,7 +133,10 @@ class ShardedTables:
     def _shard_specs(self):
         axis = self.axis_name
         return {
-            u.name: ((P(None, None), P(None)) if u.rows.replicated else (P(axis, None), P(axis)))
+            u.name: (
+                u.storage.table_spec(axis, u.rows.replicated),
+                P(None) if u.rows.replicated else P(axis),
+            )
             for u in self.units
         }
 
@@ -140,30 +144,52 @@ class ShardedTables:
         """{unit: (table sharding, slot_keys sharding or None)}."""
         return {
             u.name: (
-                u.rows.table_sharding,
+                u.storage.table_sharding(u.rows),
                 u.rows.hash_sharding() if u.rows.hashed else None,
             )
             for u in self.units
         }
 
+    def _extra_counts(self, table) -> tuple:
+        """The optional counters a table reports (online hash, cache)."""
+        extra = ()
+        if table in set(exchange.online_tables(self.units)):
+            extra += exchange.ONLINE_COUNTS
+        if table in set(exchange.cached_tables(self.units)):
+            extra += CACHE_COUNTS + ("cache_skipped",)
+        return extra
+
     def stats_shardings(self) -> dict:
         row = NamedSharding(self.mesh, P(self.axis_name))
-        online = set(exchange.online_tables(self.units))
-        extra = {k: row for k in exchange.ONLINE_COUNTS}
         return {
-            t: EmbeddingStats(row, row, row, row, **(extra if t in online else {}))
+            t: EmbeddingStats(row, row, row, row, **{k: row for k in self._extra_counts(t)})
             for t in self.tables
         }
 
     def slot_specs(self, unit: Unit, opt_state):
+        """The PartitionSpecs of a unit's optimizer state's slots (a cached
+        unit's: of its `CachedOptState`)."""
         lead = None if unit.rows.replicated else self.axis_name
-        return tuple(P(lead) if s.ndim == 1 else P(lead, None) for s in opt_state.slots)
+
+        def specs(slots):
+            return tuple(P(lead) if s.ndim == 1 else P(lead, None) for s in slots)
+
+        if isinstance(opt_state, CachedOptState):
+            inner = type(opt_state.cache)(specs(opt_state.cache.slots), P())
+            return CachedOptState(inner, specs(opt_state.host), P(lead))
+        return specs(opt_state.slots)
+
+    def _opt_spec(self, unit: Unit, opt_state):
+        specs = self.slot_specs(unit, opt_state)
+        return specs if isinstance(opt_state, CachedOptState) else type(opt_state)(specs, P())
 
     def _opt_specs(self, opt_states):
-        return {
-            name: type(s)(self.slot_specs(self.unit(name), s), P())
-            for name, s in opt_states.items()
-        }
+        return {name: self._opt_spec(self.unit(name), s) for name, s in opt_states.items()}
+
+    def _update_rows(self, unit: Unit) -> int:
+        """The rows the optimizer's update indexes on each device: the cache's
+        for a cached unit, else the shard's."""
+        return unit.storage.cache_rows if unit.storage.cached else unit.rows.rows_per_device
 
     # ------------------------------------------------------------ state
     def init_shards(self, seed) -> dict:
@@ -173,28 +199,33 @@ class ShardedTables:
 
         def body(seed):
             device = jax.lax.axis_index(axis)
-            return {u.name: u.rows.init_shard(seed, device) for u in self.units}
+            out = {}
+            for u in self.units:
+                table, hash_part = u.rows.init_shard(seed, device)
+                if u.storage.cached:
+                    table = u.storage.empty_shard(table)
+                out[u.name] = (table, hash_part)
+            return out
 
         fn = shard_map(body, self.mesh, (P(),), self._shard_specs())
-        return jax.jit(fn)(seed)
+        shards = jax.jit(fn)(seed)
+        return {u.name: (u.storage.place(shards[u.name][0]), shards[u.name][1]) for u in self.units}
 
     def zero_stats(self) -> dict:
         """Per table, distinct [n] counters (a donated state must not hold one
         buffer twice)."""
         row = NamedSharding(self.mesh, P(self.axis_name))
         n = self.num_devices
-        online = set(exchange.online_tables(self.units))
 
-        def zeros(dtype=jnp.int32):
+        def zeros(k="count"):
+            dtype = jnp.float32 if k == "load" else jnp.int32
             return jax.device_put(jnp.zeros((n,), dtype), row)
 
-        def extra(t):
-            if t not in online:
-                return {}
-            return dict(evicted=zeros(), not_admitted=zeros(), load=zeros(jnp.float32))
-
         return {
-            t: EmbeddingStats(zeros(), zeros(), zeros(), zeros(), **extra(t)) for t in self.tables
+            t: EmbeddingStats(
+                zeros(), zeros(), zeros(), zeros(), **{k: zeros(k) for k in self._extra_counts(t)}
+            )
+            for t in self.tables
         }
 
     def with_nonfinite(self, stats: dict, d_outs: dict) -> dict:
@@ -219,6 +250,14 @@ class ShardedTables:
         counts = shard_map(body, self.mesh, (row,), row)({f: d_outs[f] for f in d_outs})
         return {
             t: dataclasses.replace(st, nonfinite=counts.get(t, jnp.zeros_like(st.overflow)))
+            for t, st in stats.items()
+        }
+
+    @staticmethod
+    def with_skipped(stats: dict, skipped: dict) -> dict:
+        """`stats` with each cached table's `cache_skipped` from an update."""
+        return {
+            t: dataclasses.replace(st, cache_skipped=skipped[t]) if t in skipped else st
             for t, st in stats.items()
         }
 
@@ -272,7 +311,7 @@ class ShardedTables:
             return DeviceLookup(res.outs, res.shards, stats, res.ctx)
 
         row = P(axis)
-        changed = {u.name for u in self.units if u.rows.hashed}
+        changed = {u.name for u in self.units if u.rows.hashed or u.storage.cached}
         shard_specs = self._shard_specs()
         out_specs = DeviceLookup(
             outs=row,
@@ -315,7 +354,7 @@ class ShardedTables:
             bags = self._owner_bags(ctx, d_outs, local_batch)
             out = {}
             for u in self.units:
-                r = ops.lookup_combine_bwd(*bags[u.name], u.rows.rows_per_device)
+                r = ops.lookup_combine_bwd(*bags[u.name], self._update_rows(u))
                 out[u.name] = SparseRowGrad(r.rows, r.grads, r.count)
                 if ctx[u.name].reset_rows is not None:  # an evicting hash table
                     out[u.name] = HashRowGrad(*out[u.name], ctx[u.name].reset_rows)
@@ -333,20 +372,50 @@ class ShardedTables:
         return shard_map(body, self.mesh, (row, row), specs)(ctx, d_outs)
 
     def _updates(self, shards, opt_states, body, args, arg_specs, optimizers):
+        """Runs `body(tables, opt_states, *args)` -> (tables, opt_states,
+        {unit: cache_skipped [1]}) on every device: (shards, opt_states,
+        {table: cache_skipped [n]} of the cached units)."""
         shard_specs = self._shard_specs()
         opt_specs = self._opt_specs(opt_states)
         tables = {k: v[0] for k, v in shards.items() if k in opt_states}
         t_specs = {k: shard_specs[k][0] for k in tables}
+        row = P(self.axis_name)
 
-        def run(tables, opt_states, *args):
-            return body(tables, opt_states, *args)
-
-        fn = shard_map(run, self.mesh, (t_specs, opt_specs, *arg_specs), (t_specs, opt_specs))
-        new_tables, new_opt = fn(tables, opt_states, *args)
+        fn = shard_map(
+            body, self.mesh, (t_specs, opt_specs, *arg_specs), (t_specs, opt_specs, row)
+        )
+        new_tables, new_opt, skipped = fn(tables, opt_states, *args)
         out = dict(shards)
         for k, t in new_tables.items():
             out[k] = (t, shards[k][1])
-        return out, new_opt
+        per_table = {t: skipped[u] for u in skipped for t in exchange.member_tables(self.unit(u))}
+        return out, new_opt, per_table
+
+    def _update_unit(self, name, optimizer, table, opt_state, reset_rows, rows_of, update):
+        """One device, one unit: `update(table, opt_state, keep)` on the rows
+        the optimizer updates (`keep(rows)`: rows with those that must be
+        skipped set to -1), after resetting the slots of `reset_rows`. A
+        cached unit's optimizer slots are synced into its cache first (at
+        most `rows_of` rows' worth); the rows whose slots are not synced
+        are skipped and counted. Returns (table, opt_state, skipped [1] or
+        None)."""
+        unit = self.unit(name)
+        if not unit.storage.cached:
+            opt_state = reset_slots(optimizer, opt_state, reset_rows, table.shape[1])
+            new_t, new_o = update(table, opt_state, lambda rows: rows)
+            return new_t, new_o, None
+        ops = resolve(self.implementation)
+        opt_state, synced = unit.storage.sync_slots(opt_state, table.tags, 2 * rows_of, ops)
+        inner = reset_slots(optimizer, opt_state.cache, reset_rows, table.cache.shape[1])
+        skipped = []
+
+        def keep(rows):
+            ok = (rows < 0) | synced[jnp.clip(rows, 0, synced.shape[0] - 1)]
+            skipped.append(jnp.sum(~ok, dtype=jnp.int32).reshape(1))
+            return jnp.where(ok, rows, -1)
+
+        new_cache, new_inner = update(table.cache, inner, keep)
+        return table._replace(cache=new_cache), opt_state._replace(cache=new_inner), skipped[0]
 
     def sparse_update(self, shards, optimizers: dict, opt_states: dict, ctx, d_outs):
         """Each unit's owners sum its rows' gradients and apply the unit's
@@ -356,23 +425,27 @@ class ShardedTables:
 
         def body(tables, opt_states, ctx, d_outs):
             bags = self._owner_bags(ctx, d_outs, local_batch)
-            new_t, new_o = {}, {}
+            new_t, new_o, skipped = {}, {}, {}
             for name in tables:
                 opt = optimizers[name]
-                opt_states = dict(opt_states)
-                opt_states[name] = reset_slots(
-                    opt, opt_states[name], ctx[name].reset_rows, tables[name].shape[1]
+                unit_bags = bags[name]
+                positions = unit_bags.ids.shape[0]
+
+                def update(table, opt_state, keep, opt=opt, unit_bags=unit_bags, name=name):
+                    b = unit_bags._replace(ids=keep(unit_bags.ids))
+                    if opt.update_bags is None:  # a SparseOptimizer built without it
+                        ops = resolve(self.implementation)
+                        g = ops.lookup_combine_bwd(*b, self._update_rows(self.unit(name)))
+                        return opt.update(table, opt_state, g)
+                    return opt.update_bags(table, opt_state, *b)
+
+                new_t[name], new_o[name], sk = self._update_unit(
+                    name, opt, tables[name], opt_states[name], ctx[name].reset_rows,
+                    positions, update,
                 )
-                if opt.update_bags is None:  # a SparseOptimizer built without it
-                    ops = resolve(self.implementation)
-                    rows = self.unit(name).rows.rows_per_device
-                    g = ops.lookup_combine_bwd(*bags[name], rows)
-                    new_t[name], new_o[name] = opt.update(tables[name], opt_states[name], g)
-                else:
-                    new_t[name], new_o[name] = opt.update_bags(
-                        tables[name], opt_states[name], *bags[name]
-                    )
-            return new_t, new_o
+                if sk is not None:
+                    skipped[name] = sk
+            return new_t, new_o, skipped
 
         return self._updates(shards, opt_states, body, (ctx, d_outs), (row, row), optimizers)
 
@@ -381,19 +454,20 @@ class ShardedTables:
         row = P(self.axis_name)
 
         def body(tables, opt_states, grads):
-            new_t, new_o = {}, {}
+            new_t, new_o, skipped = {}, {}, {}
             for name in tables:
-                g = grads[name]
-                state = reset_slots(
-                    optimizers[name],
-                    opt_states[name],
-                    getattr(g, "reset_rows", None),
-                    tables[name].shape[1],
+                g, opt = grads[name], optimizers[name]
+
+                def update(table, opt_state, keep, g=g, opt=opt):
+                    return opt.update(table, opt_state, SparseRowGrad(keep(g.rows), g.grads, g.count))
+
+                new_t[name], new_o[name], sk = self._update_unit(
+                    name, opt, tables[name], opt_states[name], getattr(g, "reset_rows", None),
+                    g.rows.shape[0], update,
                 )
-                new_t[name], new_o[name] = optimizers[name].update(
-                    tables[name], state, SparseRowGrad(g.rows, g.grads, g.count)
-                )
-            return new_t, new_o
+                if sk is not None:
+                    skipped[name] = sk
+            return new_t, new_o, skipped
 
         specs = {
             k: type(g)(row, P(self.axis_name, None), row, *([row] if len(g) > 3 else []))
@@ -409,28 +483,89 @@ class ShardedTables:
         for u in self.units:
             optimizer = optimizers[u.name]
             table = shards[u.name][0]
-            probe = jax.eval_shape(optimizer.init, jax.ShapeDtypeStruct(table.shape, table.dtype))
-            slot_specs = self.slot_specs(u, probe)
-            t_spec = self._shard_specs()[u.name][0]
-
-            def part(pick, spec, optimizer=optimizer, t_spec=t_spec, table=table):
-                fn = shard_map(lambda t: pick(optimizer.init(t)), self.mesh, (t_spec,), spec)
-                return jax.jit(fn)(table)
-
+            if u.storage.cached:
+                inner = self._init_slots(u, optimizer, table.cache)
+                host = self._init_slots(u, optimizer, table.host)
+                tags = jax.device_put(
+                    jnp.full(table.tags.shape, -1, jnp.int32), table.tags.sharding
+                )
+                host_slots = tuple(
+                    jax.device_put(s, u.storage.host_slot_sharding(u.rows, s.sharding.spec))
+                    for s in host.slots
+                )
+                out[u.name] = CachedOptState(inner, host_slots, tags)
+                continue
+            state = self._init_slots(u, optimizer, table)
             slots = tuple(
-                part(lambda s, i=i: s.slots[i], spec) for i, spec in enumerate(slot_specs)
+                jax.device_put(s, u.storage.slot_sharding(u.rows, s.sharding.spec))
+                for s in state.slots
             )
-            out[u.name] = type(probe)(slots, part(lambda s: s.count, P()))
+            out[u.name] = type(state)(slots, state.count)
         return out
 
-    def optimizer_shardings(self, opt_states: dict) -> dict:
-        return {
-            name: type(s)(
-                tuple(NamedSharding(self.mesh, p) for p in self.slot_specs(self.unit(name), s)),
-                NamedSharding(self.mesh, P()),
+    def adopt(self, unit_name: str, shard, table, optimizer=None, opt_state=None):
+        """(the unit's shard, its optimizer state or None) holding the
+        logical `table` [n * R, D] and the optimizer state `opt_state` over
+        it (of the plain kind `optimizer.init` gives), e.g. from an import;
+        `shard`: a fresh shard of the unit (a cached unit's cache empty)."""
+        u = self.unit(unit_name)
+        if not u.storage.cached:
+            table = jax.device_put(table, u.storage.table_sharding(u.rows))
+            if opt_state is None:
+                return table, None
+            slots = tuple(
+                jax.device_put(s, u.storage.slot_sharding(u.rows, s.sharding.spec))
+                for s in opt_state.slots
             )
-            for name, s in opt_states.items()
-        }
+            return table, type(opt_state)(slots, opt_state.count)
+        shard = u.storage.place(shard._replace(host=table))
+        if opt_state is None:
+            return shard, None
+        inner = self._init_slots(u, optimizer, shard.cache)
+        inner = type(inner)(inner.slots, opt_state.count)
+        host = tuple(
+            jax.device_put(s, u.storage.host_slot_sharding(u.rows, s.sharding.spec))
+            for s in opt_state.slots
+        )
+        tags = jax.device_put(jnp.full(shard.tags.shape, -1, jnp.int32), shard.tags.sharding)
+        return shard, CachedOptState(inner, host, tags)
+
+    def plain_optimizer(self, unit_name: str, optimizer, table):
+        """`optimizer.init` over a logical table [n * R, D] of the unit."""
+        return self._init_slots(self.unit(unit_name), optimizer, table)
+
+    def _init_slots(self, u: Unit, optimizer, table):
+        """`optimizer.init` over `table` (laid out as the unit's tables), each
+        slot from a program of its own."""
+        probe = jax.eval_shape(optimizer.init, jax.ShapeDtypeStruct(table.shape, table.dtype))
+        slot_specs = self.slot_specs(u, probe)
+        t_spec = P(None, None) if u.rows.replicated else P(self.axis_name, None)
+
+        def part(pick, spec):
+            fn = shard_map(lambda t: pick(optimizer.init(t)), self.mesh, (t_spec,), spec)
+            return jax.jit(fn)(table)
+
+        slots = tuple(part(lambda s, i=i: s.slots[i], spec) for i, spec in enumerate(slot_specs))
+        return type(probe)(slots, part(lambda s: s.count, P()))
+
+    def optimizer_shardings(self, opt_states: dict) -> dict:
+        def sharding(u, spec):
+            return NamedSharding(self.mesh, spec)
+
+        out = {}
+        for name, s in opt_states.items():
+            u = self.unit(name)
+            specs = self.slot_specs(u, s)
+            if isinstance(s, CachedOptState):
+                inner = type(s.cache)(
+                    tuple(sharding(u, p) for p in specs.cache.slots), sharding(u, P())
+                )
+                host = tuple(u.storage.host_slot_sharding(u.rows, p) for p in specs.host)
+                out[name] = CachedOptState(inner, host, sharding(u, specs.tags))
+            else:
+                slots = tuple(u.storage.slot_sharding(u.rows, p) for p in specs)
+                out[name] = type(s)(slots, sharding(u, P()))
+        return out
 
     # --------------------------------------------------------- capacity
     def largest_buckets(self, inputs: dict) -> dict:
