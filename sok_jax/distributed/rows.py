@@ -439,8 +439,8 @@ class _Hashed:
         found, status, fresh = self._find(hash_part, table_seed, keys, training, table)
         if fresh is not None:
             target = jnp.where(fresh.is_new, found.rows, table.shape[0])
-            found = found._replace(table=_insert_rows(table, target, fresh.vectors))
-        return found, status
+            table = _insert_rows(table, target, fresh.vectors)
+        return found._replace(table=table), status
 
     def _find(self, hash_part, table_seed, keys, training, like):
         """`_lookup` without the write: (OwnerRows with table None, status

@@ -155,6 +155,15 @@ class HostStorage(HbmStorage):
     def check_strategy(self, rows) -> None:
         _check_tiered(rows, self.kind)
 
+    def owner_rows(self, rows, table, hash_part, seed, received, training, ops):
+        """The strategy's rows; new keys' initial vectors written by the row
+        mover (XLA's scatter takes no host operand)."""
+        found, fresh = rows.find_rows(hash_part, seed, received, training, table)
+        if fresh is not None:
+            target = jnp.where(fresh.is_new, found.rows, _EMPTY)
+            table = ops.scatter_rows(jax.lax.stop_gradient(table), target, fresh.vectors)
+        return found._replace(table=table)
+
     def place(self, table):
         return jax.device_put(table, _with_host_memory(table.sharding))
 
@@ -166,24 +175,30 @@ class HostStorage(HbmStorage):
 
 
 @jax.custom_vjp
-def sparse_only(table):
-    """`table`, refusing to be differentiated: a host table's gradient would
-    be a dense [rows, D] array in HBM, which is what host storage avoids."""
-    return table
+def _refuse_grad(value, source):
+    """`value` (computed from `source` outside autodiff), refusing to pass a
+    gradient back to `source`: a host table's gradient would be a dense
+    [rows, D] array in HBM, which is what host storage avoids."""
+    return value
 
 
-def _sparse_only_fwd(table):
-    return table, None
+def _refuse_grad_fwd(value, source):
+    return value, None
 
 
-def _sparse_only_bwd(_, g):
+def _refuse_grad_bwd(_, g):
     raise ValueError(
         'a table with storage="host" or "host_cached" trains through lookup + sparse_update '
         "(or sparse_grad + apply_gradients), not through jax.grad of apply"
     )
 
 
-sparse_only.defvjp(_sparse_only_fwd, _sparse_only_bwd)
+_refuse_grad.defvjp(_refuse_grad_fwd, _refuse_grad_bwd)
+
+
+def sparse_only(table):
+    """`table`, refusing to be differentiated (see `_refuse_grad`)."""
+    return _refuse_grad(jax.lax.stop_gradient(table), table)
 
 
 def _with_host_memory(sharding: NamedSharding) -> NamedSharding:
@@ -285,11 +300,13 @@ class CachedStorage:
         return self._into_cache(found, None, shard, ops)
 
     def _into_cache(self, found, fresh, shard, ops):
-        got = self.bring_in(shard, found.rows, ops)
-        shard = got.shard
+        got = self.bring_in(jax.tree.map(jax.lax.stop_gradient, shard), found.rows, ops)
+        shard = got.shard._replace(cache=_refuse_grad(got.shard.cache, shard.cache))
         if fresh is not None:  # new keys' initial vectors, in their cache slots
             target = jnp.where(fresh.is_new, got.slots, _EMPTY)
-            shard = shard._replace(cache=ops.scatter_rows(shard.cache, target, fresh.vectors))
+            cache = jax.lax.stop_gradient(shard.cache)
+            cache = ops.scatter_rows(cache, target, fresh.vectors)
+            shard = shard._replace(cache=_refuse_grad(cache, shard.cache))
         reset = None
         if found.reset_rows is not None:
             reset = jnp.where(found.reset_rows >= 0, got.slots, _EMPTY)
