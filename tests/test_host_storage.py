@@ -341,3 +341,91 @@ def test_cache_smaller_than_one_lookup_and_dense_grad_are_refused():
     state = big.init(0)
     with pytest.raises(ValueError, match="trains through lookup"):
         jax.grad(lambda s: big.apply(s, ids)[0].sum(), allow_int=True)(state)
+
+
+# ------------------------------------------------------------ collections
+
+
+def collection(specs, n=8, **kw):
+    features = [sok_jax.FeatureSpec(f"f_{t.name}", t.name, 2) for t in specs]
+    return sok_jax.EmbeddingCollection(specs, features, mesh=mesh_of(n), axis_name=AXIS, **kw)
+
+
+def test_collection_with_host_tables_trains_as_in_hbm():
+    """A host_cached table, a host table and an HBM table in one collection
+    compute what the all-HBM collection computes; export and import see the
+    logical tables."""
+    require_devices(8)
+    rng = np.random.default_rng()
+
+    def specs(tiered):
+        extra = [dict(storage="host_cached", cache_rows=20), dict(storage="host"), {}]
+        return [
+            sok_jax.TableSpec(name, 400 + 40 * i, 4 + 4 * i, placement="row",
+                              use_hashtable=(i == 1), **(extra[i] if tiered else {}))
+            for i, name in enumerate(["a", "b", "c"])
+        ]
+
+    ref, got = collection(specs(False)), collection(specs(True))
+    assert [t.storage for t in got.plan.tables] == ["host_cached", "host", "hbm"]
+    opt = optim.adagrad(0.1)
+    s_ref, s = ref.init(1), got.init(1)
+    o_ref, o = ref.init_optimizer(opt, s_ref), got.init_optimizer(opt, s)
+
+    def step(coll):
+        def f(state, opt_state, batch, g):
+            out, ctx, state = coll.lookup(state, batch)
+            state, opt_state = coll.sparse_update(state, opt, opt_state, ctx, g)
+            return out, state, opt_state
+
+        return jax.jit(f)
+
+    for _ in range(4):
+        batch = {
+            f"f_{t}": rng.integers(-1, v, (8, 2)).astype(np.int32)
+            for t, v in (("a", 400), ("b", 1000), ("c", 480))
+        }
+        g = {f"f_{t}": rng.normal(size=(8, d)).astype(np.float32)
+             for t, d in (("a", 4), ("b", 8), ("c", 12))}
+        want, s_ref, o_ref = step(ref)(s_ref, o_ref, batch, g)
+        out, s, o = step(got)(s, o, batch, g)
+        for k in want:
+            np.testing.assert_array_equal(np.asarray(out[k]), np.asarray(want[k]))
+    for t in "abc":
+        a, b = ref.export_pairs(s_ref, t, o_ref), got.export_pairs(s, t, o)
+        np.testing.assert_array_equal(a.keys, b.keys)
+        np.testing.assert_array_equal(a.vectors, b.vectors)
+        for x, y in zip(a.slots, b.slots):
+            np.testing.assert_array_equal(x, y)
+    s2, o2 = got.import_pairs({t: ref.export_pairs(s_ref, t, o_ref) for t in "abc"}, optimizer=opt)
+    for t in "abc":
+        a, b = ref.export_pairs(s_ref, t, o_ref), got.export_pairs(s2, t, o2)
+        np.testing.assert_array_equal(a.vectors, b.vectors)
+        for x, y in zip(a.slots, b.slots):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_planner_offloads_under_an_hbm_budget():
+    """Tables that do not fit the budget move to host memory behind a cache,
+    the one read least per byte first; the plan says so; pinned tables stay."""
+    specs = [
+        sok_jax.TableSpec("hot", 4096, 16, placement="row"),     # read 8 times per sample
+        sok_jax.TableSpec("cold", 65536, 16, placement="row"),   # read once per sample
+        sok_jax.TableSpec("pinned", 65536, 16, placement="row", storage="hbm"),
+    ]
+    features = [sok_jax.FeatureSpec("h", "hot", 8), sok_jax.FeatureSpec("c", "cold", 1),
+                sok_jax.FeatureSpec("p", "pinned", 1)]
+    per_device = lambda rows: rows // 8 * 16 * 4 * 2  # noqa: E731 - table + Adagrad slot
+    total = per_device(4096) + 2 * per_device(65536)
+    coll = sok_jax.EmbeddingCollection(specs, features, mesh=mesh_of(8), axis_name=AXIS,
+                                       batch_size=64, hbm_budget=int(total * 0.7))
+    plan = {t.table: t for t in coll.plan.tables}
+    assert plan["cold"].storage == "host_cached" and plan["cold"].cache_rows < 65536 // 8
+    assert plan["hot"].storage == "hbm" and plan["pinned"].storage == "hbm"
+    assert max(coll.plan.memory_per_device) <= int(total * 0.7)
+    assert "offloaded 'cold'" in str(coll.plan)
+    with pytest.raises(ValueError, match="do not fit"):
+        sok_jax.EmbeddingCollection(specs, features, mesh=mesh_of(8), axis_name=AXIS,
+                                    batch_size=64, hbm_budget=per_device(65536) // 2)
+    with pytest.raises(ValueError, match="placements"):
+        sok_jax.TableSpec("r", 10, 4, placement="replicated", storage="host")

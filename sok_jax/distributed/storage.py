@@ -231,7 +231,7 @@ class CachedStorage:
         if self.cache_rows >= rows.rows_per_device:
             raise ValueError(
                 f"cache_rows ({self.cache_rows}) must be smaller than the rows each device holds "
-                f"({rows.rows_per_device}); a table that fits use storage='hbm'"
+                f"({rows.rows_per_device}); for a table that fits, use storage='hbm'"
             )
 
     # ------------------------------------------------------------ shapes
