@@ -171,6 +171,17 @@ class _Strategy:
             self.initializer, self._seed(seed, member), keys, self.dim, self.dtype, into=into
         )
 
+    def init_block(self, seed, device, start, count):
+        """One device: the initial vectors [count, D] of its local rows
+        [start, start + count) (rows past the shard: any values), as
+        `init_shard` makes them; None where a fresh shard's rows are zeros
+        (hash mode). For a unit of one member (a host-stored unit always is)."""
+        return None
+
+    def fresh_hash_part(self):
+        """One device: the hash part of a fresh shard (None in direct mode)."""
+        return None
+
     def send_format(self):
         """(dtype, value of an empty bucket slot) of what is sent for a key."""
         if self.hashed:
@@ -330,6 +341,10 @@ class RowRows(_Direct, _Strategy):
             table = self._init(seed, member, keys, into=(table, self.offset(m)))
         return table, None
 
+    def init_block(self, seed, device, start, count):
+        rows = start + jnp.arange(count, dtype=jnp.int32)
+        return self._init(seed, self.member, rows * self.num_devices + device)
+
     def owner_rows(self, table, slot_keys, seed, received, training) -> OwnerRows:
         """The received values are local rows already (-1: an empty slot)."""
         return OwnerRows(None, None, received, jnp.zeros((), jnp.int32))
@@ -366,6 +381,11 @@ class TableRows(_Direct, _Strategy):
         table_seed = initializers.table_seed(seed, self._seed_ids()[device])
         rows = initializers.init_rows(self.initializer, table_seed, keys, self.dim, self.dtype)
         return rows, None
+
+    def init_block(self, seed, device, start, count):
+        keys = start + jnp.arange(count, dtype=jnp.int32)
+        table_seed = initializers.table_seed(seed, self._seed_ids()[device])
+        return initializers.init_rows(self.initializer, table_seed, keys, self.dim, self.dtype)
 
     def owner_rows(self, table, slot_keys, seed, received, training) -> OwnerRows:
         return OwnerRows(None, None, received, jnp.zeros((), jnp.int32))
@@ -417,12 +437,14 @@ class _Hashed:
         return self.online is not None and self.online.eviction is not None
 
     def _empty_shard(self):
-        table = jnp.zeros((self.rows_per_device, self.dim), self.dtype)
+        return jnp.zeros((self.rows_per_device, self.dim), self.dtype), self.fresh_hash_part()
+
+    def fresh_hash_part(self):
         keys = hash_ops.empty_slot_keys(self.rows_per_device, self.key_dtype)
         if not self.scored:
-            return table, keys
+            return keys
         sc = scores.empty_scores(self.rows_per_device, self.key_dtype, self.online)
-        return table, scores.HashShard(keys, sc)
+        return scores.HashShard(keys, sc)
 
     def hash_sharding(self):
         """The sharding of the hash part of the shard: slot_keys', or a

@@ -43,7 +43,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sok_jax.distributed.host import from_host, to_host
+from sok_jax._compat import shard_map
+from sok_jax.distributed.host import to_host
 
 STORAGES = ("hbm", "host", "host_cached")
 CACHE_POLICIES = ("lru", "lfu")
@@ -251,16 +252,15 @@ class CachedStorage:
         """Every row's optimizer slots: in the host store."""
         return _with_host_memory(NamedSharding(rows.mesh, spec))
 
-    def empty_shard(self, table):
-        """One device: the shard whose host store is `table` [R, D], its
-        cache empty."""
-        c, d = self.cache_rows, table.shape[1]
-        empty = jnp.full((c,), _EMPTY, jnp.int32)
+    def empty_cache(self, rows_per_device: int, dim: int, dtype) -> CachedShard:
+        """One device: an empty cache, its host store None (made apart, in
+        host memory: `host_rows`)."""
+        c = self.cache_rows
         return CachedShard(
-            host=table,
-            cache=jnp.zeros((c, d), table.dtype),
-            tags=empty,
-            slot_of=jnp.full((table.shape[0],), _EMPTY, jnp.int32),
+            host=None,
+            cache=jnp.zeros((c, dim), dtype),
+            tags=jnp.full((c,), _EMPTY, jnp.int32),
+            slot_of=jnp.full((rows_per_device,), _EMPTY, jnp.int32),
             score=jnp.full((c,), _EMPTY, jnp.int32),
             step=jnp.zeros((1,), jnp.int32),
         )
@@ -447,6 +447,64 @@ def make_storage(storage: str, cache_rows=None, cache_policy: str = "lru"):
     return CachedStorage(int(cache_rows), cache_policy)
 
 
-def place_host(x, sharding: NamedSharding):
-    """`x` (host numpy) on `sharding` in host memory (pinned on a GPU)."""
-    return jax.device_put(from_host(x, sharding), _with_host_memory(sharding))
+# ------------------------------------------------------------ host stores
+
+_INIT_BLOCK_ROWS = 1 << 18
+
+
+def host_rows(rows, shape, dtype, spec, block_fn=None):
+    """A host store (pinned host memory on a GPU) of `shape` laid out as
+    `spec` over the strategy's mesh, built without holding it on a device:
+    zeros from lazily zeroed host pages, then, where `block_fn(device,
+    start, count)` gives values (None: zeros), filled `_INIT_BLOCK_ROWS`
+    local rows at a time by the row mover, in place."""
+    sharding = _with_host_memory(NamedSharding(rows.mesh, spec))
+    zeros = np.zeros(shape, dtype)  # no memory is touched until written
+    store = jax.make_array_from_callback(shape, sharding, lambda index: zeros[index])
+    local = shape[0] if spec[0] is None else shape[0] // rows.num_devices
+    count = min(_INIT_BLOCK_ROWS, local)
+    if block_fn is None:
+        return store
+
+    def body(store, start):
+        device = jax.lax.axis_index(rows.axis_name)
+        at = start + jnp.arange(count, dtype=jnp.int32)
+        values = block_fn(device, start, count).astype(store.dtype).reshape((count,) + shape[1:])
+        return rows.ops.scatter_rows(store, jnp.where(at < local, at, _EMPTY), values)
+
+    fill = jax.jit(
+        shard_map(body, rows.mesh, (spec, P()), spec), donate_argnums=0, out_shardings=sharding
+    )
+    for start in range(0, local, count):
+        store = fill(store, jnp.int32(start))
+    return store
+
+
+def host_table(rows, seed):
+    """A strategy's initial table [n * R, D] as a host store."""
+    r, d = rows.rows_per_device, rows.dim
+    fill = None
+    if not rows.hashed:  # a fresh hash shard's rows are zeros
+
+        def fill(device, start, count):
+            return rows.init_block(seed, device, start, count)
+
+    return host_rows(rows, (rows.num_devices * r, d), rows.dtype, P(rows.axis_name, None), fill)
+
+
+def host_slots(rows, optimizer, table_shape, dtype) -> tuple:
+    """The optimizer's initial slots of a table of `table_shape` as host
+    stores: each row holds `optimizer.init`'s value for a row."""
+    one = optimizer.init(jnp.zeros((1,) + tuple(table_shape[1:]), dtype)).slots
+    out = []
+    for value in one:
+        spec = P(rows.axis_name, *([None] * (value.ndim - 1)))
+        shape = (table_shape[0],) + tuple(value.shape[1:])
+        constant = np.asarray(value)
+        fill = None
+        if np.any(constant != 0):
+            fill = lambda device, start, count, v=value: jnp.broadcast_to(  # noqa: E731
+                v, (count,) + v.shape[1:]
+            )
+        out.append(host_rows(rows, shape, value.dtype, spec, fill))
+    return tuple(out)

@@ -25,7 +25,13 @@ from sok_jax.distributed import exchange
 from sok_jax.distributed.exchange import DeviceLookup, Unit
 from sok_jax.distributed.scores import HashRowGrad, reset_slots
 from sok_jax.distributed.state import EmbeddingStats, warn_on_stats
-from sok_jax.distributed.storage import CACHE_COUNTS, CachedOptState
+from sok_jax.distributed.storage import (
+    CACHE_COUNTS,
+    CachedOptState,
+    CachedShard,
+    host_slots,
+    host_table,
+)
 from sok_jax.ids import Bags
 from sok_jax.ops import resolve
 from sok_jax.ops.embed_ops import SparseRowGrad
@@ -197,19 +203,36 @@ class ShardedTables:
         program (each unit's rows from its strategy's initializer)."""
         axis = self.axis_name
 
+        specs = self._shard_specs()
+        in_hbm = [u for u in self.units if u.storage.kind == "hbm"]
+        cached = [u for u in self.units if u.storage.cached]
+        hosted_hash = [u for u in self.units if u.storage.kind != "hbm" and u.rows.hashed]
+
         def body(seed):
             device = jax.lax.axis_index(axis)
-            out = {}
-            for u in self.units:
-                table, hash_part = u.rows.init_shard(seed, device)
-                if u.storage.cached:
-                    table = u.storage.empty_shard(table)
-                out[u.name] = (table, hash_part)
-            return out
+            return (
+                {u.name: u.rows.init_shard(seed, device) for u in in_hbm},
+                {u.name: self._empty_cache(u)[1:] for u in cached},
+                {u.name: u.rows.fresh_hash_part() for u in hosted_hash},
+            )
 
-        fn = shard_map(body, self.mesh, (P(),), self._shard_specs())
-        shards = jax.jit(fn)(seed)
-        return {u.name: (u.storage.place(shards[u.name][0]), shards[u.name][1]) for u in self.units}
+        out_specs = (
+            {u.name: specs[u.name] for u in in_hbm},
+            {u.name: tuple(specs[u.name][0])[1:] for u in cached},
+            {u.name: specs[u.name][1] for u in hosted_hash},
+        )
+        shards, caches, hash_parts = jax.jit(shard_map(body, self.mesh, (P(),), out_specs))(seed)
+        for u in self.units:  # host stores, built in host memory
+            if u.storage.kind == "hbm":
+                continue
+            table = host_table(u.rows, seed)
+            if u.storage.cached:
+                table = CachedShard(table, *caches[u.name])
+            shards[u.name] = (table, hash_parts.get(u.name))
+        return {u.name: shards[u.name] for u in self.units}
+
+    def _empty_cache(self, u: Unit):
+        return u.storage.empty_cache(u.rows.rows_per_device, u.rows.dim, u.rows.dtype)
 
     def zero_stats(self) -> dict:
         """Per table, distinct [n] counters (a donated state must not hold one
@@ -483,24 +506,19 @@ class ShardedTables:
         for u in self.units:
             optimizer = optimizers[u.name]
             table = shards[u.name][0]
-            if u.storage.cached:
-                inner = self._init_slots(u, optimizer, table.cache)
-                host = self._init_slots(u, optimizer, table.host)
-                tags = jax.device_put(
-                    jnp.full(table.tags.shape, -1, jnp.int32), table.tags.sharding
-                )
-                host_slots = tuple(
-                    jax.device_put(s, u.storage.host_slot_sharding(u.rows, s.sharding.spec))
-                    for s in host.slots
-                )
-                out[u.name] = CachedOptState(inner, host_slots, tags)
+            if u.storage.kind == "hbm":
+                out[u.name] = self._init_slots(u, optimizer, table)
                 continue
-            state = self._init_slots(u, optimizer, table)
-            slots = tuple(
-                jax.device_put(s, u.storage.slot_sharding(u.rows, s.sharding.spec))
-                for s in state.slots
-            )
-            out[u.name] = type(state)(slots, state.count)
+            host = table.host if u.storage.cached else table
+            slots = host_slots(u.rows, optimizer, host.shape, host.dtype)
+            if not u.storage.cached:
+                probe = jax.eval_shape(optimizer.init, jax.ShapeDtypeStruct(host.shape, host.dtype))
+                count = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(self.mesh, P()))
+                out[u.name] = type(probe)(slots, count)
+                continue
+            inner = self._init_slots(u, optimizer, table.cache)
+            tags = jax.device_put(jnp.full(table.tags.shape, -1, jnp.int32), table.tags.sharding)
+            out[u.name] = CachedOptState(inner, slots, tags)
         return out
 
     def adopt(self, unit_name: str, shard, table, optimizer=None, opt_state=None):
