@@ -112,13 +112,7 @@ class Plan:
         raise KeyError(name)
 
     def __str__(self) -> str:
-        def size(b):
-            for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-                if b < 1024 or unit == "TiB":
-                    return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
-                b /= 1024
-            return str(b)
-
+        size = _size
         rows = [
             ("table", "placement", "devices", "rows/device", "storage", "HBM/device",
              "host/device", "sent/step")
@@ -156,6 +150,15 @@ class Plan:
             lines.append(f"HBM budget per device: {size(self.hbm_budget)}")
         lines += list(self.offloaded)
         return "\n".join(lines)
+
+
+def _size(b) -> str:
+    """Bytes in the largest binary unit under 1024 of it."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if b < 1024 or unit == "TiB":
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
+        b /= 1024
+    return str(b)
 
 
 def _key_bytes(spec) -> int:
@@ -386,8 +389,8 @@ def make_plan(
         host_load += host_bytes(name, r)
         offloaded.append(
             f"offloaded {name!r} to host memory behind an LRU cache of {cache:,} rows per "
-            f"device ({cache / r:.0%}): it frees {(before - hbm_bytes(name, r)) / 2**30:.2f} GiB "
-            f"of HBM per device at the lowest miss traffic per byte freed ({cost:.3g}) of the "
+            f"device ({cache / r:.0%}): it frees {_size(before - hbm_bytes(name, r))} of HBM per "
+            f"device at the lowest expected miss traffic per byte freed ({cost:.3g}) of the "
             "tables left in HBM"
         )
     if load.max(initial=0) > budget:
