@@ -1,5 +1,5 @@
 // Buffer checks shared by the CPU and CUDA row movers (sok_rows_gather,
-// sok_rows_scatter): they copy whole rows between two row-major tables of one
+// sok_rows_scatter, sok_rows_copy): they copy whole rows between two row-major tables of one
 // element type, whatever that type is (vectors, optimizer slots), so a row is
 // `row_bytes` opaque bytes. Row indices are int32; an index outside
 // [0, table rows) names no row (gather writes zeros, scatter skips it).
@@ -66,6 +66,29 @@ inline ffi::Error CheckScatter(const ffi::AnyBuffer& dst, const ffi::Buffer<ffi:
   if (auto e = RowsOf(dst, "dst", &s->table_rows, &s->row_bytes); e.failure()) return e;
   if (auto e = CheckRowList(rows, &s->k); e.failure()) return e;
   if (auto e = CheckListed(dst, values, "values", *s); e.failure()) return e;
+  if (dst_out.size_bytes() != dst.size_bytes() || dst_out.element_type() != dst.element_type())
+    return InvalidArgument("dst_out must match dst");
+  return ffi::Error::Success();
+}
+
+// sok_rows_copy: dst[dst_rows[i]] = src[src_rows[i]] where both name a row;
+// the dst rows in range are distinct; dst_out aliases dst.
+struct CopyShape {
+  RowsShape dst;
+  int64_t src_rows = 0;
+};
+
+inline ffi::Error CheckCopy(const ffi::AnyBuffer& dst, const ffi::Buffer<ffi::S32>& dst_rows,
+                            const ffi::AnyBuffer& src, const ffi::Buffer<ffi::S32>& src_rows,
+                            const ffi::AnyBuffer& dst_out, CopyShape* s) {
+  if (auto e = RowsOf(dst, "dst", &s->dst.table_rows, &s->dst.row_bytes); e.failure()) return e;
+  if (auto e = CheckRowList(dst_rows, &s->dst.k); e.failure()) return e;
+  int64_t src_bytes = 0, src_k = 0;
+  if (auto e = RowsOf(src, "src", &s->src_rows, &src_bytes); e.failure()) return e;
+  if (auto e = CheckRowList(src_rows, &src_k); e.failure()) return e;
+  if (src.element_type() != dst.element_type() || src_bytes != s->dst.row_bytes)
+    return InvalidArgument("src must have dst's dtype and row width");
+  if (src_k != s->dst.k) return InvalidArgument("src_rows and dst_rows must have one length");
   if (dst_out.size_bytes() != dst.size_bytes() || dst_out.element_type() != dst.element_type())
     return InvalidArgument("dst_out must match dst");
   return ffi::Error::Success();

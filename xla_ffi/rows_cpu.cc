@@ -45,6 +45,24 @@ ffi::Error ScatterImpl(ffi::AnyBuffer dst, ffi::Buffer<ffi::S32> rows, ffi::AnyB
   return ffi::Error::Success();
 }
 
+ffi::Error CopyImpl(ffi::AnyBuffer dst, ffi::Buffer<ffi::S32> dst_rows, ffi::AnyBuffer src,
+                    ffi::Buffer<ffi::S32> src_rows, ffi::Result<ffi::AnyBuffer> dst_out) {
+  CopyShape s;
+  if (auto e = CheckCopy(dst, dst_rows, src, src_rows, *dst_out, &s); e.failure()) return e;
+  CopyIfDistinct(dst.untyped_data(), dst_out->untyped_data(), dst.size_bytes());
+  char* to = static_cast<char*>(dst_out->untyped_data());
+  const char* from = static_cast<const char*>(src.untyped_data());
+  const int32_t* d = dst_rows.typed_data();
+  const int32_t* r = src_rows.typed_data();
+  const int64_t bytes = s.dst.row_bytes;
+  for (int64_t i = 0; i < s.dst.k; ++i) {
+    if (d[i] >= 0 && d[i] < s.dst.table_rows && r[i] >= 0 && r[i] < s.src_rows)
+      std::memcpy(to + static_cast<int64_t>(d[i]) * bytes, from + static_cast<int64_t>(r[i]) * bytes,
+                  bytes);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 SOK_ROWS_TARGETS(SOK_CPU_HANDLER)

@@ -50,6 +50,24 @@ ScatterKernel(W* __restrict__ dst, int64_t table_rows, const int32_t* __restrict
   }
 }
 
+// dst[dst_rows[i]] = src[src_rows[i]] where both name a row; the dst rows
+// in range are distinct.
+template <typename W>
+__global__ void __launch_bounds__(kBlock)
+CopyKernel(W* __restrict__ dst, int64_t dst_table_rows, const int32_t* __restrict__ dst_rows,
+           const W* __restrict__ src, int64_t src_table_rows, const int32_t* __restrict__ src_rows,
+           int64_t k, int64_t row_words) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t i = blockIdx.x * kWarpsPerBlock + (threadIdx.x >> 5); i < k; i += warps) {
+    const int32_t d = dst_rows[i], r = src_rows[i];
+    if (d < 0 || d >= dst_table_rows || r < 0 || r >= src_table_rows) continue;
+    W* to = dst + static_cast<int64_t>(d) * row_words;
+    const W* from = src + static_cast<int64_t>(r) * row_words;
+    for (int64_t w = lane; w < row_words; w += 32) to[w] = from[w];
+  }
+}
+
 // Blocks for k rows: one warp per row, capped (the warps stride over the rest).
 inline unsigned int RowsGrid(int64_t k) {
   int64_t blocks = (k + kWarpsPerBlock - 1) / kWarpsPerBlock;

@@ -223,9 +223,19 @@ auto RowsScatter(B b) {
       .template Ret<ffi::AnyBuffer>();        // dst_out (aliases dst)
 }
 
-#define SOK_ROWS_TARGETS(X)                                    \
-  X("sok_rows_gather", SokRowsGather, GatherImpl, RowsGather) \
-  X("sok_rows_scatter", SokRowsScatter, ScatterImpl, RowsScatter)
+template <typename B>
+auto RowsCopy(B b) {
+  return std::move(b).template Arg<ffi::AnyBuffer>()     // dst [R, W] or [R]
+      .template Arg<ffi::Buffer<ffi::S32>>()  // dst_rows [K], distinct where in range
+      .template Arg<ffi::AnyBuffer>()         // src [S, W] or [S]
+      .template Arg<ffi::Buffer<ffi::S32>>()  // src_rows [K]
+      .template Ret<ffi::AnyBuffer>();        // dst_out (aliases dst)
+}
+
+#define SOK_ROWS_TARGETS(X)                                      \
+  X("sok_rows_gather", SokRowsGather, GatherImpl, RowsGather)   \
+  X("sok_rows_scatter", SokRowsScatter, ScatterImpl, RowsScatter) \
+  X("sok_rows_copy", SokRowsCopy, CopyImpl, RowsCopy)
 
 }  // namespace sig
 }  // namespace sok

@@ -338,9 +338,9 @@ class CachedStorage:
 
         # Write the leaving rows back, then read the missing ones in (the
         # two sets are disjoint: one is cached, the other is not).
-        host = ops.scatter_rows(shard.host, leaving, ops.gather_rows(shard.cache, victim))
+        host = ops.copy_rows(shard.host, leaving, shard.cache, victim)
         incoming = jnp.where(miss, srt, _EMPTY)
-        cache = ops.scatter_rows(shard.cache, victim, ops.gather_rows(host, incoming))
+        cache = ops.copy_rows(shard.cache, victim, host, incoming)
 
         slot_of = shard.slot_of.at[jnp.where(leaving >= 0, leaving, r)].set(_EMPTY, mode="drop")
         slot_of = slot_of.at[jnp.where(miss, srt, r)].set(victim, mode="drop")
@@ -385,8 +385,8 @@ class CachedStorage:
         new = jnp.where(valid, tags[jnp.minimum(idx, c - 1)], _EMPTY)
         host, cache = [], []
         for h, s in zip(opt.host, opt.cache.slots):
-            h = ops.scatter_rows(h, old, ops.gather_rows(s, at))
-            s = ops.scatter_rows(s, jnp.where(new >= 0, at, _EMPTY), ops.gather_rows(h, new))
+            h = ops.copy_rows(h, old, s, at)
+            s = ops.copy_rows(s, at, h, new)
             host.append(h)
             cache.append(s)
         new_tags = opt.tags.at[jnp.where(valid, idx, c)].set(new, mode="drop")

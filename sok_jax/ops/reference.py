@@ -506,3 +506,11 @@ def scatter_rows(dst, rows, values):
     out of range dropped."""
     valid = (rows >= 0) & (rows < dst.shape[0])
     return dst.at[jnp.where(valid, rows, dst.shape[0])].set(values, mode="drop")
+
+
+def copy_rows(dst, dst_rows, src, src_rows):
+    """`rows_ops.copy_rows` in plain JAX: dst[dst_rows] = src[src_rows] where
+    both name a row."""
+    ok = (dst_rows >= 0) & (dst_rows < dst.shape[0]) & (src_rows >= 0) & (src_rows < src.shape[0])
+    values = jnp.take(src, jnp.where(ok, src_rows, 0), axis=0)
+    return dst.at[jnp.where(ok, dst_rows, dst.shape[0])].set(values, mode="drop")

@@ -14,7 +14,12 @@ the host pointer and the kernel reads or writes the rows over the host link
   The rows in range must be distinct: which of two values for one row lands
   is not defined on the GPU.
 
-`sok_jax.ops.reference` has both under the same names in plain JAX.
+* `copy_rows(dst, dst_rows, src, src_rows)`: dst[dst_rows[i]] =
+  src[src_rows[i]] where both name a row, in place (one pass, no
+  intermediate: what moves rows between a host store and its cache). The
+  dst rows in range must be distinct.
+
+`sok_jax.ops.reference` has all three under the same names in plain JAX.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import jax.numpy as jnp
 
 from sok_jax import _native  # noqa: F401  (registers the targets)
 
-__all__ = ["gather_rows", "scatter_rows"]
+__all__ = ["gather_rows", "scatter_rows", "copy_rows"]
 
 
 def _check_table(table, what):
@@ -62,3 +67,27 @@ def scatter_rows(dst: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Arra
         "sok_rows_scatter", out, vmap_method="sequential", input_output_aliases={0: 0}
     )
     return call(dst, rows, values)
+
+
+def copy_rows(dst: jax.Array, dst_rows: jax.Array, src: jax.Array, src_rows: jax.Array):
+    """`dst` with dst[dst_rows[i]] = src[src_rows[i]] wherever both indices
+    name a row (the dst rows in range distinct), in place."""
+    _check_table(dst, "dst")
+    _check_table(src, "src")
+    _check_rows(dst_rows)
+    _check_rows(src_rows)
+    if src.dtype != dst.dtype or src.shape[1:] != dst.shape[1:]:
+        raise ValueError(
+            f"src must have dst's dtype and row shape, got {src.dtype} {src.shape} for "
+            f"{dst.dtype} {dst.shape}"
+        )
+    if src_rows.shape != dst_rows.shape:
+        raise ValueError(
+            f"src_rows and dst_rows must have one length, got {src_rows.shape} and "
+            f"{dst_rows.shape}"
+        )
+    out = jax.ShapeDtypeStruct(dst.shape, dst.dtype)
+    call = jax.ffi.ffi_call(
+        "sok_rows_copy", out, vmap_method="sequential", input_output_aliases={0: 0}
+    )
+    return call(dst, dst_rows, src, src_rows)
