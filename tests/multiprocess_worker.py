@@ -14,7 +14,8 @@ import sys
 
 def scenario(mesh, put, seed: int = 0) -> dict:
     """The program both runs compute: sparse Adagrad steps of a direct and a
-    hash `DistributedEmbedding` and of a collection of mixed placements,
+    hash `DistributedEmbedding` (each in HBM and behind a host cache) and of
+    a collection of mixed placements and storage,
     their exports, an import of those exports and a lookup after it.
     `put(global_numpy_array)` makes a batch-sharded global array."""
     import jax
@@ -34,9 +35,17 @@ def scenario(mesh, put, seed: int = 0) -> dict:
         "hash": sok_jax.DistributedEmbedding(
             "sum", 64, 4, slot_num=2, max_nnz=3, use_hashtable=True, mesh=mesh, axis_name=axis
         ),
+        "cached": sok_jax.DistributedEmbedding(
+            "mean", 128, 4, slot_num=2, max_nnz=3, mesh=mesh, axis_name=axis,
+            use_hashtable=False, storage="host_cached", cache_rows=100,
+        ),
+        "cached_hash": sok_jax.DistributedEmbedding(
+            "sum", 256, 4, slot_num=2, max_nnz=3, use_hashtable=True, mesh=mesh,
+            axis_name=axis, storage="host_cached", cache_rows=100, cache_policy="lfu",
+        ),
     }
     for name, emb in layers.items():
-        high = 128 if name == "direct" else 10_000
+        high = {"direct": 128, "cached": 1024}.get(name, 10_000)
         batches = [rng.integers(-1, high, (16, 2, 3)).astype(np.int32) for _ in range(3)]
         state = emb.init(seed)
         slots = emb.init_optimizer(opt, state)
@@ -64,12 +73,13 @@ def scenario(mesh, put, seed: int = 0) -> dict:
             sok_jax.TableSpec("t", 300, 4, combiner="mean", placement="table"),
             sok_jax.TableSpec("p", 10, 4, placement="replicated"),
             sok_jax.TableSpec("h", 300, 4, use_hashtable=True),
+            sok_jax.TableSpec("c", 2000, 4, placement="row", storage="host_cached", cache_rows=40),
         ],
-        [sok_jax.FeatureSpec(x, x, 2) for x in "rtph"],
+        [sok_jax.FeatureSpec(x, x, 2) for x in "rtphc"],
         mesh=mesh,
         axis_name=axis,
     )
-    highs = {"r": 400, "t": 300, "p": 10, "h": 10_000}
+    highs = {"r": 400, "t": 300, "p": 10, "h": 10_000, "c": 2000}
     state = coll.init(seed)
     slots = coll.init_optimizer(opt, state)
 

@@ -15,10 +15,12 @@ nb::dict Registrations() {
   sok::AppendEmbedTargetsCuda(targets);
   sok::AppendOptimTargetsCuda(targets);
   sok::AppendHashTargetsCuda(targets);
+  sok::AppendRowsTargetsCuda(targets);
 #else
   sok::AppendEmbedTargetsCpu(targets);
   sok::AppendOptimTargetsCpu(targets);
   sok::AppendHashTargetsCpu(targets);
+  sok::AppendRowsTargetsCpu(targets);
 #endif
   nb::dict d;
   for (const auto& t : targets) d[t.name] = nb::capsule(t.handler);

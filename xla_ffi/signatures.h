@@ -204,5 +204,38 @@ auto HashFindOrInsert(B b) {
   X("sok_hash_find_or_insert", SokHashFindOrInsert, FindOrInsertImpl, \
     HashFindOrInsert)
 
+// ------------------------------------------------------------------ rows
+// The row movers of the host storage tiers (rows_checks.h): whole rows
+// between two row-major tables of one element type, either of which may be
+// in pinned host memory.
+template <typename B>
+auto RowsGather(B b) {
+  return std::move(b).template Arg<ffi::AnyBuffer>()     // src [R, W] or [R]
+      .template Arg<ffi::Buffer<ffi::S32>>()  // rows [K]
+      .template Ret<ffi::AnyBuffer>();        // out [K, W] or [K]
+}
+
+template <typename B>
+auto RowsScatter(B b) {
+  return std::move(b).template Arg<ffi::AnyBuffer>()     // dst [R, W] or [R]
+      .template Arg<ffi::Buffer<ffi::S32>>()  // rows [K], distinct where in range
+      .template Arg<ffi::AnyBuffer>()         // values [K, W] or [K]
+      .template Ret<ffi::AnyBuffer>();        // dst_out (aliases dst)
+}
+
+template <typename B>
+auto RowsCopy(B b) {
+  return std::move(b).template Arg<ffi::AnyBuffer>()     // dst [R, W] or [R]
+      .template Arg<ffi::Buffer<ffi::S32>>()  // dst_rows [K], distinct where in range
+      .template Arg<ffi::AnyBuffer>()         // src [S, W] or [S]
+      .template Arg<ffi::Buffer<ffi::S32>>()  // src_rows [K]
+      .template Ret<ffi::AnyBuffer>();        // dst_out (aliases dst)
+}
+
+#define SOK_ROWS_TARGETS(X)                                      \
+  X("sok_rows_gather", SokRowsGather, GatherImpl, RowsGather)   \
+  X("sok_rows_scatter", SokRowsScatter, ScatterImpl, RowsScatter) \
+  X("sok_rows_copy", SokRowsCopy, CopyImpl, RowsCopy)
+
 }  // namespace sig
 }  // namespace sok

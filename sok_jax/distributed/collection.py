@@ -54,6 +54,7 @@ from sok_jax.distributed.state import (
     check_like,
     check_opt_state,
 )
+from sok_jax.distributed.storage import HbmStorage
 from sok_jax.distributed.tables import LookupInput, ShardedTables, mesh_and_axis
 from sok_jax.ops import checks, resolve
 from sok_jax.optim import check_sparse_optimizer
@@ -118,6 +119,10 @@ class EmbeddingCollection:
         column of table-wise tables ceil(c * keys) of its largest member.
       memory_per_device: the planner's budget in bytes (default: the
         device's own, where it says).
+      hbm_budget: bytes of HBM per device the tables may take; when they
+        do not fit, the planner moves tables whose `TableSpec.storage` is
+        None to host memory behind an HBM cache, cheapest first, and says
+        so in `print(coll.plan)` (`sok_jax.distributed.planner`).
       optimizer: the sparse optimizer the planner counts slots for (default:
         one float32 slot per table value, as Adagrad).
       check: as `DistributedEmbedding`'s: an eager call raises
@@ -138,6 +143,7 @@ class EmbeddingCollection:
         batch_size: int | None = None,
         capacity_factor: float | None = None,
         memory_per_device: int | None = None,
+        hbm_budget: int | None = None,
         optimizer=None,
         check: bool = False,
         implementation: str = "ffi",
@@ -166,6 +172,7 @@ class EmbeddingCollection:
             capacity_factor=capacity_factor,
             memory_per_device=memory_per_device,
             slot_floats_per_row=slots,
+            hbm_budget=hbm_budget,
         )
         units = [self._unit(u, features, ops) for u in self.plan.units]
         self._tables = ShardedTables(
@@ -214,7 +221,9 @@ class EmbeddingCollection:
             for f in features
             if f.table in index
         )
-        return Unit(unit_plan.name, rows, lookups)
+        tier = unit_plan.storage or HbmStorage()
+        tier.check_strategy(rows)
+        return Unit(unit_plan.name, rows, lookups, tier)
 
     # ------------------------------------------------------------ state
     def init(self, seed) -> CollectionState:
@@ -482,12 +491,15 @@ class EmbeddingCollection:
         unit = self._unit_of[table]
         self._check_state(state, opt_state)
         shard = state.shards[unit]
+        logical, opt = self._tables.unit(unit).storage.logical(
+            shard.table, None if opt_state is None else opt_state[unit], self.num_devices
+        )
         return export_table(
             rows,
             table,
-            shard.table,
+            logical,
             join_hash_part(shard.slot_keys, shard.scores),
-            None if opt_state is None else opt_state[unit],
+            opt,
             since_step,
             self.table_specs[table].key_dtype,
             state.seed,
@@ -508,6 +520,17 @@ class EmbeddingCollection:
         # Every unit's optimizer state (zeros of the tables' shapes), filled
         # with the exports' slots as the tables are imported.
         opt_states = {} if optimizers is None else self._tables.init_optimizer(optimizers, shards)
+        # Host-stored units are imported into their logical table (and a
+        # plain optimizer state over it), then laid out in their tier.
+        fresh = dict(shards)
+        tiered = [u.name for u in self._tables.units if u.storage.kind != "hbm"]
+        for unit in tiered:
+            u = self._tables.unit(unit)
+            logical, _ = u.storage.logical(shards[unit][0], None, self.num_devices)
+            logical = jax.device_put(logical, u.rows.table_sharding)
+            shards[unit] = (logical, shards[unit][1])
+            if optimizers is not None:
+                opt_states[unit] = self._tables.plain_optimizer(unit, optimizers[unit], logical)
         for table, given in pairs.items():
             rows = self._strategy(table)
             unit = self._unit_of[table]
@@ -524,6 +547,14 @@ class EmbeddingCollection:
                 lambda _, unit=unit: opt_states[unit],
             )
             shards[unit] = (t, h)
+            if o is not None:
+                opt_states[unit] = o
+        for unit in tiered:
+            opt = None if optimizers is None else optimizers[unit]
+            t, o = self._tables.adopt(
+                unit, fresh[unit][0], shards[unit][0], opt, opt_states.get(unit)
+            )
+            shards[unit] = (t, shards[unit][1])
             if o is not None:
                 opt_states[unit] = o
         state = self._state(state, shards)

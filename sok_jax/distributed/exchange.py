@@ -42,6 +42,7 @@ import jax.numpy as jnp
 
 from sok_jax.distributed import scores
 from sok_jax.distributed.state import EmbeddingStats
+from sok_jax.distributed.storage import CACHE_COUNTS, HbmStorage, sparse_only
 from sok_jax.embedding import _lookup
 from sok_jax.ids import Bags
 from sok_jax.ops import checks, resolve
@@ -66,12 +67,13 @@ class LookupSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
-    """A storage array (its row strategy, `rows.py`) and the lookups that
-    read it, in a fixed order."""
+    """A storage array (its row strategy, `rows.py`), the lookups that read
+    it, in a fixed order, and its storage tier (`storage.py`)."""
 
     name: str
     rows: Any
     lookups: tuple
+    storage: Any = HbmStorage()
 
 
 class ExchangePlan(NamedTuple):
@@ -343,16 +345,18 @@ ONLINE_COUNTS = ("evicted", "not_admitted", "load")
 
 class _Counters:
     """Per table, this device's counts of the call (and an online hash
-    table's evictions, unadmitted keys and load, and an evicting one's stale
-    rows)."""
+    table's evictions, unadmitted keys and load, the stale rows of one whose
+    rows change hands, and a cached one's cache counts)."""
 
-    def __init__(self, tables, online=(), evicting=()):
+    def __init__(self, tables, online=(), evicting=(), cached=()):
         zero = jnp.zeros((), jnp.int32)
         self.counts = {t: {"overflow": zero, "invalid": zero, "hash_full": zero} for t in tables}
         for t in online:
             self.counts[t].update(evicted=zero, not_admitted=zero, load=jnp.zeros((), jnp.float32))
         for t in evicting:
             self.counts[t]["stale"] = zero
+        for t in cached:
+            self.counts[t].update({k: zero for k in (*CACHE_COUNTS, "cache_skipped")})
 
     def add(self, table, what, value):
         c = self.counts[table][what]
@@ -368,13 +372,10 @@ class _Counters:
         self._credit(unit, "hash_full", hash_full)
 
     def add_online(self, unit: Unit, counts):
-        """An online hash unit's counts on this device (None: not online)."""
+        """A unit's counts {counter: value} on this device (an online hash
+        table's, a cache's, an update's stale rows; None: none)."""
         for k, v in (counts or {}).items():
             self._credit(unit, k, v)
-
-    def add_stale(self, unit: Unit, stale):
-        """An evicting unit's stale rows on this device."""
-        self._credit(unit, "stale", stale)
 
     def _credit(self, unit: Unit, what, value):
         members = unit.rows.members
@@ -391,7 +392,11 @@ class _Counters:
             t: EmbeddingStats(
                 *(c[k].reshape(1) for k in ("overflow", "invalid", "hash_full")),
                 nonfinite=jnp.zeros((1,), jnp.int32),
-                **{k: c[k].reshape(1) for k in (*ONLINE_COUNTS, "stale") if k in c},
+                **{
+                    k: c[k].reshape(1)
+                    for k in (*ONLINE_COUNTS, "stale", *CACHE_COUNTS, "cache_skipped")
+                    if k in c
+                },
             )
             for t, c in self.counts.items()
         }
@@ -413,10 +418,16 @@ def online_tables(units) -> list:
     return [t for u in units if getattr(u.rows, "scored", False) for t in member_tables(u)]
 
 
-def evicting_tables(units) -> list:
-    """The tables of the units that evict (the only ones whose rows change
-    key, so whose contexts can go stale)."""
-    return [t for u in units if u.rows.evicting for t in member_tables(u)]
+def changing_tables(units) -> list:
+    """The tables whose rows can change hands between a lookup and its
+    update (so whose contexts can go stale, counted in `stale`): those that
+    evict, and those behind a cache (its slots change rows)."""
+    return [t for u in units if u.rows.evicting or u.storage.cached for t in member_tables(u)]
+
+
+def cached_tables(units) -> list:
+    """The tables of the units kept in a host store behind an HBM cache."""
+    return [t for u in units if u.storage.cached for t in member_tables(u)]
 
 
 def forward(units, shards, seed, bags, capacities, local, implementation, training, sparse):
@@ -426,8 +437,12 @@ def forward(units, shards, seed, bags, capacities, local, implementation, traini
     capacities: {unit: bucket size}; local: {unit: True when it does not
     exchange}; `sparse`: the outputs carry no gradient to the tables."""
     outs, new_shards, ctxs = {}, {}, {}
+    ops = resolve(implementation)
     counters = _Counters(
-        [t for u in units for t in member_tables(u)], online_tables(units), evicting_tables(units)
+        [t for u in units for t in member_tables(u)],
+        online_tables(units),
+        changing_tables(units),
+        cached_tables(units),
     )
 
     def read(unit, rows_found):
@@ -435,7 +450,10 @@ def forward(units, shards, seed, bags, capacities, local, implementation, traini
         if rows_found.table is not None:
             table, slot_keys = rows_found.table, rows_found.slot_keys
             new_shards[unit.name] = (table, slot_keys)
-        return jax.lax.stop_gradient(table) if sparse else table
+        source = unit.storage.lookup_source(table)
+        if sparse:
+            return jax.lax.stop_gradient(source)
+        return source if unit.storage.kind == "hbm" else sparse_only(source)
 
     exchanged = [u for u in units if not local[u.name]]
     if exchanged:
@@ -451,7 +469,7 @@ def forward(units, shards, seed, bags, capacities, local, implementation, traini
         found, vectors, helds = [], [], []
         for u, got in zip(exchanged, received):
             table, slot_keys = shards[u.name]
-            owner = u.rows.owner_rows(table, slot_keys, seed, got, training)
+            owner = u.storage.owner_rows(u.rows, table, slot_keys, seed, got, training, ops)
             src = read(u, owner)
             singles = _singles(got.shape[0])
             vectors.append(
@@ -459,6 +477,7 @@ def forward(units, shards, seed, bags, capacities, local, implementation, traini
             )
             counters.add_hash_full(u, owner.hash_full)
             counters.add_online(u, owner.online)
+            counters.add_online(u, owner.cache)
             found.append(owner.rows)
             helds.append(owner.held)
         # 4: one all_to_all brings every unit's vectors back.
@@ -477,7 +496,7 @@ def forward(units, shards, seed, bags, capacities, local, implementation, traini
         table, slot_keys = shards[u.name]
         flat = [bags[s.name].ids for s in u.lookups]
         members = [s.member for s in u.lookups]
-        got = u.rows.local_rows(table, slot_keys, seed, flat, members, training)
+        got = u.storage.local_rows(u.rows, table, slot_keys, seed, flat, members, training, ops)
         src = read(u, got)
         index = _split(got.rows, [f.shape[0] for f in flat])
         outs.update(_combine(u.lookups, implementation, src, index, bags))
@@ -486,6 +505,7 @@ def forward(units, shards, seed, bags, capacities, local, implementation, traini
             counters.add_per_lookup(u.lookups, "invalid", invalid)
         counters.add_hash_full(u, got.hash_full)
         counters.add_online(u, got.online)
+        counters.add_online(u, got.cache)
         ctxs[u.name] = _context(None, u, index, bags, got.held)
     return DeviceLookup(outs, new_shards, counters.stats(), ctxs)
 
@@ -590,12 +610,11 @@ def _local_owner_bags(unit: Unit, groups, ops) -> OwnerBags:
     return OwnerBags(grads, touched, _singles(touched.shape[0]), _no_weights(), "sum")
 
 
-def fresh_bags(unit: Unit, bags: OwnerBags, stale, ops) -> OwnerBags:
-    """An evicting unit's owner bags without the rows in `stale` (a
-    `scores.StaleRows`): their positions become -1, which every update skips.
-    Bags of a mean or sqrtn combiner are first reduced to one row each, so
-    that dropping a row leaves the other rows' gradients as they were."""
-    if bags.combiner != "sum":
-        g = ops.lookup_combine_bwd(*bags, unit.rows.rows_per_device)
-        bags = OwnerBags(g.grads, g.rows, _singles(g.rows.shape[0]), _no_weights(), "sum")
-    return bags._replace(ids=scores.drop_stale(stale, bags.ids))
+def one_row_bags(bags: OwnerBags, num_rows: int, ops) -> OwnerBags:
+    """An owner's bags with one row each: a mean or sqrtn combiner's first
+    reduced (sum bags already are), so that an update that skips some rows
+    (stale ones, -1) leaves the other rows' gradients as they were."""
+    if bags.combiner == "sum":
+        return bags
+    g = ops.lookup_combine_bwd(*bags, num_rows)
+    return OwnerBags(g.grads, g.rows, _singles(g.rows.shape[0]), _no_weights(), "sum")

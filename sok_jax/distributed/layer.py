@@ -38,6 +38,7 @@ from sok_jax.distributed.state import (
     check_like,
     check_opt_state,
 )
+from sok_jax.distributed.storage import make_storage
 from sok_jax.distributed.tables import LookupInput, ShardedTables, mesh_and_axis
 from sok_jax.ops import checks, embed_ops, resolve
 from sok_jax.ops.embed_ops import SparseRowGrad
@@ -88,6 +89,13 @@ class DistributedEmbedding:
         training lookup that sees it (None: at once).
       hash_options: a `HashOptions` for the rest (sketch size, eviction log,
         scores without eviction); `eviction` and `admit_after` override it.
+      storage: where the rows and their optimizer slots live: "hbm" (the
+        default), "host" (pinned host memory, read and updated over the host
+        link) or "host_cached" (a host store behind an HBM cache of
+        `cache_rows` rows per device, kept by `cache_policy` "lru" or
+        "lfu"); see `sok_jax.distributed.storage`. A host table trains
+        through `lookup` + `sparse_update` (or `sparse_grad` +
+        `apply_gradients`), not through `jax.grad` of `apply`.
     """
 
     def __init__(
@@ -111,6 +119,9 @@ class DistributedEmbedding:
         eviction: str | None = None,
         admit_after: int | None = None,
         hash_options=None,
+        storage: str = "hbm",
+        cache_rows: int | None = None,
+        cache_policy: str = "lru",
     ):
         embed_ops.combiner_code(combiner)
         online = make_options(eviction, admit_after, hash_options, bool(use_hashtable))
@@ -162,9 +173,11 @@ class DistributedEmbedding:
         )
         self.online = online
         self._rows = strategy
+        self.storage = make_storage(storage, cache_rows, cache_policy)
+        self.storage.check_strategy(strategy)
         lookup = LookupSpec(_IDS, _TABLE, 0, combiner, False, self.max_feature_num)
         self._tables = ShardedTables(
-            (Unit(_TABLE, strategy, (lookup,)),),
+            (Unit(_TABLE, strategy, (lookup,), self.storage),),
             mesh,
             axis_name,
             implementation,
@@ -417,10 +430,11 @@ class DistributedEmbedding:
             oldest step the eviction log still covers.
         """
         self._check_state(state, opt_state)
+        table, opt_state = self.storage.logical(state.table, opt_state, self.num_devices)
         return export_table(
             self._rows,
             _TABLE,
-            state.table,
+            table,
             join_hash_part(state.slot_keys, state.scores),
             opt_state,
             since_step,
@@ -452,17 +466,19 @@ class DistributedEmbedding:
             given, or the processes passed different pairs.
         """
         state = self.init(resolve_seed(keys, seed))
+        logical, _ = self.storage.logical(state.table, None, self.num_devices)
         table, hash_part, opt_state = import_table(
             self._rows,
             _TABLE,
-            state.table,
+            jax.device_put(logical, self._rows.table_sharding),
             join_hash_part(state.slot_keys, state.scores),
             keys,
             vectors,
             share,
             optimizer,
-            lambda t: self._tables.init_optimizer({_TABLE: optimizer}, {_TABLE: (t, None)})[_TABLE],
+            lambda t: self._tables.plain_optimizer(_TABLE, optimizer, t),
         )
+        table, opt_state = self._tables.adopt(_TABLE, state.table, table, optimizer, opt_state)
         slot_keys, scores = split_hash_part(hash_part)
         state = dataclasses.replace(state, table=table, slot_keys=slot_keys, scores=scores)
         return state if optimizer is None else (state, opt_state)
@@ -496,4 +512,5 @@ class DistributedEmbedding:
         self._check_state(state)
         keys = checks.host_keys(keys, self.key_dtype, "logical_rows: keys", padding_ok=False)
         self._rows._check_direct_keys(keys, self._rows.member)
-        return to_host(state.table)[self._rows.global_rows(keys)]
+        table, _ = self.storage.logical(state.table, None, self.num_devices)
+        return to_host(table)[self._rows.global_rows(keys)]

@@ -79,6 +79,15 @@ class OwnerRows(NamedTuple):
     hash_full: jax.Array
     online: Any = None
     held: Any = None
+    cache: Any = None  # a cached table's {cache_hits, cache_misses, cache_evictions}
+
+
+class FreshRows(NamedTuple):
+    """The rows a hash lookup gave to new keys (`find_rows`), per position:
+    whether it is a new key's first position, and the key's initial vector."""
+
+    is_new: jax.Array
+    vectors: jax.Array
 
 
 class StoredRows(NamedTuple):
@@ -164,6 +173,17 @@ class _Strategy:
             self.initializer, self._seed(seed, member), keys, self.dim, self.dtype, into=into
         )
 
+    def init_block(self, seed, device, start, count):
+        """One device: the initial vectors [count, D] of its local rows
+        [start, start + count) (rows past the shard: any values), as
+        `init_shard` makes them; None where a fresh shard's rows are zeros
+        (hash mode). For a unit of one member (a host-stored unit always is)."""
+        return None
+
+    def fresh_hash_part(self):
+        """One device: the hash part of a fresh shard (None in direct mode)."""
+        return None
+
     def send_format(self):
         """(dtype, value of an empty bucket slot) of what is sent for a key."""
         if self.hashed:
@@ -219,6 +239,11 @@ class _Strategy:
         host = to_host(table).copy()
         host[rows] = vectors
         return from_host(host.astype(self.dtype), self.table_sharding)
+
+    def find_rows(self, hash_part, seed, received, training, like):
+        """`owner_rows` leaving the table alone: (OwnerRows, FreshRows or
+        None). `like` is a table of the shard's shape and dtype."""
+        return self.owner_rows(None, hash_part, seed, received, training), None
 
     def _check_direct_keys(self, keys, member: Member):
         k = keys.astype(np.int64)
@@ -320,6 +345,10 @@ class RowRows(_Direct, _Strategy):
             table = self._init(seed, member, keys, into=(table, self.offset(m)))
         return table, None
 
+    def init_block(self, seed, device, start, count):
+        rows = start + jnp.arange(count, dtype=jnp.int32)
+        return self._init(seed, self.member, rows * self.num_devices + device)
+
     def owner_rows(self, table, slot_keys, seed, received, training) -> OwnerRows:
         """The received values are local rows already (-1: an empty slot)."""
         return OwnerRows(None, None, received, jnp.zeros((), jnp.int32))
@@ -356,6 +385,11 @@ class TableRows(_Direct, _Strategy):
         table_seed = initializers.table_seed(seed, self._seed_ids()[device])
         rows = initializers.init_rows(self.initializer, table_seed, keys, self.dim, self.dtype)
         return rows, None
+
+    def init_block(self, seed, device, start, count):
+        keys = start + jnp.arange(count, dtype=jnp.int32)
+        table_seed = initializers.table_seed(seed, self._seed_ids()[device])
+        return initializers.init_rows(self.initializer, table_seed, keys, self.dim, self.dtype)
 
     def owner_rows(self, table, slot_keys, seed, received, training) -> OwnerRows:
         return OwnerRows(None, None, received, jnp.zeros((), jnp.int32))
@@ -407,12 +441,14 @@ class _Hashed:
         return self.online is not None and self.online.eviction is not None
 
     def _empty_shard(self):
-        table = jnp.zeros((self.rows_per_device, self.dim), self.dtype)
+        return jnp.zeros((self.rows_per_device, self.dim), self.dtype), self.fresh_hash_part()
+
+    def fresh_hash_part(self):
         keys = hash_ops.empty_slot_keys(self.rows_per_device, self.key_dtype)
         if not self.scored:
-            return table, keys
+            return keys
         sc = scores.empty_scores(self.rows_per_device, self.key_dtype, self.online)
-        return table, scores.HashShard(keys, sc)
+        return scores.HashShard(keys, sc)
 
     def hash_sharding(self):
         """The sharding of the hash part of the shard: slot_keys', or a
@@ -426,6 +462,16 @@ class _Hashed:
         """Finds `keys` in the shard; with `training`, inserts the unseen ones
         (evicting or admitting as the table does) and writes their initial
         vectors. Returns (OwnerRows, per-position status or None)."""
+        found, status, fresh = self._find(hash_part, table_seed, keys, training, table)
+        if fresh is not None:
+            target = jnp.where(fresh.is_new, found.rows, table.shape[0])
+            table = _insert_rows(table, target, fresh.vectors)
+        return found._replace(table=table), status
+
+    def _find(self, hash_part, table_seed, keys, training, like):
+        """`_lookup` without the write: (OwnerRows with table None, status
+        or None, FreshRows with `training`, else None). `like`: a table of
+        the shard's shape and dtype."""
         if self.scored:
             run = scores.OnlineLookup(self.ops, self.online).run
             hash_part, r, counts = run(hash_part, keys, training)
@@ -436,24 +482,28 @@ class _Hashed:
                 hash_part, keys, insert=training
             )
             counts = status = None
+        fresh = None
         if training:
-            fresh = initializers.init_rows(
-                self.initializer, table_seed, keys, table.shape[1], table.dtype
+            vectors = initializers.init_rows(
+                self.initializer, table_seed, keys, like.shape[1], like.dtype
             )
-            target = jnp.where(is_new.astype(bool) & (rows >= 0), rows, table.shape[0])
-            table = _insert_rows(table, target, fresh)
+            fresh = FreshRows(is_new.astype(bool) & (rows >= 0), vectors)
         # An evicting table reuses rows: the sparse update resets the slots of
         # the new keys' rows and skips the rows a later lookup gave away.
         held = None
         if self.evicting:
             held = scores.HeldRows(rows, keys, (is_new == 1) & training)
-        found = OwnerRows(
-            table, hash_part, rows, failed.reshape(()).astype(jnp.int32), counts, held
-        )
-        return found, status
+        found = OwnerRows(None, hash_part, rows, failed.reshape(()).astype(jnp.int32), counts, held)
+        return found, status, fresh
 
     def _find_or_insert(self, table, hash_part, table_seed, keys, training) -> OwnerRows:
         return self._lookup(table, hash_part, table_seed, keys, training)[0]
+
+    def find_rows(self, hash_part, seed, received, training, like):
+        """`owner_rows` leaving the table alone: (OwnerRows, FreshRows or
+        None). `like` is a table of the shard's shape and dtype."""
+        found, _, fresh = self._find(hash_part, self._owner_seed(seed), received, training, like)
+        return found, fresh
 
     def evict_stale(self, hash_part, max_age):
         """One device: frees the rows no training lookup saw in the last
@@ -615,10 +665,11 @@ class RowHashRows(_Hashed, _Strategy):
     def init_shard(self, seed, device):
         return self._empty_shard()
 
+    def _owner_seed(self, seed):
+        return self._seed(seed, self.member)
+
     def owner_rows(self, table, slot_keys, seed, received, training) -> OwnerRows:
-        return self._find_or_insert(
-            table, slot_keys, self._seed(seed, self.member), received, training
-        )
+        return self._find_or_insert(table, slot_keys, self._owner_seed(seed), received, training)
 
     def export_rows(self, table, slot_keys, name) -> StoredRows:
         return self._stored(table, slot_keys)
@@ -644,11 +695,13 @@ class TableHashRows(_Hashed, _Strategy):
     def init_shard(self, seed, device):
         return self._empty_shard()
 
-    def owner_rows(self, table, slot_keys, seed, received, training) -> OwnerRows:
+    def _owner_seed(self, seed):
+        """This device's member's seed."""
         ids = jnp.asarray([0 if m is None else m.seed_id for m in self.members], jnp.int32)
-        device = jax.lax.axis_index(self.axis_name)
-        table_seed = initializers.table_seed(seed, ids[device])
-        return self._find_or_insert(table, slot_keys, table_seed, received, training)
+        return initializers.table_seed(seed, ids[jax.lax.axis_index(self.axis_name)])
+
+    def owner_rows(self, table, slot_keys, seed, received, training) -> OwnerRows:
+        return self._find_or_insert(table, slot_keys, self._owner_seed(seed), received, training)
 
     def export_rows(self, table, slot_keys, name) -> StoredRows:
         d, r = self.member_index(name), self.rows_per_device

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from sok_jax import initializers
 from sok_jax.distributed.scores import make_options
+from sok_jax.distributed.storage import make_storage
 from sok_jax.ops import checks, embed_ops
 from sok_jax.optim import check_sparse_optimizer
 
@@ -44,6 +45,11 @@ class TableSpec:
         for the one passed to `sparse_update`.
       eviction, admit_after, hash_options: an online hash table (hash mode
         only), as `DistributedEmbedding`'s arguments of those names.
+      storage, cache_rows, cache_policy: where the rows and their optimizer
+        slots live ("hbm", "host" or "host_cached" with `cache_rows` rows of
+        HBM cache per device), as `DistributedEmbedding`'s arguments of
+        those names; None: "hbm", unless the collection's `hbm_budget`
+        makes the planner offload the table (`sok_jax.distributed.planner`).
     """
 
     name: str
@@ -59,6 +65,9 @@ class TableSpec:
     eviction: str | None = None
     admit_after: int | None = None
     hash_options: Any = None
+    storage: str | None = None
+    cache_rows: int | None = None
+    cache_policy: str = "lru"
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -95,6 +104,16 @@ class TableSpec:
         if self.optimizer is not None:
             check_sparse_optimizer(self.optimizer, f"TableSpec {self.name!r}: optimizer")
         _ = self.online  # raises on bad online hash options
+        if self.storage is not None or self.cache_rows is not None:
+            try:
+                make_storage(self.storage or "hbm", self.cache_rows, self.cache_policy)
+            except ValueError as e:
+                raise ValueError(f"TableSpec {self.name!r}: {e}") from None
+        if self.storage not in (None, "hbm") and self.placement == "replicated":
+            raise ValueError(
+                f'TableSpec {self.name!r}: storage="{self.storage}" is for placements "row" and '
+                '"table" (a replicated table is held whole by every device)'
+            )
 
     @property
     def online(self):
@@ -110,6 +129,11 @@ class TableSpec:
     @property
     def row_bytes(self) -> int:
         return self.embedding_dim * self.dtype.itemsize
+
+    @property
+    def tier(self):
+        """The table's storage tier (`storage.py`) as given (None: "hbm")."""
+        return make_storage(self.storage or "hbm", self.cache_rows, self.cache_policy)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sok_jax.distributed.host import to_host
+from sok_jax.distributed.storage import CachedOptState, CachedShard
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,16 @@ class EmbeddingStats:
     stale: rows that an update (`sparse_update`, `apply_gradients`) skipped
       because a lookup after the one that made its context evicted their
       key: the update left them and their optimizer slots as they were.
+    Host-cached tables only (`storage="host_cached"`; None otherwise):
+    cache_hits, cache_misses: distinct rows of each owner's lookups found in
+      its HBM cache, and those brought in from the host store.
+    cache_evictions: rows that left the cache (written back to the host
+      store) to make room.
+    cache_skipped: row updates (`sparse_update`, `apply_gradients`) skipped
+      because the optimizer slots of their cache slots could not be synced
+      in that update (more rows entered the cache since the last update than
+      one update syncs: call the update after every training lookup). The
+      rows kept their values; `check_stats` reports them.
     """
 
     overflow: Any
@@ -55,6 +66,10 @@ class EmbeddingStats:
     not_admitted: Any = None
     load: Any = None
     stale: Any = None
+    cache_hits: Any = None
+    cache_misses: Any = None
+    cache_evictions: Any = None
+    cache_skipped: Any = None
 
     def total(self):
         return jnp.sum(self.overflow) + jnp.sum(self.invalid) + jnp.sum(self.hash_full)
@@ -96,6 +111,10 @@ jax.tree_util.register_dataclass(
         "not_admitted",
         "load",
         "stale",
+        "cache_hits",
+        "cache_misses",
+        "cache_evictions",
+        "cache_skipped",
     ],
     meta_fields=[],
 )
@@ -128,7 +147,13 @@ _STALE = (
 
 
 def stats_problems(
-    overflow, invalid, hash_full, table: str | None = None, nonfinite=None, stale=None
+    overflow,
+    invalid,
+    hash_full,
+    table: str | None = None,
+    nonfinite=None,
+    stale=None,
+    cache_skipped=None,
 ) -> list[str]:
     """One sentence per kind of dropped id (and of non-finite cotangent and
     skipped stale row), with the per-device counts."""
@@ -144,6 +169,11 @@ def stats_problems(
             "optimizer has skip_nonfinite=True)",
         ),
         (0 if stale is None else stale, _STALE),
+        (
+            0 if cache_skipped is None else cache_skipped,
+            "row update(s) skipped: their optimizer slots were not synced into the cache "
+            "(call sparse_update after every training lookup of a host_cached table)",
+        ),
     ):
         counts = np.asarray(counts)
         if int(np.sum(counts)):
@@ -152,7 +182,19 @@ def stats_problems(
 
 
 # The counters that accumulate (`load` is a gauge).
-COUNTS = ("overflow", "invalid", "hash_full", "nonfinite", "evicted", "not_admitted", "stale")
+COUNTS = (
+    "overflow",
+    "invalid",
+    "hash_full",
+    "nonfinite",
+    "evicted",
+    "not_admitted",
+    "stale",
+    "cache_hits",
+    "cache_misses",
+    "cache_evictions",
+    "cache_skipped",
+)
 
 
 def accumulate(old: EmbeddingStats, new: EmbeddingStats) -> EmbeddingStats:
@@ -189,7 +231,7 @@ def _problems(stats: dict, before: dict | None = None) -> list[str]:
 
         problems += stats_problems(
             host("overflow"), host("invalid"), host("hash_full"), table, host("nonfinite"),
-            host("stale"),
+            host("stale"), host("cache_skipped"),
         )
     return problems
 
@@ -287,6 +329,16 @@ def check_opt_state(table_like, opt_state, optimizer, what: str) -> None:
     Raises:
       ValueError: naming the slot that differs.
     """
+    if isinstance(table_like, CachedShard):  # slots in the cache and in the host store
+        if not isinstance(opt_state, CachedOptState):
+            raise ValueError(
+                f"{what}: a host_cached table's optimizer state is the CachedOptState its "
+                f"layer's init_optimizer makes, got {type(opt_state).__name__}"
+            )
+        check_opt_state(table_like.cache, opt_state.cache, optimizer, f"{what}.cache")
+        host = type(opt_state.cache)(opt_state.host, opt_state.cache.count)
+        check_opt_state(table_like.host, host, optimizer, f"{what}.host")
+        return
     if optimizer is not None and callable(getattr(optimizer, "init", None)):
         check_like(jax.eval_shape(optimizer.init, table_like), opt_state, what)
         return

@@ -11,6 +11,7 @@ checks, always as one program over the mesh axis.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -26,6 +27,13 @@ from sok_jax.distributed import eager, exchange
 from sok_jax.distributed.exchange import DeviceLookup, Unit
 from sok_jax.distributed.scores import HashRowGrad, drop_stale, find_stale, reset_slots
 from sok_jax.distributed.state import EmbeddingStats, accumulate, warn_on_stats
+from sok_jax.distributed.storage import (
+    CACHE_COUNTS,
+    CachedOptState,
+    CachedShard,
+    host_slots,
+    host_table,
+)
 from sok_jax.ids import Bags
 from sok_jax.optim import check_sparse_optimizer
 from sok_jax.ops import resolve
@@ -145,7 +153,10 @@ class ShardedTables:
     def _shard_specs(self):
         axis = self.axis_name
         return {
-            u.name: ((P(None, None), P(None)) if u.rows.replicated else (P(axis, None), P(axis)))
+            u.name: (
+                u.storage.table_spec(axis, u.rows.replicated),
+                P(None) if u.rows.replicated else P(axis),
+            )
             for u in self.units
         }
 
@@ -153,25 +164,51 @@ class ShardedTables:
         """{unit: (table sharding, slot_keys sharding or None)}."""
         return {
             u.name: (
-                u.rows.table_sharding,
+                u.storage.table_sharding(u.rows),
                 u.rows.hash_sharding() if u.rows.hashed else None,
             )
             for u in self.units
         }
+
+    def _extra_counts(self, table) -> tuple:
+        """The optional counters a table reports (online hash, cache)."""
+        extra = ()
+        if table in set(exchange.online_tables(self.units)):
+            extra += exchange.ONLINE_COUNTS
+        if table in set(exchange.changing_tables(self.units)):
+            extra += ("stale",)
+        if table in set(exchange.cached_tables(self.units)):
+            extra += CACHE_COUNTS + ("cache_skipped",)
+        return extra
 
     def stats_shardings(self) -> dict:
         row = NamedSharding(self.mesh, P(self.axis_name))
         return jax.tree.map(lambda _: row, jax.eval_shape(self.zero_stats))
 
     def slot_specs(self, unit: Unit, opt_state):
+        """The PartitionSpecs of a unit's optimizer state's slots (a cached
+        unit's: of its `CachedOptState`)."""
         lead = None if unit.rows.replicated else self.axis_name
-        return tuple(P(lead) if s.ndim == 1 else P(lead, None) for s in opt_state.slots)
+
+        def specs(slots):
+            return tuple(P(lead) if s.ndim == 1 else P(lead, None) for s in slots)
+
+        if isinstance(opt_state, CachedOptState):
+            inner = type(opt_state.cache)(specs(opt_state.cache.slots), P())
+            return CachedOptState(inner, specs(opt_state.host), P(lead))
+        return specs(opt_state.slots)
+
+    def _opt_spec(self, unit: Unit, opt_state):
+        specs = self.slot_specs(unit, opt_state)
+        return specs if isinstance(opt_state, CachedOptState) else type(opt_state)(specs, P())
 
     def _opt_specs(self, opt_states):
-        return {
-            name: type(s)(self.slot_specs(self.unit(name), s), P())
-            for name, s in opt_states.items()
-        }
+        return {name: self._opt_spec(self.unit(name), s) for name, s in opt_states.items()}
+
+    def _update_rows(self, unit: Unit) -> int:
+        """The rows the optimizer's update indexes on each device: the cache's
+        for a cached unit, else the shard's."""
+        return unit.storage.cache_rows if unit.storage.cached else unit.rows.rows_per_device
 
     # ------------------------------------------------------------ state
     def seed_data(self, seed):
@@ -186,35 +223,52 @@ class ShardedTables:
         program (each unit's rows from its strategy's initializer)."""
         axis = self.axis_name
 
+        specs = self._shard_specs()
+        in_hbm = [u for u in self.units if u.storage.kind == "hbm"]
+        cached = [u for u in self.units if u.storage.cached]
+        hosted_hash = [u for u in self.units if u.storage.kind != "hbm" and u.rows.hashed]
+
         def body(seed):
             device = jax.lax.axis_index(axis)
-            return {u.name: u.rows.init_shard(seed, device) for u in self.units}
+            return (
+                {u.name: u.rows.init_shard(seed, device) for u in in_hbm},
+                {u.name: self._empty_cache(u)[1:] for u in cached},
+                {u.name: u.rows.fresh_hash_part() for u in hosted_hash},
+            )
 
-        fn = shard_map(body, self.mesh, (P(),), self._shard_specs())
-        return jax.jit(fn)(seed)
+        out_specs = (
+            {u.name: specs[u.name] for u in in_hbm},
+            {u.name: tuple(specs[u.name][0])[1:] for u in cached},
+            {u.name: specs[u.name][1] for u in hosted_hash},
+        )
+        shards, caches, hash_parts = jax.jit(shard_map(body, self.mesh, (P(),), out_specs))(seed)
+        for u in self.units:  # host stores, built in host memory
+            if u.storage.kind == "hbm":
+                continue
+            table = host_table(u.rows, seed)
+            if u.storage.cached:
+                table = CachedShard(table, *caches[u.name])
+            shards[u.name] = (table, hash_parts.get(u.name))
+        return {u.name: shards[u.name] for u in self.units}
+
+    def _empty_cache(self, u: Unit):
+        return u.storage.empty_cache(u.rows.rows_per_device, u.rows.dim, u.rows.dtype)
 
     def zero_stats(self) -> dict:
         """Per table, distinct [n] counters (a donated state must not hold one
         buffer twice)."""
         row = NamedSharding(self.mesh, P(self.axis_name))
         n = self.num_devices
-        online = set(exchange.online_tables(self.units))
 
-        def zeros(dtype=jnp.int32):
+        def zeros(k="count"):
+            dtype = jnp.float32 if k == "load" else jnp.int32
             return jax.device_put(jnp.zeros((n,), dtype), row)
 
-        evicting = set(exchange.evicting_tables(self.units))
-
-        def extra(t):
-            out = {}
-            if t in online:
-                out.update(evicted=zeros(), not_admitted=zeros(), load=zeros(jnp.float32))
-            if t in evicting:
-                out["stale"] = zeros()
-            return out
-
         return {
-            t: EmbeddingStats(zeros(), zeros(), zeros(), zeros(), **extra(t)) for t in self.tables
+            t: EmbeddingStats(
+                zeros(), zeros(), zeros(), zeros(), **{k: zeros(k) for k in self._extra_counts(t)}
+            )
+            for t in self.tables
         }
 
     def with_nonfinite(self, stats: dict, d_outs: dict) -> dict:
@@ -293,7 +347,7 @@ class ShardedTables:
             return DeviceLookup(res.outs, res.shards, total, res.ctx)
 
         row = P(axis)
-        changed = {u.name for u in self.units if u.rows.hashed}
+        changed = {u.name for u in self.units if u.rows.hashed or u.storage.cached}
         shard_specs = self._shard_specs()
         out_specs = DeviceLookup(
             outs=row,
@@ -337,7 +391,7 @@ class ShardedTables:
             bags = self._owner_bags(ctx, d_outs, local_batch)
             out = {}
             for u in self.units:
-                r = ops.lookup_combine_bwd(*bags[u.name], u.rows.rows_per_device)
+                r = ops.lookup_combine_bwd(*bags[u.name], self._update_rows(u))
                 out[u.name] = SparseRowGrad(r.rows, r.grads, r.count)
                 if ctx[u.name].held is not None:  # an evicting hash table
                     out[u.name] = HashRowGrad(*out[u.name], ctx[u.name].held)
@@ -356,24 +410,28 @@ class ShardedTables:
 
     def _updates(self, shards, opt_states, stats, body, args, arg_specs):
         """One program applying `body(tables, opt_states, slot_keys, *args)`
-        -> (tables, opt_states, {unit: StaleRows}) on every device; the
-        slot_keys (and the stats) enter only for units that evict. Returns
-        (shards, opt_states, stats plus the stale rows counted)."""
+        -> (tables, opt_states, {unit: {counter: [1] count}}) on every
+        device; the slot_keys enter only for units that evict. Returns
+        (shards, opt_states, stats plus what the update counted: the stale
+        rows of evicting and cached units, the unsynced ones of cached
+        units)."""
         shard_specs = self._shard_specs()
         opt_specs = self._opt_specs(opt_states)
         tables = {k: v[0] for k, v in shards.items() if k in opt_states}
         t_specs = {k: shard_specs[k][0] for k in tables}
         evicting = [u for u in self.units if u.rows.evicting and u.name in tables]
+        counting = [u for u in self.units if u.name in tables and exchange.changing_tables([u])]
         keys = {u.name: _slot_keys(shards[u.name][1]) for u in evicting}
         k_specs = {u.name: shard_specs[u.name][1] for u in evicting}
-        names = exchange.evicting_tables(evicting)
+        names = [t for u in counting for t in exchange.member_tables(u)]
+        cached = exchange.cached_tables(counting)
         row = P(self.axis_name)
 
         def run(tables, opt_states, keys, stats, *args):
-            new_t, new_o, stale = body(tables, opt_states, keys, *args)
-            counters = exchange._Counters(names, (), names)
-            for u in evicting:
-                counters.add_stale(u, stale[u.name].count)
+            new_t, new_o, counts = body(tables, opt_states, keys, *args)
+            counters = exchange._Counters(names, (), names, cached)
+            for u in counting:
+                counters.add_online(u, counts[u.name])
             added = counters.stats()
             return new_t, new_o, {t: accumulate(stats[t], added[t]) for t in names}
 
@@ -391,6 +449,48 @@ class ShardedTables:
             out[k] = (t, shards[k][1])
         return out, new_opt, {**stats, **counted}
 
+    def _update_unit(self, name, optimizer, table, opt_state, keys, held, rows_of, update):
+        """One device, one unit: `update(table, opt_state, keep)` on the rows
+        the optimizer updates (`keep(rows)`: the rows with those that must be
+        skipped set to -1), after resetting the slots of the rows the lookup
+        gave to new keys. `held`: the lookup's record of its rows (None for
+        a unit whose rows cannot change hands). Returns (table, opt_state,
+        {counter: count}).
+
+        An evicting unit skips the rows whose key a later lookup evicted
+        (`stale`). A cached unit syncs its optimizer slots into the cache
+        first (at most `rows_of` rows' worth; the rows not synced are
+        skipped, `cache_skipped`) and skips the cache slots whose row or key
+        changed since the lookup (`stale`)."""
+        unit = self.unit(name)
+        ops = resolve(self.implementation)
+        counts = {}
+        if not unit.storage.cached:
+            reset, keep = None, lambda rows: rows
+            if held is not None:
+                stale = find_stale(keys, held)
+                counts["stale"] = stale.count
+                reset = stale.reset_rows
+                keep = functools.partial(drop_stale, stale)
+            opt_state = reset_slots(optimizer, opt_state, reset, table.shape[1])
+            new_t, new_o = update(table, opt_state, keep)
+            return new_t, new_o, counts
+        opt_state, synced = unit.storage.sync_slots(opt_state, table.tags, 2 * rows_of, ops)
+        stale = unit.storage.stale_slots(table.tags, keys, held)
+        reset = unit.storage.reset_slots_of(held, stale)
+        inner = reset_slots(optimizer, opt_state.cache, reset, table.cache.shape[1])
+
+        def keep(rows):
+            at = jnp.clip(rows, 0, synced.shape[0] - 1)
+            used = jnp.zeros(synced.shape, bool).at[jnp.where(rows >= 0, rows, synced.shape[0])]
+            used = used.set(True, mode="drop")
+            counts["stale"] = jnp.sum(used & stale, dtype=jnp.int32)
+            counts["cache_skipped"] = jnp.sum(used & ~stale & ~synced, dtype=jnp.int32)
+            return jnp.where((rows >= 0) & synced[at] & ~stale[at], rows, -1)
+
+        new_cache, new_inner = update(table.cache, inner, keep)
+        return table._replace(cache=new_cache), opt_state._replace(cache=new_inner), counts
+
     def sparse_update(self, shards, optimizers: dict, opt_states: dict, stats, ctx, d_outs):
         """Each unit's owners sum its rows' gradients and apply the unit's
         optimizer to them in place (`update_bags`, fused where it can). An
@@ -404,20 +504,25 @@ class ShardedTables:
 
         def body(tables, opt_states, keys, ctx, d_outs):
             bags = self._owner_bags(ctx, d_outs, local_batch)
-            new_t, new_o, stale = {}, {}, {}
+            new_t, new_o, counts = {}, {}, {}
             for name in tables:
-                opt, state, held = optimizers[name], opt_states[name], ctx[name].held
-                if held is not None:
-                    stale[name] = find_stale(keys[name], held)
-                    bags[name] = exchange.fresh_bags(self.unit(name), bags[name], stale[name], ops)
-                    state = reset_slots(opt, state, stale[name].reset_rows, tables[name].shape[1])
-                if opt.update_bags is None:  # a SparseOptimizer built without it
-                    rows = self.unit(name).rows.rows_per_device
-                    g = ops.lookup_combine_bwd(*bags[name], rows)
-                    new_t[name], new_o[name] = opt.update(tables[name], state, g)
-                else:
-                    new_t[name], new_o[name] = opt.update_bags(tables[name], state, *bags[name])
-            return new_t, new_o, stale
+                opt, held, unit = optimizers[name], ctx[name].held, self.unit(name)
+                unit_bags = bags[name]
+                if held is not None:  # rows may be skipped: one row per bag first
+                    unit_bags = exchange.one_row_bags(unit_bags, self._update_rows(unit), ops)
+
+                def update(table, opt_state, keep, opt=opt, unit_bags=unit_bags, unit=unit):
+                    b = unit_bags._replace(ids=keep(unit_bags.ids))
+                    if opt.update_bags is None:  # a SparseOptimizer built without it
+                        g = ops.lookup_combine_bwd(*b, self._update_rows(unit))
+                        return opt.update(table, opt_state, g)
+                    return opt.update_bags(table, opt_state, *b)
+
+                new_t[name], new_o[name], counts[name] = self._update_unit(
+                    name, opt, tables[name], opt_states[name], keys.get(name), held,
+                    unit_bags.ids.shape[0], update,
+                )
+            return new_t, new_o, counts
 
         return self._updates(shards, opt_states, stats, body, (ctx, d_outs), (row, row))
 
@@ -429,20 +534,19 @@ class ShardedTables:
         row = P(self.axis_name)
 
         def body(tables, opt_states, keys, grads):
-            new_t, new_o, stale = {}, {}, {}
+            new_t, new_o, counts = {}, {}, {}
             for name in tables:
-                g, state = grads[name], opt_states[name]
-                rows = g.rows
-                if isinstance(g, HashRowGrad):
-                    stale[name] = find_stale(keys[name], g.held)
-                    rows = drop_stale(stale[name], rows)
-                    state = reset_slots(
-                        optimizers[name], state, stale[name].reset_rows, tables[name].shape[1]
-                    )
-                new_t[name], new_o[name] = optimizers[name].update(
-                    tables[name], state, SparseRowGrad(rows, g.grads, g.count)
+                g, opt = grads[name], optimizers[name]
+                held = g.held if isinstance(g, HashRowGrad) else None
+
+                def update(table, opt_state, keep, g=g, opt=opt):
+                    return opt.update(table, opt_state, SparseRowGrad(keep(g.rows), g.grads, g.count))
+
+                new_t[name], new_o[name], counts[name] = self._update_unit(
+                    name, opt, tables[name], opt_states[name], keys.get(name), held,
+                    g.rows.shape[0], update,
                 )
-            return new_t, new_o, stale
+            return new_t, new_o, counts
 
         specs = {
             k: type(g)(row, P(self.axis_name, None), row, *([row] if len(g) > 3 else []))
@@ -459,28 +563,84 @@ class ShardedTables:
         for u in self.units:
             optimizer = optimizers[u.name]
             table = shards[u.name][0]
-            probe = jax.eval_shape(optimizer.init, jax.ShapeDtypeStruct(table.shape, table.dtype))
-            slot_specs = self.slot_specs(u, probe)
-            t_spec = self._shard_specs()[u.name][0]
-
-            def part(pick, spec, optimizer=optimizer, t_spec=t_spec, table=table):
-                fn = shard_map(lambda t: pick(optimizer.init(t)), self.mesh, (t_spec,), spec)
-                return jax.jit(fn)(table)
-
-            slots = tuple(
-                part(lambda s, i=i: s.slots[i], spec) for i, spec in enumerate(slot_specs)
-            )
-            out[u.name] = type(probe)(slots, part(lambda s: s.count, P()))
+            if u.storage.kind == "hbm":
+                out[u.name] = self._init_slots(u, optimizer, table)
+                continue
+            host = table.host if u.storage.cached else table
+            slots = host_slots(u.rows, optimizer, host.shape, host.dtype)
+            if not u.storage.cached:
+                probe = jax.eval_shape(optimizer.init, jax.ShapeDtypeStruct(host.shape, host.dtype))
+                count = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(self.mesh, P()))
+                out[u.name] = type(probe)(slots, count)
+                continue
+            inner = self._init_slots(u, optimizer, table.cache)
+            tags = jax.device_put(jnp.full(table.tags.shape, -1, jnp.int32), table.tags.sharding)
+            out[u.name] = CachedOptState(inner, slots, tags)
         return out
 
-    def optimizer_shardings(self, opt_states: dict) -> dict:
-        return {
-            name: type(s)(
-                tuple(NamedSharding(self.mesh, p) for p in self.slot_specs(self.unit(name), s)),
-                NamedSharding(self.mesh, P()),
+    def adopt(self, unit_name: str, shard, table, optimizer=None, opt_state=None):
+        """(the unit's shard, its optimizer state or None) holding the
+        logical `table` [n * R, D] and the optimizer state `opt_state` over
+        it (of the plain kind `optimizer.init` gives), e.g. from an import;
+        `shard`: a fresh shard of the unit (a cached unit's cache empty)."""
+        u = self.unit(unit_name)
+        if not u.storage.cached:
+            table = jax.device_put(table, u.storage.table_sharding(u.rows))
+            if opt_state is None:
+                return table, None
+            slots = tuple(
+                jax.device_put(s, u.storage.slot_sharding(u.rows, s.sharding.spec))
+                for s in opt_state.slots
             )
-            for name, s in opt_states.items()
-        }
+            return table, type(opt_state)(slots, opt_state.count)
+        shard = u.storage.place(shard._replace(host=table))
+        if opt_state is None:
+            return shard, None
+        inner = self._init_slots(u, optimizer, shard.cache)
+        inner = type(inner)(inner.slots, opt_state.count)
+        host = tuple(
+            jax.device_put(s, u.storage.host_slot_sharding(u.rows, s.sharding.spec))
+            for s in opt_state.slots
+        )
+        tags = jax.device_put(jnp.full(shard.tags.shape, -1, jnp.int32), shard.tags.sharding)
+        return shard, CachedOptState(inner, host, tags)
+
+    def plain_optimizer(self, unit_name: str, optimizer, table):
+        """`optimizer.init` over a logical table [n * R, D] of the unit."""
+        return self._init_slots(self.unit(unit_name), optimizer, table)
+
+    def _init_slots(self, u: Unit, optimizer, table):
+        """`optimizer.init` over `table` (laid out as the unit's tables), each
+        slot from a program of its own."""
+        probe = jax.eval_shape(optimizer.init, jax.ShapeDtypeStruct(table.shape, table.dtype))
+        slot_specs = self.slot_specs(u, probe)
+        t_spec = P(None, None) if u.rows.replicated else P(self.axis_name, None)
+
+        def part(pick, spec):
+            fn = shard_map(lambda t: pick(optimizer.init(t)), self.mesh, (t_spec,), spec)
+            return jax.jit(fn)(table)
+
+        slots = tuple(part(lambda s, i=i: s.slots[i], spec) for i, spec in enumerate(slot_specs))
+        return type(probe)(slots, part(lambda s: s.count, P()))
+
+    def optimizer_shardings(self, opt_states: dict) -> dict:
+        def sharding(u, spec):
+            return NamedSharding(self.mesh, spec)
+
+        out = {}
+        for name, s in opt_states.items():
+            u = self.unit(name)
+            specs = self.slot_specs(u, s)
+            if isinstance(s, CachedOptState):
+                inner = type(s.cache)(
+                    tuple(sharding(u, p) for p in specs.cache.slots), sharding(u, P())
+                )
+                host = tuple(u.storage.host_slot_sharding(u.rows, p) for p in specs.host)
+                out[name] = CachedOptState(inner, host, sharding(u, specs.tags))
+            else:
+                slots = tuple(u.storage.slot_sharding(u.rows, p) for p in specs)
+                out[name] = type(s)(slots, sharding(u, P()))
+        return out
 
     # --------------------------------------------------------- capacity
     def largest_buckets(self, inputs: dict) -> dict:

@@ -488,3 +488,29 @@ def find_or_insert(slot_keys: jax.Array, keys: jax.Array, *, insert: bool):
     the same results as its CPU and CUDA targets."""
     r = hash_lookup(slot_keys, keys, insert=insert)
     return r.slot_keys, r.rows, r.is_new, hash_ops.failures(r.status)
+
+
+# ------------------------------------------------------------------ rows
+
+
+def gather_rows(src, rows):
+    """`rows_ops.gather_rows` in plain JAX: src[rows], zeros out of range."""
+    valid = (rows >= 0) & (rows < src.shape[0])
+    got = jnp.take(src, jnp.where(valid, rows, 0), axis=0)
+    mask = valid.reshape(valid.shape + (1,) * (src.ndim - 1))
+    return jnp.where(mask, got, jnp.zeros((), src.dtype))
+
+
+def scatter_rows(dst, rows, values):
+    """`rows_ops.scatter_rows` in plain JAX: dst.at[rows].set(values), rows
+    out of range dropped."""
+    valid = (rows >= 0) & (rows < dst.shape[0])
+    return dst.at[jnp.where(valid, rows, dst.shape[0])].set(values, mode="drop")
+
+
+def copy_rows(dst, dst_rows, src, src_rows):
+    """`rows_ops.copy_rows` in plain JAX: dst[dst_rows] = src[src_rows] where
+    both name a row."""
+    ok = (dst_rows >= 0) & (dst_rows < dst.shape[0]) & (src_rows >= 0) & (src_rows < src.shape[0])
+    values = jnp.take(src, jnp.where(ok, src_rows, 0), axis=0)
+    return dst.at[jnp.where(ok, dst_rows, dst.shape[0])].set(values, mode="drop")

@@ -1,0 +1,286 @@
+"""Tables larger than the HBM given to them: the sparse training step of a
+host-resident table, without cache and behind an HBM cache, against the same
+table all in HBM, in one run.
+
+For every (optimizer, key distribution) it measures one jitted sparse step
+(`emb.lookup` -> a fixed head, loss = sum(tanh(out) * w) -> the cotangent ->
+`emb.sparse_update`, state and optimizer state donated, out_shardings the
+layer's) of one `DistributedEmbedding` (one device, direct mode, max_nnz 1,
+combiner sum) in each storage:
+
+  * hbm: the table and its slots in HBM (where `--hbm-gb` holds them);
+  * host: in pinned host memory, every touched row read and updated over
+    the host link (`storage="host"`);
+  * cached f: in pinned host memory behind an HBM cache of f x the rows
+    (`storage="host_cached"`, LRU), for each f of `--fractions`.
+
+Correctness before timing: the losses of the first `--check-steps` steps
+(the same batches from the same initial table) must equal the hbm run's bit
+for bit where it ran (a cached table computes exactly what the HBM table
+computes), else the host run's.
+
+Columns: step ms (median over `--iters` samples of steps back to back), x
+hbm (the ratio to the hbm step of the same optimizer and keys, same run),
+hit rate (distinct rows found in the cache over all distinct rows, over the
+timed steps), host MB per step (rows moved over the host link: misses read
+in, evictions written back, each with its slots: (misses + evictions) x D x 4
+x (1 + slots) bytes; for "host" every distinct row read and written with its
+slots), and %h2d: those bytes per second over the host-to-device bandwidth of
+pinned memory measured in this run (a jitted copy of a `--h2d-gb` array).
+
+The cache is warmed with `--warm-steps` steps before timing (steady state).
+Keys: uniform, or Zipf(`--zipf-a`, default 1.05) with hot keys scattered.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py beside this file
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import common  # noqa: E402
+import sok_jax  # noqa: E402
+from sok_jax import optim  # noqa: E402
+from sok_jax.distributed.storage import host_memory_kind  # noqa: E402
+
+SLOTS = {"sgd": 0, "adagrad": 1, "rowwise_adagrad": 0, "adam": 2}
+
+
+def h2d_bandwidth(nbytes: int, warmup: int, iters: int) -> float:
+    """Bytes/s of a jitted copy of a pinned-host float32 array to the device
+    (nan where the backend has no pinned host memory distinct from HBM)."""
+    kind = host_memory_kind()
+    if kind is None:
+        return float("nan")
+    dev = jax.devices()[0]
+    n = max(1, nbytes // 4)
+    host = NamedSharding(Mesh(np.array([dev]), ("x",)), P(), memory_kind=kind)
+    device = NamedSharding(Mesh(np.array([dev]), ("x",)), P())
+    xs = [jax.device_put(jnp.full((n,), float(i), jnp.float32), host) for i in range(2)]
+    copy = jax.jit(lambda x: x, out_shardings=device)
+    t = common.timeit(copy, warmup=warmup, iters=iters, arg_sets=[(x,) for x in xs])
+    del xs
+    return n * 4 / t
+
+
+def make_optimizer(name: str):
+    return {
+        "sgd": lambda: optim.sgd(0.01),
+        "adagrad": lambda: optim.adagrad(0.01),
+        "rowwise_adagrad": lambda: optim.rowwise_adagrad(0.01),
+        "adam": lambda: optim.adam(0.001),
+    }[name]()
+
+
+def layer_for(args, rows: int, storage: str, fraction: float | None):
+    kw = {}
+    if storage == "host_cached":
+        kw = dict(cache_rows=int(rows * fraction), cache_policy="lru")
+    mesh = Mesh(np.array(jax.devices()[:1]), ("x",))
+    return sok_jax.DistributedEmbedding(
+        combiner="sum",
+        max_vocabulary_size_per_gpu=rows,
+        embedding_vec_size=args.dim,
+        slot_num=args.slots,
+        max_nnz=1,
+        use_hashtable=False,
+        key_dtype=jnp.int32,
+        mesh=mesh,
+        axis_name="x",
+        storage=storage,
+        **kw,
+    )
+
+
+def stepper(emb, opt, state, opt_state, head):
+    """The jitted donated sparse step: (state, opt_state, ids) -> (state,
+    opt_state, loss)."""
+    loss_sharding = NamedSharding(emb.mesh, P())
+
+    def step(state, opt_state, ids):
+        out, ctx, state = emb.lookup(state, ids)
+        loss, d_out = jax.value_and_grad(lambda o: jnp.sum(jnp.tanh(o) * head))(out)
+        state, opt_state = emb.sparse_update(state, opt, opt_state, ctx, d_out)
+        return state, opt_state, loss
+
+    return jax.jit(
+        step,
+        donate_argnums=(0, 1),
+        out_shardings=(
+            emb.state_shardings(),
+            emb.optimizer_shardings(opt_state),
+            loss_sharding,
+        ),
+    )
+
+
+def run_point(res, args, rows, storage, fraction, opt_name, batches, reference_losses):
+    emb = layer_for(args, rows, storage, fraction)
+    opt = make_optimizer(opt_name)
+    state = emb.init(args.seed)
+    opt_state = emb.init_optimizer(opt, state)
+    head = jnp.asarray(np.random.default_rng(1).normal(size=(args.slots, args.dim)), jnp.float32)
+    step = stepper(emb, opt, state, opt_state, head)
+
+    # Correctness: the first steps' losses equal the reference run's bits.
+    losses = []
+    for i in range(args.check_steps):
+        state, opt_state, loss = step(state, opt_state, batches[i % len(batches)])
+        losses.append(float(loss))
+    res["losses"] = losses
+    if reference_losses is not None and losses != reference_losses:
+        raise AssertionError(f"losses {losses} differ from the reference run's {reference_losses}")
+
+    for i in range(args.warm_steps):
+        state, opt_state, _ = step(state, opt_state, batches[i % len(batches)])
+    jax.block_until_ready(state)
+
+    def counts(st):
+        s = st.stats
+        if s.cache_hits is None:
+            return 0, 0, 0
+        return tuple(int(np.asarray(x).sum()) for x in (s.cache_hits, s.cache_misses, s.cache_evictions))
+
+    # Timed: samples of `inner` steps back to back.
+    before = counts(state)
+    samples, k, steps = [], 0, 0
+    inner = args.inner
+    for _ in range(args.iters):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            state, opt_state, loss = step(state, opt_state, batches[k % len(batches)])
+            k += 1
+        jax.block_until_ready(loss)
+        samples.append((time.perf_counter() - t0) / inner)
+        steps += inner
+    after = counts(state)
+    hits, misses, evictions = (a - b for a, b in zip(after, before))
+    res["ms"] = statistics.median(samples) * 1e3
+    res["spread"] = common.summarize(samples)["spread"]
+    row_bytes = args.dim * 4 * (1 + SLOTS[opt_name])
+    if storage == "host_cached":
+        res["hit_rate"] = hits / max(hits + misses, 1)
+        res["host_mb"] = (misses + evictions) / steps * row_bytes / 1e6
+    elif storage == "host":
+        distinct = np.mean([len(np.unique(np.asarray(b))) for b in batches])
+        res["host_mb"] = 2 * distinct * row_bytes / 1e6
+    del state, opt_state, step
+    gc.collect()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--table-gb", type=float, default=8.0, help="table size in GiB (float32)")
+    p.add_argument("--batch", type=int, default=16384)
+    p.add_argument("--slots", type=int, default=26)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--fractions", type=common.float_list, default=[0.05, 0.1, 0.2, 0.5])
+    p.add_argument("--optimizers", type=common.str_list, default=["sgd", "adagrad", "rowwise_adagrad"])
+    p.add_argument("--storages", type=common.str_list, default=["hbm", "host", "host_cached"])
+    common.add_dists_arg(p)
+    p.add_argument("--zipf-a", type=float, default=1.05)
+    p.add_argument("--hbm-gb", type=float, default=60.0, help="run 'hbm' where table+slots fit")
+    p.add_argument("--check-steps", type=int, default=3)
+    p.add_argument("--warm-steps", type=int, default=20)
+    p.add_argument("--inner", type=int, default=5, help="steps per timed sample")
+    p.add_argument("--num-batches", type=int, default=8, help="distinct batches rotated")
+    p.add_argument("--h2d-gb", type=float, default=1.0)
+    common.add_run_args(p, "tiny sizes (CPU smoke test)")
+    args = p.parse_args(argv)
+    common.check_dists(p, args.dists)
+    if args.small:
+        common.shrink_run_args(args)
+        args.table_gb, args.batch, args.slots, args.dim = 2.0**-12, 16, 4, 8
+        args.fractions, args.warm_steps, args.inner, args.h2d_gb = [0.5], 2, 1, 2.0**-8
+        args.check_steps = 2
+
+    t_start = time.perf_counter()
+    rows = int(args.table_gb * common.GIB) // (args.dim * 4)
+    result = common.start_run(
+        "bench_host_cache",
+        args,
+        f"table {args.table_gb} GiB ({rows} rows x D {args.dim}), batch {args.batch} x "
+        f"{args.slots}, fractions {args.fractions}",
+        points=[],
+    )
+    h2d = h2d_bandwidth(int(args.h2d_gb * common.GIB), args.warmup, args.iters)
+    result["h2d_Bps"] = h2d
+    print(f"host-to-device bandwidth (pinned, jitted copy): {h2d / common.GB:.1f} GB/s", flush=True)
+
+    rng = np.random.default_rng(args.seed)
+    n_fail = n_points = 0
+    for dist in args.dists:
+        batches = [
+            jnp.asarray(
+                common.draw_keys(rng, dist, args.batch * args.slots, rows, args.zipf_a).reshape(
+                    args.batch, args.slots, 1
+                )
+            )
+            for _ in range(args.num_batches)
+        ]
+        for opt_name in args.optimizers:
+            table_bytes = rows * args.dim * 4 * (1 + SLOTS[opt_name])
+            points = []
+            if "hbm" in args.storages and table_bytes <= args.hbm_gb * common.GIB:
+                points.append(("hbm", None))
+            if "host" in args.storages:
+                points.append(("host", None))
+            if "host_cached" in args.storages:
+                points += [("host_cached", f) for f in args.fractions]
+            reference = None
+            base_ms = None
+            for storage, fraction in points:
+                res = dict(dist=dist, optimizer=opt_name, storage=storage, fraction=fraction)
+                label = storage if fraction is None else f"cached {fraction:g}"
+                print(f"-- {dist} {opt_name} {label}", flush=True)
+                n_points += 1
+                ok = common.guarded(
+                    res, run_point, res, args, rows, storage, fraction, opt_name, batches, reference
+                )
+                n_fail += not ok
+                if ok and reference is None:
+                    reference = res["losses"]
+                if ok and storage == "hbm":
+                    base_ms = res["ms"]
+                if ok and base_ms:
+                    res["x_hbm"] = res["ms"] / base_ms
+                if ok and "host_mb" in res and res["ms"]:
+                    res["h2d_pct"] = 100 * res["host_mb"] * 1e6 / (res["ms"] / 1e3) / h2d
+                res["label"] = label
+                res["status"] = common.status(res)
+                result["points"].append(res)
+        gc.collect()
+
+    common.print_table(
+        result["points"],
+        [
+            ("dist", "keys"),
+            ("optimizer", "optimizer"),
+            ("label", "storage"),
+            ("ms", "step ms", ".3f"),
+            ("x_hbm", "x hbm", ".2f"),
+            ("hit_rate", "hit rate", ".3f"),
+            ("host_mb", "host MB/step", ".1f"),
+            ("h2d_pct", "%h2d", ".0f"),
+            ("status", "status"),
+        ],
+    )
+    return common.finish(result, args.out, n_points, n_fail, t_start)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

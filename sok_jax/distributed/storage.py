@@ -1,0 +1,552 @@
+"""Storage tiers: where a table's rows (and their optimizer slots) live,
+chosen once per storage unit beside its row strategy (`rows.py`).
+
+* `HbmStorage` ("hbm", the default): the rows in the devices' memory; the
+  strategy's rows are read and updated in place.
+* `HostStorage` ("host"): the rows and slots in pinned host memory on a GPU
+  (the custom calls read and update them over the host link, in place); on
+  the CPU the same arrays in host memory. The baseline a cache must beat.
+* `CachedStorage` ("host_cached"): every row and slot in a host store, and
+  `cache_rows` rows per device with their slots in an HBM cache in front of
+  it, kept by `cache_policy` "lru" (least recently used leaves first) or "lfu"
+  (least often used). Per lookup, on each owner (`bring_in`): the batch's
+  distinct rows missing from the cache take the slots of the rows leaving it
+  (never a row this batch uses), the leaving rows are written back to the
+  host store and the missing ones read from it; then the lookup and the fused
+  update run on the cache exactly as on an HBM table. The optimizer slots
+  follow at the update (`sync_slots`): the slots of every cache slot whose
+  row changed since the last update are written back and read in.
+
+A cached table computes exactly what the HBM table computes (the same rows
+and the same arithmetic on them), whatever the cache size and policy: the
+tests compare the two bit for bit. Its shard is a `CachedShard`, its
+optimizer state a `CachedOptState`; export, import and checkpoints see the
+logical table (`logical_table`, `logical_slots`: host and cache merged).
+
+Invariants of a `CachedShard` on each device: `tags[s]` is the local row
+cache slot s holds (-1: empty) and `slot_of[r]` the cache slot of local row
+r (-1: not cached), inverse maps of each other; a cached row's current
+vector is in `cache`, its `host` row is stale until it leaves the cache. A
+`CachedOptState`'s `tags` say the same of its slot caches, and equal the
+shard's after every update that could sync them all (`stats.stale` counts
+the rows of an update that could not, skipped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sok_jax._compat import shard_map
+from sok_jax.distributed.host import to_host
+from sok_jax.ops import checks
+
+STORAGES = ("hbm", "host", "host_cached")
+CACHE_POLICIES = ("lru", "lfu")
+CACHE_COUNTS = ("cache_hits", "cache_misses", "cache_evictions")
+_EMPTY = -1
+_PINNED = np.iinfo(np.int32).max  # the victim order key of a slot this batch uses
+
+
+def host_memory_kind() -> str | None:
+    """The memory kind of a host store: pinned host memory where the default
+    backend is a GPU (the custom calls reach it over the host link), the
+    default memory on the CPU (already host memory)."""
+    return "pinned_host" if jax.default_backend() == "gpu" else None
+
+
+class CachedShard(NamedTuple):
+    """A cached table's shard (each array sharded over the axis; inside
+    `shard_map` one device's part).
+
+    host: [n * R, D] every row (pinned host memory on a GPU).
+    cache: [n * C, D] the cached rows' vectors.
+    tags: int32 [n * C]: the local row each cache slot holds, -1: none.
+    slot_of: int32 [n * R]: the cache slot of each local row, -1: none.
+    score: int32 [n * C]: "lru": the step that last used the slot; "lfu":
+      the lookups that used its row since it came in; -1: empty.
+    step: int32 [n]: the lookups this shard has served.
+    """
+
+    host: Any
+    cache: Any
+    tags: Any
+    slot_of: Any
+    score: Any
+    step: Any
+
+
+class CachedOptState(NamedTuple):
+    """A cached table's sparse optimizer state.
+
+    cache: the optimizer's own state (its type, e.g. `SparseOptState`) over
+      the cache: slots [n * C, ...] and the update count.
+    host: every row's slots, [n * R, ...] each (pinned host memory on a GPU).
+    tags: int32 [n * C]: the local row whose slots each cache slot holds.
+    """
+
+    cache: Any
+    host: tuple
+    tags: Any
+
+
+class CacheHeld(NamedTuple):
+    """What a cached table's lookup leaves in its context, per cache slot of
+    the device: the local row the slot held (int32, -1: none) and, for a
+    hash table that evicts, the key that row held and whether the lookup
+    gave the row to it (None otherwise). The update skips the slots whose
+    row or key changed since (`CachedStorage.stale_slots`)."""
+
+    rows: Any
+    keys: Any
+    new: Any
+
+
+class BroughtIn(NamedTuple):
+    """`bring_in`'s result on one device: the shard after the moves, the
+    cache slot of each position (-1 where the position named no row), and
+    the call's {cache_hits, cache_misses, cache_evictions}."""
+
+    shard: CachedShard
+    slots: jax.Array
+    counts: dict
+
+
+# ------------------------------------------------------------------ tiers
+
+
+@dataclasses.dataclass(frozen=True)
+class HbmStorage:
+    """The rows in HBM: the row strategy's table, read and updated in place."""
+
+    kind = "hbm"
+    cached = False
+
+    def check_strategy(self, rows) -> None:
+        return None
+
+    def owner_rows(self, rows, table, hash_part, seed, received, training, ops):
+        return rows.owner_rows(table, hash_part, seed, received, training)
+
+    def local_rows(self, rows, table, hash_part, seed, flat_ids, members, training, ops):
+        return rows.local_rows(table, hash_part, seed, flat_ids, members, training)
+
+    def lookup_source(self, table):
+        return table
+
+    def place(self, table):
+        return table
+
+    def table_spec(self, axis, replicated: bool):
+        return P(None, None) if replicated else P(axis, None)
+
+    def logical(self, table, opt_state, num_devices: int):
+        """(the [n * R, D] logical table, the optimizer state over it) of a
+        shard: here the shard's own."""
+        return table, opt_state
+
+    def table_sharding(self, rows):
+        return rows.table_sharding
+
+    def slot_sharding(self, rows, spec):
+        return NamedSharding(rows.mesh, spec)
+
+
+@dataclasses.dataclass(frozen=True)
+class HostStorage(HbmStorage):
+    """The rows and slots in host memory (pinned on a GPU), read and updated
+    in place by the custom calls over the host link. On a GPU only the "ffi"
+    implementation can reach them (XLA's gather takes no host operand)."""
+
+    kind = "host"
+
+    def check_strategy(self, rows) -> None:
+        _check_tiered(rows, self.kind)
+
+    def owner_rows(self, rows, table, hash_part, seed, received, training, ops):
+        """The strategy's rows; new keys' initial vectors written by the row
+        mover (XLA's scatter takes no host operand)."""
+        found, fresh = rows.find_rows(hash_part, seed, received, training, table)
+        if fresh is not None:
+            target = jnp.where(fresh.is_new, found.rows, _EMPTY)
+            table = ops.scatter_rows(jax.lax.stop_gradient(table), target, fresh.vectors)
+        return found._replace(table=table)
+
+    def place(self, table):
+        return jax.device_put(table, _with_host_memory(table.sharding))
+
+    def table_sharding(self, rows):
+        return _with_host_memory(rows.table_sharding)
+
+    def slot_sharding(self, rows, spec):
+        return _with_host_memory(NamedSharding(rows.mesh, spec))
+
+
+@jax.custom_vjp
+def _refuse_grad(value, source):
+    """`value` (computed from `source` outside autodiff), refusing to pass a
+    gradient back to `source`: a host table's gradient would be a dense
+    [rows, D] array in HBM, which is what host storage avoids."""
+    return value
+
+
+def _refuse_grad_fwd(value, source):
+    return value, None
+
+
+def _refuse_grad_bwd(_, g):
+    raise ValueError(
+        'a table with storage="host" or "host_cached" trains through lookup + sparse_update '
+        "(or sparse_grad + apply_gradients), not through jax.grad of apply"
+    )
+
+
+_refuse_grad.defvjp(_refuse_grad_fwd, _refuse_grad_bwd)
+
+
+def sparse_only(table):
+    """`table`, refusing to be differentiated (see `_refuse_grad`)."""
+    return _refuse_grad(jax.lax.stop_gradient(table), table)
+
+
+def _with_host_memory(sharding: NamedSharding) -> NamedSharding:
+    kind = host_memory_kind()
+    return sharding if kind is None else sharding.with_memory_kind(kind)
+
+
+def _check_tiered(rows, kind):
+    if rows.replicated:
+        raise ValueError(
+            f'storage="{kind}" is for placements "row" and "table": a replicated table is '
+            "held whole by every device and read without an exchange; keep it in HBM or "
+            "place it by row"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedStorage:
+    """Rows and slots in a host store behind an HBM cache of `cache_rows`
+    rows per device, kept by `policy` ("lru" or "lfu")."""
+
+    cache_rows: int
+    policy: str = "lru"
+
+    kind = "host_cached"
+    cached = True
+
+    def check_strategy(self, rows) -> None:
+        _check_tiered(rows, self.kind)
+        if self.cache_rows >= rows.rows_per_device:
+            raise ValueError(
+                f"cache_rows ({self.cache_rows}) must be smaller than the rows each device holds "
+                f"({rows.rows_per_device}); for a table that fits, use storage='hbm'"
+            )
+
+    # ------------------------------------------------------------ shapes
+    def table_spec(self, axis, replicated: bool):
+        row, mat = P(axis), P(axis, None)
+        return CachedShard(mat, mat, row, row, row, row)
+
+    def table_sharding(self, rows):
+        row, mat = rows.row_sharding, rows.table_sharding
+        return CachedShard(_with_host_memory(mat), mat, row, row, row, row)
+
+    def slot_sharding(self, rows, spec):
+        """The optimizer slots the update works on: the cache's, in HBM."""
+        return NamedSharding(rows.mesh, spec)
+
+    def host_slot_sharding(self, rows, spec):
+        """Every row's optimizer slots: in the host store."""
+        return _with_host_memory(NamedSharding(rows.mesh, spec))
+
+    def empty_cache(self, rows_per_device: int, dim: int, dtype) -> CachedShard:
+        """One device: an empty cache, its host store None (made apart, in
+        host memory: `host_rows`)."""
+        c = self.cache_rows
+        return CachedShard(
+            host=None,
+            cache=jnp.zeros((c, dim), dtype),
+            tags=jnp.full((c,), _EMPTY, jnp.int32),
+            slot_of=jnp.full((rows_per_device,), _EMPTY, jnp.int32),
+            score=jnp.full((c,), _EMPTY, jnp.int32),
+            step=jnp.zeros((1,), jnp.int32),
+        )
+
+    def place(self, shard: CachedShard) -> CachedShard:
+        """The shard with its host store in host memory (pinned on a GPU)."""
+        host = jax.device_put(shard.host, _with_host_memory(shard.host.sharding))
+        return shard._replace(host=host)
+
+    def lookup_source(self, shard: CachedShard):
+        return shard.cache
+
+    # ------------------------------------------------------------ lookup
+    def check_positions(self, positions: int, rows_per_device: int) -> None:
+        """Trace time: the cache holds every distinct row one lookup can
+        bring to a device (at most min(positions, R) of them)."""
+        most = min(positions, rows_per_device)
+        if self.cache_rows < most:
+            raise ValueError(
+                f"cache_rows ({self.cache_rows}) is smaller than the {most} distinct rows one "
+                "lookup may bring to a device at this batch size (the key positions it can "
+                "receive); raise cache_rows, or lower the batch or capacity_factor"
+            )
+
+    def owner_rows(self, rows, shard, hash_part, seed, received, training, ops):
+        """The strategy's rows of the received keys, brought into the cache;
+        their cache slots stand for the rows from here on (the context, the
+        update), and new keys' initial vectors are written there."""
+        self.check_positions(received.shape[0], rows.rows_per_device)
+        found, fresh = rows.find_rows(hash_part, seed, received, training, shard.host)
+        return self._into_cache(found, fresh, shard, ops)
+
+    def local_rows(self, rows, shard, hash_part, seed, flat_ids, members, training, ops):
+        positions = sum(f.shape[0] for f in flat_ids)
+        self.check_positions(positions, rows.rows_per_device)
+        found = rows.local_rows(None, hash_part, seed, flat_ids, members, training)
+        return self._into_cache(found, None, shard, ops)
+
+    def _into_cache(self, found, fresh, shard, ops):
+        got = self.bring_in(jax.tree.map(jax.lax.stop_gradient, shard), found.rows, ops)
+        shard = got.shard._replace(cache=_refuse_grad(got.shard.cache, shard.cache))
+        if fresh is not None:  # new keys' initial vectors, in their cache slots
+            target = jnp.where(fresh.is_new, got.slots, _EMPTY)
+            cache = jax.lax.stop_gradient(shard.cache)
+            cache = ops.scatter_rows(cache, target, fresh.vectors)
+            shard = shard._replace(cache=_refuse_grad(cache, shard.cache))
+        return found._replace(
+            table=shard, rows=got.slots, held=self._held(shard, got.slots, found.held),
+            cache=got.counts,
+        )
+
+    def _held(self, shard: CachedShard, slots, held):
+        """The lookup's `CacheHeld`: per cache slot the row it holds now and,
+        for a table that evicts (`held`: its per-position `scores.HeldRows`),
+        the key that row holds and whether the lookup gave it to that key."""
+        if held is None:
+            return CacheHeld(shard.tags, None, None)
+        c = shard.tags.shape[0]
+        at = jnp.where(slots >= 0, slots, c)
+        pad = checks.padding_value(held.keys.dtype)
+        keys = jnp.full((c,), pad, held.keys.dtype).at[at].set(held.keys, mode="drop")
+        new = jnp.zeros((c,), bool).at[jnp.where(held.new, at, c)].set(True, mode="drop")
+        return CacheHeld(shard.tags, keys, new)
+
+    def stale_slots(self, tags, slot_keys, held: CacheHeld):
+        """One device: the cache slots whose row (or, in a table that evicts,
+        the row's key) changed since the lookup that made `held`: an update
+        with that lookup's context skips them."""
+        stale = (held.rows >= 0) & (tags != held.rows)
+        if held.keys is not None:
+            now = slot_keys.at[held.rows].get(mode="fill", fill_value=checks.padding_value(slot_keys.dtype))
+            stale |= (held.rows >= 0) & (now != held.keys.astype(slot_keys.dtype))
+        return stale
+
+    def reset_slots_of(self, held: CacheHeld, stale):
+        """The cache slots whose optimizer slots the update resets (the rows
+        the lookup gave to new keys, not stale since), -1 elsewhere."""
+        if held.new is None:
+            return None
+        slots = jnp.arange(held.new.shape[0], dtype=jnp.int32)
+        return jnp.where(held.new & ~stale, slots, _EMPTY)
+
+    def bring_in(self, shard: CachedShard, rows, ops) -> BroughtIn:
+        """One device: the distinct local rows of `rows` (int32, -1: none)
+        into the cache. A missing row takes the slot of the row that the
+        policy ranks lowest among those this call does not use (an empty
+        slot first; ties by slot index), that row written back first."""
+        r, c, k = shard.host.shape[0], shard.cache.shape[0], rows.shape[0]
+        key = jnp.where((rows >= 0) & (rows < r), rows, r)
+        order = jnp.argsort(key, stable=True)
+        srt = key[order]
+        present = srt < r
+        first = present & jnp.concatenate([jnp.ones((1,), bool), srt[1:] != srt[:-1]])
+        cached_at = jnp.where(present, shard.slot_of[jnp.minimum(srt, r - 1)], _EMPTY)
+        hit = first & (cached_at >= 0)
+        miss = first & (cached_at < 0)
+
+        # Victims: the lowest (score, slot) among the slots no hit uses.
+        pinned = jnp.zeros((c,), bool).at[jnp.where(hit, cached_at, c)].set(True, mode="drop")
+        rank = jnp.argsort(jnp.where(pinned, _PINNED, shard.score), stable=True)
+        nth = jnp.clip(jnp.cumsum(miss) - 1, 0, c - 1)
+        victim = jnp.where(miss, rank[nth], _EMPTY)
+        leaving = jnp.where(miss, shard.tags[jnp.maximum(victim, 0)], _EMPTY)
+
+        # Write the leaving rows back, then read the missing ones in (the
+        # two sets are disjoint: one is cached, the other is not).
+        host = ops.copy_rows(shard.host, leaving, shard.cache, victim)
+        incoming = jnp.where(miss, srt, _EMPTY)
+        cache = ops.copy_rows(shard.cache, victim, host, incoming)
+
+        slot_of = shard.slot_of.at[jnp.where(leaving >= 0, leaving, r)].set(_EMPTY, mode="drop")
+        slot_of = slot_of.at[jnp.where(miss, srt, r)].set(victim, mode="drop")
+        tags = shard.tags.at[jnp.where(miss, victim, c)].set(srt, mode="drop")
+
+        # The slot of every position: its distinct row's (the run's first).
+        slot_first = jnp.where(hit, cached_at, victim)
+        run = jnp.cumsum(first) - 1
+        per_run = jnp.full((k,), _EMPTY, jnp.int32).at[jnp.where(first, run, k)].set(
+            slot_first, mode="drop"
+        )
+        sorted_slots = jnp.where(present, per_run[jnp.maximum(run, 0)], _EMPTY)
+        slots = jnp.zeros((k,), jnp.int32).at[order].set(sorted_slots)
+
+        step = shard.step + 1
+        used = jnp.where(first, slot_first, c)
+        if self.policy == "lru":
+            score = shard.score.at[used].set(step[0], mode="drop")
+        else:  # lfu: a row's uses since it came in
+            kept = jnp.where(miss, 0, shard.score[jnp.minimum(used, c - 1)])
+            score = shard.score.at[used].set(kept + 1, mode="drop")
+        counts = {
+            "cache_hits": jnp.sum(hit, dtype=jnp.int32),
+            "cache_misses": jnp.sum(miss, dtype=jnp.int32),
+            "cache_evictions": jnp.sum(leaving >= 0, dtype=jnp.int32),
+        }
+        return BroughtIn(CachedShard(host, cache, tags, slot_of, score, step), slots, counts)
+
+    # ------------------------------------------------------------ update
+    def sync_slots(self, opt: CachedOptState, tags, bound: int, ops):
+        """One device: the optimizer state with the slots of every cache slot
+        whose row changed since its last sync (at most `bound` of them; the
+        rest wait for a later update) written back and read in. Returns
+        (opt, synced: bool [C], whether each cache slot's slots now belong
+        to the row the shard says it holds)."""
+        c = tags.shape[0]
+        differ = opt.tags != tags
+        idx = jnp.nonzero(differ, size=min(bound, c), fill_value=c)[0]
+        valid = idx < c
+        at = jnp.where(valid, idx, _EMPTY)
+        old = jnp.where(valid, opt.tags[jnp.minimum(idx, c - 1)], _EMPTY)
+        new = jnp.where(valid, tags[jnp.minimum(idx, c - 1)], _EMPTY)
+        host, cache = [], []
+        for h, s in zip(opt.host, opt.cache.slots):
+            h = ops.copy_rows(h, old, s, at)
+            s = ops.copy_rows(s, at, h, new)
+            host.append(h)
+            cache.append(s)
+        new_tags = opt.tags.at[jnp.where(valid, idx, c)].set(new, mode="drop")
+        inner = type(opt.cache)(tuple(cache), opt.cache.count)
+        return CachedOptState(inner, tuple(host), new_tags), new_tags == tags
+
+    # ------------------------------------------------------------ host side
+    def logical(self, shard: CachedShard, opt_state, num_devices: int):
+        """(the logical table, an optimizer state of the optimizer's own type
+        over it, or None), on the host: host store and cache merged."""
+        table = self.logical_table(shard, num_devices)
+        if opt_state is None:
+            return table, None
+        slots = self.logical_slots(opt_state, num_devices)
+        return table, type(opt_state.cache)(slots, opt_state.cache.count)
+
+    def logical_table(self, shard: CachedShard, num_devices: int) -> np.ndarray:
+        """Host: the [n * R, D] logical table (the cached rows' vectors over
+        the host store's)."""
+        return _merge(to_host(shard.host), to_host(shard.cache), to_host(shard.tags), num_devices)
+
+    def logical_slots(self, opt: CachedOptState, num_devices: int) -> tuple:
+        tags = to_host(opt.tags)
+        return tuple(
+            _merge(to_host(h), to_host(s), tags, num_devices)
+            for h, s in zip(opt.host, opt.cache.slots)
+        )
+
+
+def _merge(host, cache, tags, n):
+    """host [n * R, ...] with each device's cached rows written over it."""
+    out = host.copy()
+    r, c = host.shape[0] // n, cache.shape[0] // n
+    for d in range(n):
+        t = tags[d * c : (d + 1) * c]
+        held = t >= 0
+        out[d * r + t[held]] = cache[d * c : (d + 1) * c][held]
+    return out
+
+
+def make_storage(storage: str, cache_rows=None, cache_policy: str = "lru"):
+    """The tier of a table from its arguments, checked."""
+    if storage not in STORAGES:
+        raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+    if storage != "host_cached":
+        if cache_rows is not None:
+            raise ValueError(f'cache_rows is for storage="host_cached", not "{storage}"')
+        return HbmStorage() if storage == "hbm" else HostStorage()
+    if cache_policy not in CACHE_POLICIES:
+        raise ValueError(f"cache_policy must be one of {CACHE_POLICIES}, got {cache_policy!r}")
+    if isinstance(cache_rows, bool) or not isinstance(cache_rows, (int, np.integer)):
+        raise ValueError(
+            f'storage="host_cached" needs cache_rows, a positive integer (rows of HBM cache '
+            f"per device), got {cache_rows!r}"
+        )
+    if cache_rows < 1:
+        raise ValueError(f"cache_rows must be a positive integer, got {cache_rows}")
+    return CachedStorage(int(cache_rows), cache_policy)
+
+
+# ------------------------------------------------------------ host stores
+
+_INIT_BLOCK_ROWS = 1 << 18
+
+
+def host_rows(rows, shape, dtype, spec, block_fn=None):
+    """A host store (pinned host memory on a GPU) of `shape` laid out as
+    `spec` over the strategy's mesh, built without holding it on a device:
+    zeros from lazily zeroed host pages, then, where `block_fn(device,
+    start, count)` gives values (None: zeros), filled `_INIT_BLOCK_ROWS`
+    local rows at a time by the row mover, in place."""
+    sharding = _with_host_memory(NamedSharding(rows.mesh, spec))
+    zeros = np.zeros(shape, dtype)  # no memory is touched until written
+    store = jax.make_array_from_callback(shape, sharding, lambda index: zeros[index])
+    local = shape[0] if spec[0] is None else shape[0] // rows.num_devices
+    count = min(_INIT_BLOCK_ROWS, local)
+    if block_fn is None:
+        return store
+
+    def body(store, start):
+        device = jax.lax.axis_index(rows.axis_name)
+        at = start + jnp.arange(count, dtype=jnp.int32)
+        values = block_fn(device, start, count).astype(store.dtype).reshape((count,) + shape[1:])
+        return rows.ops.scatter_rows(store, jnp.where(at < local, at, _EMPTY), values)
+
+    fill = jax.jit(
+        shard_map(body, rows.mesh, (spec, P()), spec), donate_argnums=0, out_shardings=sharding
+    )
+    for start in range(0, local, count):
+        store = fill(store, jnp.int32(start))
+    return store
+
+
+def host_table(rows, seed):
+    """A strategy's initial table [n * R, D] as a host store."""
+    r, d = rows.rows_per_device, rows.dim
+    fill = None
+    if not rows.hashed:  # a fresh hash shard's rows are zeros
+
+        def fill(device, start, count):
+            return rows.init_block(seed, device, start, count)
+
+    return host_rows(rows, (rows.num_devices * r, d), rows.dtype, P(rows.axis_name, None), fill)
+
+
+def host_slots(rows, optimizer, table_shape, dtype) -> tuple:
+    """The optimizer's initial slots of a table of `table_shape` as host
+    stores: each row holds `optimizer.init`'s value for a row."""
+    one = optimizer.init(jnp.zeros((1,) + tuple(table_shape[1:]), dtype)).slots
+    out = []
+    for value in one:
+        spec = P(rows.axis_name, *([None] * (value.ndim - 1)))
+        shape = (table_shape[0],) + tuple(value.shape[1:])
+        constant = np.asarray(value)
+        fill = None
+        if np.any(constant != 0):
+            fill = lambda device, start, count, v=value: jnp.broadcast_to(  # noqa: E731
+                v, (count,) + v.shape[1:]
+            )
+        out.append(host_rows(rows, shape, value.dtype, spec, fill))
+    return tuple(out)

@@ -1,0 +1,93 @@
+"""Row movers: the `sok_rows_gather` and `sok_rows_scatter` FFI targets.
+
+They copy whole rows between two row-major tables of one dtype (a table's
+vectors [R, D] of any float dtype, or an optimizer slot [R, D] / [R]) and are
+how the host storage tiers (`sok_jax.distributed.storage`) move rows between
+a table in pinned host memory and its cache in HBM: XLA hands the custom call
+the host pointer and the kernel reads or writes the rows over the host link
+(XLA's own gather and scatter do not take a host operand).
+
+* `gather_rows(src, rows)`: out[i] = src[rows[i]], zeros where rows[i] lies
+  outside [0, R).
+* `scatter_rows(dst, rows, values)`: dst[rows[i]] = values[i] where rows[i]
+  lies in [0, R), in place (the output aliases `dst`; donate it under jit).
+  The rows in range must be distinct: which of two values for one row lands
+  is not defined on the GPU.
+
+* `copy_rows(dst, dst_rows, src, src_rows)`: dst[dst_rows[i]] =
+  src[src_rows[i]] where both name a row, in place (one pass, no
+  intermediate: what moves rows between a host store and its cache). The
+  dst rows in range must be distinct.
+
+`sok_jax.ops.reference` has all three under the same names in plain JAX.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from sok_jax import _native  # noqa: F401  (registers the targets)
+
+__all__ = ["gather_rows", "scatter_rows", "copy_rows"]
+
+
+def _check_table(table, what):
+    if table.ndim not in (1, 2):
+        raise ValueError(f"{what} must be [R] or [R, W], got shape {table.shape}")
+
+
+def _check_rows(rows):
+    if rows.ndim != 1 or rows.dtype != jnp.int32:
+        raise ValueError(f"rows must be int32 [K], got {rows.dtype} {rows.shape}")
+
+
+def gather_rows(src: jax.Array, rows: jax.Array) -> jax.Array:
+    """The rows `rows` of `src` ([K] + src.shape[1:], src's dtype); zeros
+    where a row index lies outside [0, R)."""
+    _check_table(src, "src")
+    _check_rows(rows)
+    out = jax.ShapeDtypeStruct((rows.shape[0], *src.shape[1:]), src.dtype)
+    return jax.ffi.ffi_call("sok_rows_gather", out, vmap_method="sequential")(src, rows)
+
+
+def scatter_rows(dst: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Array:
+    """`dst` with dst[rows[i]] = values[i] for every rows[i] in [0, R) (the
+    rows in range distinct), in place."""
+    _check_table(dst, "dst")
+    _check_rows(rows)
+    want = (rows.shape[0], *dst.shape[1:])
+    if values.shape != want or values.dtype != dst.dtype:
+        raise ValueError(
+            f"values must be {dst.dtype} {list(want)} (one row of dst per listed row), "
+            f"got {values.dtype} {values.shape}"
+        )
+    out = jax.ShapeDtypeStruct(dst.shape, dst.dtype)
+    call = jax.ffi.ffi_call(
+        "sok_rows_scatter", out, vmap_method="sequential", input_output_aliases={0: 0}
+    )
+    return call(dst, rows, values)
+
+
+def copy_rows(dst: jax.Array, dst_rows: jax.Array, src: jax.Array, src_rows: jax.Array):
+    """`dst` with dst[dst_rows[i]] = src[src_rows[i]] wherever both indices
+    name a row (the dst rows in range distinct), in place."""
+    _check_table(dst, "dst")
+    _check_table(src, "src")
+    _check_rows(dst_rows)
+    _check_rows(src_rows)
+    if src.dtype != dst.dtype or src.shape[1:] != dst.shape[1:]:
+        raise ValueError(
+            f"src must have dst's dtype and row shape, got {src.dtype} {src.shape} for "
+            f"{dst.dtype} {dst.shape}"
+        )
+    if src_rows.shape != dst_rows.shape:
+        raise ValueError(
+            f"src_rows and dst_rows must have one length, got {src_rows.shape} and "
+            f"{dst_rows.shape}"
+        )
+    out = jax.ShapeDtypeStruct(dst.shape, dst.dtype)
+    call = jax.ffi.ffi_call(
+        "sok_rows_copy", out, vmap_method="sequential", input_output_aliases={0: 0}
+    )
+    return call(dst, dst_rows, src, src_rows)

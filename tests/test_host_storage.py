@@ -1,0 +1,447 @@
+"""Storage tiers (sok_jax.distributed.storage): a table in host memory
+(`storage="host"`) or behind an HBM cache (`storage="host_cached"`) computes
+exactly what the same table in HBM computes, bit for bit, with a cache far
+smaller than the table (rows leave it every step); the cache's counts follow
+a numpy simulation of its policy; bad arguments raise naming what is wrong.
+On the CPU the host store and the cache are separate arrays, so all of the
+cache logic runs here."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from devices import AXIS, mesh_of, require_devices
+
+import sok_jax
+from sok_jax import optim
+from sok_jax.ops import ffi, reference
+
+D, SLOTS, NNZ, ROWS = 8, 3, 2, 64
+
+OPTIMIZERS = {
+    "sgd": lambda: optim.sgd(0.1),
+    "adagrad": lambda: optim.adagrad(0.1),
+    "rowwise_adagrad": lambda: optim.rowwise_adagrad(0.1),
+    "adam": lambda: optim.adam(0.01),
+    "ftrl": lambda: optim.ftrl(0.1),
+}
+
+
+def layer(n, hashed, implementation="ffi", **kw):
+    return sok_jax.DistributedEmbedding(
+        combiner="sum",
+        max_vocabulary_size_per_gpu=ROWS,
+        embedding_vec_size=D,
+        slot_num=SLOTS,
+        max_nnz=NNZ,
+        use_hashtable=hashed,
+        key_dtype=jnp.int32,
+        mesh=mesh_of(n),
+        axis_name=AXIS,
+        implementation=implementation,
+        **kw,
+    )
+
+
+def per_device(n):
+    """Samples per device: 2 on one device, 1 on 8 (so that one lookup
+    brings fewer rows to a device than it holds, and a cache fits them)."""
+    return 2 if n == 1 else 1
+
+
+def batch(rng, n, hashed, size=None):
+    """ids [B, SLOTS, NNZ] (`per_device` samples each) with padding, and a
+    cotangent."""
+    b = per_device(n) * n if size is None else size
+    high = 3 * ROWS * n if hashed else ROWS * n
+    ids = rng.integers(0, high, (b, SLOTS, NNZ)).astype(np.int32)
+    ids[rng.random(ids.shape) < 0.2] = -1
+    return ids, rng.normal(size=(b, SLOTS, D)).astype(np.float32)
+
+
+def sparse_step(emb, opt):
+    def step(state, opt_state, ids, g, training=True):
+        out, ctx, state = emb.lookup(state, ids, training=training)
+        state, opt_state = emb.sparse_update(state, opt, opt_state, ctx, g)
+        return out, state, opt_state
+
+    return jax.jit(step, static_argnames="training")
+
+
+def assert_same_export(ref, emb_ref, got, emb_got, opt_ref=None, opt_got=None):
+    a = emb_ref.export_pairs(ref, opt_ref) if opt_ref is not None else emb_ref.export_pairs(ref)
+    b = emb_got.export_pairs(got, opt_got) if opt_got is not None else emb_got.export_pairs(got)
+    if opt_ref is None:
+        a, b = sok_jax.TableExport(*a), sok_jax.TableExport(*b)
+    np.testing.assert_array_equal(a.keys, b.keys)
+    np.testing.assert_array_equal(a.vectors, b.vectors)
+    for x, y in zip(a.slots or (), b.slots or ()):
+        np.testing.assert_array_equal(x, y)
+
+
+# ------------------------------------------------------------------ row movers
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "int32"])
+@pytest.mark.parametrize("shape", [(40, 7), (40,), (40, 16)])
+def test_row_movers_match_reference(dtype, shape):
+    rng = np.random.default_rng()
+    table = jnp.asarray(rng.normal(size=shape) * 100, dtype)
+    rows = jnp.asarray(rng.permutation(50)[:24] - 5, jnp.int32)  # some out of range
+    want = reference.gather_rows(table, rows)
+    got = jax.jit(ffi.gather_rows)(table, rows)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    host = np.asarray(table)
+    for i, r in enumerate(np.asarray(rows)):
+        expect = host[r] if 0 <= r < shape[0] else np.zeros(shape[1:], host.dtype)
+        np.testing.assert_array_equal(np.asarray(got)[i], expect)
+
+    values = jnp.asarray(rng.normal(size=(24, *shape[1:])) * 100, dtype)
+    got = jax.jit(ffi.scatter_rows)(table, rows, values)
+    expect = host.copy()
+    for i, r in enumerate(np.asarray(rows)):
+        if 0 <= r < shape[0]:
+            expect[r] = np.asarray(values)[i]
+    np.testing.assert_array_equal(np.asarray(got), expect)
+    np.testing.assert_array_equal(np.asarray(reference.scatter_rows(table, rows, values)), expect)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_copy_rows_matches_numpy(dtype):
+    rng = np.random.default_rng()
+    dst = jnp.asarray(rng.normal(size=(30, 5)), dtype)
+    src = jnp.asarray(rng.normal(size=(20, 5)), dtype)
+    dst_rows = jnp.asarray(rng.permutation(36)[:16] - 3, jnp.int32)  # distinct, some out
+    src_rows = jnp.asarray(rng.integers(-2, 22, 16), jnp.int32)
+    expect = np.asarray(dst).copy()
+    for d, r in zip(np.asarray(dst_rows), np.asarray(src_rows)):
+        if 0 <= d < 30 and 0 <= r < 20:
+            expect[d] = np.asarray(src)[r]
+    for impl in (ffi, reference):
+        got = jax.jit(impl.copy_rows)(dst, dst_rows, src, src_rows)
+        np.testing.assert_array_equal(np.asarray(got), expect)
+
+
+def test_row_movers_check_shapes():
+    t = jnp.zeros((4, 3))
+    with pytest.raises(ValueError, match="rows must be int32"):
+        ffi.gather_rows(t, jnp.zeros((2,), jnp.int64 if jax.config.jax_enable_x64 else jnp.uint32))
+    with pytest.raises(ValueError, match="values must be"):
+        ffi.scatter_rows(t, jnp.zeros((2,), jnp.int32), jnp.zeros((2, 4)))
+
+
+# ------------------------------------------------------------ against HBM
+
+
+# (devices, hash mode, optimizer, policy, implementation): every optimizer,
+# both policies, both modes, 1 and 8 devices, both implementations.
+CASES = [
+    (1, False, "sgd", "lru", "ffi"),
+    (1, False, "adagrad", "lfu", "ffi"),
+    (1, True, "adam", "lru", "ffi"),
+    (1, False, "rowwise_adagrad", "lfu", "reference"),
+    (8, False, "ftrl", "lru", "ffi"),
+    (8, False, "sgd", "lru", "reference"),
+    (8, True, "adagrad", "lfu", "ffi"),
+    (8, True, "rowwise_adagrad", "lru", "ffi"),
+]
+
+
+@pytest.mark.parametrize("n,hashed,opt_name,policy,impl", CASES)
+def test_cached_table_trains_as_the_hbm_table(n, hashed, opt_name, policy, impl):
+    """Steps with a cache of fewer rows than the table, so rows leave it
+    every step; an evaluation lookup between steps moves rows too. Outputs,
+    vectors and optimizer slots equal the HBM table's bit for bit."""
+    require_devices(n)
+    rng = np.random.default_rng()
+    positions = per_device(n) * SLOTS * NNZ * n  # the most rows one lookup brings to a device
+    cache_rows = min(positions, ROWS - 1)
+    hbm = layer(n, hashed, impl)
+    cached = layer(n, hashed, impl, storage="host_cached", cache_rows=cache_rows,
+                   cache_policy=policy)
+    opt = OPTIMIZERS[opt_name]()
+    s_ref, s = hbm.init(3), cached.init(3)
+    o_ref, o = hbm.init_optimizer(opt, s_ref), cached.init_optimizer(opt, s)
+    step_ref, step = sparse_step(hbm, opt), sparse_step(cached, opt)
+    evictions = 0
+    for i in range(5):
+        ids, g = batch(rng, n, hashed)
+        want, s_ref, o_ref = step_ref(s_ref, o_ref, ids, g)
+        got, s, o = step(s, o, ids, g)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=f"step {i}")
+        evictions = int(np.sum(s.stats.cache_evictions))
+        if i == 2:  # an evaluation lookup: moves rows, updates nothing
+            ids, _ = batch(rng, n, hashed)
+            want, s_ref = jax.jit(hbm.apply, static_argnames="training")(s_ref, ids, training=False)
+            got, s = jax.jit(cached.apply, static_argnames="training")(s, ids, training=False)
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    if n == 1:
+        assert evictions > 0, "the cache never evicted: the test does not exercise it"
+    sok_jax.check_stats(s)
+    assert_same_export(s_ref, hbm, s, cached, o_ref, o)
+    if not hashed:
+        keys = rng.integers(0, hbm.num_rows, 20)
+        np.testing.assert_array_equal(cached.logical_rows(s, keys), hbm.logical_rows(s_ref, keys))
+
+
+@pytest.mark.parametrize("n,hashed", [(1, False), (8, True)])
+def test_host_table_trains_as_the_hbm_table(n, hashed):
+    require_devices(n)
+    rng = np.random.default_rng()
+    hbm, host = layer(n, hashed), layer(n, hashed, storage="host")
+    opt = optim.adam(0.01)
+    s_ref, s = hbm.init(5), host.init(5)
+    o_ref, o = hbm.init_optimizer(opt, s_ref), host.init_optimizer(opt, s)
+    step_ref, step = sparse_step(hbm, opt), sparse_step(host, opt)
+    for _ in range(3):
+        ids, g = batch(rng, n, hashed)
+        want, s_ref, o_ref = step_ref(s_ref, o_ref, ids, g)
+        got, s, o = step(s, o, ids, g)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert_same_export(s_ref, hbm, s, host, o_ref, o)
+
+
+def test_two_pass_update_and_import_on_a_cached_table():
+    """sparse_grad + apply_gradients on a cached table equal the HBM
+    table's; an import (with optimizer slots) into a cached layer continues
+    training exactly as the HBM layer does."""
+    require_devices(8)
+    rng = np.random.default_rng()
+    hbm = layer(8, False)
+    cached = layer(8, False, storage="host_cached", cache_rows=48)
+    opt = optim.adagrad(0.05)
+    s_ref, s = hbm.init(0), cached.init(0)
+    o_ref, o = hbm.init_optimizer(opt, s_ref), cached.init_optimizer(opt, s)
+
+    def two_pass(emb):
+        def step(state, opt_state, ids, g):
+            out, ctx, state = emb.lookup(state, ids)
+            grad = emb.sparse_grad(ctx, g)
+            state, opt_state = emb.apply_gradients(state, opt, opt_state, grad)
+            return out, state, opt_state
+
+        return jax.jit(step)
+
+    for _ in range(3):
+        ids, g = batch(rng, 8, False)
+        want, s_ref, o_ref = two_pass(hbm)(s_ref, o_ref, ids, g)
+        got, s, o = two_pass(cached)(s, o, ids, g)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert_same_export(s_ref, hbm, s, cached, o_ref, o)
+
+    exported = hbm.export_pairs(s_ref, o_ref)
+    s2, o2 = cached.import_pairs(exported, optimizer=opt)
+    ids, g = batch(rng, 8, False)
+    want, s_ref, o_ref = sparse_step(hbm, opt)(s_ref, o_ref, ids, g)
+    got, s2, o2 = sparse_step(cached, opt)(s2, o2, ids, g)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert_same_export(s_ref, hbm, s2, cached, o_ref, o2)
+
+
+# ------------------------------------------------------------ the policy
+
+
+def simulate_cache(batches, cache_rows, policy):
+    """numpy: per lookup (hits, misses, evictions) of a one-device cache whose
+    misses, in ascending row order, take the slots of the lowest (score,
+    slot) among those the lookup's hits do not use."""
+    tags = np.full(cache_rows, -1)
+    score = np.full(cache_rows, -1)
+    out = []
+    for step, ids in enumerate(batches, start=1):
+        rows = np.unique(ids[(ids >= 0) & (ids < ROWS)])
+        where = {int(t): s for s, t in enumerate(tags) if t >= 0}
+        hit_slots = {where[r] for r in rows if r in where}
+        misses = [r for r in rows if r not in where]
+        order = sorted(
+            (s for s in range(cache_rows) if s not in hit_slots), key=lambda s: (score[s], s)
+        )
+        evictions = 0
+        for r, s in zip(misses, order):
+            evictions += tags[s] >= 0
+            tags[s] = r
+            score[s] = step if policy == "lru" else 1
+        for s in hit_slots:
+            score[s] = step if policy == "lru" else score[s] + 1
+        out.append((len(hit_slots), len(misses), evictions))
+    return out
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_cache_counts_follow_the_policy(policy):
+    rng = np.random.default_rng()
+    cache_rows = 2 * SLOTS * NNZ + 2
+    emb = layer(1, False, storage="host_cached", cache_rows=cache_rows, cache_policy=policy)
+    state = emb.init(0)
+    apply = jax.jit(emb.apply)
+    hot = rng.choice(ROWS, 6, replace=False)  # a few rows recur, so there are hits
+    batches = []
+    for _ in range(8):
+        ids, _ = batch(rng, 1, False)
+        ids[rng.random(ids.shape) < 0.4] = rng.choice(hot)
+        batches.append(ids)
+    want = simulate_cache(batches, cache_rows, policy)
+    before = np.zeros(3, np.int64)
+    for ids, expect in zip(batches, want):
+        _, state = apply(state, ids)
+        st = state.stats
+        total = np.array([int(np.sum(x)) for x in (st.cache_hits, st.cache_misses,
+                                                  st.cache_evictions)])
+        # Counters accumulate or report the last call: accept either reading.
+        got = tuple(total - before) if (total >= before).all() and total.sum() > before.sum() \
+            else tuple(total)
+        if tuple(total) == expect:
+            got = expect
+        assert got == expect
+        before = total
+
+
+# ------------------------------------------------------------ refusals
+
+
+def test_lookups_without_updates_are_skipped_and_counted():
+    """More rows enter the cache than one update syncs: the update skips the
+    rows whose slots it could not bring in, counts them, and check_stats
+    raises; the rows it skipped keep their values."""
+    rng = np.random.default_rng()
+    cache_rows = 40
+    emb = layer(1, False, storage="host_cached", cache_rows=cache_rows)
+    opt = optim.adagrad(0.1)
+    state = emb.init(0)
+    opt_state = emb.init_optimizer(opt, state)
+    lookup = jax.jit(emb.lookup)
+    ctx = None
+    for k in range(4):  # 4 disjoint sets of 6 rows; one update syncs 2 x 6 positions
+        ids = np.arange(6 * k, 6 * k + 6, dtype=np.int32).reshape(1, SLOTS, NNZ)
+        out, ctx, state = lookup(state, ids)
+    before = np.asarray(emb.export_pairs(state)[1])
+    g = rng.normal(size=(1, SLOTS, D)).astype(np.float32)
+    state, opt_state = jax.jit(lambda s, o, c, g: emb.sparse_update(s, opt, o, c, g))(
+        state, opt_state, ctx, g
+    )
+    skipped = int(np.sum(state.stats.cache_skipped))
+    assert skipped > 0
+    with pytest.raises(sok_jax.EmbeddingError, match="skipped"):
+        sok_jax.check_stats(state)
+    after = np.asarray(emb.export_pairs(state)[1])
+    changed = np.nonzero(np.any(after != before, axis=1))[0]
+    assert len(changed) == 6 - skipped  # the last lookup's rows: updated or skipped
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(storage="disk"), "storage must be one of"),
+        (dict(storage="host_cached"), "needs cache_rows"),
+        (dict(storage="host_cached", cache_rows=0), "positive"),
+        (dict(storage="host_cached", cache_rows=True), "needs cache_rows"),
+        (dict(storage="host_cached", cache_rows=ROWS), "smaller than the rows"),
+        (dict(storage="hbm", cache_rows=8), "cache_rows is for"),
+        (dict(storage="host_cached", cache_rows=8, cache_policy="fifo"), "cache_policy"),
+    ],
+)
+def test_bad_storage_arguments(kw, match):
+    with pytest.raises(ValueError, match=match):
+        layer(1, False, **kw)
+
+
+def test_cache_smaller_than_one_lookup_and_dense_grad_are_refused():
+    emb = layer(1, False, storage="host_cached", cache_rows=4)
+    state = emb.init(0)
+    ids, _ = batch(np.random.default_rng(), 1, False)
+    with pytest.raises(ValueError, match="cache_rows .4. is smaller than"):
+        emb.apply(state, ids)
+    big = layer(1, False, storage="host_cached", cache_rows=40)
+    state = big.init(0)
+    with pytest.raises(ValueError, match="trains through lookup"):
+        jax.grad(lambda s: big.apply(s, ids)[0].sum(), allow_int=True)(state)
+
+
+# ------------------------------------------------------------ collections
+
+
+def collection(specs, n=8, **kw):
+    features = [sok_jax.FeatureSpec(f"f_{t.name}", t.name, 2) for t in specs]
+    return sok_jax.EmbeddingCollection(specs, features, mesh=mesh_of(n), axis_name=AXIS, **kw)
+
+
+def test_collection_with_host_tables_trains_as_in_hbm():
+    """A host_cached table, a host table and an HBM table in one collection
+    compute what the all-HBM collection computes; export and import see the
+    logical tables."""
+    require_devices(8)
+    rng = np.random.default_rng()
+
+    def specs(tiered):
+        extra = [dict(storage="host_cached", cache_rows=20), dict(storage="host"), {}]
+        return [
+            sok_jax.TableSpec(name, 400 + 40 * i, 4 + 4 * i, placement="row",
+                              use_hashtable=(i == 1), **(extra[i] if tiered else {}))
+            for i, name in enumerate(["a", "b", "c"])
+        ]
+
+    ref, got = collection(specs(False)), collection(specs(True))
+    assert [t.storage for t in got.plan.tables] == ["host_cached", "host", "hbm"]
+    opt = optim.adagrad(0.1)
+    s_ref, s = ref.init(1), got.init(1)
+    o_ref, o = ref.init_optimizer(opt, s_ref), got.init_optimizer(opt, s)
+
+    def step(coll):
+        def f(state, opt_state, batch, g):
+            out, ctx, state = coll.lookup(state, batch)
+            state, opt_state = coll.sparse_update(state, opt, opt_state, ctx, g)
+            return out, state, opt_state
+
+        return jax.jit(f)
+
+    for _ in range(4):
+        batch = {
+            f"f_{t}": rng.integers(-1, v, (8, 2)).astype(np.int32)
+            for t, v in (("a", 400), ("b", 1000), ("c", 480))
+        }
+        g = {f"f_{t}": rng.normal(size=(8, d)).astype(np.float32)
+             for t, d in (("a", 4), ("b", 8), ("c", 12))}
+        want, s_ref, o_ref = step(ref)(s_ref, o_ref, batch, g)
+        out, s, o = step(got)(s, o, batch, g)
+        for k in want:
+            np.testing.assert_array_equal(np.asarray(out[k]), np.asarray(want[k]))
+    for t in "abc":
+        a, b = ref.export_pairs(s_ref, t, o_ref), got.export_pairs(s, t, o)
+        np.testing.assert_array_equal(a.keys, b.keys)
+        np.testing.assert_array_equal(a.vectors, b.vectors)
+        for x, y in zip(a.slots, b.slots):
+            np.testing.assert_array_equal(x, y)
+    s2, o2 = got.import_pairs({t: ref.export_pairs(s_ref, t, o_ref) for t in "abc"}, optimizer=opt)
+    for t in "abc":
+        a, b = ref.export_pairs(s_ref, t, o_ref), got.export_pairs(s2, t, o2)
+        np.testing.assert_array_equal(a.vectors, b.vectors)
+        for x, y in zip(a.slots, b.slots):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_planner_offloads_under_an_hbm_budget():
+    """Tables that do not fit the budget move to host memory behind a cache,
+    the one read least per byte first; the plan says so; pinned tables stay."""
+    specs = [
+        sok_jax.TableSpec("hot", 4096, 16, placement="row"),     # read 8 times per sample
+        sok_jax.TableSpec("cold", 65536, 16, placement="row"),   # read once per sample
+        sok_jax.TableSpec("pinned", 65536, 16, placement="row", storage="hbm"),
+    ]
+    features = [sok_jax.FeatureSpec("h", "hot", 8), sok_jax.FeatureSpec("c", "cold", 1),
+                sok_jax.FeatureSpec("p", "pinned", 1)]
+    per_device = lambda rows: rows // 8 * 16 * 4 * 2  # noqa: E731 - table + Adagrad slot
+    total = per_device(4096) + 2 * per_device(65536)
+    coll = sok_jax.EmbeddingCollection(specs, features, mesh=mesh_of(8), axis_name=AXIS,
+                                       batch_size=64, hbm_budget=int(total * 0.7))
+    plan = {t.table: t for t in coll.plan.tables}
+    assert plan["cold"].storage == "host_cached" and plan["cold"].cache_rows < 65536 // 8
+    assert plan["hot"].storage == "hbm" and plan["pinned"].storage == "hbm"
+    assert max(coll.plan.memory_per_device) <= int(total * 0.7)
+    assert "offloaded 'cold'" in str(coll.plan)
+    with pytest.raises(ValueError, match="do not fit"):
+        sok_jax.EmbeddingCollection(specs, features, mesh=mesh_of(8), axis_name=AXIS,
+                                    batch_size=64, hbm_budget=per_device(65536) // 2)
+    with pytest.raises(ValueError, match="placements"):
+        sok_jax.TableSpec("r", 10, 4, placement="replicated", storage="host")

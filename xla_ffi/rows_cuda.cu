@@ -1,0 +1,88 @@
+// CUDA handlers of the row movers. Same targets, arguments and checks
+// (rows_checks.h) as rows_cpu.cc; the kernels are in rows_kernels.cuh.
+#include <cuda/std/cstdint>
+
+#include <cstdint>
+
+#include "common.h"
+#include "cuda_common.cuh"
+#include "rows_checks.h"
+#include "rows_kernels.cuh"
+#include "signatures.h"
+
+namespace sok {
+namespace {
+
+// Calls fn(W{}) with the widest word W that divides the row and every base
+// address: 16 bytes (uint4), 4 or 1.
+template <typename Fn>
+void WithWord(int64_t row_bytes, std::initializer_list<const void*> bases, Fn&& fn) {
+  uintptr_t align = static_cast<uintptr_t>(row_bytes);
+  for (const void* p : bases) align |= reinterpret_cast<uintptr_t>(p);
+  if (align % 16 == 0)
+    fn(uint4{});
+  else if (align % 4 == 0)
+    fn(uint32_t{});
+  else
+    fn(uint8_t{});
+}
+
+ffi::Error GatherImpl(cudaStream_t stream, ffi::AnyBuffer src, ffi::Buffer<ffi::S32> rows,
+                      ffi::Result<ffi::AnyBuffer> out) {
+  RowsShape s;
+  if (auto e = CheckGather(src, rows, *out, &s); e.failure()) return e;
+  if (s.k == 0 || s.row_bytes == 0) return ffi::Error::Success();
+  WithWord(s.row_bytes, {src.untyped_data(), out->untyped_data()}, [&](auto word) {
+    using W = decltype(word);
+    rows_kernels::GatherKernel<W><<<rows_kernels::RowsGrid(s.k), rows_kernels::kBlock, 0,
+                                    stream>>>(
+        static_cast<const W*>(src.untyped_data()), s.table_rows, rows.typed_data(), s.k,
+        s.row_bytes / static_cast<int64_t>(sizeof(W)), static_cast<W*>(out->untyped_data()));
+  });
+  return LastError("sok_rows_gather");
+}
+
+ffi::Error ScatterImpl(cudaStream_t stream, ffi::AnyBuffer dst, ffi::Buffer<ffi::S32> rows,
+                       ffi::AnyBuffer values, ffi::Result<ffi::AnyBuffer> dst_out) {
+  RowsShape s;
+  if (auto e = CheckScatter(dst, rows, values, *dst_out, &s); e.failure()) return e;
+  CopyIfDistinct(stream, dst.untyped_data(), dst_out->untyped_data(), dst.size_bytes());
+  if (s.k == 0 || s.row_bytes == 0) return LastError("sok_rows_scatter");
+  WithWord(s.row_bytes, {dst_out->untyped_data(), values.untyped_data()}, [&](auto word) {
+    using W = decltype(word);
+    rows_kernels::ScatterKernel<W><<<rows_kernels::RowsGrid(s.k), rows_kernels::kBlock, 0,
+                                     stream>>>(
+        static_cast<W*>(dst_out->untyped_data()), s.table_rows, rows.typed_data(), s.k,
+        s.row_bytes / static_cast<int64_t>(sizeof(W)),
+        static_cast<const W*>(values.untyped_data()));
+  });
+  return LastError("sok_rows_scatter");
+}
+
+ffi::Error CopyImpl(cudaStream_t stream, ffi::AnyBuffer dst, ffi::Buffer<ffi::S32> dst_rows,
+                    ffi::AnyBuffer src, ffi::Buffer<ffi::S32> src_rows,
+                    ffi::Result<ffi::AnyBuffer> dst_out) {
+  CopyShape s;
+  if (auto e = CheckCopy(dst, dst_rows, src, src_rows, *dst_out, &s); e.failure()) return e;
+  CopyIfDistinct(stream, dst.untyped_data(), dst_out->untyped_data(), dst.size_bytes());
+  if (s.dst.k == 0 || s.dst.row_bytes == 0) return LastError("sok_rows_copy");
+  WithWord(s.dst.row_bytes, {dst_out->untyped_data(), src.untyped_data()}, [&](auto word) {
+    using W = decltype(word);
+    rows_kernels::CopyKernel<W><<<rows_kernels::RowsGrid(s.dst.k), rows_kernels::kBlock, 0,
+                                  stream>>>(
+        static_cast<W*>(dst_out->untyped_data()), s.dst.table_rows, dst_rows.typed_data(),
+        static_cast<const W*>(src.untyped_data()), s.src_rows, src_rows.typed_data(), s.dst.k,
+        s.dst.row_bytes / static_cast<int64_t>(sizeof(W)));
+  });
+  return LastError("sok_rows_copy");
+}
+
+}  // namespace
+
+SOK_ROWS_TARGETS(SOK_CUDA_HANDLER)
+
+void AppendRowsTargetsCuda(TargetList& out) {
+  out.insert(out.end(), {SOK_ROWS_TARGETS(SOK_CUDA_TARGET)});
+}
+
+}  // namespace sok
