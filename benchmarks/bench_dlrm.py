@@ -55,10 +55,11 @@ import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 
+# common.py beside this file and examples/dlrm_model.py; never the repository
+# root: sok_jax is the installed package, not the checkout's sources.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
-sys.path.insert(1, os.path.dirname(_HERE))  # the repository root, for sok_jax
-sys.path.insert(2, os.path.join(os.path.dirname(_HERE), "examples"))  # dlrm_model
+sys.path.insert(1, os.path.join(os.path.dirname(_HERE), "examples"))
 
 import dlrm_model as dm  # noqa: E402
 import jax  # noqa: E402
