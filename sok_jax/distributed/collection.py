@@ -184,6 +184,7 @@ class EmbeddingCollection:
             key_dtype=first.key_dtype,
             ops=ops,
             online=first.online,
+            key_placement=first.key_placement,
         )
         index = {m.name: i for i, m in enumerate(members) if m is not None}
         lookups = tuple(

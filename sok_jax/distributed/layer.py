@@ -27,6 +27,7 @@ from sok_jax.distributed.online import (
     resolve_seed,
     split_hash_part,
 )
+from sok_jax.distributed.owners import check_key_placement
 from sok_jax.distributed.rows import Member, RowHashRows, RowRows
 from sok_jax.distributed.scores import make_options
 from sok_jax.distributed.state import EmbeddingState, EmbeddingStats, check_stats
@@ -80,6 +81,11 @@ class DistributedEmbedding:
         training lookup that sees it (None: at once).
       hash_options: a `HashOptions` for the rest (sketch size, eviction log,
         scores without eviction); `eviction` and `admit_after` override it.
+      key_placement: hash mode: the device that owns key k: "mod" (SOK's,
+        k % n) or "hashed" (mix(k) % n, `sok_jax.distributed.key_owner`),
+        which spreads keys with a common stride (e.g. all multiples of n)
+        that "mod" piles onto one device's shard. Direct mode takes "mod"
+        only.
     """
 
     def __init__(
@@ -103,9 +109,11 @@ class DistributedEmbedding:
         eviction: str | None = None,
         admit_after: int | None = None,
         hash_options=None,
+        key_placement: str = "mod",
     ):
         embed_ops.combiner_code(combiner)
         online = make_options(eviction, admit_after, hash_options, bool(use_hashtable))
+        self.key_placement = check_key_placement(key_placement, bool(use_hashtable))
         for name, v in (
             ("max_vocabulary_size_per_gpu", max_vocabulary_size_per_gpu),
             ("embedding_vec_size", embedding_vec_size),
@@ -151,6 +159,7 @@ class DistributedEmbedding:
             key_dtype=self.key_dtype,
             ops=ops,
             online=online,
+            key_placement=self.key_placement,
         )
         self.online = online
         self._rows = strategy
