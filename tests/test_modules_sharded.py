@@ -126,6 +126,50 @@ def test_nnx_sparse_step_equals_the_layers_own(kind):
 
 
 @pytest.mark.parametrize("kind", ["layer", "collection"])
+def test_nnx_module_state_split_off_and_donated(kind):
+    """A module built from a given state (`state=`) holds it; its state split
+    off by `nnx.split` runs a jitted step with `state_shardings()` as in/out
+    shardings, donated, and trains as the layer's own step; `set_state`
+    replaces the layer's state and keeps the slots."""
+    require_devices(N)
+    layer = _layers()[kind]
+    ids = _batch(kind, np.random.default_rng())
+    opt = sok_jax.optim.adagrad(0.2)
+    start = layer.init(9)
+    module = sok_jax.flax.ShardedEmbedding(layer, state=start, optimizer=opt)
+    graphdef, state = nnx.split(module)
+    shardings = module.state_shardings()
+    assert jax.tree.structure(shardings) == jax.tree.structure(state)
+
+    def step(state, ids):
+        m = nnx.merge(graphdef, state)
+        outs, ctx = m.lookup(ids)
+        m.sparse_update(ctx, jax.tree.map(jnp.ones_like, outs))
+        return nnx.state(m)
+
+    jitted = jax.jit(
+        step, in_shardings=(shardings, None), out_shardings=shardings, donate_argnums=(0,)
+    )
+    new = jitted(state, ids)
+    assert all(x.is_deleted() for x in jax.tree.leaves(state) if x.ndim == 2)  # tables, slots
+    for x, sh in zip(jax.tree.leaves(new), jax.tree.leaves(shardings)):
+        assert x.sharding.is_equivalent_to(sh, x.ndim)
+    want = layer.init(9)
+    outs, ctx, want = layer.lookup(want, ids)
+    want, want_slots = layer.sparse_update(
+        want, opt, layer.init_optimizer(opt, want), ctx, jax.tree.map(jnp.ones_like, outs)
+    )
+    got = nnx.merge(graphdef, new)
+    got_slots = nnx.state(got, sok_jax.flax.EmbeddingSlots)
+    for a, b in zip(jax.tree.leaves((got.state, got_slots)), jax.tree.leaves((want, want_slots))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    other = layer.init(1)
+    got.set_state(other)
+    assert jax.tree.leaves(got.state)[0] is jax.tree.leaves(other)[0]
+    assert jax.tree.leaves(nnx.state(got, sok_jax.flax.EmbeddingSlots))
+
+
+@pytest.mark.parametrize("kind", ["layer", "collection"])
 def test_linen_module_computes_the_layer(kind):
     require_devices(N)
     layer = _layers()[kind]
