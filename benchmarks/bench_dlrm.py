@@ -55,10 +55,11 @@ import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 
+# common.py beside this file and examples/dlrm_model.py; never the repository
+# root: sok_jax is the installed package, not the checkout's sources.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
-sys.path.insert(1, os.path.dirname(_HERE))  # the repository root, for sok_jax
-sys.path.insert(2, os.path.join(os.path.dirname(_HERE), "examples"))  # dlrm_model
+sys.path.insert(1, os.path.join(os.path.dirname(_HERE), "examples"))
 
 import dlrm_model as dm  # noqa: E402
 import jax  # noqa: E402
@@ -177,11 +178,11 @@ class SokModel:
 
     def init_state(self, seed):
         t0 = time.perf_counter()
-        emb, emb_opt = self.embed.init(seed)
-        jax.block_until_ready((emb, emb_opt))
+        emb = self.embed.init(seed)  # the ShardedEmbedding module's state
+        jax.block_until_ready(emb)
         dense_opt = jax.device_put(self.dense_tx.init(self.params), self.repl)
         params = jax.tree.map(lambda x: jnp.array(x, copy=True), self.params)
-        return dm.TrainState(params, dense_opt, emb, emb_opt), time.perf_counter() - t0
+        return dm.TrainState(params, dense_opt, emb), time.perf_counter() - t0
 
     def whole_step(self):
         train = dm.make_train_step(self.graphdef, self.embed, self.dense_tx)
@@ -196,8 +197,8 @@ class SokModel:
         emb_step = dm.make_embedding_step(self.embed)
 
         def step(state, sparse, d_pooled):
-            emb, emb_opt = emb_step(state.emb, state.emb_opt, sparse, d_pooled)
-            return state._replace(emb=emb, emb_opt=emb_opt), emb_opt.count
+            emb = emb_step(state.emb, sparse, d_pooled)
+            return state._replace(emb=emb), self.embed.dropped(self.embed.module(emb))
 
         return jax.jit(step, donate_argnums=(0,))
 

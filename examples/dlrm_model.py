@@ -13,13 +13,18 @@ embeddings [B, 26, D] as an input and never see a table.
 
 * `TableEmbedding`: every sparse feature in one `sok_jax.DistributedEmbedding`
   (SOK's one shared table, feature k's ids offset by the rows of the features
-  before it), trained with the sparse path (`lookup` + `sparse_update`).
+  before it); `CollectionEmbedding`: one table per feature in a
+  `sok_jax.EmbeddingCollection`. Both drive their layer through the NNX
+  module `sok_jax.flax.ShardedEmbedding` (its variables hold the tables and
+  the optimizer slots), trained with the sparse path (`lookup` +
+  `sparse_update`).
 * `make_train_step`: one jitted, donating training step of both halves.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple, Sequence
 
@@ -32,6 +37,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sok_jax
+import sok_jax.flax
 from sok_jax import initializers
 from sok_jax._compat import shard_map
 from sok_jax.data import SparseFeature
@@ -173,11 +179,77 @@ def pack_width(nnzs: Sequence[int], dim: int, *, fused_update: bool = True) -> i
     return min(costs, key=lambda p: (costs[p], p))
 
 
-class TableEmbedding:
+class _ShardedSide:
+    """What both embedding sides share: the layer is driven through the NNX
+    module `sok_jax.flax.ShardedEmbedding`, whose variables hold its tables
+    (`EmbeddingTables`) and the sparse optimizer's slots (`EmbeddingSlots`).
+    `init` builds the module and splits its state off (`nnx.State`,
+    jax.Arrays only): what a step carries and donates. Inside the step
+    `module(state)` merges it with the module's `graphdef` (no copy: the
+    same arrays) and `state_of(module)` gives the updated state back. Any
+    state of the same layout merges (bench_dlrm's multi-hot side trains the
+    state its one-hot side made).
+
+    A subclass sets `layer` (the sharded layer) and `optimizer`, and says how
+    a batch's sparse features become the layer's ids (`_ids`), how the
+    layer's outputs become [B, F, D] (`_pool`) and the way back (`_unpool`)."""
+
+    @functools.cached_property
+    def graphdef(self):
+        """The module's structure (its layer and optimizer), from an abstract
+        build: no array is made."""
+
+        def build():
+            return sok_jax.flax.ShardedEmbedding(self.layer, optimizer=self.optimizer)
+
+        return nnx.split(nnx.eval_shape(build))[0]
+
+    def initial_state(self, seed):
+        """The layer's state at `seed` (default `layer.init`)."""
+        return self.layer.init(seed)
+
+    def init(self, seed):
+        """The module's state (tables and optimizer slots, sharded over the
+        axis) at `seed`."""
+        module = sok_jax.flax.ShardedEmbedding(
+            self.layer, optimizer=self.optimizer, state=self.initial_state(seed)
+        )
+        return nnx.state(module)
+
+    def module(self, state) -> sok_jax.flax.ShardedEmbedding:
+        """The module holding `state` (a state `init` made, or a step gave)."""
+        return nnx.merge(self.graphdef, state)
+
+    @staticmethod
+    def state_of(module):
+        return nnx.state(module)
+
+    def shardings(self, state):
+        """NamedShardings of the module's state, for jit."""
+        return self.module(state).state_shardings()
+
+    def lookup(self, module, sparse: dict):
+        """The sparse training path: (pooled [B, F, D], ctx); the module holds
+        the state after the lookup (hash tables: keys inserted)."""
+        out, ctx = module.lookup(self._ids(sparse))
+        return self._pool(out), ctx
+
+    def update(self, module, ctx, d_pooled):
+        """Applies the optimizer to the rows the batch touched, in place in
+        the module (donate its state in the step). `d_pooled`: d loss / d
+        pooled."""
+        module.sparse_update(ctx, self._unpool(d_pooled))
+
+    def apply(self, module, sparse: dict, *, training: bool = False):
+        """Pooled [B, F, D] (evaluation: no insertion, no update)."""
+        return self._pool(module(self._ids(sparse), training=training))
+
+
+class TableEmbedding(_ShardedSide):
     """The embedding side of the model: every sparse feature in one
     `sok_jax.DistributedEmbedding` (SOK's one shared table), row-sharded
     over `axis_name` (key k on device k % n), direct mode, sum combiner,
-    trained with the sparse path.
+    trained with the sparse path through `sok_jax.flax.ShardedEmbedding`.
 
     Feature k owns rows [offset_k, offset_k + rows_k) of the table. Its ids
     [B, nnz_k] are packed into ceil(nnz_k / P) lookup slots of P ids
@@ -187,12 +259,8 @@ class TableEmbedding:
     backward kernel (sgd, adagrad, adam, ftrl; not row-wise Adagrad), which
     `pack_width` weighs.
 
-    The interface (`init`, `lookup`, `update`, `apply`, `plan`) is what a
-    many-tables collection offers with one table per feature; switching to
-    `sok_jax.EmbeddingCollection` means building it from
-    `TableSpec(f.name, f.cardinality, dim, combiner="sum")` and
-    `FeatureSpec(f.name, f.name, f.nnz)` per feature, and in `lookup`
-    stacking `outs[f.name]` over the features (no offsets, no packing).
+    The interface (`init`, `module`, `lookup`, `update`, `apply`, `plan`) is
+    `CollectionEmbedding`'s, which holds one table per feature.
     """
 
     def __init__(
@@ -269,17 +337,10 @@ class TableEmbedding:
         seed_data = jax.device_put(key_data, NamedSharding(self.mesh, P()))
         return sok_jax.EmbeddingState(table, None, seed_data, stats)
 
-    def init(self, seed):
-        """(table state, optimizer state), both sharded over the axis."""
-        state = self.init_table(seed)
-        return state, self.layer.init_optimizer(self.optimizer, state)
-
-    def shardings(self, opt_state):
-        """NamedShardings of (state, optimizer state), for jit."""
-        return self.layer.state_shardings(), self.layer.optimizer_shardings(opt_state)
+    initial_state = init_table  # the module starts from the chunked init
 
     # ------------------------------------------------------------- the batch
-    def ids(self, sparse: dict):
+    def _ids(self, sparse: dict):
         """{feature: ids [B, nnz]} -> the layer's int32 [B, slots, P] (global
         row ids, -1 padding)."""
         parts = []
@@ -315,28 +376,16 @@ class TableEmbedding:
         ]
         return jnp.concatenate(parts, axis=1)
 
-    def lookup(self, state, sparse: dict):
-        """The sparse training path: (pooled [B, F, D], ctx, new_state)."""
-        out, ctx, state = self.layer.lookup(state, self.ids(sparse))
-        return self._pool(out), ctx, state
-
-    def update(self, state, opt_state, ctx, d_pooled):
-        """Applies the optimizer to the rows the batch touched, in place
-        (donate `state` and `opt_state`). `d_pooled`: d loss / d pooled."""
-        return self.layer.sparse_update(
-            state, self.optimizer, opt_state, ctx, self._unpool(d_pooled)
-        )
-
-    def apply(self, state, sparse: dict, *, training: bool = False):
-        """(pooled [B, F, D], new_state), differentiable w.r.t. `state.table`
-        (the dense-compatible path, and evaluation)."""
-        out, state = self.layer.apply(state, self.ids(sparse), training=training)
+    def apply_table(self, state, sparse: dict, *, training: bool = False):
+        """(pooled [B, F, D], new_state) of the layer's own state,
+        differentiable w.r.t. `state.table` (the dense-compatible path)."""
+        out, state = self.layer.apply(state, self._ids(sparse), training=training)
         return self._pool(out), state
 
     @staticmethod
-    def dropped(state):
+    def dropped(module):
         """Ids dropped since init (the counters accumulate), over every device."""
-        return state.stats.total()
+        return module.state.stats.total()
 
     # ----------------------------------------------------------- inspection
     def slot_bytes(self) -> int:
@@ -381,12 +430,13 @@ class TableEmbedding:
         return "\n".join(lines)
 
 
-class CollectionEmbedding:
+class CollectionEmbedding(_ShardedSide):
     """The embedding side as `sok_jax.EmbeddingCollection`: one table per
     feature (its own cardinality, sum combiner), placed by the planner
-    (`plan()` prints its choices), trained with the sparse path. The same
-    interface as `TableEmbedding`, whose one shared table with per-feature
-    key offsets is SOK v1's form of the same work."""
+    (`plan()` prints its choices), trained with the sparse path through
+    `sok_jax.flax.ShardedEmbedding`. The same interface as `TableEmbedding`,
+    whose one shared table with per-feature key offsets is SOK v1's form of
+    the same work."""
 
     def __init__(
         self,
@@ -419,39 +469,22 @@ class CollectionEmbedding:
             optimizer=optimizer,
             check=check,
         )
-
-    def init(self, seed):
-        """(collection state, optimizer state), both sharded over the axis."""
-        state = self.collection.init(seed)
-        return state, self.collection.init_optimizer(self.optimizer, state)
-
-    def shardings(self, opt_state):
-        return self.collection.state_shardings(), self.collection.optimizer_shardings(opt_state)
-
-    def _stack(self, outs):
-        return jnp.stack([outs[f.name] for f in self.features], axis=1)
+        self.layer = self.collection
 
     def _ids(self, sparse):
         return {f.name: jnp.asarray(sparse[f.name]).astype(jnp.int32) for f in self.features}
 
-    def lookup(self, state, sparse: dict):
-        """The sparse training path: (pooled [B, F, D], ctx, new_state)."""
-        outs, ctx, state = self.collection.lookup(state, self._ids(sparse))
-        return self._stack(outs), ctx, state
+    def _pool(self, outs):
+        return jnp.stack([outs[f.name] for f in self.features], axis=1)
 
-    def update(self, state, opt_state, ctx, d_pooled):
-        d = {f.name: d_pooled[:, k] for k, f in enumerate(self.features)}
-        return self.collection.sparse_update(state, self.optimizer, opt_state, ctx, d)
-
-    def apply(self, state, sparse: dict, *, training: bool = False):
-        outs, state = self.collection.apply(state, self._ids(sparse), training=training)
-        return self._stack(outs), state
+    def _unpool(self, d_pooled):
+        return {f.name: d_pooled[:, k] for k, f in enumerate(self.features)}
 
     @staticmethod
-    def dropped(state):
+    def dropped(module):
         """Ids dropped since init (the counters accumulate), over every table
         and device."""
-        return sum(s.total() for s in state.stats.values())
+        return sum(s.total() for s in module.state.stats.values())
 
     def plan(self, optimizer_name: str = "") -> str:
         ids = sum(f.nnz for f in self.features)
@@ -465,79 +498,89 @@ class CollectionEmbedding:
 # ------------------------------------------------------------------ steps
 class TrainState(NamedTuple):
     """Everything a step updates (donated): the dense parameters and their
-    optax state, the table state and the table's optimizer state."""
+    optax state, the embedding module's state (`nnx.State`: its tables and
+    sparse optimizer slots) and, on the dense-compatible path only, the
+    table's optax state (None on the sparse path)."""
 
     params: Any
     dense_opt: Any
     emb: Any
-    emb_opt: Any
+    table_opt: Any = None
 
 
 def bce(logits, labels):
     return optax.sigmoid_binary_cross_entropy(logits, labels).mean()
 
 
-def make_train_step(graphdef, embed: TableEmbedding, dense_tx, *, table_tx=None):
+def make_train_step(graphdef, embed: _ShardedSide, dense_tx, *, table_tx=None):
     """`step(state: TrainState, batch) -> (state, loss, keys dropped so far)`.
 
-    Sparse path (table_tx None): the lookup gives the pooled vectors without
-    a table gradient; the loss is differentiated w.r.t. the dense parameters
-    and the pooled vectors; the optimizer updates the touched rows in place.
-    `table_tx` (an optax optimizer): the dense-compatible path instead,
+    Sparse path (table_tx None): the embedding module's lookup gives the
+    pooled vectors without a table gradient; the loss is differentiated
+    w.r.t. the dense parameters and the pooled vectors; the module's
+    optimizer updates the touched rows in place. `table_tx` (an optax
+    optimizer; one-table form only): the dense-compatible path instead,
     jax.grad w.r.t. the whole table (O(table) per step)."""
 
     def apply_model(params, dense, pooled):
         return nnx.merge(graphdef, params)(dense, pooled)
 
     def step(state: TrainState, batch):
+        emb = embed.module(state.emb)
+        table_opt = state.table_opt
         if table_tx is None:
-            pooled, ctx, emb = embed.lookup(state.emb, batch.sparse)
+            pooled, ctx = embed.lookup(emb, batch.sparse)
             loss, (g_params, g_pooled) = jax.value_and_grad(
                 lambda p, e: bce(apply_model(p, batch.dense, e), batch.labels), (0, 1)
             )(state.params, pooled)
             # Touched rows only, summed on their owners, updated in place.
-            emb, emb_opt = embed.update(emb, state.emb_opt, ctx, g_pooled)
+            embed.update(emb, ctx, g_pooled)
         else:
+            tables = emb.state
 
             def loss_fn(params, table):
-                pooled, new = embed.apply(
-                    dataclasses.replace(state.emb, table=table), batch.sparse, training=True
+                pooled, new = embed.apply_table(
+                    dataclasses.replace(tables, table=table), batch.sparse, training=True
                 )
                 return bce(apply_model(params, batch.dense, pooled), batch.labels), new.stats
 
             (loss, stats), (g_params, g_table) = jax.value_and_grad(loss_fn, (0, 1), has_aux=True)(
-                state.params, state.emb.table
+                state.params, tables.table
             )
-            upd, emb_opt = table_tx.update(g_table, state.emb_opt, state.emb.table)
-            table = optax.apply_updates(state.emb.table, upd)
-            emb = dataclasses.replace(state.emb, table=table, stats=stats)
+            upd, table_opt = table_tx.update(g_table, table_opt, tables.table)
+            table = optax.apply_updates(tables.table, upd)
+            emb.set_state(dataclasses.replace(tables, table=table, stats=stats))
         # Replicated parameters + a sharded batch: XLA all-reduces g_params.
         upd, dense_opt = dense_tx.update(g_params, state.dense_opt, state.params)
         params = optax.apply_updates(state.params, upd)
-        return TrainState(params, dense_opt, emb, emb_opt), loss, embed.dropped(emb)
+        new = TrainState(params, dense_opt, embed.state_of(emb), table_opt)
+        return new, loss, embed.dropped(emb)
 
     return step
 
 
-def make_predict(graphdef, embed: TableEmbedding):
-    """`predict(params, emb_state, batch) -> logits [B]` (no insertion, no update)."""
+def make_predict(graphdef, embed: _ShardedSide):
+    """`predict(params, emb_state, batch) -> logits [B]` (no insertion, no
+    update); `emb_state` is `TrainState.emb`."""
 
     def predict(params, emb_state, batch):
-        pooled, _ = embed.apply(emb_state, batch.sparse, training=False)
+        pooled = embed.apply(embed.module(emb_state), batch.sparse, training=False)
         return nnx.merge(graphdef, params)(batch.dense, pooled)
 
     return predict
 
 
 # --------------------------------------------- sub-steps (the time split)
-def make_embedding_step(embed: TableEmbedding):
+def make_embedding_step(embed: _ShardedSide):
     """The embedding half of a step: lookup + sparse update with a given
-    cotangent of the pooled vectors. `(emb, emb_opt, sparse, d_pooled) ->
-    (emb, emb_opt)`; donate the first two."""
+    cotangent of the pooled vectors. `(emb, sparse, d_pooled) -> emb` on the
+    module's state (`TrainState.emb`); donate it."""
 
-    def step(emb, emb_opt, sparse, d_pooled):
-        _, ctx, emb = embed.lookup(emb, sparse)
-        return embed.update(emb, emb_opt, ctx, d_pooled)
+    def step(emb, sparse, d_pooled):
+        module = embed.module(emb)
+        _, ctx = embed.lookup(module, sparse)
+        embed.update(module, ctx, d_pooled)
+        return embed.state_of(module)
 
     return step
 

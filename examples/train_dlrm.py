@@ -20,8 +20,10 @@ Two models (the dense halves are flax NNX, `examples/dlrm_model.py`):
 The embedding side is a `sok_jax.EmbeddingCollection` with one table per
 feature, placed by its planner (printed at start; `CollectionEmbedding`), or
 with `--embedding one-table` SOK v1's one `DistributedEmbedding` holding
-every feature's rows at per-feature offsets (`TableEmbedding`), trained with
-the sparse path inside one jitted step that donates all state. The data is `sok_jax.data.SyntheticCriteo`,
+every feature's rows at per-feature offsets (`TableEmbedding`), either
+driven through the NNX module `sok_jax.flax.ShardedEmbedding` (its variables
+hold the tables and optimizer slots) and trained with the sparse path inside
+one jitted step that donates all state. The data is `sok_jax.data.SyntheticCriteo`,
 generated inside that step from the step number (power-law ids, lognormal
 dense features, labels from a planted model whose AUC is printed beside the
 trained one), or the preprocessed NumPy Criteo files with `--criteo-dir`.
@@ -276,14 +278,14 @@ def time_split(args, step, state, loader, embed, graphdef, dense_tx, put):
     res = {"whole": median_time(whole, calls), "data": t_data}
     state = box.pop("state")
 
-    emb_step = jax.jit(dm.make_embedding_step(embed), donate_argnums=(0, 1))
+    emb_step = jax.jit(dm.make_embedding_step(embed), donate_argnums=(0,))
     shape = (args.batch_size, len(embed.features), embed.dim)
     d_pooled = put(jax.random.normal(jax.random.key(1), shape, jnp.float32) * 1e-4)
-    emb_box = [state.emb, state.emb_opt]
+    emb_box = [state.emb]
 
     def emb_call():
-        emb_box[0], emb_box[1] = emb_step(emb_box[0], emb_box[1], batch.sparse, d_pooled)
-        return emb_box[1]
+        emb_box[0] = emb_step(emb_box[0], batch.sparse, d_pooled)
+        return emb_box[0]
 
     res["embedding"] = median_time(emb_call, calls)
 
@@ -453,23 +455,21 @@ def main(argv=None):
     print(embed.plan(args.optimizer))
 
     t0 = time.perf_counter()
+    emb_state = embed.init(args.seed)  # the ShardedEmbedding module's state
+    emb_sh = embed.shardings(emb_state)
+    table_opt = opt_sh = None
     if args.dense_path:
-        emb_state = embed.init_table(args.seed)
-        emb_opt = jax.jit(table_tx.init)(emb_state.table)
-        emb_sh = embed.layer.state_shardings()
+        table = embed.module(emb_state).state.table
+        table_opt = jax.jit(table_tx.init)(table)
         opt_sh = jax.tree.map(
-            lambda x: embed.layer.table_sharding if x.shape == emb_state.table.shape else repl,
-            emb_opt,
+            lambda x: embed.layer.table_sharding if x.shape == table.shape else repl, table_opt
         )
-    else:
-        emb_state, emb_opt = embed.init(args.seed)
-        emb_sh, opt_sh = embed.shardings(emb_opt)
-    jax.block_until_ready((emb_state, emb_opt))
+    jax.block_until_ready((emb_state, table_opt))
     print(f"table initialized on the device(s) in {time.perf_counter() - t0:.1f}s")
 
     params = jax.device_put(params, repl)
     dense_opt = jax.device_put(dense_tx.init(params), repl)
-    state = dm.TrainState(params, dense_opt, emb_state, emb_opt)
+    state = dm.TrainState(params, dense_opt, emb_state, table_opt)
     state_sh = dm.TrainState(
         jax.tree.map(lambda _: repl, params),
         jax.tree.map(lambda _: repl, dense_opt),

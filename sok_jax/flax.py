@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -186,12 +187,21 @@ class ShardedEmbedding(nnx.Module):
     lookup takes `training`, True by default as the layer's own methods (and
     SOK's): a hash table inserts, admits, evicts and stamps scores; evaluate
     with `training=False`, which only looks up.
+
+    Args:
+      layer: the sharded layer.
+      seed: its `init` seed.
+      optimizer: the sparse optimizer of `sparse_update`, or None.
+      state: the layer's state to start from instead of `layer.init(seed)`
+        (an `import_pairs` result, a checkpoint, a table initialized by your
+        own program); the optimizer state starts fresh for it.
     """
 
-    def __init__(self, layer, *, seed=0, optimizer=None):
+    def __init__(self, layer, *, seed=0, optimizer=None, state=None):
         self.layer = layer
         self.optimizer = optimizer
-        state = layer.init(seed)
+        if state is None:
+            state = layer.init(seed)
         self.tables = EmbeddingTables(state)
         self.slots = EmbeddingSlots(
             layer.init_optimizer(optimizer, state) if optimizer is not None else None
@@ -226,10 +236,34 @@ class ShardedEmbedding(nnx.Module):
         """The layer's state (for `export_pairs`, `check_stats`, ...)."""
         return _value(self.tables)
 
+    def set_state(self, state) -> None:
+        """Replaces the layer's state (with one the layer's own methods
+        returned, e.g. `apply` differentiated w.r.t. the table; the
+        optimizer state stays)."""
+        _assign(self.tables, state)
+
     def check(self) -> None:
         """`sok_jax.check_stats` of the state (its counters accumulate from
         init)."""
         check_stats(_value(self.tables))
+
+    def state_shardings(self):
+        """The NamedShardings of `nnx.state(self)`, the same tree with a
+        sharding for each array (the layer's `state_shardings()` and
+        `optimizer_shardings`): jit's in/out_shardings of a step that carries
+        the module's state split off (`nnx.split`) and donates it."""
+        tables = self.layer.state_shardings()
+        slots = _value(self.slots)
+        slots = None if slots is None else self.layer.optimizer_shardings(slots)
+
+        def sharding_of(var):
+            return var.replace(tables if isinstance(var, EmbeddingTables) else slots)
+
+        return jax.tree.map(
+            sharding_of,
+            nnx.state(self),
+            is_leaf=lambda x: isinstance(x, (EmbeddingTables, EmbeddingSlots)),
+        )
 
 
 class ShardedEmbed(nn.Module):

@@ -57,3 +57,52 @@ def test_bench_dlrm_every_step_runs(tmp_path):
     statuses = {r["name"]: r["status"] for r in result["results"]}
     assert "sok one-hot whole step" in statuses and "sok multi-hot whole step" in statuses
     assert all(s == "ok" for s in statuses.values()), statuses
+
+
+# Run in a child: each script that edits sys.path, as `python script --help`
+# runs it (its own folder first on sys.path), must leave the installed
+# sok_jax (the first on PYTHONPATH) as the one imported: never the checkout.
+_PATH_PROBE = r"""
+import json, os, runpy, sys
+site, scripts = sys.argv[1], sys.argv[2:]
+bad = {}
+for script in scripts:
+    saved = list(sys.path)
+    sys.path.insert(0, os.path.dirname(script))
+    sys.argv = [script, "--help"]
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit:
+        pass
+    first = next(p for p in sys.path if os.path.isdir(os.path.join(p or ".", "sok_jax")))
+    loaded = os.path.dirname(os.path.dirname(sys.modules["sok_jax"].__file__))
+    if first != site or loaded != site:
+        bad[script] = [first, loaded]
+    sys.path[:] = saved
+print(json.dumps(bad))
+"""
+
+
+def test_scripts_import_the_installed_sok_jax(tmp_path):
+    """The scripts put only their own (or a sibling) folder on sys.path: from
+    a build installed elsewhere, they import that build, not the checkout's
+    uncompiled sources."""
+    import sok_jax
+
+    repo = os.path.dirname(BENCHMARKS)
+    scripts = [
+        os.path.join(repo, folder, name)
+        for folder in ("benchmarks", "examples", "tools")
+        for name in sorted(os.listdir(os.path.join(repo, folder)))
+        if name.endswith(".py")
+        and "sys.path" in open(os.path.join(repo, folder, name)).read()
+    ]
+    assert len(scripts) >= 5, scripts
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sok_jax").symlink_to(os.path.dirname(os.path.abspath(sok_jax.__file__)))
+    env = child_env(1)
+    env["PYTHONPATH"] = str(site)
+    cmd = [sys.executable, "-c", _PATH_PROBE, str(site), *scripts]
+    proc = run_checked(cmd, env, cwd=tmp_path, timeout=300)
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {}

@@ -144,7 +144,8 @@ def data_sizes():
 
 
 def test_table_embedding_init_and_pooled_lookup():
-    """The chunked table init is `layer.init` (the same vectors), and the
+    """The chunked table init is `layer.init` (the same vectors), the
+    embedding side's `sok_jax.flax.ShardedEmbedding` starts from it, and the
     pooled lookup of packed multi-hot bags is the sum of each bag's rows."""
     pytest.importorskip("flax")
     pytest.importorskip("optax")
@@ -174,12 +175,15 @@ def test_table_embedding_init_and_pooled_lookup():
     state = embed.init_table(7)
     ref = embed.layer.init(7)
     np.testing.assert_array_equal(np.asarray(state.table), np.asarray(ref.table))
+    emb = embed.init(7)
+    module = embed.module(emb)
+    np.testing.assert_array_equal(np.asarray(module.state.table), np.asarray(ref.table))
 
     rng = np.random.default_rng(0)
     n = 2 * len(jax.devices())
     sparse = {f.name: rng.integers(0, f.cardinality, (n, f.nnz)).astype(np.int32) for f in feats}
     sparse["c"][0, 3:] = -1  # a shorter bag
-    pooled, _ = jax.jit(lambda s, b: embed.apply(s, b))(state, sparse)
+    pooled = jax.jit(lambda e, b: embed.apply(embed.module(e), b))(emb, sparse)
     table = embed.layer.logical_rows(state, np.arange(embed.total_rows))
     for k, (f, off) in enumerate(zip(feats, embed.offsets)):
         ids = sparse[f.name]

@@ -1,7 +1,8 @@
 """The sharded layers as modules: `sok_jax.flax.ShardedEmbedding` (NNX),
 `sok_jax.flax.ShardedEmbed` (linen) and `sok_jax.haiku.ShardedEmbed`, over
-`DistributedEmbedding` and `EmbeddingCollection`, on 8 host devices. Each
-computes what the layer computes on the same state (the layer is the
+`DistributedEmbedding` and `EmbeddingCollection`, on 8 host devices (the
+haiku test skips where haiku is not installed; the others need only flax).
+Each computes what the layer computes on the same state (the layer is the
 oracle here; the layer's own oracles are in test_distributed and
 test_collection), and the NNX sparse step in one jitted function trains the
 tables exactly as the layer's own step does."""
@@ -16,7 +17,6 @@ from devices import AXIS, mesh_of, require_devices
 
 import sok_jax
 import sok_jax.flax
-import sok_jax.haiku
 
 optax = pytest.importorskip("optax")
 nnx = pytest.importorskip("flax.nnx")
@@ -126,12 +126,55 @@ def test_nnx_sparse_step_equals_the_layers_own(kind):
 
 
 @pytest.mark.parametrize("kind", ["layer", "collection"])
-def test_linen_and_haiku_modules_compute_the_layer(kind):
+def test_nnx_module_state_split_off_and_donated(kind):
+    """A module built from a given state (`state=`) holds it; its state split
+    off by `nnx.split` runs a jitted step with `state_shardings()` as in/out
+    shardings, donated, and trains as the layer's own step; `set_state`
+    replaces the layer's state and keeps the slots."""
     require_devices(N)
-    hk = pytest.importorskip("haiku")
     layer = _layers()[kind]
     ids = _batch(kind, np.random.default_rng())
-    want, want_state = layer.apply(layer.init(3), ids)
+    opt = sok_jax.optim.adagrad(0.2)
+    start = layer.init(9)
+    module = sok_jax.flax.ShardedEmbedding(layer, state=start, optimizer=opt)
+    graphdef, state = nnx.split(module)
+    shardings = module.state_shardings()
+    assert jax.tree.structure(shardings) == jax.tree.structure(state)
+
+    def step(state, ids):
+        m = nnx.merge(graphdef, state)
+        outs, ctx = m.lookup(ids)
+        m.sparse_update(ctx, jax.tree.map(jnp.ones_like, outs))
+        return nnx.state(m)
+
+    jitted = jax.jit(
+        step, in_shardings=(shardings, None), out_shardings=shardings, donate_argnums=(0,)
+    )
+    new = jitted(state, ids)
+    assert all(x.is_deleted() for x in jax.tree.leaves(state) if x.ndim == 2)  # tables, slots
+    for x, sh in zip(jax.tree.leaves(new), jax.tree.leaves(shardings)):
+        assert x.sharding.is_equivalent_to(sh, x.ndim)
+    want = layer.init(9)
+    outs, ctx, want = layer.lookup(want, ids)
+    want, want_slots = layer.sparse_update(
+        want, opt, layer.init_optimizer(opt, want), ctx, jax.tree.map(jnp.ones_like, outs)
+    )
+    got = nnx.merge(graphdef, new)
+    got_slots = nnx.state(got, sok_jax.flax.EmbeddingSlots)
+    for a, b in zip(jax.tree.leaves((got.state, got_slots)), jax.tree.leaves((want, want_slots))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    other = layer.init(1)
+    got.set_state(other)
+    assert jax.tree.leaves(got.state)[0] is jax.tree.leaves(other)[0]
+    assert jax.tree.leaves(nnx.state(got, sok_jax.flax.EmbeddingSlots))
+
+
+@pytest.mark.parametrize("kind", ["layer", "collection"])
+def test_linen_module_computes_the_layer(kind):
+    require_devices(N)
+    layer = _layers()[kind]
+    ids = _batch(kind, np.random.default_rng())
+    want, _ = layer.apply(layer.init(3), ids)
 
     linen = sok_jax.flax.ShardedEmbed(layer, seed=3)
     variables = linen.init(jax.random.key(0), ids)
@@ -151,6 +194,17 @@ def test_linen_and_haiku_modules_compute_the_layer(kind):
         np.array_equal(np.asarray(a), np.asarray(b))
         for a, b in zip(jax.tree.leaves(st2), jax.tree.leaves(st))
     )
+
+
+@pytest.mark.parametrize("kind", ["layer", "collection"])
+def test_haiku_module_computes_the_layer(kind):
+    require_devices(N)
+    hk = pytest.importorskip("haiku")
+    import sok_jax.haiku
+
+    layer = _layers()[kind]
+    ids = _batch(kind, np.random.default_rng())
+    want, want_state = layer.apply(layer.init(3), ids)
 
     f = hk.transform_with_state(lambda ids: sok_jax.haiku.ShardedEmbed(layer, 3, name="e")(ids))
     params, hk_state = f.init(jax.random.key(0), ids)

@@ -8,6 +8,8 @@
   data path, plan -> all_to_all keys -> owner rows -> gather -> all_to_all
   vectors -> combine, and its backward;
 * `rows.py`: the row strategies (row, table, replicated; direct and hash);
+  `owners.py`: which device owns a key of a row-sharded table (`key_owner`,
+  "mod" or "hashed" key placement);
 * `scores.py`: online hash tables (eviction, admission, per-row scores;
   `HashOptions`), `online.py` their export with optimizer state and
   deltas (`TableExport`), import on any device count and maintenance;
@@ -20,6 +22,7 @@ from sok_jax._compat import shard_map
 from sok_jax.distributed.collection import CollectionState, EmbeddingCollection, TableShard
 from sok_jax.distributed.layer import DistributedEmbedding
 from sok_jax.distributed.online import TableExport
+from sok_jax.distributed.owners import KEY_PLACEMENTS, key_owner
 from sok_jax.distributed.scores import HashOptions, HashRowGrad, HashScores
 from sok_jax.distributed.specs import FeatureSpec, TableSpec
 from sok_jax.distributed.state import (
@@ -42,9 +45,11 @@ __all__ = [
     "HashOptions",
     "HashRowGrad",
     "HashScores",
+    "KEY_PLACEMENTS",
     "TableExport",
     "TableShard",
     "TableSpec",
     "check_stats",
+    "key_owner",
     "shard_map",
 ]

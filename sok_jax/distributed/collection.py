@@ -203,6 +203,7 @@ class EmbeddingCollection:
             key_dtype=first.key_dtype,
             ops=resolve(self.implementation) if ops is None else ops,
             online=first.online,
+            key_placement=first.key_placement,
         )
 
     def _unit(self, unit_plan, features, ops) -> Unit:

@@ -29,6 +29,7 @@ from sok_jax.distributed.online import (
     resolve_seed,
     split_hash_part,
 )
+from sok_jax.distributed.owners import check_key_placement
 from sok_jax.distributed.rows import Member, RowHashRows, RowRows
 from sok_jax.distributed.scores import make_options
 from sok_jax.distributed.state import (
@@ -96,6 +97,11 @@ class DistributedEmbedding:
         "lfu"); see `sok_jax.distributed.storage`. A host table trains
         through `lookup` + `sparse_update` (or `sparse_grad` +
         `apply_gradients`), not through `jax.grad` of `apply`.
+      key_placement: hash mode: the device that owns key k: "mod" (SOK's,
+        k % n) or "hashed" (mix(k) % n, `sok_jax.distributed.key_owner`),
+        which spreads keys with a common stride (e.g. all multiples of n)
+        that "mod" piles onto one device's shard. Direct mode takes "mod"
+        only.
     """
 
     def __init__(
@@ -122,9 +128,11 @@ class DistributedEmbedding:
         storage: str = "hbm",
         cache_rows: int | None = None,
         cache_policy: str = "lru",
+        key_placement: str = "mod",
     ):
         embed_ops.combiner_code(combiner)
         online = make_options(eviction, admit_after, hash_options, bool(use_hashtable))
+        self.key_placement = check_key_placement(key_placement, bool(use_hashtable))
         for name, v in (
             ("max_vocabulary_size_per_gpu", max_vocabulary_size_per_gpu),
             ("embedding_vec_size", embedding_vec_size),
@@ -170,6 +178,7 @@ class DistributedEmbedding:
             key_dtype=self.key_dtype,
             ops=ops,
             online=online,
+            key_placement=self.key_placement,
         )
         self.online = online
         self._rows = strategy

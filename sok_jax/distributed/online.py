@@ -34,6 +34,8 @@ class TableExport(NamedTuple):
       row now; else None.
     seed: uint32[2] key data of the state's seed (new keys' initial vectors
       derive from it; `import_pairs` takes it unless given another).
+    key_placement: the exporting table's ("mod" or "hashed"): which shard
+      of `sketch` counted which keys.
     """
 
     keys: np.ndarray
@@ -46,6 +48,7 @@ class TableExport(NamedTuple):
     sketch: Any = None
     evicted: Any = None
     seed: Any = None
+    key_placement: str = "mod"
 
 
 def resolve_seed(keys, seed):
@@ -132,6 +135,7 @@ def export_table(rows, name, table, hash_part, opt_state, since_step, key_dtype,
         None if state is None else state["sketch"],
         evicted,
         None if seed is None else to_host(seed),
+        rows.key_placement,
     )
 
 
@@ -157,7 +161,8 @@ def _restore_scores(rows, name, hash_part, exp: TableExport):
             )
         device = _member_device(rows, name)
         if device is None:
-            have = scores.merge_sketches(src, shards)
+            same = exp.key_placement == rows.key_placement
+            have = scores.merge_sketches(src, shards, same_placement=same)
         else:
             have[device] = src.sum(axis=0)
         new["sketch"] = like(sc.sketch, have)

@@ -4,7 +4,8 @@ storage array (`table` [n * R, D] sharded over the axis, or [R, D] on every
 device, plus `slot_keys` in hash mode) and the tables it holds:
 
 * `RowRows` / `RowHashRows` (placement "row"): one table, key k on device
-  k % n. Direct mode: at local row k // n, i.e. global row
+  k % n (`owners.key_owner`; a hash table may take "hashed" placement,
+  mix(k) % n, instead). Direct mode: at local row k // n, i.e. global row
   (k % n) * R + k // n (`global_rows`, the one place this layout is
   written). Hash mode: at the row its owner's hash table gives it.
 * `TableRows` / `TableHashRows` (placement "table"): a column of up to n
@@ -50,6 +51,7 @@ from sok_jax import initializers
 from sok_jax._compat import shard_map
 from sok_jax.distributed import scores
 from sok_jax.distributed.host import check_same_on_every_process, from_host, gather_shares, to_host
+from sok_jax.distributed.owners import key_owner
 from sok_jax.ops import checks, hash_ops
 
 
@@ -130,6 +132,8 @@ class _Strategy:
     key_dtype: Any = jnp.dtype(jnp.int32)
     ops: Any = None
     online: Any = None  # scores.HashOptions of an online hash table
+    # owners.key_owner's rule for placement "row"; "hashed" only in hash mode.
+    key_placement: str = "mod"
 
     placement = "row"  # "row", "table" or "replicated"
     hashed = False
@@ -278,10 +282,6 @@ def _insert_rows_bwd(_, g):
 _insert_rows.defvjp(_insert_rows_fwd, _insert_rows_bwd)
 
 
-def _owner(keys, n):
-    return jnp.remainder(keys, n).astype(jnp.int32)
-
-
 class _Direct:
     """Direct-mode pieces: a member's keys are 0..vocabulary_size-1, each at
     the row `global_rows(key, name)` of the physical array."""
@@ -332,7 +332,7 @@ class RowRows(_Direct, _Strategy):
         n = self.num_devices
         m = self.members[member_index]
         valid, keys = checks.valid_rows(flat_ids, m.vocabulary_size)
-        owner = jnp.where(valid, _owner(keys, n), n)
+        owner = jnp.where(valid, key_owner(keys, n, "mod"), n)
         local = jnp.where(valid, self.offset(member_index) + keys // n, 0).astype(jnp.int32)
         return BucketKeys(valid, owner, local, self.rows_per_device)
 
@@ -647,8 +647,8 @@ class _Hashed:
 
 @dataclasses.dataclass(frozen=True)
 class RowHashRows(_Hashed, _Strategy):
-    """Placement "row", hash mode: key k on device k % n, at the row its
-    owner's hash table gives it."""
+    """Placement "row", hash mode: key k on device `key_owner(k, n,
+    key_placement)`, at the row its owner's hash table gives it."""
 
     placement = "row"
 
@@ -659,7 +659,7 @@ class RowHashRows(_Hashed, _Strategy):
     def bucket_keys(self, flat_ids, member_index: int) -> BucketKeys:
         n = self.num_devices
         valid = ~checks.is_padding(flat_ids)
-        owner = jnp.where(valid, _owner(flat_ids, n), n)
+        owner = jnp.where(valid, key_owner(flat_ids, n, self.key_placement), n)
         return BucketKeys(valid, owner, flat_ids, None)
 
     def init_shard(self, seed, device):
@@ -675,7 +675,7 @@ class RowHashRows(_Hashed, _Strategy):
         return self._stored(table, slot_keys)
 
     def _import_checked(self, table, hash_part, name, keys, vectors, last_seen, count):
-        owner = np.remainder(keys.astype(np.int64), self.num_devices)
+        owner = key_owner(keys.astype(self.key_dtype), self.num_devices, self.key_placement)
         self._check_fits(np.bincount(owner, minlength=self.num_devices).tolist())
         return self._load_blocks(table, hash_part, keys, vectors, owner, last_seen, count)
 

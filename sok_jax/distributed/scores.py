@@ -31,9 +31,9 @@ and checkpoints of a plain hash table):
   evictions the ring no longer holds in full (deltas since an earlier step
   are refused).
 
-Moving a table to another device count (`import_pairs` of a `TableExport`)
-restores rows, slots, scores and step exactly, and the sketches as
-`merge_sketches` says: a key not yet admitted may then be admitted sooner
+Moving a table to another device count or key placement (`import_pairs` of
+a `TableExport`) restores rows, slots, scores and step exactly, and the
+sketches as `merge_sketches` says: a key not yet admitted may then be admitted sooner
 than it would have been on the old count, never later.
 
 An evicted row is re-initialized for its new key (from the seed and the
@@ -390,17 +390,19 @@ class HashRowGrad(NamedTuple):
     held: Any
 
 
-def merge_sketches(sketches: np.ndarray, m: int) -> np.ndarray:
+def merge_sketches(sketches: np.ndarray, m: int, same_placement: bool = True) -> np.ndarray:
     """Per-shard sketches [n, depth * width] of an n-shard table -> those of
-    its m-shard layout. Key k moves from shard k % n to k % m, and a counter
-    holds the sum of its keys' counts, so where m divides n the new shard d
-    gets the sum of the old shards d' with d' % m == d: exactly the counters
-    m shards would have built from the same stream. Its estimates can exceed
-    the n shards' where keys of several old shards share a counter (a key
-    may be admitted sooner, never later); with a sketch much wider than the
-    keys it counts, as the default, that is rare. Otherwise (m does not
-    divide n) every new shard gets the sum of all, an upper bound too."""
+    its m-shard layout. Under one key placement (`same_placement`) key k
+    moves from shard w(k) % n to w(k) % m (w(k) = k, or its mixed word), and
+    a counter holds the sum of its keys' counts, so where m divides n the
+    new shard d gets the sum of the old shards d' with d' % m == d: exactly
+    the counters m shards would have built from the same stream. Its
+    estimates can exceed the n shards' where keys of several old shards
+    share a counter (a key may be admitted sooner, never later); with a
+    sketch much wider than the keys it counts, as the default, that is
+    rare. Otherwise (m does not divide n, or the placement changes) every
+    new shard gets the sum of all, an upper bound too."""
     n = sketches.shape[0]
-    if n % m == 0:
+    if same_placement and n % m == 0:
         return np.stack([sketches[d::m].sum(axis=0) for d in range(m)]).astype(np.int32)
     return np.repeat(sketches.sum(axis=0, keepdims=True), m, axis=0).astype(np.int32)

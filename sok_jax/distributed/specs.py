@@ -11,6 +11,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from sok_jax import initializers
+from sok_jax.distributed.owners import check_key_placement
 from sok_jax.distributed.scores import make_options
 from sok_jax.distributed.storage import make_storage
 from sok_jax.ops import checks, embed_ops
@@ -39,7 +40,7 @@ class TableSpec:
         dynamic insertion.
       key_dtype: int32, uint32 or int64 (int64 needs jax_enable_x64).
       placement: "auto" (the planner chooses), "row" (key k on device
-        k % n), "table" (the whole table on one device) or "replicated"
+        k % n, see key_placement), "table" (the whole table on one device) or "replicated"
         (every device holds it; data parallel).
       optimizer: a `sok_jax.optim.SparseOptimizer` for this table, or None
         for the one passed to `sparse_update`.
@@ -50,6 +51,9 @@ class TableSpec:
         HBM cache per device), as `DistributedEmbedding`'s arguments of
         those names; None: "hbm", unless the collection's `hbm_budget`
         makes the planner offload the table (`sok_jax.distributed.planner`).
+      key_placement: the device that owns key k under placement "row":
+        "mod" (k % n) or "hashed" (mix(k) % n; hash tables placed "row" or
+        "auto" only), as `DistributedEmbedding`'s argument.
     """
 
     name: str
@@ -68,6 +72,7 @@ class TableSpec:
     storage: str | None = None
     cache_rows: int | None = None
     cache_policy: str = "lru"
+    key_placement: str = "mod"
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -113,6 +118,14 @@ class TableSpec:
             raise ValueError(
                 f'TableSpec {self.name!r}: storage="{self.storage}" is for placements "row" and '
                 '"table" (a replicated table is held whole by every device)'
+            )
+        where = f"TableSpec {self.name!r}: "
+        check_key_placement(self.key_placement, self.use_hashtable, where)
+        if self.key_placement == "hashed" and self.placement not in ("auto", "row"):
+            raise ValueError(
+                f"{where}key_placement='hashed' places keys of a table sharded by row; "
+                f"placement {self.placement!r} puts every key of the table on "
+                f"{'one device' if self.placement == 'table' else 'every device'}"
             )
 
     @property

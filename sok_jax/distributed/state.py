@@ -80,7 +80,8 @@ class EmbeddingState:
     """Functional state of a `DistributedEmbedding`.
 
     table: [n * rows_per_gpu, D], sharded over the axis; device d holds the
-      rows of the keys k with k % n == d (direct mode: key k at local row
+      rows of the keys it owns, k % n == d (hash mode with key_placement
+      "hashed": `key_owner(k)` == d; direct mode: key k at local row
       k // n; `rows.DirectRows.global_rows` is that layout).
     slot_keys: hash mode only: [n * rows_per_gpu] keys stored in each row
       (the padding value where free), sharded like the table; None in direct

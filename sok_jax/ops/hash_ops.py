@@ -189,20 +189,27 @@ def home_bucket(keys, capacity: int):
     return scale_word(hash_word(keys), num_buckets(capacity))
 
 
+def salted_word(order, salt: int):
+    """uint32: a key's `order_word` remixed with `salt`, its finalizer of
+    order + salt * the golden ratio (for an int64 key the leading 32 bits).
+    Distinct salts give independent words: salt h + 1 is row h of the
+    admission sketch (hash_math.h SketchCell), salt 0 the owner of a key
+    under hashed placement (`sok_jax.distributed.key_owner`)."""
+    with np.errstate(over="ignore"):
+        if np.dtype(order.dtype) == np.uint64:
+            z = _mix64(order + np.uint64((salt * 0x9E3779B97F4A7C15) % 2**64))
+            return (z >> np.uint64(32)).astype(np.uint32)
+        return _fmix32(order + np.uint32((salt * 0x9E3779B9) % 2**32))
+
+
 def sketch_cells(keys, depth: int, width: int):
     """int32 [..., depth]: the count-min sketch counters of each key
     (hash_math.h SketchCell)."""
     xp, keys = _xp(keys)
     order = order_word(keys)
-    cells = []
-    with np.errstate(over="ignore"):
-        for h in range(depth):
-            if np.dtype(order.dtype) == np.uint64:
-                z = _mix64(order + np.uint64(((h + 1) * 0x9E3779B97F4A7C15) % 2**64))
-                word = (z >> np.uint64(32)).astype(np.uint32)
-            else:
-                word = _fmix32(order + np.uint32(((h + 1) * 0x9E3779B9) % 2**32))
-            cells.append(scale_word(word, width) + np.int32(h * width))
+    cells = [
+        scale_word(salted_word(order, h + 1), width) + np.int32(h * width) for h in range(depth)
+    ]
     return xp.stack(cells, axis=-1)
 
 
