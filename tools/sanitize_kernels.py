@@ -11,7 +11,10 @@ Shapes cover each kernel's edge cases: bags longer than the backward's 128-id
 chunk, padding runs longer than a chunk, empty bags, ids out of range,
 D not a multiple of the 16-byte vector, 16-bit tables, weights, and the
 short-bag and long-bag forward shapes, the fixed-length (no offsets)
-forward, and the one-target dense backward. Exit status 1 on a mismatch.
+forward, and the one-target dense backward; the row movers (gather, scatter,
+copy of whole rows of any dtype) against numpy, rank 1 and 2, row widths of
+every word path of their kernels, no rows listed, and more listed rows than
+one grid covers. Exit status 1 on a mismatch.
 """
 
 import sys
@@ -20,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sok_jax.ops import embed_ops, hash_ops, optim_ops, reference
+from sok_jax.ops import embed_ops, ffi, hash_ops, optim_ops, reference
 
 FAILED = []
 
@@ -175,6 +178,56 @@ def hash_case(rng, capacity, n_keys, dtype):
         FAILED.append("hash")
 
 
+def row_list(rng, k, rows, distinct):
+    """k int32 indices into a table of `rows` rows, about a tenth naming no
+    row; with `distinct` the ones naming a row are distinct (once the table's
+    rows run out, the rest name none)."""
+    good = rng.permutation(rows) if distinct else rng.integers(0, max(rows, 1), size=k)
+    n = min(k, len(good))
+    bad = (rng.random(k) < 0.1) | (np.arange(k) >= n) | (rows == 0)
+    out = np.zeros(k, np.int64)
+    out[:n] = good[:n]
+    out = np.where(bad, rng.choice([rows, -1, -7, 2**31 - 1, -(2**31)], size=k), out)
+    return jnp.asarray(out.astype(np.int32))
+
+
+def rows_case(rng, dtype, width, rows, k):
+    """The row movers through `sok_jax.ops.ffi` against numpy, exactly: the
+    gather and the copy's source read repeated rows and indices naming no row;
+    the scatter and the copy write rows distinct where in range, into a
+    donated dst (in place)."""
+    tail = () if width is None else (width,)
+    tag = f"{jnp.dtype(dtype).name} {[rows, *tail]} K{k}"
+
+    def table(n):
+        return np.asarray(rng.normal(size=(n, *tail)) * 100, dtype)
+
+    def names(r, n):
+        r = np.asarray(r)
+        return (r >= 0) & (r < n)
+
+    src, r = table(rows), row_list(rng, k, rows, False)
+    want = np.zeros((k, *tail), dtype)
+    ok = names(r, rows)
+    want[ok] = src[np.asarray(r)[ok]]
+    close("gather_rows " + tag, jax.jit(ffi.gather_rows)(src, r), want, 0.0)
+
+    dst, r, values = table(rows), row_list(rng, k, rows, True), table(k)
+    want = dst.copy()
+    ok = names(r, rows)
+    want[np.asarray(r)[ok]] = values[ok]
+    got = jax.jit(ffi.scatter_rows, donate_argnums=0)(jnp.asarray(dst), r, values)
+    close("scatter_rows " + tag, got, want, 0.0)
+
+    n_src = rows // 2 + 3
+    src, d, s = table(n_src), row_list(rng, k, rows, True), row_list(rng, k, n_src, False)
+    want = dst.copy()
+    ok = names(d, rows) & names(s, n_src)
+    want[np.asarray(d)[ok]] = src[np.asarray(s)[ok]]
+    got = jax.jit(ffi.copy_rows, donate_argnums=0)(jnp.asarray(dst), d, src, s)
+    close(f"copy_rows {tag} from {n_src} rows", got, want, 0.0)
+
+
 def cases(rng):
     """Every case as a closure, in a fixed order (so --shard splits are stable)."""
     out = []
@@ -213,6 +266,15 @@ def cases(rng):
                             rng, a[0], 997, a[1], 96, a[2], a[3], a[4]
                         )
                     )
+    # The row movers: rank 1, and rows of 16k bytes (uint4 words), 4k (uint32)
+    # and others (bytes): f32 W16, f32 W3, f16 W3.
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16, jnp.int32):
+        for width in (None, 3, 16):
+            out.append(lambda a=(dtype, width): rows_case(rng, a[0], a[1], 997, 300))
+    out.append(lambda: rows_case(rng, jnp.float32, 16, 211, 0))  # no rows listed
+    out.append(lambda: rows_case(rng, jnp.float16, 3, 0, 20))  # a table of no rows
+    # Past the grid's 65536 blocks of 8 rows: warps stride over the rest.
+    out.append(lambda: rows_case(rng, jnp.int32, None, 600_000, 65536 * 8 + 4099))
     return out
 
 

@@ -3,7 +3,7 @@
 // inputs and know nothing of the handlers' code beyond the documented
 // semantics (embed_math.h RowOf / CombinerScale / WeightGrad, hash_math.h
 // HashWord / NumBuckets / BucketStart / OrderWord / SketchCell / EmptyKey,
-// which are the targets' definitions).
+// which are the targets' definitions; the row movers' rows_checks.h).
 #include "cases.h"
 
 #include <algorithm>
@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstring>
 #include <map>
+#include <numeric>
 #include <random>
 #include <set>
 #include <sstream>
@@ -905,6 +906,139 @@ Case HashCase(Rng& rng, XLA_FFI_DataType dt, int32_t cap, int64_t n, int64_t pre
   return HashCaseT<int64_t>(rng, dt, cap, n, prefill, insert, alias, h);
 }
 
+// ------------------------------------------------------------------ rows
+// A row mover's table: [rows] when width < 0 (rank 1), else [rows, width].
+std::vector<int64_t> TableDims(int64_t rows, int64_t width) {
+  return width < 0 ? std::vector<int64_t>{rows} : std::vector<int64_t>{rows, width};
+}
+
+// The bytes of one row of a rank-1 or rank-2 table (rows_checks.h RowsOf).
+int64_t RowBytes(const Tensor& t) {
+  return (t.dims.size() == 2 ? t.dims[1] : 1) * static_cast<int64_t>(ByteWidthOf(t.dtype));
+}
+
+// Random bytes of any dtype (NaN and subnormal patterns included): the movers
+// copy rows without reading their values.
+Tensor RandomBytes(Rng& rng, XLA_FFI_DataType dt, std::vector<int64_t> dims) {
+  Tensor t = MakeTensor(dt, std::move(dims));
+  for (uint8_t& b : t.bytes) b = static_cast<uint8_t>(rng.Int(0, 255));
+  return t;
+}
+
+// Row r of `from` written over row i of `to` (one row width).
+void CopyRow(const Tensor& from, int64_t r, Tensor& to, int64_t i) {
+  const int64_t b = RowBytes(from);
+  if (b) std::memcpy(to.bytes.data() + i * b, from.bytes.data() + r * b, b);
+}
+
+bool NamesRow(int32_t r, int64_t rows) { return r >= 0 && r < rows; }
+
+// A row index that names no row of a table of `rows` rows.
+int32_t BadRow(Rng& rng, int64_t rows) {
+  switch (rng.Int(0, 4)) {
+    case 0: return static_cast<int32_t>(rows);
+    case 1: return -1;
+    case 2: return -7;
+    case 3: return INT32_MAX;
+    default: return INT32_MIN;
+  }
+}
+
+// k row indices into a table of `rows` rows, about a tenth naming no row;
+// with `distinct` the ones naming a row are distinct (once the table's rows
+// run out, the rest name none).
+std::vector<int32_t> RowList(Rng& rng, int64_t k, int64_t rows, bool distinct) {
+  std::vector<int32_t> perm(distinct ? rows : 0);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng.engine());
+  std::vector<int32_t> out;
+  size_t next = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    if (rows == 0 || rng.Chance(0.1) || (distinct && next == perm.size()))
+      out.push_back(BadRow(rng, rows));
+    else
+      out.push_back(distinct ? perm[next++] : static_cast<int32_t>(rng.Int(0, rows - 1)));
+  }
+  return out;
+}
+
+// A row mover case's tag: dtype, table shape, rows listed, bytes a row (which
+// word path the CUDA kernel takes).
+std::string RowsTag(const Tensor& table, int64_t k, const char* shape) {
+  std::string dims;
+  for (int64_t d : table.dims)
+    dims += Fmt("%s%lld", dims.empty() ? "[" : ", ", static_cast<long long>(d));
+  dims += "]";
+  return Fmt("%s %s K%lld %lldB rows%s", DtypeName(table.dtype), dims.c_str(),
+             static_cast<long long>(k), static_cast<long long>(RowBytes(table)), shape);
+}
+
+// sok_rows_gather: out[i] = src[rows[i]], zeros where rows[i] names no row.
+Case RowsGather(const Tensor& src, const std::vector<int32_t>& rows, const char* shape = "") {
+  const int64_t k = static_cast<int64_t>(rows.size());
+  std::vector<int64_t> dims = src.dims;
+  dims[0] = k;
+  Case c;
+  c.target = "sok_rows_gather";
+  c.tag = RowsTag(src, k, shape);
+  c.args = {src, I32s({k}, rows)};
+  c.rets = {Out("out", src.dtype, dims, Compare::kExact)};
+  c.oracle = [](const Case& cs, const std::vector<Tensor>& out) {
+    const Tensor &table = cs.args[0], &rows = cs.args[1];
+    Tensor want = MakeTensor(out[0].dtype, out[0].dims);
+    for (int64_t i = 0; i < rows.count(); ++i)
+      if (NamesRow(rows.as<int32_t>()[i], table.dims[0]))
+        CopyRow(table, rows.as<int32_t>()[i], want, i);
+    return CompareOutputs(cs, out, {want});
+  };
+  return c;
+}
+
+// sok_rows_scatter: dst[rows[i]] = values[i] where rows[i] names a row (those
+// distinct); dst_out aliases dst unless `alias` is false.
+Case RowsScatter(const Tensor& dst, const std::vector<int32_t>& rows, const Tensor& values,
+                 bool alias, const char* shape = "") {
+  const int64_t k = static_cast<int64_t>(rows.size());
+  Case c;
+  c.target = "sok_rows_scatter";
+  c.tag = RowsTag(dst, k, shape) + (alias ? "" : " unaliased");
+  c.args = {dst, I32s({k}, rows), values};
+  c.rets = {Out("dst_out", dst.dtype, dst.dims, Compare::kExact, 0.0, alias ? 0 : -1)};
+  c.oracle = [](const Case& cs, const std::vector<Tensor>& out) {
+    const Tensor &rows = cs.args[1], &values = cs.args[2];
+    Tensor want = cs.args[0];
+    for (int64_t i = 0; i < rows.count(); ++i)
+      if (NamesRow(rows.as<int32_t>()[i], want.dims[0]))
+        CopyRow(values, i, want, rows.as<int32_t>()[i]);
+    return CompareOutputs(cs, out, {want});
+  };
+  return c;
+}
+
+// sok_rows_copy: dst[dst_rows[i]] = src[src_rows[i]] where both name a row
+// (the dst ones distinct); dst_out aliases dst unless `alias` is false.
+Case RowsCopy(const Tensor& dst, const std::vector<int32_t>& dst_rows, const Tensor& src,
+              const std::vector<int32_t>& src_rows, bool alias, const char* shape = "") {
+  const int64_t k = static_cast<int64_t>(dst_rows.size());
+  Case c;
+  c.target = "sok_rows_copy";
+  c.tag = RowsTag(dst, k, shape) + Fmt(" from %lld rows", static_cast<long long>(src.dims[0])) +
+          (alias ? "" : " unaliased");
+  c.args = {dst, I32s({k}, dst_rows), src,
+            I32s({static_cast<int64_t>(src_rows.size())}, src_rows)};
+  c.rets = {Out("dst_out", dst.dtype, dst.dims, Compare::kExact, 0.0, alias ? 0 : -1)};
+  c.oracle = [](const Case& cs, const std::vector<Tensor>& out) {
+    const Tensor &to = cs.args[1], &src = cs.args[2], &from = cs.args[3];
+    Tensor want = cs.args[0];
+    for (int64_t i = 0; i < to.count(); ++i) {
+      const int32_t d = to.as<int32_t>()[i], r = from.as<int32_t>()[i];
+      if (NamesRow(d, want.dims[0]) && NamesRow(r, src.dims[0])) CopyRow(src, r, want, d);
+    }
+    return CompareOutputs(cs, out, {want});
+  };
+  return c;
+}
+
 // ----------------------------------------------------------------- groups
 // The lookup family over one bag layout: forward, sparse and dense backward,
 // weight gradient (weighted bags), rows_to_dense of the oracle's sparse form.
@@ -919,6 +1053,21 @@ void EmbedGroup(Rng& rng, std::vector<Case>& out, XLA_FFI_DataType dt,
   out.push_back(Bwd(grad, b, rows, combiner, tag));
   out.push_back(BwdDense(grad, b, rows, combiner, tag));
   if (!b.weights.empty()) out.push_back(Wgrad(table, grad, b, combiner, tag));
+}
+
+// The three row movers on one table shape: a gather of k rows (repeated
+// rows and indices naming no row among them), a scatter of k rows distinct where in
+// range, and a copy of k rows from a second table of another row count.
+void RowsGroup(Rng& rng, std::vector<Case>& out, XLA_FFI_DataType dt, int64_t width,
+               int64_t rows, int64_t k, bool alias) {
+  const Tensor table = RandomBytes(rng, dt, TableDims(rows, width));
+  out.push_back(RowsGather(table, RowList(rng, k, rows, false)));
+  out.push_back(RowsScatter(table, RowList(rng, k, rows, true),
+                            RandomBytes(rng, dt, TableDims(k, width)), alias));
+  const int64_t src_rows = rows / 2 + 3;
+  out.push_back(RowsCopy(table, RowList(rng, k, rows, true),
+                         RandomBytes(rng, dt, TableDims(src_rows, width)),
+                         RowList(rng, k, src_rows, false), alias));
 }
 
 void ErrorCases(Rng& rng, std::vector<Case>& out) {
@@ -973,6 +1122,51 @@ void ErrorCases(Rng& rng, std::vector<Case>& out) {
   c.attrs[1].i = 1;
   c.tag = "lru without scores";
   c.expect_error = "an eviction policy needs last_seen and count";
+  c.oracle = nullptr;
+  out.push_back(c);
+
+  const Tensor rt = RandomBytes(rng, kF32, {10, 4});
+  const std::vector<int32_t> r4 = {3, 0, -1, 9};
+  c = RowsGather(RandomBytes(rng, kF32, {10, 2, 2}), r4, " rank-3 src");
+  c.expect_error = "src must be rank 1 or 2";
+  c.oracle = nullptr;
+  out.push_back(c);
+
+  c = RowsGather(rt, r4, " int32 out");
+  c.rets[0].spec.dtype = kS32;
+  c.expect_error = "out must have the table's dtype";
+  c.oracle = nullptr;
+  out.push_back(c);
+
+  c = RowsGather(rt, r4, " rows [K, 1]");
+  c.args[1].dims = {4, 1};
+  c.expect_error = "rows must be int32 [K]";
+  c.oracle = nullptr;
+  out.push_back(c);
+
+  c = RowsScatter(rt, r4, RandomBytes(rng, kF32, {5, 4}), true, " 5 values for 4 rows");
+  c.expect_error = "values must be [K, W]";
+  c.oracle = nullptr;
+  out.push_back(c);
+
+  c = RowsScatter(rt, r4, RandomBytes(rng, kF32, {4, 4}), false, " dst_out [10, 3]");
+  c.rets[0].spec.dims = {10, 3};
+  c.expect_error = "dst_out must match dst";
+  c.oracle = nullptr;
+  out.push_back(c);
+
+  c = RowsCopy(rt, r4, RandomBytes(rng, kF32, {6, 3}), r4, true, " src rows of 3");
+  c.expect_error = "src must have dst's dtype and row width";
+  c.oracle = nullptr;
+  out.push_back(c);
+
+  c = RowsCopy(rt, r4, RandomBytes(rng, kS32, {6, 4}), r4, true, " int32 src");
+  c.expect_error = "src must have dst's dtype and row width";
+  c.oracle = nullptr;
+  out.push_back(c);
+
+  c = RowsCopy(rt, r4, RandomBytes(rng, kF32, {6, 4}), {1, 2, 3}, true, " 3 src rows");
+  c.expect_error = "src_rows and dst_rows must have one length";
   c.oracle = nullptr;
   out.push_back(c);
 }
@@ -1179,6 +1373,30 @@ std::vector<Case> AllCases(uint64_t seed) {
     h.admit_after = 2;
     h.policy = kNoEviction;
     out.push_back(HashCase(rng, dt, 97, 400, 50, true, true, h));
+  }
+  // The row movers: rank 1 and every word path of their kernels (rows of 16k
+  // bytes move in uint4, 4k in uint32, the rest byte by byte: f32 W4/W16, f32
+  // W3, f16 W3), rows longer than a warp's 32 words, no rows listed, more
+  // listed rows than the table has, tables of no rows and rows of no bytes.
+  int v = 0;
+  for (XLA_FFI_DataType dt : {kF32, kBF16, kF16, kS32})
+    for (int64_t width : {-1, 1, 2, 3, 4, 8, 16, 33})
+      for (const auto& rk : {std::array<int64_t, 2>{211, 0}, std::array<int64_t, 2>{211, 37},
+                             std::array<int64_t, 2>{997, 3000}})
+        RowsGroup(rng, out, dt, width, rk[0], rk[1], v++ % 3 != 2);
+  RowsGroup(rng, out, kF32, 600, 500, 300, true);
+  RowsGroup(rng, out, kBF16, 301, 500, 300, false);
+  RowsGroup(rng, out, kU8, 3, 211, 37, true);
+  RowsGroup(rng, out, kS64, -1, 211, 37, false);
+  RowsGroup(rng, out, kF16, 5, 0, 20, true);
+  RowsGroup(rng, out, kF32, 0, 211, 37, true);
+  // Past the grid's 65536-block cap (8 rows a block): warps stride over rows.
+  RowsGroup(rng, out, kS32, -1, 600000, 65536 * 8 + 4099, true);
+  // A rank-1 dst and a [S, 1] src: one row width, as the handlers see it.
+  {
+    const Tensor dst = RandomBytes(rng, kF32, {211});
+    out.push_back(RowsCopy(dst, RowList(rng, 37, 211, true), RandomBytes(rng, kF32, {50, 1}),
+                           RowList(rng, 37, 50, false), true, " src [S, 1]"));
   }
   ErrorCases(rng, out);
   return out;

@@ -106,6 +106,7 @@ int Main(int argc, char** argv) {
   AppendEmbedTargetsCpu(cpu_targets);
   AppendOptimTargetsCpu(cpu_targets);
   AppendHashTargetsCpu(cpu_targets);
+  AppendRowsTargetsCpu(cpu_targets);
   const auto cpu = Handlers(cpu_targets);
   std::map<std::string, XLA_FFI_Handler*> cuda;
 #ifdef SOK_SANITIZE_WITH_CUDA
@@ -114,6 +115,7 @@ int Main(int argc, char** argv) {
   AppendEmbedTargetsCuda(cuda_targets);
   AppendOptimTargetsCuda(cuda_targets);
   AppendHashTargetsCuda(cuda_targets);
+  AppendRowsTargetsCuda(cuda_targets);
   cuda = Handlers(cuda_targets);
 #else
   const bool with_cuda = false;

@@ -7,7 +7,8 @@
 #              run-length and scan in the backward (sok_embed_bwd,
 #              sok_embed_bwd_dense, sok_embed_bwd_update), cub's partition
 #              and sort and the overflow kernel of the hash insertion
-#              (sok_hash_find_or_insert; grep __shared__ xla_ffi/)
+#              (sok_hash_find_or_insert; grep __shared__ xla_ffi/); the
+#              row movers (sok_rows_gather, _scatter, _copy) use none
 #   synccheck  every target (the kernels' __shfl_sync / __ballot_sync masks)
 # Logs go to $OUT (default ./sanitize_out); the last lines printed are one
 # summary per tool. Exit status: 0 when every tool ran clean and the driver
