@@ -29,7 +29,9 @@ slots), and %h2d: those bytes per second over the host-to-device bandwidth of
 pinned memory measured in this run (a jitted copy of a `--h2d-gb` array).
 
 The cache is warmed with `--warm-steps` steps before timing (steady state).
-Keys: uniform, or Zipf(`--zipf-a`, default 1.05) with hot keys scattered.
+Keys: uniform, or Zipf(`--zipf-a`, default 1.05) with hot keys scattered;
+every step draws a batch of its own (no batch repeats, so the cache never
+sees a small rotating working set).
 """
 
 from __future__ import annotations
@@ -197,7 +199,13 @@ def main(argv=None) -> int:
     p.add_argument("--check-steps", type=int, default=3)
     p.add_argument("--warm-steps", type=int, default=20)
     p.add_argument("--inner", type=int, default=5, help="steps per timed sample")
-    p.add_argument("--num-batches", type=int, default=8, help="distinct batches rotated")
+    p.add_argument(
+        "--num-batches",
+        type=int,
+        default=0,
+        help="distinct batches rotated (0: one per step, none repeats: a cache must not "
+        "see a small rotating working set)",
+    )
     p.add_argument("--h2d-gb", type=float, default=1.0)
     common.add_run_args(p, "tiny sizes (CPU smoke test)")
     args = p.parse_args(argv)
@@ -223,6 +231,8 @@ def main(argv=None) -> int:
 
     rng = np.random.default_rng(args.seed)
     n_fail = n_points = 0
+    steps = args.check_steps + args.warm_steps + args.iters * args.inner
+    num_batches = args.num_batches or steps
     for dist in args.dists:
         batches = [
             jnp.asarray(
@@ -230,7 +240,7 @@ def main(argv=None) -> int:
                     args.batch, args.slots, 1
                 )
             )
-            for _ in range(args.num_batches)
+            for _ in range(num_batches)
         ]
         for opt_name in args.optimizers:
             table_bytes = rows * args.dim * 4 * (1 + SLOTS[opt_name])

@@ -245,8 +245,8 @@ def test_two_pass_update_and_import_on_a_cached_table():
 
 def simulate_cache(batches, cache_rows, policy):
     """numpy: per lookup (hits, misses, evictions) of a one-device cache whose
-    misses, in ascending row order, take the slots of the lowest (score,
-    slot) among those the lookup's hits do not use."""
+    M misses take the M slots of lowest (score, slot) among those the
+    lookup's hits do not use, the misses ascending taking them ascending."""
     tags = np.full(cache_rows, -1)
     score = np.full(cache_rows, -1)
     out = []
@@ -258,8 +258,9 @@ def simulate_cache(batches, cache_rows, policy):
         order = sorted(
             (s for s in range(cache_rows) if s not in hit_slots), key=lambda s: (score[s], s)
         )
+        victims = sorted(order[: len(misses)])  # the lowest, taken in slot order
         evictions = 0
-        for r, s in zip(misses, order):
+        for r, s in zip(misses, victims):
             evictions += tags[s] >= 0
             tags[s] = r
             score[s] = step if policy == "lru" else 1

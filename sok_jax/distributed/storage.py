@@ -358,9 +358,10 @@ class CachedStorage:
 
     def bring_in(self, shard: CachedShard, rows, ops) -> BroughtIn:
         """One device: the distinct local rows of `rows` (int32, -1: none)
-        into the cache. A missing row takes the slot of the row that the
-        policy ranks lowest among those this call does not use (an empty
-        slot first; ties by slot index), that row written back first."""
+        into the cache. The M missing rows take the M slots that the policy
+        ranks lowest, by (score, slot), among those this call's hits do not
+        use (empty slots first), in order: the missing rows ascending take
+        those slots ascending; each slot's row is written back first."""
         r, c, k = shard.host.shape[0], shard.cache.shape[0], rows.shape[0]
         key = jnp.where((rows >= 0) & (rows < r), rows, r)
         order = jnp.argsort(key, stable=True)
@@ -373,9 +374,9 @@ class CachedStorage:
 
         # Victims: the lowest (score, slot) among the slots no hit uses.
         pinned = jnp.zeros((c,), bool).at[jnp.where(hit, cached_at, c)].set(True, mode="drop")
-        rank = jnp.argsort(jnp.where(pinned, _PINNED, shard.score), stable=True)
-        nth = jnp.clip(jnp.cumsum(miss) - 1, 0, c - 1)
-        victim = jnp.where(miss, rank[nth], _EMPTY)
+        chosen = _lowest_slots(jnp.where(pinned, _PINNED, shard.score), jnp.sum(miss), k)
+        nth = jnp.clip(jnp.cumsum(miss) - 1, 0, k - 1)
+        victim = jnp.where(miss, chosen[nth], _EMPTY)
         leaving = jnp.where(miss, shard.tags[jnp.maximum(victim, 0)], _EMPTY)
 
         # Write the leaving rows back, then read the missing ones in (the
@@ -458,6 +459,31 @@ class CachedStorage:
         )
 
 
+def _lowest_slots(key, m, k: int):
+    """The m slots of lowest (key, slot), ascending by slot, padded to k
+    (static, >= m) with -1. Exact and O(C) passes, no sort: a binary search
+    for the key T at which the count of keys <= T reaches m, then every slot
+    below T and the first slots at T."""
+    c = key.shape[0]
+
+    def count_le(t):
+        return jnp.sum(key <= t, dtype=jnp.int32)
+
+    def halve(bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        enough = count_le(mid) >= m
+        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+    lo = jnp.min(key)
+    hi = jnp.max(jnp.where(key == _PINNED, lo, key))  # count_le(hi) >= m: the unpinned
+    t, _ = jax.lax.while_loop(lambda b: b[0] < b[1], halve, (lo, hi))
+    below = key < t
+    at = (key == t) & (jnp.cumsum(key == t, dtype=jnp.int32) <= m - jnp.sum(below, dtype=jnp.int32))
+    take = (below | at) & (m > 0)
+    return jnp.nonzero(take, size=k, fill_value=c)[0].astype(jnp.int32)
+
+
 def _merge(host, cache, tags, n):
     """host [n * R, ...] with each device's cached rows written over it."""
     out = host.copy()
@@ -487,6 +513,42 @@ def make_storage(storage: str, cache_rows=None, cache_policy: str = "lru"):
     if cache_rows < 1:
         raise ValueError(f"cache_rows must be a positive integer, got {cache_rows}")
     return CachedStorage(int(cache_rows), cache_policy)
+
+
+def pin_host(tier, rows, table, opt_state=None):
+    """Inside a jitted program: the host stores of a shard (and of its
+    optimizer state) annotated as living in host memory, so that a jit
+    without out_shardings keeps them there (the custom calls update them
+    in place; XLA would otherwise expect its outputs in HBM)."""
+    kind = host_memory_kind()
+    if kind is None or tier.kind == "hbm":
+        return table, opt_state
+
+    def put(x, sharding):
+        return x if sharding.memory_kind != kind else jax.device_put(x, sharding)
+
+    table = jax.tree.map(put, table, tier.table_sharding(rows))
+    if opt_state is not None:
+        opt_state = jax.tree.map(put, opt_state, _opt_sharding(tier, rows, opt_state))
+    return table, opt_state
+
+
+def _opt_sharding(tier, rows, opt_state):
+    """The shardings of a unit's optimizer state (memory kinds included)."""
+    lead = rows.axis_name
+
+    def spec(x):
+        return P(lead) if x.ndim == 1 else P(lead, *([None] * (x.ndim - 1)))
+
+    def slots(xs, where):
+        return tuple(where(rows, spec(x)) for x in xs)
+
+    repl = NamedSharding(rows.mesh, P())
+    if isinstance(opt_state, CachedOptState):
+        inner = type(opt_state.cache)(slots(opt_state.cache.slots, tier.slot_sharding), repl)
+        host = slots(opt_state.host, tier.host_slot_sharding)
+        return CachedOptState(inner, host, NamedSharding(rows.mesh, P(lead)))
+    return type(opt_state)(slots(opt_state.slots, tier.slot_sharding), repl)
 
 
 # ------------------------------------------------------------ host stores

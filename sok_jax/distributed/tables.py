@@ -33,6 +33,7 @@ from sok_jax.distributed.storage import (
     CachedShard,
     host_slots,
     host_table,
+    pin_host,
 )
 from sok_jax.ids import Bags
 from sok_jax.optim import check_sparse_optimizer
@@ -358,7 +359,9 @@ class ShardedTables:
         fn = shard_map(body, self.mesh, (shard_specs, P(), row, row), out_specs)
         res = fn(shards, seed, stats, inputs)
         new_shards = dict(shards)
-        new_shards.update(res.shards)
+        for name, (table, hash_part) in res.shards.items():
+            u = self.unit(name)
+            new_shards[name] = (pin_host(u.storage, u.rows, table)[0], hash_part)
         return res.outs, new_shards, res.stats, res.ctx
 
     def _table_of(self, lookup_name):
@@ -444,8 +447,10 @@ class ShardedTables:
         new_tables, new_opt, counted = fn(
             tables, opt_states, keys, {t: stats[t] for t in names}, *args
         )
-        out = dict(shards)
+        out, new_opt = dict(shards), dict(new_opt)
         for k, t in new_tables.items():
+            u = self.unit(k)
+            t, new_opt[k] = pin_host(u.storage, u.rows, t, new_opt[k])
             out[k] = (t, shards[k][1])
         return out, new_opt, {**stats, **counted}
 
