@@ -158,6 +158,10 @@ def test_cached_table_trains_as_the_hbm_table(n, hashed, opt_name, policy, impl)
     rng = np.random.default_rng()
     positions = per_device(n) * SLOTS * NNZ * n  # the most rows one lookup brings to a device
     cache_rows = min(positions, ROWS - 1)
+    if impl == "reference" and jax.default_backend() == "gpu":
+        with pytest.raises(ValueError, match='needs implementation="ffi"'):
+            layer(n, hashed, impl, storage="host_cached", cache_rows=cache_rows)
+        return
     hbm = layer(n, hashed, impl)
     cached = layer(n, hashed, impl, storage="host_cached", cache_rows=cache_rows,
                    cache_policy=policy)
@@ -425,6 +429,7 @@ def test_collection_with_host_tables_trains_as_in_hbm():
 def test_planner_offloads_under_an_hbm_budget():
     """Tables that do not fit the budget move to host memory behind a cache,
     the one read least per byte first; the plan says so; pinned tables stay."""
+    require_devices(8)
     specs = [
         sok_jax.TableSpec("hot", 4096, 16, placement="row"),     # read 8 times per sample
         sok_jax.TableSpec("cold", 65536, 16, placement="row"),   # read once per sample

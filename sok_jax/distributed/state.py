@@ -103,20 +103,7 @@ class EmbeddingState:
 
 jax.tree_util.register_dataclass(
     EmbeddingStats,
-    data_fields=[
-        "overflow",
-        "invalid",
-        "hash_full",
-        "nonfinite",
-        "evicted",
-        "not_admitted",
-        "load",
-        "stale",
-        "cache_hits",
-        "cache_misses",
-        "cache_evictions",
-        "cache_skipped",
-    ],
+    data_fields=[f.name for f in dataclasses.fields(EmbeddingStats)],
     meta_fields=[],
 )
 jax.tree_util.register_dataclass(

@@ -495,6 +495,17 @@ def _merge(host, cache, tags, n):
     return out
 
 
+def check_implementation(tier, implementation: str) -> None:
+    """Host stores in pinned host memory (a GPU) are reached by the custom
+    calls only: XLA's own gather and scatter refuse a host operand."""
+    if tier.kind != "hbm" and implementation != "ffi" and host_memory_kind() is not None:
+        raise ValueError(
+            f'storage="{tier.kind}" on a GPU needs implementation="ffi": the pure-JAX '
+            "reference cannot read rows in pinned host memory (XLA's gather takes no host "
+            "operand)"
+        )
+
+
 def make_storage(storage: str, cache_rows=None, cache_policy: str = "lru"):
     """The tier of a table from its arguments, checked."""
     if storage not in STORAGES:

@@ -42,6 +42,14 @@ def _check_rows(rows):
         raise ValueError(f"rows must be int32 [K], got {rows.dtype} {rows.shape}")
 
 
+def _in_place(target: str, dst, *args):
+    """The custom call `target(dst, *args)` whose output is `dst`, updated in
+    place (aliased)."""
+    out = jax.ShapeDtypeStruct(dst.shape, dst.dtype)
+    call = jax.ffi.ffi_call(target, out, vmap_method="sequential", input_output_aliases={0: 0})
+    return call(dst, *args)
+
+
 def gather_rows(src: jax.Array, rows: jax.Array) -> jax.Array:
     """The rows `rows` of `src` ([K] + src.shape[1:], src's dtype); zeros
     where a row index lies outside [0, R)."""
@@ -62,11 +70,7 @@ def scatter_rows(dst: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Arra
             f"values must be {dst.dtype} {list(want)} (one row of dst per listed row), "
             f"got {values.dtype} {values.shape}"
         )
-    out = jax.ShapeDtypeStruct(dst.shape, dst.dtype)
-    call = jax.ffi.ffi_call(
-        "sok_rows_scatter", out, vmap_method="sequential", input_output_aliases={0: 0}
-    )
-    return call(dst, rows, values)
+    return _in_place("sok_rows_scatter", dst, rows, values)
 
 
 def copy_rows(dst: jax.Array, dst_rows: jax.Array, src: jax.Array, src_rows: jax.Array):
@@ -86,8 +90,4 @@ def copy_rows(dst: jax.Array, dst_rows: jax.Array, src: jax.Array, src_rows: jax
             f"src_rows and dst_rows must have one length, got {src_rows.shape} and "
             f"{dst_rows.shape}"
         )
-    out = jax.ShapeDtypeStruct(dst.shape, dst.dtype)
-    call = jax.ffi.ffi_call(
-        "sok_rows_copy", out, vmap_method="sequential", input_output_aliases={0: 0}
-    )
-    return call(dst, dst_rows, src, src_rows)
+    return _in_place("sok_rows_copy", dst, dst_rows, src, src_rows)
