@@ -54,7 +54,7 @@ from sok_jax.distributed.state import (
     check_like,
     check_opt_state,
 )
-from sok_jax.distributed.storage import HbmStorage, check_implementation
+from sok_jax.distributed.storage import HbmStorage
 from sok_jax.distributed.tables import LookupInput, ShardedTables, mesh_and_axis
 from sok_jax.ops import checks, resolve
 from sok_jax.optim import check_sparse_optimizer
@@ -223,8 +223,7 @@ class EmbeddingCollection:
             if f.table in index
         )
         tier = unit_plan.storage or HbmStorage()
-        tier.check_strategy(rows)
-        check_implementation(tier, self.implementation)
+        tier.check_strategy(rows, self.implementation)
         return Unit(unit_plan.name, rows, lookups, tier)
 
     # ------------------------------------------------------------ state

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 
 from sok_jax.distributed import scores
 from sok_jax.distributed.state import EmbeddingStats
-from sok_jax.distributed.storage import CACHE_COUNTS, HbmStorage, sparse_only
+from sok_jax.distributed.storage import CACHE_COUNTS, HbmStorage
 from sok_jax.embedding import _lookup
 from sok_jax.ids import Bags
 from sok_jax.ops import checks, resolve
@@ -451,9 +451,7 @@ def forward(units, shards, seed, bags, capacities, local, implementation, traini
             table, slot_keys = rows_found.table, rows_found.slot_keys
             new_shards[unit.name] = (table, slot_keys)
         source = unit.storage.lookup_source(table)
-        if sparse:
-            return jax.lax.stop_gradient(source)
-        return source if unit.storage.kind == "hbm" else sparse_only(source)
+        return jax.lax.stop_gradient(source) if sparse else source
 
     exchanged = [u for u in units if not local[u.name]]
     if exchanged:

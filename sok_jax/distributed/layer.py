@@ -39,7 +39,7 @@ from sok_jax.distributed.state import (
     check_like,
     check_opt_state,
 )
-from sok_jax.distributed.storage import check_implementation, make_storage
+from sok_jax.distributed.storage import make_storage
 from sok_jax.distributed.tables import LookupInput, ShardedTables, mesh_and_axis
 from sok_jax.ops import checks, embed_ops, resolve
 from sok_jax.ops.embed_ops import SparseRowGrad
@@ -183,8 +183,7 @@ class DistributedEmbedding:
         self.online = online
         self._rows = strategy
         self.storage = make_storage(storage, cache_rows, cache_policy)
-        self.storage.check_strategy(strategy)
-        check_implementation(self.storage, implementation)
+        self.storage.check_strategy(strategy, implementation)
         lookup = LookupSpec(_IDS, _TABLE, 0, combiner, False, self.max_feature_num)
         self._tables = ShardedTables(
             (Unit(_TABLE, strategy, (lookup,), self.storage),),

@@ -128,7 +128,7 @@ class HbmStorage:
     kind = "hbm"
     cached = False
 
-    def check_strategy(self, rows) -> None:
+    def check_strategy(self, rows, implementation: str) -> None:
         return None
 
     def owner_rows(self, rows, table, hash_part, seed, received, training, ops):
@@ -138,9 +138,7 @@ class HbmStorage:
         return rows.local_rows(table, hash_part, seed, flat_ids, members, training)
 
     def lookup_source(self, table):
-        return table
-
-    def place(self, table):
+        """The array the lookup reads (the FFI gather): the table itself."""
         return table
 
     def table_spec(self, axis, replicated: bool):
@@ -166,8 +164,8 @@ class HostStorage(HbmStorage):
 
     kind = "host"
 
-    def check_strategy(self, rows) -> None:
-        _check_tiered(rows, self.kind)
+    def check_strategy(self, rows, implementation: str) -> None:
+        _check_tiered(rows, self.kind, implementation)
 
     def owner_rows(self, rows, table, hash_part, seed, received, training, ops):
         """The strategy's rows; new keys' initial vectors written by the row
@@ -178,8 +176,9 @@ class HostStorage(HbmStorage):
             table = ops.scatter_rows(jax.lax.stop_gradient(table), target, fresh.vectors)
         return found._replace(table=table)
 
-    def place(self, table):
-        return jax.device_put(table, _with_host_memory(table.sharding))
+    def lookup_source(self, table):
+        """The table, refusing `jax.grad` (see `sparse_only`)."""
+        return sparse_only(table)
 
     def table_sharding(self, rows):
         return _with_host_memory(rows.table_sharding)
@@ -220,7 +219,16 @@ def _with_host_memory(sharding: NamedSharding) -> NamedSharding:
     return sharding if kind is None else sharding.with_memory_kind(kind)
 
 
-def _check_tiered(rows, kind):
+def _check_tiered(rows, kind, implementation):
+    """A host-stored table: placed "row" or "table", and on a GPU reached by
+    the custom calls only (XLA's own gather and scatter refuse a host
+    operand)."""
+    if implementation != "ffi" and host_memory_kind() is not None:
+        raise ValueError(
+            f'storage="{kind}" on a GPU needs implementation="ffi": the pure-JAX '
+            "reference cannot read rows in pinned host memory (XLA's gather takes no host "
+            "operand)"
+        )
     if rows.replicated:
         raise ValueError(
             f'storage="{kind}" is for placements "row" and "table": a replicated table is '
@@ -240,8 +248,8 @@ class CachedStorage:
     kind = "host_cached"
     cached = True
 
-    def check_strategy(self, rows) -> None:
-        _check_tiered(rows, self.kind)
+    def check_strategy(self, rows, implementation: str) -> None:
+        _check_tiered(rows, self.kind, implementation)
         if self.cache_rows >= rows.rows_per_device:
             raise ValueError(
                 f"cache_rows ({self.cache_rows}) must be smaller than the rows each device holds "
@@ -493,17 +501,6 @@ def _merge(host, cache, tags, n):
         held = t >= 0
         out[d * r + t[held]] = cache[d * c : (d + 1) * c][held]
     return out
-
-
-def check_implementation(tier, implementation: str) -> None:
-    """Host stores in pinned host memory (a GPU) are reached by the custom
-    calls only: XLA's own gather and scatter refuse a host operand."""
-    if tier.kind != "hbm" and implementation != "ffi" and host_memory_kind() is not None:
-        raise ValueError(
-            f'storage="{tier.kind}" on a GPU needs implementation="ffi": the pure-JAX '
-            "reference cannot read rows in pinned host memory (XLA's gather takes no host "
-            "operand)"
-        )
 
 
 def make_storage(storage: str, cache_rows=None, cache_policy: str = "lru"):
