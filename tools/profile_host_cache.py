@@ -2,9 +2,12 @@
 `CachedStorage.bring_in` and `sync_slots` timed alone as its own jitted
 program at the sizes of `benchmarks/bench_host_cache.py` (rows R, cache
 C = f * R, K key positions per step), by taking variants apart rather than
-with hardware counters.
+with hardware counters; and, with `--trace`, the whole donated sparse step
+of `bench_host_cache.py` (hbm and host_cached at `--fraction`) under XLA's
+profiler, its device time per HLO op with the JAX source that made it.
 
     python tools/profile_host_cache.py --rows 16777216 --fraction 0.5 --positions 425984
+    python tools/profile_host_cache.py --trace --rows 16777216 --fraction 0.2 --dist zipf
 """
 
 from __future__ import annotations
@@ -13,13 +16,17 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(_HERE, "..", "benchmarks"))
+sys.path.insert(0, _HERE)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import bench_host_cache  # noqa: E402
 import common  # noqa: E402
+import xla_trace  # noqa: E402
 from sok_jax.distributed import storage  # noqa: E402
 from sok_jax.ops import ffi  # noqa: E402
 
@@ -31,7 +38,14 @@ def main(argv=None) -> int:
     p.add_argument("--positions", type=int, default=16384 * 26)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--trace", action="store_true", help="trace whole steps instead of stages")
+    p.add_argument("--dist", default="zipf", choices=("uniform", "zipf"))
+    p.add_argument("--optimizer", default="sgd", choices=sorted(bench_host_cache.SLOTS))
+    p.add_argument("--storages", type=common.str_list, default=["hbm", "host_cached"])
+    p.add_argument("--hlo-dir", default=None, help="--trace: write each step's optimized HLO here")
     args = p.parse_args(argv)
+    if args.trace:
+        return trace_steps(args)
     r, k, d = args.rows, args.positions, args.dim
     c = int(r * args.fraction)
     rng = np.random.default_rng(0)
@@ -48,11 +62,11 @@ def main(argv=None) -> int:
         slot_of=slot_of,
         score=score,
         step=jnp.full((1,), 40, jnp.int32),
+        hand=jnp.zeros((1,), jnp.int32),
     )
-    m = jnp.int32(k // 4)
     stages = {
         "argsort K (distinct rows)": (lambda x: jnp.argsort(x, stable=True), (ids,)),
-        "lowest_slots C": (lambda s, m: storage._lowest_slots(s, m, k), (score, m)),
+        "argsort 2K (victim window)": (lambda x: jnp.argsort(x, stable=True), (score[: 2 * k],)),
         "nonzero C (size K)": (lambda x: jnp.nonzero(x, size=k, fill_value=c)[0], (mask,)),
         "cumsum C": (lambda x: jnp.cumsum(x.astype(jnp.int32)), (mask,)),
         "compare + sum C": (lambda a, b: jnp.sum(a != b), (tags, tags + 1)),
@@ -65,6 +79,78 @@ def main(argv=None) -> int:
         print(f"{name}: {t * 1e3:.3f} ms", flush=True)
     print(f"R {r}, C {c}, K {k}, D {d} on {jax.devices()[0].device_kind}")
     common.print_table(rows, [("stage", "stage"), ("ms", "ms", ".3f")])
+    return 0
+
+
+def _cache_counts(state):
+    s = state.stats
+    if s.cache_hits is None:
+        return 0, 0, 0
+    return tuple(int(np.asarray(x).sum()) for x in (s.cache_hits, s.cache_misses, s.cache_evictions))
+
+
+# The named scopes of the cache's stages (storage.py, tables.py), innermost first.
+SCOPES = (
+    "cache_bring_in/victims",
+    "cache_bring_in/moves",
+    "cache_bring_in",
+    "cache_sync_slots",
+    "cache_stale",
+)
+
+
+def trace_steps(args) -> int:
+    """The bench's donated step per storage, traced after warm steps that
+    fill the cache: device time per HLO op."""
+    slots = 26
+    batch = args.positions // slots
+    rng = np.random.default_rng(0)
+    batches = [
+        jnp.asarray(common.draw_keys(rng, args.dist, batch * slots, args.rows, 1.05).reshape(batch, slots, 1))
+        for _ in range(32 + args.iters + 2)  # a fresh batch every step, as the bench
+    ]
+    layer_args = argparse.Namespace(dim=args.dim, slots=slots)
+    head = jnp.asarray(np.random.default_rng(1).normal(size=(slots, args.dim)), jnp.float32)
+    opt = bench_host_cache.make_optimizer(args.optimizer)
+    for storage in args.storages:
+        fraction = args.fraction if storage == "host_cached" else None
+        emb = bench_host_cache.layer_for(layer_args, args.rows, storage, fraction)
+        state = emb.init(0)
+        opt_state = emb.init_optimizer(opt, state)
+        step = bench_host_cache.stepper(emb, opt, state, opt_state, head)
+        compiled = step.lower(state, opt_state, batches[0]).compile()
+        if args.hlo_dir:
+            os.makedirs(args.hlo_dir, exist_ok=True)
+            with open(os.path.join(args.hlo_dir, f"step_{storage}.hlo.txt"), "w") as f:
+                f.write(compiled.as_text())
+        turn = [0]
+        last = {}
+
+        def run(state, opt_state):
+            state, opt_state, _ = step(state, opt_state, batches[turn[0]])
+            turn[0] += 1
+            last["state"] = state
+            return state, opt_state
+
+        carry = (state, opt_state)
+        for _ in range(32):  # fill the cache
+            carry = run(*carry)
+        before = _cache_counts(carry[0])
+        rows = xla_trace.top_ops(run, carry, steps=args.iters, compiled=compiled)
+        after = _cache_counts(last["state"])
+        per_step = [(a - b) / (args.iters + 1) for a, b in zip(after, before)]
+        if storage == "host_cached":
+            print(
+                "per traced step: hits {:.0f}, misses {:.0f}, evictions {:.0f}; rows over the "
+                "host link {:.1f} MB".format(*per_step, (per_step[1] + per_step[2]) * args.dim * 4 / 1e6)
+            )
+        label = storage if fraction is None else f"{storage} {fraction:g}"
+        xla_trace.print_top(
+            rows,
+            title=f"{label}, {args.dist}, {args.optimizer}, R {args.rows}, K {args.positions}",
+            scopes=SCOPES,
+        )
+        del state, opt_state, carry, step
     return 0
 
 

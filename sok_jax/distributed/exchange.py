@@ -356,7 +356,7 @@ class _Counters:
         for t in evicting:
             self.counts[t]["stale"] = zero
         for t in cached:
-            self.counts[t].update({k: zero for k in (*CACHE_COUNTS, "cache_skipped")})
+            self.counts[t].update({k: zero for k in CACHE_COUNTS})
 
     def add(self, table, what, value):
         c = self.counts[table][what]
@@ -394,7 +394,7 @@ class _Counters:
                 nonfinite=jnp.zeros((1,), jnp.int32),
                 **{
                     k: c[k].reshape(1)
-                    for k in (*ONLINE_COUNTS, "stale", *CACHE_COUNTS, "cache_skipped")
+                    for k in (*ONLINE_COUNTS, "stale", *CACHE_COUNTS)
                     if k in c
                 },
             )

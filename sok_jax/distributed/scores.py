@@ -364,9 +364,18 @@ def find_stale(slot_keys, held: HeldRows) -> StaleRows:
     rows = held.rows
     now = slot_keys.at[rows].get(mode="fill", fill_value=checks.padding_value(slot_keys.dtype))
     stale = (rows >= 0) & (now != held.keys.astype(slot_keys.dtype))
+    return stale_rows(rows, stale, held.new.astype(bool))
+
+
+def stale_rows(rows, stale, new=None) -> StaleRows:
+    """The `StaleRows` of per-position `rows` (int32, -1: none) of which
+    `stale` (bool) are stale; `new`: which the lookup gave to new keys (None:
+    none)."""
     s = jnp.sort(jnp.where(stale, rows, _NO_ROW))
     first = jnp.concatenate([s[:1] != _NO_ROW, (s[1:] != s[:-1]) & (s[1:] != _NO_ROW)])
-    reset = jnp.where(held.new.astype(bool) & ~stale & (rows >= 0), rows, -1)
+    reset = None
+    if new is not None:
+        reset = jnp.where(new & ~stale & (rows >= 0), rows, -1)
     return StaleRows(s, jnp.sum(first).astype(jnp.int32), reset)
 
 

@@ -51,11 +51,6 @@ class EmbeddingStats:
       its HBM cache, and those brought in from the host store.
     cache_evictions: rows that left the cache (written back to the host
       store) to make room.
-    cache_skipped: row updates (`sparse_update`, `apply_gradients`) skipped
-      because the optimizer slots of their cache slots could not be synced
-      in that update (more rows entered the cache since the last update than
-      one update syncs: call the update after every training lookup). The
-      rows kept their values; `check_stats` reports them.
     """
 
     overflow: Any
@@ -69,7 +64,6 @@ class EmbeddingStats:
     cache_hits: Any = None
     cache_misses: Any = None
     cache_evictions: Any = None
-    cache_skipped: Any = None
 
     def total(self):
         return jnp.sum(self.overflow) + jnp.sum(self.invalid) + jnp.sum(self.hash_full)
@@ -141,7 +135,6 @@ def stats_problems(
     table: str | None = None,
     nonfinite=None,
     stale=None,
-    cache_skipped=None,
 ) -> list[str]:
     """One sentence per kind of dropped id (and of non-finite cotangent and
     skipped stale row), with the per-device counts."""
@@ -157,11 +150,6 @@ def stats_problems(
             "optimizer has skip_nonfinite=True)",
         ),
         (0 if stale is None else stale, _STALE),
-        (
-            0 if cache_skipped is None else cache_skipped,
-            "row update(s) skipped: their optimizer slots were not synced into the cache "
-            "(call sparse_update after every training lookup of a host_cached table)",
-        ),
     ):
         counts = np.asarray(counts)
         if int(np.sum(counts)):
@@ -181,7 +169,6 @@ COUNTS = (
     "cache_hits",
     "cache_misses",
     "cache_evictions",
-    "cache_skipped",
 )
 
 
@@ -219,7 +206,7 @@ def _problems(stats: dict, before: dict | None = None) -> list[str]:
 
         problems += stats_problems(
             host("overflow"), host("invalid"), host("hash_full"), table, host("nonfinite"),
-            host("stale"), host("cache_skipped"),
+            host("stale"),
         )
     return problems
 

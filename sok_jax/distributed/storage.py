@@ -44,6 +44,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sok_jax._compat import shard_map
+from sok_jax.distributed import scores
 from sok_jax.distributed.host import to_host
 from sok_jax.ops import checks
 
@@ -72,6 +73,7 @@ class CachedShard(NamedTuple):
     score: int32 [n * C]: "lru": the step that last used the slot; "lfu":
       the lookups that used its row since it came in; -1: empty.
     step: int32 [n]: the lookups this shard has served.
+    hand: int32 [n]: where the next victim window starts (`_victims`).
     """
 
     host: Any
@@ -80,6 +82,7 @@ class CachedShard(NamedTuple):
     slot_of: Any
     score: Any
     step: Any
+    hand: Any
 
 
 class CachedOptState(NamedTuple):
@@ -89,32 +92,44 @@ class CachedOptState(NamedTuple):
       the cache: slots [n * C, ...] and the update count.
     host: every row's slots, [n * R, ...] each (pinned host memory on a GPU).
     tags: int32 [n * C]: the local row whose slots each cache slot holds.
+    step: int32 [n]: the shard's `step` when the slots were last synced.
     """
 
     cache: Any
     host: tuple
     tags: Any
+    step: Any
 
 
 class CacheHeld(NamedTuple):
-    """What a cached table's lookup leaves in its context, per cache slot of
-    the device: the local row the slot held (int32, -1: none) and, for a
-    hash table that evicts, the key that row held and whether the lookup
-    gave the row to it (None otherwise). The update skips the slots whose
-    row or key changed since (`CachedStorage.stale_slots`)."""
+    """What a cached table's lookup leaves in its context on one device.
 
+    Per key position: `slots`, its cache slot (int32, -1: none); `rows`,
+    the local row that slot held; for a hash table that evicts, `keys`, the
+    key the row held, and `new`, whether the lookup gave the row to it (None
+    otherwise). The update skips the slots whose row or key changed since
+    (`CachedStorage.stale_slots`).
+    `moved`: int32 [K]: the cache slots the lookup gave new rows (-1 pad);
+    `step`: int32 [1]: the shard's step after the lookup. An update right
+    after it syncs the optimizer slots of `moved` only (`sync_slots`)."""
+
+    slots: Any
     rows: Any
     keys: Any
     new: Any
+    moved: Any
+    step: Any
 
 
 class BroughtIn(NamedTuple):
     """`bring_in`'s result on one device: the shard after the moves, the
-    cache slot of each position (-1 where the position named no row), and
-    the call's {cache_hits, cache_misses, cache_evictions}."""
+    cache slot of each position (-1 where the position named no row), the
+    slots given new rows (-1 pad), and the call's {cache_hits,
+    cache_misses, cache_evictions}."""
 
     shard: CachedShard
     slots: jax.Array
+    moved: jax.Array
     counts: dict
 
 
@@ -259,11 +274,11 @@ class CachedStorage:
     # ------------------------------------------------------------ shapes
     def table_spec(self, axis, replicated: bool):
         row, mat = P(axis), P(axis, None)
-        return CachedShard(mat, mat, row, row, row, row)
+        return CachedShard(mat, mat, row, row, row, row, row)
 
     def table_sharding(self, rows):
         row, mat = rows.row_sharding, rows.table_sharding
-        return CachedShard(_with_host_memory(mat), mat, row, row, row, row)
+        return CachedShard(_with_host_memory(mat), mat, row, row, row, row, row)
 
     def slot_sharding(self, rows, spec):
         """The optimizer slots the update works on: the cache's, in HBM."""
@@ -284,6 +299,7 @@ class CachedStorage:
             slot_of=jnp.full((rows_per_device,), _EMPTY, jnp.int32),
             score=jnp.full((c,), _EMPTY, jnp.int32),
             step=jnp.zeros((1,), jnp.int32),
+            hand=jnp.zeros((1,), jnp.int32),
         )
 
     def place(self, shard: CachedShard) -> CachedShard:
@@ -328,48 +344,25 @@ class CachedStorage:
             cache = jax.lax.stop_gradient(shard.cache)
             cache = ops.scatter_rows(cache, target, fresh.vectors)
             shard = shard._replace(cache=_refuse_grad(cache, shard.cache))
-        return found._replace(
-            table=shard, rows=got.slots, held=self._held(shard, got.slots, found.held),
-            cache=got.counts,
+        held = found.held
+        cache_held = CacheHeld(
+            got.slots,
+            found.rows,
+            None if held is None else held.keys,
+            None if held is None else held.new,
+            got.moved,
+            shard.step,
         )
-
-    def _held(self, shard: CachedShard, slots, held):
-        """The lookup's `CacheHeld`: per cache slot the row it holds now and,
-        for a table that evicts (`held`: its per-position `scores.HeldRows`),
-        the key that row holds and whether the lookup gave it to that key."""
-        if held is None:
-            return CacheHeld(shard.tags, None, None)
-        c = shard.tags.shape[0]
-        at = jnp.where(slots >= 0, slots, c)
-        pad = checks.padding_value(held.keys.dtype)
-        keys = jnp.full((c,), pad, held.keys.dtype).at[at].set(held.keys, mode="drop")
-        new = jnp.zeros((c,), bool).at[jnp.where(held.new, at, c)].set(True, mode="drop")
-        return CacheHeld(shard.tags, keys, new)
-
-    def stale_slots(self, tags, slot_keys, held: CacheHeld):
-        """One device: the cache slots whose row (or, in a table that evicts,
-        the row's key) changed since the lookup that made `held`: an update
-        with that lookup's context skips them."""
-        stale = (held.rows >= 0) & (tags != held.rows)
-        if held.keys is not None:
-            now = slot_keys.at[held.rows].get(mode="fill", fill_value=checks.padding_value(slot_keys.dtype))
-            stale |= (held.rows >= 0) & (now != held.keys.astype(slot_keys.dtype))
-        return stale
-
-    def reset_slots_of(self, held: CacheHeld, stale):
-        """The cache slots whose optimizer slots the update resets (the rows
-        the lookup gave to new keys, not stale since), -1 elsewhere."""
-        if held.new is None:
-            return None
-        slots = jnp.arange(held.new.shape[0], dtype=jnp.int32)
-        return jnp.where(held.new & ~stale, slots, _EMPTY)
+        return found._replace(table=shard, rows=got.slots, held=cache_held, cache=got.counts)
 
     def bring_in(self, shard: CachedShard, rows, ops) -> BroughtIn:
-        """One device: the distinct local rows of `rows` (int32, -1: none)
-        into the cache. The M missing rows take the M slots that the policy
-        ranks lowest, by (score, slot), among those this call's hits do not
-        use (empty slots first), in order: the missing rows ascending take
-        those slots ascending; each slot's row is written back first."""
+        with jax.named_scope("cache_bring_in"):
+            return self._bring_in(shard, rows, ops)
+
+    def _bring_in(self, shard: CachedShard, rows, ops) -> BroughtIn:
+        """One device: the distinct local rows of `rows` (int32 [K], -1: none)
+        into the cache. The M missing rows (ascending) take the victim slots
+        (`_victims`) in order; each victim's row is written back first."""
         r, c, k = shard.host.shape[0], shard.cache.shape[0], rows.shape[0]
         key = jnp.where((rows >= 0) & (rows < r), rows, r)
         order = jnp.argsort(key, stable=True)
@@ -380,18 +373,16 @@ class CachedStorage:
         hit = first & (cached_at >= 0)
         miss = first & (cached_at < 0)
 
-        # Victims: the lowest (score, slot) among the slots no hit uses.
-        pinned = jnp.zeros((c,), bool).at[jnp.where(hit, cached_at, c)].set(True, mode="drop")
-        chosen = _lowest_slots(jnp.where(pinned, _PINNED, shard.score), jnp.sum(miss), k)
-        nth = jnp.clip(jnp.cumsum(miss) - 1, 0, k - 1)
-        victim = jnp.where(miss, chosen[nth], _EMPTY)
+        with jax.named_scope("victims"):
+            victim, hand = self._victims(shard, hit, miss, cached_at)
         leaving = jnp.where(miss, shard.tags[jnp.maximum(victim, 0)], _EMPTY)
 
         # Write the leaving rows back, then read the missing ones in (the
         # two sets are disjoint: one is cached, the other is not).
-        host = ops.copy_rows(shard.host, leaving, shard.cache, victim)
-        incoming = jnp.where(miss, srt, _EMPTY)
-        cache = ops.copy_rows(shard.cache, victim, host, incoming)
+        with jax.named_scope("moves"):
+            host = ops.copy_rows(shard.host, leaving, shard.cache, victim)
+            incoming = jnp.where(miss, srt, _EMPTY)
+            cache = ops.copy_rows(shard.cache, victim, host, incoming)
 
         slot_of = shard.slot_of.at[jnp.where(leaving >= 0, leaving, r)].set(_EMPTY, mode="drop")
         slot_of = slot_of.at[jnp.where(miss, srt, r)].set(victim, mode="drop")
@@ -418,31 +409,87 @@ class CachedStorage:
             "cache_misses": jnp.sum(miss, dtype=jnp.int32),
             "cache_evictions": jnp.sum(leaving >= 0, dtype=jnp.int32),
         }
-        return BroughtIn(CachedShard(host, cache, tags, slot_of, score, step), slots, counts)
+        shard = CachedShard(host, cache, tags, slot_of, score, step, hand)
+        return BroughtIn(shard, slots, jnp.where(miss, victim, _EMPTY), counts)
+
+    def _victims(self, shard: CachedShard, hit, miss, cached_at):
+        """(the victim slot of each missing row, -1 elsewhere; the new hand).
+
+        The window: the W = min(C, 2K) slots from the hand on (cyclically).
+        Its slots that this call's hits do not use are ranked by (score,
+        offset from the hand), empty slots (score -1) first; the n-th missing
+        row takes the n-th. The window always holds enough (K >= hits +
+        misses, and C >= K), so every missing row gets a slot; the hand moves
+        past the last slot taken. Within the window this is the policy's
+        order (least recently / least often used first); over the whole
+        cache it is a clock sweep (O(K) work per call, not O(C))."""
+        c, k = shard.cache.shape[0], hit.shape[0]
+        w = min(c, 2 * k)
+        hand = shard.hand[0]
+        window = (hand + jnp.arange(w, dtype=jnp.int32)) % c
+        offset = jnp.where(hit, (cached_at - hand) % c, w)
+        pinned = jnp.zeros((w,), bool).at[offset].set(True, mode="drop")
+        rank = jnp.argsort(jnp.where(pinned, _PINNED, shard.score[window]), stable=True)[:k]
+        m = jnp.sum(miss, dtype=jnp.int32)
+        nth = jnp.clip(jnp.cumsum(miss) - 1, 0, k - 1)
+        victim = jnp.where(miss, window[rank[nth]], _EMPTY)
+        last = jnp.max(jnp.where(jnp.arange(k) < m, rank, -1))
+        return victim, ((hand + last + 1) % c)[None].astype(jnp.int32)
 
     # ------------------------------------------------------------ update
-    def sync_slots(self, opt: CachedOptState, tags, bound: int, ops):
-        """One device: the optimizer state with the slots of every cache slot
-        whose row changed since its last sync (at most `bound` of them; the
-        rest wait for a later update) written back and read in. Returns
-        (opt, synced: bool [C], whether each cache slot's slots now belong
-        to the row the shard says it holds)."""
+    def stale_slots(self, tags, slot_keys, held: CacheHeld):
+        """One device: the cache slots of `held`'s positions whose row (or,
+        in a table that evicts, the row's key) changed since the lookup that
+        made it: a `scores.StaleRows` over cache slots (an update with that
+        lookup's context skips them, and resets the slots of the rows that
+        lookup gave to new keys)."""
         c = tags.shape[0]
-        differ = opt.tags != tags
-        idx = jnp.nonzero(differ, size=min(bound, c), fill_value=c)[0]
-        valid = idx < c
-        at = jnp.where(valid, idx, _EMPTY)
-        old = jnp.where(valid, opt.tags[jnp.minimum(idx, c - 1)], _EMPTY)
-        new = jnp.where(valid, tags[jnp.minimum(idx, c - 1)], _EMPTY)
+        now = tags.at[held.slots].get(mode="fill", fill_value=_EMPTY)
+        stale = (held.slots >= 0) & (now != held.rows)
+        if held.keys is not None:
+            pad = checks.padding_value(slot_keys.dtype)
+            key_now = slot_keys.at[held.rows].get(mode="fill", fill_value=pad)
+            stale |= (held.slots >= 0) & (key_now != held.keys.astype(slot_keys.dtype))
+        new = None if held.new is None else held.new & (held.slots < c)
+        return scores.stale_rows(held.slots, stale, new)
+
+    def sync_slots(self, opt: CachedOptState, shard: CachedShard, held: CacheHeld, ops):
+        """One device: the optimizer state with its slot caches holding the
+        slots of the rows the shard's cache holds. After the update that
+        follows the one lookup since the last sync (the training step), only
+        that lookup's victims (`held.moved`) changed rows: their slots are
+        written back and read in (O(K)). Otherwise (lookups without updates
+        between) every cache slot whose row changed since is (O(C))."""
+        with jax.named_scope("cache_sync_slots"):
+            after_one = (opt.step[0] + 1 == held.step[0]) & (shard.step[0] == held.step[0])
+
+            def move(opt, at):
+                return self._move_slots(opt, shard.tags, at, shard.step, ops)
+
+            return jax.lax.cond(
+                after_one,
+                lambda o: move(o, held.moved),
+                lambda o: move(o, _differing(o.tags, shard.tags)),
+                opt,
+            )
+
+    def _move_slots(self, opt: CachedOptState, tags, at, step, ops):
+        """`opt` with the slots of cache slots `at` (-1: none) written back
+        to the rows they held and read in from the rows `tags` says."""
+        c = tags.shape[0]
+        valid = at >= 0
+        safe = jnp.clip(at, 0, c - 1)
+        old = jnp.where(valid, opt.tags[safe], _EMPTY)
+        new = jnp.where(valid, tags[safe], _EMPTY)
         host, cache = [], []
         for h, s in zip(opt.host, opt.cache.slots):
-            h = ops.copy_rows(h, old, s, at)
-            s = ops.copy_rows(s, at, h, new)
+            h = ops.copy_rows(h, old, s, jnp.where(old >= 0, at, _EMPTY))
+            s = ops.copy_rows(s, jnp.where(new >= 0, at, _EMPTY), h, new)
             host.append(h)
             cache.append(s)
-        new_tags = opt.tags.at[jnp.where(valid, idx, c)].set(new, mode="drop")
+        new_tags = opt.tags.at[jnp.where(valid, at, c)].set(new, mode="drop")
         inner = type(opt.cache)(tuple(cache), opt.cache.count)
-        return CachedOptState(inner, tuple(host), new_tags), new_tags == tags
+        return CachedOptState(inner, tuple(host), new_tags, step)
 
     # ------------------------------------------------------------ host side
     def logical(self, shard: CachedShard, opt_state, num_devices: int):
@@ -467,29 +514,12 @@ class CachedStorage:
         )
 
 
-def _lowest_slots(key, m, k: int):
-    """The m slots of lowest (key, slot), ascending by slot, padded to k
-    (static, >= m) with -1. Exact and O(C) passes, no sort: a binary search
-    for the key T at which the count of keys <= T reaches m, then every slot
-    below T and the first slots at T."""
-    c = key.shape[0]
-
-    def count_le(t):
-        return jnp.sum(key <= t, dtype=jnp.int32)
-
-    def halve(bounds):
-        lo, hi = bounds
-        mid = lo + (hi - lo) // 2
-        enough = count_le(mid) >= m
-        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
-
-    lo = jnp.min(key)
-    hi = jnp.max(jnp.where(key == _PINNED, lo, key))  # count_le(hi) >= m: the unpinned
-    t, _ = jax.lax.while_loop(lambda b: b[0] < b[1], halve, (lo, hi))
-    below = key < t
-    at = (key == t) & (jnp.cumsum(key == t, dtype=jnp.int32) <= m - jnp.sum(below, dtype=jnp.int32))
-    take = (below | at) & (m > 0)
-    return jnp.nonzero(take, size=k, fill_value=c)[0].astype(jnp.int32)
+def _differing(opt_tags, tags):
+    """The cache slots whose optimizer slots belong to another row than the
+    shard's (ascending, padded to C with -1)."""
+    c = tags.shape[0]
+    idx = jnp.nonzero(opt_tags != tags, size=c, fill_value=c)[0].astype(jnp.int32)
+    return jnp.where(idx < c, idx, _EMPTY)
 
 
 def _merge(host, cache, tags, n):
@@ -555,7 +585,8 @@ def _opt_sharding(tier, rows, opt_state):
     if isinstance(opt_state, CachedOptState):
         inner = type(opt_state.cache)(slots(opt_state.cache.slots, tier.slot_sharding), repl)
         host = slots(opt_state.host, tier.host_slot_sharding)
-        return CachedOptState(inner, host, NamedSharding(rows.mesh, P(lead)))
+        row = NamedSharding(rows.mesh, P(lead))
+        return CachedOptState(inner, host, row, row)
     return type(opt_state)(slots(opt_state.slots, tier.slot_sharding), repl)
 
 

@@ -179,7 +179,7 @@ class ShardedTables:
         if table in set(exchange.changing_tables(self.units)):
             extra += ("stale",)
         if table in set(exchange.cached_tables(self.units)):
-            extra += CACHE_COUNTS + ("cache_skipped",)
+            extra += CACHE_COUNTS
         return extra
 
     def stats_shardings(self) -> dict:
@@ -196,7 +196,7 @@ class ShardedTables:
 
         if isinstance(opt_state, CachedOptState):
             inner = type(opt_state.cache)(specs(opt_state.cache.slots), P())
-            return CachedOptState(inner, specs(opt_state.host), P(lead))
+            return CachedOptState(inner, specs(opt_state.host), P(lead), P(lead))
         return specs(opt_state.slots)
 
     def _opt_spec(self, unit: Unit, opt_state):
@@ -454,7 +454,7 @@ class ShardedTables:
             out[k] = (t, shards[k][1])
         return out, new_opt, {**stats, **counted}
 
-    def _update_unit(self, name, optimizer, table, opt_state, keys, held, rows_of, update):
+    def _update_unit(self, name, optimizer, table, opt_state, keys, held, update):
         """One device, one unit: `update(table, opt_state, keep)` on the rows
         the optimizer updates (`keep(rows)`: the rows with those that must be
         skipped set to -1), after resetting the slots of the rows the lookup
@@ -464,9 +464,8 @@ class ShardedTables:
 
         An evicting unit skips the rows whose key a later lookup evicted
         (`stale`). A cached unit syncs its optimizer slots into the cache
-        first (at most `rows_of` rows' worth; the rows not synced are
-        skipped, `cache_skipped`) and skips the cache slots whose row or key
-        changed since the lookup (`stale`)."""
+        first and skips the cache slots whose row or key changed since the
+        lookup (`stale`)."""
         unit = self.unit(name)
         ops = resolve(self.implementation)
         counts = {}
@@ -480,20 +479,12 @@ class ShardedTables:
             opt_state = reset_slots(optimizer, opt_state, reset, table.shape[1])
             new_t, new_o = update(table, opt_state, keep)
             return new_t, new_o, counts
-        opt_state, synced = unit.storage.sync_slots(opt_state, table.tags, 2 * rows_of, ops)
-        stale = unit.storage.stale_slots(table.tags, keys, held)
-        reset = unit.storage.reset_slots_of(held, stale)
-        inner = reset_slots(optimizer, opt_state.cache, reset, table.cache.shape[1])
-
-        def keep(rows):
-            at = jnp.clip(rows, 0, synced.shape[0] - 1)
-            used = jnp.zeros(synced.shape, bool).at[jnp.where(rows >= 0, rows, synced.shape[0])]
-            used = used.set(True, mode="drop")
-            counts["stale"] = jnp.sum(used & stale, dtype=jnp.int32)
-            counts["cache_skipped"] = jnp.sum(used & ~stale & ~synced, dtype=jnp.int32)
-            return jnp.where((rows >= 0) & synced[at] & ~stale[at], rows, -1)
-
-        new_cache, new_inner = update(table.cache, inner, keep)
+        opt_state = unit.storage.sync_slots(opt_state, table, held, ops)
+        with jax.named_scope("cache_stale"):
+            stale = unit.storage.stale_slots(table.tags, keys, held)
+        counts["stale"] = stale.count
+        inner = reset_slots(optimizer, opt_state.cache, stale.reset_rows, table.cache.shape[1])
+        new_cache, new_inner = update(table.cache, inner, functools.partial(drop_stale, stale))
         return table._replace(cache=new_cache), opt_state._replace(cache=new_inner), counts
 
     def sparse_update(self, shards, optimizers: dict, opt_states: dict, stats, ctx, d_outs):
@@ -524,8 +515,7 @@ class ShardedTables:
                     return opt.update_bags(table, opt_state, *b)
 
                 new_t[name], new_o[name], counts[name] = self._update_unit(
-                    name, opt, tables[name], opt_states[name], keys.get(name), held,
-                    unit_bags.ids.shape[0], update,
+                    name, opt, tables[name], opt_states[name], keys.get(name), held, update
                 )
             return new_t, new_o, counts
 
@@ -548,8 +538,7 @@ class ShardedTables:
                     return opt.update(table, opt_state, SparseRowGrad(keep(g.rows), g.grads, g.count))
 
                 new_t[name], new_o[name], counts[name] = self._update_unit(
-                    name, opt, tables[name], opt_states[name], keys.get(name), held,
-                    g.rows.shape[0], update,
+                    name, opt, tables[name], opt_states[name], keys.get(name), held, update
                 )
             return new_t, new_o, counts
 
@@ -580,7 +569,8 @@ class ShardedTables:
                 continue
             inner = self._init_slots(u, optimizer, table.cache)
             tags = jax.device_put(jnp.full(table.tags.shape, -1, jnp.int32), table.tags.sharding)
-            out[u.name] = CachedOptState(inner, slots, tags)
+            step = jax.device_put(jnp.zeros(table.step.shape, jnp.int32), table.step.sharding)
+            out[u.name] = CachedOptState(inner, slots, tags, step)
         return out
 
     def adopt(self, unit_name: str, shard, table, optimizer=None, opt_state=None):
@@ -608,7 +598,8 @@ class ShardedTables:
             for s in opt_state.slots
         )
         tags = jax.device_put(jnp.full(shard.tags.shape, -1, jnp.int32), shard.tags.sharding)
-        return shard, CachedOptState(inner, host, tags)
+        step = jax.device_put(jnp.zeros(shard.step.shape, jnp.int32), shard.step.sharding)
+        return shard, CachedOptState(inner, host, tags, step)
 
     def plain_optimizer(self, unit_name: str, optimizer, table):
         """`optimizer.init` over a logical table [n * R, D] of the unit."""
@@ -641,7 +632,9 @@ class ShardedTables:
                     tuple(sharding(u, p) for p in specs.cache.slots), sharding(u, P())
                 )
                 host = tuple(u.storage.host_slot_sharding(u.rows, p) for p in specs.host)
-                out[name] = CachedOptState(inner, host, sharding(u, specs.tags))
+                out[name] = CachedOptState(
+                    inner, host, sharding(u, specs.tags), sharding(u, specs.step)
+                )
             else:
                 slots = tuple(u.storage.slot_sharding(u.rows, p) for p in specs)
                 out[name] = type(s)(slots, sharding(u, P()))
