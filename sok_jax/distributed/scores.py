@@ -383,7 +383,8 @@ def drop_stale(stale: StaleRows, rows):
     """`rows` (int32, -1: none) with the stale ones set to -1 (an update
     skips them: their vectors and slots stay as they are)."""
     s = stale.sorted
-    at = jnp.clip(jnp.searchsorted(s, rows), 0, s.shape[0] - 1)
+    # one sort, not a loop of log2(H) dependent gathers (one launch each on a GPU)
+    at = jnp.clip(jnp.searchsorted(s, rows, method="sort"), 0, s.shape[0] - 1)
     return jnp.where((rows >= 0) & (s[at] == rows), -1, rows)
 
 
