@@ -450,6 +450,7 @@ class CollectionEmbedding(_ShardedSide):
         dtype=jnp.float32,
         capacity_factor: float | None = None,
         check: bool = False,
+        hbm_budget: int | None = None,
     ):
         self.features = tuple(features)
         self.dim = int(dim)
@@ -468,6 +469,7 @@ class CollectionEmbedding(_ShardedSide):
             capacity_factor=capacity_factor,
             optimizer=optimizer,
             check=check,
+            hbm_budget=hbm_budget,
         )
         self.layer = self.collection
 

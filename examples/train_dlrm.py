@@ -127,6 +127,13 @@ def parse_args(argv=None):
     )
     p.add_argument("--check", action="store_true", help="raise if a step dropped keys")
     p.add_argument(
+        "--hbm-budget",
+        type=float,
+        default=None,
+        help="collection: GiB of HBM per device the tables may take; the planner keeps the "
+        "rest in host memory behind HBM caches (storage='host_cached')",
+    )
+    p.add_argument(
         "--dense-path",
         action="store_true",
         help="train the table with jax.grad + optax (O(table) per step)",
@@ -162,6 +169,8 @@ def parse_args(argv=None):
         args.dense_lr = preset["lr"] if dcn else 1e-3
     if args.multi_hot and not dcn:
         p.error("--multi-hot is for --model dcnv2")
+    if args.hbm_budget is not None and (args.embedding != "collection" or args.dense_path):
+        p.error("--hbm-budget is for --embedding collection (the planner offloads its tables)")
     return args
 
 
@@ -438,6 +447,7 @@ def main(argv=None):
             dtype=DTYPES[args.table_dtype],
             capacity_factor=args.capacity_factor or None,
             check=args.check,
+            hbm_budget=None if args.hbm_budget is None else int(args.hbm_budget * 2**30),
         )
     else:  # the dense path needs one table array: the one-table form
         embed = dm.TableEmbedding(

@@ -57,13 +57,15 @@ def _run(tmp_path, args, devices=8, timeout=300):
 
 
 @pytest.mark.parametrize(
-    "multi_hot,embedding",
-    [(False, "collection"), (True, "one-table")],
-    ids=["one-hot-collection", "multi-hot-one-table"],
+    "multi_hot,embedding,hbm_budget",
+    [(False, "collection", None), (True, "one-table", None), (False, "collection", "0.0015")],
+    ids=["one-hot-collection", "multi-hot-one-table", "collection-offloaded"],
 )
-def test_dcnv2_mlperf_preset_learns_at_tiny_scale(tmp_path, multi_hot, embedding):
+def test_dcnv2_mlperf_preset_learns_at_tiny_scale(tmp_path, multi_hot, embedding, hbm_budget):
     """The MLPerf DLRM-DCNv2 preset with every table shrunk 10^4 times, on 2
-    host devices (an exchange, at a CPU's pace), with each embedding side.
+    host devices (an exchange, at a CPU's pace), with each embedding side;
+    and with an HBM budget the tables exceed, so that the planner keeps the
+    largest in host memory behind caches.
     MLPerf's dense Adagrad rate (0.005, zero initial accumulator: the first
     update is a sign step of 0.005 on every weight) spikes the loss of a
     batch-128 run for its first steps; a lower rate keeps a 16-step run's
@@ -73,8 +75,11 @@ def test_dcnv2_mlperf_preset_learns_at_tiny_scale(tmp_path, multi_hot, embedding
     png = tmp_path / "curves.png"
     args = ["--model", "dcnv2", "--preset", "mlperf", "--scale", "1e-4", "--batch-size", "128"]
     args += ["--steps", "8", "--epochs", "2", "--dense-lr", "5e-4", "--plot", str(png)]
-    args += ["--multi-hot", "--no-split"] if multi_hot else ["--split-steps", "1"]
+    args += ["--multi-hot", "--no-split"] if multi_hot else []
+    args += ["--split-steps", "1"] if not (multi_hot or hbm_budget) else []
     args += ["--embedding", embedding]
+    if hbm_budget:
+        args += ["--hbm-budget", hbm_budget, "--no-split"]
     m, stdout = _run(tmp_path, args, devices=2)
     assert m["model"] == "dcnv2" and m["devices"] == 2
     assert m["config"]["dim"] == 128 and m["config"]["optimizer"] == "rowwise_adagrad"
@@ -83,7 +88,9 @@ def test_dcnv2_mlperf_preset_learns_at_tiny_scale(tmp_path, multi_hot, embedding
     assert [e["epoch"] for e in m["epochs"]] == [1, 2]
     assert "planted model" in stdout and "embedding plan" in stdout and "compiled" in stdout
     assert ("EmbeddingCollection" in stdout) == (embedding == "collection")
-    if multi_hot:
+    if hbm_budget:
+        assert "offloaded 'cat_" in stdout and "host_cached (" in stdout
+    elif multi_hot:
         assert "214 ids/sample packed" in stdout
     else:
         split = m["step_split_s"]

@@ -642,7 +642,8 @@ def host_table(rows, seed):
 def host_slots(rows, optimizer, table_shape, dtype) -> tuple:
     """The optimizer's initial slots of a table of `table_shape` as host
     stores: each row holds `optimizer.init`'s value for a row."""
-    one = optimizer.init(jnp.zeros((1,) + tuple(table_shape[1:]), dtype)).slots
+    with jax.ensure_compile_time_eval():  # concrete even when traced (e.g. nnx.eval_shape)
+        one = optimizer.init(jnp.zeros((1,) + tuple(table_shape[1:]), dtype)).slots
     out = []
     for value in one:
         spec = P(rows.axis_name, *([None] * (value.ndim - 1)))

@@ -568,9 +568,7 @@ class ShardedTables:
                 out[u.name] = type(probe)(slots, count)
                 continue
             inner = self._init_slots(u, optimizer, table.cache)
-            tags = jax.device_put(jnp.full(table.tags.shape, -1, jnp.int32), table.tags.sharding)
-            step = jax.device_put(jnp.zeros(table.step.shape, jnp.int32), table.step.sharding)
-            out[u.name] = CachedOptState(inner, slots, tags, step)
+            out[u.name] = CachedOptState(inner, slots, *self._empty_sync(u, table))
         return out
 
     def adopt(self, unit_name: str, shard, table, optimizer=None, opt_state=None):
@@ -597,9 +595,15 @@ class ShardedTables:
             jax.device_put(s, u.storage.host_slot_sharding(u.rows, s.sharding.spec))
             for s in opt_state.slots
         )
-        tags = jax.device_put(jnp.full(shard.tags.shape, -1, jnp.int32), shard.tags.sharding)
-        step = jax.device_put(jnp.zeros(shard.step.shape, jnp.int32), shard.step.sharding)
-        return shard, CachedOptState(inner, host, tags, step)
+        return shard, CachedOptState(inner, host, *self._empty_sync(u, shard))
+
+    @staticmethod
+    def _empty_sync(u: Unit, shard):
+        """(tags, step) of a cached unit's optimizer state that has synced
+        nothing, for a `shard` whose cache is empty."""
+        row = u.rows.row_sharding
+        tags = jax.device_put(jnp.full(shard.tags.shape, -1, jnp.int32), row)
+        return tags, jax.device_put(jnp.zeros(shard.step.shape, jnp.int32), row)
 
     def plain_optimizer(self, unit_name: str, optimizer, table):
         """`optimizer.init` over a logical table [n * R, D] of the unit."""
