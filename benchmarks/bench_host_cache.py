@@ -29,9 +29,10 @@ slots), and %h2d: those bytes per second over the host-to-device bandwidth of
 pinned memory measured in this run (a jitted copy of a `--h2d-gb` array).
 
 The cache is warmed with `--warm-steps` steps before timing (steady state).
-Keys: uniform, or Zipf(`--zipf-a`, default 1.05) with hot keys scattered;
-every step draws a batch of its own (no batch repeats, so the cache never
-sees a small rotating working set).
+Keys: uniform, or Zipf(`--zipf-a`, default 1.05) with hot keys scattered
+over the table by one fixed bijection (the same hot keys every step, as a
+cache needs); every step draws a batch of its own (no batch repeats, so the
+cache never sees a small rotating working set).
 """
 
 from __future__ import annotations
@@ -236,9 +237,9 @@ def main(argv=None) -> int:
     for dist in args.dists:
         batches = [
             jnp.asarray(
-                common.draw_keys(rng, dist, args.batch * args.slots, rows, args.zipf_a).reshape(
-                    args.batch, args.slots, 1
-                )
+                common.draw_keys(
+                    rng, dist, args.batch * args.slots, rows, args.zipf_a, hot_seed=args.seed
+                ).reshape(args.batch, args.slots, 1)
             )
             for _ in range(num_batches)
         ]

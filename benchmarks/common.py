@@ -210,10 +210,19 @@ def draw_keys(
     zipf_a: float = 1.1,
     dtype=np.int32,
     scatter: bool = True,
+    hot_seed: int | None = None,
 ) -> np.ndarray:
-    """`n` keys of [0, vocab) from `dist` ("uniform" or "zipf", see `zipf_keys`)."""
+    """`n` keys of [0, vocab) from `dist` ("uniform" or "zipf", see `zipf_keys`).
+
+    Zipf keys are scattered by a random bijection drawn from `rng` on each
+    call, so two calls share no hot keys; with `hot_seed` the bijection is
+    the one that seed draws, the same on every call (a stable hot set over
+    steps, as a cache needs to see)."""
     if dist == "uniform":
         return uniform_keys(rng, n, vocab, dtype=dtype)
+    if dist == "zipf" and hot_seed is not None:
+        keys = zipf_keys(rng, n, vocab, a=zipf_a, dtype=dtype, scatter=False)
+        return permute_keys(np.random.default_rng(hot_seed), keys, vocab) if scatter else keys
     if dist == "zipf":
         return zipf_keys(rng, n, vocab, a=zipf_a, dtype=dtype, scatter=scatter)
     raise ValueError(f"unknown key distribution {dist!r} (known: {DISTS})")

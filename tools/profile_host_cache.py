@@ -106,7 +106,11 @@ def trace_steps(args) -> int:
     batch = args.positions // slots
     rng = np.random.default_rng(0)
     batches = [
-        jnp.asarray(common.draw_keys(rng, args.dist, batch * slots, args.rows, 1.05).reshape(batch, slots, 1))
+        jnp.asarray(
+            common.draw_keys(rng, args.dist, batch * slots, args.rows, 1.05, hot_seed=0).reshape(
+                batch, slots, 1
+            )
+        )
         for _ in range(32 + args.iters + 2)  # a fresh batch every step, as the bench
     ]
     layer_args = argparse.Namespace(dim=args.dim, slots=slots)
