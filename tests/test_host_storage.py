@@ -124,45 +124,12 @@ def test_copy_rows_matches_numpy(dtype):
         np.testing.assert_array_equal(np.asarray(got), expect)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int32"])
-@pytest.mark.parametrize("tail", [(5,), ()])
-def test_swap_rows_matches_numpy(dtype, tail):
-    """Each listed cache slot's row goes out to its host row and another
-    comes in; indices naming no row skip their half (out rows distinct, in
-    rows disjoint from them, as the cache's moves are)."""
-    rng = np.random.default_rng()
-    cache = jnp.asarray(rng.normal(size=(12, *tail)) * 100, dtype)
-    host = jnp.asarray(rng.normal(size=(40, *tail)) * 100, dtype)
-    k = 9
-    slots = rng.permutation(15)[:k] - 2  # distinct, some name no slot
-    rows = rng.permutation(44)[: 2 * k] - 2  # out and in rows disjoint, some name no row
-    out_rows, in_rows = rows[:k], rows[k:]
-    want_c, want_h = np.asarray(cache).copy(), np.asarray(host).copy()
-    for s, o, n in zip(slots, out_rows, in_rows):
-        if not 0 <= s < 12:
-            continue
-        if 0 <= o < 40:
-            want_h[o] = np.asarray(cache)[s]
-        if 0 <= n < 40:
-            want_c[s] = np.asarray(host)[n]
-    args = [jnp.asarray(x, jnp.int32) for x in (slots, out_rows, in_rows)]
-    for impl in (ffi, reference):
-        got_c, got_h = jax.jit(impl.swap_rows)(cache, host, *args)
-        np.testing.assert_array_equal(np.asarray(got_c), want_c)
-        np.testing.assert_array_equal(np.asarray(got_h), want_h)
-
-
 def test_row_movers_check_shapes():
     t = jnp.zeros((4, 3))
     with pytest.raises(ValueError, match="rows must be int32"):
         ffi.gather_rows(t, jnp.zeros((2,), jnp.int64 if jax.config.jax_enable_x64 else jnp.uint32))
     with pytest.raises(ValueError, match="values must be"):
         ffi.scatter_rows(t, jnp.zeros((2,), jnp.int32), jnp.zeros((2, 4)))
-    r = jnp.zeros((2,), jnp.int32)
-    with pytest.raises(ValueError, match="host must have the cache's dtype"):
-        ffi.swap_rows(t, jnp.zeros((9, 4)), r, r, r)
-    with pytest.raises(ValueError, match="one length"):
-        ffi.swap_rows(t, jnp.zeros((9, 3)), r, r, jnp.zeros((3,), jnp.int32))
 
 
 # ------------------------------------------------------------ against HBM

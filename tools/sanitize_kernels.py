@@ -227,22 +227,6 @@ def rows_case(rng, dtype, width, rows, k):
     got = jax.jit(ffi.copy_rows, donate_argnums=0)(jnp.asarray(dst), d, src, s)
     close(f"copy_rows {tag} from {n_src} rows", got, want, 0.0)
 
-    cache = table(k // 2 + 1)
-    slots, host_rows = row_list(rng, k, k // 2 + 1, True), row_list(rng, 2 * k, rows, True)
-    out_rows, in_rows = host_rows[:k], host_rows[k:]
-    want_c, want_h = cache.copy(), dst.copy()
-    for at, o, n in zip(np.asarray(slots), np.asarray(out_rows), np.asarray(in_rows)):
-        if names(at, cache.shape[0]):
-            if names(o, rows):
-                want_h[o] = cache[at]
-            if names(n, rows):
-                want_c[at] = dst[n]
-    got_c, got_h = jax.jit(ffi.swap_rows, donate_argnums=(0, 1))(
-        jnp.asarray(cache), jnp.asarray(dst), slots, out_rows, in_rows
-    )
-    close(f"swap_rows {tag} cache", got_c, want_c, 0.0)
-    close(f"swap_rows {tag} host", got_h, want_h, 0.0)
-
 
 def cases(rng):
     """Every case as a closure, in a fixed order (so --shard splits are stable)."""

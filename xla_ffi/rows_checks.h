@@ -1,5 +1,5 @@
 // Buffer checks shared by the CPU and CUDA row movers (sok_rows_gather,
-// sok_rows_scatter, sok_rows_copy, sok_rows_swap): they copy whole rows between two row-major tables of one
+// sok_rows_scatter, sok_rows_copy): they copy whole rows between two row-major tables of one
 // element type, whatever that type is (vectors, optimizer slots), so a row is
 // `row_bytes` opaque bytes. Row indices are int32; an index outside
 // [0, table rows) names no row (gather writes zeros, scatter skips it).
@@ -91,40 +91,6 @@ inline ffi::Error CheckCopy(const ffi::AnyBuffer& dst, const ffi::Buffer<ffi::S3
   if (src_k != s->dst.k) return InvalidArgument("src_rows and dst_rows must have one length");
   if (dst_out.size_bytes() != dst.size_bytes() || dst_out.element_type() != dst.element_type())
     return InvalidArgument("dst_out must match dst");
-  return ffi::Error::Success();
-}
-
-// sok_rows_swap: per listed cache slot, its row written out to the host
-// table (out_rows[i]) and another read in (in_rows[i]), each where it names
-// a row; the slots in range are distinct, the out rows too, and no in row is
-// an out row (what the host reads is never what the call writes). The
-// outputs alias cache and host.
-struct SwapShape {
-  RowsShape cache;  // table_rows: the cache's; k: the listed slots
-  int64_t host_rows = 0;
-};
-
-inline ffi::Error CheckSwap(const ffi::AnyBuffer& cache, const ffi::AnyBuffer& host,
-                            const ffi::Buffer<ffi::S32>& slots,
-                            const ffi::Buffer<ffi::S32>& out_rows,
-                            const ffi::Buffer<ffi::S32>& in_rows, const ffi::AnyBuffer& cache_out,
-                            const ffi::AnyBuffer& host_out, SwapShape* s) {
-  if (auto e = RowsOf(cache, "cache", &s->cache.table_rows, &s->cache.row_bytes); e.failure())
-    return e;
-  int64_t host_bytes = 0, out_k = 0, in_k = 0;
-  if (auto e = RowsOf(host, "host", &s->host_rows, &host_bytes); e.failure()) return e;
-  if (host.element_type() != cache.element_type() || host_bytes != s->cache.row_bytes)
-    return InvalidArgument("host must have the cache's dtype and row width");
-  if (auto e = CheckRowList(slots, &s->cache.k); e.failure()) return e;
-  if (auto e = CheckRowList(out_rows, &out_k); e.failure()) return e;
-  if (auto e = CheckRowList(in_rows, &in_k); e.failure()) return e;
-  if (out_k != s->cache.k || in_k != s->cache.k)
-    return InvalidArgument("slots, out_rows and in_rows must have one length");
-  if (cache_out.size_bytes() != cache.size_bytes() ||
-      cache_out.element_type() != cache.element_type())
-    return InvalidArgument("cache_out must match cache");
-  if (host_out.size_bytes() != host.size_bytes() || host_out.element_type() != host.element_type())
-    return InvalidArgument("host_out must match host");
   return ffi::Error::Success();
 }
 

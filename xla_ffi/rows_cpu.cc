@@ -63,32 +63,6 @@ ffi::Error CopyImpl(ffi::AnyBuffer dst, ffi::Buffer<ffi::S32> dst_rows, ffi::Any
   return ffi::Error::Success();
 }
 
-ffi::Error SwapImpl(ffi::AnyBuffer cache, ffi::AnyBuffer host, ffi::Buffer<ffi::S32> slots,
-                    ffi::Buffer<ffi::S32> out_rows, ffi::Buffer<ffi::S32> in_rows,
-                    ffi::Result<ffi::AnyBuffer> cache_out, ffi::Result<ffi::AnyBuffer> host_out) {
-  SwapShape s;
-  if (auto e = CheckSwap(cache, host, slots, out_rows, in_rows, *cache_out, *host_out, &s);
-      e.failure())
-    return e;
-  CopyIfDistinct(cache.untyped_data(), cache_out->untyped_data(), cache.size_bytes());
-  CopyIfDistinct(host.untyped_data(), host_out->untyped_data(), host.size_bytes());
-  char* c = static_cast<char*>(cache_out->untyped_data());
-  char* h = static_cast<char*>(host_out->untyped_data());
-  const int32_t* at = slots.typed_data();
-  const int32_t* out = out_rows.typed_data();
-  const int32_t* in = in_rows.typed_data();
-  const int64_t bytes = s.cache.row_bytes;
-  for (int64_t i = 0; i < s.cache.k; ++i) {
-    if (at[i] < 0 || at[i] >= s.cache.table_rows) continue;
-    char* slot = c + static_cast<int64_t>(at[i]) * bytes;
-    if (out[i] >= 0 && out[i] < s.host_rows)
-      std::memcpy(h + static_cast<int64_t>(out[i]) * bytes, slot, bytes);
-    if (in[i] >= 0 && in[i] < s.host_rows)
-      std::memcpy(slot, h + static_cast<int64_t>(in[i]) * bytes, bytes);
-  }
-  return ffi::Error::Success();
-}
-
 }  // namespace
 
 SOK_ROWS_TARGETS(SOK_CPU_HANDLER)

@@ -77,30 +77,6 @@ ffi::Error CopyImpl(cudaStream_t stream, ffi::AnyBuffer dst, ffi::Buffer<ffi::S3
   return LastError("sok_rows_copy");
 }
 
-ffi::Error SwapImpl(cudaStream_t stream, ffi::AnyBuffer cache, ffi::AnyBuffer host,
-                    ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::S32> out_rows,
-                    ffi::Buffer<ffi::S32> in_rows, ffi::Result<ffi::AnyBuffer> cache_out,
-                    ffi::Result<ffi::AnyBuffer> host_out) {
-  SwapShape s;
-  if (auto e = CheckSwap(cache, host, slots, out_rows, in_rows, *cache_out, *host_out, &s);
-      e.failure())
-    return e;
-  CopyIfDistinct(stream, cache.untyped_data(), cache_out->untyped_data(), cache.size_bytes());
-  CopyIfDistinct(stream, host.untyped_data(), host_out->untyped_data(), host.size_bytes());
-  if (s.cache.k == 0 || s.cache.row_bytes == 0) return LastError("sok_rows_swap");
-  WithWord(s.cache.row_bytes, {cache_out->untyped_data(), host_out->untyped_data()},
-           [&](auto word) {
-             using W = decltype(word);
-             rows_kernels::SwapKernel<W><<<rows_kernels::RowsGrid(s.cache.k),
-                                           rows_kernels::kBlock, 0, stream>>>(
-                 static_cast<W*>(cache_out->untyped_data()), s.cache.table_rows,
-                 static_cast<W*>(host_out->untyped_data()), s.host_rows, slots.typed_data(),
-                 out_rows.typed_data(), in_rows.typed_data(), s.cache.k,
-                 s.cache.row_bytes / static_cast<int64_t>(sizeof(W)));
-           });
-  return LastError("sok_rows_swap");
-}
-
 }  // namespace
 
 SOK_ROWS_TARGETS(SOK_CUDA_HANDLER)

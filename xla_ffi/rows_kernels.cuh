@@ -68,34 +68,6 @@ CopyKernel(W* __restrict__ dst, int64_t dst_table_rows, const int32_t* __restric
   }
 }
 
-// Per listed cache slot s = slots[i] in range: cache[s] goes out to
-// host[out_rows[i]] and host[in_rows[i]] comes in, each where it names a row.
-// Both loads are issued before either store, so a warp keeps a read and a
-// write of the host link in flight at once. The slots in range are distinct,
-// the out rows too, and no in row is an out row.
-template <typename W>
-__global__ void __launch_bounds__(kBlock)
-SwapKernel(W* __restrict__ cache, int64_t cache_rows, W* __restrict__ host, int64_t host_rows,
-           const int32_t* __restrict__ slots, const int32_t* __restrict__ out_rows,
-           const int32_t* __restrict__ in_rows, int64_t k, int64_t row_words) {
-  const int lane = threadIdx.x & 31;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  for (int64_t i = blockIdx.x * kWarpsPerBlock + (threadIdx.x >> 5); i < k; i += warps) {
-    const int32_t s = slots[i], o = out_rows[i], n = in_rows[i];
-    if (s < 0 || s >= cache_rows) continue;
-    const bool out = o >= 0 && o < host_rows, in = n >= 0 && n < host_rows;
-    W* slot = cache + static_cast<int64_t>(s) * row_words;
-    W* to = host + static_cast<int64_t>(out ? o : 0) * row_words;
-    const W* from = host + static_cast<int64_t>(in ? n : 0) * row_words;
-    for (int64_t w = lane; w < row_words; w += 32) {
-      const W leaving = out ? slot[w] : W{};
-      const W coming = in ? from[w] : W{};
-      if (out) to[w] = leaving;
-      if (in) slot[w] = coming;
-    }
-  }
-}
-
 // Blocks for k rows: one warp per row, capped (the warps stride over the rest).
 inline unsigned int RowsGrid(int64_t k) {
   int64_t blocks = (k + kWarpsPerBlock - 1) / kWarpsPerBlock;

@@ -232,22 +232,10 @@ auto RowsCopy(B b) {
       .template Ret<ffi::AnyBuffer>();        // dst_out (aliases dst)
 }
 
-template <typename B>
-auto RowsSwap(B b) {
-  return std::move(b).template Arg<ffi::AnyBuffer>()     // cache [C, W] or [C]
-      .template Arg<ffi::AnyBuffer>()         // host [R, W] or [R]
-      .template Arg<ffi::Buffer<ffi::S32>>()  // slots [K], distinct where in range
-      .template Arg<ffi::Buffer<ffi::S32>>()  // out_rows [K], distinct where in range
-      .template Arg<ffi::Buffer<ffi::S32>>()  // in_rows [K], distinct, none an out row
-      .template Ret<ffi::AnyBuffer>()         // cache_out (aliases cache)
-      .template Ret<ffi::AnyBuffer>();        // host_out (aliases host)
-}
-
 #define SOK_ROWS_TARGETS(X)                                      \
   X("sok_rows_gather", SokRowsGather, GatherImpl, RowsGather)   \
   X("sok_rows_scatter", SokRowsScatter, ScatterImpl, RowsScatter) \
-  X("sok_rows_copy", SokRowsCopy, CopyImpl, RowsCopy)           \
-  X("sok_rows_swap", SokRowsSwap, SwapImpl, RowsSwap)
+  X("sok_rows_copy", SokRowsCopy, CopyImpl, RowsCopy)
 
 }  // namespace sig
 }  // namespace sok

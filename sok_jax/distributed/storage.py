@@ -377,11 +377,12 @@ class CachedStorage:
             victim, hand = self._victims(shard, hit, miss, cached_at)
         leaving = jnp.where(miss, shard.tags[jnp.maximum(victim, 0)], _EMPTY)
 
-        # The leaving rows written back and the missing ones read in, in one
-        # pass (the two sets are disjoint: one is cached, the other is not).
+        # Write the leaving rows back, then read the missing ones in (the
+        # two sets are disjoint: one is cached, the other is not).
         with jax.named_scope("moves"):
+            host = ops.copy_rows(shard.host, leaving, shard.cache, victim)
             incoming = jnp.where(miss, srt, _EMPTY)
-            cache, host = ops.swap_rows(shard.cache, shard.host, victim, leaving, incoming)
+            cache = ops.copy_rows(shard.cache, victim, host, incoming)
 
         slot_of = shard.slot_of.at[jnp.where(leaving >= 0, leaving, r)].set(_EMPTY, mode="drop")
         slot_of = slot_of.at[jnp.where(miss, srt, r)].set(victim, mode="drop")
@@ -462,21 +463,19 @@ class CachedStorage:
         with jax.named_scope("cache_sync_slots"):
             after_one = (opt.step[0] + 1 == held.step[0]) & (shard.step[0] == held.step[0])
 
-            def move(opt, at, disjoint):
-                return self._move_slots(opt, shard.tags, at, shard.step, ops, disjoint)
+            def move(opt, at):
+                return self._move_slots(opt, shard.tags, at, shard.step, ops)
 
             return jax.lax.cond(
                 after_one,
-                lambda o: move(o, held.moved, True),
-                lambda o: move(o, _differing(o.tags, shard.tags), False),
+                lambda o: move(o, held.moved),
+                lambda o: move(o, _differing(o.tags, shard.tags)),
                 opt,
             )
 
-    def _move_slots(self, opt: CachedOptState, tags, at, step, ops, disjoint: bool):
+    def _move_slots(self, opt: CachedOptState, tags, at, step, ops):
         """`opt` with the slots of cache slots `at` (-1: none) written back
-        to the rows they held and read in from the rows `tags` says. Unless
-        `disjoint` (no row goes out of one slot and into another), all are
-        written back before any is read."""
+        to the rows they held and read in from the rows `tags` says."""
         c = tags.shape[0]
         valid = at >= 0
         safe = jnp.clip(at, 0, c - 1)
@@ -484,11 +483,8 @@ class CachedStorage:
         new = jnp.where(valid, tags[safe], _EMPTY)
         host, cache = [], []
         for h, s in zip(opt.host, opt.cache.slots):
-            if disjoint:
-                s, h = ops.swap_rows(s, h, at, old, new)
-            else:
-                h = ops.copy_rows(h, old, s, jnp.where(old >= 0, at, _EMPTY))
-                s = ops.copy_rows(s, jnp.where(new >= 0, at, _EMPTY), h, new)
+            h = ops.copy_rows(h, old, s, jnp.where(old >= 0, at, _EMPTY))
+            s = ops.copy_rows(s, jnp.where(new >= 0, at, _EMPTY), h, new)
             host.append(h)
             cache.append(s)
         new_tags = opt.tags.at[jnp.where(valid, at, c)].set(new, mode="drop")

@@ -10,7 +10,7 @@ from sok_jax.ops.embed_ops import (
     weight_grad,
 )
 from sok_jax.ops.hash_ops import find_or_insert, hash_lookup
-from sok_jax.ops.rows_ops import copy_rows, gather_rows, scatter_rows, swap_rows
+from sok_jax.ops.rows_ops import copy_rows, gather_rows, scatter_rows
 from sok_jax.ops.optim_ops import (
     adagrad_update,
     adam_update,
@@ -36,7 +36,6 @@ __all__ = [
     "gather_rows",
     "scatter_rows",
     "copy_rows",
-    "swap_rows",
 ]
 # The op names every implementation has (`sok_jax.ops.reference` too).
 OPS = tuple(__all__)

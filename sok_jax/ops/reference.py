@@ -514,18 +514,3 @@ def copy_rows(dst, dst_rows, src, src_rows):
     ok = (dst_rows >= 0) & (dst_rows < dst.shape[0]) & (src_rows >= 0) & (src_rows < src.shape[0])
     values = jnp.take(src, jnp.where(ok, src_rows, 0), axis=0)
     return dst.at[jnp.where(ok, dst_rows, dst.shape[0])].set(values, mode="drop")
-
-
-def swap_rows(cache, host, slots, out_rows, in_rows):
-    """`rows_ops.swap_rows` in plain JAX: the listed slots' rows written out
-    to host[out_rows], then host[in_rows] read into them, each where both
-    indices name a row."""
-    at = (slots >= 0) & (slots < cache.shape[0])
-    out_ok = at & (out_rows >= 0) & (out_rows < host.shape[0])
-    in_ok = at & (in_rows >= 0) & (in_rows < host.shape[0])
-    safe = jnp.where(at, slots, 0)
-    leaving = jnp.take(cache, safe, axis=0)
-    host = host.at[jnp.where(out_ok, out_rows, host.shape[0])].set(leaving, mode="drop")
-    coming = jnp.take(host, jnp.where(in_ok, in_rows, 0), axis=0)
-    cache = cache.at[jnp.where(in_ok, slots, cache.shape[0])].set(coming, mode="drop")
-    return cache, host

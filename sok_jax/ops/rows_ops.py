@@ -1,4 +1,4 @@
-"""Row movers: the `sok_rows_gather`, `_scatter`, `_copy` and `_swap` FFI targets.
+"""Row movers: the `sok_rows_gather` and `sok_rows_scatter` FFI targets.
 
 They copy whole rows between two row-major tables of one dtype (a table's
 vectors [R, D] of any float dtype, or an optimizer slot [R, D] / [R]) and are
@@ -19,14 +19,7 @@ the host pointer and the kernel reads or writes the rows over the host link
   intermediate: what moves rows between a host store and its cache). The
   dst rows in range must be distinct.
 
-* `swap_rows(cache, host, slots, out_rows, in_rows)`: per listed cache
-  slot, its row goes out to host[out_rows[i]] and host[in_rows[i]] comes in
-  (each where it names a row), both tables in place: a cache's evictions
-  and loads in one pass, so that the host link carries both directions at
-  once. The slots in range are distinct, the out rows too, and no in row is
-  an out row.
-
-`sok_jax.ops.reference` has all four under the same names in plain JAX.
+`sok_jax.ops.reference` has all three under the same names in plain JAX.
 """
 
 from __future__ import annotations
@@ -36,7 +29,7 @@ import jax.numpy as jnp
 
 from sok_jax import _native  # noqa: F401  (registers the targets)
 
-__all__ = ["gather_rows", "scatter_rows", "copy_rows", "swap_rows"]
+__all__ = ["gather_rows", "scatter_rows", "copy_rows"]
 
 
 def _check_table(table, what):
@@ -98,28 +91,3 @@ def copy_rows(dst: jax.Array, dst_rows: jax.Array, src: jax.Array, src_rows: jax
             f"{dst_rows.shape}"
         )
     return _in_place("sok_rows_copy", dst, dst_rows, src, src_rows)
-
-
-def swap_rows(cache: jax.Array, host: jax.Array, slots, out_rows, in_rows):
-    """(cache, host) with, for each slots[i] naming a cache row, that row
-    written to host[out_rows[i]] and host[in_rows[i]] read into it (each
-    where the index names a row), in place (the outputs alias the inputs)."""
-    _check_table(cache, "cache")
-    _check_table(host, "host")
-    for r in (slots, out_rows, in_rows):
-        _check_rows(r)
-    if host.dtype != cache.dtype or host.shape[1:] != cache.shape[1:]:
-        raise ValueError(
-            f"host must have the cache's dtype and row shape, got {host.dtype} {host.shape} "
-            f"for {cache.dtype} {cache.shape}"
-        )
-    if not slots.shape == out_rows.shape == in_rows.shape:
-        raise ValueError(
-            f"slots, out_rows and in_rows must have one length, got {slots.shape}, "
-            f"{out_rows.shape} and {in_rows.shape}"
-        )
-    out = (jax.ShapeDtypeStruct(cache.shape, cache.dtype), jax.ShapeDtypeStruct(host.shape, host.dtype))
-    call = jax.ffi.ffi_call(
-        "sok_rows_swap", out, vmap_method="sequential", input_output_aliases={0: 0, 1: 1}
-    )
-    return tuple(call(cache, host, slots, out_rows, in_rows))

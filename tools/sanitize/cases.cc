@@ -1039,36 +1039,6 @@ Case RowsCopy(const Tensor& dst, const std::vector<int32_t>& dst_rows, const Ten
   return c;
 }
 
-// sok_rows_swap: per slot in range, cache[slot] out to host[out_rows[i]] and
-// host[in_rows[i]] in, each where it names a row (slots distinct, out rows
-// distinct, in rows none of them); the outputs alias cache and host unless
-// `alias` is false.
-Case RowsSwap(const Tensor& cache, const Tensor& host, const std::vector<int32_t>& slots,
-              const std::vector<int32_t>& out_rows, const std::vector<int32_t>& in_rows,
-              bool alias) {
-  const int64_t k = static_cast<int64_t>(slots.size());
-  Case c;
-  c.target = "sok_rows_swap";
-  c.tag = RowsTag(cache, k, "") + Fmt(" with %lld host rows", static_cast<long long>(host.dims[0])) +
-          (alias ? "" : " unaliased");
-  c.args = {cache, host, I32s({k}, slots), I32s({k}, out_rows), I32s({k}, in_rows)};
-  c.rets = {Out("cache_out", cache.dtype, cache.dims, Compare::kExact, 0.0, alias ? 0 : -1),
-            Out("host_out", host.dtype, host.dims, Compare::kExact, 0.0, alias ? 1 : -1)};
-  c.oracle = [](const Case& cs, const std::vector<Tensor>& out) {
-    Tensor want_cache = cs.args[0], want_host = cs.args[1];
-    const Tensor &at = cs.args[2], &out_rows = cs.args[3], &in_rows = cs.args[4];
-    for (int64_t i = 0; i < at.count(); ++i) {
-      const int32_t s = at.as<int32_t>()[i], o = out_rows.as<int32_t>()[i],
-                    n = in_rows.as<int32_t>()[i];
-      if (!NamesRow(s, want_cache.dims[0])) continue;
-      if (NamesRow(o, want_host.dims[0])) CopyRow(cs.args[0], s, want_host, o);
-      if (NamesRow(n, want_host.dims[0])) CopyRow(cs.args[1], n, want_cache, s);
-    }
-    return CompareOutputs(cs, out, {want_cache, want_host});
-  };
-  return c;
-}
-
 // ----------------------------------------------------------------- groups
 // The lookup family over one bag layout: forward, sparse and dense backward,
 // weight gradient (weighted bags), rows_to_dense of the oracle's sparse form.
@@ -1098,13 +1068,6 @@ void RowsGroup(Rng& rng, std::vector<Case>& out, XLA_FFI_DataType dt, int64_t wi
   out.push_back(RowsCopy(table, RowList(rng, k, rows, true),
                          RandomBytes(rng, dt, TableDims(src_rows, width)),
                          RowList(rng, k, src_rows, false), alias));
-  // A cache of half the listed slots' worth over the table as its host store.
-  const int64_t cache_rows = k / 2 + 1;
-  std::vector<int32_t> host_rows = RowList(rng, 2 * k, rows, true);
-  out.push_back(RowsSwap(RandomBytes(rng, dt, TableDims(cache_rows, width)), table,
-                         RowList(rng, k, cache_rows, true),
-                         std::vector<int32_t>(host_rows.begin(), host_rows.begin() + k),
-                         std::vector<int32_t>(host_rows.begin() + k, host_rows.end()), alias));
 }
 
 void ErrorCases(Rng& rng, std::vector<Case>& out) {
