@@ -158,6 +158,7 @@ def test_ragged_lengths_that_do_not_match_are_counted_under_jit(case):
         lengths[2] = -1
     else:
         lengths = rng.integers(-1, 5, (batch, 1))
+        lengths[rng.integers(batch)] = -1  # at least one bag that does not match
     lengths = lengths.astype(np.int32)
     values = rng.integers(0, 32, cap).astype(np.int32)
     state = coll.init(1)
