@@ -5,7 +5,7 @@ calls; tables are plain jax.Arrays, sharded over a mesh axis by
 `DistributedEmbedding`.
 """
 
-from sok_jax import optim
+from sok_jax import optim, serving
 from sok_jax._native import has_cuda, target_names
 from sok_jax.batching import PaddedBatch, pad_batch
 from sok_jax.distributed import (
