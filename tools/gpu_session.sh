@@ -19,6 +19,10 @@
 #                          with PROFILE_ARGS and PROFILE_NCU (ncu's flags).
 #   BENCH="bench_lookup"   benchmarks/<name>.py with BENCH_ARGS_<name>, JSON
 #                          to <name>.json.
+#   TOOL="profile_host_cache.py --trace --dist zipf"
+#                          tools/<script> with its arguments, against the
+#                          build (several: separated by ";"), each cut at
+#                          TOOL_TIMEOUT (200 s); output in tools.log.
 #   AB=.ab_base            a second source tree (tools/make_ab_base.sh makes
 #                          it; carry it), built the same way; then each bench
 #                          of AB_BENCH (bench_lookup bench_train_step) runs
@@ -270,6 +274,22 @@ for b in ${BENCH:-}; do
   note "bench $b" "exit $rc: $(bench_line "$OUT/$b.log")"
   stash "$b.log" "$b.json"
 done
+
+# ------------------------------------------------------------------ tools
+IFS=';' read -ra TOOL_CMDS <<< "${TOOL:-}"
+for t in "${TOOL_CMDS[@]}"; do
+  read -ra words <<< "$t"
+  [ "${#words[@]}" -gt 0 ] || continue
+  enough "tool ${words[0]}" || continue
+  log "tool $t"
+  pyrun "$SITE_NEW" "$(limit "${TOOL_TIMEOUT:-200}")" "$REPO/tools/${words[0]}" "${words[@]:1}" \
+    > "$OUT/tool.log" 2>&1
+  rc=$?
+  tail -60 "$OUT/tool.log"
+  cat "$OUT/tool.log" >> "$OUT/tools.log" && rm -f "$OUT/tool.log"
+  note "tool ${words[0]}" "exit $rc"
+done
+stash tools.log
 
 # ------------------------------------------------------------------ A/B
 if [ -n "${AB:-}" ] && [ "$rc_base" -ne 0 ]; then
