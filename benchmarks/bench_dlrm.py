@@ -14,13 +14,18 @@ Measured on the first device, at `--scale` (1.0 = full size):
     step (lookup + sparse update, given a cotangent of the pooled vectors),
     the dense-only step (forward + backward + Adagrad of the DCNv2 part,
     given the pooled vectors), the batch generation alone; the embedding
-    share of the step is what the library costs;
+    share of the step is what the library costs; each embedding-only step
+    beside its bytes limit (`embedding_bytes`: the batch's distinct rows
+    read, the pooled output written, each row and its Adagrad slot read and
+    written by the update, at the copy bandwidth measured in the run) and
+    the share of it reached;
   * the pure-flax way: the same model with one `flax.nnx.Embed` per
     feature, `jax.grad` w.r.t. everything and `optax.adagrad` (the
     reference's full Adagrad), one-hot; scales probed in decreasing order
     (`--baseline-scales`, fractions of `--scale`) until one fits: the first
     that runs out of memory and the largest that fits, timed, with the
-    sok_jax step at that scale beside it.
+    sok_jax step at that scale beside it. Every array the sok_jax runs left
+    is deleted before the probes (`release_all`).
 
 Anchors printed beside the figures: HugeCTR's MLPerf Training v3.0
 DLRM-DCNv2, 12.8 M samples/s on 8 H100 (1.6 M per GPU); SOK's DLRM (FP32),
@@ -66,7 +71,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from common import env_info, print_table, summarize, time_samples, write_json  # noqa: E402
+from common import (  # noqa: E402
+    copy_bandwidth,
+    env_info,
+    print_table,
+    summarize,
+    time_samples,
+    write_json,
+)
 from flax import nnx  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
@@ -104,6 +116,7 @@ def parse_args(argv=None):
         default=[1, 0.5, 0.25, 0.125, 0.0625, 0.03125],
         help="fractions of --scale the nn.Embed baseline probes, decreasing",
     )
+    p.add_argument("--copy-gb", type=float, default=1.0, help="GiB of the copy-bandwidth probe")
     p.add_argument("--no-multi-hot", action="store_true")
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -162,6 +175,36 @@ def measure(args, call):
         call, warmup=args.warmup, iters=args.steps, min_sample_s=args.min_sample_ms * 1e-3
     )
     return summarize(s)
+
+
+def embedding_bytes(sparse, batch: int, itemsize: int, dim: int = 128) -> tuple[int, int]:
+    """(U, bytes) of one embedding step (lookup, backward, row-wise Adagrad
+    update) as bench_train_step counts them, U = the batch's distinct rows:
+    each row read once by the lookup, the [B, 26, D] output written once,
+    each row and its one-value Adagrad slot read and written once by the
+    update."""
+    u = 0
+    for ids in sparse.values():
+        ids = np.asarray(ids)
+        u += np.unique(ids[ids >= 0]).size  # a feature's ids are its own table's rows
+    row = dim * itemsize
+    return u, u * row + batch * 26 * row + u * (row + 4) * 2
+
+
+def add_bytes_limit(row: dict, sparse, args) -> None:
+    """The bytes limit of an embedding-only step (at the copy bandwidth of
+    this run) and the share of it the step reached."""
+    if "ms" not in row:
+        return
+    u, nbytes = embedding_bytes(sparse, args.batch, jnp.dtype(args.table_dtype).itemsize)
+    row["distinct_rows"], row["bytes"] = u, nbytes
+    row["limit_ms"] = nbytes / args.copy_bw * 1e3
+    row["pct_limit"] = 100.0 * row["limit_ms"] / row["ms"]
+    print(
+        f"  bytes limit: {nbytes / 1e9:.3f} GB ({u:,} distinct rows) at {args.copy_bw / 1e9:.0f} "
+        f"GB/s = {row['limit_ms']:.3f} ms: {row['pct_limit']:.0f}% reached",
+        flush=True,
+    )
 
 
 # ------------------------------------------------------------------ sok_jax
@@ -294,6 +337,7 @@ def sok_runs(args, mesh, results):
         results,
         scale,
     )
+    add_bytes_limit(results[-1], batch.sparse, args)
     state = run_step(
         args,
         "dense only (DCNv2 fwd+bwd+Adagrad)",
@@ -326,6 +370,7 @@ def sok_runs(args, mesh, results):
             results,
             scale,
         )
+        add_bytes_limit(results[-1], mbatch.sparse, args)
         del mbatch
     free(state, batch, d_pooled)
     jax.clear_caches()
@@ -439,6 +484,8 @@ def main(argv=None):
     )
     results = []
     t_start = time.perf_counter()
+    args.copy_bw = copy_bandwidth(int(args.copy_gb * GIB))
+    print(f"copy bandwidth (read + write): {args.copy_bw / 1e9:.1f} GB/s", flush=True)
     sok_runs(args, mesh, results)
     if not args.no_baseline:
         release_all()
@@ -468,6 +515,8 @@ def main(argv=None):
             "msps": r["samples_per_s"] / 1e6 if "samples_per_s" in r else None,
             "status": r.get("status"),
             "peak": r.get("peak_gib"),
+            "limit_ms": r.get("limit_ms"),
+            "pct_limit": r.get("pct_limit"),
         }
         ref = by.get(refs.get(r["name"], ""))
         if ref is not None and "ms" in r:
@@ -479,7 +528,8 @@ def main(argv=None):
     print(
         f"\nMLPerf DLRM-DCNv2 on {env['device_kind']}, batch {args.batch}; 'x ref' = time / "
         f"the time of the step named in 'ref'; 'vs 4M' = samples/s / the 4 M samples/s target "
-        f"(one-hot, full size); peak = the allocator's peak so far"
+        f"(one-hot, full size); peak = the allocator's peak so far; bytes-limit ms = the "
+        f"embedding step's bytes (embedding_bytes) at the copy bandwidth of this run"
     )
     table = print_table(
         rows,
@@ -492,6 +542,8 @@ def main(argv=None):
             ("ratio", "x ref", ".3f"),
             ("ref", "ref"),
             ("vs_target", "vs 4M", ".2f"),
+            ("limit_ms", "bytes-limit ms", ".3f"),
+            ("pct_limit", "% of limit", ".0f"),
             ("peak", "peak GiB", ".1f"),
             ("status", "status"),
         ],
