@@ -10,12 +10,15 @@ chosen once per storage unit beside its row strategy (`rows.py`).
   `cache_rows` rows per device with their slots in an HBM cache in front of
   it, kept by `cache_policy` "lru" (least recently used leaves first) or "lfu"
   (least often used). Per lookup, on each owner (`bring_in`): the batch's
-  distinct rows missing from the cache take the slots of the rows leaving it
-  (never a row this batch uses), the leaving rows are written back to the
-  host store and the missing ones read from it; then the lookup and the fused
+  distinct rows missing from the cache take victim slots from a window swept
+  round the cache like a clock, in policy order inside it (`_victims`; never
+  a slot this batch uses); the leaving rows are written back to the host
+  store and the missing ones read from it; then the lookup and the fused
   update run on the cache exactly as on an HBM table. The optimizer slots
-  follow at the update (`sync_slots`): the slots of every cache slot whose
-  row changed since the last update are written back and read in.
+  follow at the update (`sync_slots`): those of the slots the one lookup
+  before it moved, or after several lookups those of every slot whose row
+  changed. The work per lookup and update grows with the batch (K key
+  positions), not with the cache.
 
 A cached table computes exactly what the HBM table computes (the same rows
 and the same arithmetic on them), whatever the cache size and policy: the
@@ -27,9 +30,8 @@ Invariants of a `CachedShard` on each device: `tags[s]` is the local row
 cache slot s holds (-1: empty) and `slot_of[r]` the cache slot of local row
 r (-1: not cached), inverse maps of each other; a cached row's current
 vector is in `cache`, its `host` row is stale until it leaves the cache. A
-`CachedOptState`'s `tags` say the same of its slot caches, and equal the
-shard's after every update that could sync them all (`stats.stale` counts
-the rows of an update that could not, skipped).
+`CachedOptState`'s `tags` say the same of its slot caches and equal the
+shard's after every update (`step`: the shard's step they match).
 """
 
 from __future__ import annotations
