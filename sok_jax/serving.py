@@ -39,6 +39,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+import sok_jax
 from sok_jax import _native
 
 FORMAT = 1
@@ -100,7 +101,7 @@ def export(fn: Callable, state: Any, example_batch: Any, path: str) -> None:
         "format": FORMAT,
         "mesh_axes": list(meshes[0].axis_names) if meshes else ["devices"],
         "mesh_shape": list(meshes[0].devices.shape) if meshes else [exported.nr_devices],
-        "sok_jax_version": _version(),
+        "sok_jax_version": sok_jax.__version__,
         "jax_version": jax.__version__,
         "platform": _platform(),
         "num_devices": exported.nr_devices,
@@ -148,11 +149,3 @@ def load(path: str) -> Callable:
 
     return call
 
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("sok_jax")
-    except Exception:  # noqa: BLE001 - an uninstalled checkout
-        return "unknown"

@@ -445,15 +445,13 @@ class CachedStorage:
         made it: a `scores.StaleRows` over cache slots (an update with that
         lookup's context skips them, and resets the slots of the rows that
         lookup gave to new keys)."""
-        c = tags.shape[0]
         now = tags.at[held.slots].get(mode="fill", fill_value=_EMPTY)
         stale = (held.slots >= 0) & (now != held.rows)
         if held.keys is not None:
             pad = checks.padding_value(slot_keys.dtype)
             key_now = slot_keys.at[held.rows].get(mode="fill", fill_value=pad)
             stale |= (held.slots >= 0) & (key_now != held.keys.astype(slot_keys.dtype))
-        new = None if held.new is None else held.new & (held.slots < c)
-        return scores.stale_rows(held.slots, stale, new)
+        return scores.stale_rows(held.slots, stale, held.new)
 
     def sync_slots(self, opt: CachedOptState, shard: CachedShard, held: CacheHeld, ops):
         """One device: the optimizer state with its slot caches holding the
@@ -485,8 +483,8 @@ class CachedStorage:
         new = jnp.where(valid, tags[safe], _EMPTY)
         host, cache = [], []
         for h, s in zip(opt.host, opt.cache.slots):
-            h = ops.copy_rows(h, old, s, jnp.where(old >= 0, at, _EMPTY))
-            s = ops.copy_rows(s, jnp.where(new >= 0, at, _EMPTY), h, new)
+            h = ops.copy_rows(h, old, s, at)  # copy_rows skips the pairs naming no row
+            s = ops.copy_rows(s, at, h, new)
             host.append(h)
             cache.append(s)
         new_tags = opt.tags.at[jnp.where(valid, at, c)].set(new, mode="drop")

@@ -467,25 +467,23 @@ class ShardedTables:
         first and skips the cache slots whose row or key changed since the
         lookup (`stale`)."""
         unit = self.unit(name)
-        ops = resolve(self.implementation)
-        counts = {}
+        target, slots, stale = table, opt_state, None
+        if unit.storage.cached:  # the update runs on the cache
+            opt_state = unit.storage.sync_slots(opt_state, table, held, resolve(self.implementation))
+            target, slots = table.cache, opt_state.cache
+            with jax.named_scope("cache_stale"):
+                stale = unit.storage.stale_slots(table.tags, keys, held)
+        elif held is not None:
+            stale = find_stale(keys, held)
+        counts, reset, keep = {}, None, lambda rows: rows
+        if stale is not None:
+            counts["stale"] = stale.count
+            reset, keep = stale.reset_rows, functools.partial(drop_stale, stale)
+        slots = reset_slots(optimizer, slots, reset, target.shape[1])
+        new_target, new_slots = update(target, slots, keep)
         if not unit.storage.cached:
-            reset, keep = None, lambda rows: rows
-            if held is not None:
-                stale = find_stale(keys, held)
-                counts["stale"] = stale.count
-                reset = stale.reset_rows
-                keep = functools.partial(drop_stale, stale)
-            opt_state = reset_slots(optimizer, opt_state, reset, table.shape[1])
-            new_t, new_o = update(table, opt_state, keep)
-            return new_t, new_o, counts
-        opt_state = unit.storage.sync_slots(opt_state, table, held, ops)
-        with jax.named_scope("cache_stale"):
-            stale = unit.storage.stale_slots(table.tags, keys, held)
-        counts["stale"] = stale.count
-        inner = reset_slots(optimizer, opt_state.cache, stale.reset_rows, table.cache.shape[1])
-        new_cache, new_inner = update(table.cache, inner, functools.partial(drop_stale, stale))
-        return table._replace(cache=new_cache), opt_state._replace(cache=new_inner), counts
+            return new_target, new_slots, counts
+        return table._replace(cache=new_target), opt_state._replace(cache=new_slots), counts
 
     def sparse_update(self, shards, optimizers: dict, opt_states: dict, stats, ctx, d_outs):
         """Each unit's owners sum its rows' gradients and apply the unit's
