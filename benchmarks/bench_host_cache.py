@@ -60,6 +60,17 @@ import sok_jax  # noqa: E402
 from sok_jax import optim  # noqa: E402
 from sok_jax.distributed.storage import host_memory_kind  # noqa: E402
 
+POINT_FIELDS = [
+    ("dist", "keys"),
+    ("optimizer", "optimizer"),
+    ("label", "storage"),
+    ("ms", "step ms", ".3f"),
+    ("x_hbm", "x hbm", ".2f"),
+    ("hit_rate", "hit rate", ".3f"),
+    ("host_mb", "host MB/step", ".1f"),
+    ("h2d_pct", "%h2d", ".0f"),
+    ("status", "status"),
+]
 SLOTS = {"sgd": 0, "adagrad": 1, "rowwise_adagrad": 0, "adam": 2}
 
 
@@ -273,23 +284,11 @@ def main(argv=None) -> int:
                     res["h2d_pct"] = 100 * res["host_mb"] * 1e6 / (res["ms"] / 1e3) / h2d
                 res["label"] = label
                 res["status"] = common.status(res)
+                print(f"   {common.point_line(res, POINT_FIELDS)}", flush=True)
                 result["points"].append(res)
         gc.collect()
 
-    common.print_table(
-        result["points"],
-        [
-            ("dist", "keys"),
-            ("optimizer", "optimizer"),
-            ("label", "storage"),
-            ("ms", "step ms", ".3f"),
-            ("x_hbm", "x hbm", ".2f"),
-            ("hit_rate", "hit rate", ".3f"),
-            ("host_mb", "host MB/step", ".1f"),
-            ("h2d_pct", "%h2d", ".0f"),
-            ("status", "status"),
-        ],
-    )
+    common.print_table(result["points"], POINT_FIELDS)
     return common.finish(result, args.out, n_points, n_fail, t_start)
 
 

@@ -342,12 +342,8 @@ def _fmt(v, fmt: str | None) -> str:
     return str(v)
 
 
-def print_table(rows: Sequence[dict], columns: Sequence, file=None) -> str:
-    """Prints `rows` (dicts) as an aligned text table and returns it.
-
-    `columns`: keys, or tuples (key, header) / (key, header, format_spec).
-    Missing values print as '-'; numbers are right-aligned.
-    """
+def _columns(columns: Sequence) -> list:
+    """(key, header, format_spec or None) for each column of `print_table`."""
     cols = []
     for c in columns:
         if isinstance(c, str):
@@ -355,6 +351,22 @@ def print_table(rows: Sequence[dict], columns: Sequence, file=None) -> str:
         else:
             key, header, *rest = c
             cols.append((key, header, rest[0] if rest else None))
+    return cols
+
+
+def point_line(res: dict, columns: Sequence) -> str:
+    """One point as "header value, ..." in `print_table`'s columns: printed as
+    each point ends, so a run cut short still shows what it measured."""
+    return ", ".join(f"{h} {_fmt(res.get(k), f)}" for k, h, f in _columns(columns))
+
+
+def print_table(rows: Sequence[dict], columns: Sequence, file=None) -> str:
+    """Prints `rows` (dicts) as an aligned text table and returns it.
+
+    `columns`: keys, or tuples (key, header) / (key, header, format_spec).
+    Missing values print as '-'; numbers are right-aligned.
+    """
+    cols = _columns(columns)
     cells = [[_fmt(r.get(k), f) for k, _, f in cols] for r in rows]
     numeric = [
         all(isinstance(r.get(k), (int, float)) or r.get(k) is None for r in rows)
