@@ -459,19 +459,21 @@ class CachedStorage:
         follows the one lookup since the last sync (the training step), only
         that lookup's victims (`held.moved`) changed rows: their slots are
         written back and read in (O(K)). Otherwise (lookups without updates
-        between) every cache slot whose row changed since is (O(C))."""
+        between) every cache slot whose row changed since is (O(C)).
+
+        Only the slot list is chosen under `lax.cond`: a conditional whose
+        branches take the host stores makes XLA copy them whole (8 GiB per
+        step for a 8 GiB table's accumulator on a GPU), so the moves run
+        outside it, over a list of max(C, K) slots padded with -1."""
         with jax.named_scope("cache_sync_slots"):
             after_one = (opt.step[0] + 1 == held.step[0]) & (shard.step[0] == held.step[0])
-
-            def move(opt, at):
-                return self._move_slots(opt, shard.tags, at, shard.step, ops)
-
-            return jax.lax.cond(
+            size = max(shard.tags.shape[0], held.moved.shape[0])
+            at = jax.lax.cond(
                 after_one,
-                lambda o: move(o, held.moved),
-                lambda o: move(o, _differing(o.tags, shard.tags)),
-                opt,
+                lambda: _padded(held.moved, size),
+                lambda: _padded(_differing(opt.tags, shard.tags), size),
             )
+            return self._move_slots(opt, shard.tags, at, shard.step, ops)
 
     def _move_slots(self, opt: CachedOptState, tags, at, step, ops):
         """`opt` with the slots of cache slots `at` (-1: none) written back
@@ -512,6 +514,11 @@ class CachedStorage:
             _merge(to_host(h), to_host(s), tags, num_devices)
             for h, s in zip(opt.host, opt.cache.slots)
         )
+
+
+def _padded(slots, size: int):
+    """`slots` (int32 [k], k <= size) followed by -1s up to `size`."""
+    return jnp.full((size,), _EMPTY, jnp.int32).at[: slots.shape[0]].set(slots)
 
 
 def _differing(opt_tags, tags):
