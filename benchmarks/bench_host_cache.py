@@ -28,7 +28,11 @@ x (1 + slots) bytes; for "host" every distinct row read and written with its
 slots), and %h2d: those bytes per second over the host-to-device bandwidth of
 pinned memory measured in this run (a jitted copy of a `--h2d-gb` array).
 
-The cache is warmed with `--warm-steps` steps before timing (steady state).
+Steady state before timing: a cached point runs fresh batches until its
+cache is full and evicting (up to `--max-warm-steps`), then `--warm-steps`
+more; the others run `--warm-steps`. A cache still filling would time a
+step that writes nothing back. The warm-up batches are drawn from their own
+seeded stream, the same for every point.
 Keys: uniform, or Zipf(`--zipf-a`, default 1.05) with hot keys scattered
 over the table by one fixed bijection (the same hot keys every step, as a
 cache needs); every step draws a batch of its own (no batch repeats, so the
@@ -69,6 +73,7 @@ POINT_FIELDS = [
     ("hit_rate", "hit rate", ".3f"),
     ("host_mb", "host MB/step", ".1f"),
     ("h2d_pct", "%h2d", ".0f"),
+    ("warm_steps", "warm steps"),
     ("status", "status"),
 ]
 SLOTS = {"sgd": 0, "adagrad": 1, "rowwise_adagrad": 0, "adam": 2}
@@ -142,6 +147,17 @@ def stepper(emb, opt, state, opt_state, head):
     )
 
 
+def warm_batches(args, rows, dist):
+    """Endless fresh batches for the warm-up, the same stream for every
+    point (its own seed: the checked and timed batches are drawn apart)."""
+    rng = np.random.default_rng(args.seed + 1)
+    while True:
+        keys = common.draw_keys(
+            rng, dist, args.batch * args.slots, rows, args.zipf_a, hot_seed=args.seed
+        )
+        yield jnp.asarray(keys.reshape(args.batch, args.slots, 1))
+
+
 def run_point(res, args, rows, storage, fraction, opt_name, batches, reference_losses):
     emb = layer_for(args, rows, storage, fraction)
     opt = make_optimizer(opt_name)
@@ -159,15 +175,28 @@ def run_point(res, args, rows, storage, fraction, opt_name, batches, reference_l
     if reference_losses is not None and losses != reference_losses:
         raise AssertionError(f"losses {losses} differ from the reference run's {reference_losses}")
 
-    for i in range(args.warm_steps):
-        state, opt_state, _ = step(state, opt_state, batches[i % len(batches)])
-    jax.block_until_ready(state)
-
     def counts(st):
         s = st.stats
         if s.cache_hits is None:
             return 0, 0, 0
         return tuple(int(np.asarray(x).sum()) for x in (s.cache_hits, s.cache_misses, s.cache_evictions))
+
+    warm = warm_batches(args, rows, res["dist"])
+    filled = 0
+    if storage == "host_cached":
+        while counts(state)[2] == 0 and filled < args.max_warm_steps:
+            for _ in range(5):
+                state, opt_state, _ = step(state, opt_state, next(warm))
+                filled += 1
+        if counts(state)[2] == 0:
+            raise AssertionError(
+                f"the cache still had not evicted after {filled} warm-up steps: raise "
+                "--max-warm-steps (a point timed while its cache fills is not steady state)"
+            )
+    res["warm_steps"] = filled + args.warm_steps
+    for _ in range(args.warm_steps):
+        state, opt_state, _ = step(state, opt_state, next(warm))
+    jax.block_until_ready(state)
 
     # Timed: samples of `inner` steps back to back.
     before = counts(state)
@@ -209,7 +238,8 @@ def main(argv=None) -> int:
     p.add_argument("--zipf-a", type=float, default=1.05)
     p.add_argument("--hbm-gb", type=float, default=60.0, help="run 'hbm' where table+slots fit")
     p.add_argument("--check-steps", type=int, default=3)
-    p.add_argument("--warm-steps", type=int, default=20)
+    p.add_argument("--warm-steps", type=int, default=10, help="after a cache is full")
+    p.add_argument("--max-warm-steps", type=int, default=1000, help="to fill a cache")
     p.add_argument("--inner", type=int, default=5, help="steps per timed sample")
     p.add_argument(
         "--num-batches",
@@ -243,7 +273,7 @@ def main(argv=None) -> int:
 
     rng = np.random.default_rng(args.seed)
     n_fail = n_points = 0
-    steps = args.check_steps + args.warm_steps + args.iters * args.inner
+    steps = args.check_steps + args.iters * args.inner
     num_batches = args.num_batches or steps
     for dist in args.dists:
         batches = [
