@@ -219,6 +219,12 @@ def rows_case(rng, dtype, width, rows, k):
     got = jax.jit(ffi.scatter_rows, donate_argnums=0)(jnp.asarray(dst), r, values)
     close("scatter_rows " + tag, got, want, 0.0)
 
+    def on_the_side(dst, r, values):  # finished at the join
+        return ffi.join_rows(ffi.scatter_rows_async(dst, r, values), r, values)
+
+    got = jax.jit(on_the_side, donate_argnums=0)(jnp.asarray(dst), r, values)
+    close("scatter_rows_async + join_rows " + tag, got, want, 0.0)
+
     n_src = rows // 2 + 3
     src, d, s = table(n_src), row_list(rng, k, rows, True), row_list(rng, k, n_src, False)
     want = dst.copy()

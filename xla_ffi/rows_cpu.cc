@@ -45,6 +45,18 @@ ffi::Error ScatterImpl(ffi::AnyBuffer dst, ffi::Buffer<ffi::S32> rows, ffi::AnyB
   return ffi::Error::Success();
 }
 
+// The CPU runs every move at once: the scatter is complete on return.
+ffi::Error ScatterAsyncImpl(ffi::AnyBuffer dst, ffi::Buffer<ffi::S32> rows,
+                            ffi::AnyBuffer values, ffi::Result<ffi::AnyBuffer> dst_out) {
+  return ScatterImpl(dst, rows, values, dst_out);
+}
+
+ffi::Error JoinImpl(ffi::AnyBuffer x, ffi::RemainingArgs, ffi::Result<ffi::AnyBuffer> x_out) {
+  if (x_out->size_bytes() != x.size_bytes()) return InvalidArgument("x_out must match x");
+  CopyIfDistinct(x.untyped_data(), x_out->untyped_data(), x.size_bytes());
+  return ffi::Error::Success();
+}
+
 ffi::Error CopyImpl(ffi::AnyBuffer dst, ffi::Buffer<ffi::S32> dst_rows, ffi::AnyBuffer src,
                     ffi::Buffer<ffi::S32> src_rows, ffi::Result<ffi::AnyBuffer> dst_out) {
   CopyShape s;

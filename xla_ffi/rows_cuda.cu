@@ -3,11 +3,13 @@
 #include <cuda/std/cstdint>
 
 #include <cstdint>
+#include <string>
 
 #include "common.h"
 #include "cuda_common.cuh"
 #include "rows_checks.h"
 #include "rows_kernels.cuh"
+#include "side_stream.cuh"
 #include "signatures.h"
 
 namespace sok {
@@ -42,21 +44,57 @@ ffi::Error GatherImpl(cudaStream_t stream, ffi::AnyBuffer src, ffi::Buffer<ffi::
   return LastError("sok_rows_gather");
 }
 
+// The scatter's work (checked shape `s`) queued on `stream`.
+void LaunchScatter(cudaStream_t stream, const RowsShape& s, const ffi::AnyBuffer& dst,
+                   const ffi::Buffer<ffi::S32>& rows, const ffi::AnyBuffer& values,
+                   ffi::AnyBuffer& dst_out) {
+  CopyIfDistinct(stream, dst.untyped_data(), dst_out.untyped_data(), dst.size_bytes());
+  if (s.k == 0 || s.row_bytes == 0) return;
+  WithWord(s.row_bytes, {dst_out.untyped_data(), values.untyped_data()}, [&](auto word) {
+    using W = decltype(word);
+    rows_kernels::ScatterKernel<W><<<rows_kernels::RowsGrid(s.k), rows_kernels::kBlock, 0,
+                                     stream>>>(
+        static_cast<W*>(dst_out.untyped_data()), s.table_rows, rows.typed_data(), s.k,
+        s.row_bytes / static_cast<int64_t>(sizeof(W)),
+        static_cast<const W*>(values.untyped_data()));
+  });
+}
+
 ffi::Error ScatterImpl(cudaStream_t stream, ffi::AnyBuffer dst, ffi::Buffer<ffi::S32> rows,
                        ffi::AnyBuffer values, ffi::Result<ffi::AnyBuffer> dst_out) {
   RowsShape s;
   if (auto e = CheckScatter(dst, rows, values, *dst_out, &s); e.failure()) return e;
-  CopyIfDistinct(stream, dst.untyped_data(), dst_out->untyped_data(), dst.size_bytes());
-  if (s.k == 0 || s.row_bytes == 0) return LastError("sok_rows_scatter");
-  WithWord(s.row_bytes, {dst_out->untyped_data(), values.untyped_data()}, [&](auto word) {
-    using W = decltype(word);
-    rows_kernels::ScatterKernel<W><<<rows_kernels::RowsGrid(s.k), rows_kernels::kBlock, 0,
-                                     stream>>>(
-        static_cast<W*>(dst_out->untyped_data()), s.table_rows, rows.typed_data(), s.k,
-        s.row_bytes / static_cast<int64_t>(sizeof(W)),
-        static_cast<const W*>(values.untyped_data()));
-  });
+  LaunchScatter(stream, s, dst, rows, values, *dst_out);
   return LastError("sok_rows_scatter");
+}
+
+ffi::Error SideError(const char* what, cudaError_t e) {
+  return Internal(std::string(what) + ": side stream: " + cudaGetErrorString(e));
+}
+
+// The scatter on the side stream: the XLA stream goes on (a load from the
+// same host store, say) while it writes; sok_rows_join waits for it.
+ffi::Error ScatterAsyncImpl(cudaStream_t stream, ffi::AnyBuffer dst,
+                            ffi::Buffer<ffi::S32> rows, ffi::AnyBuffer values,
+                            ffi::Result<ffi::AnyBuffer> dst_out) {
+  RowsShape s;
+  if (auto e = CheckScatter(dst, rows, values, *dst_out, &s); e.failure()) return e;
+  cudaStream_t side = nullptr;
+  if (cudaError_t e = side_stream::Fork(stream, &side); e != cudaSuccess)
+    return SideError("sok_rows_scatter_async", e);
+  LaunchScatter(side, s, dst, rows, values, *dst_out);
+  if (cudaError_t e = side_stream::Forked(stream); e != cudaSuccess)
+    return SideError("sok_rows_scatter_async", e);
+  return LastError("sok_rows_scatter_async");
+}
+
+ffi::Error JoinImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::RemainingArgs,
+                    ffi::Result<ffi::AnyBuffer> x_out) {
+  if (x_out->size_bytes() != x.size_bytes()) return InvalidArgument("x_out must match x");
+  if (cudaError_t e = side_stream::Join(stream); e != cudaSuccess)
+    return SideError("sok_rows_join", e);
+  CopyIfDistinct(stream, x.untyped_data(), x_out->untyped_data(), x.size_bytes());
+  return LastError("sok_rows_join");
 }
 
 ffi::Error CopyImpl(cudaStream_t stream, ffi::AnyBuffer dst, ffi::Buffer<ffi::S32> dst_rows,

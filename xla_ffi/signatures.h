@@ -232,9 +232,24 @@ auto RowsCopy(B b) {
       .template Ret<ffi::AnyBuffer>();        // dst_out (aliases dst)
 }
 
-#define SOK_ROWS_TARGETS(X)                                      \
-  X("sok_rows_gather", SokRowsGather, GatherImpl, RowsGather)   \
-  X("sok_rows_scatter", SokRowsScatter, ScatterImpl, RowsScatter) \
+// x, unchanged, once every sok_rows_scatter_async launched before it on the
+// stream has finished; the other operands are only held alive until then
+// (the async scatters' rows and values).
+template <typename B>
+auto RowsJoin(B b) {
+  return std::move(b).template Arg<ffi::AnyBuffer>()  // x
+      .RemainingArgs()                                // kept: read by pending moves
+      .template Ret<ffi::AnyBuffer>();                // x_out (aliases x)
+}
+
+// sok_rows_scatter_async: sok_rows_scatter, which on a GPU may still be
+// writing dst_out after the call returns: dst_out is complete, and rows and
+// values may be freed, only after a later sok_rows_join (CPU: at once).
+#define SOK_ROWS_TARGETS(X)                                                     \
+  X("sok_rows_gather", SokRowsGather, GatherImpl, RowsGather)                  \
+  X("sok_rows_scatter", SokRowsScatter, ScatterImpl, RowsScatter)              \
+  X("sok_rows_scatter_async", SokRowsScatterAsync, ScatterAsyncImpl, RowsScatter) \
+  X("sok_rows_join", SokRowsJoin, JoinImpl, RowsJoin)                          \
   X("sok_rows_copy", SokRowsCopy, CopyImpl, RowsCopy)
 
 }  // namespace sig

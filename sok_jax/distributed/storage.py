@@ -13,7 +13,8 @@ chosen once per storage unit beside its row strategy (`rows.py`).
   distinct rows missing from the cache take victim slots from a window swept
   round the cache like a clock, in policy order inside it (`_victims`; never
   a slot this batch uses); the leaving rows are written back to the host
-  store and the missing ones read from it; then the lookup and the fused
+  store while the missing ones are read from it (`swap_rows`: on a GPU
+  the two directions of the host link at once); then the lookup and the fused
   update run on the cache exactly as on an HBM table. The optimizer slots
   follow at the update (`sync_slots`): those of the slots the one lookup
   before it moved, or after several lookups those of every slot whose row
@@ -379,12 +380,10 @@ class CachedStorage:
             victim, hand = self._victims(shard, hit, miss, cached_at)
         leaving = jnp.where(miss, shard.tags[jnp.maximum(victim, 0)], _EMPTY)
 
-        # Write the leaving rows back, then read the missing ones in (the
-        # two sets are disjoint: one is cached, the other is not).
+        # The leaving rows (cached) and the missing ones (not) are disjoint.
         with jax.named_scope("moves"):
-            host = ops.copy_rows(shard.host, leaving, shard.cache, victim)
             incoming = jnp.where(miss, srt, _EMPTY)
-            cache = ops.copy_rows(shard.cache, victim, host, incoming)
+            host, cache = swap_rows(shard.host, shard.cache, victim, leaving, incoming, ops)
 
         slot_of = shard.slot_of.at[jnp.where(leaving >= 0, leaving, r)].set(_EMPTY, mode="drop")
         slot_of = slot_of.at[jnp.where(miss, srt, r)].set(victim, mode="drop")
@@ -485,8 +484,8 @@ class CachedStorage:
         new = jnp.where(valid, tags[safe], _EMPTY)
         host, cache = [], []
         for h, s in zip(opt.host, opt.cache.slots):
-            h = ops.copy_rows(h, old, s, at)  # copy_rows skips the pairs naming no row
-            s = ops.copy_rows(s, at, h, new)
+            # After several lookups a row may leave one slot and enter another.
+            h, s = swap_rows(h, s, at, old, new, ops, may_overlap=True)
             host.append(h)
             cache.append(s)
         new_tags = opt.tags.at[jnp.where(valid, at, c)].set(new, mode="drop")
@@ -514,6 +513,34 @@ class CachedStorage:
             _merge(to_host(h), to_host(s), tags, num_devices)
             for h, s in zip(opt.host, opt.cache.slots)
         )
+
+
+def swap_rows(host, cache, slots, leaving, incoming, ops, *, may_overlap=False):
+    """(host, cache) as if each cache slot `slots[i]` were first written back
+    to host row `leaving[i]`, all of them, and then read in from host row
+    `incoming[i]` (-1: no such move; each list's rows distinct).
+
+    The leaving rows are first copied out of the cache (HBM to HBM), so
+    their write-back can run, on a GPU, on a side stream beside the load:
+    the host link carries both directions at once. The load therefore never
+    reads a host row being written: the lists must be disjoint, or
+    `may_overlap` reads an incoming row that is also leaving from its
+    copy (O(K log K) more)."""
+    leaving = jnp.where((slots >= 0) & (slots < cache.shape[0]), leaving, _EMPTY)
+    staged = ops.gather_rows(cache, jnp.where(leaving >= 0, slots, _EMPTY))
+    host = ops.scatter_rows_async(host, leaving, staged)
+    from_host = incoming
+    if may_overlap:
+        order = jnp.argsort(leaving).astype(jnp.int32)  # the -1s first
+        ranked = leaving[order]
+        at = jnp.clip(jnp.searchsorted(ranked, incoming, method="sort"), 0, leaving.shape[0] - 1)
+        moving = (incoming >= 0) & (ranked[at] == incoming)
+        from_host = jnp.where(moving, _EMPTY, incoming)
+        cache = ops.copy_rows(
+            cache, jnp.where(moving, slots, _EMPTY), staged, jnp.where(moving, order[at], _EMPTY)
+        )
+    cache = ops.copy_rows(cache, slots, host, from_host)
+    return ops.join_rows(host, cache, leaving, staged), cache
 
 
 def _padded(slots, size: int):

@@ -10,7 +10,13 @@ from sok_jax.ops.embed_ops import (
     weight_grad,
 )
 from sok_jax.ops.hash_ops import find_or_insert, hash_lookup
-from sok_jax.ops.rows_ops import copy_rows, gather_rows, scatter_rows
+from sok_jax.ops.rows_ops import (
+    copy_rows,
+    gather_rows,
+    join_rows,
+    scatter_rows,
+    scatter_rows_async,
+)
 from sok_jax.ops.optim_ops import (
     adagrad_update,
     adam_update,
@@ -35,6 +41,8 @@ __all__ = [
     "hash_lookup",
     "gather_rows",
     "scatter_rows",
+    "scatter_rows_async",
+    "join_rows",
     "copy_rows",
 ]
 # The op names every implementation has (`sok_jax.ops.reference` too).

@@ -508,6 +508,18 @@ def scatter_rows(dst, rows, values):
     return dst.at[jnp.where(valid, rows, dst.shape[0])].set(values, mode="drop")
 
 
+def scatter_rows_async(dst, rows, values):
+    """`rows_ops.scatter_rows_async`: `scatter_rows` (plain JAX has no
+    pending work)."""
+    return scatter_rows(dst, rows, values)
+
+
+def join_rows(x, *keep):
+    """`rows_ops.join_rows`: `x`."""
+    del keep
+    return x
+
+
 def copy_rows(dst, dst_rows, src, src_rows):
     """`rows_ops.copy_rows` in plain JAX: dst[dst_rows] = src[src_rows] where
     both name a row."""

@@ -1,4 +1,4 @@
-"""Row movers: the `sok_rows_gather` and `sok_rows_scatter` FFI targets.
+"""Row movers: the `sok_rows_*` FFI targets.
 
 They copy whole rows between two row-major tables of one dtype (a table's
 vectors [R, D] of any float dtype, or an optimizer slot [R, D] / [R]) and are
@@ -19,7 +19,16 @@ the host pointer and the kernel reads or writes the rows over the host link
   intermediate: what moves rows between a host store and its cache). The
   dst rows in range must be distinct.
 
-`sok_jax.ops.reference` has all three under the same names in plain JAX.
+* `scatter_rows_async(dst, rows, values)` then `join_rows(dst, *keep)`:
+  `scatter_rows`, which on a GPU runs on a side stream beside the ops that
+  follow it (a load from the same host store: the host link then carries
+  both directions at once) until `join_rows`, which returns `dst` once the
+  scatter has finished. Between the two, nothing may read the scattered
+  rows, and `keep` must hold `rows` and `values` (they stay alive until
+  the join) and the outputs of the ops meant to run beside the scatter
+  (the join comes after them). On the CPU the scatter is complete at once.
+
+`sok_jax.ops.reference` has them all under the same names in plain JAX.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ import jax.numpy as jnp
 
 from sok_jax import _native  # noqa: F401  (registers the targets)
 
-__all__ = ["gather_rows", "scatter_rows", "copy_rows"]
+__all__ = ["gather_rows", "scatter_rows", "scatter_rows_async", "join_rows", "copy_rows"]
 
 
 def _check_table(table, what):
@@ -62,6 +71,24 @@ def gather_rows(src: jax.Array, rows: jax.Array) -> jax.Array:
 def scatter_rows(dst: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Array:
     """`dst` with dst[rows[i]] = values[i] for every rows[i] in [0, R) (the
     rows in range distinct), in place."""
+    _check_scatter(dst, rows, values)
+    return _in_place("sok_rows_scatter", dst, rows, values)
+
+
+def scatter_rows_async(dst: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Array:
+    """`scatter_rows`, finished only at a later `join_rows(dst, rows,
+    values, ...)` (see the module docstring)."""
+    _check_scatter(dst, rows, values)
+    return _in_place("sok_rows_scatter_async", dst, rows, values)
+
+
+def join_rows(x: jax.Array, *keep) -> jax.Array:
+    """`x` once every `scatter_rows_async` before it has finished; `keep`
+    (any arrays) stay alive until then."""
+    return _in_place("sok_rows_join", x, *keep)
+
+
+def _check_scatter(dst, rows, values):
     _check_table(dst, "dst")
     _check_rows(rows)
     want = (rows.shape[0], *dst.shape[1:])
@@ -70,7 +97,6 @@ def scatter_rows(dst: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Arra
             f"values must be {dst.dtype} {list(want)} (one row of dst per listed row), "
             f"got {values.dtype} {values.shape}"
         )
-    return _in_place("sok_rows_scatter", dst, rows, values)
 
 
 def copy_rows(dst: jax.Array, dst_rows: jax.Array, src: jax.Array, src_rows: jax.Array):
