@@ -11,10 +11,12 @@ Shapes cover each kernel's edge cases: bags longer than the backward's 128-id
 chunk, padding runs longer than a chunk, empty bags, ids out of range,
 D not a multiple of the 16-byte vector, 16-bit tables, weights, and the
 short-bag and long-bag forward shapes, the fixed-length (no offsets)
-forward, and the one-target dense backward; the row movers (gather, scatter,
-copy of whole rows of any dtype) against numpy, rank 1 and 2, row widths of
-every word path of their kernels, no rows listed, and more listed rows than
-one grid covers. Exit status 1 on a mismatch.
+forward, the one-target dense backward, and the backward fused with the
+optimizers (row-wise Adagrad also on rows wider than one pass of a lane
+group); the row movers (gather, scatter, copy of whole rows of any dtype)
+against numpy, rank 1 and 2, row widths of every word path of their
+kernels, no rows listed, and more listed rows than one grid covers. Exit
+status 1 on a mismatch.
 """
 
 import sys
@@ -266,6 +268,17 @@ def cases(rng):
                             rng, a[0], 997, a[1], 96, a[2], a[3], a[4]
                         )
                     )
+    # Row-wise Adagrad fused: rows of one pass of a lane group and wider (D =
+    # 67: the scalar path past 64 columns; 264, 600: the 4-wide path past
+    # 256), short runs and chunked long runs, every table type.
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+        for dim in (3, 67, 128, 129, 264, 600):
+            for max_len, grad_f32 in ((1, False), (300, True), (300, False)):
+                out.append(
+                    lambda a=(dtype, dim, max_len, grad_f32): fused_case(
+                        rng, a[0], 997, a[1], 96, a[2], "rowwise_adagrad", a[3]
+                    )
+                )
     # The row movers: rank 1, and rows of 16k bytes (uint4 words), 4k (uint32)
     # and others (bytes): f32 W16, f32 W3, f16 W3.
     for dtype in (jnp.float32, jnp.bfloat16, jnp.float16, jnp.int32):
