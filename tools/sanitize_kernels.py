@@ -128,17 +128,21 @@ def optim_case(rng, rows, dim, sp):
         close(f"adagrad[{i}]", a, b, 1e-5)
 
 
-def fused_case(rng, dtype, rows, dim, m, max_len, name, grad_f32):
+def fused_case(rng, dtype, rows, dim, m, max_len, name, grad_f32, hot=False):
     """The backward fused with the optimizer against the two-call form on
     the same device (the same sums in the same order, then the same rule:
     the pure-JAX reference sums in another order, and Adam's first step,
     lr * g / (|g| + eps), turns the rounding of a near-zero sum into
-    differences of ~1e-3)."""
+    differences of ~1e-3). `hot`: half the ids name row 5 (one run of
+    thousands of positions: the chunked long-run path)."""
     from sok_jax import optim
 
     tag = f"fused {name} {jnp.dtype(dtype).name} D{dim} len<={max_len}{' g32' if grad_f32 else ''}"
+    tag += " hot row" if hot else ""
     table = jnp.asarray(rng.normal(size=(rows, dim)), dtype)
     ids, offsets = bags(rng, m, max_len, rows)
+    if hot:
+        ids = jnp.where(jnp.asarray(rng.random(ids.shape[0]) < 0.5), 5, ids)
     w = jnp.asarray(rng.uniform(0.5, 1.5, ids.shape[0]), jnp.float32)
     g = jnp.asarray(rng.normal(size=(m, dim)), jnp.float32 if grad_f32 else dtype)
     opt = optim.by_name(name, 0.1)
@@ -270,13 +274,17 @@ def cases(rng):
                     )
     # Row-wise Adagrad fused: rows of one pass of a lane group and wider (D =
     # 67: the scalar path past 64 columns; 264, 600: the 4-wide path past
-    # 256), short runs and chunked long runs, every table type.
+    # 256), short runs and a hot row's chunked long run, every table type.
     for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
         for dim in (3, 67, 128, 129, 264, 600):
-            for max_len, grad_f32 in ((1, False), (300, True), (300, False)):
+            for max_len, grad_f32, hot in (
+                (1, False, False),
+                (300, True, False),
+                (300, False, True),
+            ):
                 out.append(
-                    lambda a=(dtype, dim, max_len, grad_f32): fused_case(
-                        rng, a[0], 997, a[1], 96, a[2], "rowwise_adagrad", a[3]
+                    lambda a=(dtype, dim, max_len, grad_f32, hot): fused_case(
+                        rng, a[0], 997, a[1], 96, a[2], "rowwise_adagrad", a[3], a[4]
                     )
                 )
     # The row movers: rank 1, and rows of 16k bytes (uint4 words), 4k (uint32)

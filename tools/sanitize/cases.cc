@@ -1269,6 +1269,13 @@ void SpecialCases(Rng& rng, std::vector<Case>& out) {
     out.push_back(BwdUpdate(rng, rule, kF32, rows, 3, empty, kSum, false, true, "all bags empty"));
     out.push_back(BwdUpdate(rng, rule, kF16, rows, 5, no_bags, kMean, true, true, "no bags"));
   }
+  // Row-wise Adagrad's long runs on rows wider than one pass of a warp (the
+  // chunk partials summed twice: for the row's sum of squares, then the step).
+  const Rule rowwise = RowwiseRule();
+  out.push_back(BwdUpdate(rng, rowwise, kF16, rows, 67, hot, kSum, false, true, "hot rows"));
+  out.push_back(BwdUpdate(rng, rowwise, kBF16, rows, 264, hot, kMean, true, true, "hot rows"));
+  out.push_back(BwdUpdate(rng, rowwise, kF32, rows, 600, many, kSqrtn, false, false,
+                          "many long runs", true));
 }
 
 }  // namespace
@@ -1375,7 +1382,8 @@ std::vector<Case> AllCases(uint64_t seed) {
   }
   // Row-wise Adagrad fused: rows of one pass of a lane group and wider
   // (D = 67: the scalar path past 64 columns; 264 and 600: the 4-wide path
-  // past 256), short runs and chunked long runs, every table type.
+  // past 256), bags of one id and of up to 300, every table type (its long
+  // runs: SpecialCases).
   for (XLA_FFI_DataType dt : kTableTypes)
     for (int64_t dim : {1, 3, 4, 33, 67, 128, 264, 600})
       for (int max_len : {1, 300}) {
