@@ -228,7 +228,6 @@ class SokModel:
             optimizer=self.table_tx,
             dtype=jnp.dtype(args.table_dtype),
             capacity_factor=None,
-            fused_update=False,  # row-wise Adagrad has no fused backward+update kernel
         )
         self.gen = data.SyntheticCriteo(self.features, args.batch, seed=args.seed)
         self.repl = NamedSharding(mesh, P())

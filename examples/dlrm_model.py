@@ -158,7 +158,7 @@ def dense_flops(model_name: str, num_dense: int, num_features: int, dim: int, **
 
 
 # ------------------------------------------------------------- embeddings
-def pack_width(nnzs: Sequence[int], dim: int, *, fused_update: bool = True) -> int:
+def pack_width(nnzs: Sequence[int], dim: int) -> int:
     """Ids per lookup slot for bags of sizes `nnzs` in one padded layer.
 
     The layer takes [B, slots, P] ids (-1 padding); a feature with nnz ids
@@ -167,13 +167,10 @@ def pack_width(nnzs: Sequence[int], dim: int, *, fused_update: bool = True) -> i
     ids); P = 1 writes one output vector per id. The P chosen minimizes the
     bytes a step moves for it, per sample: 16 * D per slot (its output
     written, read, its gradient written, read) and 32 per position (the ids
-    and their sort in the backward), plus, when the optimizer has no fused
-    backward+update kernel (`fused_update=False`: row-wise Adagrad), 8 * D per
-    position: its [positions, D] row gradient is written and read (and held:
-    17 GiB at MLPerf's multi-hot batch 65536 with P 17, 8.4 GiB with P 4)."""
-    per_position = 32 + (0 if fused_update else 8 * dim)
+    and their sort in the backward; every sparse optimizer updates in the
+    fused backward kernel, so no [positions, D] row gradient is written)."""
     costs = {
-        p: sum(math.ceil(n / p) for n in nnzs) * (16 * dim + per_position * p)
+        p: sum(math.ceil(n / p) for n in nnzs) * (16 * dim + 32 * p)
         for p in range(1, max(nnzs) + 1)
     }
     return min(costs, key=lambda p: (costs[p], p))
@@ -255,9 +252,7 @@ class TableEmbedding(_ShardedSide):
     [B, nnz_k] are packed into ceil(nnz_k / P) lookup slots of P ids
     (`pack_width`); the vectors of a feature's slots are summed into its one
     pooled vector, so `lookup` gives [B, num_features, D] whatever the bag
-    sizes. `fused_update`: whether `optimizer` updates in the fused
-    backward kernel (sgd, adagrad, adam, ftrl; not row-wise Adagrad), which
-    `pack_width` weighs.
+    sizes.
 
     The interface (`init`, `module`, `lookup`, `update`, `apply`, `plan`) is
     `CollectionEmbedding`'s, which holds one table per feature.
@@ -275,7 +270,6 @@ class TableEmbedding(_ShardedSide):
         capacity_factor: float | None = 1.0,
         check: bool = False,
         pack: int | None = None,
-        fused_update: bool = True,
         init_chunk_rows: int = 1 << 22,
     ):
         self.features = tuple(features)
@@ -286,7 +280,7 @@ class TableEmbedding(_ShardedSide):
         self.offsets = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64)
         self.total_rows = int(sum(rows))
         nnzs = [f.nnz for f in self.features]
-        self.pack = int(pack or pack_width(nnzs, self.dim, fused_update=fused_update))
+        self.pack = int(pack or pack_width(nnzs, self.dim))
         slots = [math.ceil(n / self.pack) for n in nnzs]
         # Lookup slot -> its feature (slots of one feature are adjacent).
         self.slot_feature = np.repeat(np.arange(len(self.features)), slots).astype(np.int32)

@@ -460,7 +460,6 @@ def main(argv=None):
             capacity_factor=args.capacity_factor or None,
             check=args.check,
             pack=args.pack,
-            fused_update=args.optimizer != "rowwise_adagrad",  # optim.py: no fused kernel
         )
     print(embed.plan(args.optimizer))
 

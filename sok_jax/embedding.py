@@ -228,9 +228,10 @@ def sparse_grad(ctx: LookupContext, d_out) -> SparseRowGrad:
 
 def sparse_update(table, optimizer, opt_state, ctx: LookupContext, d_out):
     """`optimizer.update(table, opt_state, sparse_grad(ctx, d_out))` in one
-    pass: for sgd, adagrad, adam and ftrl (FFI implementation) one kernel
-    sums each touched row's gradient and applies the optimizer to the row
-    and its slots in place, never writing the [touched rows, D] gradient.
+    pass: for every sok_jax.optim optimizer (FFI implementation, without
+    skip_nonfinite) one kernel sums each touched row's gradient and applies
+    the optimizer to the row and its slots in place, never writing the
+    [touched rows, D] gradient.
     Donate `table` and `opt_state` in your step. Returns (table, opt_state).
     """
     check_sparse_optimizer(optimizer)

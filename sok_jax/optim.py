@@ -46,10 +46,12 @@ class SparseOptimizer(NamedTuple):
     update(table, state, grad: SparseRowGrad) -> (table, state);
     update_bags(table, state, grad_out, ids, offsets, weights, combiner)
       -> (table, state): the lookup's backward and `update` in one step (the
-      layout of `sok_jax.ops.embed_ops.lookup_combine`). For sgd, adagrad,
-      adam and ftrl with the FFI implementation it is one fused target that
-      never writes the [N, D] row gradient (`embed_ops.bwd_update`); for the
-      others it is `lookup_combine_bwd` followed by `update`."""
+      layout of `sok_jax.ops.embed_ops.lookup_combine`). For every
+      optimizer here (sgd, adagrad, rowwise_adagrad, adam, ftrl) with the FFI
+      implementation it is one fused target that never writes the [N, D] row
+      gradient (`embed_ops.bwd_update`); with skip_nonfinite, or for an
+      optimizer built without a rule, it is `lookup_combine_bwd` followed by
+      `update`."""
 
     init: Callable
     update: Callable
@@ -118,11 +120,10 @@ def _make(
     rule=None,
     skip_nonfinite=False,
 ):
-    """`rule`: the name of the element-wise rule of the fused backward+update
-    target (`embed_ops.RULES`), None where there is none (row-wise Adagrad:
-    `update_bags` is then the backward followed by `update`). With
-    `skip_nonfinite` the backward is never fused: the rows are filtered on
-    their summed gradient first."""
+    """`rule`: the name of the rule of the fused backward+update target
+    (`embed_ops.RULES`), None where there is none (`update_bags` is then the
+    backward followed by `update`). With `skip_nonfinite` the backward is
+    never fused: the rows are filtered on their summed gradient first."""
     ops = resolve(implementation)
     update_fn = getattr(ops, update_name)
 
@@ -237,6 +238,7 @@ def rowwise_adagrad(
         {"eps": eps},
         learning_rate,
         implementation,
+        rule="rowwise_adagrad",
         skip_nonfinite=skip_nonfinite,
     )
 

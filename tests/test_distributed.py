@@ -834,9 +834,9 @@ def test_init_optimizer_slots(n, name):
 def test_sparse_update_is_sparse_grad_then_apply(n, name):
     """`sparse_update` (the backward fused with the optimizer on each owner)
     gives the same table and slots as `apply_gradients(sparse_grad(...))`
-    over several steps with duplicates across devices, and the step has the
-    fused target exactly where a fused rule exists (the one-device path and
-    the exchange path)."""
+    over several steps with duplicates across devices, and the step runs
+    the fused target for every optimizer (the one-device path and the
+    exchange path)."""
     require_devices(n)
     emb = make_emb(n, "sqrtn")
     opt = sok_jax.optim.by_name(name, 0.05)
@@ -860,7 +860,7 @@ def test_sparse_update_is_sparse_grad_then_apply(n, name):
         cot = jnp.asarray(rng.normal(size=(ids.shape[0], SLOTS, DIM)), jnp.float32)
         if step == 0:
             hlo = fused_j.lower(st_b, os_b, ids, w, cot).as_text()
-            assert ("sok_embed_bwd_update" in hlo) == (name != "rowwise_adagrad"), name
+            assert "sok_embed_bwd_update" in hlo, name
         st_a, os_a = two_step_j(st_a, os_a, ids, w, cot)
         st_b, os_b = fused_j(st_b, os_b, ids, w, cot)
         np.testing.assert_allclose(

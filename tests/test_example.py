@@ -140,8 +140,6 @@ def test_pack_width():
     assert dm.pack_width([1] * 26, 128) == 1
     p = dm.pack_width(data_sizes(), 128)
     assert 1 < p < 100  # neither one slot per id nor every bag padded to 100
-    # Without a fused update the [positions, D] row gradient counts: fewer positions.
-    assert 1 < dm.pack_width(data_sizes(), 128, fused_update=False) < p
 
 
 def data_sizes():

@@ -5,12 +5,14 @@ Each step is checked against an independent oracle, over several steps so
 slot state carries: the numpy gradient of the lookup (conftest
 `np_embed_grads`, summed per row in float64) fed to the optimizer oracles of
 test_optim_ops (optax for SGD and Adagrad, numpy from the published formulas
-for lazy Adam and FTRL). Rows no valid id names keep their bits, in the table
-and every slot. The fused step must also equal the two-step form
-(`lookup_combine_bwd` then the optimizer's `update`).
+for lazy Adam, FTRL and row-wise Adagrad). Rows no valid id names keep their
+bits, in the table and every slot. The fused step must also equal the
+two-step form (`lookup_combine_bwd` then the optimizer's `update`).
 """
 
 from __future__ import annotations
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -49,8 +51,24 @@ CASES = {
             rng.normal(0, 0.5, (r, d)).astype(np.float32),
         ],
     ),
+    "rowwise_adagrad": (
+        {"eps": 1e-3},
+        oo.rowwise_adagrad_oracle,
+        lambda rng, r, d: [oo.acc_slot(rng, (r,))],
+    ),
 }
 ROWS = 37
+
+# The fused step against the two-step form. The element-wise rules compute
+# the same float operations in the same order on both paths; row-wise
+# Adagrad's sum of g^2 over the row may be taken in another order (on the
+# GPU), so its new table rows may round to a neighbouring 16-bit value.
+_TWO_STEP_TOL = {"float32": (1e-6, 1e-7), "bfloat16": (1e-6, 1e-7), "float16": (1e-6, 1e-7)}
+_ROWWISE_TWO_STEP_TOL = {"float32": (2e-6, 1e-7), "bfloat16": (8e-3, 1e-6), "float16": (1e-3, 1e-6)}
+
+
+def _two_step_tol(name, table_dtype):
+    return (_ROWWISE_TWO_STEP_TOL if name == "rowwise_adagrad" else _TWO_STEP_TOL)[table_dtype]
 
 
 def _flat_bags(rng, batch, slots, nnz, combiner):
@@ -79,6 +97,27 @@ def _flat_bags(rng, batch, slots, nnz, combiner):
 
 def _bits(x):
     return oo.bits(x)
+
+
+def _check_rest(ctx, name, table_dtype, table, state, touched, old_bits, want_t, want_s):
+    """After a fused step: the rows not in `touched` keep their bits
+    (`old_bits`: the table's, then each slot's) in the table and every slot,
+    and the whole step equals the two-step form (`want_t`, `want_s`)."""
+    untouched = np.setdiff1d(np.arange(ROWS), touched)
+    for k, (got, before) in enumerate(zip([table, *state.slots], old_bits)):
+        np.testing.assert_array_equal(
+            _bits(got)[untouched], before[untouched], err_msg=f"{ctx} leaf {k}"
+        )
+    np.testing.assert_allclose(
+        np.asarray(table.astype(jnp.float32)),
+        np.asarray(want_t.astype(jnp.float32)),
+        *_two_step_tol(name, table_dtype),
+        err_msg=ctx,
+    )
+    for got, want in zip(state.slots, want_s.slots):
+        np.testing.assert_allclose(
+            np.asarray(got), np.asarray(want), *_two_step_tol(name, "float32"), err_msg=ctx
+        )
 
 
 @pytest.mark.parametrize("grad_f32", [False, True])
@@ -133,26 +172,10 @@ def test_update_bags_matches_oracle(name, dim, table_dtype, grad_f32):
                 atol=2e-5,
                 err_msg=f"{ctx} slot {k}",
             )
-        untouched = np.setdiff1d(np.arange(ROWS), touched)
-        for k, (got, before) in enumerate(zip([table, *state.slots], old_bits)):
-            np.testing.assert_array_equal(
-                _bits(got)[untouched], before[untouched], err_msg=f"{ctx} leaf {k}"
-            )
-        # The two-step form: the same sums, the same rule.
-        np.testing.assert_allclose(
-            np.asarray(table.astype(jnp.float32)),
-            np.asarray(want_t.astype(jnp.float32)),
-            rtol=1e-6,
-            atol=1e-7,
-            err_msg=ctx,
-        )
-        for got, want in zip(state.slots, want_s.slots):
-            np.testing.assert_allclose(
-                np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7, err_msg=ctx
-            )
+        _check_rest(ctx, name, table_dtype, table, state, touched, old_bits, want_t, want_s)
 
 
-@pytest.mark.parametrize("name", ["sgd", "adam"])
+@pytest.mark.parametrize("name", ["sgd", "adam", "rowwise_adagrad"])
 def test_hot_row_long_runs(name):
     """A row looked up by hundreds of positions (the GPU splits such runs in
     chunks summed apart, then applies the rule once) and many rows once."""
@@ -189,21 +212,132 @@ def test_hot_row_long_runs(name):
         )
 
 
-def test_rowwise_adagrad_update_bags_is_the_two_step_form():
-    """No fused rule for row-wise Adagrad: update_bags is the backward then
-    update (the same function through another path)."""
+@pytest.mark.parametrize("grad_f32", [False, True])
+@pytest.mark.parametrize("table_dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("dim", [67, 264])
+def test_rowwise_adagrad_wide_rows_long_runs(dim, table_dtype, grad_f32):
+    """Row-wise Adagrad fused over rows wider than one pass of a lane group
+    (D = 67: the scalar path past 64 columns; D = 264: the 4-wide path past
+    256) with hot rows of hundreds of positions (the chunked runs), many
+    rows seen once, skipped ids and weights, over three steps: each touched
+    row's accumulator grows once per step by the mean of its summed g^2, as
+    the numpy oracle and the two-step form say; the rest keep their bits."""
+    kw, oracle, make_slots = CASES["rowwise_adagrad"]
+    rng = np.random.default_rng()
+    m = 700
+    table, _ = random_table(rng, ROWS, dim, table_dtype)
+    opt = optim.rowwise_adagrad(0.1, **kw)
+    state = opt.init(table)._replace(slots=(jnp.asarray(oo.acc_slot(rng, (ROWS,))),))
+    fused = jax.jit(opt.update_bags, static_argnums=(6,))
+    two_step = jax.jit(
+        lambda t, s, g, i, o, w, c: opt.update(
+            t, s, embed_ops.lookup_combine_bwd(g, i, o, w, c, ROWS)
+        ),
+        static_argnums=(6,),
+    )
+    tol = {"float32": (2e-5, 2e-6), "float16": (2e-3, 2e-3), "bfloat16": (1e-2, 1e-2)}
+    for step in range(1, 4):
+        ids = rng.integers(0, ROWS, size=m).astype(np.int32)
+        hot = rng.choice(ROWS, size=2, replace=False)
+        ids[rng.random(m) < 0.35] = hot[0]
+        ids[rng.random(m) < 0.25] = hot[1]
+        ids[rng.random(m) < 0.05] = -1
+        ids[rng.random(m) < 0.02] = ROWS + 4  # out of range: skipped
+        w = rng.uniform(0.5, 1.5, m).astype(np.float32)
+        g = jnp.asarray(rng.normal(size=(m, dim)), jnp.float32 if grad_f32 else table.dtype)
+        offsets = jnp.arange(m + 1, dtype=jnp.int32)
+        old_t = np.asarray(table.astype(jnp.float32))
+        old_s = [np.asarray(s) for s in state.slots]
+        old_bits = [_bits(table), _bits(state.slots[0])]
+        args = (g, jnp.asarray(ids), offsets, jnp.asarray(w), "sum")
+        want_t, want_s = two_step(table, state, *args)
+        table, state = fused(table, state, *args)
+        ctx = f"D={dim} {table_dtype} grad_f32={grad_f32} step {step}"
+        valid = (ids >= 0) & (ids < ROWS)
+        assert np.sum(ids == hot[0]) > 128, ctx  # at least one chunked run
+        touched = np.unique(ids[valid])
+        d = np.zeros((ROWS, dim))
+        g64 = np.asarray(g.astype(jnp.float32), np.float64)
+        np.add.at(d, ids[valid], w[valid, None] * g64[valid])
+        o_t, o_s = oracle(old_t, old_s, touched, d[touched].astype(np.float32), 0.1, step, kw)
+        np.testing.assert_allclose(
+            np.asarray(table.astype(jnp.float32))[touched],
+            np.asarray(o_t)[touched],
+            *tol[table_dtype],
+            err_msg=ctx,
+        )
+        np.testing.assert_allclose(
+            np.asarray(state.slots[0])[touched],
+            np.asarray(o_s[0])[touched],
+            rtol=2e-5,
+            atol=2e-5,
+            err_msg=ctx,
+        )
+        _check_rest(
+            ctx, "rowwise_adagrad", table_dtype, table, state, touched, old_bits, want_t, want_s
+        )
+
+
+def test_rowwise_adagrad_update_bags_is_fused():
+    """update_bags of row-wise Adagrad is the one fused target (no [N, D]
+    row gradient: neither sok_embed_bwd nor sok_rowwise_adagrad_update in
+    the program), and accepts the [R, 1] accumulator as `update` does."""
     rng = np.random.default_rng()
     table, _ = random_table(rng, ROWS, 6, "float32")
     opt = optim.rowwise_adagrad(0.1)
     bags, ids, offsets, w = _flat_bags(rng, 5, 3, 2, "mean")
     g = jnp.asarray(rng.normal(size=(15, 6)), jnp.float32)
-    got_t, got_s = opt.update_bags(table, opt.init(table), g, ids, offsets, w, "mean")
+    state = opt.init(table)
+    hlo = jax.jit(opt.update_bags, static_argnums=(6,)).lower(
+        table, state, g, ids, offsets, w, "mean"
+    ).as_text()
+    targets = set(re.findall(r"custom_call @(\w+)", hlo))
+    assert targets == {"sok_embed_bwd_update"}, targets
+    col = state._replace(slots=(state.slots[0][:, None],))
+    got_t, got_s = opt.update_bags(table, col, g, ids, offsets, w, "mean")
     want_t, want_s = opt.update(
-        table, opt.init(table), embed_ops.lookup_combine_bwd(g, ids, offsets, w, "mean", ROWS)
+        table, state, embed_ops.lookup_combine_bwd(g, ids, offsets, w, "mean", ROWS)
     )
-    np.testing.assert_array_equal(np.asarray(got_t), np.asarray(want_t))
-    np.testing.assert_array_equal(np.asarray(got_s.slots[0]), np.asarray(want_s.slots[0]))
+    assert got_s.slots[0].shape == (ROWS, 1)
+    np.testing.assert_allclose(np.asarray(got_t), np.asarray(want_t), rtol=2e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        np.asarray(got_s.slots[0])[:, 0], np.asarray(want_s.slots[0]), rtol=2e-6, atol=1e-7
+    )
     assert not np.array_equal(np.asarray(got_t), np.asarray(table))
+
+
+@pytest.mark.parametrize("table_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", sorted(embed_ops.RULES))
+def test_reference_bwd_update_matches_target(name, table_dtype):
+    """The pure-JAX `reference.bwd_update` (what implementation="reference"
+    runs) and the FFI target compute the same step for every rule, under
+    jit, with duplicates, padding, out-of-range ids and weights."""
+    from sok_jax.ops import reference
+
+    kw, _, make_slots = CASES[name]
+    rng = np.random.default_rng()
+    dim = 7
+    table, _ = random_table(rng, ROWS, dim, table_dtype)
+    slots = tuple(jnp.asarray(s) for s in make_slots(rng, ROWS, dim))
+    _, ids, offsets, w = _flat_bags(rng, 6, 4, 3, "sqrtn")
+    g = jnp.asarray(rng.normal(size=(24, dim)), table.dtype)
+    hparams = (0.05, 3.0) if name == "adam" else (0.05,)
+
+    def run(ops):
+        return jax.jit(
+            lambda t, s, g: ops.bwd_update(
+                name, t, s, g, ids, offsets, w, "sqrtn", hparams, **kw
+            )
+        )(table, slots, g)
+
+    got, want = run(embed_ops), run(reference)
+    tol = {"float32": (2e-5, 2e-6), "bfloat16": (1e-2, 1e-2)}[table_dtype]
+    np.testing.assert_allclose(
+        np.asarray(got[0].astype(jnp.float32)), np.asarray(want[0].astype(jnp.float32)), *tol
+    )
+    for a, b in zip(got[1:], want[1:]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)
+    assert not np.array_equal(np.asarray(got[0]), np.asarray(table))
 
 
 def test_bwd_update_errors():
@@ -225,6 +359,12 @@ def test_bwd_update_errors():
         call("adagrad", table, (), g, ids, offsets, w, "sum", (0.1,), eps=1e-7)
     with pytest.raises(ValueError, match="slot 0 must be float32"):
         call("adagrad", table, (acc[:, :2],), g, ids, offsets, w, "sum", (0.1,), eps=1e-7)
+    with pytest.raises(ValueError, match="rowwise_adagrad takes 1 slots"):
+        call("rowwise_adagrad", table, (), g, ids, offsets, w, "sum", (0.1,), eps=1e-7)
+    with pytest.raises(ValueError, match="missing \\['eps'\\]"):
+        call("rowwise_adagrad", table, (acc[:, 0],), g, ids, offsets, w, "sum", (0.1,))
+    with pytest.raises(ValueError, match="slot 0 must be float32"):  # [R, D]: adagrad's
+        call("rowwise_adagrad", table, (acc,), g, ids, offsets, w, "sum", (0.1,), eps=1e-7)
     with pytest.raises(ValueError, match="grad_out must be"):
         call("sgd", table, (), g[:, :3], ids, offsets, w, "sum", (0.1,))
     with pytest.raises(ValueError, match="learning_rate|hparams"):

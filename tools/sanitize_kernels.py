@@ -11,10 +11,12 @@ Shapes cover each kernel's edge cases: bags longer than the backward's 128-id
 chunk, padding runs longer than a chunk, empty bags, ids out of range,
 D not a multiple of the 16-byte vector, 16-bit tables, weights, and the
 short-bag and long-bag forward shapes, the fixed-length (no offsets)
-forward, and the one-target dense backward; the row movers (gather, scatter,
-copy of whole rows of any dtype) against numpy, rank 1 and 2, row widths of
-every word path of their kernels, no rows listed, and more listed rows than
-one grid covers. Exit status 1 on a mismatch.
+forward, the one-target dense backward, and the backward fused with the
+optimizers (row-wise Adagrad also on rows wider than one pass of a lane
+group); the row movers (gather, scatter, copy of whole rows of any dtype)
+against numpy, rank 1 and 2, row widths of every word path of their
+kernels, no rows listed, and more listed rows than one grid covers. Exit
+status 1 on a mismatch.
 """
 
 import sys
@@ -126,17 +128,21 @@ def optim_case(rng, rows, dim, sp):
         close(f"adagrad[{i}]", a, b, 1e-5)
 
 
-def fused_case(rng, dtype, rows, dim, m, max_len, name, grad_f32):
+def fused_case(rng, dtype, rows, dim, m, max_len, name, grad_f32, hot=False):
     """The backward fused with the optimizer against the two-call form on
     the same device (the same sums in the same order, then the same rule:
     the pure-JAX reference sums in another order, and Adam's first step,
     lr * g / (|g| + eps), turns the rounding of a near-zero sum into
-    differences of ~1e-3)."""
+    differences of ~1e-3). `hot`: half the ids name row 5 (one run of
+    thousands of positions: the chunked long-run path)."""
     from sok_jax import optim
 
     tag = f"fused {name} {jnp.dtype(dtype).name} D{dim} len<={max_len}{' g32' if grad_f32 else ''}"
+    tag += " hot row" if hot else ""
     table = jnp.asarray(rng.normal(size=(rows, dim)), dtype)
     ids, offsets = bags(rng, m, max_len, rows)
+    if hot:
+        ids = jnp.where(jnp.asarray(rng.random(ids.shape[0]) < 0.5), 5, ids)
     w = jnp.asarray(rng.uniform(0.5, 1.5, ids.shape[0]), jnp.float32)
     g = jnp.asarray(rng.normal(size=(m, dim)), jnp.float32 if grad_f32 else dtype)
     opt = optim.by_name(name, 0.1)
@@ -272,6 +278,21 @@ def cases(rng):
                             rng, a[0], 997, a[1], 96, a[2], a[3], a[4]
                         )
                     )
+    # Row-wise Adagrad fused: rows of one pass of a lane group and wider (D =
+    # 67: the scalar path past 64 columns; 264, 600: the 4-wide path past
+    # 256), short runs and a hot row's chunked long run, every table type.
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+        for dim in (3, 67, 128, 129, 264, 600):
+            for max_len, grad_f32, hot in (
+                (1, False, False),
+                (300, True, False),
+                (300, False, True),
+            ):
+                out.append(
+                    lambda a=(dtype, dim, max_len, grad_f32, hot): fused_case(
+                        rng, a[0], 997, a[1], 96, a[2], "rowwise_adagrad", a[3], a[4]
+                    )
+                )
     # The row movers: rank 1, and rows of 16k bytes (uint4 words), 4k (uint32)
     # and others (bytes): f32 W16, f32 W3, f16 W3.
     for dtype in (jnp.float32, jnp.bfloat16, jnp.float16, jnp.int32):

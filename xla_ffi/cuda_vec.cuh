@@ -79,8 +79,10 @@ __device__ __forceinline__ void StoreF(T* p, const float (&in)[VEC]) {
 }
 
 // The Begin of the backward's sinks (embed_kernels.cuh ReduceRuns) that
-// only need the run to name a real row.
+// only need the run to name a real row; such a sink stores each pass of a
+// row as it is summed unless it says otherwise (kWholeRow).
 struct ValidRunsSink {
+  static constexpr bool kWholeRow = false;
   template <int VEC>
   __device__ __forceinline__ bool Begin(int64_t u, int64_t valid, uint32_t,
                                         int, int, int64_t, int64_t) const {

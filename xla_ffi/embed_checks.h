@@ -189,8 +189,8 @@ inline ffi::Error CheckRowsToDense(const ffi::Buffer<ffi::S32>& unique_rows,
 }
 
 // A rule's buffers: at least `num_hparams` float32 hparams, and the first
-// `used` of the two float32 slots, each [rows * D] like the table, its output
-// too; their output pointers in `out_data` (nullptr beyond).
+// `used` of the two float32 slots, each of `count` elements, its output too;
+// their output pointers in `out_data` (nullptr beyond).
 inline ffi::Error CheckRuleBuffers(int num_hparams,
                                    const ffi::Buffer<ffi::F32>& hparams,
                                    int used, int64_t count,
@@ -212,10 +212,11 @@ inline ffi::Error CheckRuleBuffers(int num_hparams,
 }
 
 // The rule part of sok_embed_bwd_update, the same on both platforms: the
-// element-wise rule named by rule_id and consts (optim_math.h VisitRule), its
-// hparams and slots checked against the table's [rows, D], every output made
-// to hold its input by copy(in, out, bytes) (a no-op when XLA aliased them),
-// then body(rule, slot) with the slot outputs (nullptr beyond the rule's).
+// rule named by rule_id and consts (optim_math.h VisitRule), its hparams and
+// slots checked against the table's [rows, D] (slots of a kPerRow rule: one
+// float per row), every output made to hold its input by copy(in, out,
+// bytes) (a no-op when XLA aliased them), then body(rule, slot) with the
+// slot outputs (nullptr beyond the rule's).
 template <typename Copy, typename Body>
 ffi::Error WithUpdateRule(int32_t rule_id, ffi::Span<const float> consts,
                           const ffi::Buffer<ffi::F32>& hparams,
@@ -225,13 +226,15 @@ ffi::Error WithUpdateRule(int32_t rule_id, ffi::Span<const float> consts,
                           const ffi::Buffer<ffi::F32>& s1,
                           ffi::Result<ffi::Buffer<ffi::F32>>& s0_out,
                           ffi::Result<ffi::Buffer<ffi::F32>>& s1_out,
-                          int64_t count, Copy&& copy, Body&& body) {
+                          int64_t rows, int64_t dim, Copy&& copy,
+                          Body&& body) {
   const ffi::Buffer<ffi::F32>* in[2] = {&s0, &s1};
   ffi::Result<ffi::Buffer<ffi::F32>>* out[2] = {&s0_out, &s1_out};
   ffi::Error result = ffi::Error::Success();
   const bool known = VisitRule(rule_id, consts.begin(), consts.size(), [&](auto rule) {
     using Rule = decltype(rule);
     float* slot[2];
+    const int64_t count = Rule::kPerRow ? rows : rows * dim;
     result = CheckRuleBuffers(Rule::kHparams, hparams, Rule::kSlots, count, in,
                               out, slot);
     if (result.failure()) return;

@@ -273,9 +273,9 @@ ffi::Error BwdDenseImpl(ffi::AnyBuffer grad, ffi::AnyBuffer ids,
   });
 }
 
-// The backward fused with an element-wise optimizer (optim_math.h
-// VisitRule): the same function as the CUDA handler; here the sparse form is
-// built (Backward) and the rule applied to its rows (ApplyRows).
+// The backward fused with an optimizer (optim_math.h VisitRule, row-wise
+// Adagrad included): the same function as the CUDA handler; here the sparse
+// form is built (Backward) and the rule applied to its rows (ApplyRows).
 ffi::Error BwdUpdateImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> s0,
                          ffi::Buffer<ffi::F32> s1, ffi::AnyBuffer grad,
                          ffi::AnyBuffer ids, ffi::AnyBuffer offsets,
@@ -294,7 +294,7 @@ ffi::Error BwdUpdateImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> s0,
   const int64_t rows = sh.rows, dim = sh.dim, n = sh.n, m = sh.m;
   const float* w = OptionalWeights(weights);
   return WithUpdateRule(rule_id, consts, hparams, table, table_out, s0, s1,
-                        s0_out, s1_out, rows * dim, HostCopy{},
+                        s0_out, s1_out, rows, dim, HostCopy{},
                         [&](auto rule, float* const* slot) {
     rule.Bind(hparams.typed_data());
     std::vector<int32_t> ur(n);

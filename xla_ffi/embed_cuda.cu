@@ -301,8 +301,9 @@ ffi::Error BwdDenseImpl(cudaStream_t stream, ffi::AnyBuffer grad,
 }
 
 // The backward fused with the optimizer: sort + run-length as BwdImpl, then
-// each run's sum goes straight into the rule on its table row (UpdateSink).
-// Outputs alias the table and slots; copied first should they not.
+// each run's sum goes straight into the rule on its table row (UpdateSink;
+// RowwiseUpdateSink for row-wise Adagrad, which needs the whole row's sum
+// first). Outputs alias the table and slots; copied first should they not.
 ffi::Error BwdUpdateImpl(cudaStream_t stream, ffi::AnyBuffer table,
                          ffi::Buffer<ffi::F32> s0, ffi::Buffer<ffi::F32> s1,
                          ffi::AnyBuffer grad, ffi::AnyBuffer ids,
@@ -322,7 +323,7 @@ ffi::Error BwdUpdateImpl(cudaStream_t stream, ffi::AnyBuffer table,
   const float* w = OptionalWeights(weights);
   auto result = WithUpdateRule(
       rule_id, consts, hparams, table, table_out, s0, s1, s0_out, s1_out,
-      rows * dim, StreamCopy{stream}, [&](auto rule, float* const* slot) -> ffi::Error {
+      rows, dim, StreamCopy{stream}, [&](auto rule, float* const* slot) -> ffi::Error {
     using Rule = decltype(rule);
     if (n == 0 || dim == 0) return ffi::Error::Success();
     Runs r;
@@ -332,13 +333,18 @@ ffi::Error BwdUpdateImpl(cudaStream_t stream, ffi::AnyBuffer table,
       return e;
     return DispatchFloat(table.element_type(), "table", [&](auto tag) {
       using T = typename DevType<decltype(tag)>::type;
-      const optim::UpdateSink<T, Rule> sink{rule, hparams.typed_data(),
-                                            table_out->reinterpret_data<T>(),
-                                            slot[0], slot[1]};
-      if (sh.grad_f32)  // e.g. the exchanged float32 sums of a 16-bit table
-        ReduceAll(stream, grad.typed_data<float>(), dim, n, rows, r, sink);
+      auto reduce = [&](const auto& sink) {
+        if (sh.grad_f32)  // e.g. the exchanged float32 sums of a 16-bit table
+          ReduceAll(stream, grad.typed_data<float>(), dim, n, rows, r, sink);
+        else
+          ReduceAll(stream, grad.reinterpret_data<T>(), dim, n, rows, r, sink);
+      };
+      T* tp = table_out->reinterpret_data<T>();
+      const float* hp = hparams.typed_data();
+      if constexpr (Rule::kPerRow)
+        reduce(optim::RowwiseUpdateSink<T>{rule, hp, tp, slot[0]});
       else
-        ReduceAll(stream, grad.reinterpret_data<T>(), dim, n, rows, r, sink);
+        reduce(optim::UpdateSink<T, Rule>{rule, hp, tp, slot[0], slot[1]});
       return ffi::Error::Success();
     });
   });

@@ -331,12 +331,25 @@ __device__ __forceinline__ int64_t ValidRuns(const uint32_t* unique_keys,
 //     u's group first; false: nothing to sum for u (u >= valid);
 //   Store<VEC, CPL>(u, key, dim, c_first, tpb, cols, acc): the lane's CPL
 //     column chunks (c_first, c_first + tpb, ...) of the sum of run u;
-//   Aligned(): whether its rows allow 4-wide accesses (host).
+//   Aligned(): whether its rows allow 4-wide accesses (host);
+//   kWholeRow: false, or true for a sink whose stores depend on the whole
+//     row (row-wise Adagrad). Such a sink instead has
+//     RowScale(key, dim, sum_sq, lane, mask, tpb): called once per run by
+//       every lane of its group (`mask`), sum_sq being the sum over the row
+//       of the squared summed gradient (the same on every lane); returns
+//       the row's scale on every lane;
+//     Store<VEC, CPL>(u, key, dim, c_first, tpb, cols, acc, scale): as
+//       above, after RowScale, with its scale.
+//   The kernels then sum a run twice where its row takes more than one pass
+//   of its group (RunWholeRow) and always for a long run (ReducePartials):
+//   once for sum_sq, once to store; both sums are the same operations in
+//   the same order.
 //
 // RowGradSink: row u of the [N, D] float32 row_grads, with unique_rows (-1
 // beyond the valid runs), zero rows beyond them and num_unique.
 template <typename O>
 struct RowGradSink {
+  static constexpr bool kWholeRow = false;
   O* out_rows;
   int32_t* unique_rows;
   int32_t* num_unique;
@@ -385,6 +398,49 @@ struct DenseSink : ValidRunsSink {
   }
 };
 
+template <int CPL, int VEC>
+__device__ __forceinline__ float SumSquares(const float (&acc)[CPL][VEC]) {
+  float s = 0.f;
+#pragma unroll
+  for (int k = 0; k < CPL; ++k)
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) s += acc[k][i] * acc[k][i];
+  return s;
+}
+
+// A short run into a kWholeRow sink: the group's sum over the row of the
+// squared sums (chunks past the row hold zeros), the sink's RowScale, then
+// the stores; a row of one pass keeps its sums in registers, a wider row is
+// summed again pass by pass.
+template <typename G, int VEC, typename Sink>
+__device__ __forceinline__ void RunWholeRow(
+    const G* __restrict__ grad, int64_t dim, const int32_t* __restrict__ spos,
+    const int32_t* __restrict__ bag_of, const float* __restrict__ scale_of,
+    int64_t p0, int64_t p1, int64_t u, uint32_t key, int lane, int tpb,
+    int64_t cols, const Sink& sink) {
+  const int64_t pass = static_cast<int64_t>(tpb) * kRunCpl;
+  float acc[kRunCpl][VEC];
+  float sq = 0.f;
+  for (int64_t c0 = 0; c0 < cols; c0 += pass) {
+    SumRun<G, VEC, kRunCpl, kRunU>(grad, dim, spos, bag_of, scale_of, p0, p1,
+                                   c0 + lane, tpb, cols, acc);
+    sq += SumSquares(acc);
+  }
+  const unsigned mask = GroupMask(tpb);
+  sq = GroupSum(sq, mask, tpb);
+  const float scale = sink.RowScale(key, dim, sq, lane, mask, tpb);
+  if (cols <= pass) {
+    sink.template Store<VEC, kRunCpl>(u, key, dim, lane, tpb, cols, acc, scale);
+    return;
+  }
+  for (int64_t c0 = 0; c0 < cols; c0 += pass) {
+    SumRun<G, VEC, kRunCpl, kRunU>(grad, dim, spos, bag_of, scale_of, p0, p1,
+                                   c0 + lane, tpb, cols, acc);
+    sink.template Store<VEC, kRunCpl>(u, key, dim, c0 + lane, tpb, cols, acc,
+                                      scale);
+  }
+}
+
 // Step 3a: TPB lanes per unique run u; short runs are summed and handed to
 // the sink, long runs are left to the chunk kernels.
 template <typename G, int VEC, typename Sink>
@@ -408,11 +464,16 @@ __global__ void __launch_bounds__(256, 4)
   if (!sink.template Begin<VEC>(u, valid, key, lane, tpb, dim, cols)) return;
   if (chunks[u] != 0) return;
   const int64_t p0 = starts[u], p1 = p0 + counts[u];
-  for (int64_t c0 = 0; c0 < cols; c0 += static_cast<int64_t>(tpb) * kRunCpl) {
-    float acc[kRunCpl][VEC];
-    SumRun<G, VEC, kRunCpl, kRunU>(grad, dim, spos, bag_of, scale_of, p0, p1,
-                                   c0 + lane, tpb, cols, acc);
-    sink.template Store<VEC, kRunCpl>(u, key, dim, c0 + lane, tpb, cols, acc);
+  if constexpr (Sink::kWholeRow) {
+    RunWholeRow<G, VEC>(grad, dim, spos, bag_of, scale_of, p0, p1, u, key,
+                        lane, tpb, cols, sink);
+  } else {
+    for (int64_t c0 = 0; c0 < cols; c0 += static_cast<int64_t>(tpb) * kRunCpl) {
+      float acc[kRunCpl][VEC];
+      SumRun<G, VEC, kRunCpl, kRunU>(grad, dim, spos, bag_of, scale_of, p0, p1,
+                                     c0 + lane, tpb, cols, acc);
+      sink.template Store<VEC, kRunCpl>(u, key, dim, c0 + lane, tpb, cols, acc);
+    }
   }
 }
 
@@ -454,8 +515,25 @@ __global__ void ReduceChunks(const G* __restrict__ grad, int64_t dim,
   }
 }
 
+// Column chunk c of the chunk partials k0 .. k1 - 1 of one run, summed in
+// order.
+template <int VEC>
+__device__ __forceinline__ void SumPartials(const float* __restrict__ partial,
+                                            int64_t dim, int64_t k0, int64_t k1,
+                                            int64_t c, float (&acc)[1][VEC]) {
+  ZeroAcc(acc);
+  for (int64_t k = k0; k < k1; ++k) {
+    float v[VEC];
+    LoadF<float, VEC>(partial + k * dim + c * VEC, v);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[0][i] += v[i];
+  }
+}
+
 // Step 3c: each warp looks at 32 consecutive runs at once and sums the
-// chunk partials of the long ones among them, in order, into the sink.
+// chunk partials of the long ones among them, in order, into the sink (a
+// kWholeRow sink: the warp's sum of squares over the row first, then the
+// sums again into its stores).
 template <int VEC, typename Sink>
 __global__ void ReducePartials(const uint32_t* __restrict__ ukeys,
                                const int32_t* __restrict__ chunks,
@@ -475,16 +553,26 @@ __global__ void ReducePartials(const uint32_t* __restrict__ ukeys,
     todo &= todo - 1;
     const int64_t k0 = chunk_start[u], k1 = k0 + chunks[u];
     const uint32_t key = ukeys[u];
-    for (int64_t c = lane; c < cols; c += 32) {
-      float acc[1][VEC];
-      ZeroAcc(acc);
-      for (int64_t k = k0; k < k1; ++k) {
-        float v[VEC];
-        LoadF<float, VEC>(partial + k * dim + c * VEC, v);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) acc[0][i] += v[i];
+    if constexpr (Sink::kWholeRow) {
+      float sq = 0.f;
+      for (int64_t c = lane; c < cols; c += 32) {
+        float acc[1][VEC];
+        SumPartials<VEC>(partial, dim, k0, k1, c, acc);
+        sq += SumSquares(acc);
       }
-      sink.template Store<VEC, 1>(u, key, dim, c, 32, cols, acc);
+      sq = GroupSum(sq, 0xffffffffu, 32);
+      const float scale = sink.RowScale(key, dim, sq, lane, 0xffffffffu, 32);
+      for (int64_t c = lane; c < cols; c += 32) {
+        float acc[1][VEC];
+        SumPartials<VEC>(partial, dim, k0, k1, c, acc);
+        sink.template Store<VEC, 1>(u, key, dim, c, 32, cols, acc, scale);
+      }
+    } else {
+      for (int64_t c = lane; c < cols; c += 32) {
+        float acc[1][VEC];
+        SumPartials<VEC>(partial, dim, k0, k1, c, acc);
+        sink.template Store<VEC, 1>(u, key, dim, c, 32, cols, acc);
+      }
     }
   }
 }

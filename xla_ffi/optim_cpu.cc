@@ -86,20 +86,6 @@ ffi::Error FtrlImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> acc,
       {{acc, acc_out, "accumulator"}, {linear, linear_out, "linear"}});
 }
 
-// Row-wise Adagrad: the accumulator is one float per row ([R] or [R, 1]).
-template <typename T>
-void RowwiseRows(const RowGrads& rg, const RowwiseAdagradRule& rule, T* table,
-                 float* acc) {
-  ForEachRow(rg, table, [&](int64_t r, T* w, const float* g) {
-    float sum_sq = 0.f;
-    for (int64_t d = 0; d < rg.dim; ++d) sum_sq += g[d] * g[d];
-    acc[r] = rule.Accumulate(acc[r], sum_sq, rg.dim);
-    float scale = AdagradScale(acc[r], rule.eps);
-    for (int64_t d = 0; d < rg.dim; ++d)
-      w[d] = FromFloat<T>(rule.Step(ToFloat(w[d]), g[d], scale));
-  });
-}
-
 ffi::Error RowwiseAdagradImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> acc,
                               ffi::Buffer<ffi::S32> unique_rows,
                               ffi::Buffer<ffi::F32> row_grads,
@@ -115,7 +101,7 @@ ffi::Error RowwiseAdagradImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> acc,
       SlotShape::kPerRow, HostCopy{},
       [&](auto* table_data, const RowGrads& rg, float* const* slot) {
         rule.Bind(rg.hparams);
-        RowwiseRows(rg, rule, table_data, slot[0]);
+        ApplyRows(rg, rule, table_data, slot[0], nullptr);
         return ffi::Error::Success();
       });
 }

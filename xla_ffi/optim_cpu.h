@@ -1,6 +1,6 @@
 // Host-side pieces of the sparse optimizers shared by the CPU handlers
 // (optim_cpu.cc, and the fused backward+update in embed_cpu.cc): the
-// element-wise rule applied to the unique rows of one step. No handlers.
+// rule applied to the unique rows of one step. No handlers.
 #pragma once
 
 #include <cstdint>
@@ -28,23 +28,43 @@ void ForEachRow(const RowGrads& rg, T* table, Fn&& fn) {
   }
 }
 
-// Applies `rule` element by element to every valid unique row; slots s0, s1
-// are [R, D] float32 (nullptr when the rule has fewer).
+// Row-wise Adagrad on every valid unique row: acc is one float per row
+// ([R] or [R, 1]), sum_d g^2 taken in column order.
+template <typename T>
+void RowwiseRows(const RowGrads& rg, const RowwiseAdagradRule& rule, T* table,
+                 float* acc) {
+  ForEachRow(rg, table, [&](int64_t r, T* w, const float* g) {
+    float sum_sq = 0.f;
+    for (int64_t d = 0; d < rg.dim; ++d) sum_sq += g[d] * g[d];
+    acc[r] = rule.Accumulate(acc[r], sum_sq, rg.dim);
+    float scale = AdagradScale(acc[r], rule.eps);
+    for (int64_t d = 0; d < rg.dim; ++d)
+      w[d] = FromFloat<T>(rule.Step(ToFloat(w[d]), g[d], scale));
+  });
+}
+
+// Applies `rule` to every valid unique row: element by element, slots s0, s1
+// [R, D] float32 (nullptr when the rule has fewer); a kPerRow rule row by
+// row (RowwiseRows, s0 [R]).
 template <typename T, typename Rule>
 void ApplyRows(const RowGrads& rg, const Rule& rule, T* table, float* s0,
                float* s1) {
-  float dummy0 = 0.f, dummy1 = 0.f;
-  ForEachRow(rg, table, [&](int64_t r, T* w, const float* g) {
-    float* a = s0 ? s0 + r * rg.dim : nullptr;
-    float* b = s1 ? s1 + r * rg.dim : nullptr;
-    for (int64_t d = 0; d < rg.dim; ++d) {
-      float wv = ToFloat(w[d]);
-      float& av = a ? a[d] : dummy0;
-      float& bv = b ? b[d] : dummy1;
-      rule(wv, av, bv, g[d]);
-      w[d] = FromFloat<T>(wv);
-    }
-  });
+  if constexpr (Rule::kPerRow) {
+    RowwiseRows(rg, rule, table, s0);
+  } else {
+    float dummy0 = 0.f, dummy1 = 0.f;
+    ForEachRow(rg, table, [&](int64_t r, T* w, const float* g) {
+      float* a = s0 ? s0 + r * rg.dim : nullptr;
+      float* b = s1 ? s1 + r * rg.dim : nullptr;
+      for (int64_t d = 0; d < rg.dim; ++d) {
+        float wv = ToFloat(w[d]);
+        float& av = a ? a[d] : dummy0;
+        float& bv = b ? b[d] : dummy1;
+        rule(wv, av, bv, g[d]);
+        w[d] = FromFloat<T>(wv);
+      }
+    });
+  }
 }
 
 }  // namespace sok

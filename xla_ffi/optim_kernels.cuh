@@ -165,6 +165,61 @@ struct UpdateSink : cuda::ValidRunsSink {
   }
 };
 
+// The fused backward's sink for row-wise Adagrad (a kWholeRow sink: the
+// kernels hand it the row's sum of g^2 before any of its columns): RowScale
+// updates row `key`'s accumulator once, on the group's lane 0, and shares the
+// step's scale with the group by a shuffle (no lane reads the accumulator
+// after it is written); Store applies the step to the lane's chunks of the
+// row in place. Each run names a distinct row, so no atomics.
+template <typename T>
+struct RowwiseUpdateSink : cuda::ValidRunsSink {
+  static constexpr bool kWholeRow = true;
+  RowwiseAdagradRule rule;
+  const float* hparams;
+  T* table;
+  float* acc;
+
+  RowwiseUpdateSink(RowwiseAdagradRule r, const float* hp, T* t, float* a)
+      : rule(r), hparams(hp), table(t), acc(a) {}
+  bool Aligned() const {
+    return reinterpret_cast<uintptr_t>(table) % (4 * sizeof(T)) == 0;
+  }
+  __device__ __forceinline__ float RowScale(uint32_t key, int64_t dim,
+                                            float sum_sq, int lane,
+                                            unsigned mask, int tpb) const {
+    float a = 0.f;
+    if (lane == 0) {
+      a = rule.Accumulate(acc[key], sum_sq, dim);
+      acc[key] = a;
+    }
+    a = __shfl_sync(mask, a, 0, tpb);
+    return AdagradScale(a, rule.eps);
+  }
+  template <int VEC, int CPL>
+  __device__ __forceinline__ void Store(int64_t, uint32_t key, int64_t dim,
+                                        int64_t c_first, int tpb, int64_t cols,
+                                        const float (&g)[CPL][VEC],
+                                        float scale) const {
+    RowwiseAdagradRule r = rule;
+    r.Bind(hparams);
+    const int64_t base = static_cast<int64_t>(key) * dim;
+    float w[CPL][VEC];
+#pragma unroll
+    for (int k = 0; k < CPL; ++k) {
+      const int64_t c = c_first + static_cast<int64_t>(k) * tpb;
+      if (c < cols) LoadFMutable<T, VEC>(table + base + c * VEC, w[k]);
+    }
+#pragma unroll
+    for (int k = 0; k < CPL; ++k) {
+      const int64_t c = c_first + static_cast<int64_t>(k) * tpb;
+      if (c >= cols) continue;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) w[k][i] = r.Step(w[k][i], g[k][i], scale);
+      StoreF<T, VEC>(table + base + c * VEC, w[k]);
+    }
+  }
+};
+
 // Lanes per row: enough to cover D in one pass of VEC-wide accesses, rounded
 // up to a power of two, at most a warp.
 inline int GroupSize(int64_t dim, int vec) {

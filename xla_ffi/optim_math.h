@@ -8,12 +8,12 @@
 // fused target), `Bind(hparams)` reads the traced ones (learning rate first)
 // from the float32 hparams buffer where the kernel runs (on the device for
 // CUDA, so nothing is copied to the host), and `operator()` updates one
-// element of the table and its slots in place. kSlots says how many [R, D]
-// float32 slot arrays the rule uses (0, 1 or 2); unused slot references are
-// dummies; kConsts says how many constants it takes. The formulas follow
-// optax (SGD, Adagrad, Adam) and TF/Keras (FTRL) term by term, so the pure-JAX
-// reference in sok_jax/ops/optim_ops.py and these kernels agree to float
-// rounding.
+// element of the table and its slots in place. kSlots says how many float32
+// slot arrays the rule uses (0, 1 or 2), each [R, D] unless kPerRow (one
+// float per row, [R]); unused slot references are dummies; kConsts says how
+// many constants it takes. The formulas follow optax (SGD, Adagrad, Adam) and
+// TF/Keras (FTRL) term by term, so the pure-JAX reference in
+// sok_jax/ops/optim_ops.py and these kernels agree to float rounding.
 #pragma once
 
 #include <cmath>
@@ -27,6 +27,7 @@ namespace sok {
 // optax.sgd: p + (-lr * g).
 struct SgdRule {
   static constexpr int kSlots = 0;
+  static constexpr bool kPerRow = false;
   static constexpr int kHparams = 1;  // learning_rate
   static constexpr int kConsts = 0;
   float lr = 0.f;
@@ -46,6 +47,7 @@ SOK_HD float AdagradScale(float acc, float eps) {
 
 struct AdagradRule {
   static constexpr int kSlots = 1;  // accumulator
+  static constexpr bool kPerRow = false;
   static constexpr int kHparams = 1;  // learning_rate
   static constexpr int kConsts = 1;  // eps
   float lr = 0.f;
@@ -66,12 +68,19 @@ struct AdagradRule {
 // accumulator per row, acc += mean_d(g_d^2); p_d -= lr * g_d * rsqrt(acc +
 // eps). With D == 1 this is exactly AdagradRule. The mean is computed by the
 // caller (it needs the whole row); this applies the step to one element.
+// Not element-wise (no operator()): every caller reduces the row first.
 struct RowwiseAdagradRule {
+  static constexpr int kSlots = 1;  // accumulator
+  static constexpr bool kPerRow = true;
   static constexpr int kHparams = 1;  // learning_rate
+  static constexpr int kConsts = 1;  // eps
   float lr = 0.f;
   float eps;
 
   SOK_HD explicit RowwiseAdagradRule(float eps_) : eps(eps_) {}
+  SOK_HD static RowwiseAdagradRule FromConsts(const float* c) {
+    return RowwiseAdagradRule(c[0]);
+  }
   SOK_HD void Bind(const float* hp) { lr = hp[0]; }
   // The new accumulator from the old one and the row's sum of g^2.
   SOK_HD float Accumulate(float acc, float sum_sq, int64_t dim) const {
@@ -89,6 +98,7 @@ struct RowwiseAdagradRule {
 // after its increment.
 struct AdamRule {
   static constexpr int kSlots = 2;  // m, v
+  static constexpr bool kPerRow = false;
   static constexpr int kHparams = 2;  // learning_rate, step
   static constexpr int kConsts = 4;  // b1, b2, eps, eps_root
   float lr = 0.f;
@@ -126,6 +136,7 @@ SOK_HD float FtrlPow(float x, float lr_power) {
 
 struct FtrlRule {
   static constexpr int kSlots = 2;  // accumulator, linear
+  static constexpr bool kPerRow = false;
   static constexpr int kHparams = 1;  // learning_rate
   static constexpr int kConsts = 5;  // lr_power, l1, l2, l2_shrinkage, beta
   float lr = 0.f;
@@ -153,15 +164,22 @@ struct FtrlRule {
   }
 };
 
-// The element-wise rules by the id the fused backward+update target takes
+// The rules by the id the fused backward+update target takes
 // (sok_embed_bwd_update), with their constant hyperparameters from a float
-// list in the order of the Python wrapper (sok_jax/ops/optim_ops.py RULES),
+// list in the order of the Python wrapper (sok_jax/ops/embed_ops.py RULES),
 // which is the order of each rule's constructor:
 //   0 sgd: -;  1 adagrad: eps;  2 adam: b1, b2, eps, eps_root;
-//   3 ftrl: learning_rate_power, l1, l2, l2_shrinkage, beta.
+//   3 ftrl: learning_rate_power, l1, l2, l2_shrinkage, beta;
+//   4 rowwise_adagrad: eps (kPerRow: its callers reduce each row first).
 // Calls f(rule) and returns true, or returns false for an unknown id or too
 // few constants.
-enum RuleId : int32_t { kRuleSgd = 0, kRuleAdagrad = 1, kRuleAdam = 2, kRuleFtrl = 3 };
+enum RuleId : int32_t {
+  kRuleSgd = 0,
+  kRuleAdagrad = 1,
+  kRuleAdam = 2,
+  kRuleFtrl = 3,
+  kRuleRowwiseAdagrad = 4,
+};
 
 template <typename Rule, typename F>
 bool VisitWithConsts(const float* c, size_t nc, F&& f) {
@@ -182,6 +200,8 @@ bool VisitRule(int32_t id, const float* c, size_t nc, F&& f) {
       return VisitWithConsts<AdamRule>(c, nc, f);
     case kRuleFtrl:
       return VisitWithConsts<FtrlRule>(c, nc, f);
+    case kRuleRowwiseAdagrad:
+      return VisitWithConsts<RowwiseAdagradRule>(c, nc, f);
     default:
       return false;
   }

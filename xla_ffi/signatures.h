@@ -58,9 +58,10 @@ auto EmbedBwdDense(B b) {
       .template Attr<int32_t>("combiner");
 }
 
-// The backward fused with an element-wise optimizer (optim_math.h
-// VisitRule): per distinct row of the table, the summed gradient applied to
-// the row and its slots in place. Slots the rule does not use are [0].
+// The backward fused with an optimizer (optim_math.h VisitRule): per
+// distinct row of the table, the summed gradient applied to the row and its
+// slots in place. Slots are [R, D], or [R] for a row-wise rule; slots the
+// rule does not use are [0].
 template <typename B>
 auto EmbedBwdUpdate(B b) {
   return std::move(b).template Arg<ffi::AnyBuffer>()    // table

@@ -398,8 +398,9 @@ class DistributedEmbedding:
     def sparse_update(self, state: EmbeddingState, optimizer, opt_state, ctx, d_out):
         """`sparse_grad` and `apply_gradients` in one pass over the touched
         rows: each owner sums its rows' gradients and applies `optimizer` to
-        them in place (`optimizer.update_bags`: for sgd, adagrad, adam and
-        ftrl one fused kernel that never writes the [N, D] row gradient).
+        them in place (`optimizer.update_bags`: for sgd, adagrad,
+        rowwise_adagrad, adam and ftrl one fused kernel that never writes the
+        [N, D] row gradient).
         The same function as
         `apply_gradients(state, optimizer, opt_state, sparse_grad(ctx, d_out))`;
         use that form to transform the row gradients first (e.g. clipping).

@@ -191,13 +191,16 @@ def rows_to_dense(sparse: SparseRowGrad, num_rows: int, dtype=jnp.float32):
 
 
 class UpdateRule(NamedTuple):
-    """An element-wise rule of the fused target: its id (xla_ffi/optim_math.h
-    VisitRule), how many [R, D] float32 slots it updates, and the names of its
-    constant hyperparameters in the order VisitRule reads them."""
+    """A rule of the fused target: its id (xla_ffi/optim_math.h VisitRule),
+    how many float32 slots it updates, the names of its constant
+    hyperparameters in the order VisitRule reads them, and whether its slots
+    hold one float per row ([R] or [R, 1], row-wise Adagrad) rather than one
+    per element ([R, D])."""
 
     code: int
     num_slots: int
     consts: tuple[str, ...]
+    per_row: bool = False
 
 
 RULES = {
@@ -215,6 +218,7 @@ RULES = {
             "beta",
         ),
     ),
+    "rowwise_adagrad": UpdateRule(4, 1, ("eps",), per_row=True),
 }
 
 
@@ -238,7 +242,10 @@ def check_bwd_update(rule, table, slots, grad_out, ids, offsets, weights, consts
     if len(slots) != spec.num_slots:
         raise ValueError(f"{rule} takes {spec.num_slots} slots, got {len(slots)}")
     for k, slot in enumerate(slots):
-        optim_ops.check_slot(slot, f"slot {k}", table.shape)
+        if spec.per_row:
+            optim_ops.check_rowwise_slot(slot, f"slot {k}", table.shape[0])
+        else:
+            optim_ops.check_slot(slot, f"slot {k}", table.shape)
     return spec
 
 
@@ -250,13 +257,16 @@ def bwd_update(rule, table, slots, grad_out, ids, offsets, weights, combiner, hp
     gradient (as `lookup_combine_bwd`) is applied to the row and its `slots`
     in place by `rule` (as `optim_ops.<rule>_update`). On the GPU no [N, D]
     row gradient is written or read back: each run of sorted positions
-    updates its row where it is summed.
+    updates its row where it is summed (row-wise Adagrad: once the whole
+    row's sum of squares is known).
 
     Args:
-      rule: "sgd", "adagrad", "adam" or "ftrl" (element-wise rules).
+      rule: "sgd", "adagrad", "adam", "ftrl" (element-wise rules) or
+        "rowwise_adagrad" (one accumulator per row).
       table: [R, D] float32, bfloat16 or float16.
-      slots: the rule's float32 [R, D] slots (0, 1 or 2, in the order of the
-        matching `optim_ops.*_update`).
+      slots: the rule's float32 slots (0, 1 or 2, in the order of the
+        matching `optim_ops.*_update`): [R, D], or [R] / [R, 1] for
+        rowwise_adagrad.
       grad_out: [M, D] cotangent of the lookup's output, the table's dtype or
         float32.
       ids, offsets, weights, combiner: the lookup's bags.

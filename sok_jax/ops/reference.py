@@ -265,6 +265,7 @@ _RULE_UPDATES = {
     "adagrad": adagrad_update,
     "adam": adam_update,
     "ftrl": ftrl_update,
+    "rowwise_adagrad": rowwise_adagrad_update,
 }
 
 

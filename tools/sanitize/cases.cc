@@ -541,10 +541,11 @@ Case RowsToDense(Rng& rng, XLA_FFI_DataType dt, int64_t rows, int64_t dim,
 struct Rule {
   const char* update_target;  // sok_<rule>_update
   int fused_id;               // sok_embed_bwd_update's rule id, -1: none
-  int slots;                  // [R, D] float32 slots
+  int slots;                  // float32 slots: [R, D], or [R] when per_row
   std::vector<Attr> attrs;    // the update target's constants
   std::vector<float> consts;  // the same for the fused target, in order
   int hparams;                // learning rate (, step)
+  bool per_row = false;       // one accumulator per row (row-wise Adagrad)
 };
 
 std::vector<Rule> Rules(bool ftrl_pow) {
@@ -564,6 +565,14 @@ std::vector<Rule> Rules(bool ftrl_pow) {
         Attr::F32("beta", 0.1f)},
        {lrp, 0.01f, 0.001f, 0.002f, 0.1f}, 1},
   };
+}
+
+// Row-wise Adagrad as a rule of the fused target (its update target takes
+// Adagrad's signature with an [R] or [R, 1] accumulator).
+Rule RowwiseRule() {
+  Rule r{"sok_rowwise_adagrad_update", 4, 1, {Attr::F32("eps", 1e-7f)}, {1e-7f}, 1};
+  r.per_row = true;
+  return r;
 }
 
 // Slot k of a rule, random and never zero: an accumulator in [0.1, 1] (so
@@ -620,23 +629,27 @@ Case Update(Rng& rng, const Rule& rule, bool rowwise, XLA_FFI_DataType dt,
 }
 
 // One sok_embed_bwd_update call, cross-checked on the CPU against
-// sok_embed_bwd followed by the rule's sok_*_update.
+// sok_embed_bwd followed by the rule's sok_*_update (a per-row rule's
+// accumulator [R], or [R, 1] when acc_2d).
 Case BwdUpdate(Rng& rng, const Rule& rule, XLA_FFI_DataType dt, int64_t rows,
                int64_t dim, const Bags& b, int combiner, bool grad_f32,
-               bool alias, const std::string& shape) {
+               bool alias, const std::string& shape, bool acc_2d = false) {
   Case c;
   c.target = "sok_embed_bwd_update";
   c.tag = Fmt("%s ", rule.update_target) +
           BagTag(b, dim, dt, combiner, shape.c_str()) + (grad_f32 ? " g32" : "") +
-          (alias ? "" : " unaliased");
+          (alias ? "" : " unaliased") + (acc_2d ? " acc[R,1]" : "");
   const double sum_tol = SumTol(1e-4, MaxHits(b, rows));
   const double tol = std::max(dt == kF32 ? 0.0 : Tol(dt), sum_tol);
+  const std::vector<int64_t> slot_dims =
+      !rule.per_row ? std::vector<int64_t>{rows, dim}
+                    : (acc_2d ? std::vector<int64_t>{rows, 1} : std::vector<int64_t>{rows});
   c.args.push_back(Normals(rng, dt, {rows, dim}));
   c.rets.push_back(Out("table", dt, {rows, dim}, Compare::kClose, tol, alias ? 0 : -1));
   for (int k = 0; k < 2; ++k) {
     if (k < rule.slots) {
-      c.args.push_back(Slot(rng, rule, k, {rows, dim}));
-      c.rets.push_back(Out(Fmt("slot%d", k), kF32, {rows, dim}, Compare::kClose, sum_tol,
+      c.args.push_back(Slot(rng, rule, k, slot_dims));
+      c.rets.push_back(Out(Fmt("slot%d", k), kF32, slot_dims, Compare::kClose, sum_tol,
                            alias ? 1 + k : -1));
     } else {  // the wrapper's [0] dummy, not aliased
       c.args.push_back(MakeTensor(kF32, {0}));
@@ -1111,6 +1124,20 @@ void ErrorCases(Rng& rng, std::vector<Case>& out) {
   c.cross = nullptr;
   out.push_back(c);
 
+  Rule few = RowwiseRule();
+  few.consts.clear();
+  c = BwdUpdate(rng, few, kF32, 10, 4, b, kSum, false, true, "rowwise, no consts");
+  c.expect_error = "unknown rule 4 or too few constants (0)";
+  c.cross = nullptr;
+  out.push_back(c);
+
+  Rule wide = RowwiseRule();
+  wide.per_row = false;  // an [R, D] accumulator: not row-wise Adagrad's
+  c = BwdUpdate(rng, wide, kF32, 10, 4, b, kSum, false, true, "rowwise, [R, D] slot");
+  c.expect_error = "slot 0 must have 10 float32 elements";
+  c.cross = nullptr;
+  out.push_back(c);
+
   c = HashCase(rng, kS32, 8, 4, 0, true, true);
   c.attrs[0].i = 2;
   c.tag = "insert=2";
@@ -1234,12 +1261,21 @@ void SpecialCases(Rng& rng, std::vector<Case>& out) {
                "fixed_nnz 3, offsets zeroed (unread)");
   out.push_back(c);
   // The fused update on the edge layouts.
-  for (const Rule& rule : Rules(false)) {
+  std::vector<Rule> fused = Rules(false);
+  fused.push_back(RowwiseRule());
+  for (const Rule& rule : fused) {
     out.push_back(BwdUpdate(rng, rule, kF32, rows, dim, hot, kSqrtn, false, true, "hot rows"));
     out.push_back(BwdUpdate(rng, rule, kBF16, rows, 4, pad, kMean, true, true, "padding runs"));
     out.push_back(BwdUpdate(rng, rule, kF32, rows, 3, empty, kSum, false, true, "all bags empty"));
     out.push_back(BwdUpdate(rng, rule, kF16, rows, 5, no_bags, kMean, true, true, "no bags"));
   }
+  // Row-wise Adagrad's long runs on rows wider than one pass of a warp (the
+  // chunk partials summed twice: for the row's sum of squares, then the step).
+  const Rule rowwise = RowwiseRule();
+  out.push_back(BwdUpdate(rng, rowwise, kF16, rows, 67, hot, kSum, false, true, "hot rows"));
+  out.push_back(BwdUpdate(rng, rowwise, kBF16, rows, 264, hot, kMean, true, true, "hot rows"));
+  out.push_back(BwdUpdate(rng, rowwise, kF32, rows, 600, many, kSqrtn, false, false,
+                          "many long runs", true));
 }
 
 }  // namespace
@@ -1344,6 +1380,20 @@ std::vector<Case> AllCases(uint64_t seed) {
     out.push_back(BwdUpdate(rng, ftrl, kF32, rows, 16, b, kMean, false, true,
                             "len<=4 lr_power -0.7"));
   }
+  // Row-wise Adagrad fused: rows of one pass of a lane group and wider
+  // (D = 67: the scalar path past 64 columns; 264 and 600: the 4-wide path
+  // past 256), bags of one id and of up to 300, every table type (its long
+  // runs: SpecialCases).
+  for (XLA_FFI_DataType dt : kTableTypes)
+    for (int64_t dim : {1, 3, 4, 33, 67, 128, 264, 600})
+      for (int max_len : {1, 300}) {
+        const XLA_FFI_DataType key = kKeyTypes[f % 3];
+        const int combiner = f % 3;
+        Bags b = RandomBags(rng, key, m, max_len, rows, f % 2 == 0);
+        out.push_back(BwdUpdate(rng, RowwiseRule(), dt, rows, dim, b, combiner, f % 4 == 1,
+                                f % 5 != 4, Fmt("len<=%d", max_len), f % 3 == 2));
+        ++f;
+      }
   SpecialCases(rng, out);
   // Hash find-or-insert: roomy, overfull, one slot, prefilled; then finds.
   for (XLA_FFI_DataType dt : kKeyTypes) {
