@@ -9,6 +9,7 @@
 #include "common.h"
 #include "embed_math.h"
 #include "optim_math.h"
+#include "rounding_math.h"
 
 namespace sok {
 
@@ -215,10 +216,13 @@ inline ffi::Error CheckRuleBuffers(int num_hparams,
 // rule named by rule_id and consts (optim_math.h VisitRule), its hparams and
 // slots checked against the table's [rows, D] (slots of a kPerRow rule: one
 // float per row), every output made to hold its input by copy(in, out,
-// bytes) (a no-op when XLA aliased them), then body(rule, slot) with the
+// bytes) (a no-op when XLA aliased them), then body(rule, rounding, slot)
+// with the rounding policy `stochastic` picks (rounding_math.h VisitRounding;
+// its hparams follow the rule's, both checked here, neither bound) and the
 // slot outputs (nullptr beyond the rule's).
 template <typename Copy, typename Body>
 ffi::Error WithUpdateRule(int32_t rule_id, ffi::Span<const float> consts,
+                          int32_t stochastic,
                           const ffi::Buffer<ffi::F32>& hparams,
                           const ffi::AnyBuffer& table,
                           ffi::Result<ffi::AnyBuffer>& table_out,
@@ -233,15 +237,19 @@ ffi::Error WithUpdateRule(int32_t rule_id, ffi::Span<const float> consts,
   ffi::Error result = ffi::Error::Success();
   const bool known = VisitRule(rule_id, consts.begin(), consts.size(), [&](auto rule) {
     using Rule = decltype(rule);
-    float* slot[2];
-    const int64_t count = Rule::kPerRow ? rows : rows * dim;
-    result = CheckRuleBuffers(Rule::kHparams, hparams, Rule::kSlots, count, in,
-                              out, slot);
-    if (result.failure()) return;
-    for (int k = 0; k < Rule::kSlots; ++k)
-      copy(in[k]->typed_data(), slot[k], in[k]->size_bytes());
-    copy(table.untyped_data(), table_out->untyped_data(), table.size_bytes());
-    result = body(rule, slot);
+    result = VisitRounding(stochastic, [&](auto rounding) -> ffi::Error {
+      using Rounding = decltype(rounding);
+      float* slot[2];
+      const int64_t count = Rule::kPerRow ? rows : rows * dim;
+      if (auto e = CheckRuleBuffers(Rule::kHparams + Rounding::kHparams,
+                                    hparams, Rule::kSlots, count, in, out, slot);
+          e.failure())
+        return e;
+      for (int k = 0; k < Rule::kSlots; ++k)
+        copy(in[k]->typed_data(), slot[k], in[k]->size_bytes());
+      copy(table.untyped_data(), table_out->untyped_data(), table.size_bytes());
+      return body(rule, rounding, slot);
+    });
   });
   if (!known)
     return InvalidArgument("unknown rule " + std::to_string(rule_id) +

@@ -285,7 +285,8 @@ ffi::Error BwdUpdateImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> s0,
                          ffi::Result<ffi::Buffer<ffi::F32>> s1_out,
                          ffi::Result<ffi::AnyBuffer> /*workspace: CUDA only*/,
                          int32_t combiner, int32_t rule_id,
-                         ffi::Span<const float> consts) {
+                         ffi::Span<const float> consts,
+                         int32_t stochastic_rounding) {
   EmbedShape sh;
   if (auto e = CheckBwdUpdate(table, grad, ids, offsets, weights, table_out,
                               combiner, &sh);
@@ -293,10 +294,12 @@ ffi::Error BwdUpdateImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> s0,
     return e;
   const int64_t rows = sh.rows, dim = sh.dim, n = sh.n, m = sh.m;
   const float* w = OptionalWeights(weights);
-  return WithUpdateRule(rule_id, consts, hparams, table, table_out, s0, s1,
-                        s0_out, s1_out, rows, dim, HostCopy{},
-                        [&](auto rule, float* const* slot) {
+  return WithUpdateRule(rule_id, consts, stochastic_rounding, hparams, table,
+                        table_out, s0, s1, s0_out, s1_out, rows, dim,
+                        HostCopy{},
+                        [&](auto rule, auto rounding, float* const* slot) {
     rule.Bind(hparams.typed_data());
+    rounding.Bind(hparams.typed_data() + decltype(rule)::kHparams);
     std::vector<int32_t> ur(n);
     std::vector<float> g(static_cast<size_t>(n * dim));
     int32_t count = 0;
@@ -320,7 +323,8 @@ ffi::Error BwdUpdateImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> s0,
         rg.unique_rows = ur.data();
         rg.grads = g.data();
         rg.num_unique = &count;
-        ApplyRows<T>(rg, rule, table_out->reinterpret_data<T>(), slot[0], slot[1]);
+        ApplyRows<T>(rg, rule, rounding, table_out->reinterpret_data<T>(),
+                     slot[0], slot[1]);
         return ffi::Error::Success();
       });
     });

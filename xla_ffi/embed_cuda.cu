@@ -313,7 +313,8 @@ ffi::Error BwdUpdateImpl(cudaStream_t stream, ffi::AnyBuffer table,
                          ffi::Result<ffi::Buffer<ffi::F32>> s0_out,
                          ffi::Result<ffi::Buffer<ffi::F32>> s1_out,
                          ffi::Result<ffi::AnyBuffer> workspace, int32_t combiner,
-                         int32_t rule_id, ffi::Span<const float> consts) {
+                         int32_t rule_id, ffi::Span<const float> consts,
+                         int32_t stochastic_rounding) {
   EmbedShape sh;
   if (auto e = CheckBwdUpdate(table, grad, ids, offsets, weights, table_out,
                               combiner, &sh);
@@ -322,9 +323,11 @@ ffi::Error BwdUpdateImpl(cudaStream_t stream, ffi::AnyBuffer table,
   const int64_t rows = sh.rows, dim = sh.dim, n = sh.n, m = sh.m;
   const float* w = OptionalWeights(weights);
   auto result = WithUpdateRule(
-      rule_id, consts, hparams, table, table_out, s0, s1, s0_out, s1_out,
-      rows, dim, StreamCopy{stream}, [&](auto rule, float* const* slot) -> ffi::Error {
+      rule_id, consts, stochastic_rounding, hparams, table, table_out, s0, s1,
+      s0_out, s1_out, rows, dim, StreamCopy{stream},
+      [&](auto rule, auto rounding, float* const* slot) -> ffi::Error {
     using Rule = decltype(rule);
+    using Rounding = decltype(rounding);
     if (n == 0 || dim == 0) return ffi::Error::Success();
     Runs r;
     if (auto e = SortRuns(stream, ids, offsets, w, n, m, dim, rows, combiner,
@@ -342,9 +345,11 @@ ffi::Error BwdUpdateImpl(cudaStream_t stream, ffi::AnyBuffer table,
       T* tp = table_out->reinterpret_data<T>();
       const float* hp = hparams.typed_data();
       if constexpr (Rule::kPerRow)
-        reduce(optim::RowwiseUpdateSink<T>{rule, hp, tp, slot[0]});
+        reduce(optim::RowwiseUpdateSink<T, Rounding>{rule, rounding, hp, tp,
+                                                     slot[0]});
       else
-        reduce(optim::UpdateSink<T, Rule>{rule, hp, tp, slot[0], slot[1]});
+        reduce(optim::UpdateSink<T, Rule, Rounding>{rule, rounding, hp, tp,
+                                                    slot[0], slot[1]});
       return ffi::Error::Success();
     });
   });

@@ -13,32 +13,41 @@
 #include "optim_checks.h"
 #include "optim_cpu.h"
 #include "optim_math.h"
+#include "rounding_math.h"
 #include "signatures.h"
 
 namespace sok {
 namespace {
 
-// One handler body for the rules with 0, 1 or 2 [R, D] slots.
+// One handler body for every rule: slots [R, D] (kSlots of them), or one
+// [R] or [R, 1] accumulator for a kPerRow rule; the table written with the
+// rounding `stochastic` picks (its hparams after the rule's).
 template <typename Rule>
-ffi::Error UpdateImpl(Rule rule, const UpdateArgs& a,
+ffi::Error UpdateImpl(Rule rule, int32_t stochastic, const UpdateArgs& a,
                       std::initializer_list<SlotArg> slots) {
-  return WithRowUpdate<HostType>(
-      a, Rule::kHparams, slots, SlotShape::kPerElement, HostCopy{},
-      [&](auto* table, const RowGrads& rg, float* const* slot) {
-        rule.Bind(rg.hparams);
-        ApplyRows(rg, rule, table, slot[0], slot[1]);
-        return ffi::Error::Success();
-      });
+  return VisitRounding(stochastic, [&](auto rounding) {
+    using Rounding = decltype(rounding);
+    return WithRowUpdate<HostType>(
+        a, Rule::kHparams + Rounding::kHparams, slots,
+        Rule::kPerRow ? SlotShape::kPerRow : SlotShape::kPerElement,
+        HostCopy{}, [&](auto* table, const RowGrads& rg, float* const* slot) {
+          rule.Bind(rg.hparams);
+          rounding.Bind(rg.hparams + Rule::kHparams);
+          ApplyRows(rg, rule, rounding, table, slot[0], slot[1]);
+          return ffi::Error::Success();
+        });
+  });
 }
 
 ffi::Error SgdImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> unique_rows,
                    ffi::Buffer<ffi::F32> row_grads,
                    ffi::Buffer<ffi::S32> num_unique,
                    ffi::Buffer<ffi::F32> hparams,
-                   ffi::Result<ffi::AnyBuffer> table_out) {
+                   ffi::Result<ffi::AnyBuffer> table_out,
+                   int32_t stochastic_rounding) {
   return UpdateImpl(
-      SgdRule(), {table, unique_rows, row_grads, num_unique, hparams, table_out},
-      {});
+      SgdRule(), stochastic_rounding,
+      {table, unique_rows, row_grads, num_unique, hparams, table_out}, {});
 }
 
 ffi::Error AdagradImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> acc,
@@ -47,9 +56,10 @@ ffi::Error AdagradImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> acc,
                        ffi::Buffer<ffi::S32> num_unique,
                        ffi::Buffer<ffi::F32> hparams,
                        ffi::Result<ffi::AnyBuffer> table_out,
-                       ffi::Result<ffi::Buffer<ffi::F32>> acc_out, float eps) {
+                       ffi::Result<ffi::Buffer<ffi::F32>> acc_out, float eps,
+                       int32_t stochastic_rounding) {
   return UpdateImpl(
-      AdagradRule(eps),
+      AdagradRule(eps), stochastic_rounding,
       {table, unique_rows, row_grads, num_unique, hparams, table_out},
       {{acc, acc_out, "accumulator"}});
 }
@@ -62,9 +72,10 @@ ffi::Error AdamImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> m,
                     ffi::Result<ffi::AnyBuffer> table_out,
                     ffi::Result<ffi::Buffer<ffi::F32>> m_out,
                     ffi::Result<ffi::Buffer<ffi::F32>> v_out, float b1,
-                    float b2, float eps, float eps_root) {
+                    float b2, float eps, float eps_root,
+                    int32_t stochastic_rounding) {
   return UpdateImpl(
-      AdamRule(b1, b2, eps, eps_root),
+      AdamRule(b1, b2, eps, eps_root), stochastic_rounding,
       {table, unique_rows, row_grads, num_unique, hparams, table_out},
       {{m, m_out, "m"}, {v, v_out, "v"}});
 }
@@ -79,9 +90,9 @@ ffi::Error FtrlImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> acc,
                     ffi::Result<ffi::Buffer<ffi::F32>> acc_out,
                     ffi::Result<ffi::Buffer<ffi::F32>> linear_out,
                     float lr_power, float l1, float l2, float l2_shrinkage,
-                    float beta) {
+                    float beta, int32_t stochastic_rounding) {
   return UpdateImpl(
-      FtrlRule(lr_power, l1, l2, l2_shrinkage, beta),
+      FtrlRule(lr_power, l1, l2, l2_shrinkage, beta), stochastic_rounding,
       {table, unique_rows, row_grads, num_unique, hparams, table_out},
       {{acc, acc_out, "accumulator"}, {linear, linear_out, "linear"}});
 }
@@ -93,17 +104,11 @@ ffi::Error RowwiseAdagradImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> acc,
                               ffi::Buffer<ffi::F32> hparams,
                               ffi::Result<ffi::AnyBuffer> table_out,
                               ffi::Result<ffi::Buffer<ffi::F32>> acc_out,
-                              float eps) {
-  RowwiseAdagradRule rule(eps);
-  return WithRowUpdate<HostType>(
+                              float eps, int32_t stochastic_rounding) {
+  return UpdateImpl(
+      RowwiseAdagradRule(eps), stochastic_rounding,
       {table, unique_rows, row_grads, num_unique, hparams, table_out},
-      RowwiseAdagradRule::kHparams, {{acc, acc_out, "accumulator"}},
-      SlotShape::kPerRow, HostCopy{},
-      [&](auto* table_data, const RowGrads& rg, float* const* slot) {
-        rule.Bind(rg.hparams);
-        ApplyRows(rg, rule, table_data, slot[0], nullptr);
-        return ffi::Error::Success();
-      });
+      {{acc, acc_out, "accumulator"}});
 }
 
 }  // namespace

@@ -19,19 +19,34 @@
 namespace sok {
 namespace {
 
-// One handler body for the rules with 0, 1 or 2 [R, D] slots.
+// One handler body for every rule: slots [R, D] (kSlots of them), or one
+// [R] or [R, 1] accumulator for a kPerRow rule; the table written with the
+// rounding `stochastic` picks (its hparams after the rule's, read on the
+// device).
 template <typename Rule>
 ffi::Error UpdateImpl(cudaStream_t stream, const char* name, const Rule& rule,
-                      const UpdateArgs& a,
+                      int32_t stochastic, const UpdateArgs& a,
                       std::initializer_list<SlotArg> slots) {
-  auto err = WithRowUpdate<DevType>(
-      a, Rule::kHparams, slots, SlotShape::kPerElement, StreamCopy{stream},
-      [&](auto* table, const RowGrads& rg, float* const* slot) {
-        optim::LaunchElementwise(stream, rule, table, slot[0], slot[1], rg.rows,
-                                 rg.dim, rg.unique_rows, rg.grads,
-                                 rg.num_unique, rg.capacity, rg.hparams);
-        return ffi::Error::Success();
-      });
+  auto err = VisitRounding(stochastic, [&](auto rounding) {
+    using Rounding = decltype(rounding);
+    return WithRowUpdate<DevType>(
+        a, Rule::kHparams + Rounding::kHparams, slots,
+        Rule::kPerRow ? SlotShape::kPerRow : SlotShape::kPerElement,
+        StreamCopy{stream},
+        [&](auto* table, const RowGrads& rg, float* const* slot) {
+          if constexpr (Rule::kPerRow)
+            optim::LaunchRowwiseAdagrad(stream, rule, rounding, table, slot[0],
+                                        rg.rows, rg.dim, rg.unique_rows,
+                                        rg.grads, rg.num_unique, rg.capacity,
+                                        rg.hparams);
+          else
+            optim::LaunchElementwise(stream, rule, rounding, table, slot[0],
+                                     slot[1], rg.rows, rg.dim, rg.unique_rows,
+                                     rg.grads, rg.num_unique, rg.capacity,
+                                     rg.hparams);
+          return ffi::Error::Success();
+        });
+  });
   if (err.failure()) return err;
   return LastError(name);
 }
@@ -41,9 +56,10 @@ ffi::Error SgdImpl(cudaStream_t stream, ffi::AnyBuffer table,
                    ffi::Buffer<ffi::F32> row_grads,
                    ffi::Buffer<ffi::S32> num_unique,
                    ffi::Buffer<ffi::F32> hparams,
-                   ffi::Result<ffi::AnyBuffer> table_out) {
+                   ffi::Result<ffi::AnyBuffer> table_out,
+                   int32_t stochastic_rounding) {
   return UpdateImpl(
-      stream, "sok_sgd_update", SgdRule(),
+      stream, "sok_sgd_update", SgdRule(), stochastic_rounding,
       {table, unique_rows, row_grads, num_unique, hparams, table_out}, {});
 }
 
@@ -54,9 +70,10 @@ ffi::Error AdagradImpl(cudaStream_t stream, ffi::AnyBuffer table,
                        ffi::Buffer<ffi::S32> num_unique,
                        ffi::Buffer<ffi::F32> hparams,
                        ffi::Result<ffi::AnyBuffer> table_out,
-                       ffi::Result<ffi::Buffer<ffi::F32>> acc_out, float eps) {
+                       ffi::Result<ffi::Buffer<ffi::F32>> acc_out, float eps,
+                       int32_t stochastic_rounding) {
   return UpdateImpl(
-      stream, "sok_adagrad_update", AdagradRule(eps),
+      stream, "sok_adagrad_update", AdagradRule(eps), stochastic_rounding,
       {table, unique_rows, row_grads, num_unique, hparams, table_out},
       {{acc, acc_out, "accumulator"}});
 }
@@ -70,9 +87,11 @@ ffi::Error AdamImpl(cudaStream_t stream, ffi::AnyBuffer table,
                     ffi::Result<ffi::AnyBuffer> table_out,
                     ffi::Result<ffi::Buffer<ffi::F32>> m_out,
                     ffi::Result<ffi::Buffer<ffi::F32>> v_out, float b1,
-                    float b2, float eps, float eps_root) {
+                    float b2, float eps, float eps_root,
+                    int32_t stochastic_rounding) {
   return UpdateImpl(
       stream, "sok_adam_update", AdamRule(b1, b2, eps, eps_root),
+      stochastic_rounding,
       {table, unique_rows, row_grads, num_unique, hparams, table_out},
       {{m, m_out, "m"}, {v, v_out, "v"}});
 }
@@ -87,9 +106,10 @@ ffi::Error FtrlImpl(cudaStream_t stream, ffi::AnyBuffer table,
                     ffi::Result<ffi::Buffer<ffi::F32>> acc_out,
                     ffi::Result<ffi::Buffer<ffi::F32>> linear_out,
                     float lr_power, float l1, float l2, float l2_shrinkage,
-                    float beta) {
+                    float beta, int32_t stochastic_rounding) {
   return UpdateImpl(
       stream, "sok_ftrl_update", FtrlRule(lr_power, l1, l2, l2_shrinkage, beta),
+      stochastic_rounding,
       {table, unique_rows, row_grads, num_unique, hparams, table_out},
       {{acc, acc_out, "accumulator"}, {linear, linear_out, "linear"}});
 }
@@ -102,20 +122,12 @@ ffi::Error RowwiseAdagradImpl(cudaStream_t stream, ffi::AnyBuffer table,
                               ffi::Buffer<ffi::F32> hparams,
                               ffi::Result<ffi::AnyBuffer> table_out,
                               ffi::Result<ffi::Buffer<ffi::F32>> acc_out,
-                              float eps) {
-  auto err = WithRowUpdate<DevType>(
+                              float eps, int32_t stochastic_rounding) {
+  return UpdateImpl(
+      stream, "sok_rowwise_adagrad_update", RowwiseAdagradRule(eps),
+      stochastic_rounding,
       {table, unique_rows, row_grads, num_unique, hparams, table_out},
-      RowwiseAdagradRule::kHparams, {{acc, acc_out, "accumulator"}},
-      SlotShape::kPerRow, StreamCopy{stream},
-      [&](auto* table_data, const RowGrads& rg, float* const* slot) {
-        optim::LaunchRowwiseAdagrad(stream, RowwiseAdagradRule(eps),
-                                    table_data, slot[0], rg.rows, rg.dim,
-                                    rg.unique_rows, rg.grads, rg.num_unique,
-                                    rg.capacity, rg.hparams);
-        return ffi::Error::Success();
-      });
-  if (err.failure()) return err;
-  return LastError("sok_rowwise_adagrad_update");
+      {{acc, acc_out, "accumulator"}});
 }
 
 }  // namespace

@@ -3,8 +3,9 @@
 // row VEC elements at a time (VEC = 4: one 16-byte float4 per float array, 8
 // bytes for a half table; VEC = 1: the scalar fallback for any D). Each unique
 // row appears once, so no atomics. num_unique and hparams are read on the
-// device. The per-element rules come from optim_math.h, as on the CPU.
-// No XLA, no nanobind.
+// device. The per-element rules come from optim_math.h and the table's
+// rounding policy (Rounding: its hparams after the rule's) from
+// rounding_math.h, as on the CPU. No XLA, no nanobind.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -12,9 +13,11 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda_vec.cuh"
 #include "optim_math.h"
+#include "rounding_math.h"
 
 namespace sok {
 namespace optim {
@@ -22,11 +25,35 @@ namespace optim {
 using cuda::LoadFMutable;
 using cuda::StoreF;
 
+// Stores VEC float32 results as columns col.. of the table row whose
+// RoundingRowKey is row_key: StoreF (round to nearest even) unless the
+// policy is stochastic and the table 16-bit.
+template <typename T, int VEC, typename Rounding>
+__device__ __forceinline__ void StoreRounded(T* p, const float (&in)[VEC],
+                                             const Rounding& rounding,
+                                             uint32_t row_key, int64_t col) {
+  if constexpr (!Rounding::kStochastic || std::is_same_v<T, float>) {
+    StoreF<T, VEC>(p, in);
+  } else {
+    cuda::Pack<T, VEC> pk;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      const uint32_t r = rounding.Word(row_key, col + i);
+      if constexpr (std::is_same_v<T, __nv_bfloat16>)
+        pk.v[i] = __ushort_as_bfloat16(StochasticBf16(__float_as_uint(in[i]), r));
+      else
+        pk.v[i] = __ushort_as_half(StochasticF16(__float_as_uint(in[i]), r));
+    }
+    *reinterpret_cast<cuda::Pack<T, VEC>*>(p) = pk;
+  }
+}
+
 // Table and (up to two) [R, D] slots updated element-wise by `rule`.
 // Launched over num_capacity * group threads; threads of rows at or beyond
 // num_unique, or of rows outside [0, rows), exit.
-template <typename T, int VEC, typename Rule>
-__global__ void ElementwiseUpdateKernel(Rule rule, T* __restrict__ table,
+template <typename T, int VEC, typename Rule, typename Rounding>
+__global__ void ElementwiseUpdateKernel(Rule rule, Rounding rounding,
+                                        T* __restrict__ table,
                                         float* __restrict__ s0,
                                         float* __restrict__ s1, int64_t rows,
                                         int64_t dim,
@@ -43,6 +70,8 @@ __global__ void ElementwiseUpdateKernel(Rule rule, T* __restrict__ table,
   int64_t r = unique_rows[u];
   if (r < 0 || r >= rows) return;
   rule.Bind(hparams);
+  rounding.Bind(hparams + Rule::kHparams);
+  const uint32_t row_key = rounding.RowKey(r);
   T* w_row = table + r * dim;
   const float* g_row = row_grads + u * dim;
   float* a_row = Rule::kSlots > 0 ? s0 + r * dim : nullptr;
@@ -56,7 +85,7 @@ __global__ void ElementwiseUpdateKernel(Rule rule, T* __restrict__ table,
     if (Rule::kSlots > 1) LoadFMutable(b_row + d, b);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) rule(w[i], a[i], b[i], g[i]);
-    StoreF(w_row + d, w);
+    StoreRounded<T, VEC>(w_row + d, w, rounding, row_key, d);
     if (Rule::kSlots > 0) StoreF(a_row + d, a);
     if (Rule::kSlots > 1) StoreF(b_row + d, b);
   }
@@ -65,8 +94,8 @@ __global__ void ElementwiseUpdateKernel(Rule rule, T* __restrict__ table,
 // Row-wise Adagrad: the group first reduces sum_d g^2 with shuffles (a fixed
 // tree, so deterministic), then updates the row. Every thread of a warp takes
 // part in the shuffles, so no thread returns before them.
-template <typename T, int VEC>
-__global__ void RowwiseAdagradKernel(RowwiseAdagradRule rule,
+template <typename T, int VEC, typename Rounding>
+__global__ void RowwiseAdagradKernel(RowwiseAdagradRule rule, Rounding rounding,
                                      T* __restrict__ table,
                                      float* __restrict__ acc, int64_t rows,
                                      int64_t dim,
@@ -97,6 +126,8 @@ __global__ void RowwiseAdagradKernel(RowwiseAdagradRule rule,
     sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, off, group);
   if (!live) return;
   rule.Bind(hparams);
+  rounding.Bind(hparams + RowwiseAdagradRule::kHparams);
+  const uint32_t row_key = rounding.RowKey(r);
   float a = rule.Accumulate(acc[r], sum_sq, dim);
   float scale = AdagradScale(a, rule.eps);
   T* w_row = table + r * dim;
@@ -107,7 +138,7 @@ __global__ void RowwiseAdagradKernel(RowwiseAdagradRule rule,
     LoadFMutable(g_row + d, g);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) w[i] = rule.Step(w[i], g[i], scale);
-    StoreF(w_row + d, w);
+    StoreRounded<T, VEC>(w_row + d, w, rounding, row_key, d);
   }
   if (lane == 0) acc[r] = a;
 }
@@ -118,16 +149,17 @@ __global__ void RowwiseAdagradKernel(RowwiseAdagradRule rule,
 // back). Each run names a distinct row, so no atomics. The lane first loads
 // all its chunks of the row and slots, then updates and stores them (loads in
 // flight together; the stores could alias the next loads for the compiler).
-template <typename T, typename Rule>
+template <typename T, typename Rule, typename Rounding>
 struct UpdateSink : cuda::ValidRunsSink {
   Rule rule;
+  Rounding rounding;
   const float* hparams;
   T* table;
   float* s0;
   float* s1;
 
-  UpdateSink(Rule r, const float* hp, T* t, float* a, float* b)
-      : rule(r), hparams(hp), table(t), s0(a), s1(b) {}
+  UpdateSink(Rule r, Rounding rd, const float* hp, T* t, float* a, float* b)
+      : rule(r), rounding(rd), hparams(hp), table(t), s0(a), s1(b) {}
   bool Aligned() const {
     return Aligned(table, 4 * sizeof(T)) && Aligned(s0, 16) && Aligned(s1, 16);
   }
@@ -137,6 +169,9 @@ struct UpdateSink : cuda::ValidRunsSink {
                                         float (&g)[CPL][VEC]) const {
     Rule r = rule;
     r.Bind(hparams);
+    Rounding rd = rounding;
+    rd.Bind(hparams + Rule::kHparams);
+    const uint32_t row_key = rd.RowKey(key);
     const int64_t base = static_cast<int64_t>(key) * dim;
     float w[CPL][VEC], a[CPL][VEC] = {}, b[CPL][VEC] = {};
 #pragma unroll
@@ -153,7 +188,7 @@ struct UpdateSink : cuda::ValidRunsSink {
       if (c >= cols) continue;
 #pragma unroll
       for (int i = 0; i < VEC; ++i) r(w[k][i], a[k][i], b[k][i], g[k][i]);
-      StoreF<T, VEC>(table + base + c * VEC, w[k]);
+      StoreRounded<T, VEC>(table + base + c * VEC, w[k], rd, row_key, c * VEC);
       if (Rule::kSlots > 0) StoreF<float, VEC>(s0 + base + c * VEC, a[k]);
       if (Rule::kSlots > 1) StoreF<float, VEC>(s1 + base + c * VEC, b[k]);
     }
@@ -171,16 +206,18 @@ struct UpdateSink : cuda::ValidRunsSink {
 // step's scale with the group by a shuffle (no lane reads the accumulator
 // after it is written); Store applies the step to the lane's chunks of the
 // row in place. Each run names a distinct row, so no atomics.
-template <typename T>
+template <typename T, typename Rounding>
 struct RowwiseUpdateSink : cuda::ValidRunsSink {
   static constexpr bool kWholeRow = true;
   RowwiseAdagradRule rule;
+  Rounding rounding;
   const float* hparams;
   T* table;
   float* acc;
 
-  RowwiseUpdateSink(RowwiseAdagradRule r, const float* hp, T* t, float* a)
-      : rule(r), hparams(hp), table(t), acc(a) {}
+  RowwiseUpdateSink(RowwiseAdagradRule r, Rounding rd, const float* hp, T* t,
+                    float* a)
+      : rule(r), rounding(rd), hparams(hp), table(t), acc(a) {}
   bool Aligned() const {
     return reinterpret_cast<uintptr_t>(table) % (4 * sizeof(T)) == 0;
   }
@@ -202,6 +239,9 @@ struct RowwiseUpdateSink : cuda::ValidRunsSink {
                                         float scale) const {
     RowwiseAdagradRule r = rule;
     r.Bind(hparams);
+    Rounding rd = rounding;
+    rd.Bind(hparams + RowwiseAdagradRule::kHparams);
+    const uint32_t row_key = rd.RowKey(key);
     const int64_t base = static_cast<int64_t>(key) * dim;
     float w[CPL][VEC];
 #pragma unroll
@@ -215,7 +255,7 @@ struct RowwiseUpdateSink : cuda::ValidRunsSink {
       if (c >= cols) continue;
 #pragma unroll
       for (int i = 0; i < VEC; ++i) w[k][i] = r.Step(w[k][i], g[k][i], scale);
-      StoreF<T, VEC>(table + base + c * VEC, w[k]);
+      StoreRounded<T, VEC>(table + base + c * VEC, w[k], rd, row_key, c * VEC);
     }
   }
 };
@@ -237,8 +277,9 @@ inline bool Aligned(const void* p, size_t bytes) {
 
 // Launches the element-wise kernel with the widest access D and the buffers'
 // alignment allow.
-template <typename T, typename Rule>
-void LaunchElementwise(cudaStream_t stream, const Rule& rule, T* table,
+template <typename T, typename Rule, typename Rounding>
+void LaunchElementwise(cudaStream_t stream, const Rule& rule,
+                       const Rounding& rounding, T* table,
                        float* s0, float* s1, int64_t rows, int64_t dim,
                        const int32_t* unique_rows, const float* row_grads,
                        const int32_t* num_unique, int64_t capacity,
@@ -251,18 +292,18 @@ void LaunchElementwise(cudaStream_t stream, const Rule& rule, T* table,
   int64_t threads = capacity * group;
   unsigned blocks = static_cast<unsigned>((threads + kBlock - 1) / kBlock);
   if (vec4)
-    ElementwiseUpdateKernel<T, 4, Rule><<<blocks, kBlock, 0, stream>>>(
-        rule, table, s0, s1, rows, dim, unique_rows, row_grads, num_unique,
+    ElementwiseUpdateKernel<T, 4, Rule, Rounding><<<blocks, kBlock, 0, stream>>>(
+        rule, rounding, table, s0, s1, rows, dim, unique_rows, row_grads, num_unique,
         capacity, hparams, group);
   else
-    ElementwiseUpdateKernel<T, 1, Rule><<<blocks, kBlock, 0, stream>>>(
-        rule, table, s0, s1, rows, dim, unique_rows, row_grads, num_unique,
+    ElementwiseUpdateKernel<T, 1, Rule, Rounding><<<blocks, kBlock, 0, stream>>>(
+        rule, rounding, table, s0, s1, rows, dim, unique_rows, row_grads, num_unique,
         capacity, hparams, group);
 }
 
-template <typename T>
+template <typename T, typename Rounding>
 void LaunchRowwiseAdagrad(cudaStream_t stream, const RowwiseAdagradRule& rule,
-                          T* table, float* acc, int64_t rows, int64_t dim,
+                          const Rounding& rounding, T* table, float* acc, int64_t rows, int64_t dim,
                           const int32_t* unique_rows, const float* row_grads,
                           const int32_t* num_unique, int64_t capacity,
                           const float* hparams) {
@@ -274,12 +315,12 @@ void LaunchRowwiseAdagrad(cudaStream_t stream, const RowwiseAdagradRule& rule,
   int64_t threads = capacity * group;
   unsigned blocks = static_cast<unsigned>((threads + kBlock - 1) / kBlock);
   if (vec4)
-    RowwiseAdagradKernel<T, 4><<<blocks, kBlock, 0, stream>>>(
-        rule, table, acc, rows, dim, unique_rows, row_grads, num_unique,
+    RowwiseAdagradKernel<T, 4, Rounding><<<blocks, kBlock, 0, stream>>>(
+        rule, rounding, table, acc, rows, dim, unique_rows, row_grads, num_unique,
         capacity, hparams, group);
   else
-    RowwiseAdagradKernel<T, 1><<<blocks, kBlock, 0, stream>>>(
-        rule, table, acc, rows, dim, unique_rows, row_grads, num_unique,
+    RowwiseAdagradKernel<T, 1, Rounding><<<blocks, kBlock, 0, stream>>>(
+        rule, rounding, table, acc, rows, dim, unique_rows, row_grads, num_unique,
         capacity, hparams, group);
 }
 

@@ -61,7 +61,9 @@ auto EmbedBwdDense(B b) {
 // The backward fused with an optimizer (optim_math.h VisitRule): per
 // distinct row of the table, the summed gradient applied to the row and its
 // slots in place. Slots are [R, D], or [R] for a row-wise rule; slots the
-// rule does not use are [0].
+// rule does not use are [0]. stochastic_rounding: 0 writes the table with
+// round-to-nearest-even, 1 stochastically (rounding_math.h), its words after
+// the rule's in hparams.
 template <typename B>
 auto EmbedBwdUpdate(B b) {
   return std::move(b).template Arg<ffi::AnyBuffer>()    // table
@@ -78,7 +80,8 @@ auto EmbedBwdUpdate(B b) {
       .template Ret<ffi::AnyBuffer>()          // workspace (CUDA only uses it)
       .template Attr<int32_t>("combiner")
       .template Attr<int32_t>("rule")
-      .template Attr<ffi::Span<const float>>("consts");
+      .template Attr<ffi::Span<const float>>("consts")
+      .template Attr<int32_t>("stochastic_rounding");
 }
 
 template <typename B>
@@ -111,7 +114,10 @@ auto RowsToDense(B b) {
 
 // ------------------------------------------------------------ optimizers
 // The touched rows every update reads after its slots, then the per-step
-// hyperparameters (float32: learning rate, and Adam's step).
+// hyperparameters (float32: learning rate, and Adam's step; then, with
+// stochastic rounding, its words: rounding_math.h StochasticRounding). Every
+// update's last attribute, stochastic_rounding (0 or 1), picks how the
+// table's new values are written (rounding_math.h).
 template <typename B>
 auto RowsAndHparams(B b) {
   return std::move(b).template Arg<ffi::Buffer<ffi::S32>>()  // unique_rows
@@ -123,7 +129,8 @@ auto RowsAndHparams(B b) {
 template <typename B>
 auto SgdUpdate(B b) {
   return RowsAndHparams(std::move(b).template Arg<ffi::AnyBuffer>())  // table
-      .template Ret<ffi::AnyBuffer>();                      // table
+      .template Ret<ffi::AnyBuffer>()                       // table
+      .template Attr<int32_t>("stochastic_rounding");
 }
 
 // Adagrad ([R, D] accumulator) and row-wise Adagrad ([R] accumulator).
@@ -133,7 +140,8 @@ auto AdagradUpdate(B b) {
                             .template Arg<ffi::Buffer<ffi::F32>>())  // accumulator
       .template Ret<ffi::AnyBuffer>()                                // table
       .template Ret<ffi::Buffer<ffi::F32>>()                         // accumulator
-      .template Attr<float>("eps");
+      .template Attr<float>("eps")
+      .template Attr<int32_t>("stochastic_rounding");
 }
 
 template <typename B>
@@ -147,7 +155,8 @@ auto AdamUpdate(B b) {
       .template Attr<float>("b1")
       .template Attr<float>("b2")
       .template Attr<float>("eps")
-      .template Attr<float>("eps_root");
+      .template Attr<float>("eps_root")
+      .template Attr<int32_t>("stochastic_rounding");
 }
 
 template <typename B>
@@ -162,7 +171,8 @@ auto FtrlUpdate(B b) {
       .template Attr<float>("l1_regularization_strength")
       .template Attr<float>("l2_regularization_strength")
       .template Attr<float>("l2_shrinkage_regularization_strength")
-      .template Attr<float>("beta");
+      .template Attr<float>("beta")
+      .template Attr<int32_t>("stochastic_rounding");
 }
 
 // Row-wise Adagrad takes Adagrad's signature ([R] or [R, 1] accumulator).

@@ -19,6 +19,7 @@ import numpy as np
 from sok_jax import _native  # noqa: F401  (registers the targets)
 from sok_jax.ops import optim_ops
 from sok_jax.ops.checks import KEY_DTYPES, TABLE_DTYPES, check_table
+from sok_jax.ops.rounding import rounding_call
 
 COMBINERS = {"sum": 0, "mean": 1, "sqrtn": 2}
 
@@ -249,7 +250,10 @@ def check_bwd_update(rule, table, slots, grad_out, ids, offsets, weights, consts
     return spec
 
 
-def bwd_update(rule, table, slots, grad_out, ids, offsets, weights, combiner, hparams, **consts):
+def bwd_update(
+    rule, table, slots, grad_out, ids, offsets, weights, combiner, hparams, *, rounding=None,
+    **consts
+):
     """The sparse backward of a lookup and an optimizer step in one target.
 
     Per distinct row of `table` that the bags (`ids`, `offsets`, `weights`,
@@ -272,6 +276,9 @@ def bwd_update(rule, table, slots, grad_out, ids, offsets, weights, combiner, hp
       ids, offsets, weights, combiner: the lookup's bags.
       hparams: the traced hyperparameters: (learning_rate,) or, for adam,
         (learning_rate, step).
+      rounding: None (round to nearest even) or a
+        `rounding.StochasticRounding` for a 16-bit table (as
+        `optim_ops.sgd_update`).
       **consts: the rule's constant hyperparameters (`RULES`), by name.
 
     Returns:
@@ -285,7 +292,10 @@ def bwd_update(rule, table, slots, grad_out, ids, offsets, weights, combiner, hp
     spec = check_bwd_update(rule, table, slots, grad_out, ids, offsets, weights, consts)
     if grad_out.dtype != table.dtype:
         grad_out = grad_out.astype(jnp.float32)
-    hp = optim_ops.hparams_vector(*((f"hparams[{i}]", v) for i, v in enumerate(hparams)))
+    sr, words = rounding_call(rounding, table)
+    hp = optim_ops.hparams_vector(
+        *((f"hparams[{i}]", v) for i, v in enumerate(hparams)), rounding_words=words
+    )
     # The target always takes two slots; a rule's unused ones are [0].
     unused = (jnp.zeros((0,), jnp.float32),) * (2 - len(slots))
     outs = (table, *slots, *unused)
@@ -307,5 +317,6 @@ def bwd_update(rule, table, slots, grad_out, ids, offsets, weights, combiner, hp
         combiner=np.int32(combiner_code(combiner)),
         rule=np.int32(spec.code),
         consts=np.asarray([consts[k] for k in spec.consts] or [0.0], np.float32),
+        stochastic_rounding=sr,
     )
     return tuple(res[: 1 + len(slots)])

@@ -15,6 +15,9 @@ made and no [R, D] gradient is built. Every other row keeps its bits. The
 table may be float32, bfloat16 or float16 (math in float32); slots are
 float32. Learning rate and Adam's step are traced values (schedules work
 inside ``jit``); the other hyperparameters are compile-time constants.
+A 16-bit table's new values are rounded to nearest even, or, given
+``rounding=StochasticRounding(seed, step)``
+(:mod:`sok_jax.ops.rounding`), stochastically; float32 tables ignore it.
 
 ``sok_jax.ops.reference`` computes each update under the same name in plain
 JAX (``.at[rows].set``): the test oracle and a selectable fallback.
@@ -34,6 +37,7 @@ import numpy as np
 
 from sok_jax import _native  # noqa: F401  (registers the targets)
 from sok_jax.ops.checks import check_table
+from sok_jax.ops.rounding import rounding_call
 
 __all__ = [
     "sgd_update",
@@ -98,19 +102,30 @@ def as_scalar(x, name):
     return x.reshape(()).astype(jnp.float32)
 
 
-def hparams_vector(*named):
-    return jnp.stack([as_scalar(v, n) for n, v in named])
+def hparams_vector(*named, rounding_words=()):
+    """The float32 hparams of an update target: the named traced values, then
+    the rounding policy's words (`rounding.rounding_call`)."""
+    return jnp.stack([as_scalar(v, n) for n, v in named] + list(rounding_words))
 
 
-def _ffi(name, outs, args, **attrs):
-    """Calls target `name`; the first len(outs) args alias the outputs."""
+def _ffi(name, outs, args, hparams, rounding, **attrs):
+    """Calls update target `name` with the traced `hparams` (named pairs) and
+    `rounding` (None or a StochasticRounding); the first len(outs) args alias
+    the outputs, and `hparams` follows `args`."""
+    sr, words = rounding_call(rounding, outs[0])
+    hp = hparams_vector(*hparams, rounding_words=words)
     call = jax.ffi.ffi_call(
         name,
         tuple(jax.ShapeDtypeStruct(o.shape, o.dtype) for o in outs),
         vmap_method="sequential",
         input_output_aliases={i: i for i in range(len(outs))},
     )
-    return call(*args, **{k: np.float32(v) for k, v in attrs.items()})
+    return call(
+        *args,
+        hp,
+        **{k: np.float32(v) for k, v in attrs.items()},
+        stochastic_rounding=sr,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -118,7 +133,7 @@ def _ffi(name, outs, args, **attrs):
 # ---------------------------------------------------------------------------
 
 
-def sgd_update(table, unique_rows, row_grads, num_unique, learning_rate):
+def sgd_update(table, unique_rows, row_grads, num_unique, learning_rate, *, rounding=None):
     """SGD on the touched rows: ``w -= learning_rate * g`` (optax.sgd).
 
     Args:
@@ -128,6 +143,8 @@ def sgd_update(table, unique_rows, row_grads, num_unique, learning_rate):
       row_grads: float32 [U, D] gradient of each of those rows.
       num_unique: int32 [1] (or scalar) count of valid ``unique_rows``.
       learning_rate: scalar, may be traced.
+      rounding: None (round to nearest even) or a
+        :class:`~sok_jax.ops.rounding.StochasticRounding` for a 16-bit table.
 
     Returns:
       The updated table (aliases ``table``; donate it to update in place).
@@ -136,13 +153,19 @@ def sgd_update(table, unique_rows, row_grads, num_unique, learning_rate):
       ValueError: a shape or dtype is wrong (the message names the argument).
     """
     num_unique = check_row_grads(table, unique_rows, row_grads, num_unique)
-    hp = hparams_vector(("learning_rate", learning_rate))
-    (out,) = _ffi("sok_sgd_update", (table,), (table, unique_rows, row_grads, num_unique, hp))
+    (out,) = _ffi(
+        "sok_sgd_update",
+        (table,),
+        (table, unique_rows, row_grads, num_unique),
+        (("learning_rate", learning_rate),),
+        rounding,
+    )
     return out
 
 
 def adagrad_update(
-    table, accumulator, unique_rows, row_grads, num_unique, learning_rate, *, eps=1e-7
+    table, accumulator, unique_rows, row_grads, num_unique, learning_rate, *, eps=1e-7,
+    rounding=None
 ):
     """Adagrad on the touched rows, as optax.adagrad (scale_by_rss).
 
@@ -156,6 +179,7 @@ def adagrad_update(
       unique_rows, row_grads, num_unique: as in :func:`sgd_update`.
       learning_rate: scalar, may be traced.
       eps: added under the square root (optax default 1e-7).
+      rounding: as in :func:`sgd_update`.
 
     Returns:
       ``(table, accumulator)``, aliasing the inputs.
@@ -165,19 +189,21 @@ def adagrad_update(
     """
     num_unique = check_row_grads(table, unique_rows, row_grads, num_unique)
     check_slot(accumulator, "accumulator", table.shape)
-    hp = hparams_vector(("learning_rate", learning_rate))
     return tuple(
         _ffi(
             "sok_adagrad_update",
             (table, accumulator),
-            (table, accumulator, unique_rows, row_grads, num_unique, hp),
+            (table, accumulator, unique_rows, row_grads, num_unique),
+            (("learning_rate", learning_rate),),
+            rounding,
             eps=eps,
         )
     )
 
 
 def rowwise_adagrad_update(
-    table, accumulator, unique_rows, row_grads, num_unique, learning_rate, *, eps=1e-7
+    table, accumulator, unique_rows, row_grads, num_unique, learning_rate, *, eps=1e-7,
+    rounding=None
 ):
     """Row-wise Adagrad on the touched rows (one accumulator per row).
 
@@ -190,6 +216,7 @@ def rowwise_adagrad_update(
       unique_rows, row_grads, num_unique: as in :func:`sgd_update`.
       learning_rate: scalar, may be traced.
       eps: added under the square root (default 1e-7, as optax Adagrad).
+      rounding: as in :func:`sgd_update`.
 
     Returns:
       ``(table, accumulator)``, aliasing the inputs (accumulator keeps its
@@ -200,12 +227,13 @@ def rowwise_adagrad_update(
     """
     num_unique = check_row_grads(table, unique_rows, row_grads, num_unique)
     check_rowwise_slot(accumulator, "accumulator", table.shape[0])
-    hp = hparams_vector(("learning_rate", learning_rate))
     return tuple(
         _ffi(
             "sok_rowwise_adagrad_update",
             (table, accumulator),
-            (table, accumulator, unique_rows, row_grads, num_unique, hp),
+            (table, accumulator, unique_rows, row_grads, num_unique),
+            (("learning_rate", learning_rate),),
+            rounding,
             eps=eps,
         )
     )
@@ -225,6 +253,7 @@ def adam_update(
     b2=0.999,
     eps=1e-8,
     eps_root=0.0,
+    rounding=None,
 ):
     """Lazy Adam on the touched rows (optax.adam's formulas, TF LazyAdam).
 
@@ -241,6 +270,7 @@ def adam_update(
       step: the 1-based count of this update (optax's ``count`` after its
         increment), a scalar that may be traced; int or float.
       b1, b2, eps, eps_root: optax.adam's hyperparameters.
+      rounding: as in :func:`sgd_update`.
 
     Returns:
       ``(table, m, v)``, aliasing the inputs.
@@ -251,12 +281,13 @@ def adam_update(
     num_unique = check_row_grads(table, unique_rows, row_grads, num_unique)
     check_slot(m, "m", table.shape)
     check_slot(v, "v", table.shape)
-    hp = hparams_vector(("learning_rate", learning_rate), ("step", step))
     return tuple(
         _ffi(
             "sok_adam_update",
             (table, m, v),
-            (table, m, v, unique_rows, row_grads, num_unique, hp),
+            (table, m, v, unique_rows, row_grads, num_unique),
+            (("learning_rate", learning_rate), ("step", step)),
+            rounding,
             b1=b1,
             b2=b2,
             eps=eps,
@@ -279,6 +310,7 @@ def ftrl_update(
     l2_regularization_strength=0.0,
     l2_shrinkage_regularization_strength=0.0,
     beta=0.0,
+    rounding=None,
 ):
     """FTRL-Proximal on the touched rows, as tf.keras.optimizers.Ftrl.
 
@@ -300,6 +332,7 @@ def ftrl_update(
       learning_rate_power, l1_regularization_strength,
       l2_regularization_strength, l2_shrinkage_regularization_strength, beta:
         Keras Ftrl's hyperparameters (defaults -0.5, 0, 0, 0, 0).
+      rounding: as in :func:`sgd_update`.
 
     Returns:
       ``(table, accumulator, linear)``, aliasing the inputs.
@@ -310,12 +343,13 @@ def ftrl_update(
     num_unique = check_row_grads(table, unique_rows, row_grads, num_unique)
     check_slot(accumulator, "accumulator", table.shape)
     check_slot(linear, "linear", table.shape)
-    hp = hparams_vector(("learning_rate", learning_rate))
     return tuple(
         _ffi(
             "sok_ftrl_update",
             (table, accumulator, linear),
-            (table, accumulator, linear, unique_rows, row_grads, num_unique, hp),
+            (table, accumulator, linear, unique_rows, row_grads, num_unique),
+            (("learning_rate", learning_rate),),
+            rounding,
             learning_rate_power=learning_rate_power,
             l1_regularization_strength=l1_regularization_strength,
             l2_regularization_strength=l2_regularization_strength,

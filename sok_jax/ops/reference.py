@@ -21,6 +21,7 @@ from jax import lax
 from sok_jax.ops import embed_ops, hash_ops, optim_ops
 from sok_jax.ops.checks import bag_of_positions, valid_rows
 from sok_jax.ops.embed_ops import SparseRowGrad, combiner_code
+from sok_jax.ops.rounding import rounding_call, rounding_words, stochastic_round
 
 # ---------------------------------------------------------------------------
 # Lookup, combine and their backward
@@ -106,13 +107,19 @@ def weight_grad(table, grad_out, ids, offsets, weights, combiner: str):
     return d_weights
 
 
-def bwd_update(rule, table, slots, grad_out, ids, offsets, weights, combiner, hparams, **consts):
+def bwd_update(
+    rule, table, slots, grad_out, ids, offsets, weights, combiner, hparams, *, rounding=None,
+    **consts
+):
     """`embed_ops.bwd_update` as its two steps: `lookup_combine_bwd`, then the
     rule's optimizer update on the touched rows."""
     slots = tuple(slots)
     embed_ops.check_bwd_update(rule, table, slots, grad_out, ids, offsets, weights, consts)
     grad = lookup_combine_bwd(grad_out, ids, offsets, weights, combiner, table.shape[0])
-    out = _RULE_UPDATES[rule](table, *slots, grad.rows, grad.grads, grad.count, *hparams, **consts)
+    update = _RULE_UPDATES[rule]
+    out = update(
+        table, *slots, grad.rows, grad.grads, grad.count, *hparams, rounding=rounding, **consts
+    )
     return out if isinstance(out, tuple) else (out,)
 
 
@@ -139,13 +146,24 @@ def _set(x, idx, new):
     return x.at[idx].set(new.astype(x.dtype), mode="drop")
 
 
-def sgd_update(table, unique_rows, row_grads, num_unique, learning_rate):
+def _store(table, idx, new, rounding):
+    """`table` with rows `idx` set to the float32 `new`, written as the
+    targets write it: round to nearest even, or stochastic rounding with the
+    words of (seed, step, row, column) (xla_ffi/rounding_math.h)."""
+    on, _ = rounding_call(rounding, table)
+    if not on:
+        return _set(table, idx, new)
+    words = rounding_words(rounding.seed, rounding.step, idx, jnp.arange(table.shape[1]))
+    return table.at[idx].set(stochastic_round(new, table.dtype, words), mode="drop")
+
+
+def sgd_update(table, unique_rows, row_grads, num_unique, learning_rate, *, rounding=None):
     """Pure-JAX `optim_ops.sgd_update`."""
     num_unique = optim_ops.check_row_grads(table, unique_rows, row_grads, num_unique)
     lr = optim_ops.as_scalar(learning_rate, "learning_rate")
     idx = _gather_rows(table, unique_rows, num_unique)
     w = _get(table, idx)
-    return _set(table, idx, w + (-lr * row_grads))
+    return _store(table, idx, w + (-lr * row_grads), rounding)
 
 
 def _adagrad_scale(acc, eps):
@@ -153,7 +171,8 @@ def _adagrad_scale(acc, eps):
 
 
 def adagrad_update(
-    table, accumulator, unique_rows, row_grads, num_unique, learning_rate, *, eps=1e-7
+    table, accumulator, unique_rows, row_grads, num_unique, learning_rate, *, eps=1e-7,
+    rounding=None
 ):
     """Pure-JAX `optim_ops.adagrad_update`."""
     num_unique = optim_ops.check_row_grads(table, unique_rows, row_grads, num_unique)
@@ -163,11 +182,12 @@ def adagrad_update(
     g = row_grads
     acc = g * g + _get(accumulator, idx)
     w = _get(table, idx) + (-lr * (_adagrad_scale(acc, eps) * g))
-    return _set(table, idx, w), _set(accumulator, idx, acc)
+    return _store(table, idx, w, rounding), _set(accumulator, idx, acc)
 
 
 def rowwise_adagrad_update(
-    table, accumulator, unique_rows, row_grads, num_unique, learning_rate, *, eps=1e-7
+    table, accumulator, unique_rows, row_grads, num_unique, learning_rate, *, eps=1e-7,
+    rounding=None
 ):
     """Pure-JAX `optim_ops.rowwise_adagrad_update`."""
     num_unique = optim_ops.check_row_grads(table, unique_rows, row_grads, num_unique)
@@ -179,7 +199,10 @@ def rowwise_adagrad_update(
     acc = jnp.sum(g * g, axis=1) / np.float32(g.shape[1]) + _get(flat, idx)
     scale = _adagrad_scale(acc, eps)[:, None]
     w = _get(table, idx) + (-lr * (scale * g))
-    return (_set(table, idx, w), _set(flat, idx, acc).reshape(accumulator.shape))
+    return (
+        _store(table, idx, w, rounding),
+        _set(flat, idx, acc).reshape(accumulator.shape),
+    )
 
 
 def adam_update(
@@ -196,6 +219,7 @@ def adam_update(
     b2=0.999,
     eps=1e-8,
     eps_root=0.0,
+    rounding=None,
 ):
     """Pure-JAX `optim_ops.adam_update` (lazy Adam)."""
     num_unique = optim_ops.check_row_grads(table, unique_rows, row_grads, num_unique)
@@ -212,7 +236,7 @@ def adam_update(
     v_new = (1 - b2) * (g * g) + b2 * _get(v, idx)
     upd = (m_new / bc1) / (jnp.sqrt(v_new / bc2 + np.float32(eps_root)) + np.float32(eps))
     w = _get(table, idx) + (-lr * upd)
-    return _set(table, idx, w), _set(m, idx, m_new), _set(v, idx, v_new)
+    return _store(table, idx, w, rounding), _set(m, idx, m_new), _set(v, idx, v_new)
 
 
 def _ftrl_pow(x, lr_power):
@@ -235,6 +259,7 @@ def ftrl_update(
     l2_regularization_strength=0.0,
     l2_shrinkage_regularization_strength=0.0,
     beta=0.0,
+    rounding=None,
 ):
     """Pure-JAX `optim_ops.ftrl_update`."""
     num_unique = optim_ops.check_row_grads(table, unique_rows, row_grads, num_unique)
@@ -256,7 +281,11 @@ def ftrl_update(
     z = _get(linear, idx) + (g_shrunk - (p_new - _ftrl_pow(acc, lrp)) / lr * w)
     quadratic = p_new / lr + 2.0 * l2_reg
     w_new = (jnp.clip(z, -l1, l1) - z) / quadratic
-    return (_set(table, idx, w_new), _set(accumulator, idx, acc_new), _set(linear, idx, z))
+    return (
+        _store(table, idx, w_new, rounding),
+        _set(accumulator, idx, acc_new),
+        _set(linear, idx, z),
+    )
 
 
 # The update of each rule of the fused target (embed_ops.RULES).

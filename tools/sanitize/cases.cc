@@ -546,6 +546,7 @@ struct Rule {
   std::vector<float> consts;  // the same for the fused target, in order
   int hparams;                // learning rate (, step)
   bool per_row = false;       // one accumulator per row (row-wise Adagrad)
+  bool stochastic = false;    // stochastic rounding of the table's write
 };
 
 std::vector<Rule> Rules(bool ftrl_pow) {
@@ -583,8 +584,33 @@ Tensor Slot(Rng& rng, const Rule& rule, int k, std::vector<int64_t> dims) {
   return Uniforms(rng, dims, adam ? 0.01 : 0.1, 1.0);
 }
 
+// The rule's hparams, then with stochastic rounding its words
+// (rounding_math.h StochasticRounding: seed 0xbeef1234 and step 70007 as
+// 16-bit halves, low first).
 std::vector<float> Hparams(const Rule& rule) {
-  return rule.hparams == 2 ? std::vector<float>{0.05f, 3.f} : std::vector<float>{0.05f};
+  std::vector<float> hp =
+      rule.hparams == 2 ? std::vector<float>{0.05f, 3.f} : std::vector<float>{0.05f};
+  if (rule.stochastic) hp.insert(hp.end(), {0x1234, 0xbeef, 70007 & 0xffff, 70007 >> 16});
+  return hp;
+}
+
+Tensor HparamsT(const Rule& rule) {
+  const std::vector<float> hp = Hparams(rule);
+  return F32s({static_cast<int64_t>(hp.size())}, hp);
+}
+
+// An update target's attributes: its constants (Adagrad's for the row-wise
+// target), then stochastic_rounding.
+std::vector<Attr> UpdateAttrs(const Rule& rule, bool rowwise) {
+  std::vector<Attr> a = rowwise ? std::vector<Attr>{Attr::F32("eps", 1e-7f)} : rule.attrs;
+  a.push_back(Attr::I32("stochastic_rounding", rule.stochastic ? 1 : 0));
+  return a;
+}
+
+// `rule` writing its table by stochastic rounding.
+Rule Stochastic(Rule rule) {
+  rule.stochastic = true;
+  return rule;
 }
 
 // One sok_*_update call: `cap` unique rows of which `count` are valid (a -1
@@ -604,10 +630,11 @@ Case Update(Rng& rng, const Rule& rule, bool rowwise, XLA_FFI_DataType dt,
   }
   Case c;
   c.target = rowwise ? "sok_rowwise_adagrad_update" : rule.update_target;
-  c.tag = Fmt("%s rows%lld D%lld cap%lld count%d%s%s%s", DtypeName(dt),
+  c.tag = Fmt("%s rows%lld D%lld cap%lld count%d%s%s%s%s", DtypeName(dt),
               static_cast<long long>(rows), static_cast<long long>(dim),
               static_cast<long long>(cap), count, odd_rows ? " odd rows" : "",
-              alias ? "" : " unaliased", acc_2d ? " acc[R,1]" : "");
+              alias ? "" : " unaliased", acc_2d ? " acc[R,1]" : "",
+              rule.stochastic ? " sr" : "");
   const double tol = dt == kF32 ? 1e-5 : Tol(dt);
   c.args.push_back(Normals(rng, dt, {rows, dim}));
   c.rets.push_back(Out("table", dt, {rows, dim}, Compare::kClose, tol, alias ? 0 : -1));
@@ -623,8 +650,8 @@ Case Update(Rng& rng, const Rule& rule, bool rowwise, XLA_FFI_DataType dt,
   c.args.push_back(I32s({cap}, ur));
   c.args.push_back(Normals(rng, kF32, {cap, dim}));
   c.args.push_back(I32s({1}, {count}));
-  c.args.push_back(F32s({rule.hparams}, Hparams(rule)));
-  c.attrs = rowwise ? std::vector<Attr>{Attr::F32("eps", 1e-7f)} : rule.attrs;
+  c.args.push_back(HparamsT(rule));
+  c.attrs = UpdateAttrs(rule, rowwise);
   return c;
 }
 
@@ -638,7 +665,8 @@ Case BwdUpdate(Rng& rng, const Rule& rule, XLA_FFI_DataType dt, int64_t rows,
   c.target = "sok_embed_bwd_update";
   c.tag = Fmt("%s ", rule.update_target) +
           BagTag(b, dim, dt, combiner, shape.c_str()) + (grad_f32 ? " g32" : "") +
-          (alias ? "" : " unaliased") + (acc_2d ? " acc[R,1]" : "");
+          (alias ? "" : " unaliased") + (acc_2d ? " acc[R,1]" : "") +
+          (rule.stochastic ? " sr" : "");
   const double sum_tol = SumTol(1e-4, MaxHits(b, rows));
   const double tol = std::max(dt == kF32 ? 0.0 : Tol(dt), sum_tol);
   const std::vector<int64_t> slot_dims =
@@ -660,10 +688,11 @@ Case BwdUpdate(Rng& rng, const Rule& rule, XLA_FFI_DataType dt, int64_t rows,
   c.args.push_back(b.IdsT());
   c.args.push_back(b.OffsetsT());
   c.args.push_back(b.WeightsT());
-  c.args.push_back(F32s({rule.hparams}, Hparams(rule)));
+  c.args.push_back(HparamsT(rule));
   c.rets.push_back(Out("workspace", kU8, {WorkspaceBytes(b.n(), dim)}, Compare::kNone));
   c.attrs = {Attr::I32("combiner", combiner), Attr::I32("rule", rule.fused_id),
-             Attr::F32Array("consts", rule.consts)};
+             Attr::F32Array("consts", rule.consts),
+             Attr::I32("stochastic_rounding", rule.stochastic ? 1 : 0)};
   c.cross = [rule, rows, combiner](const Case& cs, const std::vector<Tensor>& fused,
                                    const CpuCall& call) -> std::string {
     const Tensor& grad = cs.args[3];
@@ -681,7 +710,7 @@ Case BwdUpdate(Rng& rng, const Rule& rule, XLA_FFI_DataType dt, int64_t rows,
       rets.push_back(RetSpec{"slot", kF32, cs.args[1 + k].dims, 1 + k});
     }
     args.insert(args.end(), {sp.rets[0], sp.rets[1], sp.rets[2], cs.args[7]});
-    CallResult up = call(rule.update_target, args, rets, rule.attrs);
+    CallResult up = call(rule.update_target, args, rets, UpdateAttrs(rule, false));
     if (!up.error.empty()) return std::string(rule.update_target) + ": " + up.error;
     for (size_t k = 0; k < up.rets.size(); ++k)
       if (up.rets[k].bytes != fused[k].bytes)
@@ -1117,6 +1146,12 @@ void ErrorCases(Rng& rng, std::vector<Case>& out) {
   c.expect_error = "hparams must hold 1 float32 values";
   out.push_back(c);
 
+  c = Update(rng, Stochastic(sgd), false, kBF16, 10, 4, 3, 2, false, true, false);
+  c.args.back() = F32s({1}, {0.05f});
+  c.tag = "stochastic rounding without its words";
+  c.expect_error = "hparams must hold 5 float32 values";
+  out.push_back(c);
+
   Rule bad = Rules(false)[1];
   bad.fused_id = 9;
   c = BwdUpdate(rng, bad, kF32, 10, 4, b, kSum, false, true, "unknown rule");
@@ -1394,6 +1429,27 @@ std::vector<Case> AllCases(uint64_t seed) {
                                 f % 5 != 4, Fmt("len<=%d", max_len), f % 3 == 2));
         ++f;
       }
+  // Stochastic rounding of the table's write (rounding_math.h): every rule,
+  // unfused and fused, 16-bit tables on the 4-wide and scalar paths, and a
+  // float32 table (which stores its values as they are).
+  {
+    std::vector<Rule> sr = Rules(false);
+    sr.push_back(RowwiseRule());
+    for (Rule& rule : sr) rule = Stochastic(rule);
+    for (const Rule& rule : sr)
+      for (XLA_FFI_DataType dt : kTableTypes)
+        for (int64_t dim : {3, 4, 33, 128}) {
+          const bool rowwise = rule.per_row;
+          Rule unfused = rule;
+          if (rowwise) unfused = Stochastic(Rules(false)[1]);  // Adagrad's signature
+          out.push_back(Update(rng, unfused, rowwise, dt, 211, dim, 64, 41, f % 2 == 0,
+                               f % 3 != 2, false));
+          Bags b = RandomBags(rng, kKeyTypes[f % 3], m, dim == 33 ? 300 : 4, rows, f % 2 == 0);
+          out.push_back(BwdUpdate(rng, rule, dt, rows, dim, b, f % 3, f % 4 == 1, f % 5 != 4,
+                                  Fmt("len<=%d", dim == 33 ? 300 : 4)));
+          ++f;
+        }
+  }
   SpecialCases(rng, out);
   // Hash find-or-insert: roomy, overfull, one slot, prefilled; then finds.
   for (XLA_FFI_DataType dt : kKeyTypes) {
