@@ -12,6 +12,15 @@ Hyperparameter names and defaults follow optax where optax has the
 optimizer (sgd, adagrad, adam) and Keras for FTRL. `learning_rate` may be a
 float or an optax schedule (a function of the step count).
 
+`stochastic_rounding=True` (every optimizer; FBGEMM's name) writes a
+bfloat16 or float16 table's new values by stochastic rounding instead of
+round-to-nearest-even: each goes up or down to a neighbouring 16-bit value
+with probability proportional to its distance, so updates smaller than half
+an ulp still move the weights on average (`sok_jax.ops.rounding`). The
+random bits of element (row, column) are a pure function of `seed`, the
+state's `count` and the element, so a run is reproducible. Float32 tables
+and the float32 slots ignore it.
+
 `skip_nonfinite=True` (every optimizer) leaves each row whose summed
 gradient holds a NaN or Inf, and that row's slots, exactly as they were;
 the other rows of the step are updated as usual. It costs the unfused
@@ -31,6 +40,7 @@ import numpy as np
 
 from sok_jax.ops import optim_ops, resolve
 from sok_jax.ops.embed_ops import SparseRowGrad
+from sok_jax.ops.rounding import StochasticRounding, check_seed
 
 
 class SparseOptState(NamedTuple):
@@ -92,6 +102,16 @@ def _real(name: str, value) -> float:
     return value
 
 
+def _rounding_seed(stochastic_rounding, seed):
+    """The `rounding_seed` of `_make`: None when `stochastic_rounding` is
+    False, else the checked seed. TypeError for a non-bool flag or a
+    non-integer seed, ValueError for a seed outside [0, 2**32)."""
+    if not isinstance(stochastic_rounding, (bool, np.bool_)):
+        raise TypeError(f"stochastic_rounding must be a bool, got {stochastic_rounding!r}")
+    seed = check_seed(seed)
+    return seed if stochastic_rounding else None
+
+
 def _check_hyper(learning_rate, **bounds) -> None:
     """Raises naming the first hyperparameter out of its range. `learning_rate`:
     a finite number >= 0, or a callable schedule (not checked). `bounds`:
@@ -119,13 +139,21 @@ def _make(
     step_arg=False,
     rule=None,
     skip_nonfinite=False,
+    rounding_seed=None,
 ):
     """`rule`: the name of the rule of the fused backward+update target
     (`embed_ops.RULES`), None where there is none (`update_bags` is then the
     backward followed by `update`). With `skip_nonfinite` the backward is
-    never fused: the rows are filtered on their summed gradient first."""
+    never fused: the rows are filtered on their summed gradient first.
+    `rounding_seed`: None (round to nearest even) or the seed of stochastic
+    rounding, whose step is the state's count."""
     ops = resolve(implementation)
     update_fn = getattr(ops, update_name)
+
+    def rounding_of(state):
+        if rounding_seed is None:
+            return None
+        return StochasticRounding(rounding_seed, state.count)
 
     def init(table):
         return SparseOptState(tuple(make_slots(table)), jnp.zeros((), jnp.int32))
@@ -138,7 +166,14 @@ def _make(
         if skip_nonfinite:
             grad = drop_nonfinite_rows(grad)
         out = update_fn(
-            table, *state.slots, grad.rows, grad.grads, grad.count, *hparams(state), **hyper
+            table,
+            *state.slots,
+            grad.rows,
+            grad.grads,
+            grad.count,
+            *hparams(state),
+            rounding=rounding_of(state),
+            **hyper,
         )
         if not isinstance(out, tuple):
             out = (out,)
@@ -158,6 +193,7 @@ def _make(
             weights,
             combiner,
             hparams(state),
+            rounding=rounding_of(state),
             **hyper,
         )
         return out[0], SparseOptState(tuple(out[1:]), state.count + 1)
@@ -177,7 +213,12 @@ def drop_nonfinite_rows(grad: SparseRowGrad) -> SparseRowGrad:
 
 
 def sgd(
-    learning_rate, *, implementation: str = "ffi", skip_nonfinite: bool = False
+    learning_rate,
+    *,
+    implementation: str = "ffi",
+    skip_nonfinite: bool = False,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
 ) -> SparseOptimizer:
     """Plain SGD on the touched rows (optax.sgd without momentum)."""
     _check_hyper(learning_rate)
@@ -189,6 +230,7 @@ def sgd(
         implementation,
         rule="sgd",
         skip_nonfinite=skip_nonfinite,
+        rounding_seed=_rounding_seed(stochastic_rounding, seed),
     )
 
 
@@ -199,6 +241,8 @@ def adagrad(
     *,
     implementation: str = "ffi",
     skip_nonfinite: bool = False,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
 ) -> SparseOptimizer:
     """optax.adagrad on the touched rows (rows with no gradient are unchanged,
     exactly as optax leaves them)."""
@@ -215,6 +259,7 @@ def adagrad(
         implementation,
         rule="adagrad",
         skip_nonfinite=skip_nonfinite,
+        rounding_seed=_rounding_seed(stochastic_rounding, seed),
     )
 
 
@@ -225,6 +270,8 @@ def rowwise_adagrad(
     *,
     implementation: str = "ffi",
     skip_nonfinite: bool = False,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
 ) -> SparseOptimizer:
     """Adagrad with one accumulator per row (mean of g^2 over D), as FBGEMM."""
     _check_hyper(
@@ -240,6 +287,7 @@ def rowwise_adagrad(
         implementation,
         rule="rowwise_adagrad",
         skip_nonfinite=skip_nonfinite,
+        rounding_seed=_rounding_seed(stochastic_rounding, seed),
     )
 
 
@@ -252,6 +300,8 @@ def adam(
     *,
     implementation: str = "ffi",
     skip_nonfinite: bool = False,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
 ) -> SparseOptimizer:
     """Lazy Adam (TF LazyAdam, SOK's Adam): optax.adam's formulas applied to
     the touched rows only; untouched rows keep their moments."""
@@ -271,6 +321,7 @@ def adam(
         step_arg=True,
         rule="adam",
         skip_nonfinite=skip_nonfinite,
+        rounding_seed=_rounding_seed(stochastic_rounding, seed),
     )
 
 
@@ -285,6 +336,8 @@ def ftrl(
     *,
     implementation: str = "ffi",
     skip_nonfinite: bool = False,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
 ) -> SparseOptimizer:
     """FTRL-Proximal on the touched rows, as tf.keras.optimizers.Ftrl."""
     _check_hyper(
@@ -310,6 +363,7 @@ def ftrl(
         implementation,
         rule="ftrl",
         skip_nonfinite=skip_nonfinite,
+        rounding_seed=_rounding_seed(stochastic_rounding, seed),
     )
 
 
