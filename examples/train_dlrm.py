@@ -109,6 +109,11 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="the tables' learning rate")
     p.add_argument("--dense-lr", type=float, default=None, help="the dense part's learning rate")
     p.add_argument("--table-dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument(
+        "--stochastic-rounding",
+        action="store_true",
+        help="write 16-bit tables' updates by stochastic rounding (seeded by --seed)",
+    )
     p.add_argument("--compute-dtype", default=None, choices=sorted(DTYPES), help="dense compute")
     p.add_argument(
         "--embedding",
@@ -192,7 +197,11 @@ def table_optimizer(args):
         else {}
     )
     if not args.dense_path:
+        if args.stochastic_rounding:
+            kw.update(stochastic_rounding=True, seed=args.seed % 2**32)
         return optim.by_name(args.optimizer, args.lr, **kw)
+    if args.stochastic_rounding:
+        raise SystemExit("--stochastic-rounding is for the sparse path, not --dense-path")
     twins = {
         "sgd": lambda: optax.sgd(args.lr),
         "adam": lambda: optax.adam(args.lr),

@@ -17,8 +17,13 @@ SCRIPT = os.path.join(ROOT, "examples", "train_dlrm.py")
 
 @pytest.mark.parametrize(
     "extra",
-    [[], ["--optimizer", "adagrad", "--check"], ["--dense-path", "--optimizer", "sgd"]],
-    ids=["default", "adagrad-check", "dense-path"],
+    [
+        [],
+        ["--optimizer", "adagrad", "--check"],
+        ["--dense-path", "--optimizer", "sgd"],
+        ["--table-dtype", "bfloat16", "--stochastic-rounding"],
+    ],
+    ids=["default", "adagrad-check", "dense-path", "bf16-stochastic-rounding"],
 )
 def test_train_dlrm_learns(tmp_path, extra):
     pytest.importorskip("optax")
