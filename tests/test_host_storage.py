@@ -168,22 +168,23 @@ def test_row_movers_check_shapes():
 # ------------------------------------------------------------ against HBM
 
 
-# (devices, hash mode, optimizer, policy, implementation): every optimizer,
-# both policies, both modes, 1 and 8 devices, both implementations.
+# (devices, hash mode, optimizer, policy, implementation, overlapped
+# moves): every optimizer, both policies, both modes, 1 and 8 devices, both
+# implementations, both ways of moving rows.
 CASES = [
-    (1, False, "sgd", "lru", "ffi"),
-    (1, False, "adagrad", "lfu", "ffi"),
-    (1, True, "adam", "lru", "ffi"),
-    (1, False, "rowwise_adagrad", "lfu", "reference"),
-    (8, False, "ftrl", "lru", "ffi"),
-    (8, False, "sgd", "lru", "reference"),
-    (8, True, "adagrad", "lfu", "ffi"),
-    (8, True, "rowwise_adagrad", "lru", "ffi"),
+    (1, False, "sgd", "lru", "ffi", False),
+    (1, False, "adagrad", "lfu", "ffi", True),
+    (1, True, "adam", "lru", "ffi", True),
+    (1, False, "rowwise_adagrad", "lfu", "reference", False),
+    (8, False, "ftrl", "lru", "ffi", False),
+    (8, False, "sgd", "lru", "reference", True),
+    (8, True, "adagrad", "lfu", "ffi", False),
+    (8, True, "rowwise_adagrad", "lru", "ffi", True),
 ]
 
 
-@pytest.mark.parametrize("n,hashed,opt_name,policy,impl", CASES)
-def test_cached_table_trains_as_the_hbm_table(n, hashed, opt_name, policy, impl):
+@pytest.mark.parametrize("n,hashed,opt_name,policy,impl,overlap", CASES)
+def test_cached_table_trains_as_the_hbm_table(n, hashed, opt_name, policy, impl, overlap):
     """Steps with a cache of fewer rows than the table, so rows leave it
     every step; an evaluation lookup between steps moves rows too. Outputs,
     vectors and optimizer slots equal the HBM table's bit for bit."""
@@ -197,7 +198,7 @@ def test_cached_table_trains_as_the_hbm_table(n, hashed, opt_name, policy, impl)
         return
     hbm = layer(n, hashed, impl)
     cached = layer(n, hashed, impl, storage="host_cached", cache_rows=cache_rows,
-                   cache_policy=policy)
+                   cache_policy=policy, cache_overlap_moves=overlap)
     opt = OPTIMIZERS[opt_name]()
     s_ref, s = hbm.init(3), cached.init(3)
     o_ref, o = hbm.init_optimizer(opt, s_ref), cached.init_optimizer(opt, s)
@@ -432,6 +433,8 @@ def test_lookups_without_updates_then_an_update_train_as_in_hbm():
         (dict(storage="host_cached", cache_rows=True), "needs cache_rows"),
         (dict(storage="host_cached", cache_rows=ROWS), "smaller than the rows"),
         (dict(storage="hbm", cache_rows=8), "cache_rows is for"),
+        (dict(storage="host", cache_overlap_moves=True), "cache_overlap_moves is for"),
+        (dict(storage="host_cached", cache_rows=8, cache_overlap_moves=1), "must be a bool"),
         (dict(storage="host_cached", cache_rows=8, cache_policy="fifo"), "cache_policy"),
     ],
 )
@@ -468,7 +471,8 @@ def test_collection_with_host_tables_trains_as_in_hbm():
     rng = np.random.default_rng()
 
     def specs(tiered):
-        extra = [dict(storage="host_cached", cache_rows=20), dict(storage="host"), {}]
+        extra = [dict(storage="host_cached", cache_rows=20, cache_overlap_moves=True),
+                 dict(storage="host"), {}]
         return [
             sok_jax.TableSpec(name, 400 + 40 * i, 4 + 4 * i, placement="row",
                               use_hashtable=(i == 1), **(extra[i] if tiered else {}))

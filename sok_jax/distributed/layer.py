@@ -94,7 +94,10 @@ class DistributedEmbedding:
         default), "host" (pinned host memory, read and updated over the host
         link) or "host_cached" (a host store behind an HBM cache of
         `cache_rows` rows per device, kept by `cache_policy` "lru" or
-        "lfu"); see `sok_jax.distributed.storage`. A host table trains
+        "lfu"; `cache_overlap_moves=True` writes the leaving rows back on a
+        side stream while the missing ones are read in: the same values,
+        both directions of the host link at once, not yet measured on a
+        GPU); see `sok_jax.distributed.storage`. A host table trains
         through `lookup` + `sparse_update` (or `sparse_grad` +
         `apply_gradients`), not through `jax.grad` of `apply`.
       key_placement: hash mode: the device that owns key k: "mod" (SOK's,
@@ -128,6 +131,7 @@ class DistributedEmbedding:
         storage: str = "hbm",
         cache_rows: int | None = None,
         cache_policy: str = "lru",
+        cache_overlap_moves: bool = False,
         key_placement: str = "mod",
     ):
         embed_ops.combiner_code(combiner)
@@ -182,7 +186,7 @@ class DistributedEmbedding:
         )
         self.online = online
         self._rows = strategy
-        self.storage = make_storage(storage, cache_rows, cache_policy)
+        self.storage = make_storage(storage, cache_rows, cache_policy, cache_overlap_moves)
         self.storage.check_strategy(strategy, implementation)
         lookup = LookupSpec(_IDS, _TABLE, 0, combiner, False, self.max_feature_num)
         self._tables = ShardedTables(

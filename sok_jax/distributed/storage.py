@@ -13,8 +13,8 @@ chosen once per storage unit beside its row strategy (`rows.py`).
   distinct rows missing from the cache take victim slots from a window swept
   round the cache like a clock, in policy order inside it (`_victims`; never
   a slot this batch uses); the leaving rows are written back to the host
-  store while the missing ones are read from it (`swap_rows`: on a GPU
-  the two directions of the host link at once); then the lookup and the fused
+  store and the missing ones read from it (`overlap_moves`: beside each
+  other, `swap_rows`); then the lookup and the fused
   update run on the cache exactly as on an HBM table. The optimizer slots
   follow at the update (`sync_slots`): those of the slots the one lookup
   before it moved, or after several lookups those of every slot whose row
@@ -258,10 +258,13 @@ def _check_tiered(rows, kind, implementation):
 @dataclasses.dataclass(frozen=True)
 class CachedStorage:
     """Rows and slots in a host store behind an HBM cache of `cache_rows`
-    rows per device, kept by `policy` ("lru" or "lfu")."""
+    rows per device, kept by `policy` ("lru" or "lfu"); `overlap_moves`:
+    the rows leaving and entering the cache move by `swap_rows` (both
+    directions of the host link at once) instead of `_back_then_in`."""
 
     cache_rows: int
     policy: str = "lru"
+    overlap_moves: bool = False
 
     kind = "host_cached"
     cached = True
@@ -383,7 +386,7 @@ class CachedStorage:
         # The leaving rows (cached) and the missing ones (not) are disjoint.
         with jax.named_scope("moves"):
             incoming = jnp.where(miss, srt, _EMPTY)
-            host, cache = swap_rows(shard.host, shard.cache, victim, leaving, incoming, ops)
+            host, cache = self._swap(shard.host, shard.cache, victim, leaving, incoming, ops)
 
         slot_of = shard.slot_of.at[jnp.where(leaving >= 0, leaving, r)].set(_EMPTY, mode="drop")
         slot_of = slot_of.at[jnp.where(miss, srt, r)].set(victim, mode="drop")
@@ -457,7 +460,7 @@ class CachedStorage:
         slots of the rows the shard's cache holds. After the update that
         follows the one lookup since the last sync (the training step), only
         that lookup's victims (`held.moved`, K) changed rows: their slots
-        are swapped (`swap_rows`: the rows leaving and entering are
+        are moved (`_swap`: the rows leaving and entering are
         disjoint). Otherwise (lookups without updates between) every cache
         slot whose row changed since is written back, then read in (O(C); a
         row may leave one slot and enter another).
@@ -475,13 +478,18 @@ class CachedStorage:
                 lambda: jnp.full((c,), _EMPTY, jnp.int32),
                 lambda: _differing(opt.tags, shard.tags),
             )
-            opt = self._move_slots(opt, shard.tags, last, shard.step, ops, swap_rows)
+            opt = self._move_slots(opt, shard.tags, last, shard.step, ops, self._swap)
             return self._move_slots(opt, shard.tags, differing, shard.step, ops, _back_then_in)
+
+    @property
+    def _swap(self):
+        """How rows leaving and entering the cache (disjoint) move."""
+        return swap_rows if self.overlap_moves else _back_then_in
 
     def _move_slots(self, opt: CachedOptState, tags, at, step, ops, move):
         """`opt` with the slots of cache slots `at` (-1: none) written back
         to the rows they held and read in from the rows `tags` says, by
-        `move` (`swap_rows` or `_back_then_in`)."""
+        `move` (`_swap` or `_back_then_in`)."""
         c = tags.shape[0]
         valid = at >= 0
         safe = jnp.clip(at, 0, c - 1)
@@ -536,9 +544,10 @@ def swap_rows(host, cache, slots, leaving, incoming, ops):
 
 
 def _back_then_in(host, cache, slots, leaving, incoming, ops):
-    """`swap_rows` for lists that may share rows (one leaving a slot and
-    entering another): every write-back, then every load, one after the
-    other; a list of -1s costs a pass over the indices only."""
+    """`swap_rows` without the side stream, for lists that may also share
+    rows (one leaving a slot and entering another): every write-back, then
+    every load, one after the other, in place; a list of -1s costs a pass
+    over the indices only."""
     host = ops.copy_rows(host, leaving, cache, slots)  # copy_rows skips pairs naming no row
     return host, ops.copy_rows(cache, slots, host, incoming)
 
@@ -562,13 +571,15 @@ def _merge(host, cache, tags, n):
     return out
 
 
-def make_storage(storage: str, cache_rows=None, cache_policy: str = "lru"):
+def make_storage(storage: str, cache_rows=None, cache_policy: str = "lru", overlap_moves=False):
     """The tier of a table from its arguments, checked."""
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
     if storage != "host_cached":
         if cache_rows is not None:
             raise ValueError(f'cache_rows is for storage="host_cached", not "{storage}"')
+        if overlap_moves:
+            raise ValueError(f'cache_overlap_moves is for storage="host_cached", not "{storage}"')
         return HbmStorage() if storage == "hbm" else HostStorage()
     if cache_policy not in CACHE_POLICIES:
         raise ValueError(f"cache_policy must be one of {CACHE_POLICIES}, got {cache_policy!r}")
@@ -579,7 +590,9 @@ def make_storage(storage: str, cache_rows=None, cache_policy: str = "lru"):
         )
     if cache_rows < 1:
         raise ValueError(f"cache_rows must be a positive integer, got {cache_rows}")
-    return CachedStorage(int(cache_rows), cache_policy)
+    if not isinstance(overlap_moves, bool):
+        raise ValueError(f"cache_overlap_moves must be a bool, got {overlap_moves!r}")
+    return CachedStorage(int(cache_rows), cache_policy, overlap_moves)
 
 
 def pin_host(tier, rows, table, opt_state=None):
