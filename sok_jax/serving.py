@@ -25,6 +25,15 @@ arguments), the platform the artifact was exported for ("cpu" or "cuda")
 and exactly as many devices as it was exported on (the shardings inside
 are for that many). `load` checks both and says which differs.
 
+Inference tables (`sok_jax.distributed.quantized`): a trained layer's state
+with its rows in int8 (a per-row scale and bias), bfloat16 or float16,
+read-only, looked up by the same `apply(..., training=False)`:
+
+    qstate = sok_jax.serving.quantize(emb, state, "int8")
+    out, _ = emb.apply(qstate, ids, training=False)
+
+A quantized state exports and loads as any other.
+
 The state may be any pytree of arrays (a layer's `EmbeddingState`, a
 collection's, the dense parameters beside them); tables in host memory
 (`storage="host"` / "host_cached") are not supported: serve from HBM.
@@ -41,6 +50,12 @@ import numpy as np
 
 import sok_jax
 from sok_jax import _native
+from sok_jax.distributed.quantized import (  # noqa: F401  (the serving API)
+    QUANTIZED_DTYPES,
+    QuantizedState,
+    bytes_per_row,
+    quantize,
+)
 
 FORMAT = 1
 FUNCTION_FILE = "function.jax_export"
