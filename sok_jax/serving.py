@@ -25,9 +25,10 @@ arguments), the platform the artifact was exported for ("cpu" or "cuda")
 and exactly as many devices as it was exported on (the shardings inside
 are for that many). `load` checks both and says which differs.
 
-Inference tables (`sok_jax.distributed.quantized`): a trained layer's state
-with its rows in int8 (a per-row scale and bias), bfloat16 or float16,
-read-only, looked up by the same `apply(..., training=False)`:
+Inference tables (`sok_jax.distributed.quantized`): a trained layer's or
+collection's state with its rows in int8 (a per-row scale and bias),
+bfloat16 or float16, read-only, looked up by the same
+`apply(..., training=False)`:
 
     qstate = sok_jax.serving.quantize(emb, state, "int8")
     out, _ = emb.apply(qstate, ids, training=False)
@@ -52,6 +53,7 @@ import sok_jax
 from sok_jax import _native
 from sok_jax.distributed.quantized import (  # noqa: F401  (the serving API)
     QUANTIZED_DTYPES,
+    QuantizedCollectionState,
     QuantizedState,
     bytes_per_row,
     quantize,

@@ -224,9 +224,9 @@ def test_quantized_state_is_read_only_and_checked():
     with pytest.raises(ValueError, match="read-only: look it up with training=False"):
         emb.lookup(qstate, ids)
     opt = sok_jax.optim.adagrad(0.1)
-    with pytest.raises(ValueError, match="read-only int8 inference table"):
+    with pytest.raises(ValueError, match="read-only int8 inference tables"):
         emb.init_optimizer(opt, qstate)
-    with pytest.raises(ValueError, match="read-only int8 inference table"):
+    with pytest.raises(ValueError, match="read-only int8 inference tables"):
         emb.export_pairs(qstate)
     # a quantized state of another dim or vocabulary: at trace time
     other = sok_jax.DistributedEmbedding(
@@ -283,3 +283,80 @@ def test_exported_int8_model_serves_the_same_outputs_in_a_fresh_process(tmp_path
     np.testing.assert_array_equal(np.load(got), want)
     leaves = np.load(art / "state.npz")
     assert any(leaves[k].dtype == np.uint8 for k in leaves.files)  # the int8 rows were saved
+
+
+# ---------------------------------------------------------- collection
+
+
+def _collection(n, rng):
+    """A collection of a direct table placed by row, a hash table, a
+    replicated table and a sequence (no combiner) table, trained a few
+    sparse steps; and a batch holding padding and unseen keys."""
+    T, F = sok_jax.TableSpec, sok_jax.FeatureSpec
+    tables = [
+        T("users", 32 * n, 8, combiner="mean", placement="row"),
+        T("items", 64, 4, combiner="sum", use_hashtable=True),
+        T("small", 16, 8, combiner="sqrtn", placement="replicated"),
+        T("clicks", 24, 4, combiner=None),
+    ]
+    feats = [F("user", "users", 3), F("item", "items", 2), F("cat", "small", 2),
+             F("hist", "clicks", 3)]
+    coll = sok_jax.EmbeddingCollection(tables, feats, mesh=mesh_of(n), axis_name=AXIS)
+    high = {"user": 32 * n, "item": 500, "cat": 16, "hist": 24}
+    b = 4 * n
+
+    def batch(extra=0):
+        return {
+            f.name: rng.integers(-1, high[f.name] + extra, (b, f.max_nnz)).astype(np.int32)
+            for f in feats
+        }
+
+    opt = sok_jax.optim.adagrad(0.5)
+    state = coll.init(int(rng.integers(1 << 30)))
+    opt_state = coll.init_optimizer(opt, state)
+
+    @jax.jit
+    def step(state, opt_state, ids):
+        outs, ctx, state = coll.lookup(state, ids)
+        g = {k: jnp.ones_like(v) for k, v in outs.items()}
+        return coll.sparse_update(state, opt, opt_state, ctx, g)
+
+    for _ in range(3):
+        state, opt_state = step(state, opt_state, batch())
+    return coll, state, batch(extra=20)
+
+
+@pytest.mark.parametrize("n", [1, 8])
+def test_quantized_collection_matches_the_float_collection(n):
+    require_devices(n)
+    rng = np.random.default_rng()
+    coll, state, ids = _collection(n, rng)
+    qstate = sok_jax.serving.quantize(coll, state, "int8")
+    infer = jax.jit(lambda st, i: coll.apply(st, i, training=False))
+    want, fstate = infer(state, ids)
+    got, qnew = infer(qstate, ids)
+    deq = dataclasses.replace(
+        state,
+        shards={
+            k: dataclasses.replace(v, table=dequantize(qstate.shards[k].table))
+            for k, v in state.shards.items()
+        },
+    )
+    exact, _ = infer(deq, ids)
+    for f in want:
+        assert got[f].dtype == jnp.float32 and got[f].shape == want[f].shape
+        np.testing.assert_allclose(got[f], exact[f], rtol=_SUM_RTOL, atol=1e-6, err_msg=f)
+        # at most max_nnz keys per bag, each element within scale / 2
+        err = max(
+            float(np.max(np.asarray(s.table.scale_bias[:, 0]))) for s in qstate.shards.values()
+        )
+        assert np.max(np.abs(np.asarray(got[f]) - np.asarray(want[f]))) <= 3 * err / 2 + 1e-6
+    assert int(np.sum(np.asarray(qnew.stats["items"].unseen))) > 0
+    for t in ("users", "small", "clicks"):
+        assert qnew.stats[t].unseen is None
+        added = np.asarray(fstate.stats[t].invalid) - np.asarray(state.stats[t].invalid)
+        np.testing.assert_array_equal(qnew.stats[t].invalid, added)
+    with pytest.raises(ValueError, match="read-only: look it up with training=False"):
+        coll.apply(qstate, ids)
+    with pytest.raises(ValueError, match="read-only int8 inference tables"):
+        coll.export_pairs(qstate)

@@ -1,5 +1,6 @@
-"""Read-only inference tables: a trained `DistributedEmbedding` state with
-its rows stored in fewer bytes, looked up by the same sharded data path.
+"""Read-only inference tables: a trained `DistributedEmbedding` or
+`EmbeddingCollection` state with its rows stored in fewer bytes, looked up
+by the same sharded data path.
 
     qstate = sok_jax.serving.quantize(emb, state, "int8")
     out, qstate = emb.apply(qstate, ids, training=False)   # under jit, exportable
@@ -21,23 +22,22 @@ with `training=False`; a hash table also counts its unseen keys
 
 The tier of a quantized unit is a storage strategy (`Int8Storage`,
 `HalfStorage`) beside `storage.py`'s; the unit's row strategy (direct or
-hash, its key placement) is the trained layer's. A quantized state cannot
-be trained, exported as pairs or given an optimizer: the layer refuses it
+hash, its placement) is the trained model's. A quantized state cannot be
+trained, exported as pairs or given an optimizer: the layers refuse it
 (`refuse_outside_lookup`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from sok_jax.distributed.online import join_hash_part, split_hash_part
-from sok_jax.distributed.state import EmbeddingStats, check_like
+from sok_jax.distributed.state import EmbeddingState, EmbeddingStats, check_like
 from sok_jax.embedding import _lookup
 from sok_jax.ops import checks, resolve
 from sok_jax.ops.quant_ops import QuantizedRows
@@ -202,98 +202,218 @@ def read_only_tables(tables, dtype):
     return dataclasses.replace(tables, units=units)
 
 
-# ------------------------------------------------------------ the layer
+# ----------------------------------------------------- layer and collection
+# Both sharded layers keep their shards as {unit: (table, hash part)} for
+# `ShardedTables`; what follows works on that form, and `quantize` /
+# `lookup` translate each layer's state to and from it.
 
 
-def _unit(layer):
+def _quantized_shards(model, shards, tier) -> dict:
+    """{unit: (rows in `tier`'s format, hash part)}: each unit's logical
+    table (host store and cache merged for a host tier) converted on the
+    devices, sharded as the float table is in HBM."""
+    out = {}
+    for u in model._tables.units:
+        table, hash_part = shards[u.name]
+        logical, _ = u.storage.logical(table, None, model.num_devices)
+        logical = jax.device_put(logical, u.rows.table_sharding)
+        if not bool(jnp.all(jnp.isfinite(logical))):
+            raise ValueError(
+                f"quantize: table {u.name!r} holds NaN or Inf; no inference row format holds it"
+            )
+        convert = jax.jit(tier.convert, out_shardings=tier.table_sharding(u.rows))
+        out[u.name] = (convert(logical), hash_part)
+    return out
+
+
+def _run(model, dtype, shards, seed, stats, inputs):
+    """The model's lookup of `inputs` on read-only shards (training=False)."""
+    return read_only_tables(model._tables, dtype).run(shards, seed, stats, inputs, False, True)
+
+
+def _zero_stats(model, dtype) -> dict:
+    return read_only_tables(model._tables, dtype).zero_stats()
+
+
+def _refuse_training(dtype):
+    raise ValueError(
+        f"a {dtype} inference table is read-only: look it up with training=False "
+        "(train the float state, then quantize it again)"
+    )
+
+
+# DistributedEmbedding: a QuantizedState.
+
+
+def _only_unit(layer):
     (unit,) = layer._tables.units
-    return unit
+    return unit.name
 
 
-def quantize(layer, state, dtype="int8") -> QuantizedState:
-    """`state` (of `layer`, a `DistributedEmbedding`, any storage tier)
-    with its logical table in the row format `dtype`, on the layer's mesh.
+def _hash_part(state) -> dict:
+    return join_hash_part(state.slot_keys, state.scores)
+
+
+def _quantize_layer(layer, state, tier) -> QuantizedState:
+    name = _only_unit(layer)
+    shards = {name: (state.table, _hash_part(state))}
+    table, _ = _quantized_shards(layer, shards, tier)[name]
+    stats = _zero_stats(layer, tier.dtype)[name]
+    return QuantizedState(table, state.slot_keys, state.seed, stats, state.scores, tier.dtype)
+
+
+def _layer_like(layer, dtype) -> QuantizedState:
+    tier = make_storage(dtype)
+    return jax.eval_shape(lambda state: _quantize_like(layer, state, tier), layer._state_like)
+
+
+def _quantize_like(layer, state, tier) -> QuantizedState:
+    """`_quantize_layer`'s shapes, traceable (no host check)."""
+    name = _only_unit(layer)
+    stats = _zero_stats(layer, tier.dtype)[name]
+    return QuantizedState(
+        tier.convert(state.table), state.slot_keys, state.seed, stats, state.scores, tier.dtype
+    )
+
+
+def lookup(layer, qstate: QuantizedState, ids, weights, training: bool):
+    """`DistributedEmbedding._run` on a quantized state: (out float32, new
+    qstate, ctx). Raises ValueError for a training lookup or a state of
+    another layer, table or dim (at trace time)."""
+    if training:
+        _refuse_training(qstate.dtype)
+    check_like(_layer_like(layer, qstate.dtype), qstate, "quantized state")
+    name = _only_unit(layer)
+    outs, shards, stats, ctx = _run(
+        layer,
+        qstate.dtype,
+        {name: (qstate.table, _hash_part(qstate))},
+        qstate.seed,
+        {name: qstate.stats},
+        layer._inputs(ids, weights),
+    )
+    table, hash_part = shards[name]
+    slot_keys, scores = split_hash_part(hash_part)
+    new = dataclasses.replace(
+        qstate, table=table, slot_keys=slot_keys, scores=scores, stats=stats[name]
+    )
+    (out,) = outs.values()
+    return out.astype(jnp.float32), new, ctx
+
+
+# EmbeddingCollection: a QuantizedCollectionState.
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedCollectionState:
+    """An `EmbeddingCollection`'s state with every table in the read-only
+    row format `dtype`: `shards` {unit: `QuantizedShard`}, the trained
+    state's seed, and per table the counters since `quantize`."""
+
+    shards: dict
+    seed: Any
+    stats: dict
+    dtype: str = "int8"
+
+
+class QuantizedShard(NamedTuple):
+    """One unit of a quantized collection: its rows (`QuantizedRows` or
+    16-bit), and the trained unit's slot_keys and scores (None where it has
+    none)."""
+
+    table: Any
+    slot_keys: Any = None
+    scores: Any = None
+
+
+jax.tree_util.register_dataclass(
+    QuantizedCollectionState, data_fields=["shards", "seed", "stats"], meta_fields=["dtype"]
+)
+
+
+def _collection_shards(state) -> dict:
+    return {k: (v.table, join_hash_part(v.slot_keys, v.scores)) for k, v in state.shards.items()}
+
+
+def _as_shards(shards) -> dict:
+    return {k: QuantizedShard(t, *split_hash_part(h)) for k, (t, h) in shards.items()}
+
+
+def _quantize_collection(coll, state, tier) -> QuantizedCollectionState:
+    shards = _quantized_shards(coll, _collection_shards(state), tier)
+    return QuantizedCollectionState(
+        _as_shards(shards), state.seed, _zero_stats(coll, tier.dtype), tier.dtype
+    )
+
+
+def _collection_like(coll, dtype) -> QuantizedCollectionState:
+    tier = make_storage(dtype)
+
+    def build(state):
+        shards = {k: (tier.convert(t), h) for k, (t, h) in _collection_shards(state).items()}
+        return QuantizedCollectionState(
+            _as_shards(shards), state.seed, _zero_stats(coll, tier.dtype), tier.dtype
+        )
+
+    return jax.eval_shape(build, coll._state_like)
+
+
+def lookup_collection(coll, qstate: QuantizedCollectionState, batch, weights, training: bool):
+    """`EmbeddingCollection._run` on a quantized state: ({feature: float32
+    output}, new qstate, ctx); raises as `lookup`."""
+    if training:
+        _refuse_training(qstate.dtype)
+    check_like(_collection_like(coll, qstate.dtype), qstate, "quantized state")
+    outs, shards, stats, ctx = _run(
+        coll,
+        qstate.dtype,
+        _collection_shards(qstate),
+        qstate.seed,
+        qstate.stats,
+        coll._inputs(batch, weights),
+    )
+    new = dataclasses.replace(qstate, shards=_as_shards(shards), stats=stats)
+    outs = {k: v.astype(jnp.float32) for k, v in coll._outs(outs).items()}
+    return outs, new, ctx
+
+
+# The serving API.
+
+QUANTIZED_STATES = (QuantizedState, QuantizedCollectionState)
+
+
+def quantize(model, state, dtype="int8"):
+    """`state` of `model` (a `DistributedEmbedding` or an
+    `EmbeddingCollection`; any storage tier, placement, direct or hash)
+    with every table in the read-only row format `dtype`, on the model's
+    mesh: a `QuantizedState` or `QuantizedCollectionState`, looked up by
+    `model.apply(qstate, ids, training=False)`.
 
     Raises:
-      ValueError: an unknown dtype, a state that is not the layer's, or a
+      ValueError: an unknown dtype, a state that is not the model's, or a
         table holding NaN or Inf (no row format holds it faithfully).
     """
-    if isinstance(state, QuantizedState):
+    if isinstance(state, QUANTIZED_STATES):
         raise ValueError("quantize: the state is quantized already (quantize the float state)")
     tier = make_storage(dtype)
-    layer._check_state(state)
-    table, _ = layer.storage.logical(state.table, None, layer.num_devices)
-    rows = _unit(layer).rows
-    table = jax.device_put(table, rows.table_sharding)
-    if not bool(jnp.all(jnp.isfinite(table))):
-        raise ValueError("quantize: the table holds NaN or Inf; no inference row format holds it")
-    sharding = tier.table_sharding(rows)
-    converted = jax.jit(tier.convert, out_shardings=sharding)(table)
-    stats = read_only_tables(layer._tables, tier.dtype).zero_stats()[_unit(layer).name]
-    return QuantizedState(
-        converted, state.slot_keys, state.seed, stats, state.scores, tier.dtype
-    )
-
-
-def state_like(layer, dtype) -> QuantizedState:
-    """Shapes and dtypes of every leaf of the layer's quantized state."""
-    float_state = layer._state_like
-    tier = make_storage(dtype)
-    table = jax.eval_shape(tier.convert, float_state.table)
-    stats = jax.eval_shape(
-        lambda: read_only_tables(layer._tables, tier.dtype).zero_stats()[_unit(layer).name]
-    )
-    return QuantizedState(
-        table, float_state.slot_keys, float_state.seed, stats, float_state.scores, tier.dtype
-    )
+    model._check_state(state)
+    if isinstance(state, EmbeddingState):
+        return _quantize_layer(model, state, tier)
+    return _quantize_collection(model, state, tier)
 
 
 def refuse_outside_lookup(state) -> None:
     """A quantized state is read-only: any method of the layer but its
     inference lookup raises, naming what to do."""
-    if isinstance(state, QuantizedState):
+    if isinstance(state, QUANTIZED_STATES):
         raise ValueError(
-            f"this state holds a read-only {state.dtype} inference table (from "
+            f"this state holds read-only {state.dtype} inference tables (from "
             "sok_jax.serving.quantize): it is only looked up, with apply(..., training=False); "
             "train, export or optimize the float state it was made from"
         )
-
-
-def lookup(layer, qstate: QuantizedState, ids, weights, training: bool):
-    """The layer's `_run` on a quantized state: (out float32, new qstate,
-    ctx). Raises ValueError for a training lookup or a state of another
-    layer, table or dim (at trace time)."""
-    if training:
-        raise ValueError(
-            f"a {qstate.dtype} inference table is read-only: look it up with training=False "
-            "(train the float state, then quantize it again)"
-        )
-    check_like(state_like(layer, qstate.dtype), qstate, "quantized state")
-    unit = _unit(layer)
-    tables = read_only_tables(layer._tables, qstate.dtype)
-    outs, shards, stats, ctx = tables.run(
-        {unit.name: (qstate.table, join_hash_part(qstate.slot_keys, qstate.scores))},
-        qstate.seed,
-        {unit.name: qstate.stats},
-        layer._inputs(ids, weights),
-        False,
-        True,
-    )
-    table, hash_part = shards[unit.name]
-    slot_keys, scores = split_hash_part(hash_part)
-    new = dataclasses.replace(
-        qstate, table=table, slot_keys=slot_keys, scores=scores, stats=stats[unit.name]
-    )
-    (out,) = outs.values()
-    return out.astype(jnp.float32), new, ctx
 
 
 def bytes_per_row(dim: int, dtype) -> int:
     """Bytes one row of width `dim` takes in the row format `dtype`."""
     name = check_dtype(dtype)
     return dim + 8 if name == "int8" else 2 * dim
-
-
-def memory_of(qstate: QuantizedState) -> int:
-    """Bytes of the table of a quantized state (its rows and their scales)."""
-    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(qstate.table))
