@@ -17,8 +17,8 @@ from jax.sharding import PartitionSpec as P
 
 from sok_jax import ids as ids_lib
 from sok_jax import initializers
-from sok_jax.distributed.eager import compiled_when_eager
 from sok_jax.distributed import quantized
+from sok_jax.distributed.eager import compiled_when_eager
 from sok_jax.distributed.exchange import LookupSpec, Unit
 from sok_jax.distributed.host import to_host
 from sok_jax.distributed.online import (
