@@ -1,8 +1,9 @@
 """Inference tables (sok_jax.distributed.quantized, sok_jax.serving.quantize):
 the int8 lookup kernel against a numpy oracle of dequantize-then-combine,
-the quantization error per row, the quantized layer against the float
-layer on 1 and 8 devices (direct and hash), the refusals, and an exported
-quantized model served in a fresh process.
+the quantization error per row, the quantized layer (direct and hash) and
+collection (row, hash, replicated and sequence tables) against their float
+twins on 1 and 8 devices, the refusals, and an exported quantized model
+served in a fresh process.
 
 Tolerances: the int8 lookup is the float lookup of the dequantized rows, so
 kernel and layer agree with dequantize-then-combine up to float32 summation
