@@ -76,6 +76,22 @@ def _sok_checks():
     return [custom_call(name) for name in _native.target_names()]
 
 
+def _to_npz(x: np.ndarray) -> np.ndarray:
+    """`x` as npz stores it: dtypes numpy has no code for (bfloat16 and the
+    other ml_dtypes) as their raw bytes, uint8 [*shape, itemsize]."""
+    if x.dtype.kind != "V":
+        return x
+    return np.ascontiguousarray(x).view(np.uint8).reshape(*x.shape, x.dtype.itemsize)
+
+
+def _from_npz(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Inverse of `_to_npz` for a leaf saved with dtype name `dtype`."""
+    want = jax.numpy.dtype(dtype)
+    if x.dtype == want:
+        return x
+    return np.ascontiguousarray(x).view(want).reshape(x.shape[:-1])
+
+
 def export(fn: Callable, state: Any, example_batch: Any, path: str) -> None:
     """Saves `fn(state, batch)` with `state` bound, for batches shaped like
     `example_batch` (a pytree of arrays; its shapes and dtypes are the
@@ -107,7 +123,8 @@ def export(fn: Callable, state: Any, example_batch: Any, path: str) -> None:
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, FUNCTION_FILE), "wb") as f:
         f.write(exported.serialize())
-    arrays = {f"leaf_{i}": np.asarray(jax.device_get(leaf)) for i, leaf in enumerate(leaves)}
+    host = [np.asarray(jax.device_get(leaf)) for leaf in leaves]
+    arrays = {f"leaf_{i}": _to_npz(x) for i, x in enumerate(host)}
     np.savez(os.path.join(path, STATE_FILE), **arrays)
     meshes = [
         leaf.sharding.mesh
@@ -123,6 +140,7 @@ def export(fn: Callable, state: Any, example_batch: Any, path: str) -> None:
         "platform": _platform(),
         "num_devices": exported.nr_devices,
         "num_leaves": len(leaves),
+        "leaf_dtypes": [x.dtype.name for x in host],
     }
     with open(os.path.join(path, META_FILE), "w") as f:
         json.dump(meta, f, indent=1)
@@ -154,7 +172,9 @@ def load(path: str) -> Callable:
     with open(os.path.join(path, FUNCTION_FILE), "rb") as f:
         exported = jax.export.deserialize(bytearray(f.read()))
     with np.load(os.path.join(path, STATE_FILE)) as z:
-        leaves = [z[f"leaf_{i}"] for i in range(meta["num_leaves"])]
+        leaves = [
+            _from_npz(z[f"leaf_{i}"], dtype) for i, dtype in enumerate(meta["leaf_dtypes"])
+        ]
     # the export's mesh (its axis names and shape), over this process's first n devices
     devices = np.array(jax.devices()[:n]).reshape(meta["mesh_shape"])
     mesh = jax.sharding.Mesh(devices, tuple(meta["mesh_axes"]))
