@@ -32,7 +32,8 @@ ffi::Error QuantFwdImpl(cudaStream_t stream, ffi::AnyBuffer q,
   auto err = DispatchKey(ids.element_type(), "ids", [&](auto key) {
     using K = decltype(key);
     auto launch = [&](auto kernel, int64_t chunks) {
-      const int tpb = cuda::ThreadsPerBag(chunks, 1);
+      int tpb = 1;  // lanes per bag: a power of two covering the chunks, at most a warp
+      while (tpb < 32 && tpb < chunks) tpb *= 2;
       const int64_t threads = m * tpb;
       kernel<<<static_cast<unsigned>((threads + kBlock - 1) / kBlock), kBlock, 0,
                stream>>>(qp, scale_bias.typed_data<float>(), rows, dim,

@@ -6,11 +6,22 @@
 
 #include <cstdint>
 
-#include "embed_kernels.cuh"
+#include "embed_math.h"
 #include "quant_math.h"
 
+// Not embed_kernels.cuh: it defines non-template kernels, which a second
+// translation unit of the module may not define again.
 namespace sok {
 namespace cuda {
+
+// Bag b's positions [lo, hi): its offsets clamped to the ids, the float
+// lookup's rule (embed_cpu.cc BagRange).
+__device__ __forceinline__ void QuantBagRange(const int32_t* off, int64_t b, int64_t n,
+                                              int64_t* lo, int64_t* hi) {
+  const int64_t a = off[b] < 0 ? 0 : (off[b] > n ? n : off[b]);
+  *lo = a;
+  *hi = off[b + 1] < a ? a : (off[b + 1] > n ? n : off[b + 1]);
+}
 
 // VEC consecutive codes of one row (VEC = 4: one 4-byte load, which needs
 // the row and chunk start 4-byte aligned; the handler checks).
@@ -45,10 +56,10 @@ __global__ void __launch_bounds__(256)
                    int64_t n, int64_t m, int64_t fixed_nnz, int32_t combiner,
                    int tpb, float* __restrict__ out) {
   const int lane = threadIdx.x & (tpb - 1);
-  const int64_t bag = GroupIndex(tpb);
+  const int64_t bag = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / tpb;
   if (bag >= m) return;
   int64_t lo = bag * fixed_nnz, hi = lo + fixed_nnz;
-  if (fixed_nnz == 0) BagRangeDev(off, bag, n, &lo, &hi);
+  if (fixed_nnz == 0) QuantBagRange(off, bag, n, &lo, &hi);
   float ws = 0.f, w2 = 0.f;
   for (int64_t j = lo; j < hi; ++j) {
     if (RowOf(ids[j], rows) < 0) continue;
