@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from sok_jax import ids as ids_lib
 from sok_jax import initializers
+from sok_jax.distributed import quantized
 from sok_jax.distributed.eager import compiled_when_eager
 from sok_jax.distributed.exchange import LookupSpec, Unit
 from sok_jax.distributed.host import to_host
@@ -250,6 +251,7 @@ class DistributedEmbedding:
     def _check_state(self, state, opt_state=None, optimizer=None):
         """Trace-time: `state` (and `opt_state`) fit this layer; ValueError
         naming the field otherwise."""
+        quantized.refuse_outside_lookup(state)
         check_like(self._state_like, state, "state")
         if opt_state is not None:
             check_opt_state(self._state_like.table, opt_state, optimizer, "opt_state")
@@ -296,6 +298,8 @@ class DistributedEmbedding:
         return {_TABLE: (state.table, join_hash_part(state.slot_keys, state.scores))}
 
     def _run(self, state: EmbeddingState, ids, weights, training: bool, sparse: bool):
+        if isinstance(state, quantized.QuantizedState):  # a read-only inference table
+            return quantized.lookup(self, state, ids, weights, training)
         outs, shards, stats, ctx = self._tables.run(
             self._shards(state),
             state.seed,
