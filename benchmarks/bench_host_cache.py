@@ -108,7 +108,11 @@ def make_optimizer(name: str):
 def layer_for(args, rows: int, storage: str, fraction: float | None):
     kw = {}
     if storage == "host_cached":
-        kw = dict(cache_rows=int(rows * fraction), cache_policy="lru")
+        kw = dict(
+            cache_rows=int(rows * fraction),
+            cache_policy="lru",
+            cache_overlap_moves=getattr(args, "overlap_moves", False),
+        )
     mesh = Mesh(np.array(jax.devices()[:1]), ("x",))
     return sok_jax.DistributedEmbedding(
         combiner="sum",
@@ -249,6 +253,11 @@ def main(argv=None) -> int:
         "see a small rotating working set)",
     )
     p.add_argument("--h2d-gb", type=float, default=1.0)
+    p.add_argument(
+        "--overlap-moves",
+        action="store_true",
+        help="cached tables write back on a side stream while they load (cache_overlap_moves)",
+    )
     common.add_run_args(p, "tiny sizes (CPU smoke test)")
     args = p.parse_args(argv)
     common.check_dists(p, args.dists)

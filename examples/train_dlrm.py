@@ -27,6 +27,8 @@ one jitted step that donates all state. The data is `sok_jax.data.SyntheticCrite
 generated inside that step from the step number (power-law ids, lognormal
 dense features, labels from a planted model whose AUC is printed beside the
 trained one), or the preprocessed NumPy Criteo files with `--criteo-dir`.
+`--embedding one-table --eval-quantized int8` also prints the held-out AUC
+with the trained table served in int8 rows (`sok_jax.serving.quantize`).
 
     python examples/train_dlrm.py                       # the small default
     python examples/train_dlrm.py --model dcnv2 --scale 1e-4 --batch-size 1024
@@ -158,6 +160,12 @@ def parse_args(argv=None):
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
     p.add_argument("--plot", default=None, help="write a PNG of loss and AUC here")
+    p.add_argument(
+        "--eval-quantized",
+        default="",
+        help="one-table: after training, the held-out AUC with the table served in these "
+        "inference row formats (comma-separated: int8,bfloat16,float16; sok_jax.serving.quantize)",
+    )
     args = p.parse_args(argv)
     dcn = args.model == "dcnv2"
     preset = PRESETS[args.preset] if dcn else {}
@@ -176,7 +184,32 @@ def parse_args(argv=None):
         p.error("--multi-hot is for --model dcnv2")
     if args.hbm_budget is not None and (args.embedding != "collection" or args.dense_path):
         p.error("--hbm-budget is for --embedding collection (the planner offloads its tables)")
+    args.eval_quantized = [d for d in args.eval_quantized.split(",") if d]
+    if args.eval_quantized and args.embedding != "one-table":
+        p.error("--eval-quantized is for --embedding one-table (DistributedEmbedding)")
     return args
+
+
+def eval_quantized(dtypes, embed, graphdef, state, held_out, eval_labels) -> dict:
+    """{dtype: held-out AUC and bytes per row} of the trained model with its
+    table served in each inference row format (`sok_jax.serving.quantize`),
+    the dense part unchanged."""
+
+    @jax.jit
+    def predict(params, qstate, batch):
+        pooled, _ = embed.apply_table(qstate, batch.sparse)
+        return nnx.merge(graphdef, params)(batch.dense, pooled)
+
+    layer_state = embed.module(state.emb).state
+    out = {}
+    for dtype in dtypes:
+        qstate = sok_jax.serving.quantize(embed.layer, layer_state, dtype)
+        logits = np.concatenate([to_host(predict(state.params, qstate, b)) for b in held_out])
+        out[dtype] = dict(
+            auc=data.roc_auc(eval_labels, logits),
+            bytes_per_row=sok_jax.serving.bytes_per_row(embed.dim, dtype),
+        )
+    return out
 
 
 def _days(spec: str) -> list[int]:
@@ -608,6 +641,17 @@ def main(argv=None):
         table_rows=embed.total_rows,
         config=vars(args),
     )
+    if args.eval_quantized:
+        quantized = eval_quantized(
+            args.eval_quantized, embed, graphdef, state, held_out, eval_labels
+        )
+        for dtype, q in quantized.items():
+            print(
+                f"served {dtype}: auc {q['auc']:.4f} (float32 {eval_auc:.4f}, "
+                f"{q['auc'] - eval_auc:+.4f}) | {q['bytes_per_row']} bytes a row "
+                f"(float32 {4 * embed.dim})"
+            )
+        metrics["quantized"] = quantized
     if args.plot and jax.process_index() == 0:
         write_plot(args.plot, all_losses, evals, planted_auc)
     if not args.no_split and not args.dense_path:

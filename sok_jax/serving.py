@@ -25,6 +25,16 @@ arguments), the platform the artifact was exported for ("cpu" or "cuda")
 and exactly as many devices as it was exported on (the shardings inside
 are for that many). `load` checks both and says which differs.
 
+Inference tables (`sok_jax.distributed.quantized`): a trained layer's or
+collection's state with its rows in int8 (a per-row scale and bias),
+bfloat16 or float16, read-only, looked up by the same
+`apply(..., training=False)`:
+
+    qstate = sok_jax.serving.quantize(emb, state, "int8")
+    out, _ = emb.apply(qstate, ids, training=False)
+
+A quantized state exports and loads as any other.
+
 The state may be any pytree of arrays (a layer's `EmbeddingState`, a
 collection's, the dense parameters beside them); tables in host memory
 (`storage="host"` / "host_cached") are not supported: serve from HBM.
@@ -41,6 +51,13 @@ import numpy as np
 
 import sok_jax
 from sok_jax import _native
+from sok_jax.distributed.quantized import (  # noqa: F401  (the serving API)
+    QUANTIZED_DTYPES,
+    QuantizedCollectionState,
+    QuantizedState,
+    bytes_per_row,
+    quantize,
+)
 
 FORMAT = 1
 FUNCTION_FILE = "function.jax_export"
@@ -57,6 +74,22 @@ def _sok_checks():
     registered by `import sok_jax` on the serving side."""
     custom_call = jax.export.DisabledSafetyCheck.custom_call
     return [custom_call(name) for name in _native.target_names()]
+
+
+def _to_npz(x: np.ndarray) -> np.ndarray:
+    """`x` as npz stores it: dtypes numpy has no code for (bfloat16 and the
+    other ml_dtypes) as their raw bytes, uint8 [*shape, itemsize]."""
+    if x.dtype.kind != "V":
+        return x
+    return np.ascontiguousarray(x).view(np.uint8).reshape(*x.shape, x.dtype.itemsize)
+
+
+def _from_npz(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Inverse of `_to_npz` for a leaf saved with dtype name `dtype`."""
+    want = jax.numpy.dtype(dtype)
+    if x.dtype == want:
+        return x
+    return np.ascontiguousarray(x).view(want).reshape(x.shape[:-1])
 
 
 def export(fn: Callable, state: Any, example_batch: Any, path: str) -> None:
@@ -90,7 +123,8 @@ def export(fn: Callable, state: Any, example_batch: Any, path: str) -> None:
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, FUNCTION_FILE), "wb") as f:
         f.write(exported.serialize())
-    arrays = {f"leaf_{i}": np.asarray(jax.device_get(leaf)) for i, leaf in enumerate(leaves)}
+    host = [np.asarray(jax.device_get(leaf)) for leaf in leaves]
+    arrays = {f"leaf_{i}": _to_npz(x) for i, x in enumerate(host)}
     np.savez(os.path.join(path, STATE_FILE), **arrays)
     meshes = [
         leaf.sharding.mesh
@@ -106,6 +140,7 @@ def export(fn: Callable, state: Any, example_batch: Any, path: str) -> None:
         "platform": _platform(),
         "num_devices": exported.nr_devices,
         "num_leaves": len(leaves),
+        "leaf_dtypes": [x.dtype.name for x in host],
     }
     with open(os.path.join(path, META_FILE), "w") as f:
         json.dump(meta, f, indent=1)
@@ -137,7 +172,9 @@ def load(path: str) -> Callable:
     with open(os.path.join(path, FUNCTION_FILE), "rb") as f:
         exported = jax.export.deserialize(bytearray(f.read()))
     with np.load(os.path.join(path, STATE_FILE)) as z:
-        leaves = [z[f"leaf_{i}"] for i in range(meta["num_leaves"])]
+        leaves = [
+            _from_npz(z[f"leaf_{i}"], dtype) for i, dtype in enumerate(meta["leaf_dtypes"])
+        ]
     # the export's mesh (its axis names and shape), over this process's first n devices
     devices = np.array(jax.devices()[:n]).reshape(meta["mesh_shape"])
     mesh = jax.sharding.Mesh(devices, tuple(meta["mesh_axes"]))

@@ -30,8 +30,9 @@ def _run(tmp_path, script, args, devices):
         ("bench_train_step.py", ["--small", "--devices", "1,4"], 4),
         ("bench_hash.py", ["--small"], 4),
         ("bench_collection.py", ["--small", "--bytes", "--step", "--devices", "2"], 2),
+        ("bench_serving.py", ["--small"], 1),
     ],
-    ids=["lookup", "train_step", "hash", "collection"],
+    ids=["lookup", "train_step", "hash", "collection", "serving"],
 )
 def test_benchmark_points_pass_their_checks(tmp_path, script, args, devices):
     """These close with `common.finish`: exit status 0 only if no point

@@ -221,3 +221,23 @@ def test_train_dlrm_trains_the_same_on_1x8_and_2x4(tmp_path):
     assert two["processes"] == 2 and two["devices"] == one["devices"] == 8
     for k in ("first_loss", "final_loss", "eval_loss", "auc"):
         assert two[k] == pytest.approx(one[k], rel=1e-5), k
+
+
+def test_int8_served_table_keeps_the_auc(tmp_path):
+    """Issue 23's target: the briefly trained example served from an int8
+    table (sok_jax.serving.quantize) within 0.002 held-out AUC of float32."""
+    pytest.importorskip("optax")
+    pytest.importorskip("flax")
+    pytest.importorskip("tqdm")
+    m, stdout = _run(
+        tmp_path,
+        ["--steps", "30", "--epochs", "2", "--batch-size", "256", "--table-rows", "20000",
+         "--eval-batches", "8", "--embedding", "one-table", "--no-split",
+         "--eval-quantized", "int8,bfloat16"],
+    )
+    assert m["auc"] > 0.7, m  # it learned
+    for dtype, size in (("int8", 16 + 8), ("bfloat16", 2 * 16)):
+        q = m["quantized"][dtype]
+        assert abs(q["auc"] - m["auc"]) <= 0.002, (dtype, q, m["auc"])
+        assert q["bytes_per_row"] == size
+    assert "served int8: auc" in stdout

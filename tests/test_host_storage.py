@@ -125,22 +125,18 @@ def test_copy_rows_matches_numpy(dtype):
         np.testing.assert_array_equal(np.asarray(got), expect)
 
 
-@pytest.mark.parametrize("may_overlap", [False, True])
 @pytest.mark.parametrize("shape", [(6,), (6, 5)])
-def test_swap_rows_writes_back_then_loads(may_overlap, shape):
+def test_swap_rows_writes_back_and_loads(shape):
     """storage.swap_rows (a staged async write-back beside the load) equals
-    every write-back followed by every load, in numpy; with may_overlap,
-    rows that leave one slot and enter another."""
+    every write-back followed by every load, in numpy."""
     rng = np.random.default_rng()
     r, c, k = 60, 12, 10
     host = rng.normal(size=(r, *shape[1:])).astype(np.float32)
     cache = rng.normal(size=(c, *shape[1:])).astype(np.float32)
     slots = rng.permutation(c + 4)[:k].astype(np.int32) - 2  # distinct, some out of range
-    rows = rng.permutation(r)
+    rows = rng.permutation(r)  # leaving and incoming rows disjoint
     leaving = np.where(rng.random(k) < 0.8, rows[:k], -1).astype(np.int32)
     incoming = np.where(rng.random(k) < 0.8, rows[k : 2 * k], -1).astype(np.int32)
-    if may_overlap:  # a few leaving rows come back into other slots
-        incoming[:3] = np.roll(leaving, 1)[:3]
     want_host, want_cache = host.copy(), cache.copy()
     for slot, row in zip(slots, leaving):
         if 0 <= slot < c and row >= 0:
@@ -150,9 +146,7 @@ def test_swap_rows_writes_back_then_loads(may_overlap, shape):
             want_cache[slot] = want_host[row]
     for impl in (ffi, reference):
         swap = jax.jit(
-            lambda h, ca, s, lv, inc, impl=impl: storage.swap_rows(
-                h, ca, s, lv, inc, impl, may_overlap=may_overlap
-            ),
+            lambda h, ca, s, lv, inc, impl=impl: storage.swap_rows(h, ca, s, lv, inc, impl),
             donate_argnums=(0, 1),
         )
         args = (jnp.asarray(host), jnp.asarray(cache)) + tuple(
@@ -174,22 +168,23 @@ def test_row_movers_check_shapes():
 # ------------------------------------------------------------ against HBM
 
 
-# (devices, hash mode, optimizer, policy, implementation): every optimizer,
-# both policies, both modes, 1 and 8 devices, both implementations.
+# (devices, hash mode, optimizer, policy, implementation, overlapped
+# moves): every optimizer, both policies, both modes, 1 and 8 devices, both
+# implementations, both ways of moving rows.
 CASES = [
-    (1, False, "sgd", "lru", "ffi"),
-    (1, False, "adagrad", "lfu", "ffi"),
-    (1, True, "adam", "lru", "ffi"),
-    (1, False, "rowwise_adagrad", "lfu", "reference"),
-    (8, False, "ftrl", "lru", "ffi"),
-    (8, False, "sgd", "lru", "reference"),
-    (8, True, "adagrad", "lfu", "ffi"),
-    (8, True, "rowwise_adagrad", "lru", "ffi"),
+    (1, False, "sgd", "lru", "ffi", False),
+    (1, False, "adagrad", "lfu", "ffi", True),
+    (1, True, "adam", "lru", "ffi", True),
+    (1, False, "rowwise_adagrad", "lfu", "reference", False),
+    (8, False, "ftrl", "lru", "ffi", False),
+    (8, False, "sgd", "lru", "reference", True),
+    (8, True, "adagrad", "lfu", "ffi", False),
+    (8, True, "rowwise_adagrad", "lru", "ffi", True),
 ]
 
 
-@pytest.mark.parametrize("n,hashed,opt_name,policy,impl", CASES)
-def test_cached_table_trains_as_the_hbm_table(n, hashed, opt_name, policy, impl):
+@pytest.mark.parametrize("n,hashed,opt_name,policy,impl,overlap", CASES)
+def test_cached_table_trains_as_the_hbm_table(n, hashed, opt_name, policy, impl, overlap):
     """Steps with a cache of fewer rows than the table, so rows leave it
     every step; an evaluation lookup between steps moves rows too. Outputs,
     vectors and optimizer slots equal the HBM table's bit for bit."""
@@ -203,7 +198,7 @@ def test_cached_table_trains_as_the_hbm_table(n, hashed, opt_name, policy, impl)
         return
     hbm = layer(n, hashed, impl)
     cached = layer(n, hashed, impl, storage="host_cached", cache_rows=cache_rows,
-                   cache_policy=policy)
+                   cache_policy=policy, cache_overlap_moves=overlap)
     opt = OPTIMIZERS[opt_name]()
     s_ref, s = hbm.init(3), cached.init(3)
     o_ref, o = hbm.init_optimizer(opt, s_ref), cached.init_optimizer(opt, s)
@@ -438,6 +433,8 @@ def test_lookups_without_updates_then_an_update_train_as_in_hbm():
         (dict(storage="host_cached", cache_rows=True), "needs cache_rows"),
         (dict(storage="host_cached", cache_rows=ROWS), "smaller than the rows"),
         (dict(storage="hbm", cache_rows=8), "cache_rows is for"),
+        (dict(storage="host", cache_overlap_moves=True), "cache_overlap_moves is for"),
+        (dict(storage="host_cached", cache_rows=8, cache_overlap_moves=1), "must be a bool"),
         (dict(storage="host_cached", cache_rows=8, cache_policy="fifo"), "cache_policy"),
     ],
 )
@@ -474,7 +471,8 @@ def test_collection_with_host_tables_trains_as_in_hbm():
     rng = np.random.default_rng()
 
     def specs(tiered):
-        extra = [dict(storage="host_cached", cache_rows=20), dict(storage="host"), {}]
+        extra = [dict(storage="host_cached", cache_rows=20, cache_overlap_moves=True),
+                 dict(storage="host"), {}]
         return [
             sok_jax.TableSpec(name, 400 + 40 * i, 4 + 4 * i, placement="row",
                               use_hashtable=(i == 1), **(extra[i] if tiered else {}))

@@ -20,15 +20,11 @@ pytest.importorskip("flatbuffers")  # jax.export's serialization
 D, SLOTS, NNZ = 8, 3, 2
 
 
-def trained_model(n, hashed):
-    """(infer(params, ids), params, ids): a layer trained a few sparse steps
-    (a hash table inserts its keys), and a dense head over its output."""
-    emb = sok_jax.DistributedEmbedding(
-        combiner="mean", max_vocabulary_size_per_gpu=64, embedding_vec_size=D, slot_num=SLOTS,
-        max_nnz=NNZ, use_hashtable=hashed, key_dtype=jnp.int32, mesh=mesh_of(n), axis_name=AXIS,
-    )
-    rng = np.random.default_rng()
-    opt = sok_jax.optim.adagrad(0.1)
+def sparse_trained(emb, rng, high, learning_rate):
+    """A state of `emb` (slot_num, max_nnz and D of its own) after three
+    sparse adagrad steps on batches of 4 samples per device, ids in
+    [-1, high)."""
+    opt = sok_jax.optim.adagrad(learning_rate)
     state = emb.init(int(rng.integers(1 << 30)))
     opt_state = emb.init_optimizer(opt, state)
 
@@ -37,11 +33,24 @@ def trained_model(n, hashed):
         _, ctx, state = emb.lookup(state, ids)
         return emb.sparse_update(state, opt, opt_state, ctx, g)
 
-    high = 10_000 if hashed else 64 * n
+    b, shape = 4 * emb.num_devices, (emb.slot_num, emb.max_nnz)
     for _ in range(3):
-        ids = rng.integers(-1, high, (4 * n, SLOTS, NNZ)).astype(np.int32)
-        g = rng.normal(size=(4 * n, SLOTS, D)).astype(np.float32)
+        ids = rng.integers(-1, high, (b, *shape)).astype(np.int32)
+        g = rng.normal(size=(b, emb.slot_num, emb.embedding_vec_size)).astype(np.float32)
         state, opt_state = step(state, opt_state, ids, g)
+    return state
+
+
+def trained_model(n, hashed):
+    """(infer(params, ids), params, ids): a layer trained a few sparse steps
+    (a hash table inserts its keys), and a dense head over its output."""
+    emb = sok_jax.DistributedEmbedding(
+        combiner="mean", max_vocabulary_size_per_gpu=64, embedding_vec_size=D, slot_num=SLOTS,
+        max_nnz=NNZ, use_hashtable=hashed, key_dtype=jnp.int32, mesh=mesh_of(n), axis_name=AXIS,
+    )
+    rng = np.random.default_rng()
+    high = 10_000 if hashed else 64 * n
+    state = sparse_trained(emb, rng, high, 0.1)
     w = jnp.asarray(rng.normal(size=(SLOTS * D,)), jnp.float32)
 
     def infer(params, ids):

@@ -16,8 +16,9 @@ optimizers (row-wise Adagrad also on rows wider than one pass of a lane
 group; every rule also writing 16-bit tables by stochastic rounding); the
 row movers (gather, scatter, copy of whole rows of any dtype)
 against numpy, rank 1 and 2, row widths of every word path of their
-kernels, no rows listed, and more listed rows than one grid covers. Exit
-status 1 on a mismatch.
+kernels, no rows listed, and more listed rows than one grid covers; the
+int8 inference lookup, ragged and fixed-length, against the reference's
+dequantize-then-combine. Exit status 1 on a mismatch.
 """
 
 import sys
@@ -111,6 +112,35 @@ def fixed_case(rng, dtype, rows, dim, m, nnz, weighted, combiner):
     )
     ref = reference.lookup_combine(table.astype(jnp.float32), ids, offsets, w, combiner)
     close("fwd fixed " + tag, out, ref, tol)
+
+
+def quant_case(rng, rows, dim, m, max_len, weighted, combiner, fixed_nnz):
+    """The int8 inference lookup (sok_quant_fwd) against the reference's
+    dequantize-then-combine: ragged bags (empty and long ones included) or
+    fixed-length ones (fixed_nnz > 0, offsets unread); D a multiple of 4
+    (4-code loads) or not, and past 32 lanes' chunks (D 600)."""
+    from sok_jax.ops import quant_ops
+
+    tag = f"D{dim} m{m} len<={max_len} nnz={fixed_nnz} {combiner}{' w' if weighted else ''}"
+    q = jnp.asarray(rng.integers(0, 256, (rows, dim)), jnp.uint8)
+    sb = np.stack([rng.uniform(1e-3, 0.05, rows), rng.normal(size=rows)], 1)
+    table = quant_ops.QuantizedRows(q, jnp.asarray(sb, jnp.float32))
+    if fixed_nnz:
+        ids, _ = bags(rng, m * fixed_nnz, 1, rows, p_pad=0.0)
+        ids = jnp.resize(ids, (m * fixed_nnz,))
+        offsets = jnp.arange(m + 1, dtype=jnp.int32) * fixed_nnz
+    else:
+        ids, offsets = bags(rng, m, max_len, rows)
+    w = (
+        jnp.asarray(rng.uniform(0.5, 1.5, ids.shape[0]), jnp.float32)
+        if weighted
+        else jnp.zeros((0,), jnp.float32)
+    )
+    out = jax.jit(quant_ops.lookup_combine_int8, static_argnums=(4, 5))(
+        table, ids, offsets, w, combiner, fixed_nnz
+    )
+    ref = reference.lookup_combine_int8(table, ids, offsets, w, combiner)
+    close("int8 fwd " + tag, out, ref, 1e-5)
 
 
 def optim_case(rng, rows, dim, sp):
@@ -315,6 +345,16 @@ def cases(rng):
     out.append(lambda: rows_case(rng, jnp.float16, 3, 0, 20))  # a table of no rows
     # Past the grid's 65536 blocks of 8 rows: warps stride over the rest.
     out.append(lambda: rows_case(rng, jnp.int32, None, 600_000, 65536 * 8 + 4099))
+    # The int8 inference lookup: ragged (short, long, past-a-warp bags) and
+    # fixed-length bags, D of the 1-code and 4-code loads.
+    for dim in (1, 3, 16, 129, 600):
+        for max_len, nnz in ((1, 0), (4, 0), (300, 0), (0, 1), (0, 5)):
+            for combiner, weighted in (("sum", True), ("mean", False), ("sqrtn", True)):
+                out.append(
+                    lambda a=(dim, max_len, nnz, weighted, combiner): quant_case(
+                        rng, 997, a[0], 96, a[1], a[3], a[4], a[2]
+                    )
+                )
     return out
 
 

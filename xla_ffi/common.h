@@ -26,11 +26,13 @@ void AppendEmbedTargetsCpu(TargetList& out);
 void AppendOptimTargetsCpu(TargetList& out);
 void AppendHashTargetsCpu(TargetList& out);
 void AppendRowsTargetsCpu(TargetList& out);
+void AppendQuantTargetsCpu(TargetList& out);
 #ifdef SOK_WITH_CUDA
 void AppendEmbedTargetsCuda(TargetList& out);
 void AppendOptimTargetsCuda(TargetList& out);
 void AppendHashTargetsCuda(TargetList& out);
 void AppendRowsTargetsCuda(TargetList& out);
+void AppendQuantTargetsCuda(TargetList& out);
 #endif
 
 // The CPU expansions of a family's target table (signatures.h): at namespace

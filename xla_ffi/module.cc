@@ -16,11 +16,13 @@ nb::dict Registrations() {
   sok::AppendOptimTargetsCuda(targets);
   sok::AppendHashTargetsCuda(targets);
   sok::AppendRowsTargetsCuda(targets);
+  sok::AppendQuantTargetsCuda(targets);
 #else
   sok::AppendEmbedTargetsCpu(targets);
   sok::AppendOptimTargetsCpu(targets);
   sok::AppendHashTargetsCpu(targets);
   sok::AppendRowsTargetsCpu(targets);
+  sok::AppendQuantTargetsCpu(targets);
 #endif
   nb::dict d;
   for (const auto& t : targets) d[t.name] = nb::capsule(t.handler);

@@ -263,5 +263,23 @@ auto RowsJoin(B b) {
   X("sok_rows_join", SokRowsJoin, JoinImpl, RowsJoin)                          \
   X("sok_rows_copy", SokRowsCopy, CopyImpl, RowsCopy)
 
+// ----------------------------------------------------------------- quant
+// The lookup of a read-only int8 table (quant_math.h: q uint8 [R, D] and a
+// float32 (scale, bias) per row), combined as sok_embed_fwd combines; the
+// output is float32.
+template <typename B>
+auto QuantFwd(B b) {
+  return std::move(b).template Arg<ffi::AnyBuffer>()  // q
+      .template Arg<ffi::AnyBuffer>()      // scale_bias
+      .template Arg<ffi::AnyBuffer>()      // ids
+      .template Arg<ffi::AnyBuffer>()      // offsets
+      .template Arg<ffi::AnyBuffer>()      // weights
+      .template Ret<ffi::AnyBuffer>()      // out (float32)
+      .template Attr<int32_t>("combiner")
+      .template Attr<int64_t>("fixed_nnz");  // 0: ragged (read offsets)
+}
+
+#define SOK_QUANT_TARGETS(X) X("sok_quant_fwd", SokQuantFwd, QuantFwdImpl, QuantFwd)
+
 }  // namespace sig
 }  // namespace sok

@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from sok_jax import ids as ids_lib
 from sok_jax import initializers
-from sok_jax.distributed import exchange, planner
+from sok_jax.distributed import exchange, planner, quantized
 from sok_jax.distributed.eager import compiled_when_eager
 from sok_jax.distributed.exchange import LookupSpec, Unit
 from sok_jax.distributed.online import (
@@ -250,6 +250,7 @@ class EmbeddingCollection:
     def _check_state(self, state, opt_state=None, optimizers=None):
         """Trace-time: `state` (and `opt_state`, {unit: state}) fit this
         collection; ValueError naming the field otherwise."""
+        quantized.refuse_outside_lookup(state)
         check_like(self._state_like, state, "state")
         if opt_state is None:
             return
@@ -371,6 +372,8 @@ class EmbeddingCollection:
         )
 
     def _run(self, state, batch, weights, training, sparse):
+        if isinstance(state, quantized.QuantizedCollectionState):  # read-only inference tables
+            return quantized.lookup_collection(self, state, batch, weights, training)
         outs, shards, stats, ctx = self._tables.run(
             self._shards(state),
             state.seed,

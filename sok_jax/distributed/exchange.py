@@ -290,11 +290,19 @@ def _weights_or_none(bags: Bags):
     return bags.weights if bags.weights.shape[0] else None
 
 
-def _combine(lookups, implementation, vectors, index, bags) -> dict:
+def _reader(unit: Unit):
+    """The lookup of a unit's source (`storage.lookup_source`): the tier's
+    own `combine` where its rows are not float rows (the inference tiers of
+    `quantized.py`), else the float lookup. Same arguments as `_lookup`."""
+    return getattr(unit.storage, "combine", _lookup)
+
+
+def _combine(lookups, implementation, vectors, index, bags, lookup=_lookup) -> dict:
     """Step 5 for a unit's lookups: {lookup: its output [*batch_shape, D]}.
     Lookups of one combiner and bag shape are combined in one call over
     their concatenated bags (one kernel for the 26 one-hot features of a
-    DLRM, say), then split."""
+    DLRM, say), then split. `lookup`: how `vectors` is read (`_reader` of a
+    unit's own source; the float lookup of exchanged vectors)."""
     groups = {}
     for spec, idx in zip(lookups, index):
         b = bags[spec.name]
@@ -304,17 +312,17 @@ def _combine(lookups, implementation, vectors, index, bags) -> dict:
     for (combiner, nnz, _), members in groups.items():
         if len(members) == 1 or nnz == 0:  # ragged bags: one call each
             for spec, idx, b in members:
-                got = _lookup(combiner, implementation, nnz, vectors, idx, b.offsets, b.weights)
-                out[spec.name] = got.reshape(*b.batch_shape, vectors.shape[1])
+                got = lookup(combiner, implementation, nnz, vectors, idx, b.offsets, b.weights)
+                out[spec.name] = got.reshape(*b.batch_shape, got.shape[1])
             continue
         ids = jnp.concatenate([idx for _, idx, _ in members])
         weights = jnp.concatenate([b.weights for _, _, b in members])
         offsets = jnp.arange(ids.shape[0] // nnz + 1, dtype=jnp.int32) * nnz
-        got = _lookup(combiner, implementation, nnz, vectors, ids, offsets, weights)
+        got = lookup(combiner, implementation, nnz, vectors, ids, offsets, weights)
         start = 0
         for spec, idx, b in members:
             m = idx.shape[0] // nnz
-            out[spec.name] = got[start : start + m].reshape(*b.batch_shape, vectors.shape[1])
+            out[spec.name] = got[start : start + m].reshape(*b.batch_shape, got.shape[1])
             start += m
     return out
 
@@ -348,7 +356,7 @@ class _Counters:
     table's evictions, unadmitted keys and load, the stale rows of one whose
     rows change hands, and a cached one's cache counts)."""
 
-    def __init__(self, tables, online=(), evicting=(), cached=()):
+    def __init__(self, tables, online=(), evicting=(), cached=(), inference=()):
         zero = jnp.zeros((), jnp.int32)
         self.counts = {t: {"overflow": zero, "invalid": zero, "hash_full": zero} for t in tables}
         for t in online:
@@ -357,6 +365,8 @@ class _Counters:
             self.counts[t]["stale"] = zero
         for t in cached:
             self.counts[t].update({k: zero for k in CACHE_COUNTS})
+        for t in inference:
+            self.counts[t]["unseen"] = zero
 
     def add(self, table, what, value):
         c = self.counts[table][what]
@@ -394,7 +404,7 @@ class _Counters:
                 nonfinite=jnp.zeros((1,), jnp.int32),
                 **{
                     k: c[k].reshape(1)
-                    for k in (*ONLINE_COUNTS, "stale", *CACHE_COUNTS)
+                    for k in (*ONLINE_COUNTS, "stale", *CACHE_COUNTS, "unseen")
                     if k in c
                 },
             )
@@ -430,6 +440,12 @@ def cached_tables(units) -> list:
     return [t for u in units if u.storage.cached for t in member_tables(u)]
 
 
+def unseen_tables(units) -> list:
+    """The read-only inference hash tables, which count their unseen keys."""
+    units = [u for u in units if u.storage.kind == "inference" and u.rows.hashed]
+    return [t for u in units for t in member_tables(u)]
+
+
 def forward(units, shards, seed, bags, capacities, local, implementation, training, sparse):
     """Steps 1-5 on one device for every unit: a `DeviceLookup`.
 
@@ -443,6 +459,7 @@ def forward(units, shards, seed, bags, capacities, local, implementation, traini
         online_tables(units),
         changing_tables(units),
         cached_tables(units),
+        unseen_tables(units),
     )
 
     def read(unit, rows_found):
@@ -471,7 +488,7 @@ def forward(units, shards, seed, bags, capacities, local, implementation, traini
             src = read(u, owner)
             singles = _singles(got.shape[0])
             vectors.append(
-                _lookup("sum", implementation, 1, src, owner.rows, singles, _no_weights())
+                _reader(u)("sum", implementation, 1, src, owner.rows, singles, _no_weights())
             )
             counters.add_hash_full(u, owner.hash_full)
             counters.add_online(u, owner.online)
@@ -497,7 +514,7 @@ def forward(units, shards, seed, bags, capacities, local, implementation, traini
         got = u.storage.local_rows(u.rows, table, slot_keys, seed, flat, members, training, ops)
         src = read(u, got)
         index = _split(got.rows, [f.shape[0] for f in flat])
-        outs.update(_combine(u.lookups, implementation, src, index, bags))
+        outs.update(_combine(u.lookups, implementation, src, index, bags, _reader(u)))
         if not u.rows.hashed:  # hash mode: every non-padding id is a key
             invalid = [(idx < 0) & ~checks.is_padding(ids) for idx, ids in zip(index, flat)]
             counters.add_per_lookup(u.lookups, "invalid", invalid)

@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from sok_jax import ids as ids_lib
 from sok_jax import initializers
+from sok_jax.distributed import quantized
 from sok_jax.distributed.eager import compiled_when_eager
 from sok_jax.distributed.exchange import LookupSpec, Unit
 from sok_jax.distributed.host import to_host
@@ -94,7 +95,10 @@ class DistributedEmbedding:
         default), "host" (pinned host memory, read and updated over the host
         link) or "host_cached" (a host store behind an HBM cache of
         `cache_rows` rows per device, kept by `cache_policy` "lru" or
-        "lfu"); see `sok_jax.distributed.storage`. A host table trains
+        "lfu"; `cache_overlap_moves=True` writes the leaving rows back on a
+        side stream while the missing ones are read in: the same values,
+        both directions of the host link at once, not yet measured on a
+        GPU); see `sok_jax.distributed.storage`. A host table trains
         through `lookup` + `sparse_update` (or `sparse_grad` +
         `apply_gradients`), not through `jax.grad` of `apply`.
       key_placement: hash mode: the device that owns key k: "mod" (SOK's,
@@ -128,6 +132,7 @@ class DistributedEmbedding:
         storage: str = "hbm",
         cache_rows: int | None = None,
         cache_policy: str = "lru",
+        cache_overlap_moves: bool = False,
         key_placement: str = "mod",
     ):
         embed_ops.combiner_code(combiner)
@@ -182,7 +187,7 @@ class DistributedEmbedding:
         )
         self.online = online
         self._rows = strategy
-        self.storage = make_storage(storage, cache_rows, cache_policy)
+        self.storage = make_storage(storage, cache_rows, cache_policy, cache_overlap_moves)
         self.storage.check_strategy(strategy, implementation)
         lookup = LookupSpec(_IDS, _TABLE, 0, combiner, False, self.max_feature_num)
         self._tables = ShardedTables(
@@ -246,6 +251,7 @@ class DistributedEmbedding:
     def _check_state(self, state, opt_state=None, optimizer=None):
         """Trace-time: `state` (and `opt_state`) fit this layer; ValueError
         naming the field otherwise."""
+        quantized.refuse_outside_lookup(state)
         check_like(self._state_like, state, "state")
         if opt_state is not None:
             check_opt_state(self._state_like.table, opt_state, optimizer, "opt_state")
@@ -292,6 +298,8 @@ class DistributedEmbedding:
         return {_TABLE: (state.table, join_hash_part(state.slot_keys, state.scores))}
 
     def _run(self, state: EmbeddingState, ids, weights, training: bool, sparse: bool):
+        if isinstance(state, quantized.QuantizedState):  # a read-only inference table
+            return quantized.lookup(self, state, ids, weights, training)
         outs, shards, stats, ctx = self._tables.run(
             self._shards(state),
             state.seed,

@@ -46,7 +46,7 @@ class TableSpec:
         for the one passed to `sparse_update`.
       eviction, admit_after, hash_options: an online hash table (hash mode
         only), as `DistributedEmbedding`'s arguments of those names.
-      storage, cache_rows, cache_policy: where the rows and their optimizer
+      storage, cache_rows, cache_policy, cache_overlap_moves: where the rows and their optimizer
         slots live ("hbm", "host" or "host_cached" with `cache_rows` rows of
         HBM cache per device), as `DistributedEmbedding`'s arguments of
         those names; None: "hbm", unless the collection's `hbm_budget`
@@ -72,6 +72,7 @@ class TableSpec:
     storage: str | None = None
     cache_rows: int | None = None
     cache_policy: str = "lru"
+    cache_overlap_moves: bool = False
     key_placement: str = "mod"
 
     def __post_init__(self):
@@ -111,7 +112,7 @@ class TableSpec:
         _ = self.online  # raises on bad online hash options
         if self.storage is not None or self.cache_rows is not None:
             try:
-                make_storage(self.storage or "hbm", self.cache_rows, self.cache_policy)
+                self.tier
             except ValueError as e:
                 raise ValueError(f"TableSpec {self.name!r}: {e}") from None
         if self.storage not in (None, "hbm") and self.placement == "replicated":
@@ -146,7 +147,9 @@ class TableSpec:
     @property
     def tier(self):
         """The table's storage tier (`storage.py`) as given (None: "hbm")."""
-        return make_storage(self.storage or "hbm", self.cache_rows, self.cache_policy)
+        return make_storage(
+            self.storage or "hbm", self.cache_rows, self.cache_policy, self.cache_overlap_moves
+        )
 
 
 @dataclasses.dataclass(frozen=True)

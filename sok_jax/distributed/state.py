@@ -51,6 +51,11 @@ class EmbeddingStats:
       its HBM cache, and those brought in from the host store.
     cache_evictions: rows that left the cache (written back to the host
       store) to make room.
+    Read-only inference hash tables only (`sok_jax.serving.quantize`; None
+    otherwise):
+    unseen: keys that hold no row (never trained), which got zeros: on each
+      owner, the distinct keys each device asked it for (a replicated
+      table: the key positions).
     """
 
     overflow: Any
@@ -64,6 +69,7 @@ class EmbeddingStats:
     cache_hits: Any = None
     cache_misses: Any = None
     cache_evictions: Any = None
+    unseen: Any = None
 
     def total(self):
         return jnp.sum(self.overflow) + jnp.sum(self.invalid) + jnp.sum(self.hash_full)
@@ -169,6 +175,7 @@ COUNTS = (
     "cache_hits",
     "cache_misses",
     "cache_evictions",
+    "unseen",
 )
 
 

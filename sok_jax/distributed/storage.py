@@ -13,8 +13,8 @@ chosen once per storage unit beside its row strategy (`rows.py`).
   distinct rows missing from the cache take victim slots from a window swept
   round the cache like a clock, in policy order inside it (`_victims`; never
   a slot this batch uses); the leaving rows are written back to the host
-  store while the missing ones are read from it (`swap_rows`: on a GPU
-  the two directions of the host link at once); then the lookup and the fused
+  store and the missing ones read from it (`overlap_moves`: beside each
+  other, `swap_rows`); then the lookup and the fused
   update run on the cache exactly as on an HBM table. The optimizer slots
   follow at the update (`sync_slots`): those of the slots the one lookup
   before it moved, or after several lookups those of every slot whose row
@@ -258,10 +258,13 @@ def _check_tiered(rows, kind, implementation):
 @dataclasses.dataclass(frozen=True)
 class CachedStorage:
     """Rows and slots in a host store behind an HBM cache of `cache_rows`
-    rows per device, kept by `policy` ("lru" or "lfu")."""
+    rows per device, kept by `policy` ("lru" or "lfu"); `overlap_moves`:
+    the rows leaving and entering the cache move by `swap_rows` (both
+    directions of the host link at once) instead of `_back_then_in`."""
 
     cache_rows: int
     policy: str = "lru"
+    overlap_moves: bool = False
 
     kind = "host_cached"
     cached = True
@@ -383,7 +386,7 @@ class CachedStorage:
         # The leaving rows (cached) and the missing ones (not) are disjoint.
         with jax.named_scope("moves"):
             incoming = jnp.where(miss, srt, _EMPTY)
-            host, cache = swap_rows(shard.host, shard.cache, victim, leaving, incoming, ops)
+            host, cache = self._swap(shard.host, shard.cache, victim, leaving, incoming, ops)
 
         slot_of = shard.slot_of.at[jnp.where(leaving >= 0, leaving, r)].set(_EMPTY, mode="drop")
         slot_of = slot_of.at[jnp.where(miss, srt, r)].set(victim, mode="drop")
@@ -456,27 +459,37 @@ class CachedStorage:
         """One device: the optimizer state with its slot caches holding the
         slots of the rows the shard's cache holds. After the update that
         follows the one lookup since the last sync (the training step), only
-        that lookup's victims (`held.moved`) changed rows: their slots are
-        written back and read in (O(K)). Otherwise (lookups without updates
-        between) every cache slot whose row changed since is (O(C)).
+        that lookup's victims (`held.moved`, K) changed rows: their slots
+        are moved (`_swap`: the rows leaving and entering are
+        disjoint). Otherwise (lookups without updates between) every cache
+        slot whose row changed since is written back, then read in (O(C); a
+        row may leave one slot and enter another).
 
-        Only the slot list is chosen under `lax.cond`: a conditional whose
-        branches take the host stores makes XLA copy them whole (8 GiB per
-        step for a 8 GiB table's accumulator on a GPU), so the moves run
-        outside it, over a list of max(C, K) slots padded with -1."""
+        Only the rare path's slot list is made under `lax.cond`: a
+        conditional whose branches take the host stores makes XLA copy them
+        whole (8 GiB per step for a 8 GiB table's accumulator on a GPU), so
+        both moves run outside it, the one not taken over a list of -1s."""
         with jax.named_scope("cache_sync_slots"):
             after_one = (opt.step[0] + 1 == held.step[0]) & (shard.step[0] == held.step[0])
-            size = max(shard.tags.shape[0], held.moved.shape[0])
-            at = jax.lax.cond(
+            c = shard.tags.shape[0]
+            last = jnp.where(after_one, held.moved, _EMPTY)
+            differing = jax.lax.cond(
                 after_one,
-                lambda: _padded(held.moved, size),
-                lambda: _padded(_differing(opt.tags, shard.tags), size),
+                lambda: jnp.full((c,), _EMPTY, jnp.int32),
+                lambda: _differing(opt.tags, shard.tags),
             )
-            return self._move_slots(opt, shard.tags, at, shard.step, ops)
+            opt = self._move_slots(opt, shard.tags, last, shard.step, ops, self._swap)
+            return self._move_slots(opt, shard.tags, differing, shard.step, ops, _back_then_in)
 
-    def _move_slots(self, opt: CachedOptState, tags, at, step, ops):
+    @property
+    def _swap(self):
+        """How rows leaving and entering the cache (disjoint) move."""
+        return swap_rows if self.overlap_moves else _back_then_in
+
+    def _move_slots(self, opt: CachedOptState, tags, at, step, ops, move):
         """`opt` with the slots of cache slots `at` (-1: none) written back
-        to the rows they held and read in from the rows `tags` says."""
+        to the rows they held and read in from the rows `tags` says, by
+        `move` (`_swap` or `_back_then_in`)."""
         c = tags.shape[0]
         valid = at >= 0
         safe = jnp.clip(at, 0, c - 1)
@@ -484,8 +497,7 @@ class CachedStorage:
         new = jnp.where(valid, tags[safe], _EMPTY)
         host, cache = [], []
         for h, s in zip(opt.host, opt.cache.slots):
-            # After several lookups a row may leave one slot and enter another.
-            h, s = swap_rows(h, s, at, old, new, ops, may_overlap=True)
+            h, s = move(h, s, at, old, new, ops)
             host.append(h)
             cache.append(s)
         new_tags = opt.tags.at[jnp.where(valid, at, c)].set(new, mode="drop")
@@ -515,37 +527,29 @@ class CachedStorage:
         )
 
 
-def swap_rows(host, cache, slots, leaving, incoming, ops, *, may_overlap=False):
-    """(host, cache) as if each cache slot `slots[i]` were first written back
-    to host row `leaving[i]`, all of them, and then read in from host row
-    `incoming[i]` (-1: no such move; each list's rows distinct).
+def swap_rows(host, cache, slots, leaving, incoming, ops):
+    """(host, cache) with each cache slot `slots[i]` written back to host row
+    `leaving[i]` and read in from host row `incoming[i]` (-1: no such move;
+    each list's rows distinct, and the two lists disjoint: a row leaving
+    is cached, a row entering is not).
 
     The leaving rows are first copied out of the cache (HBM to HBM), so
     their write-back can run, on a GPU, on a side stream beside the load:
-    the host link carries both directions at once. The load therefore never
-    reads a host row being written: the lists must be disjoint, or
-    `may_overlap` reads an incoming row that is also leaving from its
-    copy (O(K log K) more)."""
+    the host link carries both directions at once."""
     leaving = jnp.where((slots >= 0) & (slots < cache.shape[0]), leaving, _EMPTY)
     staged = ops.gather_rows(cache, jnp.where(leaving >= 0, slots, _EMPTY))
     host = ops.scatter_rows_async(host, leaving, staged)
-    from_host = incoming
-    if may_overlap:
-        order = jnp.argsort(leaving).astype(jnp.int32)  # the -1s first
-        ranked = leaving[order]
-        at = jnp.clip(jnp.searchsorted(ranked, incoming, method="sort"), 0, leaving.shape[0] - 1)
-        moving = (incoming >= 0) & (ranked[at] == incoming)
-        from_host = jnp.where(moving, _EMPTY, incoming)
-        cache = ops.copy_rows(
-            cache, jnp.where(moving, slots, _EMPTY), staged, jnp.where(moving, order[at], _EMPTY)
-        )
-    cache = ops.copy_rows(cache, slots, host, from_host)
+    cache = ops.copy_rows(cache, slots, host, incoming)
     return ops.join_rows(host, cache, leaving, staged), cache
 
 
-def _padded(slots, size: int):
-    """`slots` (int32 [k], k <= size) followed by -1s up to `size`."""
-    return jnp.full((size,), _EMPTY, jnp.int32).at[: slots.shape[0]].set(slots)
+def _back_then_in(host, cache, slots, leaving, incoming, ops):
+    """`swap_rows` without the side stream, for lists that may also share
+    rows (one leaving a slot and entering another): every write-back, then
+    every load, one after the other, in place; a list of -1s costs a pass
+    over the indices only."""
+    host = ops.copy_rows(host, leaving, cache, slots)  # copy_rows skips pairs naming no row
+    return host, ops.copy_rows(cache, slots, host, incoming)
 
 
 def _differing(opt_tags, tags):
@@ -567,13 +571,15 @@ def _merge(host, cache, tags, n):
     return out
 
 
-def make_storage(storage: str, cache_rows=None, cache_policy: str = "lru"):
+def make_storage(storage: str, cache_rows=None, cache_policy: str = "lru", overlap_moves=False):
     """The tier of a table from its arguments, checked."""
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
     if storage != "host_cached":
         if cache_rows is not None:
             raise ValueError(f'cache_rows is for storage="host_cached", not "{storage}"')
+        if overlap_moves:
+            raise ValueError(f'cache_overlap_moves is for storage="host_cached", not "{storage}"')
         return HbmStorage() if storage == "hbm" else HostStorage()
     if cache_policy not in CACHE_POLICIES:
         raise ValueError(f"cache_policy must be one of {CACHE_POLICIES}, got {cache_policy!r}")
@@ -584,7 +590,9 @@ def make_storage(storage: str, cache_rows=None, cache_policy: str = "lru"):
         )
     if cache_rows < 1:
         raise ValueError(f"cache_rows must be a positive integer, got {cache_rows}")
-    return CachedStorage(int(cache_rows), cache_policy)
+    if not isinstance(overlap_moves, bool):
+        raise ValueError(f"cache_overlap_moves must be a bool, got {overlap_moves!r}")
+    return CachedStorage(int(cache_rows), cache_policy, overlap_moves)
 
 
 def pin_host(tier, rows, table, opt_state=None):

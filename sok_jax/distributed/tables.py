@@ -180,6 +180,8 @@ class ShardedTables:
             extra += ("stale",)
         if table in set(exchange.cached_tables(self.units)):
             extra += CACHE_COUNTS
+        if table in set(exchange.unseen_tables(self.units)):
+            extra += ("unseen",)
         return extra
 
     def stats_shardings(self) -> dict:

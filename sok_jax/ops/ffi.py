@@ -10,6 +10,7 @@ from sok_jax.ops.embed_ops import (
     weight_grad,
 )
 from sok_jax.ops.hash_ops import find_or_insert, hash_lookup
+from sok_jax.ops.quant_ops import lookup_combine_int8
 from sok_jax.ops.rows_ops import (
     copy_rows,
     gather_rows,
@@ -27,6 +28,7 @@ from sok_jax.ops.optim_ops import (
 
 __all__ = [
     "lookup_combine",
+    "lookup_combine_int8",
     "lookup_combine_bwd",
     "lookup_combine_bwd_dense",
     "rows_to_dense",

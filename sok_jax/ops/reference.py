@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sok_jax.ops import embed_ops, hash_ops, optim_ops
+from sok_jax.ops import embed_ops, hash_ops, optim_ops, quant_ops
 from sok_jax.ops.checks import bag_of_positions, valid_rows
 from sok_jax.ops.embed_ops import SparseRowGrad, combiner_code
 from sok_jax.ops.rounding import rounding_call, rounding_words, stochastic_round
@@ -53,11 +53,27 @@ def lookup_combine(table, ids, offsets, weights, combiner: str, fixed_nnz: int =
 
     `fixed_nnz` is accepted for the kernels' signature; the bags are read
     from `offsets` (which must then say the same)."""
-    m = offsets.shape[0] - 1
-    seg, valid, rows, w, f = _bag_scales(ids, offsets, weights, combiner, table.shape[0])
+    seg, _, rows, w, f = _bag_scales(ids, offsets, weights, combiner, table.shape[0])
     vecs = jnp.take(table, rows, axis=0).astype(jnp.float32)
+    return _combine_rows(vecs, seg, w, f).astype(table.dtype)
+
+
+def _combine_rows(vecs, seg, w, f):
+    """float32 [M, D]: per bag, the weighted sum of its positions' vectors
+    `vecs` [N, D] (`_bag_scales`' segments and weights) times its factor."""
+    m = f.shape[0]
     summed = jax.ops.segment_sum(w[:, None] * vecs, seg, m + 1)[:m]
-    return (summed * f[:, None]).astype(table.dtype)
+    return summed * f[:, None]
+
+
+def lookup_combine_int8(table, ids, offsets, weights, combiner: str, fixed_nnz: int = 0):
+    """Each looked-up row dequantized (q * scale + bias, float32), then
+    combined as `lookup_combine`: float32 [num_bags, D]."""
+    quant_ops.check_quantized(table)
+    seg, _, rows, w, f = _bag_scales(ids, offsets, weights, combiner, table.q.shape[0])
+    sb = jnp.take(table.scale_bias, rows, axis=0)
+    vecs = jnp.take(table.q, rows, axis=0).astype(jnp.float32) * sb[:, :1] + sb[:, 1:]
+    return _combine_rows(vecs, seg, w, f)
 
 
 def lookup_combine_bwd(grad_out, ids, offsets, weights, combiner: str, num_rows: int):

@@ -1081,6 +1081,35 @@ Case RowsCopy(const Tensor& dst, const std::vector<int32_t>& dst_rows, const Ten
   return c;
 }
 
+// The int8 inference lookup (sok_quant_fwd): q uint8 [rows, D] codes and a
+// float32 (scale, bias) per row; the brute force dequantizes
+// (q * scale + bias, quant_math.h) and combines as RefForward.
+Case QuantFwd(Rng& rng, int64_t rows, int64_t dim, const Bags& b, int combiner,
+              const std::string& tag) {
+  Tensor q = RandomBytes(rng, kU8, {rows, dim});
+  Tensor sb = MakeTensor(kF32, {rows, 2});
+  for (int64_t r = 0; r < rows; ++r) {
+    sb.as<float>()[2 * r] = static_cast<float>(rng.Uniform(1e-3, 0.05));
+    sb.as<float>()[2 * r + 1] = static_cast<float>(rng.Uniform(-1.0, 1.0));
+  }
+  Case c = BagCase("sok_quant_fwd", "int8 " + tag, {q, sb}, b);
+  c.rets = {Out("out", kF32, {b.m(), dim}, Compare::kClose, Tol(kF32))};
+  c.attrs = {Attr::I32("combiner", combiner), Attr::I64("fixed_nnz", b.fixed_nnz)};
+  c.oracle = [b, combiner](const Case& cs, const std::vector<Tensor>& out) {
+    const Tensor &codes = cs.args[0], &scale_bias = cs.args[1];
+    Tensor table = MakeTensor(kF32, codes.dims);
+    const int64_t cols = codes.dims[1];
+    for (int64_t i = 0; i < codes.count(); ++i) {
+      const float* s = scale_bias.as<float>() + 2 * (i / cols);
+      table.as<float>()[i] = static_cast<float>(codes.as<uint8_t>()[i] * double(s[0]) + s[1]);
+    }
+    const std::vector<double> want = RefForward(table, b, combiner);
+    return Close("out", out[0].count(), [&](int64_t i) { return FloatAt(out[0], i); },
+                 [&](int64_t i) { return want[i]; }, Tol(kF32));
+  };
+  return c;
+}
+
 // ----------------------------------------------------------------- groups
 // The lookup family over one bag layout: forward, sparse and dense backward,
 // weight gradient (weighted bags), rows_to_dense of the oracle's sparse form.
@@ -1136,6 +1165,17 @@ void ErrorCases(Rng& rng, std::vector<Case>& out) {
   c = Fwd(MakeTensor(kS32, {10, 4}), b, kSum, "an int32 table");
   c.rets[0].spec.dtype = kS32;
   c.expect_error = "table: unsupported dtype";
+  c.oracle = nullptr;
+  out.push_back(c);
+
+  c = QuantFwd(rng, 10, 4, b, kSum, "codes of int8, not uint8");
+  c.args[0].dtype = XLA_FFI_DataType_S8;
+  c.expect_error = "q must be uint8";
+  c.oracle = nullptr;
+  out.push_back(c);
+  c = QuantFwd(rng, 10, 4, b, kSum, "scale_bias of another row count");
+  c.args[1] = MakeTensor(kF32, {9, 2});
+  c.expect_error = "scale_bias must be float32 [rows, 2]";
   c.oracle = nullptr;
   out.push_back(c);
 
@@ -1450,6 +1490,20 @@ std::vector<Case> AllCases(uint64_t seed) {
           ++f;
         }
   }
+  // The int8 inference lookup: ragged and fixed-length bags, D of the
+  // 1-code and 4-code loads and past one warp's chunks.
+  int qk = 0;
+  for (int64_t dim : {1, 3, 4, 16, 33, 600})
+    for (int max_len : {1, 4, 300})
+      for (const auto& cw : combos) {
+        const XLA_FFI_DataType key = kKeyTypes[qk++ % 3];
+        Bags b = RandomBags(rng, key, m, max_len, rows, cw[1] != 0);
+        out.push_back(QuantFwd(rng, rows, dim, b, cw[0],
+                               BagTag(b, dim, kU8, cw[0], Fmt("len<=%d", max_len).c_str())));
+        Bags fixed = FixedBags(rng, key, 77, 1 + max_len % 5, rows, cw[1] == 0);
+        out.push_back(QuantFwd(rng, rows, dim, fixed, cw[0],
+                               BagTag(fixed, dim, kU8, cw[0], "fixed_nnz")));
+      }
   SpecialCases(rng, out);
   // Hash find-or-insert: roomy, overfull, one slot, prefilled; then finds.
   for (XLA_FFI_DataType dt : kKeyTypes) {

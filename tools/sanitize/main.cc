@@ -107,6 +107,7 @@ int Main(int argc, char** argv) {
   AppendOptimTargetsCpu(cpu_targets);
   AppendHashTargetsCpu(cpu_targets);
   AppendRowsTargetsCpu(cpu_targets);
+  AppendQuantTargetsCpu(cpu_targets);
   const auto cpu = Handlers(cpu_targets);
   std::map<std::string, XLA_FFI_Handler*> cuda;
 #ifdef SOK_SANITIZE_WITH_CUDA
@@ -116,6 +117,7 @@ int Main(int argc, char** argv) {
   AppendOptimTargetsCuda(cuda_targets);
   AppendHashTargetsCuda(cuda_targets);
   AppendRowsTargetsCuda(cuda_targets);
+  AppendQuantTargetsCuda(cuda_targets);
   cuda = Handlers(cuda_targets);
 #else
   const bool with_cuda = false;
