@@ -1036,13 +1036,14 @@ Case RowsGather(const Tensor& src, const std::vector<int32_t>& rows, const char*
   return c;
 }
 
-// sok_rows_scatter: dst[rows[i]] = values[i] where rows[i] names a row (those
-// distinct); dst_out aliases dst unless `alias` is false.
+// sok_rows_scatter (or `target`, sok_rows_scatter_async, finished by the
+// time the harness reads it back): dst[rows[i]] = values[i] where rows[i]
+// names a row (those distinct); dst_out aliases dst unless `alias` is false.
 Case RowsScatter(const Tensor& dst, const std::vector<int32_t>& rows, const Tensor& values,
-                 bool alias, const char* shape = "") {
+                 bool alias, const char* shape = "", const char* target = "sok_rows_scatter") {
   const int64_t k = static_cast<int64_t>(rows.size());
   Case c;
-  c.target = "sok_rows_scatter";
+  c.target = target;
   c.tag = RowsTag(dst, k, shape) + (alias ? "" : " unaliased");
   c.args = {dst, I32s({k}, rows), values};
   c.rets = {Out("dst_out", dst.dtype, dst.dims, Compare::kExact, 0.0, alias ? 0 : -1)};
@@ -1053,6 +1054,21 @@ Case RowsScatter(const Tensor& dst, const std::vector<int32_t>& rows, const Tens
       if (NamesRow(rows.as<int32_t>()[i], want.dims[0]))
         CopyRow(values, i, want, rows.as<int32_t>()[i]);
     return CompareOutputs(cs, out, {want});
+  };
+  return c;
+}
+
+// sok_rows_join: x unchanged (waiting for the side stream's scatters), the
+// other operands only held; x_out aliases x.
+Case RowsJoin(const Tensor& x, const std::vector<Tensor>& kept) {
+  Case c;
+  c.target = "sok_rows_join";
+  c.tag = Fmt("%s, %zu kept", RowsTag(x, x.dims[0], "").c_str(), kept.size());
+  c.args = {x};
+  c.args.insert(c.args.end(), kept.begin(), kept.end());
+  c.rets = {Out("x_out", x.dtype, x.dims, Compare::kExact, 0.0, 0)};
+  c.oracle = [](const Case& cs, const std::vector<Tensor>& out) {
+    return CompareOutputs(cs, out, {cs.args[0]});
   };
   return c;
 }
@@ -1135,6 +1151,10 @@ void RowsGroup(Rng& rng, std::vector<Case>& out, XLA_FFI_DataType dt, int64_t wi
   out.push_back(RowsGather(table, RowList(rng, k, rows, false)));
   out.push_back(RowsScatter(table, RowList(rng, k, rows, true),
                             RandomBytes(rng, dt, TableDims(k, width)), alias));
+  const std::vector<int32_t> side_rows = RowList(rng, k, rows, true);
+  const Tensor side_values = RandomBytes(rng, dt, TableDims(k, width));
+  out.push_back(RowsScatter(table, side_rows, side_values, alias, "", "sok_rows_scatter_async"));
+  out.push_back(RowsJoin(table, {I32s({k}, side_rows), side_values}));
   const int64_t src_rows = rows / 2 + 3;
   out.push_back(RowsCopy(table, RowList(rng, k, rows, true),
                          RandomBytes(rng, dt, TableDims(src_rows, width)),
