@@ -105,13 +105,13 @@ def make_optimizer(name: str):
     }[name]()
 
 
-def layer_for(args, rows: int, storage: str, fraction: float | None):
+def layer_for(args, rows: int, storage: str, fraction: float | None, overlap_moves=False):
     kw = {}
     if storage == "host_cached":
         kw = dict(
             cache_rows=int(rows * fraction),
             cache_policy="lru",
-            cache_overlap_moves=getattr(args, "overlap_moves", False),
+            cache_overlap_moves=overlap_moves,
         )
     mesh = Mesh(np.array(jax.devices()[:1]), ("x",))
     return sok_jax.DistributedEmbedding(
@@ -163,7 +163,7 @@ def warm_batches(args, rows, dist):
 
 
 def run_point(res, args, rows, storage, fraction, opt_name, batches, reference_losses):
-    emb = layer_for(args, rows, storage, fraction)
+    emb = layer_for(args, rows, storage, fraction, args.overlap_moves)
     opt = make_optimizer(opt_name)
     state = emb.init(args.seed)
     opt_state = emb.init_optimizer(opt, state)
