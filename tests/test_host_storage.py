@@ -111,18 +111,22 @@ def test_row_movers_match_reference(dtype, shape):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_copy_rows_matches_numpy(dtype):
+    """All pairs, and with a traced `count` only the leading pairs (none,
+    some, more than the list: clamped)."""
     rng = np.random.default_rng()
     dst = jnp.asarray(rng.normal(size=(30, 5)), dtype)
     src = jnp.asarray(rng.normal(size=(20, 5)), dtype)
     dst_rows = jnp.asarray(rng.permutation(36)[:16] - 3, jnp.int32)  # distinct, some out
     src_rows = jnp.asarray(rng.integers(-2, 22, 16), jnp.int32)
-    expect = np.asarray(dst).copy()
-    for d, r in zip(np.asarray(dst_rows), np.asarray(src_rows)):
-        if 0 <= d < 30 and 0 <= r < 20:
-            expect[d] = np.asarray(src)[r]
-    for impl in (ffi, reference):
-        got = jax.jit(impl.copy_rows)(dst, dst_rows, src, src_rows)
-        np.testing.assert_array_equal(np.asarray(got), expect)
+    for count in (None, 0, int(rng.integers(1, 16)), 40):
+        expect = np.asarray(dst).copy()
+        live = 16 if count is None else count
+        for d, r in list(zip(np.asarray(dst_rows), np.asarray(src_rows)))[:live]:
+            if 0 <= d < 30 and 0 <= r < 20:
+                expect[d] = np.asarray(src)[r]
+        for impl in (ffi, reference):
+            got = jax.jit(impl.copy_rows)(dst, dst_rows, src, src_rows, count)
+            np.testing.assert_array_equal(np.asarray(got), expect, err_msg=f"count {count}")
 
 
 @pytest.mark.parametrize("shape", [(6,), (6, 5)])

@@ -71,8 +71,10 @@ inline ffi::Error CheckScatter(const ffi::AnyBuffer& dst, const ffi::Buffer<ffi:
   return ffi::Error::Success();
 }
 
-// sok_rows_copy: dst[dst_rows[i]] = src[src_rows[i]] where both name a row;
-// the dst rows in range are distinct; dst_out aliases dst.
+// sok_rows_copy: dst[dst_rows[i]] = src[src_rows[i]] for i < count where
+// both name a row; the dst rows in range are distinct; dst_out aliases dst.
+// `count` lives on the device (a kernel reads it): a list whose live pairs
+// lead costs a pass over those only, however long its padding.
 struct CopyShape {
   RowsShape dst;
   int64_t src_rows = 0;
@@ -80,7 +82,8 @@ struct CopyShape {
 
 inline ffi::Error CheckCopy(const ffi::AnyBuffer& dst, const ffi::Buffer<ffi::S32>& dst_rows,
                             const ffi::AnyBuffer& src, const ffi::Buffer<ffi::S32>& src_rows,
-                            const ffi::AnyBuffer& dst_out, CopyShape* s) {
+                            const ffi::Buffer<ffi::S32>& count, const ffi::AnyBuffer& dst_out,
+                            CopyShape* s) {
   if (auto e = RowsOf(dst, "dst", &s->dst.table_rows, &s->dst.row_bytes); e.failure()) return e;
   if (auto e = CheckRowList(dst_rows, &s->dst.k); e.failure()) return e;
   int64_t src_bytes = 0, src_k = 0;
@@ -89,6 +92,7 @@ inline ffi::Error CheckCopy(const ffi::AnyBuffer& dst, const ffi::Buffer<ffi::S3
   if (src.element_type() != dst.element_type() || src_bytes != s->dst.row_bytes)
     return InvalidArgument("src must have dst's dtype and row width");
   if (src_k != s->dst.k) return InvalidArgument("src_rows and dst_rows must have one length");
+  if (count.element_count() != 1) return InvalidArgument("count must be int32 [1]");
   if (dst_out.size_bytes() != dst.size_bytes() || dst_out.element_type() != dst.element_type())
     return InvalidArgument("dst_out must match dst");
   return ffi::Error::Success();

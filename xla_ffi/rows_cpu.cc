@@ -1,6 +1,7 @@
 // CPU handlers of the row movers: whole rows copied between two row-major
 // tables by memcpy. Same targets, arguments and checks (rows_checks.h) as
 // rows_cuda.cu.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -58,16 +59,19 @@ ffi::Error JoinImpl(ffi::AnyBuffer x, ffi::RemainingArgs, ffi::Result<ffi::AnyBu
 }
 
 ffi::Error CopyImpl(ffi::AnyBuffer dst, ffi::Buffer<ffi::S32> dst_rows, ffi::AnyBuffer src,
-                    ffi::Buffer<ffi::S32> src_rows, ffi::Result<ffi::AnyBuffer> dst_out) {
+                    ffi::Buffer<ffi::S32> src_rows, ffi::Buffer<ffi::S32> count,
+                    ffi::Result<ffi::AnyBuffer> dst_out) {
   CopyShape s;
-  if (auto e = CheckCopy(dst, dst_rows, src, src_rows, *dst_out, &s); e.failure()) return e;
+  if (auto e = CheckCopy(dst, dst_rows, src, src_rows, count, *dst_out, &s); e.failure())
+    return e;
   CopyIfDistinct(dst.untyped_data(), dst_out->untyped_data(), dst.size_bytes());
   char* to = static_cast<char*>(dst_out->untyped_data());
   const char* from = static_cast<const char*>(src.untyped_data());
   const int32_t* d = dst_rows.typed_data();
   const int32_t* r = src_rows.typed_data();
   const int64_t bytes = s.dst.row_bytes;
-  for (int64_t i = 0; i < s.dst.k; ++i) {
+  const int64_t n = std::clamp<int64_t>(count.typed_data()[0], 0, s.dst.k);
+  for (int64_t i = 0; i < n; ++i) {
     if (d[i] >= 0 && d[i] < s.dst.table_rows && r[i] >= 0 && r[i] < s.src_rows)
       std::memcpy(to + static_cast<int64_t>(d[i]) * bytes, from + static_cast<int64_t>(r[i]) * bytes,
                   bytes);

@@ -99,9 +99,10 @@ ffi::Error JoinImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::RemainingArgs,
 
 ffi::Error CopyImpl(cudaStream_t stream, ffi::AnyBuffer dst, ffi::Buffer<ffi::S32> dst_rows,
                     ffi::AnyBuffer src, ffi::Buffer<ffi::S32> src_rows,
-                    ffi::Result<ffi::AnyBuffer> dst_out) {
+                    ffi::Buffer<ffi::S32> count, ffi::Result<ffi::AnyBuffer> dst_out) {
   CopyShape s;
-  if (auto e = CheckCopy(dst, dst_rows, src, src_rows, *dst_out, &s); e.failure()) return e;
+  if (auto e = CheckCopy(dst, dst_rows, src, src_rows, count, *dst_out, &s); e.failure())
+    return e;
   CopyIfDistinct(stream, dst.untyped_data(), dst_out->untyped_data(), dst.size_bytes());
   if (s.dst.k == 0 || s.dst.row_bytes == 0) return LastError("sok_rows_copy");
   WithWord(s.dst.row_bytes, {dst_out->untyped_data(), src.untyped_data()}, [&](auto word) {
@@ -109,8 +110,8 @@ ffi::Error CopyImpl(cudaStream_t stream, ffi::AnyBuffer dst, ffi::Buffer<ffi::S3
     rows_kernels::CopyKernel<W><<<rows_kernels::RowsGrid(s.dst.k), rows_kernels::kBlock, 0,
                                   stream>>>(
         static_cast<W*>(dst_out->untyped_data()), s.dst.table_rows, dst_rows.typed_data(),
-        static_cast<const W*>(src.untyped_data()), s.src_rows, src_rows.typed_data(), s.dst.k,
-        s.dst.row_bytes / static_cast<int64_t>(sizeof(W)));
+        static_cast<const W*>(src.untyped_data()), s.src_rows, src_rows.typed_data(),
+        count.typed_data(), s.dst.k, s.dst.row_bytes / static_cast<int64_t>(sizeof(W)));
   });
   return LastError("sok_rows_copy");
 }

@@ -50,16 +50,18 @@ ScatterKernel(W* __restrict__ dst, int64_t table_rows, const int32_t* __restrict
   }
 }
 
-// dst[dst_rows[i]] = src[src_rows[i]] where both name a row; the dst rows
-// in range are distinct.
+// dst[dst_rows[i]] = src[src_rows[i]] for i < min(k, *count) where both
+// name a row; the dst rows in range are distinct. Warps past the count
+// read no index, so a long list of mostly padding costs little.
 template <typename W>
 __global__ void __launch_bounds__(kBlock)
 CopyKernel(W* __restrict__ dst, int64_t dst_table_rows, const int32_t* __restrict__ dst_rows,
            const W* __restrict__ src, int64_t src_table_rows, const int32_t* __restrict__ src_rows,
-           int64_t k, int64_t row_words) {
+           const int32_t* __restrict__ count, int64_t k, int64_t row_words) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  for (int64_t i = blockIdx.x * kWarpsPerBlock + (threadIdx.x >> 5); i < k; i += warps) {
+  const int64_t n = min(k, static_cast<int64_t>(max(*count, 0)));
+  for (int64_t i = blockIdx.x * kWarpsPerBlock + (threadIdx.x >> 5); i < n; i += warps) {
     const int32_t d = dst_rows[i], r = src_rows[i];
     if (d < 0 || d >= dst_table_rows || r < 0 || r >= src_table_rows) continue;
     W* to = dst + static_cast<int64_t>(d) * row_words;

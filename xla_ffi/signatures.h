@@ -240,6 +240,7 @@ auto RowsCopy(B b) {
       .template Arg<ffi::Buffer<ffi::S32>>()  // dst_rows [K], distinct where in range
       .template Arg<ffi::AnyBuffer>()         // src [S, W] or [S]
       .template Arg<ffi::Buffer<ffi::S32>>()  // src_rows [K]
+      .template Arg<ffi::Buffer<ffi::S32>>()  // count [1]: pairs i < count are read
       .template Ret<ffi::AnyBuffer>();        // dst_out (aliases dst)
 }
 

@@ -38,6 +38,7 @@ shard's after every update (`step`: the shard's step they match).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -465,47 +466,41 @@ class CachedStorage:
         slot whose row changed since is written back, then read in (O(C); a
         row may leave one slot and enter another).
 
-        Only the rare path's slot list is made under `lax.cond`: a
-        conditional whose branches take the host stores makes XLA copy them
-        whole (8 GiB per step for a 8 GiB table's accumulator on a GPU), so
-        both moves run outside it, the one not taken over a list of -1s:
-        after one lookup the rare path still costs its two copy kernels'
-        pass over C indices, one warp per index (about 0.25 ms each at C =
-        3.4 M on an H100), and O(C) gathers of the tags."""
+        Only the rare path's plan (its slot list, O(C)) is made under
+        `lax.cond`: a conditional whose branches take the host stores makes
+        XLA copy them whole (8 GiB per step for a 8 GiB table's accumulator
+        on a GPU), so both moves run outside it. The rare path's list leads
+        with its live slots and carries their count, so when it is not taken
+        its copy kernels read no index."""
         with jax.named_scope("cache_sync_slots"):
             after_one = (opt.step[0] + 1 == held.step[0]) & (shard.step[0] == held.step[0])
-            c = shard.tags.shape[0]
-            last = jnp.where(after_one, held.moved, _EMPTY)
-            differing = jax.lax.cond(
+            last = _slot_moves(opt.tags, shard.tags, jnp.where(after_one, held.moved, _EMPTY))
+            opt = self._move_slots(opt, last, shard.step, ops, self._swap)
+            rare = jax.lax.cond(
                 after_one,
-                lambda: jnp.full((c,), _EMPTY, jnp.int32),
-                lambda: _differing(opt.tags, shard.tags),
+                lambda: _no_slot_moves(opt.tags),
+                lambda: _slot_moves(opt.tags, shard.tags, *_differing(opt.tags, shard.tags)),
             )
-            opt = self._move_slots(opt, shard.tags, last, shard.step, ops, self._swap)
-            return self._move_slots(opt, shard.tags, differing, shard.step, ops, _back_then_in)
+            return self._move_slots(
+                opt, rare, shard.step, ops, functools.partial(_back_then_in, count=rare.count)
+            )
 
     @property
     def _swap(self):
         """How rows leaving and entering the cache (disjoint) move."""
         return swap_rows if self.overlap_moves else _back_then_in
 
-    def _move_slots(self, opt: CachedOptState, tags, at, step, ops, move):
-        """`opt` with the slots of cache slots `at` (-1: none) written back
-        to the rows they held and read in from the rows `tags` says, by
-        `move` (`_swap` or `_back_then_in`)."""
-        c = tags.shape[0]
-        valid = at >= 0
-        safe = jnp.clip(at, 0, c - 1)
-        old = jnp.where(valid, opt.tags[safe], _EMPTY)
-        new = jnp.where(valid, tags[safe], _EMPTY)
+    def _move_slots(self, opt: CachedOptState, moves: SlotMoves, step, ops, move):
+        """`opt` with the slots of cache slots `moves.at` written back to the
+        rows they held and read in from the rows they now hold, by `move`
+        (`_swap` or `_back_then_in`)."""
         host, cache = [], []
         for h, s in zip(opt.host, opt.cache.slots):
-            h, s = move(h, s, at, old, new, ops)
+            h, s = move(h, s, moves.at, moves.old, moves.new, ops)
             host.append(h)
             cache.append(s)
-        new_tags = opt.tags.at[jnp.where(valid, at, c)].set(new, mode="drop")
         inner = type(opt.cache)(tuple(cache), opt.cache.count)
-        return CachedOptState(inner, tuple(host), new_tags, step)
+        return CachedOptState(inner, tuple(host), moves.tags, step)
 
     # ------------------------------------------------------------ host side
     def logical(self, shard: CachedShard, opt_state, num_devices: int):
@@ -546,21 +541,54 @@ def swap_rows(host, cache, slots, leaving, incoming, ops):
     return ops.join_rows(host, cache, leaving, staged), cache
 
 
-def _back_then_in(host, cache, slots, leaving, incoming, ops):
+def _back_then_in(host, cache, slots, leaving, incoming, ops, count=None):
     """`swap_rows` without the side stream, for lists that may also share
     rows (one leaving a slot and entering another): every write-back, then
-    every load, one after the other, in place; a list of -1s moves nothing
-    but still costs each copy kernel a pass over the indices."""
-    host = ops.copy_rows(host, leaving, cache, slots)  # copy_rows skips pairs naming no row
-    return host, ops.copy_rows(cache, slots, host, incoming)
+    every load, one after the other, in place. Only the moves before
+    `count` (all when None) are read; a -1 moves nothing but still costs
+    the copy kernels a look at it."""
+    host = ops.copy_rows(host, leaving, cache, slots, count)  # skips pairs naming no row
+    return host, ops.copy_rows(cache, slots, host, incoming, count)
+
+
+class SlotMoves(NamedTuple):
+    """One device's optimizer-slot moves: cache slot `at[i]` goes from row
+    `old[i]` to row `new[i]` (-1: no move); `tags`, the optimizer's cache
+    tags after them; only the moves before `count` may be live."""
+
+    at: jax.Array
+    old: jax.Array
+    new: jax.Array
+    tags: jax.Array
+    count: jax.Array
+
+
+def _slot_moves(opt_tags, tags, at, count=None) -> SlotMoves:
+    """The moves that give cache slots `at` (-1: none) the optimizer slots
+    of the rows `tags` says they hold, from the rows `opt_tags` says."""
+    c = tags.shape[0]
+    valid = at >= 0
+    safe = jnp.clip(at, 0, c - 1)
+    old = jnp.where(valid, opt_tags[safe], _EMPTY)
+    new = jnp.where(valid, tags[safe], _EMPTY)
+    new_tags = opt_tags.at[jnp.where(valid, at, c)].set(new, mode="drop")
+    count = jnp.int32(at.shape[0]) if count is None else count
+    return SlotMoves(at, old, new, new_tags, count)
+
+
+def _no_slot_moves(opt_tags) -> SlotMoves:
+    """`_slot_moves` with nothing to move, shaped as the rare path's."""
+    none = jnp.full(opt_tags.shape, _EMPTY, jnp.int32)
+    return SlotMoves(none, none, none, opt_tags, jnp.int32(0))
 
 
 def _differing(opt_tags, tags):
-    """The cache slots whose optimizer slots belong to another row than the
-    shard's (ascending, padded to C with -1)."""
+    """(the cache slots whose optimizer slots belong to another row than
+    the shard's, ascending, padded to C with -1; how many there are)."""
     c = tags.shape[0]
-    idx = jnp.nonzero(opt_tags != tags, size=c, fill_value=c)[0].astype(jnp.int32)
-    return jnp.where(idx < c, idx, _EMPTY)
+    differ = opt_tags != tags
+    idx = jnp.nonzero(differ, size=c, fill_value=c)[0].astype(jnp.int32)
+    return jnp.where(idx < c, idx, _EMPTY), jnp.sum(differ, dtype=jnp.int32)
 
 
 def _merge(host, cache, tags, n):

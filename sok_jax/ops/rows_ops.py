@@ -14,10 +14,12 @@ the host pointer and the kernel reads or writes the rows over the host link
   The rows in range must be distinct: which of two values for one row lands
   is not defined on the GPU.
 
-* `copy_rows(dst, dst_rows, src, src_rows)`: dst[dst_rows[i]] =
+* `copy_rows(dst, dst_rows, src, src_rows, count=None)`: dst[dst_rows[i]] =
   src[src_rows[i]] where both name a row, in place (one pass, no
   intermediate: what moves rows between a host store and its cache). The
-  dst rows in range must be distinct.
+  dst rows in range must be distinct. With `count` (a traced int32), only
+  the pairs i < count are read: a list whose live pairs lead costs a pass
+  over those alone, however long its padding.
 
 * `scatter_rows_async(dst, rows, values)` then `join_rows(dst, *keep)`:
   `scatter_rows`, which on a GPU runs on a side stream beside the ops that
@@ -99,9 +101,10 @@ def _check_scatter(dst, rows, values):
         )
 
 
-def copy_rows(dst: jax.Array, dst_rows: jax.Array, src: jax.Array, src_rows: jax.Array):
-    """`dst` with dst[dst_rows[i]] = src[src_rows[i]] wherever both indices
-    name a row (the dst rows in range distinct), in place."""
+def copy_rows(dst: jax.Array, dst_rows: jax.Array, src: jax.Array, src_rows: jax.Array, count=None):
+    """`dst` with dst[dst_rows[i]] = src[src_rows[i]] for i < `count` (all
+    pairs when None) wherever both indices name a row (the dst rows in
+    range distinct), in place."""
     _check_table(dst, "dst")
     _check_table(src, "src")
     _check_rows(dst_rows)
@@ -116,4 +119,14 @@ def copy_rows(dst: jax.Array, dst_rows: jax.Array, src: jax.Array, src_rows: jax
             f"src_rows and dst_rows must have one length, got {src_rows.shape} and "
             f"{dst_rows.shape}"
         )
-    return _in_place("sok_rows_copy", dst, dst_rows, src, src_rows)
+    return _in_place("sok_rows_copy", dst, dst_rows, src, src_rows, _count(count, dst_rows))
+
+
+def _count(count, rows) -> jax.Array:
+    """`count` as the int32 [1] operand; the list's length when None."""
+    if count is None:
+        return jnp.full((1,), rows.shape[0], jnp.int32)
+    count = jnp.asarray(count)
+    if count.size != 1 or not jnp.issubdtype(count.dtype, jnp.integer):
+        raise ValueError(f"count must be one integer, got {count.dtype} {count.shape}")
+    return count.reshape(1).astype(jnp.int32)

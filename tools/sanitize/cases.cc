@@ -1073,22 +1073,26 @@ Case RowsJoin(const Tensor& x, const std::vector<Tensor>& kept) {
   return c;
 }
 
-// sok_rows_copy: dst[dst_rows[i]] = src[src_rows[i]] where both name a row
-// (the dst ones distinct); dst_out aliases dst unless `alias` is false.
+// sok_rows_copy: dst[dst_rows[i]] = src[src_rows[i]] for i < count (all
+// pairs when count is -1) where both name a row (the dst ones distinct);
+// dst_out aliases dst unless `alias` is false.
 Case RowsCopy(const Tensor& dst, const std::vector<int32_t>& dst_rows, const Tensor& src,
-              const std::vector<int32_t>& src_rows, bool alias, const char* shape = "") {
+              const std::vector<int32_t>& src_rows, bool alias, const char* shape = "",
+              int32_t count = -1) {
   const int64_t k = static_cast<int64_t>(dst_rows.size());
+  if (count < 0) count = static_cast<int32_t>(k);
   Case c;
   c.target = "sok_rows_copy";
   c.tag = RowsTag(dst, k, shape) + Fmt(" from %lld rows", static_cast<long long>(src.dims[0])) +
-          (alias ? "" : " unaliased");
+          (count == k ? "" : Fmt(" count %d", count)) + (alias ? "" : " unaliased");
   c.args = {dst, I32s({k}, dst_rows), src,
-            I32s({static_cast<int64_t>(src_rows.size())}, src_rows)};
+            I32s({static_cast<int64_t>(src_rows.size())}, src_rows), I32s({1}, {count})};
   c.rets = {Out("dst_out", dst.dtype, dst.dims, Compare::kExact, 0.0, alias ? 0 : -1)};
   c.oracle = [](const Case& cs, const std::vector<Tensor>& out) {
     const Tensor &to = cs.args[1], &src = cs.args[2], &from = cs.args[3];
+    const int64_t live = std::min<int64_t>(to.count(), cs.args[4].as<int32_t>()[0]);
     Tensor want = cs.args[0];
-    for (int64_t i = 0; i < to.count(); ++i) {
+    for (int64_t i = 0; i < live; ++i) {
       const int32_t d = to.as<int32_t>()[i], r = from.as<int32_t>()[i];
       if (NamesRow(d, want.dims[0]) && NamesRow(r, src.dims[0])) CopyRow(src, r, want, d);
     }
@@ -1159,6 +1163,11 @@ void RowsGroup(Rng& rng, std::vector<Case>& out, XLA_FFI_DataType dt, int64_t wi
   out.push_back(RowsCopy(table, RowList(rng, k, rows, true),
                          RandomBytes(rng, dt, TableDims(src_rows, width)),
                          RowList(rng, k, src_rows, false), alias));
+  // Only the leading pairs (a padded list's live ones): count 0 and a few.
+  for (const int32_t count : {0, static_cast<int32_t>(rng.Int(0, k))})
+    out.push_back(RowsCopy(table, RowList(rng, k, rows, true),
+                           RandomBytes(rng, dt, TableDims(src_rows, width)),
+                           RowList(rng, k, src_rows, false), alias, "", count));
 }
 
 void ErrorCases(Rng& rng, std::vector<Case>& out) {
@@ -1289,6 +1298,12 @@ void ErrorCases(Rng& rng, std::vector<Case>& out) {
 
   c = RowsCopy(rt, r4, RandomBytes(rng, kF32, {6, 4}), {1, 2, 3}, true, " 3 src rows");
   c.expect_error = "src_rows and dst_rows must have one length";
+  c.oracle = nullptr;
+  out.push_back(c);
+
+  c = RowsCopy(rt, r4, RandomBytes(rng, kF32, {6, 4}), r4, true, " count [2]");
+  c.args[4] = I32s({2}, {1, 1});
+  c.expect_error = "count must be int32 [1]";
   c.oracle = nullptr;
   out.push_back(c);
 }
