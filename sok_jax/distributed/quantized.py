@@ -282,7 +282,7 @@ def lookup(layer, qstate: QuantizedState, ids, weights, training: bool):
     another layer, table or dim (at trace time)."""
     if training:
         _refuse_training(qstate.dtype)
-    check_like(_layer_like(layer, qstate.dtype), qstate, "quantized state")
+    check_quantized(layer, qstate)
     name = _only_unit(layer)
     outs, shards, stats, ctx = _run(
         layer,
@@ -363,7 +363,7 @@ def lookup_collection(coll, qstate: QuantizedCollectionState, batch, weights, tr
     output}, new qstate, ctx); raises as `lookup`."""
     if training:
         _refuse_training(qstate.dtype)
-    check_like(_collection_like(coll, qstate.dtype), qstate, "quantized state")
+    check_quantized(coll, qstate)
     outs, shards, stats, ctx = _run(
         coll,
         qstate.dtype,
@@ -400,6 +400,15 @@ def quantize(model, state, dtype="int8"):
     if isinstance(state, EmbeddingState):
         return _quantize_layer(model, state, tier)
     return _quantize_collection(model, state, tier)
+
+
+def check_quantized(model, qstate) -> None:
+    """Trace-time: `qstate` is a quantized state of `model` (its layer or
+    collection, tables, dims and row format); ValueError naming the field
+    otherwise."""
+    layer = isinstance(model._state_like, EmbeddingState)
+    like = (_layer_like if layer else _collection_like)(model, qstate.dtype)
+    check_like(like, qstate, "quantized state")
 
 
 def refuse_outside_lookup(state) -> None:
