@@ -30,6 +30,7 @@ trained, exported as pairs or given an optimizer: the layers refuse it
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any, NamedTuple
 
 import jax
@@ -402,13 +403,19 @@ def quantize(model, state, dtype="int8"):
     return _quantize_collection(model, state, tier)
 
 
+# {model: {row format: the shapes of its quantized state}}, dying with the model
+_LIKES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def check_quantized(model, qstate) -> None:
     """Trace-time: `qstate` is a quantized state of `model` (its layer or
     collection, tables, dims and row format); ValueError naming the field
     otherwise."""
-    layer = isinstance(model._state_like, EmbeddingState)
-    like = (_layer_like if layer else _collection_like)(model, qstate.dtype)
-    check_like(like, qstate, "quantized state")
+    likes = _LIKES.setdefault(model, {})
+    if qstate.dtype not in likes:
+        layer = isinstance(model._state_like, EmbeddingState)
+        likes[qstate.dtype] = (_layer_like if layer else _collection_like)(model, qstate.dtype)
+    check_like(likes[qstate.dtype], qstate, "quantized state")
 
 
 def refuse_outside_lookup(state) -> None:
