@@ -3,7 +3,8 @@ given the rows training changed after t, holds what the trained state holds
 at the end, bit for bit (float32, and every inference row format against
 `quantize` of the final state), on 1 and 8 devices, for a layer (direct and
 an evicting hash table) and a collection (per-table deltas); evicted keys
-look up as unseen zeros; and what does not fit is refused by name."""
+look up as unseen zeros; tables in host memory serve and follow through
+their quantized state; and what does not fit is refused by name."""
 
 import functools
 
@@ -14,6 +15,7 @@ import pytest
 
 import sok_jax
 from devices import AXIS, mesh_of, require_devices
+from sok_jax.distributed.quantized import dequantize, quantize_int8
 
 D, SLOTS, NNZ, ROWS = 8, 2, 2, 32
 FORMATS = ["float32", "int8", "bfloat16", "float16"]
@@ -232,3 +234,25 @@ def test_a_full_serving_table_raises_and_keeps_its_state(eviction, fmt):
         np.testing.assert_array_equal(a, b)
     # the same keys fit the table they were trained in
     sok_jax.serving.apply_delta(big, big.init(0), (keys, vectors))
+
+
+def test_a_host_tier_layer_serves_and_follows_from_its_quantized_state():
+    """Tables in host memory are served (and take deltas) as the HBM
+    inference tables `quantize` makes of them; their float state is refused."""
+    require_devices(2)
+    emb = sok_jax.DistributedEmbedding(
+        combiner="sum", max_vocabulary_size_per_gpu=ROWS, embedding_vec_size=D, slot_num=1,
+        max_nnz=1, use_hashtable=False, key_dtype=jnp.int32, mesh=mesh_of(2), axis_name=AXIS,
+        storage="host_cached", cache_rows=8,
+    )
+    state = emb.init(0)
+    keys = np.arange(0, 2 * ROWS, 5, dtype=np.int32)[:12]
+    vectors = np.random.default_rng(0).normal(size=(keys.size, D)).astype(np.float32)
+    with pytest.raises(ValueError, match="stores its rows in host memory"):
+        sok_jax.serving.apply_delta(emb, state, (keys, vectors))
+    qstate = sok_jax.serving.apply_delta(
+        emb, sok_jax.serving.quantize(emb, state, "int8"), (keys, vectors)
+    )
+    out, _ = emb.apply(qstate, keys.reshape(-1, 1, 1), training=False)
+    want = dequantize(quantize_int8(jnp.asarray(vectors)))
+    np.testing.assert_array_equal(np.asarray(out).reshape(keys.size, D), want)

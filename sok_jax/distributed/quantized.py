@@ -268,13 +268,20 @@ def _layer_like(layer, dtype) -> QuantizedState:
     return jax.eval_shape(lambda state: _quantize_like(layer, state, tier), layer._state_like)
 
 
+def _logical_like(model, unit: str):
+    """Zeros shaped as a unit's logical table in HBM, what `quantize`
+    converts whatever the unit's storage tier (for abstract evaluation)."""
+    rows = model._tables.unit(unit).rows
+    lead = rows.rows_per_device * (1 if rows.replicated else rows.num_devices)
+    return jnp.zeros((lead, rows.dim), rows.dtype)
+
+
 def _quantize_like(layer, state, tier) -> QuantizedState:
     """`_quantize_layer`'s shapes, traceable (no host check)."""
     name = _only_unit(layer)
     stats = _zero_stats(layer, tier.dtype)[name]
-    return QuantizedState(
-        tier.convert(state.table), state.slot_keys, state.seed, stats, state.scores, tier.dtype
-    )
+    table = tier.convert(_logical_like(layer, name))
+    return QuantizedState(table, state.slot_keys, state.seed, stats, state.scores, tier.dtype)
 
 
 def lookup(layer, qstate: QuantizedState, ids, weights, training: bool):
@@ -351,7 +358,10 @@ def _collection_like(coll, dtype) -> QuantizedCollectionState:
     tier = make_storage(dtype)
 
     def build(state):
-        shards = {k: (tier.convert(t), h) for k, (t, h) in _collection_shards(state).items()}
+        shards = {
+            k: (tier.convert(_logical_like(coll, k)), h)
+            for k, (_, h) in _collection_shards(state).items()
+        }
         return QuantizedCollectionState(
             _as_shards(shards), state.seed, _zero_stats(coll, tier.dtype), tier.dtype
         )
