@@ -35,6 +35,14 @@ bfloat16 or float16, read-only, looked up by the same
 
 A quantized state exports and loads as any other.
 
+Live deltas (`sok_jax.distributed.deltas`): a serving state, float or
+quantized, follows training without being rebuilt: the rows changed since
+step t (and, for a hash table that evicts, the keys evicted since) are
+written into it, converted to its row format:
+
+    delta = emb.export_pairs(train_state, since_step=t)
+    qstate = sok_jax.serving.apply_delta(emb, qstate, delta)
+
 The state may be any pytree of arrays (a layer's `EmbeddingState`, a
 collection's, the dense parameters beside them); tables in host memory
 (`storage="host"` / "host_cached") are not supported: serve from HBM.
@@ -51,6 +59,7 @@ import numpy as np
 
 import sok_jax
 from sok_jax import _native
+from sok_jax.distributed.deltas import apply_delta  # noqa: F401  (the serving API)
 from sok_jax.distributed.quantized import (  # noqa: F401  (the serving API)
     QUANTIZED_DTYPES,
     QuantizedCollectionState,

@@ -13,6 +13,9 @@
 * `scores.py`: online hash tables (eviction, admission, per-row scores;
   `HashOptions`), `online.py` their export with optimizer state and
   deltas (`TableExport`), import on any device count and maintenance;
+* `quantized.py`: read-only inference tables (int8, 16-bit rows);
+  `deltas.py`: `export_pairs(since_step=t)` deltas applied to a serving
+  state (`sok_jax.serving.apply_delta`);
 * `state.py`: `EmbeddingState`, `EmbeddingStats`, `check_stats` and its
   `EmbeddingError`;
 * `eager.py`: the layers' methods called outside `jit`, compiled once.

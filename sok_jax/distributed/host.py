@@ -73,3 +73,36 @@ def gather_shares(*arrays):
         every = np.asarray(multihost_utils.process_allgather(padded))
         out.append(np.concatenate([every[p, : lengths[p]] for p in range(len(lengths))]))
     return tuple(out)
+
+
+def device_blocks(owner, n: int, columns, width: int | None = None):
+    """Host: per-key arrays laid out as `n` blocks of `width` rows, one per
+    device, for an input sharded over the axis: block d holds the keys with
+    owner[i] == d in their order, then the column's fill value.
+
+    Args:
+      owner: int [K], each key's block in [0, n).
+      columns: (array [K, ...], fill) pairs.
+      width: rows per block (default: the largest block's, at least 1).
+
+    Returns:
+      (the blocks, one [n * width, ...] array per column; int64 [K], the
+      flat position of each key in them).
+    """
+    owner = np.asarray(owner, np.int64).reshape(-1)
+    counts = np.bincount(owner, minlength=n)
+    most = int(counts.max(initial=0))
+    width = max(most, 1) if width is None else int(width)
+    if most > width:
+        raise ValueError(f"device_blocks: a block holds {most} keys, more than width={width}")
+    order = np.argsort(owner, kind="stable")
+    starts = np.cumsum(counts) - counts
+    at = np.empty(owner.shape[0], np.int64)
+    at[order] = owner[order] * width + np.arange(owner.shape[0]) - starts[owner[order]]
+    blocks = []
+    for values, fill in columns:
+        values = np.asarray(values)
+        block = np.full((n * width, *values.shape[1:]), fill, values.dtype)
+        block[at] = values
+        blocks.append(block)
+    return blocks, at

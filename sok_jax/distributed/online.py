@@ -36,6 +36,9 @@ class TableExport(NamedTuple):
       derive from it; `import_pairs` takes it unless given another).
     key_placement: the exporting table's ("mod" or "hashed"): which shard
       of `sketch` counted which keys.
+    table: the exporting table's name (a collection's `TableSpec.name`;
+      "table" for a `DistributedEmbedding`), checked by
+      `sok_jax.serving.apply_delta`; None where unknown.
     """
 
     keys: np.ndarray
@@ -49,6 +52,7 @@ class TableExport(NamedTuple):
     evicted: Any = None
     seed: Any = None
     key_placement: str = "mod"
+    table: str | None = None
 
 
 def resolve_seed(keys, seed):
@@ -136,6 +140,7 @@ def export_table(rows, name, table, hash_part, opt_state, since_step, key_dtype,
         evicted,
         None if seed is None else to_host(seed),
         rows.key_placement,
+        name,
     )
 
 

@@ -30,6 +30,7 @@ trained, exported as pairs or given an optimizer: the layers refuse it
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any, NamedTuple
 
 import jax
@@ -267,13 +268,20 @@ def _layer_like(layer, dtype) -> QuantizedState:
     return jax.eval_shape(lambda state: _quantize_like(layer, state, tier), layer._state_like)
 
 
+def _logical_like(model, unit: str):
+    """Zeros shaped as a unit's logical table in HBM, what `quantize`
+    converts whatever the unit's storage tier (for abstract evaluation)."""
+    rows = model._tables.unit(unit).rows
+    lead = rows.rows_per_device * (1 if rows.replicated else rows.num_devices)
+    return jnp.zeros((lead, rows.dim), rows.dtype)
+
+
 def _quantize_like(layer, state, tier) -> QuantizedState:
     """`_quantize_layer`'s shapes, traceable (no host check)."""
     name = _only_unit(layer)
     stats = _zero_stats(layer, tier.dtype)[name]
-    return QuantizedState(
-        tier.convert(state.table), state.slot_keys, state.seed, stats, state.scores, tier.dtype
-    )
+    table = tier.convert(_logical_like(layer, name))
+    return QuantizedState(table, state.slot_keys, state.seed, stats, state.scores, tier.dtype)
 
 
 def lookup(layer, qstate: QuantizedState, ids, weights, training: bool):
@@ -282,7 +290,7 @@ def lookup(layer, qstate: QuantizedState, ids, weights, training: bool):
     another layer, table or dim (at trace time)."""
     if training:
         _refuse_training(qstate.dtype)
-    check_like(_layer_like(layer, qstate.dtype), qstate, "quantized state")
+    check_quantized(layer, qstate)
     name = _only_unit(layer)
     outs, shards, stats, ctx = _run(
         layer,
@@ -350,7 +358,10 @@ def _collection_like(coll, dtype) -> QuantizedCollectionState:
     tier = make_storage(dtype)
 
     def build(state):
-        shards = {k: (tier.convert(t), h) for k, (t, h) in _collection_shards(state).items()}
+        shards = {
+            k: (tier.convert(_logical_like(coll, k)), h)
+            for k, (_, h) in _collection_shards(state).items()
+        }
         return QuantizedCollectionState(
             _as_shards(shards), state.seed, _zero_stats(coll, tier.dtype), tier.dtype
         )
@@ -363,7 +374,7 @@ def lookup_collection(coll, qstate: QuantizedCollectionState, batch, weights, tr
     output}, new qstate, ctx); raises as `lookup`."""
     if training:
         _refuse_training(qstate.dtype)
-    check_like(_collection_like(coll, qstate.dtype), qstate, "quantized state")
+    check_quantized(coll, qstate)
     outs, shards, stats, ctx = _run(
         coll,
         qstate.dtype,
@@ -400,6 +411,21 @@ def quantize(model, state, dtype="int8"):
     if isinstance(state, EmbeddingState):
         return _quantize_layer(model, state, tier)
     return _quantize_collection(model, state, tier)
+
+
+# {model: {row format: the shapes of its quantized state}}, dying with the model
+_LIKES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def check_quantized(model, qstate) -> None:
+    """Trace-time: `qstate` is a quantized state of `model` (its layer or
+    collection, tables, dims and row format); ValueError naming the field
+    otherwise."""
+    likes = _LIKES.setdefault(model, {})
+    if qstate.dtype not in likes:
+        layer = isinstance(model._state_like, EmbeddingState)
+        likes[qstate.dtype] = (_layer_like if layer else _collection_like)(model, qstate.dtype)
+    check_like(likes[qstate.dtype], qstate, "quantized state")
 
 
 def refuse_outside_lookup(state) -> None:

@@ -50,7 +50,13 @@ from jax.sharding import PartitionSpec as P
 from sok_jax import initializers
 from sok_jax._compat import shard_map
 from sok_jax.distributed import scores
-from sok_jax.distributed.host import check_same_on_every_process, from_host, gather_shares, to_host
+from sok_jax.distributed.host import (
+    check_same_on_every_process,
+    device_blocks,
+    from_host,
+    gather_shares,
+    to_host,
+)
 from sok_jax.distributed.owners import key_owner
 from sok_jax.ops import checks, hash_ops
 
@@ -188,6 +194,12 @@ class _Strategy:
         """One device: the hash part of a fresh shard (None in direct mode)."""
         return None
 
+    def home_devices(self, keys, name=None) -> np.ndarray:
+        """Host: the device whose shard holds each key of table `name`
+        (int64 [K]; 0 for a replicated table, which every device holds
+        whole). Direct-mode keys must be in range."""
+        raise NotImplementedError
+
     def send_format(self):
         """(dtype, value of an empty bucket slot) of what is sent for a key."""
         if self.hashed:
@@ -205,27 +217,30 @@ class _Strategy:
                 return i
         raise KeyError(name)
 
-    def check_pairs(self, keys, vectors, share: bool = False, *extra):
+    def check_pairs(self, keys, vectors, share: bool = False, *extra, what="import_pairs"):
         """The pairs to import (and `extra` per-key arrays, or None), the same
         on every process: as given (checked identical across processes), or
         with `share` every process's share gathered. Keys must be integers
-        that fit `key_dtype`, never the padding value; vectors finite."""
-        keys = checks.host_keys(keys, self.key_dtype, "import_pairs: keys", padding_ok=False)
-        vectors = checks.host_vectors(vectors, "import_pairs: vectors")
+        that fit `key_dtype`, never the padding value; vectors finite.
+        ValueError naming `what` (the caller) otherwise."""
+        keys = checks.host_keys(keys, self.key_dtype, f"{what}: keys", padding_ok=False)
+        vectors = checks.host_vectors(vectors, f"{what}: vectors")
         given = [np.asarray(x) for x in extra if x is not None]
         if share:
             keys, vectors, *given = gather_shares(keys, vectors, *given)
         else:
-            check_same_on_every_process("import_pairs", keys, vectors, *given)
+            check_same_on_every_process(what, keys, vectors, *given)
         if keys.ndim != 1 or vectors.shape != (keys.shape[0], self.dim):
             raise ValueError(
-                f"keys must be [K] and vectors [K, {self.dim}], got {keys.shape} and "
+                f"{what}: keys must be [K] and vectors [K, {self.dim}], got {keys.shape} and "
                 f"{vectors.shape}"
             )
         if any(x.shape[:1] != keys.shape for x in given):
-            raise ValueError(f"every per-key array must be [{keys.shape[0]}, ...] like keys")
+            raise ValueError(
+                f"{what}: every per-key array must be [{keys.shape[0]}, ...] like keys"
+            )
         if len(np.unique(keys)) != len(keys):
-            raise ValueError("keys must be distinct")
+            raise ValueError(f"{what}: keys must be distinct")
         it = iter(given)
         return (keys, vectors, *(None if x is None else next(it) for x in extra))
 
@@ -290,6 +305,9 @@ class _Direct:
         keys = np.arange(self.members[self.member_index(name)].vocabulary_size, dtype=np.int64)
         rows = self.global_rows(keys, name)
         return StoredRows(keys, to_host(table)[rows], rows)
+
+    def home_devices(self, keys, name=None):
+        return self.global_rows(keys, name) // self.rows_per_device
 
     def import_rows(self, table, slot_keys, name, keys, vectors, share=False, **_):
         keys, vectors = self.check_pairs(keys, vectors, share)
@@ -547,33 +565,59 @@ class _Hashed:
             "log_total": None if sc.log_total is None else int(per_shard(sc.log_total).sum()),
         }
 
+    def _plain_lookup(self, hash_part, k, insert: bool):
+        """`hash_lookup` of keys `k` in a scored shard without admission,
+        under the table's eviction policy (with eviction a key is searched
+        in its home bucket only); an insertion stamps the rows with step 1."""
+        sc = hash_part.scores
+        return self.ops.hash_lookup(
+            hash_part.slot_keys,
+            k,
+            insert=insert,
+            last_seen=sc.last_seen,
+            count=sc.count,
+            step=jnp.int32(1),
+            policy=self.online.eviction,
+        )
+
+    def place_keys(self, hash_part, k, ls, ct):
+        """One device: inserts keys `k` (padding: none), without admission,
+        and with scores sets their last_seen and count to `ls`, `ct`.
+        Returns (hash_part, the row of each key (-1: none), the keys that
+        got no row or took another key's row (int32): a full shard, or with
+        eviction a full bucket)."""
+        if not self.scored:
+            hash_part, got, _, failed = self.ops.find_or_insert(hash_part, k, insert=True)
+            return hash_part, got, failed
+        sc = hash_part.scores
+        r = self._plain_lookup(hash_part, k, insert=True)
+        pad = jnp.asarray(checks.padding_value(k.dtype), k.dtype)
+        failed = hash_ops.failures(r.status) + jnp.sum(r.evicted != pad, dtype=jnp.int32)
+        target = jnp.where(r.rows >= 0, r.rows, r.slot_keys.shape[0])
+        sc = dataclasses.replace(
+            sc,
+            last_seen=r.last_seen.at[target].set(ls, mode="drop"),
+            count=r.count.at[target].set(ct, mode="drop"),
+            used=scores.count_used(r.slot_keys),
+        )
+        return scores.HashShard(r.slot_keys, sc), r.rows, failed
+
+    def remove_keys(self, hash_part, k):
+        """One device: frees the rows of keys `k` (padding, and keys holding
+        no row: nothing), as `evict_stale` frees rows, without logging them.
+        Only a table that evicts frees rows (its lookups read whole buckets)."""
+        r = self._plain_lookup(hash_part, k, insert=False)
+        rows = hash_part.slot_keys.shape[0]
+        target = jnp.where(r.rows >= 0, r.rows, rows)
+        gone = jnp.zeros((rows,), bool).at[target].set(True, mode="drop")
+        return scores.free_rows(hash_part, gone)[0]
+
     def _load(self, table, hash_part, k, v, ls, ct):
         """One device: inserts keys `k` (padding: none) and writes their
         vectors, and with scores their last_seen and count. Returns
         (hash_part, table, failed [1], rows)."""
-        if self.scored:
-            sc = hash_part.scores
-            r = self.ops.hash_lookup(
-                hash_part.slot_keys,
-                k,
-                insert=True,
-                last_seen=sc.last_seen,
-                count=sc.count,
-                step=jnp.int32(1),
-                policy=self.online.eviction,
-            )
-            got, failed = r.rows, hash_ops.failures(r.status)
-            target = jnp.where(got >= 0, got, table.shape[0])
-            sc = dataclasses.replace(
-                sc,
-                last_seen=r.last_seen.at[target].set(ls, mode="drop"),
-                count=r.count.at[target].set(ct, mode="drop"),
-                used=scores.count_used(r.slot_keys),
-            )
-            hash_part = scores.HashShard(r.slot_keys, sc)
-        else:
-            hash_part, got, _, failed = self.ops.find_or_insert(hash_part, k, insert=True)
-            target = jnp.where(got >= 0, got, table.shape[0])
+        hash_part, got, failed = self.place_keys(hash_part, k, ls, ct)
+        target = jnp.where(got >= 0, got, table.shape[0])
         table = table.at[target].set(v.astype(table.dtype), mode="drop")
         return hash_part, table, failed.reshape(1), got
 
@@ -581,36 +625,31 @@ class _Hashed:
         """Inserts each key into the hash table of device owner[i] and writes
         its vector (and scores); raises if a shard cannot place them all.
         Returns (table, hash_part, the global row of each key)."""
-        n, d, r = self.num_devices, self.dim, self.rows_per_device
-        blocks = [np.nonzero(owner == dev)[0] for dev in range(n)]
-        width = max(max((len(b) for b in blocks), default=0), 1)
-        send_keys = np.full((n, width), checks.padding_value(self.key_dtype), self.key_dtype)
-        send_vecs = np.zeros((n, width, d), np.float32)
-        send_ls = np.zeros((n, width), np.int32)
-        send_ct = np.zeros((n, width), np.int32)
-        for dev, b in enumerate(blocks):
-            send_keys[dev, : len(b)] = keys[b]
-            send_vecs[dev, : len(b)] = vectors[b]
-            if last_seen is not None:
-                send_ls[dev, : len(b)] = last_seen[b]
-                send_ct[dev, : len(b)] = count[b]
-
+        n = self.num_devices
+        zeros = np.zeros(len(keys), np.int32)
+        (send_keys, send_vecs, send_ls, send_ct), at = device_blocks(
+            owner,
+            n,
+            [
+                (keys, checks.padding_value(self.key_dtype)),
+                (np.asarray(vectors, np.float32), 0),
+                (zeros if last_seen is None else last_seen, 0),
+                (zeros if count is None else count, 0),
+            ],
+        )
         row, mat = P(self.axis_name), P(self.axis_name, None)
         fn = shard_map(self._load, self.mesh, (mat, row, row, mat, row, row), (row, mat, row, row))
         hash_part, table, failed, got = jax.jit(fn)(
             table,
             hash_part,
-            from_host(send_keys.reshape(-1), self.row_sharding),
-            from_host(send_vecs.reshape(n * width, d), NamedSharding(self.mesh, mat)),
-            from_host(send_ls.reshape(-1), self.row_sharding),
-            from_host(send_ct.reshape(-1), self.row_sharding),
+            from_host(send_keys, self.row_sharding),
+            from_host(send_vecs, NamedSharding(self.mesh, mat)),
+            from_host(send_ls.astype(np.int32), self.row_sharding),
+            from_host(send_ct.astype(np.int32), self.row_sharding),
         )
         if int(np.sum(to_host(failed))):
             raise ValueError(self._cannot_place())
-        got = to_host(got).reshape(n, width)
-        rows = np.zeros(len(keys), np.int64)
-        for dev, b in enumerate(blocks):
-            rows[b] = dev * r + got[dev, : len(b)]
+        rows = np.asarray(owner, np.int64) * self.rows_per_device + to_host(got)[at]
         return table, hash_part, rows
 
     def _cannot_place(self):
@@ -631,6 +670,11 @@ class _Hashed:
     def _check_scores(self, last_seen, count):
         if (last_seen is None) != (count is None):
             raise ValueError("import_pairs: last_seen and count must be given together")
+
+    def _import_checked(self, table, hash_part, name, keys, vectors, last_seen, count):
+        owner = self.home_devices(keys, name)
+        self._check_fits(np.bincount(owner, minlength=self.num_devices).tolist())
+        return self._load_blocks(table, hash_part, keys, vectors, owner, last_seen, count)
 
     def import_rows(
         self, table, hash_part, name, keys, vectors, share=False, last_seen=None, count=None
@@ -674,10 +718,10 @@ class RowHashRows(_Hashed, _Strategy):
     def export_rows(self, table, slot_keys, name) -> StoredRows:
         return self._stored(table, slot_keys)
 
-    def _import_checked(self, table, hash_part, name, keys, vectors, last_seen, count):
-        owner = key_owner(keys.astype(self.key_dtype), self.num_devices, self.key_placement)
-        self._check_fits(np.bincount(owner, minlength=self.num_devices).tolist())
-        return self._load_blocks(table, hash_part, keys, vectors, owner, last_seen, count)
+    def home_devices(self, keys, name=None):
+        return np.asarray(
+            key_owner(keys.astype(self.key_dtype), self.num_devices, self.key_placement), np.int64
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -707,10 +751,8 @@ class TableHashRows(_Hashed, _Strategy):
         d, r = self.member_index(name), self.rows_per_device
         return self._stored(table, slot_keys, slice(d * r, (d + 1) * r))
 
-    def _import_checked(self, table, hash_part, name, keys, vectors, last_seen, count):
-        self._check_fits([len(keys)])
-        owner = np.full(len(keys), self.member_index(name), np.int64)
-        return self._load_blocks(table, hash_part, keys, vectors, owner, last_seen, count)
+    def home_devices(self, keys, name):
+        return np.full(len(keys), self.member_index(name), np.int64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -750,6 +792,9 @@ class ReplicatedHashRows(_Hashed, _Strategy):
 
     def export_rows(self, table, slot_keys, name) -> StoredRows:
         return self._stored(table, slot_keys)
+
+    def home_devices(self, keys, name=None):
+        return np.zeros(len(keys), np.int64)
 
     def _import_checked(self, table, hash_part, name, keys, vectors, last_seen, count):
         self._check_fits([len(keys)])

@@ -296,24 +296,33 @@ def count_used(slot_keys):
     return jnp.sum(slot_keys != pad).astype(jnp.int32).reshape(1)
 
 
+def free_rows(shard: HashShard, gone) -> tuple:
+    """One device: the rows where `gone` (bool [R]) holds a key made free
+    (EMPTY, scores 0), unlogged. Returns (shard, rows freed)."""
+    sc = shard.scores
+    pad = jnp.asarray(checks.padding_value(shard.slot_keys.dtype), shard.slot_keys.dtype)
+    gone = gone & (shard.slot_keys != pad)
+    freed = jnp.sum(gone).astype(jnp.int32)
+    new = dataclasses.replace(
+        sc,
+        last_seen=jnp.where(gone, 0, sc.last_seen),
+        count=jnp.where(gone, 0, sc.count),
+        used=sc.used - freed,
+    )
+    return HashShard(jnp.where(gone, pad, shard.slot_keys), new), freed
+
+
 def evict_stale(shard: HashShard, max_age) -> tuple:
     """One device: frees every row whose key no training lookup saw in the
     last `max_age` steps (last_seen <= step - max_age), logging its key.
     Returns (shard, rows freed)."""
     sc = shard.scores
-    pad = jnp.asarray(checks.padding_value(shard.slot_keys.dtype), shard.slot_keys.dtype)
     step = sc.step[0]
-    stale = (shard.slot_keys != pad) & (sc.last_seen <= step - max_age)
-    freed = jnp.sum(stale).astype(jnp.int32)
-    new = dataclasses.replace(
-        sc,
-        last_seen=jnp.where(stale, 0, sc.last_seen),
-        count=jnp.where(stale, 0, sc.count),
-        used=sc.used - freed,
-    )
-    new = append_log(new, shard.slot_keys, stale, step)
-    keys = jnp.where(stale, pad, shard.slot_keys)
-    return HashShard(keys, new), freed
+    stale = sc.last_seen <= step - max_age
+    freed_shard, freed = free_rows(shard, stale)
+    pad = jnp.asarray(checks.padding_value(shard.slot_keys.dtype), shard.slot_keys.dtype)
+    logged = append_log(freed_shard.scores, shard.slot_keys, stale & (shard.slot_keys != pad), step)
+    return HashShard(freed_shard.slot_keys, logged), freed
 
 
 def reset_slots(optimizer, opt_state, rows, dim: int):
