@@ -1,7 +1,7 @@
 """MLPerf DLRM-DCNv2 training on one GPU, side by side, in one run.
 
 The model and step are examples/train_dlrm.py's `--model dcnv2 --preset
-mlperf` (examples/dlrm_model.py): 26 tables with the Criteo 1TB
+mlperf-onehot` (examples/dlrm_model.py, examples/dlrm_presets.py): 26 tables with the Criteo 1TB
 cardinalities capped at 40M rows (204,184,588 rows x D 128, 104.5 GB in
 float32, row-wise Adagrad, in one `sok_jax.DistributedEmbedding`), the
 DCNv2 dense part in bfloat16 with float32 parameters (Adagrad), batch
@@ -79,6 +79,7 @@ from common import (  # noqa: E402
     time_samples,
     write_json,
 )
+from dlrm_presets import PRESETS  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
@@ -87,13 +88,15 @@ from sok_jax import data, optim  # noqa: E402
 
 GIB = 2**30
 AXIS = "x"
-LR, TABLE_EPS, DENSE_EPS = 0.005, 1e-8, 1e-10  # MLPerf DLRM-DCNv2's Adagrad
+# The model and its Adagrads (lr, eps, initial accumulator: the mlcommons
+# reference's); the tables row-wise as that preset's, one- and multi-hot.
+PRESET = PRESETS["mlperf-onehot"]
+SHAPES = PRESET.shapes()
 TARGET_SPS = 4.0e6  # one-hot, full size, one H200
 ANCHORS = {
     "HugeCTR MLPerf v3.0 DCNv2, per H100 (12.8 M / 8)": 1.6e6,
     "SOK DLRM FP32, per A100 (8.16 M / 8)": 8.16e6 / 8,
 }
-SHAPES = dict(bottom=(512, 256, 128), top=(1024, 1024, 512, 256, 1), cross_layers=3, cross_rank=512)
 
 
 def _float_list(s):
@@ -122,6 +125,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON to this path")
     return p.parse_args(argv)
+
+
+def dense_adagrad():
+    """The dense part's optimizer (the nn.Embed baseline's for everything)."""
+    return optax.adagrad(
+        PRESET.lr, initial_accumulator_value=PRESET.initial_accumulator_value, eps=PRESET.dense_eps
+    )
 
 
 def is_oom(e):
@@ -218,8 +228,12 @@ class SokModel:
             data.NUM_DENSE, 26, 128, **SHAPES, dtype=jnp.bfloat16, rngs=nnx.Rngs(args.seed)
         )
         self.graphdef, params = nnx.split(self.model)
-        self.dense_tx = optax.adagrad(LR, initial_accumulator_value=0.0, eps=DENSE_EPS)
-        self.table_tx = optim.rowwise_adagrad(LR, initial_accumulator_value=0.0, eps=TABLE_EPS)
+        self.dense_tx = dense_adagrad()
+        self.table_tx = optim.rowwise_adagrad(
+            PRESET.lr,
+            initial_accumulator_value=PRESET.initial_accumulator_value,
+            eps=PRESET.table_eps,
+        )
         self.embed = dm.TableEmbedding(
             self.features,
             128,
@@ -395,7 +409,7 @@ class EmbedDCNv2(nnx.Module):
 
 def baseline_step(args, features):
     gen = data.SyntheticCriteo(features, args.batch, seed=args.seed)
-    tx = optax.adagrad(LR, initial_accumulator_value=0.0, eps=DENSE_EPS)
+    tx = dense_adagrad()
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: EmbedDCNv2(features, rngs=nnx.Rngs(0))))
 
     @jax.jit

@@ -18,6 +18,9 @@ embeddings [B, 26, D] as an input and never see a table.
   module `sok_jax.flax.ShardedEmbedding` (its variables hold the tables and
   the optimizer slots), trained with the sparse path (`lookup` +
   `sparse_update`).
+* `memory_plan`: the bytes the training state takes (tables, their
+  optimizer slots, the dense state), from its shapes, before anything is
+  allocated.
 * `make_train_step`: one jitted, donating training step of both halves.
 """
 
@@ -174,6 +177,86 @@ def pack_width(nnzs: Sequence[int], dim: int) -> int:
         for p in range(1, max(nnzs) + 1)
     }
     return min(costs, key=lambda p: (costs[p], p))
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of the arrays (or shape structs) of a pytree."""
+    return int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def optimizer_slots(optimizer, rows: int, dim: int, dtype) -> tuple[int, str]:
+    """(bytes, dtype names) of a sparse optimizer's slots for a [rows, dim]
+    table of `dtype`, from their shapes (nothing is allocated)."""
+    probe = jax.eval_shape(optimizer.init, jax.ShapeDtypeStruct((rows, dim), dtype))
+    return tree_bytes(probe.slots), "/".join(sorted({s.dtype.name for s in probe.slots})) or "-"
+
+
+class MemoryPlan(NamedTuple):
+    """The bytes the training state takes, from its shapes: the tables, the
+    tables' optimizer slots (both split over the devices) and the dense
+    parameters with their optimizer state (replicated). The step's
+    temporaries come on top (the compiled step's memory analysis says how
+    many)."""
+
+    rows: int
+    dim: int
+    table_dtype: str
+    table_bytes: int
+    optimizer: str
+    slot_dtype: str
+    slot_bytes: int
+    dense_bytes: int
+    devices: int
+
+    @property
+    def per_device(self) -> float:
+        return (self.table_bytes + self.slot_bytes) / self.devices + self.dense_bytes
+
+    def describe(self, capacity: float, card: str) -> str:
+        """The plan as text, with whether a device's share fits `capacity`
+        bytes (a `card`'s memory)."""
+        gb = lambda b: f"{b / 1e9:10.2f} GB"  # noqa: E731
+        left = capacity - self.per_device
+        verdict = (
+            f"fits one {card} ({capacity / 1e9:.0f} GB), {left / 1e9:.2f} GB left for the step"
+            if left > 0
+            else f"does NOT fit one {card} ({capacity / 1e9:.0f} GB): {-left / 1e9:.2f} GB over"
+        )
+        rows = [
+            (f"tables: {self.rows:,} rows x {self.dim} {self.table_dtype}", self.table_bytes),
+            (f"{self.optimizer} slots: {self.slot_dtype}", self.slot_bytes),
+            ("dense parameters + optimizer (replicated)", self.dense_bytes),
+            (f"per device, on {self.devices} device(s)", self.per_device),
+        ]
+        lines = ["memory plan (from the state's shapes; the step's temporaries come on top):"]
+        lines += [f"  {name:<52}{gb(b)}" for name, b in rows]
+        return "\n".join(lines + [f"  {verdict}"])
+
+
+def memory_plan(
+    features: Sequence[SparseFeature],
+    dim: int,
+    dtype,
+    optimizer,
+    optimizer_name: str,
+    dense_bytes: int,
+    devices: int,
+) -> MemoryPlan:
+    """The `MemoryPlan` of tables of `features` x `dim` in `dtype` trained by
+    the sparse `optimizer`, beside `dense_bytes` of dense state."""
+    rows = int(sum(f.cardinality for f in features))
+    slot_bytes, slot_dtype = optimizer_slots(optimizer, rows, dim, dtype)
+    return MemoryPlan(
+        rows=rows,
+        dim=int(dim),
+        table_dtype=jnp.dtype(dtype).name,
+        table_bytes=rows * int(dim) * jnp.dtype(dtype).itemsize,
+        optimizer=optimizer_name,
+        slot_dtype=slot_dtype,
+        slot_bytes=slot_bytes,
+        dense_bytes=int(dense_bytes),
+        devices=int(devices),
+    )
 
 
 class _ShardedSide:
@@ -383,11 +466,7 @@ class TableEmbedding(_ShardedSide):
 
     # ----------------------------------------------------------- inspection
     def slot_bytes(self) -> int:
-        probe = jax.eval_shape(
-            self.optimizer.init,
-            jax.ShapeDtypeStruct((self.layer.num_rows, self.dim), self.layer.dtype),
-        )
-        return int(sum(np.prod(s.shape) * s.dtype.itemsize for s in probe.slots))
+        return optimizer_slots(self.optimizer, self.layer.num_rows, self.dim, self.layer.dtype)[0]
 
     def plan(self, optimizer_name: str = "") -> str:
         """The plan as text: features, rows, bytes, memory per device."""

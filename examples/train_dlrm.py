@@ -6,16 +6,24 @@ Two models (the dense halves are flax NNX, `examples/dlrm_model.py`):
   MLP, pairwise dots, top MLP) over 13 dense and 26 sparse features, the
   Criteo Kaggle cardinalities scaled into `--table-rows` (1M) rows of D 16.
   About half a minute on a 2-core CPU (8 forced host devices).
-* `--model dcnv2 --preset mlperf`: MLPerf Training's DLRM-DCNv2 at full size:
-  26 tables with the Criteo 1TB cardinalities capped at 40M rows
-  (204,184,588 rows x D 128 = 104.5 GB in float32), bottom MLP 512-256-128,
-  3 low-rank (512) cross layers, top MLP 1024-1024-512-256-1, bfloat16
-  compute with float32 parameters, batch 65536; Adagrad lr 0.005 for the
-  dense part as in the reference, and for the tables row-wise Adagrad (the
-  reference's full Adagrad needs a second 104.5 GB for its accumulator,
-  more than one H200 has; `--optimizer adagrad` at a smaller `--scale`).
-  `--multi-hot` uses MLPerf's bag sizes (214 ids per sample); `--scale s`
-  shrinks every table by s (the same preset on a CPU).
+* `--model dcnv2`: MLPerf Training's DLRM-DCNv2 at full size (bottom MLP
+  512-256-128, 3 low-rank (512) cross layers, top MLP 1024-1024-512-256-1,
+  bfloat16 compute with float32 parameters, dense Adagrad lr 0.005, batch
+  65536; 26 tables of the Criteo 1TB cardinalities capped at 40M rows,
+  204,184,588 rows x D 128), in one of two presets (`examples/dlrm_presets.py`
+  says where every hyperparameter comes from):
+  - `--preset mlperf` (the default), the benchmark as the mlcommons
+    reference runs it: MLPerf's multi-hot bags (214 ids per sample), exact
+    per-element Adagrad on the tables (lr 0.005, eps and initial accumulator
+    FBGEMM's EXACT_ADAGRAD's), the tables bfloat16 with stochastic rounding,
+    an evaluation every 0.05 of the run;
+  - `--preset mlperf-onehot`: one id per feature, row-wise Adagrad on
+    float32 tables (104.5 GB, one accumulator per row).
+  `--scale s` shrinks every table by s (the same preset on a CPU); every
+  preset value can be overridden (`--optimizer`, `--table-dtype`,
+  `--no-stochastic-rounding`, `--multi-hot`, `--dim`, `--batch-size`,
+  `--eval-every`). The memory plan (tables, slots, dense state) is printed
+  before anything is allocated, against one H200's 141 GB.
 
 The embedding side is a `sok_jax.EmbeddingCollection` with one table per
 feature, placed by its planner (printed at start; `CollectionEmbedding`), or
@@ -32,7 +40,7 @@ with the trained table served in int8 rows (`sok_jax.serving.quantize`).
 
     python examples/train_dlrm.py                       # the small default
     python examples/train_dlrm.py --model dcnv2 --scale 1e-4 --batch-size 1024
-    python examples/train_dlrm.py --model dcnv2 --multi-hot --plot dcnv2.png --json m.json
+    python examples/train_dlrm.py --model dcnv2 --preset mlperf-onehot --plot m.png --json m.json
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
 
-# The full-size table (97.3 GiB) and the step's activations need more of an
+# The full-size tables and slots and the step's activations need more of an
 # H200 than JAX's default 75% preallocation.
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -61,6 +69,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from dlrm_presets import H200_BYTES, PRESETS  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
@@ -75,46 +84,50 @@ AXIS = "data"
 # and Adagrad/FTRL (whose 0.1 initial accumulator dominates such small
 # gradients) a larger one than usual; Adam normalizes the scale away.
 DEFAULT_LR = {"sgd": 20.0, "adagrad": 0.5, "rowwise_adagrad": 0.5, "adam": 0.01, "ftrl": 0.5}
-# MLPerf DLRM-DCNv2 (mlcommons/training recommendation_v2/torchrec_dlrm):
-# Adagrad, lr 0.005, no warm-up or decay, initial accumulator 0; eps 1e-10
-# for the dense part (torch.optim.Adagrad), 1e-8 for the fused table update.
-PRESETS = {
-    "mlperf": dict(
-        cardinalities=data.MLPERF_CARDINALITIES,
-        dim=128,
-        bottom=(512, 256, 128),
-        top=(1024, 1024, 512, 256, 1),
-        cross_layers=3,
-        cross_rank=512,
-        batch_size=65536,
-        lr=0.005,
-        table_eps=1e-8,
-        dense_eps=1e-10,
-    )
-}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="dlrm", choices=["dlrm", "dcnv2"])
-    p.add_argument("--preset", default="mlperf", choices=sorted(PRESETS), help="dcnv2's sizes")
+    p.add_argument(
+        "--preset",
+        default="mlperf",
+        choices=sorted(PRESETS),
+        help="dcnv2: MLPerf's benchmark (mlperf) or its one-hot variant (examples/dlrm_presets.py)",
+    )
     p.add_argument("--scale", type=float, default=1.0, help="dcnv2: shrink every table by this")
-    p.add_argument("--multi-hot", action="store_true", help="dcnv2: MLPerf's bag sizes")
+    p.add_argument(
+        "--multi-hot",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="dcnv2: MLPerf's bag sizes (default: the preset's)",
+    )
     p.add_argument("--table-rows", type=int, default=1_000_000, help="dlrm: total table rows")
     p.add_argument("--dim", type=int, default=None, help="embedding size D (dlrm 16, dcnv2 128)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch (4096 / 65536)")
     p.add_argument("--steps", type=int, default=None, help="steps per epoch (100 / 500)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (3 / 4)")
     p.add_argument("--eval-batches", type=int, default=4, help="held-out batches per evaluation")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="steps between evaluations (dcnv2: 0.05 of the run, as MLPerf's reference; dlrm: "
+        "an epoch); every epoch's end is evaluated too",
+    )
     p.add_argument("--optimizer", default=None, choices=sorted(DEFAULT_LR), help="the tables'")
     p.add_argument("--lr", type=float, default=None, help="the tables' learning rate")
     p.add_argument("--dense-lr", type=float, default=None, help="the dense part's learning rate")
-    p.add_argument("--table-dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument(
+        "--table-dtype", default=None, choices=sorted(DTYPES), help="dlrm: float32; dcnv2: preset's"
+    )
     p.add_argument(
         "--stochastic-rounding",
-        action="store_true",
-        help="write 16-bit tables' updates by stochastic rounding (seeded by --seed)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="write 16-bit tables' updates by stochastic rounding (seeded by --seed; default: "
+        "the dcnv2 preset's, off for dlrm)",
     )
     p.add_argument("--compute-dtype", default=None, choices=sorted(DTYPES), help="dense compute")
     p.add_argument(
@@ -168,20 +181,24 @@ def parse_args(argv=None):
     )
     args = p.parse_args(argv)
     dcn = args.model == "dcnv2"
-    preset = PRESETS[args.preset] if dcn else {}
-    args.dim = args.dim or (preset["dim"] if dcn else 16)
-    args.batch_size = args.batch_size or (preset["batch_size"] if dcn else 4096)
-    args.steps = args.steps or (500 if dcn else 100)
-    args.epochs = args.epochs or (4 if dcn else 3)
-    args.optimizer = args.optimizer or ("rowwise_adagrad" if dcn else "adam")
-    args.compute_dtype = args.compute_dtype or ("bfloat16" if dcn else "float32")
-    if args.lr is None:
-        adagrads = ("adagrad", "rowwise_adagrad")
-        args.lr = preset["lr"] if dcn and args.optimizer in adagrads else DEFAULT_LR[args.optimizer]
-    if args.dense_lr is None:
-        args.dense_lr = preset["lr"] if dcn else 1e-3
     if args.multi_hot and not dcn:
         p.error("--multi-hot is for --model dcnv2")
+    preset = PRESETS[args.preset] if dcn else None
+    args.dim = args.dim or (preset.dim if dcn else 16)
+    args.batch_size = args.batch_size or (preset.batch_size if dcn else 4096)
+    args.steps = args.steps or (500 if dcn else 100)
+    args.epochs = args.epochs or (4 if dcn else 3)
+    args.optimizer = args.optimizer or (preset.table_optimizer if dcn else "adam")
+    args.compute_dtype = args.compute_dtype or ("bfloat16" if dcn else "float32")
+    args.table_dtype = args.table_dtype or (preset.table_dtype if dcn else "float32")
+    args.multi_hot = bool(preset.multi_hot if dcn and args.multi_hot is None else args.multi_hot)
+    if args.stochastic_rounding is None:  # the preset's (the dense path has none)
+        args.stochastic_rounding = dcn and preset.stochastic_rounding and not args.dense_path
+    if args.lr is None:
+        adagrads = ("adagrad", "rowwise_adagrad")
+        args.lr = preset.lr if dcn and args.optimizer in adagrads else DEFAULT_LR[args.optimizer]
+    if args.dense_lr is None:
+        args.dense_lr = preset.lr if dcn else 1e-3
     if args.hbm_budget is not None and (args.embedding != "collection" or args.dense_path):
         p.error("--hbm-budget is for --embedding collection (the planner offloads its tables)")
     args.eval_quantized = [d for d in args.eval_quantized.split(",") if d]
@@ -223,12 +240,10 @@ def _days(spec: str) -> list[int]:
 # --------------------------------------------------------------- set-up
 def table_optimizer(args):
     """The tables' sparse optimizer (or its optax twin for --dense-path)."""
-    dcn_adagrad = args.model == "dcnv2" and args.optimizer in ("adagrad", "rowwise_adagrad")
-    kw = (
-        dict(initial_accumulator_value=0.0, eps=PRESETS[args.preset]["table_eps"])
-        if dcn_adagrad
-        else {}
-    )
+    kw = {}
+    if args.model == "dcnv2" and args.optimizer in ("adagrad", "rowwise_adagrad"):
+        preset = PRESETS[args.preset]
+        kw = dict(initial_accumulator_value=preset.initial_accumulator_value, eps=preset.table_eps)
     if not args.dense_path:
         if args.stochastic_rounding:
             kw.update(stochastic_rounding=True, seed=args.seed % 2**32)
@@ -251,16 +266,19 @@ def table_optimizer(args):
 
 def dense_optimizer(args):
     if args.model == "dcnv2":
-        eps = PRESETS[args.preset]["dense_eps"]
-        return optax.adagrad(args.dense_lr, initial_accumulator_value=0.0, eps=eps)
+        preset = PRESETS[args.preset]
+        return optax.adagrad(
+            args.dense_lr,
+            initial_accumulator_value=preset.initial_accumulator_value,
+            eps=preset.dense_eps,
+        )
     return optax.adam(args.dense_lr)
 
 
 def make_features(args):
     if args.model == "dcnv2":
-        preset = PRESETS[args.preset]
         return data.criteo_features(
-            preset["cardinalities"], scale=args.scale, multi_hot=args.multi_hot
+            PRESETS[args.preset].cardinalities, scale=args.scale, multi_hot=args.multi_hot
         )
     scale = min(1.0, args.table_rows / sum(data.KAGGLE_CARDINALITIES))
     return data.criteo_features(data.KAGGLE_CARDINALITIES, scale=scale, min_rows=2)
@@ -269,8 +287,7 @@ def make_features(args):
 def make_model(args, features):
     kw = dict(dtype=DTYPES[args.compute_dtype], param_dtype=jnp.float32, rngs=nnx.Rngs(args.seed))
     if args.model == "dcnv2":
-        preset = PRESETS[args.preset]
-        shapes = {k: preset[k] for k in ("bottom", "top", "cross_layers", "cross_rank")}
+        shapes = PRESETS[args.preset].shapes()
         return dm.DCNv2(data.NUM_DENSE, len(features), args.dim, **shapes, **kw), shapes
     return dm.DLRM(data.NUM_DENSE, len(features), args.dim, **kw), {}
 
@@ -468,6 +485,8 @@ def main(argv=None):
         f"config: {vars(args)} | table optimizer {args.optimizer} lr {args.lr} | dense "
         f"{'adagrad' if args.model == 'dcnv2' else 'adam'} lr {args.dense_lr} | {path} path"
     )
+    if args.model == "dcnv2":
+        print(f"preset {args.preset}: {PRESETS[args.preset]}")
 
     features = make_features(args)
     model, shapes = make_model(args, features)
@@ -478,6 +497,19 @@ def main(argv=None):
         f"dense model: {type(model).__name__}, {n_params:,} parameters (float32), "
         f"{args.compute_dtype} compute, {3 * flops / 1e6:.1f} MFLOP per sample per step"
     )
+    memory = None
+    if not args.dense_path:
+        dense_bytes = dm.tree_bytes(params) + dm.tree_bytes(jax.eval_shape(dense_tx.init, params))
+        memory = dm.memory_plan(
+            features, args.dim, DTYPES[args.table_dtype], table_tx, args.optimizer, dense_bytes, n
+        )
+        print(memory.describe(H200_BYTES, "H200"))
+        if memory.per_device > H200_BYTES:
+            print(
+                "  (sok_jax's optimizer slots are float32 whatever the table's dtype: shrink the "
+                "tables with --scale, spread them over more devices, or keep the largest in host "
+                "memory with --hbm-budget)"
+            )
     if args.embedding == "collection" and not args.dense_path:
         embed = dm.CollectionEmbedding(
             features,
@@ -580,8 +612,27 @@ def main(argv=None):
         steps_per_epoch = min(args.steps, loader.num_batches // args.epochs)
         if steps_per_epoch < 1:
             raise SystemExit(f"{loader.num_batches} batches cannot make {args.epochs} epochs")
-    all_losses, evals, first_loss = [], [], None
+    total_steps = steps_per_epoch * args.epochs
+    if args.eval_every is None:  # MLPerf: every 0.05 of its one epoch; dlrm: every epoch
+        fraction = PRESETS[args.preset].eval_fraction if args.model == "dcnv2" else None
+        args.eval_every = max(1, round(total_steps * fraction)) if fraction else steps_per_epoch
+    planted_txt = f" (planted model {planted_auc:.4f})" if planted_auc is not None else ""
+    all_losses, evals, epochs, first_loss = [], [], [], None
     global_step = 0
+
+    def evaluate():
+        """Held-out loss and AUC of the state now, appended to `evals`."""
+        logits = np.concatenate([to_host(predict(state.params, state.emb, b)) for b in held_out])
+        evals.append(
+            dict(
+                step=global_step,
+                fraction=global_step / total_steps,
+                auc=data.roc_auc(eval_labels, logits),
+                loss=float(dm.bce(jnp.asarray(logits), jnp.asarray(eval_labels))),
+            )
+        )
+        return evals[-1]
+
     dropped_before = 0  # the counters accumulate from init: keys dropped before this epoch
     for epoch in range(1, args.epochs + 1):
         losses, dropped = [], None
@@ -592,7 +643,7 @@ def main(argv=None):
             leave=False,
             disable=jax.process_index() != 0,
         )
-        t0 = time.perf_counter()
+        t0, eval_s = time.perf_counter(), 0.0
         for i in bar:
             if loader.on_device:
                 state, loss, drop = step(state, global_step)
@@ -602,26 +653,35 @@ def main(argv=None):
             losses.append(loss)
             dropped = drop
             if i % 10 == 0:  # reading a value waits for the step; not every step
-                sps = (i + 1) * args.batch_size / (time.perf_counter() - t0)
+                sps = (i + 1) * args.batch_size / (time.perf_counter() - t0 - eval_s)
                 bar.set_postfix(loss=f"{float(loss):.4f}", samples_s=f"{sps:,.0f}")
+            if global_step % args.eval_every == 0 and i + 1 < steps_per_epoch:
+                jax.block_until_ready(loss)  # the steps before it are not the evaluation's time
+                t_eval = time.perf_counter()
+                ev = evaluate()
+                eval_s += time.perf_counter() - t_eval
+                if jax.process_index() == 0:
+                    bar.write(
+                        f"eval at step {global_step:,} ({ev['fraction']:.2f} of the run): "
+                        f"loss {ev['loss']:.4f} auc {ev['auc']:.4f}{planted_txt}"
+                    )
         losses = np.asarray([to_host(x) for x in losses])
-        elapsed = time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0 - eval_s
         all_losses += losses.tolist()
         first_loss = float(losses[0]) if first_loss is None else first_loss
-        logits = np.concatenate([to_host(predict(state.params, state.emb, b)) for b in held_out])
-        eval_auc = data.roc_auc(eval_labels, logits)
-        eval_loss = float(dm.bce(jnp.asarray(logits), jnp.asarray(eval_labels)))
+        ev = evaluate()  # every epoch's end
+        eval_auc, eval_loss = ev["auc"], ev["loss"]
         sps = steps_per_epoch * args.batch_size / elapsed
         drops = int(to_host(dropped)) - dropped_before
         dropped_before += drops
-        evals.append(
+        epochs.append(
             dict(epoch=epoch, step=global_step, auc=eval_auc, loss=eval_loss, samples_per_s=sps)
         )
-        planted_txt = f" (planted model {planted_auc:.4f})" if planted_auc is not None else ""
         print(
             f"epoch {epoch}: loss {losses.mean():.4f} (last step {losses[-1]:.4f}) | eval loss "
             f"{eval_loss:.4f} auc {eval_auc:.4f}{planted_txt} | {sps:,.0f} samples/s "
-            f"({1e3 * elapsed / steps_per_epoch:.2f} ms/step) | dropped keys {drops}"
+            f"({1e3 * elapsed / steps_per_epoch:.2f} ms/step, evaluations excluded) | "
+            f"dropped keys {drops}"
         )
 
     metrics = dict(
@@ -632,7 +692,9 @@ def main(argv=None):
         planted_auc=planted_auc,
         samples_per_s=sps,
         compile_s=compile_s,
-        epochs=evals,
+        epochs=epochs,
+        evals=evals,
+        memory=memory._asdict() if memory is not None else None,
         devices=n,
         platform=devices[0].platform,
         device_kind=devices[0].device_kind,

@@ -62,15 +62,21 @@ def _run(tmp_path, args, devices=8, timeout=300):
 
 
 @pytest.mark.parametrize(
-    "multi_hot,embedding,hbm_budget",
-    [(False, "collection", None), (True, "one-table", None), (False, "collection", "0.0015")],
-    ids=["one-hot-collection", "multi-hot-one-table", "collection-offloaded"],
+    "preset,embedding,hbm_budget",
+    [
+        ("mlperf", "collection", None),
+        ("mlperf", "one-table", None),
+        ("mlperf-onehot", "collection", "0.0015"),
+    ],
+    ids=["mlperf-collection", "mlperf-one-table", "onehot-collection-offloaded"],
 )
-def test_dcnv2_mlperf_preset_learns_at_tiny_scale(tmp_path, multi_hot, embedding, hbm_budget):
-    """The MLPerf DLRM-DCNv2 preset with every table shrunk 10^4 times, on 2
-    host devices (an exchange, at a CPU's pace), with each embedding side;
-    and with an HBM budget the tables exceed, so that the planner keeps the
-    largest in host memory behind caches.
+def test_dcnv2_presets_learn_at_tiny_scale(tmp_path, preset, embedding, hbm_budget):
+    """Both MLPerf DLRM-DCNv2 presets with every table shrunk 10^4 times, on 2
+    host devices (an exchange, at a CPU's pace): `mlperf` (multi-hot, exact
+    Adagrad, bfloat16 tables with stochastic rounding) with each embedding
+    side, evaluated every 0.05 of the run; `mlperf-onehot` (row-wise Adagrad,
+    float32) with an HBM budget the tables exceed, so that the planner keeps
+    the largest in host memory behind caches, and the step's time split.
     MLPerf's dense Adagrad rate (0.005, zero initial accumulator: the first
     update is a sign step of 0.005 on every weight) spikes the loss of a
     batch-128 run for its first steps; a lower rate keeps a 16-step run's
@@ -78,36 +84,75 @@ def test_dcnv2_mlperf_preset_learns_at_tiny_scale(tmp_path, multi_hot, embedding
     for mod in ("optax", "flax", "tqdm"):
         pytest.importorskip(mod)
     png = tmp_path / "curves.png"
-    args = ["--model", "dcnv2", "--preset", "mlperf", "--scale", "1e-4", "--batch-size", "128"]
+    args = ["--model", "dcnv2", "--preset", preset, "--scale", "1e-4", "--batch-size", "128"]
     args += ["--steps", "8", "--epochs", "2", "--dense-lr", "5e-4", "--plot", str(png)]
-    args += ["--multi-hot", "--no-split"] if multi_hot else []
-    args += ["--split-steps", "1"] if not (multi_hot or hbm_budget) else []
     args += ["--embedding", embedding]
-    if hbm_budget:
-        args += ["--hbm-budget", hbm_budget, "--no-split"]
+    args += ["--hbm-budget", hbm_budget, "--split-steps", "1"] if hbm_budget else ["--no-split"]
     m, stdout = _run(tmp_path, args, devices=2)
     assert m["model"] == "dcnv2" and m["devices"] == 2
-    assert m["config"]["dim"] == 128 and m["config"]["optimizer"] == "rowwise_adagrad"
     assert m["final_loss"] < m["first_loss"], m
     assert 0.55 < m["auc"] <= 1.0 and 0.75 < m["planted_auc"] <= 1.0, m
     assert [e["epoch"] for e in m["epochs"]] == [1, 2]
     assert "planted model" in stdout and "embedding plan" in stdout and "compiled" in stdout
     assert ("EmbeddingCollection" in stdout) == (embedding == "collection")
+    config, memory = m["config"], m["memory"]
+    assert config["dim"] == 128 and config["batch_size"] == 128
+    # MLPerf's evaluation every 0.05 of the run: 16 steps evaluate after each.
+    assert config["eval_every"] == 1 and [e["step"] for e in m["evals"]] == list(range(1, 17))
+    assert "eval at step 8 (0.50 of the run)" not in stdout  # an epoch's end: its own line
+    assert "eval at step 9 (0.56 of the run): loss" in stdout
+    assert "memory plan" in stdout and "fits one H200 (141 GB)" in stdout
+    if preset == "mlperf":
+        assert config["optimizer"] == "adagrad" and config["multi_hot"]
+        assert config["table_dtype"] == "bfloat16" and config["stochastic_rounding"]
+        assert memory["slot_bytes"] == 2 * memory["table_bytes"]  # float32 [R, D]
+        assert "adagrad slots: float32" in stdout
+    else:
+        assert config["optimizer"] == "rowwise_adagrad" and not config["multi_hot"]
+        assert config["table_dtype"] == "float32" and not config["stochastic_rounding"]
+        assert memory["slot_bytes"] == memory["table_bytes"] // 128  # one float32 a row
     if hbm_budget:
         assert "offloaded 'cat_" in stdout and "host_cached (" in stdout
-    elif multi_hot:
-        assert "214 ids/sample packed" in stdout
-    else:
         split = m["step_split_s"]
         assert {"whole", "data", "embedding", "dense", "exchange"} <= set(split)
         assert all(v > 0 for v in split.values())
         assert "step time split" in stdout
+    elif embedding == "one-table":
+        assert "214 ids/sample packed" in stdout
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         assert "no plot" in stdout
     else:
         assert png.stat().st_size > 0
+
+
+def test_presets_follow_the_mlperf_reference():
+    """The presets' hyperparameters are the reference's (mlcommons
+    recommendation_v2/torchrec_dlrm + FBGEMM's EXACT_ADAGRAD defaults), with
+    eps moved inside the square root as sok_jax and optax take it."""
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    try:
+        import dlrm_presets as pr
+    finally:
+        sys.path.remove(os.path.dirname(SCRIPT))
+    from sok_jax import data
+
+    mlperf, onehot = pr.PRESETS["mlperf"], pr.PRESETS["mlperf-onehot"]
+    for p in (mlperf, onehot):
+        assert p.lr == 0.005 and p.batch_size == 65536 and p.dim == 128
+        assert p.initial_accumulator_value == 0.0 and p.eval_fraction == 0.05
+        assert p.table_eps == pytest.approx(1e-16) and p.dense_eps == pytest.approx(1e-20)
+        assert p.cardinalities == data.MLPERF_CARDINALITIES
+        assert sum(p.cardinalities) == 204_184_588
+    assert mlperf.multi_hot and sum(data.MLPERF_MULTI_HOT_SIZES) == 214
+    assert (mlperf.table_optimizer, mlperf.table_dtype) == ("adagrad", "bfloat16")
+    assert mlperf.stochastic_rounding
+    # The two eps forms agree where the accumulator dwarfs eps**2 and at 0.
+    for acc in (0.0, 1e-10, 1.0):
+        fbgemm = np.sqrt(acc) + pr.TABLE_EPS
+        ours = np.sqrt(acc + pr.eps_inside(pr.TABLE_EPS))
+        assert ours == pytest.approx(fbgemm, rel=2e-3)
 
 
 def test_train_dlrm_reads_criteo_numpy_files(tmp_path):
