@@ -324,6 +324,13 @@ class _ShardedSide:
         """Pooled [B, F, D] (evaluation: no insertion, no update)."""
         return self._pool(module(self._ids(sparse), training=training))
 
+    def apply_table(self, state, sparse: dict, *, training: bool = False):
+        """(pooled [B, F, D], new_state) of the layer's own state (a plain or
+        a served, `sok_jax.serving.quantize`d one), differentiable w.r.t. a
+        plain state's tables (the dense-compatible path)."""
+        out, state = self.layer.apply(state, self._ids(sparse), training=training)
+        return self._pool(out), state
+
 
 class TableEmbedding(_ShardedSide):
     """The embedding side of the model: every sparse feature in one
@@ -452,12 +459,6 @@ class TableEmbedding(_ShardedSide):
             for k, (first, stop) in enumerate(self._slot_ranges())
         ]
         return jnp.concatenate(parts, axis=1)
-
-    def apply_table(self, state, sparse: dict, *, training: bool = False):
-        """(pooled [B, F, D], new_state) of the layer's own state,
-        differentiable w.r.t. `state.table` (the dense-compatible path)."""
-        out, state = self.layer.apply(state, self._ids(sparse), training=training)
-        return self._pool(out), state
 
     @staticmethod
     def dropped(module):

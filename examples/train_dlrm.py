@@ -35,8 +35,8 @@ one jitted step that donates all state. The data is `sok_jax.data.SyntheticCrite
 generated inside that step from the step number (power-law ids, lognormal
 dense features, labels from a planted model whose AUC is printed beside the
 trained one), or the preprocessed NumPy Criteo files with `--criteo-dir`.
-`--embedding one-table --eval-quantized int8` also prints the held-out AUC
-with the trained table served in int8 rows (`sok_jax.serving.quantize`).
+`--eval-quantized int8` also prints the held-out AUC with the trained
+tables served in int8 rows (`sok_jax.serving.quantize`), either embedding.
 
     python examples/train_dlrm.py                       # the small default
     python examples/train_dlrm.py --model dcnv2 --scale 1e-4 --batch-size 1024
@@ -176,7 +176,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--eval-quantized",
         default="",
-        help="one-table: after training, the held-out AUC with the table served in these "
+        help="after training, the held-out AUC with the tables served in these "
         "inference row formats (comma-separated: int8,bfloat16,float16; sok_jax.serving.quantize)",
     )
     args = p.parse_args(argv)
@@ -202,15 +202,13 @@ def parse_args(argv=None):
     if args.hbm_budget is not None and (args.embedding != "collection" or args.dense_path):
         p.error("--hbm-budget is for --embedding collection (the planner offloads its tables)")
     args.eval_quantized = [d for d in args.eval_quantized.split(",") if d]
-    if args.eval_quantized and args.embedding != "one-table":
-        p.error("--eval-quantized is for --embedding one-table (DistributedEmbedding)")
     return args
 
 
 def eval_quantized(dtypes, embed, graphdef, state, held_out, eval_labels) -> dict:
     """{dtype: held-out AUC and bytes per row} of the trained model with its
-    table served in each inference row format (`sok_jax.serving.quantize`),
-    the dense part unchanged."""
+    tables served in each inference row format (`sok_jax.serving.quantize`
+    of the layer or the collection), the dense part unchanged."""
 
     @jax.jit
     def predict(params, qstate, batch):

@@ -74,7 +74,8 @@ def test_dcnv2_presets_learn_at_tiny_scale(tmp_path, preset, embedding, hbm_budg
     """Both MLPerf DLRM-DCNv2 presets with every table shrunk 10^4 times, on 2
     host devices (an exchange, at a CPU's pace): `mlperf` (multi-hot, exact
     Adagrad, bfloat16 tables with stochastic rounding) with each embedding
-    side, evaluated every 0.05 of the run; `mlperf-onehot` (row-wise Adagrad,
+    side, evaluated every 0.05 of the run (the collection's tables then also
+    served in int8 rows); `mlperf-onehot` (row-wise Adagrad,
     float32) with an HBM budget the tables exceed, so that the planner keeps
     the largest in host memory behind caches, and the step's time split.
     MLPerf's dense Adagrad rate (0.005, zero initial accumulator: the first
@@ -88,7 +89,11 @@ def test_dcnv2_presets_learn_at_tiny_scale(tmp_path, preset, embedding, hbm_budg
     args += ["--steps", "8", "--epochs", "2", "--dense-lr", "5e-4", "--plot", str(png)]
     args += ["--embedding", embedding]
     args += ["--hbm-budget", hbm_budget, "--split-steps", "1"] if hbm_budget else ["--no-split"]
+    served = embedding == "collection" and not hbm_budget
+    args += ["--eval-quantized", "int8"] if served else []
     m, stdout = _run(tmp_path, args, devices=2)
+    if served:  # the collection's 16-bit tables served in int8 rows
+        assert abs(m["quantized"]["int8"]["auc"] - m["auc"]) <= 0.01, m
     assert m["model"] == "dcnv2" and m["devices"] == 2
     assert m["final_loss"] < m["first_loss"], m
     assert 0.55 < m["auc"] <= 1.0 and 0.75 < m["planted_auc"] <= 1.0, m
