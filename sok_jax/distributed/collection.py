@@ -92,13 +92,14 @@ jax.tree_util.register_dataclass(
 )
 
 
-def _slot_floats(optimizer, dim: int) -> int:
-    """float32 values of `optimizer`'s slots per row of a table of `dim`."""
+def _slot_floats(optimizer, dim: int) -> float:
+    """The bytes of `optimizer`'s slots per row of a table of `dim`, in
+    float32 values (4 bytes: a 16-bit slot_dtype counts half)."""
     if optimizer is None:
         return dim  # the default assumption: one [R, D] slot (Adagrad)
     check_sparse_optimizer(optimizer)
     probe = jax.eval_shape(optimizer.init, jax.ShapeDtypeStruct((8, dim), jnp.float32))
-    return sum(int(np.prod(s.shape)) // 8 for s in probe.slots)
+    return sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in probe.slots) / (8 * 4)
 
 
 class EmbeddingCollection:

@@ -250,7 +250,8 @@ def make_plan(
       batch_size: the global batch the costs assume.
       capacity_factor: the collection's.
       memory_per_device: bytes each device may hold (default: the device's).
-      slot_floats_per_row: {table: float32 values of optimizer slots per row}.
+      slot_floats_per_row: {table: bytes of optimizer slots per row / 4 (float32
+        values; a 16-bit slot counts half)}.
       replicate_bytes: the largest table (with slots) "auto" replicates.
       hbm_budget: bytes of HBM each device may give the tables; tables whose
         storage is None are offloaded to host memory until they fit (see the

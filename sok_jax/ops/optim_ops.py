@@ -14,8 +14,9 @@ table and its slots, in place: the outputs alias the inputs
 made and no [R, D] gradient is built. Every other row keeps its bits. The
 table may be float32, bfloat16 or float16, and so may the slots (all of an
 update's slots share one dtype, ``SLOT_DTYPES``): every element is loaded to
-float32, updated in float32 and stored back. Learning rate and Adam's step are traced values (schedules work
-inside ``jit``); the other hyperparameters are compile-time constants.
+float32, updated in float32 and stored back. Learning rate and Adam's step
+are traced values (schedules work inside ``jit``); the other
+hyperparameters are compile-time constants.
 A 16-bit table's or slot's new values are rounded to nearest even, or, given
 ``rounding=StochasticRounding(seed, step)``
 (:mod:`sok_jax.ops.rounding`), stochastically (each slot with random bits of
