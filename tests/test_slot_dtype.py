@@ -15,6 +15,7 @@
 3. Wrong slot dtypes raise naming what is wrong, in Python and in C++.
 4. A layer's export carries a bfloat16 accumulator as it is and
    `import_pairs` restores it bit for bit.
+5. The planner counts 16-bit slots at their size.
 (The host storage tiers with 16-bit slots: tests/test_host_storage.py.)
 """
 
@@ -201,3 +202,15 @@ def test_export_import_keeps_a_bfloat16_accumulator():
     s2, o2 = emb2.import_pairs(exported, optimizer=opt)
     assert o2.slots[0].dtype == jnp.bfloat16
     assert_same_export(s, emb, s2, emb2, o, o2)
+
+
+def test_planner_counts_16bit_slots_at_their_size():
+    """The planner's memory of a table's slots per row (in 4-byte units):
+    a 16-bit slot counts half a float32 one."""
+    from sok_jax.distributed.collection import _slot_floats
+
+    assert _slot_floats(optim.adagrad(0.1), 16) == 16
+    assert _slot_floats(optim.adagrad(0.1, slot_dtype="bfloat16"), 16) == 8
+    assert _slot_floats(optim.adam(0.1, slot_dtype="float16"), 16) == 16
+    assert _slot_floats(optim.rowwise_adagrad(0.1, slot_dtype="bfloat16"), 16) == 0.5
+    assert _slot_floats(optim.sgd(0.1, slot_dtype="bfloat16"), 16) == 0
