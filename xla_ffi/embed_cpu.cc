@@ -294,10 +294,10 @@ ffi::Error BwdUpdateImpl(ffi::AnyBuffer table, ffi::AnyBuffer s0,
     return e;
   const int64_t rows = sh.rows, dim = sh.dim, n = sh.n, m = sh.m;
   const float* w = OptionalWeights(weights);
-  return WithUpdateRule<HostType>(rule_id, consts, stochastic_rounding, hparams, table,
-                        table_out, s0, s1, s0_out, s1_out, rows, dim,
-                        HostCopy{},
-                        [&](auto rule, auto rounding, auto slot) {
+  return WithUpdateRule<HostType>(rule_id, consts, stochastic_rounding,
+                                  hparams, table, table_out, s0, s1, s0_out,
+                                  s1_out, rows, dim, HostCopy{},
+                                  [&](auto rule, auto rounding, auto slot) {
     rule.Bind(hparams.typed_data());
     rounding.Bind(hparams.typed_data() + decltype(rule)::kHparams);
     std::vector<int32_t> ur(n);

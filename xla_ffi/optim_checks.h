@@ -1,8 +1,8 @@
 // Buffer checks shared by the CPU and CUDA optimizer handlers (optim_cpu.cc,
 // optim_cuda.cu): the unique-row gradient of one step against the table, the
-// slots (float32 or 16-bit), and the copy of each input into its output. Nothing here
-// reads a buffer's contents, so the CUDA handlers never read num_unique or
-// hparams on the host.
+// slots (float32 or 16-bit, one dtype per update), and the copy of each input
+// into its output. Nothing here reads a buffer's contents, so the CUDA
+// handlers never read num_unique or hparams on the host.
 #pragma once
 
 #include <cstdint>

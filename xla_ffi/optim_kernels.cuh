@@ -90,8 +90,10 @@ __global__ void ElementwiseUpdateKernel(Rule rule, Rounding rounding,
 #pragma unroll
     for (int i = 0; i < VEC; ++i) rule(w[i], a[i], b[i], g[i]);
     StoreRounded<T, VEC>(w_row + d, w, rounding, row_key, d);
-    if (Rule::kSlots > 0) StoreRounded<S, VEC>(a_row + d, a, rounding, a_key, d);
-    if (Rule::kSlots > 1) StoreRounded<S, VEC>(b_row + d, b, rounding, b_key, d);
+    if (Rule::kSlots > 0)
+      StoreRounded<S, VEC>(a_row + d, a, rounding, a_key, d);
+    if (Rule::kSlots > 1)
+      StoreRounded<S, VEC>(b_row + d, b, rounding, b_key, d);
   }
 }
 

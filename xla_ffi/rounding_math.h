@@ -76,7 +76,8 @@ SOK_HD uint32_t RoundingWord(uint32_t row_key, uint32_t col) {
 constexpr uint32_t kRoundingSlotSalt0 = 0x85ebca6bu;
 constexpr uint32_t kRoundingSlotSalt1 = 0xc2b2ae35u;
 SOK_HD uint32_t RoundingSlotKey(uint32_t row_key, int slot) {
-  return Fmix32(row_key ^ (slot == 0 ? kRoundingSlotSalt0 : kRoundingSlotSalt1));
+  const uint32_t salt = slot == 0 ? kRoundingSlotSalt0 : kRoundingSlotSalt1;
+  return Fmix32(row_key ^ salt);
 }
 
 // The bfloat16 bits of float32 bits u rounded stochastically with random
