@@ -205,12 +205,12 @@ def test_export_import_keeps_a_bfloat16_accumulator():
 
 
 def test_planner_counts_16bit_slots_at_their_size():
-    """The planner's memory of a table's slots per row (in 4-byte units):
-    a 16-bit slot counts half a float32 one."""
-    from sok_jax.distributed.collection import _slot_floats
+    """The planner's memory of a table's slots per row: a 16-bit slot counts
+    half a float32 one."""
+    from sok_jax.distributed.collection import _slot_bytes
 
-    assert _slot_floats(optim.adagrad(0.1), 16) == 16
-    assert _slot_floats(optim.adagrad(0.1, slot_dtype="bfloat16"), 16) == 8
-    assert _slot_floats(optim.adam(0.1, slot_dtype="float16"), 16) == 16
-    assert _slot_floats(optim.rowwise_adagrad(0.1, slot_dtype="bfloat16"), 16) == 0.5
-    assert _slot_floats(optim.sgd(0.1, slot_dtype="bfloat16"), 16) == 0
+    assert _slot_bytes(optim.adagrad(0.1), 16) == 64
+    assert _slot_bytes(optim.adagrad(0.1, slot_dtype="bfloat16"), 16) == 32
+    assert _slot_bytes(optim.adam(0.1, slot_dtype="float16"), 16) == 64
+    assert _slot_bytes(optim.rowwise_adagrad(0.1, slot_dtype="bfloat16"), 16) == 2
+    assert _slot_bytes(optim.sgd(0.1, slot_dtype="bfloat16"), 16) == 0
