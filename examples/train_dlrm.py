@@ -114,7 +114,13 @@ def parse_args(argv=None):
     p.add_argument(
         "--stochastic-rounding",
         action="store_true",
-        help="write 16-bit tables' updates by stochastic rounding (seeded by --seed)",
+        help="write 16-bit tables' (and slots') updates by stochastic rounding (seeded by --seed)",
+    )
+    p.add_argument(
+        "--slot-dtype",
+        default="float32",
+        choices=sorted(DTYPES),
+        help="storage of the sparse optimizer's slots (math in float32)",
     )
     p.add_argument("--compute-dtype", default=None, choices=sorted(DTYPES), help="dense compute")
     p.add_argument(
@@ -232,9 +238,11 @@ def table_optimizer(args):
     if not args.dense_path:
         if args.stochastic_rounding:
             kw.update(stochastic_rounding=True, seed=args.seed % 2**32)
-        return optim.by_name(args.optimizer, args.lr, **kw)
-    if args.stochastic_rounding:
-        raise SystemExit("--stochastic-rounding is for the sparse path, not --dense-path")
+        return optim.by_name(args.optimizer, args.lr, slot_dtype=args.slot_dtype, **kw)
+    if args.stochastic_rounding or args.slot_dtype != "float32":
+        raise SystemExit(
+            "--stochastic-rounding and --slot-dtype are for the sparse path, not --dense-path"
+        )
     twins = {
         "sgd": lambda: optax.sgd(args.lr),
         "adam": lambda: optax.adam(args.lr),

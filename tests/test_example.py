@@ -21,7 +21,7 @@ SCRIPT = os.path.join(ROOT, "examples", "train_dlrm.py")
         [],
         ["--optimizer", "adagrad", "--check"],
         ["--dense-path", "--optimizer", "sgd"],
-        ["--table-dtype", "bfloat16", "--stochastic-rounding"],
+        ["--table-dtype", "bfloat16", "--slot-dtype", "bfloat16", "--stochastic-rounding"],
     ],
     ids=["default", "adagrad-check", "dense-path", "bf16-stochastic-rounding"],
 )
