@@ -42,7 +42,8 @@ _U32 = jnp.uint32
 
 
 class StochasticRounding(NamedTuple):
-    """Stochastic rounding of an update's table write.
+    """Stochastic rounding of an update's writes into a 16-bit table and
+    16-bit slots.
 
     Attributes:
       seed: a Python int in [0, 2**32).
