@@ -126,8 +126,15 @@ def parse_args(argv=None):
         "--stochastic-rounding",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="write 16-bit tables' updates by stochastic rounding (seeded by --seed; default: "
-        "the dcnv2 preset's, off for dlrm)",
+        help="write 16-bit tables' (and slots') updates by stochastic rounding (seeded by "
+        "--seed; default: the dcnv2 preset's, off for dlrm)",
+    )
+    p.add_argument(
+        "--slot-dtype",
+        default=None,
+        choices=sorted(DTYPES),
+        help="storage of the sparse optimizer's slots, math in float32 (dlrm: float32; "
+        "dcnv2: the preset's)",
     )
     p.add_argument("--compute-dtype", default=None, choices=sorted(DTYPES), help="dense compute")
     p.add_argument(
@@ -191,6 +198,7 @@ def parse_args(argv=None):
     args.optimizer = args.optimizer or (preset.table_optimizer if dcn else "adam")
     args.compute_dtype = args.compute_dtype or ("bfloat16" if dcn else "float32")
     args.table_dtype = args.table_dtype or (preset.table_dtype if dcn else "float32")
+    args.slot_dtype = args.slot_dtype or (preset.slot_dtype if dcn else "float32")
     args.multi_hot = bool(preset.multi_hot if dcn and args.multi_hot is None else args.multi_hot)
     if args.stochastic_rounding is None:  # the preset's (the dense path has none)
         args.stochastic_rounding = dcn and preset.stochastic_rounding and not args.dense_path
@@ -245,9 +253,11 @@ def table_optimizer(args):
     if not args.dense_path:
         if args.stochastic_rounding:
             kw.update(stochastic_rounding=True, seed=args.seed % 2**32)
-        return optim.by_name(args.optimizer, args.lr, **kw)
-    if args.stochastic_rounding:
-        raise SystemExit("--stochastic-rounding is for the sparse path, not --dense-path")
+        return optim.by_name(args.optimizer, args.lr, slot_dtype=args.slot_dtype, **kw)
+    if args.stochastic_rounding or args.slot_dtype != "float32":
+        raise SystemExit(
+            "--stochastic-rounding and --slot-dtype are for the sparse path, not --dense-path"
+        )
     twins = {
         "sgd": lambda: optax.sgd(args.lr),
         "adam": lambda: optax.adam(args.lr),
@@ -504,9 +514,9 @@ def main(argv=None):
         print(memory.describe(H200_BYTES, "H200"))
         if memory.per_device > H200_BYTES:
             print(
-                "  (sok_jax's optimizer slots are float32 whatever the table's dtype: shrink the "
-                "tables with --scale, spread them over more devices, or keep the largest in host "
-                "memory with --hbm-budget)"
+                "  (16-bit tables and slots halve it: --table-dtype / --slot-dtype bfloat16 with "
+                "--stochastic-rounding; or shrink the tables with --scale, spread them over more "
+                "devices, or keep the largest in host memory with --hbm-budget)"
             )
     if args.embedding == "collection" and not args.dense_path:
         embed = dm.CollectionEmbedding(

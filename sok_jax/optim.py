@@ -19,7 +19,21 @@ with probability proportional to its distance, so updates smaller than half
 an ulp still move the weights on average (`sok_jax.ops.rounding`). The
 random bits of element (row, column) are a pure function of `seed`, the
 state's `count` and the element, so a run is reproducible. Float32 tables
-and the float32 slots ignore it.
+and float32 slots ignore it.
+
+`slot_dtype="float32"` (default), `"bfloat16"` or `"float16"` (every
+optimizer) is the storage dtype of the optimizer's slots (Adagrad's
+accumulator, Adam's moments, FTRL's accumulator and linear term): half the
+bytes of float32, so a 16-bit table and its 16-bit accumulator take a
+quarter of what float32 needs (FBGEMM's optimizer-state dtype). The kernels
+load each slot element to float32, compute the update exactly as in float32,
+and store it back rounded to nearest even, or stochastically with
+`stochastic_rounding=True`; a slot's random bits are drawn apart from its
+weight's and from the other slot's (same seed, count, row and column, one
+salt per slot). SGD has no slots: it checks `slot_dtype` and ignores it, so
+`by_name(name, lr, slot_dtype=...)` works for every optimizer. Checkpoints,
+`export_pairs` / `import_pairs` and the host storage tiers carry the slots in
+their dtype.
 
 `skip_nonfinite=True` (every optimizer) leaves each row whose summed
 gradient holds a NaN or Inf, and that row's slots, exactly as they were;
@@ -40,12 +54,14 @@ import numpy as np
 
 from sok_jax.ops import optim_ops, resolve
 from sok_jax.ops.embed_ops import SparseRowGrad
+from sok_jax.ops.optim_ops import check_slot_dtype
 from sok_jax.ops.rounding import StochasticRounding, check_seed
 
 
 class SparseOptState(NamedTuple):
-    """slots: tuple of float32 arrays shaped like the table (or [rows]);
-    count: int32 scalar, the number of updates applied so far."""
+    """slots: tuple of arrays of the optimizer's slot_dtype (float32 unless
+    asked) shaped like the table (or [rows]); count: int32 scalar, the number
+    of updates applied so far."""
 
     slots: tuple
     count: Any
@@ -219,9 +235,12 @@ def sgd(
     skip_nonfinite: bool = False,
     stochastic_rounding: bool = False,
     seed: int = 0,
+    slot_dtype: str = "float32",
 ) -> SparseOptimizer:
-    """Plain SGD on the touched rows (optax.sgd without momentum)."""
+    """Plain SGD on the touched rows (optax.sgd without momentum). It has no
+    slots: `slot_dtype` is checked and ignored."""
     _check_hyper(learning_rate)
+    check_slot_dtype(slot_dtype)
     return _make(
         "sgd_update",
         lambda t: (),
@@ -243,6 +262,7 @@ def adagrad(
     skip_nonfinite: bool = False,
     stochastic_rounding: bool = False,
     seed: int = 0,
+    slot_dtype: str = "float32",
 ) -> SparseOptimizer:
     """optax.adagrad on the touched rows (rows with no gradient are unchanged,
     exactly as optax leaves them)."""
@@ -251,9 +271,10 @@ def adagrad(
         initial_accumulator_value=(initial_accumulator_value, ">=0"),
         eps=(eps, ">=0"),
     )
+    dtype = check_slot_dtype(slot_dtype)
     return _make(
         "adagrad_update",
-        lambda t: (optim_ops.adagrad_slots(t, initial_accumulator_value),),
+        lambda t: (optim_ops.adagrad_slots(t, initial_accumulator_value, dtype),),
         {"eps": eps},
         learning_rate,
         implementation,
@@ -272,6 +293,7 @@ def rowwise_adagrad(
     skip_nonfinite: bool = False,
     stochastic_rounding: bool = False,
     seed: int = 0,
+    slot_dtype: str = "float32",
 ) -> SparseOptimizer:
     """Adagrad with one accumulator per row (mean of g^2 over D), as FBGEMM."""
     _check_hyper(
@@ -279,9 +301,10 @@ def rowwise_adagrad(
         initial_accumulator_value=(initial_accumulator_value, ">=0"),
         eps=(eps, ">=0"),
     )
+    dtype = check_slot_dtype(slot_dtype)
     return _make(
         "rowwise_adagrad_update",
-        lambda t: (optim_ops.rowwise_adagrad_slots(t, initial_accumulator_value),),
+        lambda t: (optim_ops.rowwise_adagrad_slots(t, initial_accumulator_value, dtype),),
         {"eps": eps},
         learning_rate,
         implementation,
@@ -302,6 +325,7 @@ def adam(
     skip_nonfinite: bool = False,
     stochastic_rounding: bool = False,
     seed: int = 0,
+    slot_dtype: str = "float32",
 ) -> SparseOptimizer:
     """Lazy Adam (TF LazyAdam, SOK's Adam): optax.adam's formulas applied to
     the touched rows only; untouched rows keep their moments."""
@@ -312,9 +336,10 @@ def adam(
         eps=(eps, ">=0"),
         eps_root=(eps_root, ">=0"),
     )
+    dtype = check_slot_dtype(slot_dtype)
     return _make(
         "adam_update",
-        lambda t: optim_ops.adam_slots(t),
+        lambda t: optim_ops.adam_slots(t, dtype),
         {"b1": b1, "b2": b2, "eps": eps, "eps_root": eps_root},
         learning_rate,
         implementation,
@@ -338,6 +363,7 @@ def ftrl(
     skip_nonfinite: bool = False,
     stochastic_rounding: bool = False,
     seed: int = 0,
+    slot_dtype: str = "float32",
 ) -> SparseOptimizer:
     """FTRL-Proximal on the touched rows, as tf.keras.optimizers.Ftrl."""
     _check_hyper(
@@ -349,9 +375,10 @@ def ftrl(
         l2_shrinkage_regularization_strength=(l2_shrinkage_regularization_strength, ">=0"),
         beta=(beta, ">=0"),
     )
+    dtype = check_slot_dtype(slot_dtype)
     return _make(
         "ftrl_update",
-        lambda t: optim_ops.ftrl_slots(t, initial_accumulator_value),
+        lambda t: optim_ops.ftrl_slots(t, initial_accumulator_value, dtype),
         {
             "learning_rate_power": learning_rate_power,
             "l1_regularization_strength": l1_regularization_strength,

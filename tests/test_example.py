@@ -21,7 +21,7 @@ SCRIPT = os.path.join(ROOT, "examples", "train_dlrm.py")
         [],
         ["--optimizer", "adagrad", "--check"],
         ["--dense-path", "--optimizer", "sgd"],
-        ["--table-dtype", "bfloat16", "--stochastic-rounding"],
+        ["--table-dtype", "bfloat16", "--slot-dtype", "bfloat16", "--stochastic-rounding"],
     ],
     ids=["default", "adagrad-check", "dense-path", "bf16-stochastic-rounding"],
 )
@@ -110,8 +110,9 @@ def test_dcnv2_presets_learn_at_tiny_scale(tmp_path, preset, embedding, hbm_budg
     if preset == "mlperf":
         assert config["optimizer"] == "adagrad" and config["multi_hot"]
         assert config["table_dtype"] == "bfloat16" and config["stochastic_rounding"]
-        assert memory["slot_bytes"] == 2 * memory["table_bytes"]  # float32 [R, D]
-        assert "adagrad slots: float32" in stdout
+        assert config["slot_dtype"] == "bfloat16"
+        assert memory["slot_bytes"] == memory["table_bytes"]  # bfloat16 [R, D]
+        assert "adagrad slots: bfloat16" in stdout
     else:
         assert config["optimizer"] == "rowwise_adagrad" and not config["multi_hot"]
         assert config["table_dtype"] == "float32" and not config["stochastic_rounding"]
@@ -152,6 +153,7 @@ def test_presets_follow_the_mlperf_reference():
         assert sum(p.cardinalities) == 204_184_588
     assert mlperf.multi_hot and sum(data.MLPERF_MULTI_HOT_SIZES) == 214
     assert (mlperf.table_optimizer, mlperf.table_dtype) == ("adagrad", "bfloat16")
+    assert mlperf.slot_dtype == "bfloat16" and onehot.slot_dtype == "float32"
     assert mlperf.stochastic_rounding
     # The two eps forms agree where the accumulator dwarfs eps**2 and at 0.
     for acc in (0.0, 1e-10, 1.0):

@@ -228,6 +228,29 @@ def test_cached_table_trains_as_the_hbm_table(n, hashed, opt_name, policy, impl,
         np.testing.assert_array_equal(cached.logical_rows(s, keys), hbm.logical_rows(s_ref, keys))
 
 
+def test_cached_table_with_16bit_slots_trains_as_the_hbm_table():
+    """bfloat16 rows with a bfloat16 row-wise accumulator: the row movers
+    carry the 16-bit slots with their rows, so outputs, vectors and slots
+    equal the HBM table's bit for bit, slots in bfloat16."""
+    rng = np.random.default_rng()
+    cache_rows = per_device(1) * SLOTS * NNZ
+    hbm = layer(1, False, dtype=jnp.bfloat16)
+    cached = layer(1, False, dtype=jnp.bfloat16, storage="host_cached", cache_rows=cache_rows)
+    opt = optim.rowwise_adagrad(0.1, slot_dtype="bfloat16")
+    s_ref, s = hbm.init(3), cached.init(3)
+    o_ref, o = hbm.init_optimizer(opt, s_ref), cached.init_optimizer(opt, s)
+    assert o.cache.slots[0].dtype == o.host[0].dtype == jnp.bfloat16
+    step_ref, step = sparse_step(hbm, opt), sparse_step(cached, opt)
+    for _ in range(4):
+        ids, g = batch(rng, 1, False)
+        want, s_ref, o_ref = step_ref(s_ref, o_ref, ids, g)
+        got, s, o = step(s, o, ids, g)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert int(np.sum(s.stats.cache_evictions)) > 0
+    assert o.cache.slots[0].dtype == o.host[0].dtype == jnp.bfloat16
+    assert_same_export(s_ref, hbm, s, cached, o_ref, o)
+
+
 @pytest.mark.parametrize("n,hashed", [(1, False), (8, True)])
 def test_host_table_trains_as_the_hbm_table(n, hashed):
     require_devices(n)

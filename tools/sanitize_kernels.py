@@ -13,7 +13,8 @@ D not a multiple of the 16-byte vector, 16-bit tables, weights, and the
 short-bag and long-bag forward shapes, the fixed-length (no offsets)
 forward, the one-target dense backward, and the backward fused with the
 optimizers (row-wise Adagrad also on rows wider than one pass of a lane
-group; every rule also writing 16-bit tables by stochastic rounding); the
+group; every rule also writing 16-bit tables by stochastic rounding, and
+every rule with slots storing them in bfloat16 and float16); the
 row movers (gather, scatter, copy of whole rows of any dtype)
 against numpy, rank 1 and 2, row widths of every word path of their
 kernels, no rows listed, and more listed rows than one grid covers; the
@@ -159,33 +160,39 @@ def optim_case(rng, rows, dim, sp):
         close(f"adagrad[{i}]", a, b, 1e-5)
 
 
-def fused_case(rng, dtype, rows, dim, m, max_len, name, grad_f32, hot=False, sr=False):
+def fused_case(
+    rng, dtype, rows, dim, m, max_len, name, grad_f32, hot=False, sr=False, slot_dtype="float32"
+):
     """The backward fused with the optimizer against the two-call form on
     the same device (the same sums in the same order, then the same rule:
     the pure-JAX reference sums in another order, and Adam's first step,
     lr * g / (|g| + eps), turns the rounding of a near-zero sum into
     differences of ~1e-3). `hot`: half the ids name row 5 (one run of
     thousands of positions: the chunked long-run path). `sr`: both write the
-    table by stochastic rounding (the same words: same seed, same count)."""
+    table by stochastic rounding (the same words: same seed, same count).
+    `slot_dtype`: the optimizer's slots' storage (16-bit ones are rounded as
+    the table is)."""
     from sok_jax import optim
 
     tag = f"fused {name} {jnp.dtype(dtype).name} D{dim} len<={max_len}{' g32' if grad_f32 else ''}"
     tag += (" hot row" if hot else "") + (" sr" if sr else "")
+    tag += "" if slot_dtype == "float32" else f" slots {slot_dtype}"
     table = jnp.asarray(rng.normal(size=(rows, dim)), dtype)
     ids, offsets = bags(rng, m, max_len, rows)
     if hot:
         ids = jnp.where(jnp.asarray(rng.random(ids.shape[0]) < 0.5), 5, ids)
     w = jnp.asarray(rng.uniform(0.5, 1.5, ids.shape[0]), jnp.float32)
     g = jnp.asarray(rng.normal(size=(m, dim)), jnp.float32 if grad_f32 else dtype)
-    opt = optim.by_name(name, 0.1, stochastic_rounding=sr, seed=7)
+    opt = optim.by_name(name, 0.1, stochastic_rounding=sr, seed=7, slot_dtype=slot_dtype)
     st = opt.init(table)
     got_t, got_s = jax.jit(opt.update_bags, static_argnums=6)(table, st, g, ids, offsets, w, "mean")
     sp = embed_ops.lookup_combine_bwd(g, ids, offsets, w, "mean", rows)
     want_t, want_s = opt.update(table, opt.init(table), sp)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     close(tag, got_t.astype(jnp.float32), want_t.astype(jnp.float32), tol)
+    slot_tol = 1e-4 if slot_dtype == "float32" else 2e-2
     for i, (a, b) in enumerate(zip(got_s.slots, want_s.slots)):
-        close(f"{tag} slot {i}", a, b, 1e-4)
+        close(f"{tag} slot {i}", a.astype(jnp.float32), b.astype(jnp.float32), slot_tol)
 
 
 def hash_case(rng, capacity, n_keys, dtype):
@@ -337,6 +344,19 @@ def cases(rng):
                         rng, a[0], 997, a[1], 96, a[2], a[3], a[3] == "adam", sr=True
                     )
                 )
+    # 16-bit optimizer slots, every rule with slots, rounded to nearest and
+    # stochastically: the scalar path (D 3, short bags) and the 4-wide path
+    # (D 128, runs past a chunk).
+    for slot_dtype in ("bfloat16", "float16"):
+        for dim, max_len in ((3, 4), (128, 300)):
+            for name in ("adagrad", "rowwise_adagrad", "adam", "ftrl"):
+                for sr in (False, True):
+                    out.append(
+                        lambda a=(slot_dtype, dim, max_len, name, sr): fused_case(
+                            rng, jnp.bfloat16, 997, a[1], 96, a[2], a[3], False, sr=a[4],
+                            slot_dtype=a[0],
+                        )
+                    )
     # The row movers: rank 1, and rows of 16k bytes (uint4 words), 4k (uint32)
     # and others (bytes): f32 W16, f32 W3, f16 W3.
     for dtype in (jnp.float32, jnp.bfloat16, jnp.float16, jnp.int32):

@@ -8,6 +8,7 @@
 
 #include "common.h"
 #include "embed_math.h"
+#include "optim_checks.h"
 #include "optim_math.h"
 #include "rounding_math.h"
 
@@ -189,66 +190,55 @@ inline ffi::Error CheckRowsToDense(const ffi::Buffer<ffi::S32>& unique_rows,
   return ffi::Error::Success();
 }
 
-// A rule's buffers: at least `num_hparams` float32 hparams, and the first
-// `used` of the two float32 slots, each of `count` elements, its output too;
-// their output pointers in `out_data` (nullptr beyond).
-inline ffi::Error CheckRuleBuffers(int num_hparams,
-                                   const ffi::Buffer<ffi::F32>& hparams,
-                                   int used, int64_t count,
-                                   const ffi::Buffer<ffi::F32>* const in[2],
-                                   ffi::Result<ffi::Buffer<ffi::F32>>* const out[2],
-                                   float* out_data[2]) {
-  out_data[0] = out_data[1] = nullptr;
-  if (hparams.element_count() < static_cast<size_t>(num_hparams))
-    return InvalidArgument("hparams must hold " + std::to_string(num_hparams) +
-                           " float32 values");
-  for (int k = 0; k < used; ++k) {
-    if (static_cast<int64_t>(in[k]->element_count()) != count ||
-        (*out[k])->element_count() != in[k]->element_count())
-      return InvalidArgument("slot " + std::to_string(k) + " must have " +
-                             std::to_string(count) + " float32 elements");
-    out_data[k] = (*out[k])->typed_data();
-  }
-  return ffi::Error::Success();
-}
-
 // The rule part of sok_embed_bwd_update, the same on both platforms: the
 // rule named by rule_id and consts (optim_math.h VisitRule), its hparams and
-// slots checked against the table's [rows, D] (slots of a kPerRow rule: one
-// float per row), every output made to hold its input by copy(in, out,
-// bytes) (a no-op when XLA aliased them), then body(rule, rounding, slot)
-// with the rounding policy `stochastic` picks (rounding_math.h VisitRounding;
-// its hparams follow the rule's, both checked here, neither bound) and the
-// slot outputs (nullptr beyond the rule's).
-template <typename Copy, typename Body>
+// the rule's slots checked against the table's [rows, D] (slots of a kPerRow
+// rule: one element per row) and the first slot's dtype (optim_checks.h
+// CheckSlot; slots the rule does not use are ignored), every output made to
+// hold its input by copy(in, out, bytes) (a no-op when XLA aliased them),
+// then body(rule, rounding, slot) with the rounding policy `stochastic` picks
+// (rounding_math.h VisitRounding; its hparams follow the rule's, both
+// checked here, neither bound) and the slot outputs as the platform's storage
+// type of the slot dtype, StorageOf<Tag>::type* (nullptr beyond the rule's).
+template <template <typename> class StorageOf, typename Copy, typename Body>
 ffi::Error WithUpdateRule(int32_t rule_id, ffi::Span<const float> consts,
                           int32_t stochastic,
                           const ffi::Buffer<ffi::F32>& hparams,
                           const ffi::AnyBuffer& table,
                           ffi::Result<ffi::AnyBuffer>& table_out,
-                          const ffi::Buffer<ffi::F32>& s0,
-                          const ffi::Buffer<ffi::F32>& s1,
-                          ffi::Result<ffi::Buffer<ffi::F32>>& s0_out,
-                          ffi::Result<ffi::Buffer<ffi::F32>>& s1_out,
-                          int64_t rows, int64_t dim, Copy&& copy,
-                          Body&& body) {
-  const ffi::Buffer<ffi::F32>* in[2] = {&s0, &s1};
-  ffi::Result<ffi::Buffer<ffi::F32>>* out[2] = {&s0_out, &s1_out};
+                          const ffi::AnyBuffer& s0, const ffi::AnyBuffer& s1,
+                          ffi::Result<ffi::AnyBuffer>& s0_out,
+                          ffi::Result<ffi::AnyBuffer>& s1_out, int64_t rows,
+                          int64_t dim, Copy&& copy, Body&& body) {
+  const ffi::AnyBuffer* in[2] = {&s0, &s1};
+  ffi::Result<ffi::AnyBuffer>* out[2] = {&s0_out, &s1_out};
   ffi::Error result = ffi::Error::Success();
   const bool known = VisitRule(rule_id, consts.begin(), consts.size(), [&](auto rule) {
     using Rule = decltype(rule);
     result = VisitRounding(stochastic, [&](auto rounding) -> ffi::Error {
       using Rounding = decltype(rounding);
-      float* slot[2];
+      const size_t num_hparams = Rule::kHparams + Rounding::kHparams;
+      if (hparams.element_count() < num_hparams)
+        return InvalidArgument("hparams must hold " +
+                               std::to_string(num_hparams) + " float32 values");
       const int64_t count = Rule::kPerRow ? rows : rows * dim;
-      if (auto e = CheckRuleBuffers(Rule::kHparams + Rounding::kHparams,
-                                    hparams, Rule::kSlots, count, in, out, slot);
-          e.failure())
-        return e;
+      const ffi::DataType slot_dtype = s0.element_type();
       for (int k = 0; k < Rule::kSlots; ++k)
-        copy(in[k]->typed_data(), slot[k], in[k]->size_bytes());
-      copy(table.untyped_data(), table_out->untyped_data(), table.size_bytes());
-      return body(rule, rounding, slot);
+        if (auto e = CheckSlot(*in[k], *out[k], count, slot_dtype,
+                               "slot " + std::to_string(k));
+            e.failure())
+          return e;
+      return DispatchSlots(slot_dtype, [&](auto slot_tag) {
+        using S = typename StorageOf<decltype(slot_tag)>::type;
+        S* slot[2] = {nullptr, nullptr};
+        for (int k = 0; k < Rule::kSlots; ++k) {
+          slot[k] = (*out[k])->template reinterpret_data<S>();
+          copy(in[k]->untyped_data(), slot[k], in[k]->size_bytes());
+        }
+        copy(table.untyped_data(), table_out->untyped_data(),
+             table.size_bytes());
+        return body(rule, rounding, static_cast<S* const*>(slot));
+      });
     });
   });
   if (!known)

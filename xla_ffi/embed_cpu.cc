@@ -276,13 +276,13 @@ ffi::Error BwdDenseImpl(ffi::AnyBuffer grad, ffi::AnyBuffer ids,
 // The backward fused with an optimizer (optim_math.h VisitRule, row-wise
 // Adagrad included): the same function as the CUDA handler; here the sparse
 // form is built (Backward) and the rule applied to its rows (ApplyRows).
-ffi::Error BwdUpdateImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> s0,
-                         ffi::Buffer<ffi::F32> s1, ffi::AnyBuffer grad,
+ffi::Error BwdUpdateImpl(ffi::AnyBuffer table, ffi::AnyBuffer s0,
+                         ffi::AnyBuffer s1, ffi::AnyBuffer grad,
                          ffi::AnyBuffer ids, ffi::AnyBuffer offsets,
                          ffi::AnyBuffer weights, ffi::Buffer<ffi::F32> hparams,
                          ffi::Result<ffi::AnyBuffer> table_out,
-                         ffi::Result<ffi::Buffer<ffi::F32>> s0_out,
-                         ffi::Result<ffi::Buffer<ffi::F32>> s1_out,
+                         ffi::Result<ffi::AnyBuffer> s0_out,
+                         ffi::Result<ffi::AnyBuffer> s1_out,
                          ffi::Result<ffi::AnyBuffer> /*workspace: CUDA only*/,
                          int32_t combiner, int32_t rule_id,
                          ffi::Span<const float> consts,
@@ -294,10 +294,10 @@ ffi::Error BwdUpdateImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> s0,
     return e;
   const int64_t rows = sh.rows, dim = sh.dim, n = sh.n, m = sh.m;
   const float* w = OptionalWeights(weights);
-  return WithUpdateRule(rule_id, consts, stochastic_rounding, hparams, table,
-                        table_out, s0, s1, s0_out, s1_out, rows, dim,
-                        HostCopy{},
-                        [&](auto rule, auto rounding, float* const* slot) {
+  return WithUpdateRule<HostType>(rule_id, consts, stochastic_rounding,
+                                  hparams, table, table_out, s0, s1, s0_out,
+                                  s1_out, rows, dim, HostCopy{},
+                                  [&](auto rule, auto rounding, auto slot) {
     rule.Bind(hparams.typed_data());
     rounding.Bind(hparams.typed_data() + decltype(rule)::kHparams);
     std::vector<int32_t> ur(n);

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <string>
+#include <type_traits>
 
 #include "common.h"
 #include "cuda_common.cuh"
@@ -305,13 +306,13 @@ ffi::Error BwdDenseImpl(cudaStream_t stream, ffi::AnyBuffer grad,
 // RowwiseUpdateSink for row-wise Adagrad, which needs the whole row's sum
 // first). Outputs alias the table and slots; copied first should they not.
 ffi::Error BwdUpdateImpl(cudaStream_t stream, ffi::AnyBuffer table,
-                         ffi::Buffer<ffi::F32> s0, ffi::Buffer<ffi::F32> s1,
+                         ffi::AnyBuffer s0, ffi::AnyBuffer s1,
                          ffi::AnyBuffer grad, ffi::AnyBuffer ids,
                          ffi::AnyBuffer offsets, ffi::AnyBuffer weights,
                          ffi::Buffer<ffi::F32> hparams,
                          ffi::Result<ffi::AnyBuffer> table_out,
-                         ffi::Result<ffi::Buffer<ffi::F32>> s0_out,
-                         ffi::Result<ffi::Buffer<ffi::F32>> s1_out,
+                         ffi::Result<ffi::AnyBuffer> s0_out,
+                         ffi::Result<ffi::AnyBuffer> s1_out,
                          ffi::Result<ffi::AnyBuffer> workspace, int32_t combiner,
                          int32_t rule_id, ffi::Span<const float> consts,
                          int32_t stochastic_rounding) {
@@ -322,12 +323,13 @@ ffi::Error BwdUpdateImpl(cudaStream_t stream, ffi::AnyBuffer table,
     return e;
   const int64_t rows = sh.rows, dim = sh.dim, n = sh.n, m = sh.m;
   const float* w = OptionalWeights(weights);
-  auto result = WithUpdateRule(
+  auto result = WithUpdateRule<DevType>(
       rule_id, consts, stochastic_rounding, hparams, table, table_out, s0, s1,
       s0_out, s1_out, rows, dim, StreamCopy{stream},
-      [&](auto rule, auto rounding, float* const* slot) -> ffi::Error {
+      [&](auto rule, auto rounding, auto slot) -> ffi::Error {
     using Rule = decltype(rule);
     using Rounding = decltype(rounding);
+    using S = std::remove_pointer_t<std::decay_t<decltype(slot[0])>>;
     if (n == 0 || dim == 0) return ffi::Error::Success();
     Runs r;
     if (auto e = SortRuns(stream, ids, offsets, w, n, m, dim, rows, combiner,
@@ -345,10 +347,10 @@ ffi::Error BwdUpdateImpl(cudaStream_t stream, ffi::AnyBuffer table,
       T* tp = table_out->reinterpret_data<T>();
       const float* hp = hparams.typed_data();
       if constexpr (Rule::kPerRow)
-        reduce(optim::RowwiseUpdateSink<T, Rounding>{rule, rounding, hp, tp,
+        reduce(optim::RowwiseUpdateSink<T, S, Rounding>{rule, rounding, hp, tp,
                                                      slot[0]});
       else
-        reduce(optim::UpdateSink<T, Rule, Rounding>{rule, rounding, hp, tp,
+        reduce(optim::UpdateSink<T, S, Rule, Rounding>{rule, rounding, hp, tp,
                                                     slot[0], slot[1]});
       return ffi::Error::Success();
     });

@@ -1,13 +1,14 @@
 // Buffer checks shared by the CPU and CUDA optimizer handlers (optim_cpu.cc,
 // optim_cuda.cu): the unique-row gradient of one step against the table, the
-// float32 slots, and the copy of each input into its output. Nothing here
-// reads a buffer's contents, so the CUDA handlers never read num_unique or
-// hparams on the host.
+// slots (float32 or 16-bit, one dtype per update), and the copy of each input
+// into its output. Nothing here reads a buffer's contents, so the CUDA
+// handlers never read num_unique or hparams on the host.
 #pragma once
 
 #include <cstdint>
 #include <initializer_list>
 #include <string>
+#include <utility>
 
 #include "common.h"
 
@@ -59,15 +60,29 @@ inline ffi::Error CheckRowGrads(const ffi::AnyBuffer& table,
   return ffi::Error::Success();
 }
 
-// A float32 slot of `count` elements; its output must match it.
-inline ffi::Error CheckSlot(const ffi::Buffer<ffi::F32>& slot,
-                            ffi::Result<ffi::Buffer<ffi::F32>>& out,
-                            int64_t count, const char* what) {
+// A slot of `count` elements stored as `dtype` (an optimizer's slots share
+// one slot_dtype: float32, bfloat16 or float16); its output must match it.
+inline ffi::Error CheckSlot(const ffi::AnyBuffer& slot,
+                            ffi::Result<ffi::AnyBuffer>& out, int64_t count,
+                            ffi::DataType dtype, const std::string& what) {
   if (static_cast<int64_t>(slot.element_count()) != count ||
       out->element_count() != slot.element_count())
-    return InvalidArgument(std::string(what) + " must have " +
-                           std::to_string(count) + " elements");
+    return InvalidArgument(what + " must have " + std::to_string(count) +
+                           " elements");
+  if (slot.element_type() != dtype || out->element_type() != dtype)
+    return InvalidArgument(what +
+                           " must have the dtype of the first slot (an "
+                           "optimizer's slots share one slot_dtype), its "
+                           "output too");
   return ffi::Error::Success();
+}
+
+// Calls fn(Tag{}) for a slot dtype: float32, bfloat16 or float16 (each
+// element loaded to float32, updated, and stored back by the update's
+// rounding policy); InvalidArgument naming the slots for anything else.
+template <typename Fn>
+ffi::Error DispatchSlots(ffi::DataType dtype, Fn&& fn) {
+  return DispatchFloat(dtype, "optimizer slots", std::forward<Fn>(fn));
 }
 
 // The arguments every optimizer target takes besides its slots and
@@ -81,11 +96,11 @@ struct UpdateArgs {
   ffi::Result<ffi::AnyBuffer>& table_out;
 };
 
-// One float32 slot of an optimizer target with its output, named as in the
-// error messages.
+// One slot of an optimizer target with its output, named as in the error
+// messages.
 struct SlotArg {
-  const ffi::Buffer<ffi::F32>& in;
-  ffi::Result<ffi::Buffer<ffi::F32>>& out;
+  const ffi::AnyBuffer& in;
+  ffi::Result<ffi::AnyBuffer>& out;
   const char* name;
 };
 
@@ -95,11 +110,12 @@ enum class SlotShape { kPerElement, kPerRow };
 
 // One optimizer step, the same on both platforms up to its last call: the
 // row gradient checked with `num_hparams` hparams (CheckRowGrads), each of
-// the (at most two) `slots` checked against `shape` (CheckSlot), the table
-// dtype dispatched to the platform's storage type StorageOf<Tag>::type (T),
-// every output made to hold its input by copy(in, out, bytes) (a no-op when
-// XLA aliased them), then body(table_out as T*, rg, slot) with the slot
-// outputs (nullptr beyond the slots given).
+// the (at most two) `slots` checked against `shape` and the first slot's
+// dtype (CheckSlot), the table and slot dtypes dispatched to the platform's
+// storage types StorageOf<Tag>::type (T, S; S is float when there are no
+// slots), every output made to hold its input by copy(in, out, bytes) (a
+// no-op when XLA aliased them), then body(table_out as T*, rg, slot) with
+// the slot outputs as S* (nullptr beyond the slots given).
 template <template <typename> class StorageOf, typename Copy, typename Body>
 ffi::Error WithRowUpdate(const UpdateArgs& a, int num_hparams,
                          std::initializer_list<SlotArg> slots, SlotShape shape,
@@ -111,20 +127,28 @@ ffi::Error WithRowUpdate(const UpdateArgs& a, int num_hparams,
     return e;
   const int64_t count =
       shape == SlotShape::kPerRow ? rg.rows : rg.rows * rg.dim;
+  const ffi::DataType slot_dtype =
+      slots.size() ? slots.begin()->in.element_type() : ffi::DataType::F32;
   for (const SlotArg& s : slots)
-    if (auto e = CheckSlot(s.in, s.out, count, s.name); e.failure()) return e;
+    if (auto e = CheckSlot(s.in, s.out, count, slot_dtype, s.name);
+        e.failure())
+      return e;
   return DispatchFloat(a.table.element_type(), "table", [&](auto tag) {
-    using T = typename StorageOf<decltype(tag)>::type;
-    copy(a.table.untyped_data(), a.table_out->untyped_data(),
-         a.table.size_bytes());
-    float* slot[2] = {nullptr, nullptr};
-    int k = 0;
-    for (const SlotArg& s : slots) {
-      slot[k] = s.out->typed_data();
-      copy(s.in.typed_data(), slot[k], s.in.size_bytes());
-      ++k;
-    }
-    return body(a.table_out->template reinterpret_data<T>(), rg, slot);
+    return DispatchSlots(slot_dtype, [&](auto slot_tag) {
+      using T = typename StorageOf<decltype(tag)>::type;
+      using S = typename StorageOf<decltype(slot_tag)>::type;
+      copy(a.table.untyped_data(), a.table_out->untyped_data(),
+           a.table.size_bytes());
+      S* slot[2] = {nullptr, nullptr};
+      int k = 0;
+      for (const SlotArg& s : slots) {
+        slot[k] = s.out->template reinterpret_data<S>();
+        copy(s.in.untyped_data(), slot[k], s.in.size_bytes());
+        ++k;
+      }
+      return body(a.table_out->template reinterpret_data<T>(), rg,
+                  static_cast<S* const*>(slot));
+    });
   });
 }
 

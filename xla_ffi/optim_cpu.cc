@@ -30,7 +30,7 @@ ffi::Error UpdateImpl(Rule rule, int32_t stochastic, const UpdateArgs& a,
     return WithRowUpdate<HostType>(
         a, Rule::kHparams + Rounding::kHparams, slots,
         Rule::kPerRow ? SlotShape::kPerRow : SlotShape::kPerElement,
-        HostCopy{}, [&](auto* table, const RowGrads& rg, float* const* slot) {
+        HostCopy{}, [&](auto* table, const RowGrads& rg, auto slot) {
           rule.Bind(rg.hparams);
           rounding.Bind(rg.hparams + Rule::kHparams);
           ApplyRows(rg, rule, rounding, table, slot[0], slot[1]);
@@ -50,13 +50,13 @@ ffi::Error SgdImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> unique_rows,
       {table, unique_rows, row_grads, num_unique, hparams, table_out}, {});
 }
 
-ffi::Error AdagradImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> acc,
+ffi::Error AdagradImpl(ffi::AnyBuffer table, ffi::AnyBuffer acc,
                        ffi::Buffer<ffi::S32> unique_rows,
                        ffi::Buffer<ffi::F32> row_grads,
                        ffi::Buffer<ffi::S32> num_unique,
                        ffi::Buffer<ffi::F32> hparams,
                        ffi::Result<ffi::AnyBuffer> table_out,
-                       ffi::Result<ffi::Buffer<ffi::F32>> acc_out, float eps,
+                       ffi::Result<ffi::AnyBuffer> acc_out, float eps,
                        int32_t stochastic_rounding) {
   return UpdateImpl(
       AdagradRule(eps), stochastic_rounding,
@@ -64,14 +64,14 @@ ffi::Error AdagradImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> acc,
       {{acc, acc_out, "accumulator"}});
 }
 
-ffi::Error AdamImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> m,
-                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> unique_rows,
+ffi::Error AdamImpl(ffi::AnyBuffer table, ffi::AnyBuffer m,
+                    ffi::AnyBuffer v, ffi::Buffer<ffi::S32> unique_rows,
                     ffi::Buffer<ffi::F32> row_grads,
                     ffi::Buffer<ffi::S32> num_unique,
                     ffi::Buffer<ffi::F32> hparams,
                     ffi::Result<ffi::AnyBuffer> table_out,
-                    ffi::Result<ffi::Buffer<ffi::F32>> m_out,
-                    ffi::Result<ffi::Buffer<ffi::F32>> v_out, float b1,
+                    ffi::Result<ffi::AnyBuffer> m_out,
+                    ffi::Result<ffi::AnyBuffer> v_out, float b1,
                     float b2, float eps, float eps_root,
                     int32_t stochastic_rounding) {
   return UpdateImpl(
@@ -80,15 +80,15 @@ ffi::Error AdamImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> m,
       {{m, m_out, "m"}, {v, v_out, "v"}});
 }
 
-ffi::Error FtrlImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> acc,
-                    ffi::Buffer<ffi::F32> linear,
+ffi::Error FtrlImpl(ffi::AnyBuffer table, ffi::AnyBuffer acc,
+                    ffi::AnyBuffer linear,
                     ffi::Buffer<ffi::S32> unique_rows,
                     ffi::Buffer<ffi::F32> row_grads,
                     ffi::Buffer<ffi::S32> num_unique,
                     ffi::Buffer<ffi::F32> hparams,
                     ffi::Result<ffi::AnyBuffer> table_out,
-                    ffi::Result<ffi::Buffer<ffi::F32>> acc_out,
-                    ffi::Result<ffi::Buffer<ffi::F32>> linear_out,
+                    ffi::Result<ffi::AnyBuffer> acc_out,
+                    ffi::Result<ffi::AnyBuffer> linear_out,
                     float lr_power, float l1, float l2, float l2_shrinkage,
                     float beta, int32_t stochastic_rounding) {
   return UpdateImpl(
@@ -97,13 +97,13 @@ ffi::Error FtrlImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> acc,
       {{acc, acc_out, "accumulator"}, {linear, linear_out, "linear"}});
 }
 
-ffi::Error RowwiseAdagradImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> acc,
+ffi::Error RowwiseAdagradImpl(ffi::AnyBuffer table, ffi::AnyBuffer acc,
                               ffi::Buffer<ffi::S32> unique_rows,
                               ffi::Buffer<ffi::F32> row_grads,
                               ffi::Buffer<ffi::S32> num_unique,
                               ffi::Buffer<ffi::F32> hparams,
                               ffi::Result<ffi::AnyBuffer> table_out,
-                              ffi::Result<ffi::Buffer<ffi::F32>> acc_out,
+                              ffi::Result<ffi::AnyBuffer> acc_out,
                               float eps, int32_t stochastic_rounding) {
   return UpdateImpl(
       RowwiseAdagradRule(eps), stochastic_rounding,

@@ -31,15 +31,16 @@ void ForEachRow(const RowGrads& rg, T* table, Fn&& fn) {
   }
 }
 
-// The table element for the float32 result v of column `col` of the row
-// whose RoundingRowKey is row_key: the storage type's round-to-nearest-even
-// conversion, or stochastic rounding; float32 tables store v either way.
+// The element of storage type T (a table's or a slot's) for the float32
+// result v of column `col` of the row whose key is `key` (a RoundingRowKey,
+// or a slot's RoundingSlotKey of it): the storage type's round-to-nearest-
+// even conversion, or stochastic rounding; float32 stores v either way.
 template <typename T, typename Rounding>
-T RoundTo(const Rounding& rounding, uint32_t row_key, int64_t col, float v) {
+T RoundTo(const Rounding& rounding, uint32_t key, int64_t col, float v) {
   if constexpr (!Rounding::kStochastic || std::is_same_v<T, float>) {
     return FromFloat<T>(v);
   } else {
-    const uint32_t r = rounding.Word(row_key, col);
+    const uint32_t r = rounding.Word(key, col);
     if constexpr (std::is_same_v<T, bf16_t>)
       return bf16_t{StochasticBf16(FloatBits(v), r)};
     else
@@ -47,17 +48,19 @@ T RoundTo(const Rounding& rounding, uint32_t row_key, int64_t col, float v) {
   }
 }
 
-// Row-wise Adagrad on every valid unique row: acc is one float per row
-// ([R] or [R, 1]), sum_d g^2 taken in column order.
-template <typename T, typename Rounding>
+// Row-wise Adagrad on every valid unique row: acc is one element per row
+// ([R] or [R, 1], storage type S, slot 0's rounding), sum_d g^2 taken in
+// column order.
+template <typename T, typename S, typename Rounding>
 void RowwiseRows(const RowGrads& rg, const RowwiseAdagradRule& rule,
-                 const Rounding& rounding, T* table, float* acc) {
+                 const Rounding& rounding, T* table, S* acc) {
   ForEachRow(rg, table, [&](int64_t r, T* w, const float* g) {
     float sum_sq = 0.f;
     for (int64_t d = 0; d < rg.dim; ++d) sum_sq += g[d] * g[d];
-    acc[r] = rule.Accumulate(acc[r], sum_sq, rg.dim);
-    float scale = AdagradScale(acc[r], rule.eps);
+    const float a = rule.Accumulate(ToFloat(acc[r]), sum_sq, rg.dim);
+    const float scale = AdagradScale(a, rule.eps);
     const uint32_t key = rounding.RowKey(r);
+    acc[r] = RoundTo<S>(rounding, rounding.SlotKey(key, 0), 0, a);
     for (int64_t d = 0; d < rg.dim; ++d)
       w[d] = RoundTo<T>(rounding, key, d,
                         rule.Step(ToFloat(w[d]), g[d], scale));
@@ -65,26 +68,30 @@ void RowwiseRows(const RowGrads& rg, const RowwiseAdagradRule& rule,
 }
 
 // Applies `rule` to every valid unique row: element by element, slots s0, s1
-// [R, D] float32 (nullptr when the rule has fewer); a kPerRow rule row by
-// row (RowwiseRows, s0 [R]). The table's new values are written by
-// `rounding`, bound to its hparams by the caller.
-template <typename T, typename Rule, typename Rounding>
+// [R, D] of storage type S (nullptr when the rule has fewer); a kPerRow rule
+// row by row (RowwiseRows, s0 [R]). Each slot element is loaded to float32,
+// updated with the weight, and stored back like the table: by `rounding`
+// (bound to its hparams by the caller), each slot with its own words.
+template <typename T, typename S, typename Rule, typename Rounding>
 void ApplyRows(const RowGrads& rg, const Rule& rule, const Rounding& rounding,
-               T* table, float* s0, float* s1) {
+               T* table, S* s0, S* s1) {
   if constexpr (Rule::kPerRow) {
     RowwiseRows(rg, rule, rounding, table, s0);
   } else {
-    float dummy0 = 0.f, dummy1 = 0.f;
     ForEachRow(rg, table, [&](int64_t r, T* w, const float* g) {
-      float* a = s0 ? s0 + r * rg.dim : nullptr;
-      float* b = s1 ? s1 + r * rg.dim : nullptr;
+      S* a = s0 ? s0 + r * rg.dim : nullptr;
+      S* b = s1 ? s1 + r * rg.dim : nullptr;
       const uint32_t key = rounding.RowKey(r);
+      const uint32_t key_a = rounding.SlotKey(key, 0);
+      const uint32_t key_b = rounding.SlotKey(key, 1);
       for (int64_t d = 0; d < rg.dim; ++d) {
         float wv = ToFloat(w[d]);
-        float& av = a ? a[d] : dummy0;
-        float& bv = b ? b[d] : dummy1;
+        float av = a ? ToFloat(a[d]) : 0.f;
+        float bv = b ? ToFloat(b[d]) : 0.f;
         rule(wv, av, bv, g[d]);
         w[d] = RoundTo<T>(rounding, key, d, wv);
+        if (a) a[d] = RoundTo<S>(rounding, key_a, d, av);
+        if (b) b[d] = RoundTo<S>(rounding, key_b, d, bv);
       }
     });
   }

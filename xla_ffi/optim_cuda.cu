@@ -33,7 +33,7 @@ ffi::Error UpdateImpl(cudaStream_t stream, const char* name, const Rule& rule,
         a, Rule::kHparams + Rounding::kHparams, slots,
         Rule::kPerRow ? SlotShape::kPerRow : SlotShape::kPerElement,
         StreamCopy{stream},
-        [&](auto* table, const RowGrads& rg, float* const* slot) {
+        [&](auto* table, const RowGrads& rg, auto slot) {
           if constexpr (Rule::kPerRow)
             optim::LaunchRowwiseAdagrad(stream, rule, rounding, table, slot[0],
                                         rg.rows, rg.dim, rg.unique_rows,
@@ -64,13 +64,13 @@ ffi::Error SgdImpl(cudaStream_t stream, ffi::AnyBuffer table,
 }
 
 ffi::Error AdagradImpl(cudaStream_t stream, ffi::AnyBuffer table,
-                       ffi::Buffer<ffi::F32> acc,
+                       ffi::AnyBuffer acc,
                        ffi::Buffer<ffi::S32> unique_rows,
                        ffi::Buffer<ffi::F32> row_grads,
                        ffi::Buffer<ffi::S32> num_unique,
                        ffi::Buffer<ffi::F32> hparams,
                        ffi::Result<ffi::AnyBuffer> table_out,
-                       ffi::Result<ffi::Buffer<ffi::F32>> acc_out, float eps,
+                       ffi::Result<ffi::AnyBuffer> acc_out, float eps,
                        int32_t stochastic_rounding) {
   return UpdateImpl(
       stream, "sok_adagrad_update", AdagradRule(eps), stochastic_rounding,
@@ -79,14 +79,14 @@ ffi::Error AdagradImpl(cudaStream_t stream, ffi::AnyBuffer table,
 }
 
 ffi::Error AdamImpl(cudaStream_t stream, ffi::AnyBuffer table,
-                    ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> v,
+                    ffi::AnyBuffer m, ffi::AnyBuffer v,
                     ffi::Buffer<ffi::S32> unique_rows,
                     ffi::Buffer<ffi::F32> row_grads,
                     ffi::Buffer<ffi::S32> num_unique,
                     ffi::Buffer<ffi::F32> hparams,
                     ffi::Result<ffi::AnyBuffer> table_out,
-                    ffi::Result<ffi::Buffer<ffi::F32>> m_out,
-                    ffi::Result<ffi::Buffer<ffi::F32>> v_out, float b1,
+                    ffi::Result<ffi::AnyBuffer> m_out,
+                    ffi::Result<ffi::AnyBuffer> v_out, float b1,
                     float b2, float eps, float eps_root,
                     int32_t stochastic_rounding) {
   return UpdateImpl(
@@ -97,14 +97,14 @@ ffi::Error AdamImpl(cudaStream_t stream, ffi::AnyBuffer table,
 }
 
 ffi::Error FtrlImpl(cudaStream_t stream, ffi::AnyBuffer table,
-                    ffi::Buffer<ffi::F32> acc, ffi::Buffer<ffi::F32> linear,
+                    ffi::AnyBuffer acc, ffi::AnyBuffer linear,
                     ffi::Buffer<ffi::S32> unique_rows,
                     ffi::Buffer<ffi::F32> row_grads,
                     ffi::Buffer<ffi::S32> num_unique,
                     ffi::Buffer<ffi::F32> hparams,
                     ffi::Result<ffi::AnyBuffer> table_out,
-                    ffi::Result<ffi::Buffer<ffi::F32>> acc_out,
-                    ffi::Result<ffi::Buffer<ffi::F32>> linear_out,
+                    ffi::Result<ffi::AnyBuffer> acc_out,
+                    ffi::Result<ffi::AnyBuffer> linear_out,
                     float lr_power, float l1, float l2, float l2_shrinkage,
                     float beta, int32_t stochastic_rounding) {
   return UpdateImpl(
@@ -115,13 +115,13 @@ ffi::Error FtrlImpl(cudaStream_t stream, ffi::AnyBuffer table,
 }
 
 ffi::Error RowwiseAdagradImpl(cudaStream_t stream, ffi::AnyBuffer table,
-                              ffi::Buffer<ffi::F32> acc,
+                              ffi::AnyBuffer acc,
                               ffi::Buffer<ffi::S32> unique_rows,
                               ffi::Buffer<ffi::F32> row_grads,
                               ffi::Buffer<ffi::S32> num_unique,
                               ffi::Buffer<ffi::F32> hparams,
                               ffi::Result<ffi::AnyBuffer> table_out,
-                              ffi::Result<ffi::Buffer<ffi::F32>> acc_out,
+                              ffi::Result<ffi::AnyBuffer> acc_out,
                               float eps, int32_t stochastic_rounding) {
   return UpdateImpl(
       stream, "sok_rowwise_adagrad_update", RowwiseAdagradRule(eps),

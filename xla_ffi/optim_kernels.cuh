@@ -25,9 +25,10 @@ namespace optim {
 using cuda::LoadFMutable;
 using cuda::StoreF;
 
-// Stores VEC float32 results as columns col.. of the table row whose
-// RoundingRowKey is row_key: StoreF (round to nearest even) unless the
-// policy is stochastic and the table 16-bit.
+// Stores VEC float32 results as columns col.. of the table (or slot) row
+// whose key is row_key (RoundingRowKey, or a slot's RoundingSlotKey of it):
+// StoreF (round to nearest even) unless the policy is stochastic and the
+// storage 16-bit.
 template <typename T, int VEC, typename Rounding>
 __device__ __forceinline__ void StoreRounded(T* p, const float (&in)[VEC],
                                              const Rounding& rounding,
@@ -48,14 +49,15 @@ __device__ __forceinline__ void StoreRounded(T* p, const float (&in)[VEC],
   }
 }
 
-// Table and (up to two) [R, D] slots updated element-wise by `rule`.
-// Launched over num_capacity * group threads; threads of rows at or beyond
-// num_unique, or of rows outside [0, rows), exit.
-template <typename T, int VEC, typename Rule, typename Rounding>
+// Table and (up to two) [R, D] slots of storage type S updated element-wise
+// by `rule` (slots loaded to float32 and stored back by `rounding`, each with
+// its own words). Launched over num_capacity * group threads; threads of
+// rows at or beyond num_unique, or of rows outside [0, rows), exit.
+template <typename T, typename S, int VEC, typename Rule, typename Rounding>
 __global__ void ElementwiseUpdateKernel(Rule rule, Rounding rounding,
                                         T* __restrict__ table,
-                                        float* __restrict__ s0,
-                                        float* __restrict__ s1, int64_t rows,
+                                        S* __restrict__ s0,
+                                        S* __restrict__ s1, int64_t rows,
                                         int64_t dim,
                                         const int32_t* __restrict__ unique_rows,
                                         const float* __restrict__ row_grads,
@@ -72,10 +74,12 @@ __global__ void ElementwiseUpdateKernel(Rule rule, Rounding rounding,
   rule.Bind(hparams);
   rounding.Bind(hparams + Rule::kHparams);
   const uint32_t row_key = rounding.RowKey(r);
+  const uint32_t a_key = rounding.SlotKey(row_key, 0);
+  const uint32_t b_key = rounding.SlotKey(row_key, 1);
   T* w_row = table + r * dim;
   const float* g_row = row_grads + u * dim;
-  float* a_row = Rule::kSlots > 0 ? s0 + r * dim : nullptr;
-  float* b_row = Rule::kSlots > 1 ? s1 + r * dim : nullptr;
+  S* a_row = Rule::kSlots > 0 ? s0 + r * dim : nullptr;
+  S* b_row = Rule::kSlots > 1 ? s1 + r * dim : nullptr;
   for (int64_t d = static_cast<int64_t>(lane) * VEC; d < dim;
        d += static_cast<int64_t>(group) * VEC) {
     float w[VEC], g[VEC], a[VEC] = {}, b[VEC] = {};
@@ -86,18 +90,21 @@ __global__ void ElementwiseUpdateKernel(Rule rule, Rounding rounding,
 #pragma unroll
     for (int i = 0; i < VEC; ++i) rule(w[i], a[i], b[i], g[i]);
     StoreRounded<T, VEC>(w_row + d, w, rounding, row_key, d);
-    if (Rule::kSlots > 0) StoreF(a_row + d, a);
-    if (Rule::kSlots > 1) StoreF(b_row + d, b);
+    if (Rule::kSlots > 0)
+      StoreRounded<S, VEC>(a_row + d, a, rounding, a_key, d);
+    if (Rule::kSlots > 1)
+      StoreRounded<S, VEC>(b_row + d, b, rounding, b_key, d);
   }
 }
 
 // Row-wise Adagrad: the group first reduces sum_d g^2 with shuffles (a fixed
 // tree, so deterministic), then updates the row. Every thread of a warp takes
-// part in the shuffles, so no thread returns before them.
-template <typename T, int VEC, typename Rounding>
+// part in the shuffles, so no thread returns before them. acc: one element
+// per row of storage type S, written by lane 0 (slot 0's words, column 0).
+template <typename T, typename S, int VEC, typename Rounding>
 __global__ void RowwiseAdagradKernel(RowwiseAdagradRule rule, Rounding rounding,
                                      T* __restrict__ table,
-                                     float* __restrict__ acc, int64_t rows,
+                                     S* __restrict__ acc, int64_t rows,
                                      int64_t dim,
                                      const int32_t* __restrict__ unique_rows,
                                      const float* __restrict__ row_grads,
@@ -128,8 +135,10 @@ __global__ void RowwiseAdagradKernel(RowwiseAdagradRule rule, Rounding rounding,
   rule.Bind(hparams);
   rounding.Bind(hparams + RowwiseAdagradRule::kHparams);
   const uint32_t row_key = rounding.RowKey(r);
-  float a = rule.Accumulate(acc[r], sum_sq, dim);
-  float scale = AdagradScale(a, rule.eps);
+  float a[1];
+  LoadFMutable<S, 1>(acc + r, a);
+  a[0] = rule.Accumulate(a[0], sum_sq, dim);
+  float scale = AdagradScale(a[0], rule.eps);
   T* w_row = table + r * dim;
   for (int64_t d = static_cast<int64_t>(lane) * VEC; d < dim;
        d += static_cast<int64_t>(group) * VEC) {
@@ -140,7 +149,8 @@ __global__ void RowwiseAdagradKernel(RowwiseAdagradRule rule, Rounding rounding,
     for (int i = 0; i < VEC; ++i) w[i] = rule.Step(w[i], g[i], scale);
     StoreRounded<T, VEC>(w_row + d, w, rounding, row_key, d);
   }
-  if (lane == 0) acc[r] = a;
+  if (lane == 0)
+    StoreRounded<S, 1>(acc + r, a, rounding, rounding.SlotKey(row_key, 0), 0);
 }
 
 // The fused backward's sink (embed_kernels.cuh ReduceRuns / ReducePartials):
@@ -149,19 +159,22 @@ __global__ void RowwiseAdagradKernel(RowwiseAdagradRule rule, Rounding rounding,
 // back). Each run names a distinct row, so no atomics. The lane first loads
 // all its chunks of the row and slots, then updates and stores them (loads in
 // flight together; the stores could alias the next loads for the compiler).
-template <typename T, typename Rule, typename Rounding>
+// Slots have storage type S, loaded to float32 and stored back by the
+// rounding policy, each with its own words.
+template <typename T, typename S, typename Rule, typename Rounding>
 struct UpdateSink : cuda::ValidRunsSink {
   Rule rule;
   Rounding rounding;
   const float* hparams;
   T* table;
-  float* s0;
-  float* s1;
+  S* s0;
+  S* s1;
 
-  UpdateSink(Rule r, Rounding rd, const float* hp, T* t, float* a, float* b)
+  UpdateSink(Rule r, Rounding rd, const float* hp, T* t, S* a, S* b)
       : rule(r), rounding(rd), hparams(hp), table(t), s0(a), s1(b) {}
   bool Aligned() const {
-    return Aligned(table, 4 * sizeof(T)) && Aligned(s0, 16) && Aligned(s1, 16);
+    return Aligned(table, 4 * sizeof(T)) && Aligned(s0, 4 * sizeof(S)) &&
+           Aligned(s1, 4 * sizeof(S));
   }
   template <int VEC, int CPL>
   __device__ __forceinline__ void Store(int64_t, uint32_t key, int64_t dim,
@@ -172,6 +185,8 @@ struct UpdateSink : cuda::ValidRunsSink {
     Rounding rd = rounding;
     rd.Bind(hparams + Rule::kHparams);
     const uint32_t row_key = rd.RowKey(key);
+    const uint32_t a_key = rd.SlotKey(row_key, 0);
+    const uint32_t b_key = rd.SlotKey(row_key, 1);
     const int64_t base = static_cast<int64_t>(key) * dim;
     float w[CPL][VEC], a[CPL][VEC] = {}, b[CPL][VEC] = {};
 #pragma unroll
@@ -179,8 +194,8 @@ struct UpdateSink : cuda::ValidRunsSink {
       const int64_t c = c_first + static_cast<int64_t>(k) * tpb;
       if (c >= cols) continue;
       LoadFMutable<T, VEC>(table + base + c * VEC, w[k]);
-      if (Rule::kSlots > 0) LoadFMutable<float, VEC>(s0 + base + c * VEC, a[k]);
-      if (Rule::kSlots > 1) LoadFMutable<float, VEC>(s1 + base + c * VEC, b[k]);
+      if (Rule::kSlots > 0) LoadFMutable<S, VEC>(s0 + base + c * VEC, a[k]);
+      if (Rule::kSlots > 1) LoadFMutable<S, VEC>(s1 + base + c * VEC, b[k]);
     }
 #pragma unroll
     for (int k = 0; k < CPL; ++k) {
@@ -189,8 +204,10 @@ struct UpdateSink : cuda::ValidRunsSink {
 #pragma unroll
       for (int i = 0; i < VEC; ++i) r(w[k][i], a[k][i], b[k][i], g[k][i]);
       StoreRounded<T, VEC>(table + base + c * VEC, w[k], rd, row_key, c * VEC);
-      if (Rule::kSlots > 0) StoreF<float, VEC>(s0 + base + c * VEC, a[k]);
-      if (Rule::kSlots > 1) StoreF<float, VEC>(s1 + base + c * VEC, b[k]);
+      if (Rule::kSlots > 0)
+        StoreRounded<S, VEC>(s0 + base + c * VEC, a[k], rd, a_key, c * VEC);
+      if (Rule::kSlots > 1)
+        StoreRounded<S, VEC>(s1 + base + c * VEC, b[k], rd, b_key, c * VEC);
     }
   }
 
@@ -205,18 +222,19 @@ struct UpdateSink : cuda::ValidRunsSink {
 // updates row `key`'s accumulator once, on the group's lane 0, and shares the
 // step's scale with the group by a shuffle (no lane reads the accumulator
 // after it is written); Store applies the step to the lane's chunks of the
-// row in place. Each run names a distinct row, so no atomics.
-template <typename T, typename Rounding>
+// row in place. Each run names a distinct row, so no atomics. acc has
+// storage type S (slot 0's words, column 0).
+template <typename T, typename S, typename Rounding>
 struct RowwiseUpdateSink : cuda::ValidRunsSink {
   static constexpr bool kWholeRow = true;
   RowwiseAdagradRule rule;
   Rounding rounding;
   const float* hparams;
   T* table;
-  float* acc;
+  S* acc;
 
   RowwiseUpdateSink(RowwiseAdagradRule r, Rounding rd, const float* hp, T* t,
-                    float* a)
+                    S* a)
       : rule(r), rounding(rd), hparams(hp), table(t), acc(a) {}
   bool Aligned() const {
     return reinterpret_cast<uintptr_t>(table) % (4 * sizeof(T)) == 0;
@@ -224,13 +242,16 @@ struct RowwiseUpdateSink : cuda::ValidRunsSink {
   __device__ __forceinline__ float RowScale(uint32_t key, int64_t dim,
                                             float sum_sq, int lane,
                                             unsigned mask, int tpb) const {
-    float a = 0.f;
+    float a[1] = {0.f};
     if (lane == 0) {
-      a = rule.Accumulate(acc[key], sum_sq, dim);
-      acc[key] = a;
+      Rounding rd = rounding;
+      rd.Bind(hparams + RowwiseAdagradRule::kHparams);
+      LoadFMutable<S, 1>(acc + key, a);
+      a[0] = rule.Accumulate(a[0], sum_sq, dim);
+      StoreRounded<S, 1>(acc + key, a, rd, rd.SlotKey(rd.RowKey(key), 0), 0);
     }
-    a = __shfl_sync(mask, a, 0, tpb);
-    return AdagradScale(a, rule.eps);
+    a[0] = __shfl_sync(mask, a[0], 0, tpb);
+    return AdagradScale(a[0], rule.eps);
   }
   template <int VEC, int CPL>
   __device__ __forceinline__ void Store(int64_t, uint32_t key, int64_t dim,
@@ -277,33 +298,34 @@ inline bool Aligned(const void* p, size_t bytes) {
 
 // Launches the element-wise kernel with the widest access D and the buffers'
 // alignment allow.
-template <typename T, typename Rule, typename Rounding>
+template <typename T, typename S, typename Rule, typename Rounding>
 void LaunchElementwise(cudaStream_t stream, const Rule& rule,
                        const Rounding& rounding, T* table,
-                       float* s0, float* s1, int64_t rows, int64_t dim,
+                       S* s0, S* s1, int64_t rows, int64_t dim,
                        const int32_t* unique_rows, const float* row_grads,
                        const int32_t* num_unique, int64_t capacity,
                        const float* hparams) {
   if (capacity == 0 || dim == 0) return;
   bool vec4 = dim % 4 == 0 && Aligned(table, 4 * sizeof(T)) &&
-              Aligned(s0, 16) && Aligned(s1, 16) && Aligned(row_grads, 16);
+              Aligned(s0, 4 * sizeof(S)) && Aligned(s1, 4 * sizeof(S)) &&
+              Aligned(row_grads, 16);
   int vec = vec4 ? 4 : 1;
   int group = GroupSize(dim, vec);
   int64_t threads = capacity * group;
   unsigned blocks = static_cast<unsigned>((threads + kBlock - 1) / kBlock);
   if (vec4)
-    ElementwiseUpdateKernel<T, 4, Rule, Rounding><<<blocks, kBlock, 0, stream>>>(
+    ElementwiseUpdateKernel<T, S, 4, Rule, Rounding><<<blocks, kBlock, 0, stream>>>(
         rule, rounding, table, s0, s1, rows, dim, unique_rows, row_grads, num_unique,
         capacity, hparams, group);
   else
-    ElementwiseUpdateKernel<T, 1, Rule, Rounding><<<blocks, kBlock, 0, stream>>>(
+    ElementwiseUpdateKernel<T, S, 1, Rule, Rounding><<<blocks, kBlock, 0, stream>>>(
         rule, rounding, table, s0, s1, rows, dim, unique_rows, row_grads, num_unique,
         capacity, hparams, group);
 }
 
-template <typename T, typename Rounding>
+template <typename T, typename S, typename Rounding>
 void LaunchRowwiseAdagrad(cudaStream_t stream, const RowwiseAdagradRule& rule,
-                          const Rounding& rounding, T* table, float* acc, int64_t rows, int64_t dim,
+                          const Rounding& rounding, T* table, S* acc, int64_t rows, int64_t dim,
                           const int32_t* unique_rows, const float* row_grads,
                           const int32_t* num_unique, int64_t capacity,
                           const float* hparams) {
@@ -315,11 +337,11 @@ void LaunchRowwiseAdagrad(cudaStream_t stream, const RowwiseAdagradRule& rule,
   int64_t threads = capacity * group;
   unsigned blocks = static_cast<unsigned>((threads + kBlock - 1) / kBlock);
   if (vec4)
-    RowwiseAdagradKernel<T, 4, Rounding><<<blocks, kBlock, 0, stream>>>(
+    RowwiseAdagradKernel<T, S, 4, Rounding><<<blocks, kBlock, 0, stream>>>(
         rule, rounding, table, acc, rows, dim, unique_rows, row_grads, num_unique,
         capacity, hparams, group);
   else
-    RowwiseAdagradKernel<T, 1, Rounding><<<blocks, kBlock, 0, stream>>>(
+    RowwiseAdagradKernel<T, S, 1, Rounding><<<blocks, kBlock, 0, stream>>>(
         rule, rounding, table, acc, rows, dim, unique_rows, row_grads, num_unique,
         capacity, hparams, group);
 }

@@ -1,6 +1,6 @@
 // Per-element update rules of the fused sparse optimizers, shared by the CPU
 // and CUDA kernels so both paths compute the same function. All math is in
-// float32 whatever the table's storage type. No XLA, no nanobind.
+// float32 whatever the table's and slots' storage types. No XLA, no nanobind.
 //
 // Each rule is a small struct: its constructor takes the constant
 // hyperparameters (the FFI attributes of its `sok_*_update` target, in
@@ -8,12 +8,13 @@
 // fused target), `Bind(hparams)` reads the traced ones (learning rate first)
 // from the float32 hparams buffer where the kernel runs (on the device for
 // CUDA, so nothing is copied to the host), and `operator()` updates one
-// element of the table and its slots in place. kSlots says how many float32
-// slot arrays the rule uses (0, 1 or 2), each [R, D] unless kPerRow (one
-// float per row, [R]); unused slot references are dummies; kConsts says how
-// many constants it takes. The formulas follow optax (SGD, Adagrad, Adam) and
-// TF/Keras (FTRL) term by term, so the pure-JAX reference in
-// sok_jax/ops/optim_ops.py and these kernels agree to float rounding.
+// element of the table and its slots in place (float32 values: the kernels
+// load 16-bit tables and slots to float32 and round the results back).
+// kSlots says how many slot arrays the rule uses (0, 1 or 2), each [R, D]
+// unless kPerRow (one per row, [R]); unused slot references are dummies;
+// kConsts says how many constants it takes. The formulas follow optax (SGD,
+// Adagrad, Adam) and TF/Keras (FTRL) term by term, so the pure-JAX reference
+// in sok_jax/ops/reference.py and these kernels agree to float rounding.
 #pragma once
 
 #include <cmath>

@@ -10,6 +10,10 @@
 // at step t is a pure function of (seed, t, row, col): a counter-based hash,
 // so every platform and every launch shape draws the same word. `row` is the
 // index of the row in the table the kernel updates (a shard's local row).
+// A 16-bit optimizer slot is written the same way, its words those of the
+// same (seed, t, row, col) with the row key salted per slot (RoundingSlotKey),
+// so a slot never draws the bits its weight draws. A row-wise slot ([R]) is
+// column 0 of its row.
 //
 //   bfloat16: the 16 low random bits are added to the float32 bit pattern,
 //     which is then truncated to its high 16 bits. Adding to the magnitude
@@ -65,6 +69,17 @@ SOK_HD uint32_t RoundingWord(uint32_t row_key, uint32_t col) {
   return Fmix32(row_key + col * kRoundingColumnStep);
 }
 
+// The row key of optimizer slot `slot` (0 or 1, the rule's order) of the row
+// whose key is row_key: one salt per slot (murmur3's constants, odd and far
+// from the weights' salt), hashed again so the slots' words share nothing
+// with the weight's.
+constexpr uint32_t kRoundingSlotSalt0 = 0x85ebca6bu;
+constexpr uint32_t kRoundingSlotSalt1 = 0xc2b2ae35u;
+SOK_HD uint32_t RoundingSlotKey(uint32_t row_key, int slot) {
+  const uint32_t salt = slot == 0 ? kRoundingSlotSalt0 : kRoundingSlotSalt1;
+  return Fmix32(row_key ^ salt);
+}
+
 // The bfloat16 bits of float32 bits u rounded stochastically with random
 // word r (its 16 low bits).
 SOK_HD uint16_t StochasticBf16(uint32_t u, uint32_t r) {
@@ -104,7 +119,8 @@ SOK_HD uint16_t StochasticF16(uint32_t u, uint32_t r) {
 
 // The rounding policies of the update kernels. Bind reads the policy's
 // kHparams words from the update's hparams (after the rule's own), RowKey
-// hashes a table row, Word gives the random word of a column of that row.
+// hashes a table row, SlotKey salts a row key for one of the row's slots,
+// Word gives the random word of a column of that row (or slot row).
 
 // Round to nearest even: the storage type's conversion; takes no hparams.
 struct NearestRounding {
@@ -112,6 +128,7 @@ struct NearestRounding {
   static constexpr int kHparams = 0;
   SOK_HD void Bind(const float*) {}
   SOK_HD uint32_t RowKey(int64_t) const { return 0u; }
+  SOK_HD uint32_t SlotKey(uint32_t, int) const { return 0u; }
   SOK_HD uint32_t Word(uint32_t, int64_t) const { return 0u; }
 };
 
@@ -132,6 +149,9 @@ struct StochasticRounding {
   }
   SOK_HD uint32_t RowKey(int64_t row) const {
     return RoundingRowKey(step_key, static_cast<uint32_t>(row));
+  }
+  SOK_HD uint32_t SlotKey(uint32_t row_key, int slot) const {
+    return RoundingSlotKey(row_key, slot);
   }
   SOK_HD uint32_t Word(uint32_t row_key, int64_t col) const {
     return RoundingWord(row_key, static_cast<uint32_t>(col));

@@ -60,23 +60,24 @@ auto EmbedBwdDense(B b) {
 
 // The backward fused with an optimizer (optim_math.h VisitRule): per
 // distinct row of the table, the summed gradient applied to the row and its
-// slots in place. Slots are [R, D], or [R] for a row-wise rule; slots the
-// rule does not use are [0]. stochastic_rounding: 0 writes the table with
+// slots in place. Slots are [R, D], or [R] for a row-wise rule, float32,
+// bfloat16 or float16 (all of one dtype); slots the rule does not use are
+// [0]. stochastic_rounding: 0 writes the table and 16-bit slots with
 // round-to-nearest-even, 1 stochastically (rounding_math.h), its words after
 // the rule's in hparams.
 template <typename B>
 auto EmbedBwdUpdate(B b) {
   return std::move(b).template Arg<ffi::AnyBuffer>()    // table
-      .template Arg<ffi::Buffer<ffi::F32>>()   // slot 0
-      .template Arg<ffi::Buffer<ffi::F32>>()   // slot 1
+      .template Arg<ffi::AnyBuffer>()          // slot 0
+      .template Arg<ffi::AnyBuffer>()          // slot 1
       .template Arg<ffi::AnyBuffer>()          // grad_out (the table's dtype)
       .template Arg<ffi::AnyBuffer>()          // ids
       .template Arg<ffi::AnyBuffer>()          // offsets
       .template Arg<ffi::AnyBuffer>()          // weights
       .template Arg<ffi::Buffer<ffi::F32>>()   // hparams (learning rate, step)
       .template Ret<ffi::AnyBuffer>()          // table
-      .template Ret<ffi::Buffer<ffi::F32>>()   // slot 0
-      .template Ret<ffi::Buffer<ffi::F32>>()   // slot 1
+      .template Ret<ffi::AnyBuffer>()          // slot 0
+      .template Ret<ffi::AnyBuffer>()          // slot 1
       .template Ret<ffi::AnyBuffer>()          // workspace (CUDA only uses it)
       .template Attr<int32_t>("combiner")
       .template Attr<int32_t>("rule")
@@ -117,7 +118,8 @@ auto RowsToDense(B b) {
 // hyperparameters (float32: learning rate, and Adam's step; then, with
 // stochastic rounding, its words: rounding_math.h StochasticRounding). Every
 // update's last attribute, stochastic_rounding (0 or 1), picks how the
-// table's new values are written (rounding_math.h).
+// table's new values, and a 16-bit slot's, are written (rounding_math.h).
+// Slots are float32, bfloat16 or float16, all of one dtype.
 template <typename B>
 auto RowsAndHparams(B b) {
   return std::move(b).template Arg<ffi::Buffer<ffi::S32>>()  // unique_rows
@@ -137,9 +139,9 @@ auto SgdUpdate(B b) {
 template <typename B>
 auto AdagradUpdate(B b) {
   return RowsAndHparams(std::move(b).template Arg<ffi::AnyBuffer>()  // table
-                            .template Arg<ffi::Buffer<ffi::F32>>())  // accumulator
+                            .template Arg<ffi::AnyBuffer>())  // accumulator
       .template Ret<ffi::AnyBuffer>()                                // table
-      .template Ret<ffi::Buffer<ffi::F32>>()                         // accumulator
+      .template Ret<ffi::AnyBuffer>()                                // accumulator
       .template Attr<float>("eps")
       .template Attr<int32_t>("stochastic_rounding");
 }
@@ -147,11 +149,11 @@ auto AdagradUpdate(B b) {
 template <typename B>
 auto AdamUpdate(B b) {
   return RowsAndHparams(std::move(b).template Arg<ffi::AnyBuffer>()  // table
-                            .template Arg<ffi::Buffer<ffi::F32>>()   // m
-                            .template Arg<ffi::Buffer<ffi::F32>>())  // v
+                            .template Arg<ffi::AnyBuffer>()   // m
+                            .template Arg<ffi::AnyBuffer>())  // v
       .template Ret<ffi::AnyBuffer>()                                // table
-      .template Ret<ffi::Buffer<ffi::F32>>()                         // m
-      .template Ret<ffi::Buffer<ffi::F32>>()                         // v
+      .template Ret<ffi::AnyBuffer>()                                // m
+      .template Ret<ffi::AnyBuffer>()                                // v
       .template Attr<float>("b1")
       .template Attr<float>("b2")
       .template Attr<float>("eps")
@@ -162,11 +164,11 @@ auto AdamUpdate(B b) {
 template <typename B>
 auto FtrlUpdate(B b) {
   return RowsAndHparams(std::move(b).template Arg<ffi::AnyBuffer>()  // table
-                            .template Arg<ffi::Buffer<ffi::F32>>()   // accumulator
-                            .template Arg<ffi::Buffer<ffi::F32>>())  // linear
+                            .template Arg<ffi::AnyBuffer>()   // accumulator
+                            .template Arg<ffi::AnyBuffer>())  // linear
       .template Ret<ffi::AnyBuffer>()                                // table
-      .template Ret<ffi::Buffer<ffi::F32>>()                         // accumulator
-      .template Ret<ffi::Buffer<ffi::F32>>()                         // linear
+      .template Ret<ffi::AnyBuffer>()                                // accumulator
+      .template Ret<ffi::AnyBuffer>()                                // linear
       .template Attr<float>("learning_rate_power")
       .template Attr<float>("l1_regularization_strength")
       .template Attr<float>("l2_regularization_strength")

@@ -92,13 +92,14 @@ jax.tree_util.register_dataclass(
 )
 
 
-def _slot_floats(optimizer, dim: int) -> int:
-    """float32 values of `optimizer`'s slots per row of a table of `dim`."""
+def _slot_bytes(optimizer, dim: int) -> int:
+    """Bytes of `optimizer`'s slots per row of a table of `dim` (each slot at
+    its slot_dtype's size)."""
     if optimizer is None:
-        return dim  # the default assumption: one [R, D] slot (Adagrad)
+        return 4 * dim  # the default assumption: one float32 [R, D] slot (Adagrad)
     check_sparse_optimizer(optimizer)
     probe = jax.eval_shape(optimizer.init, jax.ShapeDtypeStruct((8, dim), jnp.float32))
-    return sum(int(np.prod(s.shape)) // 8 for s in probe.slots)
+    return sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in probe.slots) // 8
 
 
 class EmbeddingCollection:
@@ -161,7 +162,7 @@ class EmbeddingCollection:
         for f in features:
             keys_per_sample[f.table] += f.max_nnz
         slots = {
-            name: _slot_floats(spec.optimizer or optimizer, spec.embedding_dim)
+            name: _slot_bytes(spec.optimizer or optimizer, spec.embedding_dim)
             for name, spec in self.table_specs.items()
         }
         self.plan = planner.make_plan(
@@ -171,7 +172,7 @@ class EmbeddingCollection:
             batch_size=batch_size or planner.DEFAULT_BATCH_PER_DEVICE * self.num_devices,
             capacity_factor=capacity_factor,
             memory_per_device=memory_per_device,
-            slot_floats_per_row=slots,
+            slot_bytes_per_row=slots,
             hbm_budget=hbm_budget,
         )
         units = [self._unit(u, features, ops) for u in self.plan.units]

@@ -237,7 +237,7 @@ def make_plan(
     batch_size: int,
     capacity_factor=None,
     memory_per_device: int | None = None,
-    slot_floats_per_row: dict,
+    slot_bytes_per_row: dict,
     replicate_bytes: int = REPLICATE_BYTES,
     hbm_budget: int | None = None,
 ) -> Plan:
@@ -250,7 +250,7 @@ def make_plan(
       batch_size: the global batch the costs assume.
       capacity_factor: the collection's.
       memory_per_device: bytes each device may hold (default: the device's).
-      slot_floats_per_row: {table: float32 values of optimizer slots per row}.
+      slot_bytes_per_row: {table: bytes of its optimizer slots per row}.
       replicate_bytes: the largest table (with slots) "auto" replicates.
       hbm_budget: bytes of HBM each device may give the tables; tables whose
         storage is None are offloaded to host memory until they fit (see the
@@ -270,7 +270,7 @@ def make_plan(
 
     def row_bytes(name):
         s = specs[name]
-        return s.row_bytes + 4 * slot_floats_per_row[name]
+        return s.row_bytes + slot_bytes_per_row[name]
 
     def hbm_bytes(name, rows):
         """HBM a device gives a table of which it holds `rows` rows."""

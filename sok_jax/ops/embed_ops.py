@@ -247,6 +247,8 @@ def check_bwd_update(rule, table, slots, grad_out, ids, offsets, weights, consts
             optim_ops.check_rowwise_slot(slot, f"slot {k}", table.shape[0])
         else:
             optim_ops.check_slot(slot, f"slot {k}", table.shape)
+    if slots:
+        optim_ops.check_same_slot_dtype([(f"slot {k}", x) for k, x in enumerate(slots)])
     return spec
 
 
@@ -268,16 +270,16 @@ def bwd_update(
       rule: "sgd", "adagrad", "adam", "ftrl" (element-wise rules) or
         "rowwise_adagrad" (one accumulator per row).
       table: [R, D] float32, bfloat16 or float16.
-      slots: the rule's float32 slots (0, 1 or 2, in the order of the
-        matching `optim_ops.*_update`): [R, D], or [R] / [R, 1] for
-        rowwise_adagrad.
+      slots: the rule's slots (0, 1 or 2, in the order of the matching
+        `optim_ops.*_update`): [R, D], or [R] / [R, 1] for rowwise_adagrad;
+        float32, bfloat16 or float16, all of one dtype.
       grad_out: [M, D] cotangent of the lookup's output, the table's dtype or
         float32.
       ids, offsets, weights, combiner: the lookup's bags.
       hparams: the traced hyperparameters: (learning_rate,) or, for adam,
         (learning_rate, step).
       rounding: None (round to nearest even) or a
-        `rounding.StochasticRounding` for a 16-bit table (as
+        `rounding.StochasticRounding` for a 16-bit table or 16-bit slots (as
         `optim_ops.sgd_update`).
       **consts: the rule's constant hyperparameters (`RULES`), by name.
 
@@ -292,12 +294,13 @@ def bwd_update(
     spec = check_bwd_update(rule, table, slots, grad_out, ids, offsets, weights, consts)
     if grad_out.dtype != table.dtype:
         grad_out = grad_out.astype(jnp.float32)
-    sr, words = rounding_call(rounding, table)
+    sr, words = rounding_call(rounding, table, *slots)
     hp = optim_ops.hparams_vector(
         *((f"hparams[{i}]", v) for i, v in enumerate(hparams)), rounding_words=words
     )
-    # The target always takes two slots; a rule's unused ones are [0].
-    unused = (jnp.zeros((0,), jnp.float32),) * (2 - len(slots))
+    # The target always takes two slots; a rule's unused ones are [0], of the
+    # used ones' dtype.
+    unused = (jnp.zeros((0,), slots[0].dtype if slots else jnp.float32),) * (2 - len(slots))
     outs = (table, *slots, *unused)
     n, d = ids.shape[0], table.shape[1]
     call = jax.ffi.ffi_call(

@@ -12,12 +12,15 @@ Each ``*_update`` applies one optimizer step to exactly those rows of the
 table and its slots, in place: the outputs alias the inputs
 (``input_output_aliases``), so under ``jax.jit`` with donated state no copy is
 made and no [R, D] gradient is built. Every other row keeps its bits. The
-table may be float32, bfloat16 or float16 (math in float32); slots are
-float32. Learning rate and Adam's step are traced values (schedules work
-inside ``jit``); the other hyperparameters are compile-time constants.
-A 16-bit table's new values are rounded to nearest even, or, given
+table may be float32, bfloat16 or float16, and so may the slots (all of an
+update's slots share one dtype, ``SLOT_DTYPES``): every element is loaded to
+float32, updated in float32 and stored back. Learning rate and Adam's step
+are traced values (schedules work inside ``jit``); the other
+hyperparameters are compile-time constants.
+A 16-bit table's or slot's new values are rounded to nearest even, or, given
 ``rounding=StochasticRounding(seed, step)``
-(:mod:`sok_jax.ops.rounding`), stochastically; float32 tables ignore it.
+(:mod:`sok_jax.ops.rounding`), stochastically (each slot with random bits of
+its own); float32 arrays ignore it.
 
 ``sok_jax.ops.reference`` computes each update under the same name in plain
 JAX (``.at[rows].set``): the test oracle and a selectable fallback.
@@ -49,7 +52,12 @@ __all__ = [
     "rowwise_adagrad_slots",
     "adam_slots",
     "ftrl_slots",
+    "SLOT_DTYPES",
+    "check_slot_dtype",
 ]
+
+# The storage dtypes of optimizer slots (the kernels compute in float32).
+SLOT_DTYPES = ("float32", "bfloat16", "float16")
 
 # ---------------------------------------------------------------------------
 # Trace-time checks
@@ -77,19 +85,47 @@ def check_row_grads(table, unique_rows, row_grads, num_unique):
     return num_unique.reshape(1)
 
 
+def check_slot_dtype(slot_dtype, name="slot_dtype"):
+    """`slot_dtype` (a name or a dtype) as a jnp.dtype; ValueError naming
+    `name` unless it is one of ``SLOT_DTYPES``."""
+    try:
+        dtype = jnp.dtype(slot_dtype)
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.name not in SLOT_DTYPES:
+        raise ValueError(f"{name} must be one of {list(SLOT_DTYPES)}, got {slot_dtype!r}")
+    return dtype
+
+
 def check_slot(slot, name, shape):
-    if slot.dtype != jnp.float32 or tuple(slot.shape) != tuple(shape):
+    if jnp.dtype(slot.dtype).name not in SLOT_DTYPES or tuple(slot.shape) != tuple(shape):
         raise ValueError(
-            f"{name} must be float32 {list(shape)} like the table, got {slot.dtype} {slot.shape}"
+            f"{name} must be {' or '.join(SLOT_DTYPES)} {list(shape)} like the table, "
+            f"got {slot.dtype} {slot.shape}"
         )
 
 
 def check_rowwise_slot(slot, name, rows):
-    if slot.dtype != jnp.float32 or tuple(slot.shape) not in ((rows,), (rows, 1)):
+    if jnp.dtype(slot.dtype).name not in SLOT_DTYPES or tuple(slot.shape) not in (
+        (rows,),
+        (rows, 1),
+    ):
         raise ValueError(
-            f"{name} must be float32 [{rows}] or [{rows}, 1] (one per table row), "
-            f"got {slot.dtype} {slot.shape}"
+            f"{name} must be {' or '.join(SLOT_DTYPES)} [{rows}] or [{rows}, 1] "
+            f"(one per table row), got {slot.dtype} {slot.shape}"
         )
+
+
+def check_same_slot_dtype(named_slots):
+    """ValueError unless every (name, slot) pair has the first one's dtype
+    (an update's slots share one slot_dtype)."""
+    (first, a), *rest = named_slots
+    for name, b in rest:
+        if b.dtype != a.dtype:
+            raise ValueError(
+                f"{name} must have the dtype of {first} (an optimizer's slots share one "
+                f"slot_dtype), got {b.dtype} and {a.dtype}"
+            )
 
 
 def as_scalar(x, name):
@@ -112,7 +148,7 @@ def _ffi(name, outs, args, hparams, rounding, **attrs):
     """Calls update target `name` with the traced `hparams` (named pairs) and
     `rounding` (None or a StochasticRounding); the first len(outs) args alias
     the outputs, and `hparams` follows `args`."""
-    sr, words = rounding_call(rounding, outs[0])
+    sr, words = rounding_call(rounding, *outs)
     hp = hparams_vector(*hparams, rounding_words=words)
     call = jax.ffi.ffi_call(
         name,
@@ -175,11 +211,12 @@ def adagrad_update(
 
     Args:
       table: [R, D] float32, bfloat16 or float16.
-      accumulator: float32 [R, D] sum of squared gradients.
+      accumulator: [R, D] sum of squared gradients (float32, bfloat16 or
+        float16).
       unique_rows, row_grads, num_unique: as in :func:`sgd_update`.
       learning_rate: scalar, may be traced.
       eps: added under the square root (optax default 1e-7).
-      rounding: as in :func:`sgd_update`.
+      rounding: as in :func:`sgd_update`; also writes 16-bit slots.
 
     Returns:
       ``(table, accumulator)``, aliasing the inputs.
@@ -212,11 +249,11 @@ def rowwise_adagrad_update(
 
     Args:
       table: [R, D] float32, bfloat16 or float16.
-      accumulator: float32 [R] or [R, 1].
+      accumulator: [R] or [R, 1] (float32, bfloat16 or float16).
       unique_rows, row_grads, num_unique: as in :func:`sgd_update`.
       learning_rate: scalar, may be traced.
       eps: added under the square root (default 1e-7, as optax Adagrad).
-      rounding: as in :func:`sgd_update`.
+      rounding: as in :func:`sgd_update`; also writes 16-bit slots.
 
     Returns:
       ``(table, accumulator)``, aliasing the inputs (accumulator keeps its
@@ -264,13 +301,14 @@ def adam_update(
 
     Args:
       table: [R, D] float32, bfloat16 or float16.
-      m, v: float32 [R, D] first and second moments (start at zero).
+      m, v: [R, D] first and second moments (start at zero), of one dtype:
+        float32, bfloat16 or float16.
       unique_rows, row_grads, num_unique: as in :func:`sgd_update`.
       learning_rate: scalar, may be traced.
       step: the 1-based count of this update (optax's ``count`` after its
         increment), a scalar that may be traced; int or float.
       b1, b2, eps, eps_root: optax.adam's hyperparameters.
-      rounding: as in :func:`sgd_update`.
+      rounding: as in :func:`sgd_update`; also writes 16-bit slots.
 
     Returns:
       ``(table, m, v)``, aliasing the inputs.
@@ -281,6 +319,7 @@ def adam_update(
     num_unique = check_row_grads(table, unique_rows, row_grads, num_unique)
     check_slot(m, "m", table.shape)
     check_slot(v, "v", table.shape)
+    check_same_slot_dtype((("m", m), ("v", v)))
     return tuple(
         _ffi(
             "sok_adam_update",
@@ -326,13 +365,14 @@ def ftrl_update(
 
     Args:
       table: [R, D] float32, bfloat16 or float16.
-      accumulator, linear: float32 [R, D].
+      accumulator, linear: [R, D], of one dtype: float32, bfloat16 or
+        float16.
       unique_rows, row_grads, num_unique: as in :func:`sgd_update`.
       learning_rate: scalar, may be traced.
       learning_rate_power, l1_regularization_strength,
       l2_regularization_strength, l2_shrinkage_regularization_strength, beta:
         Keras Ftrl's hyperparameters (defaults -0.5, 0, 0, 0, 0).
-      rounding: as in :func:`sgd_update`.
+      rounding: as in :func:`sgd_update`; also writes 16-bit slots.
 
     Returns:
       ``(table, accumulator, linear)``, aliasing the inputs.
@@ -343,6 +383,7 @@ def ftrl_update(
     num_unique = check_row_grads(table, unique_rows, row_grads, num_unique)
     check_slot(accumulator, "accumulator", table.shape)
     check_slot(linear, "linear", table.shape)
+    check_same_slot_dtype((("accumulator", accumulator), ("linear", linear)))
     return tuple(
         _ffi(
             "sok_ftrl_update",
@@ -360,30 +401,33 @@ def ftrl_update(
 
 
 # ---------------------------------------------------------------------------
-# Slot initialisers: float32 arrays shaped like the table (only its shape is
-# read), each a fresh buffer (`DistributedEmbedding.init_optimizer` makes each
-# slot in a program of its own, so that no two come back in one buffer).
+# Slot initialisers: arrays of `dtype` (one of SLOT_DTYPES, float32 by
+# default) shaped like the table (only its shape is read), each a fresh
+# buffer (`DistributedEmbedding.init_optimizer` makes each slot in a program
+# of its own, so that no two come back in one buffer).
 # ---------------------------------------------------------------------------
 
 
-def adagrad_slots(table, initial_accumulator_value=0.1):
-    """The Adagrad accumulator for `table`: float32 [R, D] filled (optax: 0.1)."""
-    return jnp.full(table.shape, initial_accumulator_value, jnp.float32)
+def adagrad_slots(table, initial_accumulator_value=0.1, dtype=jnp.float32):
+    """The Adagrad accumulator for `table`: [R, D] filled (optax: 0.1)."""
+    return jnp.full(table.shape, initial_accumulator_value, check_slot_dtype(dtype))
 
 
-def rowwise_adagrad_slots(table, initial_accumulator_value=0.1):
-    """The row-wise Adagrad accumulator for `table`: float32 [R]."""
-    return jnp.full(table.shape[:1], initial_accumulator_value, jnp.float32)
+def rowwise_adagrad_slots(table, initial_accumulator_value=0.1, dtype=jnp.float32):
+    """The row-wise Adagrad accumulator for `table`: [R]."""
+    return jnp.full(table.shape[:1], initial_accumulator_value, check_slot_dtype(dtype))
 
 
-def adam_slots(table):
-    """Adam's ``(m, v)`` for `table`: float32 [R, D] zeros each."""
-    return (jnp.zeros(table.shape, jnp.float32), jnp.zeros(table.shape, jnp.float32))
+def adam_slots(table, dtype=jnp.float32):
+    """Adam's ``(m, v)`` for `table`: [R, D] zeros each."""
+    dtype = check_slot_dtype(dtype)
+    return (jnp.zeros(table.shape, dtype), jnp.zeros(table.shape, dtype))
 
 
-def ftrl_slots(table, initial_accumulator_value=0.1):
+def ftrl_slots(table, initial_accumulator_value=0.1, dtype=jnp.float32):
     """FTRL's ``(accumulator, linear)``: [R, D] filled (Keras: 0.1) and zeros."""
+    dtype = check_slot_dtype(dtype)
     return (
-        jnp.full(table.shape, initial_accumulator_value, jnp.float32),
-        jnp.zeros(table.shape, jnp.float32),
+        jnp.full(table.shape, initial_accumulator_value, dtype),
+        jnp.zeros(table.shape, dtype),
     )

@@ -162,15 +162,16 @@ def _set(x, idx, new):
     return x.at[idx].set(new.astype(x.dtype), mode="drop")
 
 
-def _store(table, idx, new, rounding):
-    """`table` with rows `idx` set to the float32 `new`, written as the
-    targets write it: round to nearest even, or stochastic rounding with the
-    words of (seed, step, row, column) (xla_ffi/rounding_math.h)."""
-    on, _ = rounding_call(rounding, table)
+def _store(x, idx, new, rounding, slot=None):
+    """`x` [R, D] (the table, or with `slot` that optimizer slot of its
+    rows) with rows `idx` set to the float32 `new`, written as the targets
+    write it: round to nearest even, or stochastic rounding with the words of
+    (seed, step, row, column[, slot]) (xla_ffi/rounding_math.h)."""
+    on, _ = rounding_call(rounding, x)
     if not on:
-        return _set(table, idx, new)
-    words = rounding_words(rounding.seed, rounding.step, idx, jnp.arange(table.shape[1]))
-    return table.at[idx].set(stochastic_round(new, table.dtype, words), mode="drop")
+        return _set(x, idx, new)
+    words = rounding_words(rounding.seed, rounding.step, idx, jnp.arange(x.shape[1]), slot)
+    return x.at[idx].set(stochastic_round(new, x.dtype, words), mode="drop")
 
 
 def sgd_update(table, unique_rows, row_grads, num_unique, learning_rate, *, rounding=None):
@@ -198,7 +199,7 @@ def adagrad_update(
     g = row_grads
     acc = g * g + _get(accumulator, idx)
     w = _get(table, idx) + (-lr * (_adagrad_scale(acc, eps) * g))
-    return _store(table, idx, w, rounding), _set(accumulator, idx, acc)
+    return _store(table, idx, w, rounding), _store(accumulator, idx, acc, rounding, 0)
 
 
 def rowwise_adagrad_update(
@@ -211,13 +212,13 @@ def rowwise_adagrad_update(
     lr = optim_ops.as_scalar(learning_rate, "learning_rate")
     idx = _gather_rows(table, unique_rows, num_unique)
     g = row_grads
-    flat = accumulator.reshape(-1)
-    acc = jnp.sum(g * g, axis=1) / np.float32(g.shape[1]) + _get(flat, idx)
+    column = accumulator.reshape(-1, 1)  # column 0 of each row (rounding words)
+    acc = jnp.sum(g * g, axis=1) / np.float32(g.shape[1]) + _get(column[:, 0], idx)
     scale = _adagrad_scale(acc, eps)[:, None]
     w = _get(table, idx) + (-lr * (scale * g))
     return (
         _store(table, idx, w, rounding),
-        _set(flat, idx, acc).reshape(accumulator.shape),
+        _store(column, idx, acc[:, None], rounding, 0).reshape(accumulator.shape),
     )
 
 
@@ -241,6 +242,7 @@ def adam_update(
     num_unique = optim_ops.check_row_grads(table, unique_rows, row_grads, num_unique)
     optim_ops.check_slot(m, "m", table.shape)
     optim_ops.check_slot(v, "v", table.shape)
+    optim_ops.check_same_slot_dtype((("m", m), ("v", v)))
     lr = optim_ops.as_scalar(learning_rate, "learning_rate")
     t = optim_ops.as_scalar(step, "step")
     b1, b2 = np.float32(b1), np.float32(b2)
@@ -252,7 +254,11 @@ def adam_update(
     v_new = (1 - b2) * (g * g) + b2 * _get(v, idx)
     upd = (m_new / bc1) / (jnp.sqrt(v_new / bc2 + np.float32(eps_root)) + np.float32(eps))
     w = _get(table, idx) + (-lr * upd)
-    return _store(table, idx, w, rounding), _set(m, idx, m_new), _set(v, idx, v_new)
+    return (
+        _store(table, idx, w, rounding),
+        _store(m, idx, m_new, rounding, 0),
+        _store(v, idx, v_new, rounding, 1),
+    )
 
 
 def _ftrl_pow(x, lr_power):
@@ -281,6 +287,7 @@ def ftrl_update(
     num_unique = optim_ops.check_row_grads(table, unique_rows, row_grads, num_unique)
     optim_ops.check_slot(accumulator, "accumulator", table.shape)
     optim_ops.check_slot(linear, "linear", table.shape)
+    optim_ops.check_same_slot_dtype((("accumulator", accumulator), ("linear", linear)))
     lr = optim_ops.as_scalar(learning_rate, "learning_rate")
     lrp = float(np.float32(learning_rate_power))
     l1 = np.float32(l1_regularization_strength)
@@ -299,8 +306,8 @@ def ftrl_update(
     w_new = (jnp.clip(z, -l1, l1) - z) / quadratic
     return (
         _store(table, idx, w_new, rounding),
-        _set(accumulator, idx, acc_new),
-        _set(linear, idx, z),
+        _store(accumulator, idx, acc_new, rounding, 0),
+        _store(linear, idx, z, rounding, 1),
     )
 
 

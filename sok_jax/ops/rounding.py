@@ -1,4 +1,4 @@
-"""Stochastic rounding of a sparse update's write into a 16-bit table.
+"""Stochastic rounding of a sparse update's write into a 16-bit table or slot.
 
 `StochasticRounding(seed, step)` asks an update (`optim_ops.*_update`,
 `embed_ops.bwd_update` and their `reference` twins) to write the table's new
@@ -6,12 +6,15 @@ float32 values by stochastic rounding instead of round-to-nearest-even: each
 value goes to one of its two neighbours in bfloat16 / float16 with
 probability proportional to its distance from the other, so the expected
 stored value is the float32 one and updates far below half an ulp still move
-the weights on average. A float32 table stores its values as they are.
+the weights on average. A float32 table stores its values as they are. A
+16-bit optimizer slot (`slot_dtype`) is written by the same rule.
 
 The random word of element (row, col) at step `step` is a pure function of
 (seed, step, row, col) (`row`: the row's index in the table updated, a
 shard's local row), so the CPU and CUDA targets and the pure-JAX
-`stochastic_round` here write the same bits. This module is the operation-
+`stochastic_round` here write the same bits. Slot k of the row draws from
+the row's key salted for k (`rounding_words(..., slot=k)`), never the bits of
+its weight; a row-wise slot ([R]) is column 0. This module is the operation-
 for-operation twin of xla_ffi/rounding_math.h (uint32 arithmetic only); that
 file documents the rounding rule at the edges of each format.
 """
@@ -39,7 +42,8 @@ _U32 = jnp.uint32
 
 
 class StochasticRounding(NamedTuple):
-    """Stochastic rounding of an update's table write.
+    """Stochastic rounding of an update's writes into a 16-bit table and
+    16-bit slots.
 
     Attributes:
       seed: a Python int in [0, 2**32).
@@ -75,12 +79,15 @@ def _step_word(step):
     return step.reshape(()).astype(_U32)
 
 
-def rounding_call(stochastic_rounding, table):
-    """What an update target takes for `stochastic_rounding` on `table`: the
-    `stochastic_rounding` attribute (np.int32 0 or 1) and the float32 words
-    appended to its hparams (rounding_math.h StochasticRounding: seed and
-    step as 16-bit halves, low first). None, or a float32 table: (0, ())."""
-    if stochastic_rounding is None or jnp.dtype(table.dtype) == jnp.float32:
+def rounding_call(stochastic_rounding, *arrays):
+    """What an update target takes for `stochastic_rounding` on `arrays` (its
+    table and slots): the `stochastic_rounding` attribute (np.int32 0 or 1)
+    and the float32 words appended to its hparams (rounding_math.h
+    StochasticRounding: seed and step as 16-bit halves, low first). None, or
+    float32 arrays only: (0, ())."""
+    if stochastic_rounding is None or all(
+        jnp.dtype(a.dtype) == jnp.float32 for a in arrays
+    ):
         return np.int32(0), ()
     if not isinstance(stochastic_rounding, StochasticRounding):
         raise TypeError(
@@ -105,14 +112,18 @@ def rounding_call(stochastic_rounding, table):
 
 _SEED_SALT = 0x9E3779B9
 _COLUMN_STEP = 0x9E3779B9
+_SLOT_SALTS = (0x85EBCA6B, 0xC2B2AE35)  # rounding_math.h kRoundingSlotSalt0, 1
 
 
-def rounding_words(seed, step, rows, cols):
+def rounding_words(seed, step, rows, cols, slot=None):
     """uint32 random words of the elements (rows[i], cols[j]) at (seed, step):
-    [len(rows), len(cols)]. `rows`, `cols`: integer arrays (rows taken
-    modulo 2**32)."""
+    [len(rows), len(cols)]; with `slot` (0 or 1), those of that optimizer
+    slot of the rows (rounding_math.h RoundingSlotKey). `rows`, `cols`:
+    integer arrays (rows taken modulo 2**32)."""
     step_key = _fmix32(_fmix32(_U32(check_seed(seed) ^ _SEED_SALT)) ^ _step_word(step))
     row_key = _fmix32(step_key ^ jnp.asarray(rows).astype(_U32))
+    if slot is not None:
+        row_key = _fmix32(row_key ^ _U32(_SLOT_SALTS[slot]))
     cols = jnp.asarray(cols).astype(_U32)
     return _fmix32(row_key[:, None] + cols[None, :] * _U32(_COLUMN_STEP))
 

@@ -100,10 +100,10 @@ Tensor Normals(Rng& rng, XLA_FFI_DataType dt, std::vector<int64_t> dims,
   return t;
 }
 
-Tensor Uniforms(Rng& rng, std::vector<int64_t> dims, double lo, double hi) {
-  Tensor t = MakeTensor(kF32, std::move(dims));
-  for (int64_t i = 0; i < t.count(); ++i)
-    t.as<float>()[i] = static_cast<float>(rng.Uniform(lo, hi));
+Tensor Uniforms(Rng& rng, std::vector<int64_t> dims, double lo, double hi,
+                XLA_FFI_DataType dt = kF32) {
+  Tensor t = MakeTensor(dt, std::move(dims));
+  for (int64_t i = 0; i < t.count(); ++i) SetFloat(t, i, rng.Uniform(lo, hi));
   return t;
 }
 
@@ -541,12 +541,13 @@ Case RowsToDense(Rng& rng, XLA_FFI_DataType dt, int64_t rows, int64_t dim,
 struct Rule {
   const char* update_target;  // sok_<rule>_update
   int fused_id;               // sok_embed_bwd_update's rule id, -1: none
-  int slots;                  // float32 slots: [R, D], or [R] when per_row
+  int slots;                  // slots: [R, D], or [R] when per_row
   std::vector<Attr> attrs;    // the update target's constants
   std::vector<float> consts;  // the same for the fused target, in order
   int hparams;                // learning rate (, step)
   bool per_row = false;       // one accumulator per row (row-wise Adagrad)
   bool stochastic = false;    // stochastic rounding of the table's write
+  XLA_FFI_DataType slot_dtype = kF32;  // the slots' storage (slot_dtype)
 };
 
 std::vector<Rule> Rules(bool ftrl_pow) {
@@ -576,12 +577,26 @@ Rule RowwiseRule() {
   return r;
 }
 
-// Slot k of a rule, random and never zero: an accumulator in [0.1, 1] (so
-// Adagrad's and FTRL's steps are finite), Adam's m small, v in [0.01, 1].
+// Slot k of a rule in its slot_dtype, random and never zero: an accumulator
+// in [0.1, 1] (so Adagrad's and FTRL's steps are finite), Adam's m small, v
+// in [0.01, 1].
 Tensor Slot(Rng& rng, const Rule& rule, int k, std::vector<int64_t> dims) {
   const bool adam = rule.fused_id == 2, ftrl = rule.fused_id == 3;
-  if ((adam && k == 0) || (ftrl && k == 1)) return Normals(rng, kF32, dims, 0.1);
-  return Uniforms(rng, dims, adam ? 0.01 : 0.1, 1.0);
+  if ((adam && k == 0) || (ftrl && k == 1)) return Normals(rng, rule.slot_dtype, dims, 0.1);
+  return Uniforms(rng, dims, adam ? 0.01 : 0.1, 1.0, rule.slot_dtype);
+}
+
+// A slot result's output spec: its rule's slot dtype, compared within `tol`
+// (or one 16-bit slot's rounding, whichever is larger).
+Output SlotOut(const Rule& rule, int k, std::vector<int64_t> dims, double tol, int alias) {
+  const double t = rule.slot_dtype == kF32 ? tol : std::max(tol, Tol(rule.slot_dtype));
+  return Out(Fmt("slot%d", k), rule.slot_dtype, std::move(dims), Compare::kClose, t, alias);
+}
+
+// The tag of a rule's slot dtype and rounding in a case's name.
+std::string RuleTag(const Rule& rule) {
+  return std::string(rule.slot_dtype == kF32 ? "" : Fmt(" slots %s", DtypeName(rule.slot_dtype))) +
+         (rule.stochastic ? " sr" : "");
 }
 
 // The rule's hparams, then with stochastic rounding its words
@@ -607,9 +622,15 @@ std::vector<Attr> UpdateAttrs(const Rule& rule, bool rowwise) {
   return a;
 }
 
-// `rule` writing its table by stochastic rounding.
+// `rule` writing its table (and 16-bit slots) by stochastic rounding.
 Rule Stochastic(Rule rule) {
   rule.stochastic = true;
+  return rule;
+}
+
+// `rule` with its slots stored as `dt`.
+Rule WithSlots(Rule rule, XLA_FFI_DataType dt) {
+  rule.slot_dtype = dt;
   return rule;
 }
 
@@ -634,7 +655,7 @@ Case Update(Rng& rng, const Rule& rule, bool rowwise, XLA_FFI_DataType dt,
               static_cast<long long>(rows), static_cast<long long>(dim),
               static_cast<long long>(cap), count, odd_rows ? " odd rows" : "",
               alias ? "" : " unaliased", acc_2d ? " acc[R,1]" : "",
-              rule.stochastic ? " sr" : "");
+              RuleTag(rule).c_str());
   const double tol = dt == kF32 ? 1e-5 : Tol(dt);
   c.args.push_back(Normals(rng, dt, {rows, dim}));
   c.rets.push_back(Out("table", dt, {rows, dim}, Compare::kClose, tol, alias ? 0 : -1));
@@ -644,8 +665,7 @@ Case Update(Rng& rng, const Rule& rule, bool rowwise, XLA_FFI_DataType dt,
                                                 : std::vector<int64_t>{rows})
                                       : std::vector<int64_t>{rows, dim};
     c.args.push_back(Slot(rng, rule, k, sd));
-    c.rets.push_back(Out(Fmt("slot%d", k), kF32, sd, Compare::kClose, 1e-5,
-                         alias ? 1 + k : -1));
+    c.rets.push_back(SlotOut(rule, k, sd, 1e-5, alias ? 1 + k : -1));
   }
   c.args.push_back(I32s({cap}, ur));
   c.args.push_back(Normals(rng, kF32, {cap, dim}));
@@ -665,8 +685,7 @@ Case BwdUpdate(Rng& rng, const Rule& rule, XLA_FFI_DataType dt, int64_t rows,
   c.target = "sok_embed_bwd_update";
   c.tag = Fmt("%s ", rule.update_target) +
           BagTag(b, dim, dt, combiner, shape.c_str()) + (grad_f32 ? " g32" : "") +
-          (alias ? "" : " unaliased") + (acc_2d ? " acc[R,1]" : "") +
-          (rule.stochastic ? " sr" : "");
+          (alias ? "" : " unaliased") + (acc_2d ? " acc[R,1]" : "") + RuleTag(rule);
   const double sum_tol = SumTol(1e-4, MaxHits(b, rows));
   const double tol = std::max(dt == kF32 ? 0.0 : Tol(dt), sum_tol);
   const std::vector<int64_t> slot_dims =
@@ -677,11 +696,10 @@ Case BwdUpdate(Rng& rng, const Rule& rule, XLA_FFI_DataType dt, int64_t rows,
   for (int k = 0; k < 2; ++k) {
     if (k < rule.slots) {
       c.args.push_back(Slot(rng, rule, k, slot_dims));
-      c.rets.push_back(Out(Fmt("slot%d", k), kF32, slot_dims, Compare::kClose, sum_tol,
-                           alias ? 1 + k : -1));
-    } else {  // the wrapper's [0] dummy, not aliased
-      c.args.push_back(MakeTensor(kF32, {0}));
-      c.rets.push_back(Out(Fmt("slot%d", k), kF32, {0}, Compare::kExact));
+      c.rets.push_back(SlotOut(rule, k, slot_dims, sum_tol, alias ? 1 + k : -1));
+    } else {  // the wrapper's [0] dummy of the slots' dtype, not aliased
+      c.args.push_back(MakeTensor(rule.slot_dtype, {0}));
+      c.rets.push_back(Out(Fmt("slot%d", k), rule.slot_dtype, {0}, Compare::kExact));
     }
   }
   c.args.push_back(Normals(rng, grad_f32 ? kF32 : dt, {b.m(), dim}));
@@ -707,7 +725,7 @@ Case BwdUpdate(Rng& rng, const Rule& rule, XLA_FFI_DataType dt, int64_t rows,
     std::vector<RetSpec> rets = {RetSpec{"table", cs.args[0].dtype, cs.args[0].dims, 0}};
     for (int k = 0; k < rule.slots; ++k) {
       args.push_back(cs.args[1 + k]);
-      rets.push_back(RetSpec{"slot", kF32, cs.args[1 + k].dims, 1 + k});
+      rets.push_back(RetSpec{"slot", cs.args[1 + k].dtype, cs.args[1 + k].dims, 1 + k});
     }
     args.insert(args.end(), {sp.rets[0], sp.rets[1], sp.rets[2], cs.args[7]});
     CallResult up = call(rule.update_target, args, rets, UpdateAttrs(rule, false));
@@ -1238,7 +1256,22 @@ void ErrorCases(Rng& rng, std::vector<Case>& out) {
   Rule wide = RowwiseRule();
   wide.per_row = false;  // an [R, D] accumulator: not row-wise Adagrad's
   c = BwdUpdate(rng, wide, kF32, 10, 4, b, kSum, false, true, "rowwise, [R, D] slot");
-  c.expect_error = "slot 0 must have 10 float32 elements";
+  c.expect_error = "slot 0 must have 10 elements";
+  c.cross = nullptr;
+  out.push_back(c);
+
+  c = Update(rng, WithSlots(Rules(false)[2], kBF16), false, kF32, 10, 4, 3, 2, false, true,
+             false);
+  c.args[2] = Normals(rng, kF32, {10, 4});  // v float32 beside a bfloat16 m
+  c.rets[2].spec.dtype = kF32;
+  c.tag = "mixed slot dtypes";
+  c.expect_error = "v must have the dtype of the first slot";
+  out.push_back(c);
+
+  c = BwdUpdate(rng, Rules(false)[1], kF32, 10, 4, b, kSum, false, true, "int32 slot");
+  c.args[1] = MakeTensor(kS32, {10, 4});
+  c.rets[1].spec.dtype = kS32;
+  c.expect_error = "optimizer slots: unsupported dtype";
   c.cross = nullptr;
   out.push_back(c);
 
@@ -1524,6 +1557,34 @@ std::vector<Case> AllCases(uint64_t seed) {
                                   Fmt("len<=%d", dim == 33 ? 300 : 4)));
           ++f;
         }
+  }
+  // 16-bit optimizer slots (slot_dtype): every rule with slots, unfused and
+  // fused, bfloat16 and float16 slots rounded to nearest and
+  // stochastically, on the scalar (D 3) and 4-wide (D 128) paths, beside
+  // each table type.
+  {
+    std::vector<Rule> rules = Rules(false);
+    rules.push_back(RowwiseRule());
+    const Rule adagrad = Rules(false)[1];  // the row-wise update's signature
+    int s = 0;
+    for (const Rule& base : rules) {
+      if (base.slots == 0) continue;
+      for (XLA_FFI_DataType sdt : {kBF16, kF16})
+        for (bool sr : {false, true})
+          for (int64_t dim : {3, 128}) {
+            const Rule rule = WithSlots(sr ? Stochastic(base) : base, sdt);
+            const bool rowwise = rule.per_row, acc_2d = rowwise && s % 4 == 0;
+            const Rule unfused = rowwise ? WithSlots(sr ? Stochastic(adagrad) : adagrad, sdt) : rule;
+            const XLA_FFI_DataType dt = kTableTypes[s % 3];
+            out.push_back(Update(rng, unfused, rowwise, dt, 211, dim, 64, 41, s % 2 == 0,
+                                 s % 3 != 2, acc_2d));
+            const int max_len = dim == 3 ? 300 : 4;
+            Bags b = RandomBags(rng, kKeyTypes[s % 3], m, max_len, rows, s % 2 == 0);
+            out.push_back(BwdUpdate(rng, rule, dt, rows, dim, b, s % 3, s % 4 == 1, s % 5 != 4,
+                                    Fmt("len<=%d", max_len), acc_2d));
+            ++s;
+          }
+    }
   }
   // The int8 inference lookup: ragged and fixed-length bags, D of the
   // 1-code and 4-code loads and past one warp's chunks.
