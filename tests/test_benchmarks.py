@@ -57,6 +57,7 @@ def test_bench_dlrm_every_step_runs(tmp_path):
     result, _ = _run(tmp_path, "bench_dlrm.py", args, 1)
     statuses = {r["name"]: r["status"] for r in result["results"]}
     assert "sok one-hot whole step" in statuses and "sok multi-hot whole step" in statuses
+    assert "sok mlperf whole step" in statuses and "sok mlperf embedding only" in statuses
     assert all(s == "ok" for s in statuses.values()), statuses
 
 
