@@ -348,6 +348,22 @@ def run_step(args, name, jitted, state, rest, results, extra=None):
     return state
 
 
+def embedding_only(args, name, model, state, sparse, d_pooled, results, scale):
+    """Times `model`'s embedding-only step ("<name> embedding only") beside
+    its bytes limit; returns the state it leaves."""
+    state = run_step(
+        args,
+        f"{name} embedding only",
+        model.embedding_step(),
+        state,
+        (sparse, d_pooled),
+        results,
+        scale,
+    )
+    add_bytes_limit(results[-1], sparse, args, model)
+    return state
+
+
 def sok_runs(args, mesh, results):
     """Whole steps one- and multi-hot at --scale and their halves; one table
     state goes through all of them (the multi-hot layer has the same rows)."""
@@ -362,16 +378,7 @@ def sok_runs(args, mesh, results):
     batch = jax.jit(one.gen.batch)(0)
     shape = (args.batch, 26, 128)
     d_pooled = jax.random.normal(jax.random.key(1), shape, jnp.float32) * 1e-4
-    state = run_step(
-        args,
-        "sok one-hot embedding only",
-        one.embedding_step(),
-        state,
-        (batch.sparse, d_pooled),
-        results,
-        scale,
-    )
-    add_bytes_limit(results[-1], batch.sparse, args, one)
+    state = embedding_only(args, "sok one-hot", one, state, batch.sparse, d_pooled, results, scale)
     state = run_step(
         args,
         "dense only (DCNv2 fwd+bwd+Adagrad)",
@@ -395,16 +402,9 @@ def sok_runs(args, mesh, results):
             args, "sok multi-hot whole step", multi.whole_step(), state, None, results, scale
         )
         mbatch = jax.jit(multi.gen.batch)(0)
-        state = run_step(
-            args,
-            "sok multi-hot embedding only",
-            multi.embedding_step(),
-            state,
-            (mbatch.sparse, d_pooled),
-            results,
-            scale,
+        state = embedding_only(
+            args, "sok multi-hot", multi, state, mbatch.sparse, d_pooled, results, scale
         )
-        add_bytes_limit(results[-1], mbatch.sparse, args, multi)
         del mbatch
     free(state, batch, d_pooled)
     jax.clear_caches()
@@ -422,16 +422,7 @@ def mlperf_runs(args, mesh, results):
     state = run_step(args, "sok mlperf whole step", model.whole_step(), state, None, results, scale)
     batch = jax.jit(model.gen.batch)(0)
     d_pooled = jax.random.normal(jax.random.key(1), (args.batch, 26, 128), jnp.float32) * 1e-4
-    state = run_step(
-        args,
-        "sok mlperf embedding only",
-        model.embedding_step(),
-        state,
-        (batch.sparse, d_pooled),
-        results,
-        scale,
-    )
-    add_bytes_limit(results[-1], batch.sparse, args, model)
+    state = embedding_only(args, "sok mlperf", model, state, batch.sparse, d_pooled, results, scale)
     free(state, batch, d_pooled)
     jax.clear_caches()
 
