@@ -162,8 +162,8 @@ def warm_batches(args, rows, dist):
         yield jnp.asarray(keys.reshape(args.batch, args.slots, 1))
 
 
-def run_point(res, args, rows, storage, fraction, opt_name, batches, reference_losses):
-    emb = layer_for(args, rows, storage, fraction, args.overlap_moves)
+def run_point(res, args, rows, storage, fraction, overlap, opt_name, batches, reference_losses):
+    emb = layer_for(args, rows, storage, fraction, overlap)
     opt = make_optimizer(opt_name)
     state = emb.init(args.seed)
     opt_state = emb.init_optimizer(opt, state)
@@ -255,8 +255,12 @@ def main(argv=None) -> int:
     p.add_argument("--h2d-gb", type=float, default=1.0)
     p.add_argument(
         "--overlap-moves",
-        action="store_true",
-        help="cached tables write back on a side stream while they load (cache_overlap_moves)",
+        nargs="?",
+        const="on",
+        default="off",
+        choices=["off", "on", "both"],
+        help="cached tables write back on a side stream while they load (cache_overlap_moves): "
+        "off, on (the flag alone), or both, each cached point timed each way in this run",
     )
     common.add_run_args(p, "tiny sizes (CPU smoke test)")
     args = p.parse_args(argv)
@@ -295,22 +299,35 @@ def main(argv=None) -> int:
         ]
         for opt_name in args.optimizers:
             table_bytes = rows * args.dim * 4 * (1 + SLOTS[opt_name])
-            points = []
+            points = []  # (storage, cache fraction, cache_overlap_moves)
             if "hbm" in args.storages and table_bytes <= args.hbm_gb * common.GIB:
-                points.append(("hbm", None))
+                points.append(("hbm", None, False))
             if "host" in args.storages:
-                points.append(("host", None))
+                points.append(("host", None, False))
             if "host_cached" in args.storages:
-                points += [("host_cached", f) for f in args.fractions]
+                overlaps = {"off": [False], "on": [True], "both": [False, True]}[args.overlap_moves]
+                points += [("host_cached", f, o) for f in args.fractions for o in overlaps]
             reference = None
             base_ms = None
-            for storage, fraction in points:
+            for storage, fraction, overlap in points:
                 res = dict(dist=dist, optimizer=opt_name, storage=storage, fraction=fraction)
+                res["overlap_moves"] = overlap
                 label = storage if fraction is None else f"cached {fraction:g}"
+                label += " overlap" if overlap else ""
                 print(f"-- {dist} {opt_name} {label}", flush=True)
                 n_points += 1
                 ok = common.guarded(
-                    res, run_point, res, args, rows, storage, fraction, opt_name, batches, reference
+                    res,
+                    run_point,
+                    res,
+                    args,
+                    rows,
+                    storage,
+                    fraction,
+                    overlap,
+                    opt_name,
+                    batches,
+                    reference,
                 )
                 n_fail += not ok
                 if ok and reference is None:

@@ -31,8 +31,12 @@ def _run(tmp_path, script, args, devices):
         ("bench_hash.py", ["--small"], 4),
         ("bench_collection.py", ["--small", "--bytes", "--step", "--devices", "2"], 2),
         ("bench_serving.py", ["--small"], 1),
+        # each cached point's losses equal the HBM run's bits, with and
+        # without the side-stream write-back
+        ("bench_host_cache.py", ["--small", "--optimizers", "adagrad", "--dists", "zipf",
+                                 "--overlap-moves", "both"], 1),
     ],
-    ids=["lookup", "train_step", "hash", "collection", "serving"],
+    ids=["lookup", "train_step", "hash", "collection", "serving", "host_cache"],
 )
 def test_benchmark_points_pass_their_checks(tmp_path, script, args, devices):
     """These close with `common.finish`: exit status 0 only if no point
