@@ -174,19 +174,21 @@ def free(*trees):
     gc.collect()
 
 
-def release_all():
-    """Deletes every array still alive (what the sok_jax runs left: module
-    copies, generator tables, cached constants), so that the baseline's
-    probes see the whole card; prints what was freed and the memory in use
-    after."""
+def release_all(before: str):
+    """Deletes every array still alive (what the runs so far left: module
+    copies, generator tables, cached constants), so that the next run
+    (`before`) sees the whole card; prints what was freed and the memory in
+    use after."""
     live = [x for x in jax.live_arrays() if not x.is_deleted()]
     gib = sum(x.nbytes for x in live) / 2**30
     free(live)
     jax.clear_caches()
     stats = jax.devices()[0].memory_stats() or {}
     in_use = stats.get("bytes_in_use", 0) / 2**30
-    print(f"-- freed {len(live)} arrays ({gib:.2f} GiB) before the baseline; in use now {in_use:.2f} GiB",
-          flush=True)
+    print(
+        f"-- freed {len(live)} arrays ({gib:.2f} GiB) before {before}; in use now {in_use:.2f} GiB",
+        flush=True,
+    )
 
 
 def measure(args, call):
@@ -539,9 +541,10 @@ def main(argv=None):
     print(f"copy bandwidth (read + write): {args.copy_bw / 1e9:.1f} GB/s", flush=True)
     sok_runs(args, mesh, results)
     if not args.no_mlperf:
+        release_all("the mlperf preset's run")
         mlperf_runs(args, mesh, results)
     if not args.no_baseline:
-        release_all()
+        release_all("the baseline")
         baseline_runs(args, mesh, results)
 
     by = {r["name"]: r for r in results if r.get("status") == "ok" and "ms" in r}
