@@ -1,5 +1,6 @@
-"""The one-device sparse training step of bench_train_step, for Nsight
-Compute: per-kernel times of whole steps, and XLA's memory plan of the step.
+"""The one-device sparse training step of bench_train_step (direct or, with
+`--mode hash`, hash mode), for Nsight Compute: per-kernel times of whole
+steps, and XLA's memory plan of the step.
 
 Builds the same model and step as bench_train_step (lookup -> tanh head ->
 sparse_grad -> apply_gradients, state donated), runs `--warmup` steps, then
@@ -98,6 +99,14 @@ def main(argv=None):
         action="store_true",
         help="skip the memory plan (lower + compile) before the first step",
     )
+    p.add_argument(
+        "--mode",
+        default="direct",
+        choices=["direct", "hash"],
+        help="direct: key k is row k; hash: use_hashtable=True (the warm-up steps insert the "
+        "batch's keys, so the profiled steps find them all)",
+    )
+    p.add_argument("--dist", default="uniform", choices=["uniform", "zipf"])
     p.add_argument("--small", action="store_true")
     args = p.parse_args(argv)
     if args.small:
@@ -112,17 +121,18 @@ def main(argv=None):
         max_nnz=1,
         mesh=mesh,
         axis_name=bts.AXIS,
-        use_hashtable=False,
+        use_hashtable=args.mode == "hash",
     )
     rng = np.random.default_rng(0)
     ns = argparse.Namespace(
-        batch=args.batch, slots=args.slots, dim=args.dim, input_sets=1, dist="uniform", zipf_a=1.1
+        batch=args.batch, slots=args.slots, dim=args.dim, input_sets=1, dist=args.dist, zipf_a=1.1
     )
     ((ids, w),) = bts.make_input_sets(rng, ns, 1, rows, emb)[0]
     for name in args.optimizers.split(","):
         opt = optim.by_name(name, 0.01)
         mem = _MemoryTrace(name, args.memory_trace)
-        state = bts.make_state(emb, 0)
+        # a random table (direct); hash: zeros and no keys, as a fresh table
+        state = emb.init(0) if args.mode == "hash" else bts.make_state(emb, 0)
         mem("state made")
         opt_state = emb.init_optimizer(opt, state)
         mem("optimizer state made")
