@@ -15,14 +15,14 @@ Two models (the dense halves are flax NNX, `examples/dlrm_model.py`):
   - `--preset mlperf` (the default), the benchmark as the mlcommons
     reference runs it: MLPerf's multi-hot bags (214 ids per sample), exact
     per-element Adagrad on the tables (lr 0.005, eps and initial accumulator
-    FBGEMM's EXACT_ADAGRAD's), the tables bfloat16 with stochastic rounding,
-    an evaluation every 0.05 of the run;
+    FBGEMM's EXACT_ADAGRAD's), the tables and their accumulators bfloat16
+    with stochastic rounding, an evaluation every 0.05 of the run;
   - `--preset mlperf-onehot`: one id per feature, row-wise Adagrad on
     float32 tables (104.5 GB, one accumulator per row).
   `--scale s` shrinks every table by s (the same preset on a CPU); every
   preset value can be overridden (`--optimizer`, `--table-dtype`,
-  `--no-stochastic-rounding`, `--multi-hot`, `--dim`, `--batch-size`,
-  `--eval-every`). The memory plan (tables, slots, dense state) is printed
+  `--slot-dtype`, `--no-stochastic-rounding`, `--multi-hot`, `--dim`,
+  `--batch-size`, `--eval-every`). The memory plan (tables, slots, dense state) is printed
   before anything is allocated, against one H200's 141 GB.
 
 The embedding side is a `sok_jax.EmbeddingCollection` with one table per
@@ -198,7 +198,10 @@ def parse_args(argv=None):
     args.optimizer = args.optimizer or (preset.table_optimizer if dcn else "adam")
     args.compute_dtype = args.compute_dtype or ("bfloat16" if dcn else "float32")
     args.table_dtype = args.table_dtype or (preset.table_dtype if dcn else "float32")
-    args.slot_dtype = args.slot_dtype or (preset.slot_dtype if dcn else "float32")
+    # the preset's slots are the sparse optimizer's (the dense path's optax has its own)
+    args.slot_dtype = args.slot_dtype or (
+        preset.slot_dtype if dcn and not args.dense_path else "float32"
+    )
     args.multi_hot = bool(preset.multi_hot if dcn and args.multi_hot is None else args.multi_hot)
     if args.stochastic_rounding is None:  # the preset's (the dense path has none)
         args.stochastic_rounding = dcn and preset.stochastic_rounding and not args.dense_path
