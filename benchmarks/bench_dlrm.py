@@ -94,8 +94,8 @@ from sok_jax import data, optim  # noqa: E402
 GIB = 2**30
 AXIS = "x"
 # The model and its Adagrads (lr, eps, initial accumulator: the mlcommons
-# reference's); the tables row-wise as that preset's, one- and multi-hot;
-# MLPERF the benchmark as the reference defines it.
+# reference's): PRESET's row-wise tables, one- and multi-hot; MLPERF, the
+# benchmark as the reference defines it.
 PRESET = PRESETS["mlperf-onehot"]
 MLPERF = PRESETS["mlperf"]
 SHAPES = PRESET.shapes()
@@ -245,7 +245,9 @@ class SokModel:
         )
         self.graphdef, params = nnx.split(self.model)
         self.dense_tx = dense_adagrad()
-        rounding = dict(stochastic_rounding=True, seed=args.seed) if preset.stochastic_rounding else {}
+        rounding = {}
+        if preset.stochastic_rounding:
+            rounding = dict(stochastic_rounding=True, seed=args.seed)
         self.table_tx = optim.by_name(
             preset.table_optimizer,
             preset.lr,
@@ -269,6 +271,11 @@ class SokModel:
         self.gen = data.SyntheticCriteo(self.features, args.batch, seed=args.seed)
         self.repl = NamedSharding(mesh, P())
         self.params = jax.device_put(params, self.repl)
+
+    @property
+    def table_gb(self) -> float:
+        """GB of the tables (without slots)."""
+        return self.embed.total_rows * 128 * jnp.dtype(self.table_dtype).itemsize / 1e9
 
     def init_state(self, seed):
         t0 = time.perf_counter()
@@ -374,7 +381,7 @@ def sok_runs(args, mesh, results):
     state, init_s = one.init_state(args.seed)
     print(f"  table + slots initialized on the device in {init_s:.1f}s", flush=True)
     results.append({"name": "table init", "init_s": init_s, "status": "ok"})
-    scale = {"scale": args.scale, "table_gb": one.embed.total_rows * 128 * 4 / 1e9}
+    scale = {"scale": args.scale, "table_gb": one.table_gb}
 
     state = run_step(args, "sok one-hot whole step", one.whole_step(), state, None, results, scale)
     batch = jax.jit(one.gen.batch)(0)
@@ -417,10 +424,14 @@ def mlperf_runs(args, mesh, results):
     accumulators) on a table state of its own: the whole step and its
     embedding-only step."""
     model = SokModel(args, mesh, args.scale, multi_hot=True, preset=MLPERF)
-    print("  " + model.embed.plan("adagrad").splitlines()[-1].strip(), flush=True)
+    print("  " + model.embed.plan(MLPERF.table_optimizer).splitlines()[-1].strip(), flush=True)
     state, init_s = model.init_state(args.seed)
-    print(f"  mlperf tables + bfloat16 accumulators initialized in {init_s:.1f}s", flush=True)
-    scale = {"scale": args.scale, "table_gb": model.embed.total_rows * 128 * 2 / 1e9}
+    print(
+        f"  mlperf {MLPERF.table_dtype} tables + {MLPERF.slot_dtype} slots initialized in "
+        f"{init_s:.1f}s",
+        flush=True,
+    )
+    scale = {"scale": args.scale, "table_gb": model.table_gb}
     state = run_step(args, "sok mlperf whole step", model.whole_step(), state, None, results, scale)
     batch = jax.jit(model.gen.batch)(0)
     d_pooled = jax.random.normal(jax.random.key(1), (args.batch, 26, 128), jnp.float32) * 1e-4
@@ -508,7 +519,7 @@ def baseline_runs(args, mesh, results):
     print(f"-- sok_jax at the baseline's scale {fits:g}", flush=True)
     same = SokModel(args, mesh, fits, multi_hot=False)
     state, _ = same.init_state(args.seed)
-    extra = {"scale": fits, "table_gb": same.embed.total_rows * 128 * 4 / 1e9}
+    extra = {"scale": fits, "table_gb": same.table_gb}
     state = run_step(
         args,
         "sok one-hot whole step (baseline scale)",
