@@ -577,6 +577,7 @@ def copy_rows(dst, dst_rows, src, src_rows, count=None):
     """`rows_ops.copy_rows` in plain JAX: dst[dst_rows] = src[src_rows] where
     both name a row, for the pairs before `count`."""
     live = dst_rows.shape[0] if count is None else jnp.reshape(count, ())
-    ok = (jnp.arange(dst_rows.shape[0]) < live) & (dst_rows >= 0) & (dst_rows < dst.shape[0]) & (src_rows >= 0) & (src_rows < src.shape[0])
+    ok = (jnp.arange(dst_rows.shape[0]) < live) & (dst_rows >= 0) & (dst_rows < dst.shape[0])
+    ok &= (src_rows >= 0) & (src_rows < src.shape[0])
     values = jnp.take(src, jnp.where(ok, src_rows, 0), axis=0)
     return dst.at[jnp.where(ok, dst_rows, dst.shape[0])].set(values, mode="drop")
