@@ -8,13 +8,19 @@ import socket
 import subprocess
 import sys
 
+import jax
 
-def child_env(devices: int | None = None) -> dict:
+
+def child_env(devices: int | None = None, same_platform: bool = False) -> dict:
     """os.environ with PYTHONPATH set to this process's sys.path, so the child
     imports sok_jax exactly as this process does (installed package or
     checkout). With `devices`: the CPU platform with that many forced host
-    devices; without: no XLA_FLAGS (the child picks its own devices)."""
+    devices; without: no XLA_FLAGS (the child picks its own devices).
+    `same_platform`: forces the CPU only where this process runs on it (a
+    child that loads what this process built on a GPU runs on the GPU)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    if same_platform and jax.default_backend() != "cpu":
+        devices = None
     if devices is None:
         env.pop("XLA_FLAGS", None)
     else:

@@ -83,7 +83,7 @@ def test_exported_model_serves_the_same_outputs_in_a_fresh_process(tmp_path, n, 
     np.save(tmp_path / "ids.npy", ids)
     got_path = tmp_path / "got.npy"
     cmd = [sys.executable, "-c", LOAD, str(art), str(tmp_path / "ids.npy"), str(got_path)]
-    run_checked(cmd, child_env(devices=n), cwd=tmp_path)
+    run_checked(cmd, child_env(devices=n, same_platform=True), cwd=tmp_path)
     np.testing.assert_array_equal(np.load(got_path), want)
 
 

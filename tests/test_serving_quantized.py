@@ -282,7 +282,7 @@ def test_exported_quantized_model_serves_the_same_outputs_in_a_fresh_process(
     got = tmp_path / "got.npy"
     run_checked(
         [sys.executable, "-c", LOAD, str(art), str(tmp_path / "ids.npy"), str(got)],
-        child_env(devices=n),
+        child_env(devices=n, same_platform=True),
         cwd=tmp_path,
     )
     np.testing.assert_array_equal(np.load(got), want)

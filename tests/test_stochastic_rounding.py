@@ -193,22 +193,29 @@ OPTIMIZERS = {
 }
 
 
+def step_inputs(ids, offsets, g):
+    """One step's `_apply` inputs: bags (ids, offsets, no weights), their
+    float32 cotangent and the row gradient the unfused update takes. The row
+    gradient is computed once per step: XLA's GPU segment_sum adds in no
+    fixed order, so two evaluations may differ in the last bit."""
+    ids, offsets, g = jnp.asarray(ids), jnp.asarray(offsets), jnp.asarray(g)
+    w = jnp.zeros((0,), jnp.float32)
+    return ids, offsets, w, g, reference.lookup_combine_bwd(g, ids, offsets, w, "sum", ROWS)
+
+
 def _step_inputs(rng):
-    """One step's bags (ids, offsets, no weights) and the cotangent of their
-    lookup, float32."""
+    """Random bags of 0 to 3 keys and a float32 cotangent: `step_inputs`."""
     lengths = rng.integers(0, 4, BAGS)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     ids = rng.integers(0, ROWS, int(offsets[-1])).astype(np.int32)
-    g = rng.normal(size=(BAGS, DIM)).astype(np.float32)
-    return jnp.asarray(ids), jnp.asarray(offsets), jnp.zeros((0,), jnp.float32), jnp.asarray(g)
+    return step_inputs(ids, offsets, rng.normal(size=(BAGS, DIM)).astype(np.float32))
 
 
 def _apply(opt, fused, table, state, inputs):
-    ids, offsets, w, g = inputs
+    ids, offsets, w, g, row_grad = inputs
     if fused:
         return opt.update_bags(table, state, g, ids, offsets, w, "sum")
-    grad = reference.lookup_combine_bwd(g, ids, offsets, w, "sum", ROWS)
-    return opt.update(table, state, grad)
+    return opt.update(table, state, row_grad)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["update", "update_bags"])

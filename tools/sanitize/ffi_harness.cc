@@ -227,8 +227,10 @@ class Device : public Memory {
       CudaOrDie(cudaMemsetAsync(dst, byte, bytes, stream_), "cudaMemsetAsync");
   }
   void* Stream() override { return stream_; }
+  // The whole device: a target may leave work on its own side stream
+  // (sok_rows_scatter_async, which a graph reads only after sok_rows_join).
   std::string Finish() override {
-    std::string e = CudaCheck(cudaStreamSynchronize(stream_), "after the call");
+    std::string e = CudaCheck(cudaDeviceSynchronize(), "after the call");
     if (e.empty()) e = CudaCheck(cudaGetLastError(), "after the call");
     return e;
   }
