@@ -251,7 +251,7 @@ def test_cached_table_with_16bit_slots_trains_as_the_hbm_table():
     assert_same_export(s_ref, hbm, s, cached, o_ref, o)
 
 
-@pytest.mark.parametrize("n,hashed", [(1, False), (8, True)])
+@pytest.mark.parametrize("n,hashed", [(1, False), (8, False), (8, True)])
 def test_host_table_trains_as_the_hbm_table(n, hashed):
     require_devices(n)
     rng = np.random.default_rng()
@@ -303,6 +303,37 @@ def test_two_pass_update_and_import_on_a_cached_table():
     got, s2, o2 = sparse_step(cached, opt)(s2, o2, ids, g)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert_same_export(s_ref, hbm, s2, cached, o_ref, o2)
+
+
+@pytest.mark.parametrize("hashed", [False, True], ids=["direct", "hash"])
+@pytest.mark.parametrize("tier", ["host", "host_cached"])
+def test_import_into_a_host_tier_stays_in_host_memory(tier, hashed):
+    """An import (pairs and optimizer slots) into a host-stored layer writes
+    its host stores where a fresh state keeps them (on a GPU: pinned host
+    memory, so a table larger than HBM can be restored), and continues
+    training exactly as the same import into an HBM layer."""
+    require_devices(2)
+    rng = np.random.default_rng()
+    kw = {"cache_rows": 24} if tier == "host_cached" else {}
+    hbm, tiered = layer(2, hashed), layer(2, hashed, storage=tier, **kw)
+    opt = optim.adagrad(0.05)
+    s_ref = hbm.init(0)
+    o_ref = hbm.init_optimizer(opt, s_ref)
+    for _ in range(2):
+        ids, g = batch(rng, 2, hashed)
+        _, s_ref, o_ref = sparse_step(hbm, opt)(s_ref, o_ref, ids, g)
+    exported = hbm.export_pairs(s_ref, o_ref)
+    s, o = tiered.import_pairs(exported, optimizer=opt)
+    fresh = tiered.init(0)
+    fresh_o = tiered.init_optimizer(opt, fresh)
+    where = lambda tree: [x.sharding for x in jax.tree.leaves(tree)]  # noqa: E731
+    assert where(s.table) == where(fresh.table)
+    assert where(o) == where(fresh_o)
+    ids, g = batch(rng, 2, hashed)
+    want, s_ref, o_ref = sparse_step(hbm, opt)(s_ref, o_ref, ids, g)
+    got, s, o = sparse_step(tiered, opt)(s, o, ids, g)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert_same_export(s_ref, hbm, s, tiered, o_ref, o)
 
 
 # ------------------------------------------------------------ the policy

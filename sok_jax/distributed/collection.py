@@ -526,16 +526,16 @@ class EmbeddingCollection:
         # with the exports' slots as the tables are imported.
         opt_states = {} if optimizers is None else self._tables.init_optimizer(optimizers, shards)
         # Host-stored units are imported into their logical table (and a
-        # plain optimizer state over it), then laid out in their tier.
+        # plain optimizer state over it), in host memory, then laid out in
+        # their tier.
         fresh = dict(shards)
         tiered = [u.name for u in self._tables.units if u.storage.kind != "hbm"]
         for unit in tiered:
             u = self._tables.unit(unit)
-            logical, _ = u.storage.logical(shards[unit][0], None, self.num_devices)
-            logical = jax.device_put(logical, u.rows.table_sharding)
+            logical, plain = u.storage.fresh_logical(shards[unit][0], opt_states.get(unit))
             shards[unit] = (logical, shards[unit][1])
-            if optimizers is not None:
-                opt_states[unit] = self._tables.plain_optimizer(unit, optimizers[unit], logical)
+            if plain is not None:
+                opt_states[unit] = plain
         for table, given in pairs.items():
             rows = self._strategy(table)
             unit = self._unit_of[table]

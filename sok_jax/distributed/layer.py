@@ -484,17 +484,18 @@ class DistributedEmbedding:
             given, or the processes passed different pairs.
         """
         state = self.init(resolve_seed(keys, seed))
-        logical, _ = self.storage.logical(state.table, None, self.num_devices)
+        fresh_opt = None if optimizer is None else self.init_optimizer(optimizer, state)
+        logical, plain_opt = self.storage.fresh_logical(state.table, fresh_opt)
         table, hash_part, opt_state = import_table(
             self._rows,
             _TABLE,
-            jax.device_put(logical, self._rows.table_sharding),
+            logical,
             join_hash_part(state.slot_keys, state.scores),
             keys,
             vectors,
             share,
             optimizer,
-            lambda t: self._tables.plain_optimizer(_TABLE, optimizer, t),
+            lambda _: plain_opt,
         )
         table, opt_state = self._tables.adopt(_TABLE, state.table, table, optimizer, opt_state)
         slot_keys, scores = split_hash_part(hash_part)

@@ -257,7 +257,7 @@ class _Strategy:
     def _write_direct(self, table, rows, vectors):
         host = to_host(table).copy()
         host[rows] = vectors
-        return from_host(host.astype(self.dtype), self.table_sharding)
+        return from_host(host.astype(self.dtype), table.sharding)  # its memory kind kept
 
     def find_rows(self, hash_part, seed, received, training, like):
         """`owner_rows` leaving the table alone: (OwnerRows, FreshRows or
@@ -617,8 +617,9 @@ class _Hashed:
         vectors, and with scores their last_seen and count. Returns
         (hash_part, table, failed [1], rows)."""
         hash_part, got, failed = self.place_keys(hash_part, k, ls, ct)
-        target = jnp.where(got >= 0, got, table.shape[0])
-        table = table.at[target].set(v.astype(table.dtype), mode="drop")
+        # The row mover: the table may be a host store (XLA's scatter takes
+        # no host operand); the keys are distinct, so are their rows.
+        table = self.ops.scatter_rows(table, got, v.astype(table.dtype))
         return hash_part, table, failed.reshape(1), got
 
     def _load_blocks(self, table, hash_part, keys, vectors, owner, last_seen=None, count=None):
@@ -639,7 +640,13 @@ class _Hashed:
         )
         row, mat = P(self.axis_name), P(self.axis_name, None)
         fn = shard_map(self._load, self.mesh, (mat, row, row, mat, row, row), (row, mat, row, row))
-        hash_part, table, failed, got = jax.jit(fn)(
+        shardings = (
+            jax.tree.map(lambda x: x.sharding, hash_part),
+            table.sharding,  # a host store stays in host memory
+            self.row_sharding,
+            self.row_sharding,
+        )
+        hash_part, table, failed, got = jax.jit(fn, out_shardings=shardings)(
             table,
             hash_part,
             from_host(send_keys, self.row_sharding),

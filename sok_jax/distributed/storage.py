@@ -168,6 +168,11 @@ class HbmStorage:
         shard: here the shard's own."""
         return table, opt_state
 
+    def fresh_logical(self, table, opt_state):
+        """`logical` of a freshly initialized shard without moving it: where
+        an import writes its pairs (in the tier's own memory)."""
+        return table, opt_state
+
     def table_sharding(self, rows):
         return rows.table_sharding
 
@@ -190,6 +195,8 @@ class HostStorage(HbmStorage):
         """The strategy's rows; new keys' initial vectors written by the row
         mover (XLA's scatter takes no host operand)."""
         found, fresh = rows.find_rows(hash_part, seed, received, training, table)
+        if not rows.hashed:  # a direct lookup leaves the table as it was
+            return found
         if fresh is not None:
             target = jnp.where(fresh.is_new, found.rows, _EMPTY)
             table = ops.scatter_rows(jax.lax.stop_gradient(table), target, fresh.vectors)
@@ -511,6 +518,14 @@ class CachedStorage:
             return table, None
         slots = self.logical_slots(opt_state, num_devices)
         return table, type(opt_state.cache)(slots, opt_state.cache.count)
+
+    def fresh_logical(self, shard: CachedShard, opt_state):
+        """`logical` of a freshly initialized shard, whose cache is empty: its
+        host stores themselves (so an import writes a table larger than the
+        devices' memory in host memory, never passing through HBM)."""
+        if opt_state is None:
+            return shard.host, None
+        return shard.host, type(opt_state.cache)(opt_state.host, opt_state.cache.count)
 
     def logical_table(self, shard: CachedShard, num_devices: int) -> np.ndarray:
         """Host: the [n * R, D] logical table (the cached rows' vectors over

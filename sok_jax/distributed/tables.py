@@ -605,10 +605,6 @@ class ShardedTables:
         tags = jax.device_put(jnp.full(shard.tags.shape, -1, jnp.int32), row)
         return tags, jax.device_put(jnp.zeros(shard.step.shape, jnp.int32), row)
 
-    def plain_optimizer(self, unit_name: str, optimizer, table):
-        """`optimizer.init` over a logical table [n * R, D] of the unit."""
-        return self._init_slots(self.unit(unit_name), optimizer, table)
-
     def _init_slots(self, u: Unit, optimizer, table):
         """`optimizer.init` over `table` (laid out as the unit's tables), each
         slot from a program of its own."""
