@@ -60,6 +60,7 @@ __all__ = [
     "pad_batch",
     "optim",
     "sparse_grad",
+    "serving",
     "sparse_update",
     "target_names",
 ]

@@ -20,8 +20,8 @@ import numpy as np
 
 from sok_jax import ids as ids_lib
 from sok_jax.ops import checks, embed_ops, resolve
-from sok_jax.optim import check_sparse_optimizer
 from sok_jax.ops.embed_ops import SparseRowGrad
+from sok_jax.optim import check_sparse_optimizer
 
 
 def _no_weights():

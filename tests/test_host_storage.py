@@ -460,10 +460,10 @@ def test_lookups_without_updates_then_an_update_train_as_in_hbm():
     rng = np.random.default_rng()
     opt = optim.adagrad(0.1)
     tables = {}
-    for storage, kw in (("hbm", {}), ("host_cached", dict(cache_rows=2 * SLOTS * NNZ))):
-        emb = layer(1, False, storage=storage, **kw)
+    for tier, kw in (("hbm", {}), ("host_cached", dict(cache_rows=2 * SLOTS * NNZ))):
+        emb = layer(1, False, storage=tier, **kw)
         state = emb.init(0)
-        tables[storage] = [emb, state, emb.init_optimizer(opt, state)]
+        tables[tier] = [emb, state, emb.init_optimizer(opt, state)]
     for k, (ids, g) in enumerate(batch(rng, 1, False) for _ in range(12)):
         for entry in tables.values():
             emb, state, opt_state = entry

@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import sok_jax
 from devices import AXIS, mesh_of, require_devices
 from subprocesses import child_env, run_checked
+
+import sok_jax
 
 pytest.importorskip("flatbuffers")  # jax.export's serialization
 

@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from devices import AXIS, mesh_of, require_devices
 
 import sok_jax
-from devices import AXIS, mesh_of, require_devices
 from sok_jax.distributed.quantized import dequantize, quantize_int8
 
 D, SLOTS, NNZ, ROWS = 8, 2, 2, 32

@@ -21,11 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import sok_jax
 from devices import AXIS, mesh_of, require_devices
 from subprocesses import child_env, run_checked
 from test_serving import sparse_trained
+
+import sok_jax
 from sok_jax.distributed.quantized import dequantize, quantize_int8
 from sok_jax.ops import ffi, reference
 from sok_jax.ops.quant_ops import QuantizedRows

@@ -20,13 +20,13 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(_HERE, "..", "benchmarks"))
 sys.path.insert(0, _HERE)
 
+import bench_host_cache  # noqa: E402
+import common  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-
-import bench_host_cache  # noqa: E402
-import common  # noqa: E402
 import xla_trace  # noqa: E402
+
 from sok_jax.distributed import storage  # noqa: E402
 from sok_jax.ops import ffi  # noqa: E402
 

@@ -40,7 +40,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sok_jax.distributed import scores
 from sok_jax.distributed.state import EmbeddingStats
 from sok_jax.distributed.storage import CACHE_COUNTS, HbmStorage
 from sok_jax.embedding import _lookup

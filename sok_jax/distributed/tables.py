@@ -36,9 +36,9 @@ from sok_jax.distributed.storage import (
     pin_host,
 )
 from sok_jax.ids import Bags
-from sok_jax.optim import check_sparse_optimizer
 from sok_jax.ops import resolve
 from sok_jax.ops.embed_ops import SparseRowGrad
+from sok_jax.optim import check_sparse_optimizer
 
 
 def mesh_and_axis(mesh, axis_name, capacity_factor):

@@ -10,6 +10,13 @@ from sok_jax.ops.embed_ops import (
     weight_grad,
 )
 from sok_jax.ops.hash_ops import find_or_insert, hash_lookup
+from sok_jax.ops.optim_ops import (
+    adagrad_update,
+    adam_update,
+    ftrl_update,
+    rowwise_adagrad_update,
+    sgd_update,
+)
 from sok_jax.ops.quant_ops import lookup_combine_int8
 from sok_jax.ops.rows_ops import (
     copy_rows,
@@ -17,13 +24,6 @@ from sok_jax.ops.rows_ops import (
     join_rows,
     scatter_rows,
     scatter_rows_async,
-)
-from sok_jax.ops.optim_ops import (
-    adagrad_update,
-    adam_update,
-    ftrl_update,
-    rowwise_adagrad_update,
-    sgd_update,
 )
 
 __all__ = [
