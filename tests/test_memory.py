@@ -114,3 +114,29 @@ def test_distributed_sparse_step_memory_is_flat(n, name):
     # What remains is batch-sized: mostly the backward's 4 MiB allowance for
     # cub's temporaries (embed_ops.bwd_workspace_bytes), far below a shard.
     assert temps[LARGE] < (LARGE // n) * D * 4 / 5, temps
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad"])
+def test_hash_sparse_step_memory_is_flat(name):
+    """Hash mode, one device: the training lookup writes new keys' initial
+    vectors into the table in place (no table-sized temporary), and the
+    donated step's outputs alias their inputs."""
+    mesh = Mesh(np.array(jax.devices()[:1]), ("x",))
+    opt = optim.by_name(name, 0.1)
+    temps = {}
+    for rows in (SMALL, LARGE):
+        emb = sok_jax.DistributedEmbedding(
+            "mean", rows, D, slot_num=4, max_nnz=2, mesh=mesh, axis_name="x", use_hashtable=True
+        )
+        state = jax.eval_shape(emb.init, 0)
+        opt_state = jax.eval_shape(lambda s, emb=emb: emb.init_optimizer(opt, s), state)
+        ids = jax.ShapeDtypeStruct((8, 4, 2), jnp.int32)
+        cot = jax.ShapeDtypeStruct((8, 4, D), jnp.float32)
+
+        def step(state, opt_state, ids, cot, emb=emb):
+            out, ctx, state = emb.lookup(state, ids)
+            return emb.sparse_update(state, opt, opt_state, ctx, cot)
+
+        temps[rows] = _temp_bytes(step, state, opt_state, ids, cot, check_aliased=True)
+    assert temps[SMALL] == temps[LARGE], temps
+    assert temps[LARGE] < LARGE * D * 4 / 5, temps

@@ -92,10 +92,43 @@ class OwnerRows(NamedTuple):
 
 class FreshRows(NamedTuple):
     """The rows a hash lookup gave to new keys (`find_rows`), per position:
-    whether it is a new key's first position, and the key's initial vector."""
+    whether it is a new key's first position, and the key; `make(keys)`
+    gives keys' initial vectors. `write` puts them in a table."""
 
     is_new: jax.Array
-    vectors: jax.Array
+    keys: jax.Array
+    make: Callable
+
+    def write(self, table, targets, scatter, compact: bool = True):
+        """`scatter(table, at, vectors)` of the new keys' initial vectors at
+        `targets` (per position, -1: none), with `at` -1 where no row.
+
+        The vectors are made for the new positions only, K/16 at a time (K
+        positions) in a loop that runs once per K/16 new keys, in place: a
+        step that meets few new keys makes few vectors, not K (each key's
+        vector is a function of the key alone). Not differentiable (pass
+        the table through `stop_gradient`). `compact=False` makes all K in
+        one pass, for a table in host memory (a loop could copy a host
+        operand whole)."""
+        k = self.is_new.shape[0]
+        if k == 0:
+            return table
+        new = self.is_new & (targets >= 0)
+        if not compact:
+            return scatter(table, jnp.where(new, targets, -1), self.make(self.keys))
+        chunk = max(1, k // 16)
+        # The new positions first (k past them), padded by a chunk.
+        order = jnp.nonzero(new, size=k, fill_value=k)[0]
+        order = jnp.concatenate([order, jnp.full((chunk,), k, order.dtype)])
+        count = jnp.sum(new, dtype=jnp.int32)
+
+        def body(i, table):
+            at = jax.lax.dynamic_slice(order, (i * chunk,), (chunk,))
+            safe = jnp.minimum(at, k - 1)
+            vectors = self.make(self.keys[safe])
+            return scatter(table, jnp.where(at < k, targets[safe], -1), vectors)
+
+        return jax.lax.fori_loop(0, (count + chunk - 1) // chunk, body, table)
 
 
 class StoredRows(NamedTuple):
@@ -276,25 +309,30 @@ class _Strategy:
 # ----------------------------------------------------------------- direct
 
 
+def _set_rows(table, target, values):
+    """table.at[target].set(values) (-1: none)."""
+    return table.at[jnp.where(target >= 0, target, table.shape[0])].set(values, mode="drop")
+
+
 @jax.custom_vjp
-def _insert_rows(table, target, fresh):
-    """table.at[target].set(fresh) (drop out of range), with a straight-through
-    gradient: the cotangent of a freshly initialized row goes to the same row
-    of the input table. So `jax.grad` w.r.t. the table sees each new key's
-    first gradient, as the sparse path does. The rows handed out were free
+def _pass_grad(value, source):
+    """`value` (computed from `source` outside autodiff), its cotangent
+    passed straight to `source`: with the new keys' rows written into the
+    table, `jax.grad` w.r.t. the table sees each new key's first gradient
+    at its row, as the sparse path does. The rows handed out were free
     (unused by any key): nothing else depends on their old values."""
-    return table.at[target].set(fresh, mode="drop")
+    return value
 
 
-def _insert_rows_fwd(table, target, fresh):
-    return _insert_rows(table, target, fresh), None
+def _pass_grad_fwd(value, source):
+    return value, None
 
 
-def _insert_rows_bwd(_, g):
-    return g, None, None
+def _pass_grad_bwd(_, g):
+    return None, g
 
 
-_insert_rows.defvjp(_insert_rows_fwd, _insert_rows_bwd)
+_pass_grad.defvjp(_pass_grad_fwd, _pass_grad_bwd)
 
 
 class _Direct:
@@ -482,8 +520,8 @@ class _Hashed:
         vectors. Returns (OwnerRows, per-position status or None)."""
         found, status, fresh = self._find(hash_part, table_seed, keys, training, table)
         if fresh is not None:
-            target = jnp.where(fresh.is_new, found.rows, table.shape[0])
-            table = _insert_rows(table, target, fresh.vectors)
+            written = fresh.write(jax.lax.stop_gradient(table), found.rows, _set_rows)
+            table = _pass_grad(written, table)
         return found._replace(table=table), status
 
     def _find(self, hash_part, table_seed, keys, training, like):
@@ -502,10 +540,13 @@ class _Hashed:
             counts = status = None
         fresh = None
         if training:
-            vectors = initializers.init_rows(
-                self.initializer, table_seed, keys, like.shape[1], like.dtype
-            )
-            fresh = FreshRows(is_new.astype(bool) & (rows >= 0), vectors)
+
+            def make(keys):
+                return initializers.init_rows(
+                    self.initializer, table_seed, keys, like.shape[1], like.dtype
+                )
+
+            fresh = FreshRows(is_new.astype(bool) & (rows >= 0), keys, make)
         # An evicting table reuses rows: the sparse update resets the slots of
         # the new keys' rows and skips the rows a later lookup gave away.
         held = None

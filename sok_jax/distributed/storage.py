@@ -197,9 +197,8 @@ class HostStorage(HbmStorage):
         found, fresh = rows.find_rows(hash_part, seed, received, training, table)
         if not rows.hashed:  # a direct lookup leaves the table as it was
             return found
-        if fresh is not None:
-            target = jnp.where(fresh.is_new, found.rows, _EMPTY)
-            table = ops.scatter_rows(jax.lax.stop_gradient(table), target, fresh.vectors)
+        if fresh is not None:  # a host operand: no conditional around the write
+            table = fresh.write(jax.lax.stop_gradient(table), found.rows, ops.scatter_rows, False)
         return found._replace(table=table)
 
     def lookup_source(self, table):
@@ -354,9 +353,7 @@ class CachedStorage:
         got = self.bring_in(jax.tree.map(jax.lax.stop_gradient, shard), found.rows, ops)
         shard = got.shard._replace(cache=_refuse_grad(got.shard.cache, shard.cache))
         if fresh is not None:  # new keys' initial vectors, in their cache slots
-            target = jnp.where(fresh.is_new, got.slots, _EMPTY)
-            cache = jax.lax.stop_gradient(shard.cache)
-            cache = ops.scatter_rows(cache, target, fresh.vectors)
+            cache = fresh.write(jax.lax.stop_gradient(shard.cache), got.slots, ops.scatter_rows)
             shard = shard._replace(cache=_refuse_grad(cache, shard.cache))
         held = found.held
         cache_held = CacheHeld(
