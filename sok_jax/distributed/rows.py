@@ -58,7 +58,7 @@ from sok_jax.distributed.host import (
     to_host,
 )
 from sok_jax.distributed.owners import key_owner
-from sok_jax.ops import checks, hash_ops
+from sok_jax.ops import checks, hash_ops, reference
 
 
 class BucketKeys(NamedTuple):
@@ -309,11 +309,6 @@ class _Strategy:
 # ----------------------------------------------------------------- direct
 
 
-def _set_rows(table, target, values):
-    """table.at[target].set(values) (-1: none)."""
-    return table.at[jnp.where(target >= 0, target, table.shape[0])].set(values, mode="drop")
-
-
 @jax.custom_vjp
 def _pass_grad(value, source):
     """`value` (computed from `source` outside autodiff), its cotangent
@@ -520,7 +515,7 @@ class _Hashed:
         vectors. Returns (OwnerRows, per-position status or None)."""
         found, status, fresh = self._find(hash_part, table_seed, keys, training, table)
         if fresh is not None:
-            written = fresh.write(jax.lax.stop_gradient(table), found.rows, _set_rows)
+            written = fresh.write(jax.lax.stop_gradient(table), found.rows, reference.scatter_rows)
             table = _pass_grad(written, table)
         return found._replace(table=table), status
 
