@@ -189,9 +189,12 @@ def load(path: str) -> Callable:
     mesh = jax.sharding.Mesh(devices, tuple(meta["mesh_axes"]))
     shardings = exported.in_shardings_jax(mesh)[: len(leaves)]  # flat: the state's, then the batch's
     placed = [jax.device_put(x, s) for x, s in zip(leaves, shardings)]
+    # Compiled once, on the first batch; each call then dispatches through
+    # jit's fast path (the state passed as arguments, never re-traced).
+    compiled = jax.jit(exported.call)
 
     def call(batch):
-        return exported.call(placed, batch)
+        return compiled(placed, batch)
 
     return call
 

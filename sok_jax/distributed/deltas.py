@@ -115,7 +115,7 @@ def _check_delta(rows, name: str, given) -> _Delta:
         )
     if not rows.hashed:
         keys = rows._check_direct_keys(keys, rows.members[rows.member_index(name)])
-    return _Delta(keys, vectors.astype(np.float32), evicted, last_seen, count, step)
+    return _Delta(keys, vectors.astype(np.float32, copy=False), evicted, last_seen, count, step)
 
 
 def _block_width(owner, n: int) -> int:

@@ -272,7 +272,7 @@ class _Strategy:
             raise ValueError(
                 f"{what}: every per-key array must be [{keys.shape[0]}, ...] like keys"
             )
-        if len(np.unique(keys)) != len(keys):
+        if not checks.all_distinct(keys):
             raise ValueError(f"{what}: keys must be distinct")
         it = iter(given)
         return (keys, vectors, *(None if x is None else next(it) for x in extra))

@@ -136,13 +136,25 @@ def host_keys(keys, key_dtype, what: str, *, padding_ok: bool) -> np.ndarray:
     return out
 
 
+def all_distinct(keys: np.ndarray) -> bool:
+    """Whether the host keys [K] hold no value twice. Strictly increasing
+    keys (as an export of a direct table gives them) take one pass; others
+    are sorted first (numpy's hashing `unique` is several times slower)."""
+    if keys.size < 2 or (keys[1:] > keys[:-1]).all():
+        return True
+    ordered = np.sort(keys)
+    return not (ordered[1:] == ordered[:-1]).any()
+
+
 def host_vectors(vectors, what: str) -> np.ndarray:
     """Host `vectors` as a numpy array, refusing non-numbers and NaN or Inf
     (ValueError naming `what`, how many and the first bad entry's index)."""
     arr = np.asarray(vectors)
     if arr.dtype.kind not in "iuf" and arr.dtype != jnp.bfloat16:
         raise ValueError(f"{what} must be numbers, got dtype {arr.dtype.name}")
-    bad = ~np.isfinite(arr.astype(np.float32))
+    if arr.dtype.kind in "iu":
+        return arr
+    bad = ~np.isfinite(arr if arr.dtype.kind == "f" else arr.astype(np.float32))
     if bad.any():
         first = tuple(int(i) for i in np.argwhere(bad)[0])
         raise ValueError(f"{what}: {int(bad.sum())} value(s) are NaN or Inf, the first at {first}")
