@@ -138,5 +138,8 @@ def test_hash_sparse_step_memory_is_flat(name):
             return emb.sparse_update(state, opt, opt_state, ctx, cot)
 
         temps[rows] = _temp_bytes(step, state, opt_state, ids, cot, check_aliased=True)
-    assert temps[SMALL] == temps[LARGE], temps
+    # Flat up to a few KiB: on the GPU cub's sort scratch grows with the bits
+    # of the row range (1 KiB from 10^5 to 10^7 rows); a table-sized
+    # temporary would add 10^7 * D * 4 bytes.
+    assert abs(temps[LARGE] - temps[SMALL]) <= 16 * 1024, temps
     assert temps[LARGE] < LARGE * D * 4 / 5, temps

@@ -177,6 +177,13 @@ def test_unbiased(name):
 # ---------------------------------------------------------------------------
 
 ROWS, DIM, BAGS, SEED = 40, 6, 24, 0xC0FFEE
+# SGD's and Adagrad's float32 update is the same sequence of rounded float32
+# operations in the CPU target and in the reference that XLA compiles for
+# the CPU. On the GPU they may differ in the last bit (nvcc and XLA each
+# contract a * b + c into a fused multiply-add where they choose), so there
+# the float32 values are compared to within an ulp and the rounding of each
+# to the 16-bit one bit for bit.
+SAME_FLOAT32_ARITHMETIC = jax.default_backend() == "cpu"
 OPTIMIZERS = {
     "sgd": lambda impl: optim.sgd(0.05, implementation=impl, stochastic_rounding=True, seed=SEED),
     "adagrad": lambda impl: optim.adagrad(
@@ -239,6 +246,7 @@ def test_target_matches_reference(opt_name, name, fused):
         w_ref, _ = _apply(ref_opt, fused, table.astype(jnp.float32), state, inputs)
         np.testing.assert_array_equal(bits(t_ffi), bits(stochastic_round(w_ffi, dt, words)))
         np.testing.assert_array_equal(bits(t_ref), bits(stochastic_round(w_ref, dt, words)))
+        np.testing.assert_allclose(w_ffi, w_ref, rtol=1e-6, atol=1e-7)
         agree = bits(w_ffi) == bits(w_ref)
         all_f32_agree &= bool(agree.all())
         np.testing.assert_array_equal(bits(t_ffi)[agree], bits(t_ref)[agree])
@@ -246,10 +254,13 @@ def test_target_matches_reference(opt_name, name, fused):
             np.testing.assert_array_equal(bits(a), bits(b))
         assert int(s_ffi.count) == int(state.count) + 1
         table, state = t_ffi, s_ffi
-    if opt_name in ("sgd", "adagrad") and not fused:
+    if opt_name in ("sgd", "adagrad") and not fused and SAME_FLOAT32_ARITHMETIC:
         assert all_f32_agree  # so the whole trajectories were bit-identical
 
 
+@pytest.mark.skipif(
+    not SAME_FLOAT32_ARITHMETIC, reason="the GPU kernel and XLA's GPU code round differently"
+)
 @pytest.mark.parametrize("name", sorted(HALF))
 @pytest.mark.parametrize("opt_name", ["sgd", "adagrad"])
 def test_trajectories_bit_identical(opt_name, name):
