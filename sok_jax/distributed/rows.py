@@ -99,36 +99,19 @@ class FreshRows(NamedTuple):
     keys: jax.Array
     make: Callable
 
-    def write(self, table, targets, scatter, compact: bool = True):
+    def write(self, table, targets, scatter):
         """`scatter(table, at, vectors)` of the new keys' initial vectors at
         `targets` (per position, -1: none), with `at` -1 where no row.
 
-        The vectors are made for the new positions only, K/16 at a time (K
-        positions) in a loop that runs once per K/16 new keys, in place: a
-        step that meets few new keys makes few vectors, not K (each key's
-        vector is a function of the key alone). Not differentiable (pass
-        the table through `stop_gradient`). `compact=False` makes all K in
-        one pass, for a table in host memory (a loop could copy a host
-        operand whole)."""
-        k = self.is_new.shape[0]
-        if k == 0:
+        One pass over all K positions, with no data-dependent control flow:
+        a loop over the new positions only needs its trip count on the host,
+        and on the GPU that read stalls every step longer than making K
+        vectors takes. Not differentiable (pass the table through
+        `stop_gradient`)."""
+        if self.is_new.shape[0] == 0:
             return table
-        new = self.is_new & (targets >= 0)
-        if not compact:
-            return scatter(table, jnp.where(new, targets, -1), self.make(self.keys))
-        chunk = max(1, k // 16)
-        # The new positions first (k past them), padded by a chunk.
-        order = jnp.nonzero(new, size=k, fill_value=k)[0]
-        order = jnp.concatenate([order, jnp.full((chunk,), k, order.dtype)])
-        count = jnp.sum(new, dtype=jnp.int32)
-
-        def body(i, table):
-            at = jax.lax.dynamic_slice(order, (i * chunk,), (chunk,))
-            safe = jnp.minimum(at, k - 1)
-            vectors = self.make(self.keys[safe])
-            return scatter(table, jnp.where(at < k, targets[safe], -1), vectors)
-
-        return jax.lax.fori_loop(0, (count + chunk - 1) // chunk, body, table)
+        at = jnp.where(self.is_new & (targets >= 0), targets, -1)
+        return scatter(table, at, self.make(self.keys))
 
 
 class StoredRows(NamedTuple):

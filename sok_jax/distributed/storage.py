@@ -197,8 +197,8 @@ class HostStorage(HbmStorage):
         found, fresh = rows.find_rows(hash_part, seed, received, training, table)
         if not rows.hashed:  # a direct lookup leaves the table as it was
             return found
-        if fresh is not None:  # a host operand: no conditional around the write
-            table = fresh.write(jax.lax.stop_gradient(table), found.rows, ops.scatter_rows, False)
+        if fresh is not None:
+            table = fresh.write(jax.lax.stop_gradient(table), found.rows, ops.scatter_rows)
         return found._replace(table=table)
 
     def lookup_source(self, table):
