@@ -15,6 +15,7 @@ import pytest
 from devices import AXIS, mesh_of, require_devices
 
 import sok_jax
+from sok_jax.distributed import deltas
 from sok_jax.distributed.quantized import dequantize, quantize_int8
 
 D, SLOTS, NNZ, ROWS = 8, 2, 2, 32
@@ -84,17 +85,23 @@ def _trained_layer(n, hashed):
     return emb, early, state, touched[touched >= 0]
 
 
+@pytest.mark.parametrize("chunk_rows", [None, 2], ids=["one-call", "calls-of-2-keys"])
 @pytest.mark.parametrize("n", [1, 8])
 @pytest.mark.parametrize("hashed", [False, True], ids=["direct", "hash"])
-def test_layer_delta_gives_the_trained_rows(n, hashed):
+def test_layer_delta_gives_the_trained_rows(n, hashed, chunk_rows, monkeypatch):
+    """`chunk_rows` 2: the delta goes in calls of at most 2 keys per device
+    (evictions in the first), as a large one does in calls of CHUNK_ROWS."""
     require_devices(n)
+    if chunk_rows:
+        monkeypatch.setattr(deltas, "CHUNK_ROWS", chunk_rows)
     emb, early, final, touched = _trained_layer(n, hashed)
     if hashed:
         delta = emb.export_pairs(final, since_step=emb.step(early))
         assert delta.evicted.size and delta.keys.size
     else:  # a direct table keeps no scores: the pairs of the keys trained since
         delta = (touched, emb.logical_rows(final, touched))
-    for fmt in FORMATS if n > 1 else ("float32", "int8"):  # the 16-bit ones once
+    every = n > 1 and not chunk_rows  # the 16-bit formats once
+    for fmt in FORMATS if every else ("float32", "int8"):
         got = sok_jax.serving.apply_delta(emb, _serving(emb, early, fmt), delta)
         want = _serving(emb, final, fmt)
         assert type(got) is type(want)

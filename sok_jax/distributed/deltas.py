@@ -32,10 +32,12 @@ A direct table keeps no scores, so `export_pairs(since_step=t)` refuses it;
 its delta is the pairs of the keys training touched, e.g. `(keys,
 emb.logical_rows(state, keys))`, or a whole export.
 
-Each table's update is one compiled program (cached on the model; a
-device's block of keys is padded to a power of two, so a server following
-training compiles a few sizes), and the call waits for a hash table's
-program to say whether every key found a row. A delta that does not fit
+Each table's update is one compiled program (cached on the model), called
+once per CHUNK_ROWS keys a device receives; a device's block of keys is
+padded to a power of two, so a server following training compiles a few
+sizes. The vectors go to the devices from the delta's own arrays (no host
+copy but the padding), and the call waits, once at the end, for a hash
+table's programs to say whether every key found a row. A delta that does not fit
 (a shard, or with eviction a bucket, full: the serving table has fewer rows
 than the training table, or misses evictions the delta does not list)
 raises and leaves the given state as it was (unless donated).
@@ -118,21 +120,44 @@ def _check_delta(rows, name: str, given) -> _Delta:
     return _Delta(keys, vectors.astype(np.float32, copy=False), evicted, last_seen, count, step)
 
 
-def _block_width(owner, n: int) -> int:
-    """The rows of each device's block: the largest block's, rounded up to
-    a power of two (few sizes, few compiles)."""
-    most = int(np.bincount(owner, minlength=n).max(initial=0))
-    return 1 << max(most - 1, 0).bit_length()
+# Keys per device per program call: a delta larger than this is applied in
+# several calls of one compiled size, each reading its keys' vectors straight
+# from the caller's arrays (no host copy but the last call's padding).
+CHUNK_ROWS = 1 << 16
 
 
-def _device_inputs(rows, name: str, delta: _Delta):
-    """The delta as the program's inputs: per device (one block for a
-    replicated table), the values sent for its keys (a hash table: the keys;
-    direct: their local rows), their vectors, scores, and the keys to free."""
+def _power_of_two(count: int) -> int:
+    """`count` rounded up to a power of two (few sizes, few compiles)."""
+    return 1 << max(count - 1, 0).bit_length()
+
+
+def _sharded_blocks(column, fill, starts, takes, width: int, sharding):
+    """A global [n * width, ...] array whose block d holds
+    column[starts[d] : starts[d] + takes[d]], then `fill`: each device's
+    block made from a view of `column` (copied only to pad it)."""
+    n = len(starts)
+
+    def block(index):
+        d = (index[0].start or 0) // width if n > 1 else 0
+        part = column[starts[d] : starts[d] + takes[d]]
+        if part.shape[0] == width:
+            return part
+        padded = np.full((width, *column.shape[1:]), fill, column.dtype)
+        padded[: part.shape[0]] = part
+        return padded
+
+    return jax.make_array_from_callback((n * width, *column.shape[1:]), sharding, block)
+
+
+def _device_calls(rows, name: str, delta: _Delta):
+    """The delta as the program's inputs, one tuple per call: per device (one
+    block for a replicated table), the values sent for its keys (a hash
+    table: the keys; direct: their local rows), their vectors and scores;
+    and the keys to free (all in the first call, none after)."""
     n = 1 if rows.replicated else rows.num_devices
     lead = None if rows.replicated else rows.axis_name
     vec, mat = NamedSharding(rows.mesh, P(lead)), NamedSharding(rows.mesh, P(lead, None))
-    owner = rows.home_devices(delta.keys, name)
+    owner = rows.home_devices(delta.keys, name) if n > 1 else np.zeros(len(delta.keys), np.int64)
     if rows.hashed:
         values, fill = delta.keys.astype(rows.key_dtype), checks.padding_value(rows.key_dtype)
     else:
@@ -143,16 +168,30 @@ def _device_inputs(rows, name: str, delta: _Delta):
         zeros = np.zeros(len(delta.keys), np.int32)
         for x in (delta.last_seen, delta.count):
             columns.append((zeros if x is None else np.asarray(x, np.int32), 0))
-    blocks, _ = device_blocks(owner, n, columns, _block_width(owner, n))
-    put = [from_host(b, mat if b.ndim == 2 else vec) for b in blocks]
-    last_seen, count = (put[2], put[3]) if rows.scored else (None, None)
+    if n > 1 and not (owner[1:] >= owner[:-1]).all():  # each device's keys made contiguous
+        order = np.argsort(owner, kind="stable")
+        columns = [(c[order], f) for c, f in columns]
+    counts = np.bincount(owner, minlength=n)
+    width = min(CHUNK_ROWS, _power_of_two(int(counts.max(initial=0))))
     gone = None
     if rows.evicting:
         where = rows.home_devices(delta.evicted, name)
         pad = checks.padding_value(rows.key_dtype)
-        (block,), _ = device_blocks(where, n, [(delta.evicted, pad)], _block_width(where, n))
+        most = int(np.bincount(where, minlength=n).max(initial=0))
+        (block,), _ = device_blocks(where, n, [(delta.evicted, pad)], _power_of_two(most))
         gone = from_host(block, vec)
-    return put[0], put[1], last_seen, count, gone
+        no_keys = from_host(np.full(block.shape, pad, block.dtype), vec)
+    first = np.cumsum(counts) - counts
+    for call in range(max(1, -(-int(counts.max(initial=0)) // width))):
+        starts = first + call * width
+        takes = np.clip(counts - call * width, 0, width)
+        put = [
+            _sharded_blocks(c, f, starts, takes, width, mat if c.ndim == 2 else vec)
+            for c, f in columns
+        ]
+        last_seen, count = (put[2], put[3]) if rows.scored else (None, None)
+        yield put[0], put[1], last_seen, count, gone
+        gone = no_keys if rows.evicting else None
 
 
 def _program(model, tables, unit, convert, fmt: str, donate: bool):
@@ -305,10 +344,12 @@ def apply_delta(model, state, delta, *, donate: bool = False):
         run = _program(model, tables, unit, convert, fmt, donate)
         step = from_host(np.int32(d.step), NamedSharding(tables.mesh, P()))
         table, hash_part = shards[unit.name]
-        table, hash_part, failed = run(table, hash_part, *_device_inputs(rows, name, d), step)
+        failures = []
+        for inputs in _device_calls(rows, name, d):
+            table, hash_part, failed = run(table, hash_part, *inputs, step)
+            failures.append(failed)
         if rows.hashed:  # a replicated table's devices each count the same keys
-            lost = to_host(failed)
-            lost = int(lost.max() if rows.replicated else lost.sum())
+            lost = sum(int(x.max() if rows.replicated else x.sum()) for x in map(to_host, failures))
             if lost:
                 raise _cannot_place(rows, name, lost)
         shards[unit.name] = (table, hash_part)
