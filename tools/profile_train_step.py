@@ -26,6 +26,7 @@ import argparse
 import ctypes
 import os
 import sys
+import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
@@ -35,9 +36,12 @@ sys.path.insert(
     0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 )
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # xla_trace.py beside this file
+
 import bench_train_step as bts  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import xla_trace  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
 from sok_jax import optim  # noqa: E402
@@ -79,6 +83,23 @@ class _MemoryTrace:
         )
 
 
+def _trace(step, state, opt_state, ids, w, steps: int, title: str) -> None:
+    """Wall ms per step (steps dispatched back to back, waited for once),
+    then XLA's profile of as many steps: device ms per op."""
+    def run(state, opt_state):
+        state, opt_state, _ = step(state, opt_state, ids, w)
+        return state, opt_state
+
+    carry = jax.block_until_ready(run(state, opt_state))
+    start = time.perf_counter()
+    for _ in range(steps):
+        carry = run(*carry)
+    jax.block_until_ready(carry)
+    print(f"{title}: {1e3 * (time.perf_counter() - start) / steps:.3f} ms per step (wall)")
+    compiled = step.lower(*carry, ids, w).compile()
+    xla_trace.print_top(xla_trace.top_ops(run, carry, steps=steps, compiled=compiled), 40, title)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--table-gb", type=float, default=4.0)
@@ -107,6 +128,12 @@ def main(argv=None):
         "batch's keys, so the profiled steps find them all)",
     )
     p.add_argument("--dist", default="uniform", choices=["uniform", "zipf"])
+    p.add_argument(
+        "--trace",
+        action="store_true",
+        help="no Nsight Compute: XLA's own profiler (tools/xla_trace.py) times each op's kernels "
+        "over --steps steps, beside the wall time per step (their difference: the device idle)",
+    )
     p.add_argument("--small", action="store_true")
     args = p.parse_args(argv)
     if args.small:
@@ -150,6 +177,10 @@ def main(argv=None):
         if args.memory_trace:
             del state, opt_state
             mem("state deleted")
+            continue
+        if args.trace:
+            _trace(step, state, opt_state, ids, w, args.steps, f"{args.mode} {name}")
+            del state, opt_state
             continue
         on = _profiler(True)
         for _ in range(args.steps):
