@@ -577,9 +577,8 @@ def owner_bags(units, ctx, d_outs, local, implementation) -> dict:
             continue
         slots = ctx[u.name].owner_rows.shape[0]
         d_back = None
-        for combiner, (g, idx, off, w) in groups:
-            per_slot = ops.lookup_combine_bwd(g, idx, off, w, combiner, slots)
-            dense = ops.rows_to_dense(per_slot, slots, jnp.float32)
+        for combiner, (g, idx, off, w) in groups:  # each slot's row written once, in place
+            dense = ops.lookup_combine_bwd_dense(g, idx, off, w, combiner, slots)
             d_back = dense if d_back is None else d_back + dense
         sums.append(d_back)
         exchanged.append(u)
