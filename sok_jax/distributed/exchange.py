@@ -15,8 +15,13 @@ Forward, for every unit that exchanges (placement "row" or "table"):
   4. one `all_to_all` carries every unit's vectors back (`exchange_vectors`);
   5. per lookup, the FFI combine over the received vectors, read through
      the plan's inverse index.
-A unit that does not exchange (placement "replicated", or one device in
-direct mode) finds the rows of its keys locally and combines them there.
+A unit that does not exchange (placement "replicated", or one device with
+a bucket for the whole batch) finds the rows of its keys locally and
+combines them there. On one device a hash table still plans (step 1) and
+finds its distinct keys as an owner would (step 3), so its table and
+counts come out as the exchange leaves them; each position then reads its
+key's row directly, a mean or sqrtn bag going to the kernels as a weighted
+sum that counts keys without a row as zeros (`_misses_counted`).
 
 Steps 3 and 5 are `sok_jax.embedding._lookup` (custom_vjp) and both
 exchanges transpose to themselves, so `jax.grad` runs this path in reverse.
@@ -336,15 +341,64 @@ def full_positions(unit: Unit, local_batch: int) -> int:
 
 
 def is_local(unit: Unit, capacity: int, local_batch: int) -> bool:
-    """Whether a unit needs no exchange: replicated, or one device in direct
-    mode with a bucket that holds the whole batch (a smaller one keeps the
-    exchange, so that its overflow counts stay the same)."""
+    """Whether a unit needs no exchange: replicated, or one device with a
+    bucket that holds the whole batch (a smaller one keeps the exchange, so
+    that its overflow counts stay the same). On one device a hash table
+    that never evicts goes local too (`_one_device_hash_rows`), in every
+    storage tier alike, so that the tiers compute the same bits."""
     rows = unit.rows
     if not rows.exchanged:
         return True
-    return (
-        rows.num_devices == 1 and not rows.hashed and capacity >= full_positions(unit, local_batch)
-    )
+    if rows.num_devices != 1 or capacity < full_positions(unit, local_batch):
+        return False
+    return not rows.hashed or not rows.evicting
+
+
+def _reads_own_hash_rows(unit: Unit, ctx) -> bool:
+    """Whether the unit's lookup was a one-device hash lookup without the
+    exchange (is_local): its bags then went to the kernels as "sum" with
+    `_misses_counted` weights."""
+    return unit.rows.hashed and unit.rows.exchanged and ctx.owner_rows is None
+
+
+def _misses_counted(bags: Bags, combiner: str) -> Bags:
+    """A mean or sqrtn bag as a weighted sum that counts every key: weight
+    w_i * f_b, f_b the bag's factor over all its keys (1 / sum w, or
+    1 / sqrt(sum w^2)). Through the exchange a key that found no row (a
+    full table, a key not admitted, an unseen key) still counts as a zero
+    vector; read locally its row is -1, which the kernels leave out of the
+    bag's factor. "sum" bags are the same either way."""
+    if combiner == "sum":
+        return bags
+    n, m = bags.ids.shape[0], bags.offsets.shape[0] - 1
+    bag, inside = checks.bag_of_positions(bags.offsets, n)
+    key = inside & ~checks.is_padding(bags.ids)
+    w = bags.weights if bags.weights.shape[0] else jnp.ones((n,), jnp.float32)
+    w = jnp.where(key, w, 0.0)
+    if m == 0:
+        return bags._replace(weights=w)
+    seg = jnp.where(key, bag, m)
+    if combiner == "mean":
+        total = jax.ops.segment_sum(w, seg, m + 1)[:m]
+        f = jnp.where(total != 0, 1.0 / jnp.where(total != 0, total, 1.0), 0.0)
+    else:  # sqrtn
+        total = jax.ops.segment_sum(w * w, seg, m + 1)[:m]
+        f = jnp.where(total > 0, jax.lax.rsqrt(jnp.where(total > 0, total, 1.0)), 0.0)
+    return bags._replace(weights=w * f[jnp.minimum(bag, m - 1)])
+
+
+def _one_device_hash_rows(unit: Unit, table, hash_part, seed, flat_ids, capacity, training, ops):
+    """(OwnerRows with each position's row, the plan) of a hash unit on one
+    device without the exchange: the batch's distinct keys found (with
+    `training`, inserted) exactly as an owner finds the keys it receives,
+    so the table, its counts and its scores come out as the exchange leaves
+    them; each position then reads its key's row, as a direct lookup does,
+    with no [distinct keys, D] buffer between."""
+    p = plan(unit.rows, unit.lookups, flat_ids, capacity)
+    owner = unit.storage.owner_rows(unit.rows, table, hash_part, seed, p.send, training, ops)
+    at = p.recv_index
+    rows = jnp.where(at >= 0, owner.rows[jnp.maximum(at, 0)], -1)
+    return owner._replace(rows=rows), p
 
 
 ONLINE_COUNTS = ("evicted", "not_admitted", "load")
@@ -509,18 +563,28 @@ def forward(units, shards, seed, bags, capacities, local, implementation, traini
             continue
         table, slot_keys = shards[u.name]
         flat = [bags[s.name].ids for s in u.lookups]
-        members = [s.member for s in u.lookups]
-        got = u.storage.local_rows(u.rows, table, slot_keys, seed, flat, members, training, ops)
+        lengths = [f.shape[0] for f in flat]
+        lookups, unit_bags = u.lookups, bags
+        if u.rows.hashed and u.rows.exchanged:
+            got, p = _one_device_hash_rows(
+                u, table, slot_keys, seed, flat, capacities[u.name], training, ops
+            )
+            counters.add_per_lookup(u.lookups, "overflow", _split(p.dropped, lengths))
+            unit_bags = {s.name: _misses_counted(bags[s.name], s.combiner) for s in lookups}
+            lookups = [dataclasses.replace(s, combiner="sum") for s in lookups]
+        else:
+            members = [s.member for s in u.lookups]
+            got = u.storage.local_rows(u.rows, table, slot_keys, seed, flat, members, training, ops)
         src = read(u, got)
-        index = _split(got.rows, [f.shape[0] for f in flat])
-        outs.update(_combine(u.lookups, implementation, src, index, bags, _reader(u)))
+        index = _split(got.rows, lengths)
+        outs.update(_combine(lookups, implementation, src, index, unit_bags, _reader(u)))
         if not u.rows.hashed:  # hash mode: every non-padding id is a key
             invalid = [(idx < 0) & ~checks.is_padding(ids) for idx, ids in zip(index, flat)]
             counters.add_per_lookup(u.lookups, "invalid", invalid)
         counters.add_hash_full(u, got.hash_full)
         counters.add_online(u, got.online)
         counters.add_online(u, got.cache)
-        ctxs[u.name] = _context(None, u, index, bags, got.held)
+        ctxs[u.name] = _context(None, u, index, unit_bags, got.held)
     return DeviceLookup(outs, new_shards, counters.stats(), ctxs)
 
 
@@ -548,8 +612,9 @@ def _concat_bags(grads, index, offsets, weights):
 def _by_combiner(unit: Unit, ctx: UnitContext, d_outs):
     """(combiner, bags) of the unit's lookups, one bag set per combiner."""
     groups = {}
+    as_sums = _reads_own_hash_rows(unit, ctx)
     for k, spec in enumerate(unit.lookups):
-        groups.setdefault(spec.combiner, []).append(k)
+        groups.setdefault("sum" if as_sums else spec.combiner, []).append(k)
     for combiner, ks in groups.items():
         g = [d_outs[unit.lookups[k].name] for k in ks]
         yield (
@@ -563,16 +628,17 @@ def _by_combiner(unit: Unit, ctx: UnitContext, d_outs):
         )
 
 
-def owner_bags(units, ctx, d_outs, local, implementation) -> dict:
+def owner_bags(units, ctx, d_outs, implementation) -> dict:
     """The sparse backward up to each unit's owners: {unit: OwnerBags} over
     this device's rows of the unit's table. One all_to_all sends every
     exchanged unit's per-slot gradient sums to the owners; a replicated unit
-    gathers its touched rows' gradients over the axis."""
+    gathers its touched rows' gradients over the axis. A unit's context
+    says which its lookup was: an exchanged one holds the owners' rows."""
     ops = resolve(implementation)
     out, sums, exchanged = {}, [], []
     for u in units:
         groups = list(_by_combiner(u, ctx[u.name], d_outs))
-        if local[u.name]:
+        if ctx[u.name].owner_rows is None:
             out[u.name] = _local_owner_bags(u, groups, ops)
             continue
         slots = ctx[u.name].owner_rows.shape[0]

@@ -377,23 +377,18 @@ class ShardedTables:
         return jax.tree.map(lambda _: P(self.axis_name), ctx)
 
     # --------------------------------------------------------- backward
-    def _owner_bags(self, ctx, d_outs, local_batch):
-        local = self._local(local_batch)
-        return exchange.owner_bags(self.units, ctx, d_outs, local, self.implementation)
-
-    def _local_batch(self, d_outs):
-        return next(iter(d_outs.values())).shape[0] // self.num_devices
+    def _owner_bags(self, ctx, d_outs):
+        return exchange.owner_bags(self.units, ctx, d_outs, self.implementation)
 
     def sparse_grad(self, ctx, d_outs) -> dict:
         """{unit: SparseRowGrad} per device, stacked over the axis (a
         replicated unit's is the same on every device); an evicting unit's
         is a `HashRowGrad` carrying its lookup's `HeldRows`."""
         ops = resolve(self.implementation)
-        local_batch = self._local_batch(d_outs)
         row = P(self.axis_name)
 
         def body(ctx, d_outs):
-            bags = self._owner_bags(ctx, d_outs, local_batch)
+            bags = self._owner_bags(ctx, d_outs)
             out = {}
             for u in self.units:
                 r = ops.lookup_combine_bwd(*bags[u.name], self._update_rows(u))
@@ -494,12 +489,11 @@ class ShardedTables:
         keys, counted in their tables' `stale`. Returns (shards, opt_states,
         stats)."""
         _check_optimizers(optimizers)
-        local_batch = self._local_batch(d_outs)
         ops = resolve(self.implementation)
         row = P(self.axis_name)
 
         def body(tables, opt_states, keys, ctx, d_outs):
-            bags = self._owner_bags(ctx, d_outs, local_batch)
+            bags = self._owner_bags(ctx, d_outs)
             new_t, new_o, counts = {}, {}, {}
             for name in tables:
                 opt, held, unit = optimizers[name], ctx[name].held, self.unit(name)
