@@ -17,10 +17,10 @@ Forward, for every unit that exchanges (placement "row" or "table"):
      the plan's inverse index.
 A unit that does not exchange (placement "replicated", or one device with
 a bucket for the whole batch) finds the rows of its keys locally and
-combines them there. On one device a hash table still plans (step 1) and
-finds its distinct keys as an owner would (step 3), so its table and
-counts come out as the exchange leaves them; each position then reads its
-key's row directly, a mean or sqrtn bag going to the kernels as a weighted
+combines them there. On one device a hash table that never evicts still
+plans (step 1) and finds its distinct keys as an owner would (step 3), so
+its table and counts come out as the exchange leaves them; each position
+then reads its key's row directly, a mean or sqrtn bag going to the kernels as a weighted
 sum that counts keys without a row as zeros (`_misses_counted`).
 
 Steps 3 and 5 are `sok_jax.embedding._lookup` (custom_vjp) and both
