@@ -20,8 +20,9 @@ a bucket for the whole batch) finds the rows of its keys locally and
 combines them there. On one device a hash table that never evicts still
 plans (step 1) and finds its distinct keys as an owner would (step 3), so
 its table and counts come out as the exchange leaves them; each position
-then reads its key's row directly, a mean or sqrtn bag going to the kernels as a weighted
-sum that counts keys without a row as zeros (`_misses_counted`).
+then reads its key's row directly, a mean or sqrtn bag going to the
+kernels as a weighted sum that counts keys without a row as zeros
+(`_misses_counted`).
 
 Steps 3 and 5 are `sok_jax.embedding._lookup` (custom_vjp) and both
 exchanges transpose to themselves, so `jax.grad` runs this path in reverse.
