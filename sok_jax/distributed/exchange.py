@@ -250,7 +250,13 @@ def plan(rows, lookups, flat_ids, capacity: int) -> ExchangePlan:
         s_value = s_packed - s_owner * bound
         differs = s_packed[1:] != s_packed[:-1]
     else:
-        s_owner, s_value, perm = jax.lax.sort((owner, value, iota), num_keys=2)
+        # Keys that span their dtype: no packing. Stable one-key sorts (each
+        # a radix sort on the GPU, where a two-key sort is a comparator
+        # sort): by key, then, with several owners, by owner.
+        _, perm = jax.lax.sort((value, iota), num_keys=1, is_stable=True)
+        if n > 1:
+            _, perm = jax.lax.sort((owner[perm], perm), num_keys=1, is_stable=True)
+        s_owner, s_value = owner[perm], value[perm]
         differs = (s_owner[1:] != s_owner[:-1]) | (s_value[1:] != s_value[:-1])
     real = s_owner < n
     first = jnp.concatenate([jnp.ones((1,), bool), differs]) & real
