@@ -50,7 +50,7 @@ from sok_jax.distributed.state import EmbeddingStats
 from sok_jax.distributed.storage import CACHE_COUNTS, HbmStorage
 from sok_jax.embedding import _lookup
 from sok_jax.ids import Bags
-from sok_jax.ops import checks, resolve
+from sok_jax.ops import checks, reference, resolve
 
 # ------------------------------------------------------------------ specs
 
@@ -377,21 +377,10 @@ def _misses_counted(bags: Bags, combiner: str) -> Bags:
     bag's factor. "sum" bags are the same either way."""
     if combiner == "sum":
         return bags
-    n, m = bags.ids.shape[0], bags.offsets.shape[0] - 1
-    bag, inside = checks.bag_of_positions(bags.offsets, n)
-    key = inside & ~checks.is_padding(bags.ids)
-    w = bags.weights if bags.weights.shape[0] else jnp.ones((n,), jnp.float32)
-    w = jnp.where(key, w, 0.0)
-    if m == 0:
-        return bags._replace(weights=w)
-    seg = jnp.where(key, bag, m)
-    if combiner == "mean":
-        total = jax.ops.segment_sum(w, seg, m + 1)[:m]
-        f = jnp.where(total != 0, 1.0 / jnp.where(total != 0, total, 1.0), 0.0)
-    else:  # sqrtn
-        total = jax.ops.segment_sum(w * w, seg, m + 1)[:m]
-        f = jnp.where(total > 0, jax.lax.rsqrt(jnp.where(total > 0, total, 1.0)), 0.0)
-    return bags._replace(weights=w * f[jnp.minimum(bag, m - 1)])
+    keys = ~checks.is_padding(bags.ids)
+    seg, w, f = reference.bag_factors(bags.offsets, bags.weights, keys, combiner)
+    factor = jnp.concatenate([f, jnp.zeros((1,), f.dtype)])[seg]  # 0 past the bags
+    return bags._replace(weights=w * factor)
 
 
 def _one_device_hash_rows(unit: Unit, table, hash_part, seed, flat_ids, capacity, training, ops):

@@ -95,23 +95,10 @@ def device_blocks(owner, n: int, columns, width: int | None = None):
     width = max(most, 1) if width is None else int(width)
     if most > width:
         raise ValueError(f"device_blocks: a block holds {most} keys, more than width={width}")
-    starts = np.cumsum(counts) - counts
-    rank = np.arange(owner.shape[0])
-    if (owner[1:] >= owner[:-1]).all():  # each block's keys already contiguous
-        at = owner * width + rank - starts[owner]
-        blocks = []
-        for values, fill in columns:  # one slice copy per block, not a scatter of every key
-            values = np.asarray(values)
-            block = np.empty((n * width, *values.shape[1:]), values.dtype)
-            for d in range(n):
-                lo, hi = d * width, d * width + counts[d]
-                block[lo:hi] = values[starts[d] : starts[d] + counts[d]]
-                block[hi : (d + 1) * width] = fill
-            blocks.append(block)
-        return blocks, at
     order = np.argsort(owner, kind="stable")
+    starts = np.cumsum(counts) - counts
     at = np.empty(owner.shape[0], np.int64)
-    at[order] = owner[order] * width + rank - starts[owner[order]]
+    at[order] = owner[order] * width + np.arange(owner.shape[0]) - starts[owner[order]]
     blocks = []
     for values, fill in columns:
         values = np.asarray(values)

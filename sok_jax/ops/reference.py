@@ -28,23 +28,33 @@ from sok_jax.ops.rounding import rounding_call, rounding_words, stochastic_round
 # ---------------------------------------------------------------------------
 
 
-def _bag_scales(ids, offsets, weights, combiner: str, num_rows: int):
-    m = offsets.shape[0] - 1
-    bag, inside = bag_of_positions(offsets, ids.shape[0])
-    valid, rows = valid_rows(ids, num_rows)
-    valid = valid & inside
-    w = weights if weights.shape[0] else jnp.ones(ids.shape, jnp.float32)
-    w = jnp.where(valid, w, 0.0)
-    seg = jnp.where(valid, bag, m)  # invalid positions go to a dropped segment
-    wsum = jax.ops.segment_sum(w, seg, m + 1)[:m]
-    w2sum = jax.ops.segment_sum(w * w, seg, m + 1)[:m]
+def bag_factors(offsets, weights, counted, combiner: str):
+    """The combiner rule over the positions `counted` (bool [N]): (each
+    position's bag, M where not counted; its weight, 0 where not counted;
+    each bag's factor [M]: 1 / sum w (mean), 1 / sqrt(sum w^2) (sqrtn), 1
+    (sum), 0 for a bag whose sum is 0)."""
+    m, n = offsets.shape[0] - 1, counted.shape[0]
+    bag, inside = bag_of_positions(offsets, n)
+    counted = counted & inside
+    w = weights if weights.shape[0] else jnp.ones((n,), jnp.float32)
+    w = jnp.where(counted, w, 0.0)
+    seg = jnp.where(counted, bag, m)  # positions not counted go to a dropped segment
     code = combiner_code(combiner)
     if code == 1:
+        wsum = jax.ops.segment_sum(w, seg, m + 1)[:m]
         f = jnp.where(wsum != 0, 1.0 / jnp.where(wsum != 0, wsum, 1.0), 0.0)
     elif code == 2:
+        w2sum = jax.ops.segment_sum(w * w, seg, m + 1)[:m]
         f = jnp.where(w2sum > 0, jax.lax.rsqrt(jnp.where(w2sum > 0, w2sum, 1.0)), 0.0)
     else:
-        f = jnp.ones_like(wsum)
+        f = jnp.ones((m,), jnp.float32)
+    return seg, w, f
+
+
+def _bag_scales(ids, offsets, weights, combiner: str, num_rows: int):
+    valid, rows = valid_rows(ids, num_rows)
+    seg, w, f = bag_factors(offsets, weights, valid, combiner)
+    valid = valid & (seg < f.shape[0])
     return seg, valid, rows, w, f
 
 
