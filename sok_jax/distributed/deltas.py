@@ -37,10 +37,10 @@ once per CHUNK_ROWS keys a device receives; a device's block of keys is
 padded to a power of two, so a server following training compiles a few
 sizes. The vectors go to the devices from the delta's own arrays (no host
 copy but the padding), and the call waits, once at the end, for a hash
-table's programs to say whether every key found a row. A delta that does not fit
-(a shard, or with eviction a bucket, full: the serving table has fewer rows
-than the training table, or misses evictions the delta does not list)
-raises and leaves the given state as it was (unless donated).
+table's programs to say whether every key found a row. A delta that does
+not fit (a shard, or with eviction a bucket, full: the serving table has
+fewer rows than the training table, or misses evictions the delta does not
+list) raises and leaves the given state as it was (unless donated).
 """
 
 from __future__ import annotations
