@@ -432,17 +432,18 @@ FULL_CASES = [(1, "sum", 6), (1, "mean", 6), (4, "sum", 3), (8, "mean", 2)]
 
 @pytest.mark.parametrize("evicting", [False, True], ids=["plain", "lru"])
 def test_one_device_reads_rows_without_the_exchange(evicting):
-    """One device: a hash table that never evicts reads each position's row
-    directly (its context holds no owner rows; the oracle tests above check
-    its values, unseen keys counted as zeros); one that evicts keeps the
-    exchange, whose owner rows the update checks for stale rows."""
+    """One device: a hash table, evicting or not, reads each position's row
+    directly (its context holds no owner rows; the oracle tests above and
+    test_hash_online's eviction oracle check its values, unseen keys
+    counted as zeros, stale rows skipped)."""
     options = sok_jax.HashOptions(eviction="lru") if evicting else None
     emb = make_emb(1, "mean", hash_options=options)
     rng = np.random.default_rng()
     ids = make_batch(rng, key_pool(rng, np.int32, 40), np.int32)
     _, ctx, _ = jax.jit(emb.lookup)(emb.init(0), to_keys(ids, np.int32))
     (unit_ctx,) = ctx.values()
-    assert (unit_ctx.owner_rows is not None) == evicting
+    assert unit_ctx.owner_rows is None
+    assert (unit_ctx.held is not None) == evicting
 
 
 @pytest.mark.parametrize("seed", [0, 1])

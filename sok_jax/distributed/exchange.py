@@ -17,7 +17,7 @@ Forward, for every unit that exchanges (placement "row" or "table"):
      the plan's inverse index.
 A unit that does not exchange (placement "replicated", or one device with
 a bucket for the whole batch) finds the rows of its keys locally and
-combines them there. On one device a hash table that never evicts still
+combines them there. On one device a hash table (evicting or not) still
 plans (step 1) and finds its distinct keys as an owner would (step 3), so
 its table and counts come out as the exchange leaves them; each position
 then reads its key's row directly, a mean or sqrtn bag going to the
@@ -351,14 +351,12 @@ def is_local(unit: Unit, capacity: int, local_batch: int) -> bool:
     """Whether a unit needs no exchange: replicated, or one device with a
     bucket that holds the whole batch (a smaller one keeps the exchange, so
     that its overflow counts stay the same). On one device a hash table
-    that never evicts goes local too (`_one_device_hash_rows`), in every
-    storage tier alike, so that the tiers compute the same bits."""
+    goes local too (`_one_device_hash_rows`), in every storage tier alike,
+    so that the tiers compute the same bits."""
     rows = unit.rows
     if not rows.exchanged:
         return True
-    if rows.num_devices != 1 or capacity < full_positions(unit, local_batch):
-        return False
-    return not rows.hashed or not rows.evicting
+    return rows.num_devices == 1 and capacity >= full_positions(unit, local_batch)
 
 
 def _reads_own_hash_rows(unit: Unit, ctx) -> bool:
