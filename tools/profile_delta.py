@@ -4,7 +4,8 @@ direct table, new vectors from the host) applied in place, whole and in its
 parts, each part timed alone and waited for: the host checks
 (`deltas._check_delta`), the inputs' trip to the device
 (`deltas._device_calls`), the compiled update given inputs already on the
-device, and for scale a plain `jax.device_put` of the delta's vectors.
+device, and for scale a plain `jax.device_put` of the delta's vectors
+(on a GPU also staged through pinned host memory, in its two halves).
 
     python tools/profile_delta.py --fraction 0.01 --iters 20
 """
@@ -23,9 +24,10 @@ sys.path.insert(0, os.path.join(_HERE, "..", "benchmarks"))
 import bench_serving  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.sharding import SingleDeviceSharding  # noqa: E402
 
 import sok_jax  # noqa: E402
-from sok_jax.distributed import deltas  # noqa: E402
+from sok_jax.distributed import deltas, storage  # noqa: E402
 
 
 def median_ms(fn, iters: int) -> float:
@@ -89,6 +91,22 @@ def main(argv=None) -> int:
             lambda: jax.block_until_ready(jax.device_put(vectors)),
         ),
     ]
+    kind = storage.host_memory_kind()
+    if kind is not None:  # a GPU: the same bytes staged through pinned host memory
+        device = jax.devices()[0]
+        pinned = SingleDeviceSharding(device, memory_kind=kind)
+        to_device = jax.jit(lambda x: x, out_shardings=SingleDeviceSharding(device))
+        staged = jax.device_put(vectors, pinned)
+        parts += [
+            (
+                "  device_put into pinned host memory",
+                lambda: jax.block_until_ready(jax.device_put(vectors, pinned)),
+            ),
+            (
+                "  pinned host memory to the device (jit)",
+                lambda: jax.block_until_ready(to_device(staged)),
+            ),
+        ]
     print(
         f"{jax.devices()[0].device_kind}: {len(keys)} rows of D {vectors.shape[1]} "
         f"({vectors.nbytes / 2**20:.1f} MiB), {len(placed)} program calls"
