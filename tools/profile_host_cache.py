@@ -86,7 +86,9 @@ def _cache_counts(state):
     s = state.stats
     if s.cache_hits is None:
         return 0, 0, 0
-    return tuple(int(np.asarray(x).sum()) for x in (s.cache_hits, s.cache_misses, s.cache_evictions))
+    return tuple(
+        int(np.asarray(x).sum()) for x in (s.cache_hits, s.cache_misses, s.cache_evictions)
+    )
 
 
 # The named scopes of the cache's stages (storage.py, tables.py), innermost first.
@@ -116,46 +118,52 @@ def trace_steps(args) -> int:
     layer_args = argparse.Namespace(dim=args.dim, slots=slots)
     head = jnp.asarray(np.random.default_rng(1).normal(size=(slots, args.dim)), jnp.float32)
     opt = bench_host_cache.make_optimizer(args.optimizer)
-    for storage in args.storages:
-        fraction = args.fraction if storage == "host_cached" else None
-        emb = bench_host_cache.layer_for(layer_args, args.rows, storage, fraction)
-        state = emb.init(0)
-        opt_state = emb.init_optimizer(opt, state)
-        step = bench_host_cache.stepper(emb, opt, state, opt_state, head)
-        compiled = step.lower(state, opt_state, batches[0]).compile()
-        if args.hlo_dir:
-            os.makedirs(args.hlo_dir, exist_ok=True)
-            with open(os.path.join(args.hlo_dir, f"step_{storage}.hlo.txt"), "w") as f:
-                f.write(compiled.as_text())
-        turn = [0]
-        last = {}
-
-        def run(state, opt_state):
-            state, opt_state, _ = step(state, opt_state, batches[turn[0]])
-            turn[0] += 1
-            last["state"] = state
-            return state, opt_state
-
-        carry = (state, opt_state)
-        for _ in range(32):  # fill the cache
-            carry = run(*carry)
-        before = _cache_counts(carry[0])
-        rows = xla_trace.top_ops(run, carry, steps=args.iters, compiled=compiled)
-        after = _cache_counts(last["state"])
-        per_step = [(a - b) / (args.iters + 1) for a, b in zip(after, before)]
-        if storage == "host_cached":
-            print(
-                "per traced step: hits {:.0f}, misses {:.0f}, evictions {:.0f}; rows over the "
-                "host link {:.1f} MB".format(*per_step, (per_step[1] + per_step[2]) * args.dim * 4 / 1e6)
-            )
-        label = storage if fraction is None else f"{storage} {fraction:g}"
-        xla_trace.print_top(
-            rows,
-            title=f"{label}, {args.dist}, {args.optimizer}, R {args.rows}, K {args.positions}",
-            scopes=SCOPES,
-        )
-        del state, opt_state, carry, step
+    for kind in args.storages:
+        trace_one(args, kind, batches, layer_args, head, opt)
     return 0
+
+
+def trace_one(args, kind, batches, layer_args, head, opt) -> None:
+    """One storage's donated step, traced after 32 steps that fill its cache."""
+    fraction = args.fraction if kind == "host_cached" else None
+    emb = bench_host_cache.layer_for(layer_args, args.rows, kind, fraction)
+    state = emb.init(0)
+    opt_state = emb.init_optimizer(opt, state)
+    step = bench_host_cache.stepper(emb, opt, state, opt_state, head)
+    compiled = step.lower(state, opt_state, batches[0]).compile()
+    if args.hlo_dir:
+        os.makedirs(args.hlo_dir, exist_ok=True)
+        with open(os.path.join(args.hlo_dir, f"step_{kind}.hlo.txt"), "w") as f:
+            f.write(compiled.as_text())
+    turn = [0]
+    last = {}
+
+    def run(state, opt_state):
+        state, opt_state, _ = step(state, opt_state, batches[turn[0]])
+        turn[0] += 1
+        last["state"] = state
+        return state, opt_state
+
+    carry = (state, opt_state)
+    for _ in range(32):  # fill the cache
+        carry = run(*carry)
+    before = _cache_counts(carry[0])
+    rows = xla_trace.top_ops(run, carry, steps=args.iters, compiled=compiled)
+    after = _cache_counts(last["state"])
+    per_step = [(a - b) / (args.iters + 1) for a, b in zip(after, before)]
+    if kind == "host_cached":
+        print(
+            "per traced step: hits {:.0f}, misses {:.0f}, evictions {:.0f}; rows over the "
+            "host link {:.1f} MB".format(
+                *per_step, (per_step[1] + per_step[2]) * args.dim * 4 / 1e6
+            )
+        )
+    label = kind if fraction is None else f"{kind} {fraction:g}"
+    xla_trace.print_top(
+        rows,
+        title=f"{label}, {args.dist}, {args.optimizer}, R {args.rows}, K {args.positions}",
+        scopes=SCOPES,
+    )
 
 
 if __name__ == "__main__":

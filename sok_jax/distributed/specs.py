@@ -112,7 +112,7 @@ class TableSpec:
         _ = self.online  # raises on bad online hash options
         if self.storage is not None or self.cache_rows is not None:
             try:
-                self.tier
+                _ = self.tier  # raises on a bad storage, cache size or policy
             except ValueError as e:
                 raise ValueError(f"TableSpec {self.name!r}: {e}") from None
         if self.storage not in (None, "hbm") and self.placement == "replicated":
