@@ -85,15 +85,17 @@ def _trained_layer(n, hashed):
     return emb, early, state, touched[touched >= 0]
 
 
-@pytest.mark.parametrize("chunk_rows", [None, 2], ids=["one-call", "calls-of-2-keys"])
+@pytest.mark.parametrize("chunk_rows", [None, 4], ids=["one-call", "calls-of-4-2-1-keys"])
 @pytest.mark.parametrize("n", [1, 8])
 @pytest.mark.parametrize("hashed", [False, True], ids=["direct", "hash"])
 def test_layer_delta_gives_the_trained_rows(n, hashed, chunk_rows, monkeypatch):
-    """`chunk_rows` 2: the delta goes in calls of at most 2 keys per device
-    (evictions in the first), as a large one does in calls of CHUNK_ROWS."""
+    """`chunk_rows` 4: the delta goes in calls of 4, then 2 and 1 keys per
+    device (evictions in the first), as a large one does in calls of
+    CHUNK_ROWS down to MIN_CALL_ROWS."""
     require_devices(n)
     if chunk_rows:
         monkeypatch.setattr(deltas, "CHUNK_ROWS", chunk_rows)
+        monkeypatch.setattr(deltas, "MIN_CALL_ROWS", 1)
     emb, early, final, touched = _trained_layer(n, hashed)
     if hashed:
         delta = emb.export_pairs(final, since_step=emb.step(early))
@@ -122,6 +124,25 @@ def test_layer_delta_gives_the_trained_rows(n, hashed, chunk_rows, monkeypatch):
         gone = np.isin(ids, delta.evicted)
         assert not np.any(np.asarray(out)[gone.all(-1)])
         assert int(np.sum(np.asarray(got.stats.unseen))) == min(delta.evicted.size, size // 2)
+
+
+def test_call_widths_cover_each_device_with_little_padding(monkeypatch):
+    """Against the rule's invariants for random counts and sizes: powers of
+    two, non-increasing, at most CHUNK_ROWS; they cover `count` keys, and
+    only the last call pads, by less than MIN_CALL_ROWS."""
+    rng = np.random.default_rng()
+    for _ in range(200):
+        chunk = 1 << int(rng.integers(0, 12))
+        low = 1 << int(rng.integers(0, 12))
+        count = int(rng.integers(0, 5 * chunk + 3))
+        monkeypatch.setattr(deltas, "CHUNK_ROWS", chunk)
+        monkeypatch.setattr(deltas, "MIN_CALL_ROWS", low)
+        widths = deltas._call_widths(count)
+        low = min(low, chunk)
+        assert all(w & (w - 1) == 0 and low <= w <= chunk for w in widths), widths
+        assert widths == sorted(widths, reverse=True)
+        assert 0 <= sum(widths) - count < low or (count == 0 and widths == [low])
+        assert sum(widths[:-1]) < count or count == 0  # every call but the last is full
 
 
 def _collection(n):

@@ -33,11 +33,12 @@ its delta is the pairs of the keys training touched, e.g. `(keys,
 emb.logical_rows(state, keys))`, or a whole export.
 
 Each table's update is one compiled program (cached on the model), called
-once per CHUNK_ROWS keys a device receives; a device's block of keys is
-padded to a power of two, so a server following training compiles a few
-sizes. The vectors go to the devices from the delta's own arrays (no host
-copy but the padding), and the call waits, once at the end, for a hash
-table's programs to say whether every key found a row. A delta that does
+on blocks of at most CHUNK_ROWS keys per device, of power-of-two sizes
+(`_call_widths`: only the last call pads), so a server following training
+compiles a few sizes. The vectors go to the devices from the delta's own
+arrays (no host copy but the last call's padding), and the call waits,
+once at the end, for a hash table's programs to say whether every key
+found a row. A delta that does
 not fit (a shard, or with eviction a bucket, full: the serving table has
 fewer rows than the training table, or misses evictions the delta does not
 list) raises and leaves the given state as it was (unless donated).
@@ -120,15 +121,35 @@ def _check_delta(rows, name: str, given) -> _Delta:
     return _Delta(keys, vectors.astype(np.float32, copy=False), evicted, last_seen, count, step)
 
 
-# Keys per device per program call: a delta larger than this is applied in
-# several calls of one compiled size, each reading its keys' vectors straight
-# from the caller's arrays (no host copy but the last call's padding).
+# Keys per device per program call: a delta is applied in calls of at most
+# CHUNK_ROWS keys (of power-of-two sizes down to MIN_CALL_ROWS, see
+# `_call_widths`), each reading its keys' vectors straight from the caller's
+# arrays (no host copy but the last call's padding).
 CHUNK_ROWS = 1 << 16
+MIN_CALL_ROWS = 1 << 12
 
 
 def _power_of_two(count: int) -> int:
     """`count` rounded up to a power of two (few sizes, few compiles)."""
     return 1 << max(count - 1, 0).bit_length()
+
+
+def _call_widths(count: int) -> list:
+    """The keys per device of each call, for devices receiving at most
+    `count`: CHUNK_ROWS while that many remain, then the powers of two of
+    the rest from the largest down to MIN_CALL_ROWS, and one call of
+    MIN_CALL_ROWS for what is left (the only call that pads, and by less
+    than MIN_CALL_ROWS). Every width is a power of two: few compiles."""
+    low = min(MIN_CALL_ROWS, CHUNK_ROWS)
+    widths = [CHUNK_ROWS] * (count // CHUNK_ROWS)
+    rest = count % CHUNK_ROWS
+    while rest > low:
+        top = 1 << (rest.bit_length() - 1)
+        widths.append(top)
+        rest -= top
+    if rest or not widths:
+        widths.append(low)
+    return widths
 
 
 def _sharded_blocks(column, fill, starts, takes, width: int, sharding):
@@ -172,7 +193,6 @@ def _device_calls(rows, name: str, delta: _Delta):
         order = np.argsort(owner, kind="stable")
         columns = [(c[order], f) for c, f in columns]
     counts = np.bincount(owner, minlength=n)
-    width = min(CHUNK_ROWS, _power_of_two(int(counts.max(initial=0))))
     gone = None
     if rows.evicting:
         where = rows.home_devices(delta.evicted, name)
@@ -182,9 +202,11 @@ def _device_calls(rows, name: str, delta: _Delta):
         gone = from_host(block, vec)
         no_keys = from_host(np.full(block.shape, pad, block.dtype), vec)
     first = np.cumsum(counts) - counts
-    for call in range(max(1, -(-int(counts.max(initial=0)) // width))):
-        starts = first + call * width
-        takes = np.clip(counts - call * width, 0, width)
+    done = 0
+    for width in _call_widths(int(counts.max(initial=0))):
+        starts = first + done
+        takes = np.clip(counts - done, 0, width)
+        done += width
         put = [
             _sharded_blocks(c, f, starts, takes, width, mat if c.ndim == 2 else vec)
             for c, f in columns
