@@ -651,3 +651,19 @@ def test_fixed_nnz_reaches_the_kernel():
         hlo = jax.jit(lambda t, i, kw=kw: sok_jax.embed(t, i, **kw)).lower(table, form).as_text()
         m = re.search(r"fixed_nnz = (\d+)", hlo)
         assert m is not None and int(m.group(1)) == want, (type(form).__name__, hlo[:2000])
+
+
+def test_bag_of_positions_counts_the_bag_ends_before_each_position():
+    """The bag rule's position -> bag map (a running count of bag ends)
+    against numpy's search, on random non-decreasing offsets, some past the
+    positions or below 0, and empty bags."""
+    from sok_jax.ops import checks
+
+    rng = np.random.default_rng()
+    for _ in range(50):
+        m, n = int(rng.integers(0, 12)), int(rng.integers(0, 40))
+        offsets = np.sort(rng.integers(-2, n + 4, m + 1)).astype(np.int32)
+        bag, inside = jax.jit(checks.bag_of_positions, static_argnums=1)(offsets, n)
+        pos = np.arange(n)
+        np.testing.assert_array_equal(bag, np.searchsorted(offsets[1:], pos, side="right"))
+        np.testing.assert_array_equal(inside, (pos >= offsets[0]) & (pos < offsets[-1]))

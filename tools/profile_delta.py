@@ -7,7 +7,7 @@ parts, each part timed alone and waited for: the host checks
 device, and for scale a plain `jax.device_put` of the delta's vectors
 (on a GPU also staged through pinned host memory, in its two halves).
 
-    python tools/profile_delta.py --fraction 0.01 --iters 20
+    python tools/profile_delta.py --fraction 0.01 --iters 20 --chunk-rows 65536,262144
 """
 
 from __future__ import annotations
@@ -46,6 +46,11 @@ def main(argv=None) -> int:
     p.add_argument("--fraction", type=float, default=0.01)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--table-rows", type=int, default=None, help="default: bench_serving's")
+    p.add_argument(
+        "--chunk-rows",
+        default="",
+        help="comma-separated CHUNK_ROWS values to time the whole call at, beside the default",
+    )
     args = p.parse_args(argv)
     bench_args = bench_serving.parse_args(
         [] if args.table_rows is None else ["--table-rows", str(args.table_rows)]
@@ -113,6 +118,13 @@ def main(argv=None) -> int:
     )
     for label, fn in parts:
         print(f"  {label:40s} {median_ms(fn, args.iters):8.3f} ms")
+    default = deltas.CHUNK_ROWS
+    for chunk in [int(c) for c in args.chunk_rows.split(",") if c]:
+        deltas.CHUNK_ROWS = chunk
+        widths = deltas._call_widths(len(keys))
+        label = f"whole, CHUNK_ROWS {chunk} ({len(widths)} calls)"
+        print(f"  {label:40s} {median_ms(whole, args.iters):8.3f} ms")
+    deltas.CHUNK_ROWS = default
     return 0
 
 

@@ -59,8 +59,11 @@ def bag_of_positions(offsets, n: int):
     """(bag index of each of `n` positions, whether the position is in some
     bag at all) under the bag rule."""
     pos = jnp.arange(n, dtype=jnp.int32)
-    # Offsets are non-decreasing: the bag of j is the number of bag ends <= j.
-    bag = jnp.searchsorted(offsets[1:], pos, side="right").astype(jnp.int32)
+    # Offsets are non-decreasing: the bag of j is the number of bag ends <= j,
+    # a running count of the ends at each position (no search: on a GPU
+    # jnp.searchsorted is a loop of log2(n) trips).
+    ends = jnp.clip(offsets[1:], 0, n).astype(jnp.int32)
+    bag = jnp.cumsum(jnp.zeros((n + 1,), jnp.int32).at[ends].add(1)[:n]).astype(jnp.int32)
     inside = (pos >= offsets[0]) & (pos < offsets[-1])
     return bag, inside
 
