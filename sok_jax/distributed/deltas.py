@@ -38,10 +38,10 @@ on blocks of at most CHUNK_ROWS keys per device, of power-of-two sizes
 compiles a few sizes. The vectors go to the devices from the delta's own
 arrays (no host copy but the last call's padding), and the call waits,
 once at the end, for a hash table's programs to say whether every key
-found a row. A delta that does
-not fit (a shard, or with eviction a bucket, full: the serving table has
-fewer rows than the training table, or misses evictions the delta does not
-list) raises and leaves the given state as it was (unless donated).
+found a row. A delta that does not fit (a shard, or with eviction a
+bucket, full: the serving table has fewer rows than the training table,
+or misses evictions the delta does not list) raises and leaves the given
+state as it was (unless donated).
 """
 
 from __future__ import annotations
