@@ -16,12 +16,12 @@ import argparse
 import dataclasses
 import os
 import sys
-import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(_HERE, "..", "benchmarks"))
 
 import bench_serving  # noqa: E402
+import common  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import SingleDeviceSharding  # noqa: E402
@@ -32,13 +32,7 @@ from sok_jax.distributed import deltas, storage  # noqa: E402
 
 def median_ms(fn, iters: int) -> float:
     """The median wall time of `fn()` (which waits for its own results), ms."""
-    fn()
-    samples = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(samples))
+    return 1e3 * float(np.median(common.time_samples(fn, warmup=1, iters=iters, min_sample_s=0)))
 
 
 def main(argv=None) -> int:
@@ -61,7 +55,8 @@ def main(argv=None) -> int:
     name = deltas.quantized._only_unit(layer)
     unit = layer._tables.unit(name)
     rows = unit.rows
-    run = deltas._program(layer, layer._tables, unit, lambda v: v, "float", True)
+    tables, fmt, convert = deltas._serving_form(layer, state)
+    run = deltas._program(layer, tables, unit, convert, fmt, True)
     live = jax.tree.map(lambda x: x.copy(), state)
     step = jax.device_put(np.int32(0))
     checked = deltas._check_delta(rows, name, (keys, vectors))
