@@ -9,6 +9,8 @@ hyperparameters."""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +20,7 @@ from devices import AXIS, mesh_of, require_devices
 
 import sok_jax
 from sok_jax import optim
+from sok_jax.ops import checks
 
 N = 2
 DIM = 4
@@ -72,6 +75,31 @@ def test_import_pairs_refuses_nonfinite_vectors_and_keeps_good_keys():
     order = np.argsort(keys)
     np.testing.assert_array_equal(k, keys[order].astype(np.int32))
     np.testing.assert_array_equal(v, vectors[order])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, jnp.bfloat16])
+def test_host_vectors_finds_every_nonfinite_entry(dtype):
+    """Random entries made NaN, +Inf or -Inf (also +Inf beside -Inf in one
+    row) are refused with numpy's count and first index; finite rows whose
+    sums overflow the dtype pass."""
+    rng = np.random.default_rng()
+    big = float(np.finfo(np.float16 if dtype == np.float16 else dtype).max) / 2
+    for _ in range(8):
+        vectors = rng.normal(size=(int(rng.integers(1, 300)), int(rng.integers(1, 20))))
+        vectors[rng.random(vectors.shape) < 0.05] = big  # rows whose sums overflow
+        vectors = vectors.astype(dtype)
+        np.testing.assert_array_equal(checks.host_vectors(vectors, "v"), vectors)
+        spots = rng.random(vectors.shape) < rng.choice([0.0005, 0.01])
+        spots.reshape(-1)[rng.integers(vectors.size)] = True
+        bad = vectors.copy()
+        bad[spots] = rng.choice([np.nan, np.inf, -np.inf], size=int(spots.sum()))
+        first = re.escape(str(tuple(int(i) for i in np.argwhere(spots)[0])))
+        with pytest.raises(ValueError, match=rf"{int(spots.sum())} value\(s\) .* at {first}"):
+            checks.host_vectors(bad, "v")
+    row = np.ones((3, 4), dtype)
+    row[1, 0], row[1, 2] = np.inf, -np.inf
+    with pytest.raises(ValueError, match=r"2 value\(s\) are NaN or Inf, the first at \(1, 0\)"):
+        checks.host_vectors(row, "v")
 
 
 def test_uint32_keys_refuse_their_padding_and_negatives():

@@ -5,16 +5,19 @@ parts, each part timed alone and waited for: the host checks
 (`deltas._check_delta`), the inputs' trip to the device
 (`deltas._device_calls`), the compiled update given inputs already on the
 device, and for scale a plain `jax.device_put` of the delta's vectors
-(on a GPU also staged through pinned host memory, in its two halves).
+(on a GPU also staged through pinned host memory, in its two halves);
+with --cprofile, the Python functions that take the whole call's time.
 
-    python tools/profile_delta.py --fraction 0.01 --iters 20 --chunk-rows 65536,262144
+    python tools/profile_delta.py --fraction 0.01 --iters 20 --chunk-rows 65536,262144 --cprofile 15
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import dataclasses
 import os
+import pstats
 import sys
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -40,6 +43,12 @@ def main(argv=None) -> int:
     p.add_argument("--fraction", type=float, default=0.01)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--table-rows", type=int, default=None, help="default: bench_serving's")
+    p.add_argument(
+        "--cprofile",
+        type=int,
+        default=0,
+        help="also list the N Python functions with the most own time in the whole call",
+    )
     p.add_argument(
         "--chunk-rows",
         default="",
@@ -113,6 +122,11 @@ def main(argv=None) -> int:
     )
     for label, fn in parts:
         print(f"  {label:40s} {median_ms(fn, args.iters):8.3f} ms")
+    if args.cprofile:
+        profile = cProfile.Profile()
+        profile.runcall(lambda: [whole() for _ in range(args.iters)])
+        print(f"  own time of the whole call, {args.iters} calls:")
+        pstats.Stats(profile, stream=sys.stdout).sort_stats("tottime").print_stats(args.cprofile)
     default = deltas.CHUNK_ROWS
     for chunk in [int(c) for c in args.chunk_rows.split(",") if c]:
         deltas.CHUNK_ROWS = chunk

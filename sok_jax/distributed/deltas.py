@@ -178,12 +178,13 @@ def _device_calls(rows, name: str, delta: _Delta):
     n = 1 if rows.replicated else rows.num_devices
     lead = None if rows.replicated else rows.axis_name
     vec, mat = NamedSharding(rows.mesh, P(lead)), NamedSharding(rows.mesh, P(lead, None))
-    owner = rows.home_devices(delta.keys, name) if n > 1 else np.zeros(len(delta.keys), np.int64)
     if rows.hashed:
+        owner = rows.home_devices(delta.keys, name) if n > 1 else None
         values, fill = delta.keys.astype(rows.key_dtype), checks.padding_value(rows.key_dtype)
-    else:
-        values, fill = (rows.global_rows(delta.keys, name) % rows.rows_per_device), -1
-        values = values.astype(np.int32)
+    else:  # row g of the physical [n * R, D] array is local row g % R of device g // R
+        g = rows.global_rows(delta.keys, name)
+        owner, values = divmod(g, rows.rows_per_device) if n > 1 else (None, g)
+        values, fill = values.astype(np.int32), -1
     columns = [(values, fill), (delta.vectors, 0)]
     if rows.scored:
         zeros = np.zeros(len(delta.keys), np.int32)
@@ -192,7 +193,7 @@ def _device_calls(rows, name: str, delta: _Delta):
     if n > 1 and not (owner[1:] >= owner[:-1]).all():  # each device's keys made contiguous
         order = np.argsort(owner, kind="stable")
         columns = [(c[order], f) for c, f in columns]
-    counts = np.bincount(owner, minlength=n)
+    counts = np.bincount(owner, minlength=n) if n > 1 else np.array([len(delta.keys)])
     gone = None
     if rows.evicting:
         where = rows.home_devices(delta.evicted, name)
