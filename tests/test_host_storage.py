@@ -129,10 +129,27 @@ def test_copy_rows_matches_numpy(dtype):
             np.testing.assert_array_equal(np.asarray(got), expect, err_msg=f"count {count}")
 
 
+def test_by_host_row_orders_the_pairs_by_row_and_keeps_them():
+    """storage.by_host_row gives the same (slot, row) pairs, rows ascending,
+    the pairs naming no row (-1) last, against numpy."""
+    rng = np.random.default_rng()
+    for k in (1, 7, 300):
+        slots = rng.permutation(2 * k)[:k].astype(np.int32)
+        rows = np.where(rng.random(k) < 0.7, rng.permutation(5 * k)[:k], -1).astype(np.int32)
+        got_slots, got_rows = map(np.asarray, jax.jit(storage.by_host_row)(slots, rows))
+        live = int((rows >= 0).sum())
+        assert (got_rows[:live] >= 0).all() and (got_rows[live:] == -1).all()
+        assert (np.diff(got_rows[:live]) > 0).all()
+        assert sorted(zip(got_slots.tolist(), got_rows.tolist())) == sorted(
+            zip(slots.tolist(), rows.tolist())
+        )
+
+
 @pytest.mark.parametrize("shape", [(6,), (6, 5)])
 def test_swap_rows_writes_back_and_loads(shape):
-    """storage.swap_rows (a staged async write-back beside the load) equals
-    every write-back followed by every load, in numpy."""
+    """storage.swap_rows (a staged async write-back beside the load), the
+    write-backs listed in another order than the loads, equals every
+    write-back followed by every load, in numpy."""
     rng = np.random.default_rng()
     r, c, k = 60, 12, 10
     host = rng.normal(size=(r, *shape[1:])).astype(np.float32)
@@ -148,13 +165,14 @@ def test_swap_rows_writes_back_and_loads(shape):
     for slot, row in zip(slots, incoming):
         if 0 <= slot < c and row >= 0:
             want_cache[slot] = want_host[row]
+    shuffle = rng.permutation(k)
     for impl in (ffi, reference):
         swap = jax.jit(
-            lambda h, ca, s, lv, inc, impl=impl: storage.swap_rows(h, ca, s, lv, inc, impl),
+            lambda h, ca, so, lv, s, inc, impl=impl: storage.swap_rows(h, ca, so, lv, s, inc, impl),
             donate_argnums=(0, 1),
         )
         args = (jnp.asarray(host), jnp.asarray(cache)) + tuple(
-            jnp.asarray(x) for x in (slots, leaving, incoming)
+            jnp.asarray(x) for x in (slots[shuffle], leaving[shuffle], slots, incoming)
         )
         got_host, got_cache = swap(*args)
         np.testing.assert_array_equal(np.asarray(got_host), want_host)
