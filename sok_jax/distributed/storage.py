@@ -11,15 +11,15 @@ chosen once per storage unit beside its row strategy (`rows.py`).
   it, kept by `cache_policy` "lru" (least recently used leaves first) or "lfu"
   (least often used). Per lookup, on each owner (`bring_in`): the batch's
   distinct rows missing from the cache take victim slots from a window swept
-  round the cache like a clock, in policy order inside it (`_victims`; never
-  a slot this batch uses); the leaving rows are written back to the host
-  store and the missing ones read from it, each list in host-row order
-  (`by_host_row`), with `overlap_moves` beside each other (`swap_rows`);
-  then the lookup and the fused update run on the cache exactly as on an
-  HBM table. The optimizer slots follow at the update (`sync_slots`): those of the slots the one lookup
-  before it moved, or after several lookups those of every slot whose row
-  changed. The work per lookup and update grows with the batch (K key
-  positions), not with the cache.
+  round the cache like a clock, in policy order inside it (`_victims`; never a
+  slot this batch uses); the leaving rows are written back to the host store
+  and the missing ones read from it, each list in host-row order
+  (`by_host_row`), with `overlap_moves` beside each other (`swap_rows`); then
+  the lookup and the fused update run on the cache exactly as on an HBM table.
+  The optimizer slots follow at the update (`sync_slots`): those of the slots
+  the one lookup before it moved, or after several lookups those of every slot
+  whose row changed. The work per lookup and update grows with the batch (K
+  key positions), not with the cache.
 
 A cached table computes exactly what the HBM table computes (the same rows
 and the same arithmetic on them), whatever the cache size and policy: the
