@@ -114,7 +114,8 @@ def host_keys(keys, key_dtype, what: str, *, padding_ok: bool) -> np.ndarray:
     refusing every value that conversion would change or that is no key:
     non-integer dtypes (1.7 is not truncated to 1), values outside the range
     of `key_dtype` (2^33 + 1 is not wrapped to 1), and unless `padding_ok`
-    the padding value ("no key"). ValueError naming `what` and the value."""
+    the padding value ("no key"). ValueError naming `what` and the value.
+    Keys already of `key_dtype` come back as they are, not copied."""
     arr = np.asarray(keys)
     dt = check_key_dtype(key_dtype, "key_dtype", need_x64=False)
     if arr.size == 0:
@@ -122,15 +123,16 @@ def host_keys(keys, key_dtype, what: str, *, padding_ok: bool) -> np.ndarray:
     if arr.dtype.kind not in "iu":
         raise ValueError(f"{what} must be integers, got dtype {arr.dtype.name}")
     info = np.iinfo(dt)
-    outside = (arr < info.min) | (arr > info.max)
-    if outside.any():
-        bad = arr[outside].reshape(-1)[0]
-        hint = " (int64 keys need key_dtype=int64 and jax_enable_x64)" if dt != np.int64 else ""
-        raise ValueError(
-            f"{what}: {int(bad)} does not fit key_dtype {dt.name} "
-            f"[{info.min}, {info.max}]{hint}; {int(outside.sum())} value(s) do not"
-        )
-    out = arr.astype(dt)
+    if not np.can_cast(arr.dtype, dt, "safe"):  # arr's dtype holds values dt lacks
+        outside = (arr < info.min) | (arr > info.max)
+        if outside.any():
+            bad = arr[outside].reshape(-1)[0]
+            hint = " (int64 keys need key_dtype=int64 and jax_enable_x64)" if dt != np.int64 else ""
+            raise ValueError(
+                f"{what}: {int(bad)} does not fit key_dtype {dt.name} "
+                f"[{info.min}, {info.max}]{hint}; {int(outside.sum())} value(s) do not"
+            )
+    out = arr.astype(dt, copy=False)
     if not padding_ok and (out == padding_value(dt)).any():
         raise ValueError(
             f"{what}: {int(padding_value(dt))} is the padding value of {dt.name} (\"no key\"), "
