@@ -38,6 +38,10 @@
 #   BUDGET=570             seconds for the whole call; a part that would start
 #                          with less than 30 s left is skipped, reported.
 #
+# A build is kept for the next call on the same (warm) machine while the
+# sources hash (--sha1) is unchanged: a second call right after the first
+# skips the build.
+#
 # Logs and JSON go under $OUT (default ./gpu_out): session.log (all that is
 # printed), summary.txt, ab_table.txt, and results.tar (every other log and
 # JSON, added as each part ends: the device returns at most 8 files).
@@ -98,7 +102,12 @@ limit() {
 enough() { [ "$(left)" -ge 30 ] || { log "skipped (time): $1"; note "$1" "skipped: $(left) s left"; return 1; }; }
 
 build() {  # build SRC SITE NAME: pip --target, checked to import from SITE
-  local src=$1 site=$2 name=$3 rc
+  local src=$1 site=$2 name=$3 rc sha
+  sha=$(sources_sha1 "$src")${CPU:+-cpu}  # the build mode too
+  if [ "$(cat "$site/.sources_sha1" 2>/dev/null)" = "$sha" ]; then  # a warm machine's build
+    echo "build $name: $site already holds sources $sha, kept" | tee "$OUT/build_$name.log"
+    return 0
+  fi
   rm -rf "$site"
   (cd "$src" && env "${BUILD_ENV[@]}" "$PY" -m pip install --no-build-isolation --no-deps -q \
       --target "$site" .) > "$OUT/build_$name.log" 2>&1
@@ -114,7 +123,9 @@ assert where.startswith(site + os.sep), f"sok_jax imported from {where}, not fro
 assert cpu or sok_jax.has_cuda(), "built without the CUDA targets"
 print(f"sok_jax from {os.path.dirname(where)}, CUDA targets: {sok_jax.has_cuda()}")
 EOF
-  return "${PIPESTATUS[0]}"
+  rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 0 ] && echo "$sha" > "$site/.sources_sha1"
+  return "$rc"
 }
 
 # ------------------------------------------------------------------ machine
