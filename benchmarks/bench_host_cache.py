@@ -105,12 +105,14 @@ def make_optimizer(name: str):
     }[name]()
 
 
-def layer_for(args, rows: int, storage: str, fraction: float | None, overlap_moves=False):
+def layer_for(
+    args, rows: int, storage: str, fraction: float | None, overlap_moves=False, policy="lru"
+):
     kw = {}
     if storage == "host_cached":
         kw = dict(
             cache_rows=int(rows * fraction),
-            cache_policy="lru",
+            cache_policy=policy,
             cache_overlap_moves=overlap_moves,
         )
     mesh = Mesh(np.array(jax.devices()[:1]), ("x",))
@@ -162,8 +164,10 @@ def warm_batches(args, rows, dist):
         yield jnp.asarray(keys.reshape(args.batch, args.slots, 1))
 
 
-def run_point(res, args, rows, storage, fraction, overlap, opt_name, batches, reference_losses):
-    emb = layer_for(args, rows, storage, fraction, overlap)
+def run_point(
+    res, args, rows, storage, fraction, overlap, policy, opt_name, batches, reference_losses
+):
+    emb = layer_for(args, rows, storage, fraction, overlap, policy)
     opt = make_optimizer(opt_name)
     state = emb.init(args.seed)
     opt_state = emb.init_optimizer(opt, state)
@@ -254,6 +258,12 @@ def main(argv=None) -> int:
     )
     p.add_argument("--h2d-gb", type=float, default=1.0)
     p.add_argument(
+        "--policies",
+        type=common.str_list,
+        default=["lru"],
+        help="cache_policy of the cached points (lru, lfu): each cached point timed with each",
+    )
+    p.add_argument(
         "--overlap-moves",
         nargs="?",
         const="on",
@@ -265,6 +275,8 @@ def main(argv=None) -> int:
     common.add_run_args(p, "tiny sizes (CPU smoke test)")
     args = p.parse_args(argv)
     common.check_dists(p, args.dists)
+    if set(args.policies) - {"lru", "lfu"}:
+        p.error(f"--policies: lru or lfu, got {args.policies}")
     if args.small:
         common.shrink_run_args(args)
         args.table_gb, args.batch, args.slots, args.dim = 2.0**-12, 16, 4, 8
@@ -299,21 +311,27 @@ def main(argv=None) -> int:
         ]
         for opt_name in args.optimizers:
             table_bytes = rows * args.dim * 4 * (1 + SLOTS[opt_name])
-            points = []  # (storage, cache fraction, cache_overlap_moves)
+            points = []  # (storage, cache fraction, cache_overlap_moves, cache_policy)
             if "hbm" in args.storages and table_bytes <= args.hbm_gb * common.GIB:
-                points.append(("hbm", None, False))
+                points.append(("hbm", None, False, None))
             if "host" in args.storages:
-                points.append(("host", None, False))
+                points.append(("host", None, False, None))
             if "host_cached" in args.storages:
                 overlaps = {"off": [False], "on": [True], "both": [False, True]}[args.overlap_moves]
-                points += [("host_cached", f, o) for f in args.fractions for o in overlaps]
+                points += [
+                    ("host_cached", f, o, pol)
+                    for f in args.fractions
+                    for o in overlaps
+                    for pol in args.policies
+                ]
             reference = None
             base_ms = None
-            for storage, fraction, overlap in points:
+            for storage, fraction, overlap, policy in points:
                 res = dict(dist=dist, optimizer=opt_name, storage=storage, fraction=fraction)
-                res["overlap_moves"] = overlap
+                res["overlap_moves"], res["policy"] = overlap, policy
                 label = storage if fraction is None else f"cached {fraction:g}"
                 label += " overlap" if overlap else ""
+                label += " lfu" if policy == "lfu" else ""
                 print(f"-- {dist} {opt_name} {label}", flush=True)
                 n_points += 1
                 ok = common.guarded(
@@ -325,6 +343,7 @@ def main(argv=None) -> int:
                     storage,
                     fraction,
                     overlap,
+                    policy,
                     opt_name,
                     batches,
                     reference,
