@@ -90,20 +90,8 @@ def main(argv=None) -> int:
             table, hash_part, _ = run(table, hash_part, *call, step)
         live = dataclasses.replace(live, table=jax.block_until_ready(table))
 
-    def interleaved():
-        """`whole` as it was before the transfers were all started up
-        front: each program call's inputs sent just before it."""
-        nonlocal live
-        table, hash_part = live.table, None
-        for call in deltas._device_calls(
-            rows, name, deltas._check_delta(rows, name, (keys, vectors))
-        ):
-            table, hash_part, _ = run(table, hash_part, *call, step)
-        live = dataclasses.replace(live, table=jax.block_until_ready(table))
-
     parts = [
         ("apply_delta in place (whole)", whole),
-        ("  the same, each call's inputs sent just before it", interleaved),
         ("host checks (_check_delta)", check),
         ("inputs to the device (_device_calls)", inputs),
         ("compiled update, inputs on the device", update),

@@ -36,8 +36,7 @@ Each table's update is one compiled program (cached on the model), called
 on blocks of at most CHUNK_ROWS keys per device, of power-of-two sizes
 (`_call_widths`: only the last call pads), so a server following training
 compiles a few sizes. The vectors go to the devices from the delta's own
-arrays (no host copy but the last call's padding), every block's transfer
-started before the first program call, and the call waits,
+arrays (no host copy but the last call's padding), and the call waits,
 once at the end, for a hash table's programs to say whether every key
 found a row. A delta that does not fit (a shard, or with eviction a
 bucket, full: the serving table has fewer rows than the training table,
@@ -360,23 +359,16 @@ def apply_delta(model, state, delta, *, donate: bool = False):
         name: (tables.unit(unit), _check_delta(tables.unit(unit).rows, name, given))
         for name, (unit, given) in per_table.items()
     }
-    # Every transfer is started before the first program runs: a program
-    # whose inputs are still in flight makes the host wait, so sending each
-    # call's inputs just before it would serialize the transfers with it.
-    sent = {
-        name: list(_device_calls(unit.rows, name, d))
-        for name, (unit, d) in checked.items()
-        if d.keys.size or d.evicted.size
-    }
     shards = _unit_shards(model, state)
-    for name, calls in sent.items():
-        unit, d = checked[name]
+    for name, (unit, d) in checked.items():
+        if not (d.keys.size or d.evicted.size):
+            continue
         rows = unit.rows
         run = _program(model, tables, unit, convert, fmt, donate)
         step = from_host(np.int32(d.step), NamedSharding(tables.mesh, P()))
         table, hash_part = shards[unit.name]
         failures = []
-        for inputs in calls:
+        for inputs in _device_calls(rows, name, d):
             table, hash_part, failed = run(table, hash_part, *inputs, step)
             failures.append(failed)
         if rows.hashed:  # a replicated table's devices each count the same keys
