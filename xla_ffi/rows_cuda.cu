@@ -2,6 +2,7 @@
 // (rows_checks.h) as rows_cpu.cc; the kernels are in rows_kernels.cuh.
 #include <cuda/std/cstdint>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -44,16 +45,17 @@ ffi::Error GatherImpl(cudaStream_t stream, ffi::AnyBuffer src, ffi::Buffer<ffi::
   return LastError("sok_rows_gather");
 }
 
-// The scatter's work (checked shape `s`) queued on `stream`.
+// The scatter's work (checked shape `s`) queued on `stream`, in at most
+// `max_blocks` blocks.
 void LaunchScatter(cudaStream_t stream, const RowsShape& s, const ffi::AnyBuffer& dst,
                    const ffi::Buffer<ffi::S32>& rows, const ffi::AnyBuffer& values,
-                   ffi::AnyBuffer& dst_out) {
+                   ffi::AnyBuffer& dst_out, int64_t max_blocks = 65536) {
   CopyIfDistinct(stream, dst.untyped_data(), dst_out.untyped_data(), dst.size_bytes());
   if (s.k == 0 || s.row_bytes == 0) return;
   WithWord(s.row_bytes, {dst_out.untyped_data(), values.untyped_data()}, [&](auto word) {
     using W = decltype(word);
-    rows_kernels::ScatterKernel<W><<<rows_kernels::RowsGrid(s.k), rows_kernels::kBlock, 0,
-                                     stream>>>(
+    rows_kernels::ScatterKernel<W><<<rows_kernels::RowsGrid(s.k, max_blocks),
+                                     rows_kernels::kBlock, 0, stream>>>(
         static_cast<W*>(dst_out.untyped_data()), s.table_rows, rows.typed_data(), s.k,
         s.row_bytes / static_cast<int64_t>(sizeof(W)),
         static_cast<const W*>(values.untyped_data()));
@@ -72,8 +74,20 @@ ffi::Error SideError(const char* what, cudaError_t e) {
   return Internal(std::string(what) + ": side stream: " + cudaGetErrorString(e));
 }
 
+// Blocks that fill half of the device's SMs' block slots (kBlock threads
+// each, at most 2048 threads an SM): a grid no larger is resident at once
+// and leaves the other half to the kernels queued on the XLA stream.
+int64_t HalfTheSlots() {
+  int device = 0, sms = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  return std::max<int64_t>(1, int64_t{sms} * (2048 / rows_kernels::kBlock) / 2);
+}
+
 // The scatter on the side stream: the XLA stream goes on (a load from the
-// same host store, say) while it writes; sok_rows_join waits for it.
+// same host store, say) while it writes; sok_rows_join waits for it. Its
+// grid takes half the block slots, so a kernel queued on the XLA stream
+// next runs beside it instead of after its last block.
 ffi::Error ScatterAsyncImpl(cudaStream_t stream, ffi::AnyBuffer dst,
                             ffi::Buffer<ffi::S32> rows, ffi::AnyBuffer values,
                             ffi::Result<ffi::AnyBuffer> dst_out) {
@@ -82,7 +96,7 @@ ffi::Error ScatterAsyncImpl(cudaStream_t stream, ffi::AnyBuffer dst,
   cudaStream_t side = nullptr;
   if (cudaError_t e = side_stream::Fork(stream, &side); e != cudaSuccess)
     return SideError("sok_rows_scatter_async", e);
-  LaunchScatter(side, s, dst, rows, values, *dst_out);
+  LaunchScatter(side, s, dst, rows, values, *dst_out, HalfTheSlots());
   if (cudaError_t e = side_stream::Forked(stream); e != cudaSuccess)
     return SideError("sok_rows_scatter_async", e);
   return LastError("sok_rows_scatter_async");

@@ -70,11 +70,12 @@ CopyKernel(W* __restrict__ dst, int64_t dst_table_rows, const int32_t* __restric
   }
 }
 
-// Blocks for k rows: one warp per row, capped (the warps stride over the rest).
-inline unsigned int RowsGrid(int64_t k) {
+// Blocks for k rows: one warp per row, at most `cap` blocks (the warps
+// stride over the rest).
+inline unsigned int RowsGrid(int64_t k, int64_t cap = 65536) {
   int64_t blocks = (k + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  if (blocks < 1) blocks = 1;
-  return static_cast<unsigned int>(blocks < 65536 ? blocks : 65536);
+  if (blocks > cap) blocks = cap;
+  return static_cast<unsigned int>(blocks < 1 ? 1 : blocks);
 }
 
 }  // namespace rows_kernels
