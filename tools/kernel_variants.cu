@@ -147,9 +147,10 @@ void DenseFillBench(double gib, int64_t m, std::mt19937_64& g, double copy_gbs) 
   const float t_memset = TimeUs([&] { cudaMemsetAsync(a, 0, bytes); });
   const float t_dense = TimeUs([&] {
     cudaMemsetAsync(b, 0, bytes);
-    sok::cuda::ReduceRuns<float, 4, float, true><<<(v * tpb + kBlock - 1) / kBlock, kBlock>>>(
+    using Sink = sok::cuda::DenseSink<float>;
+    sok::cuda::ReduceRuns<float, 4, Sink><<<(v * tpb + kBlock - 1) / kBlock, kBlock>>>(
         grad, dim, d_keys, d_counts, d_starts, d_nr, d_chunks, d_spos, d_bags, d_sc, v,
-        static_cast<uint32_t>(rows), tpb, nullptr, b, nullptr);
+        static_cast<uint32_t>(rows), tpb, Sink(b));
   });
   // Check: touched row keys[i] == 0.5 * grad[bags[i]]; an untouched row is 0.
   std::vector<float> hg(m * dim), row(dim);
