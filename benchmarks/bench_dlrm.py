@@ -3,7 +3,8 @@
 The model and step are examples/train_dlrm.py's `--model dcnv2 --preset
 mlperf-onehot` (examples/dlrm_model.py, examples/dlrm_presets.py): 26 tables with the Criteo 1TB
 cardinalities capped at 40M rows (204,184,588 rows x D 128, 104.5 GB in
-float32, row-wise Adagrad, in one `sok_jax.DistributedEmbedding`), the
+float32, row-wise Adagrad, in one `sok_jax.DistributedEmbedding`, or with
+`--embedding collection` in a `sok_jax.EmbeddingCollection`), the
 DCNv2 dense part in bfloat16 with float32 parameters (Adagrad), batch
 65536, the batch made inside the step by `sok_jax.data.SyntheticCriteo`.
 Measured on the first device, at `--scale` (1.0 = full size):
@@ -121,6 +122,14 @@ def parse_args(argv=None):
         "--min-sample-ms", type=float, default=20.0, help="steps back to back per sample (ms)"
     )
     p.add_argument("--table-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--embedding",
+        default="table",
+        choices=["table", "collection"],
+        help="the example's embedding side: one DistributedEmbedding with per-feature offsets "
+        "(multi-hot bags packed into lookup slots of one width) or an EmbeddingCollection "
+        "(a table per feature, each bag its feature's own width)",
+    )
     p.add_argument(
         "--baseline-scales",
         type=_float_list,
@@ -259,15 +268,15 @@ class SokModel:
         self.slot_row_bytes = dm.optimizer_slots(
             self.table_tx, 1, 128, jnp.dtype(self.table_dtype)
         )[0]
-        self.embed = dm.TableEmbedding(
-            self.features,
-            128,
-            mesh=mesh,
-            axis_name=AXIS,
-            optimizer=self.table_tx,
-            dtype=jnp.dtype(self.table_dtype),
-            capacity_factor=None,
-        )
+        side = dict(mesh=mesh, axis_name=AXIS, optimizer=self.table_tx, capacity_factor=None)
+        if args.embedding == "collection":
+            self.embed = dm.CollectionEmbedding(
+                self.features, 128, batch_size=args.batch, dtype=jnp.dtype(self.table_dtype), **side
+            )
+        else:
+            self.embed = dm.TableEmbedding(
+                self.features, 128, dtype=jnp.dtype(self.table_dtype), **side
+            )
         self.gen = data.SyntheticCriteo(self.features, args.batch, seed=args.seed)
         self.repl = NamedSharding(mesh, P())
         self.params = jax.device_put(params, self.repl)

@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("--scale", type=float, default=1.0, help="table size, 1.0 = MLPerf's full size")
     p.add_argument("--batch", type=int, default=65536)
     p.add_argument("--preset", default="mlperf", choices=["mlperf", "mlperf-onehot"])
+    p.add_argument("--embedding", default="table", choices=["table", "collection"])
     p.add_argument("--steps", type=int, default=5, help="steps timed and profiled")
     p.add_argument("--rows", type=int, default=30, help="ops listed per profile")
     p.add_argument("--whole", action="store_true", help="also the whole training step")
@@ -57,7 +58,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.small:
         args.scale, args.batch, args.steps = 1e-5, 256, 2
-    bench_args = bench_dlrm.parse_args(["--scale", str(args.scale), "--batch", str(args.batch)])
+    bench_args = bench_dlrm.parse_args(
+        ["--scale", str(args.scale), "--batch", str(args.batch), "--embedding", args.embedding]
+    )
     mesh = Mesh(np.array(jax.devices()[:1]), (bench_dlrm.AXIS,))
     preset = PRESETS[args.preset]
     model = bench_dlrm.SokModel(
@@ -65,7 +68,8 @@ def main(argv=None) -> int:
     )
     state, init_s = model.init_state(0)
     print(
-        f"{jax.devices()[0].device_kind}: preset {args.preset}, scale {args.scale:g} "
+        f"{jax.devices()[0].device_kind}: preset {args.preset}, {args.embedding} embedding, "
+        f"scale {args.scale:g} "
         f"({model.table_gb:.2f} GB of {model.table_dtype} tables), batch {args.batch}, "
         f"initialized in {init_s:.1f} s",
         flush=True,
