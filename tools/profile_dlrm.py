@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(_HERE, "..", "benchmarks"))
@@ -27,22 +26,6 @@ import numpy as np  # noqa: E402
 import xla_trace  # noqa: E402
 from dlrm_presets import PRESETS  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
-
-
-def trace(title: str, step, carry, steps: int, rows: int, compiled):
-    """Wall ms per step of `step(*carry) -> carry` dispatched back to back,
-    then XLA's profile of as many steps (the top `rows` ops, named from
-    `compiled`, the jitted program's executable). The steps donate: the
-    carry is consumed."""
-    carry = jax.block_until_ready(step(*carry))
-    start = time.perf_counter()
-    for _ in range(steps):
-        carry = step(*carry)
-    jax.block_until_ready(carry)
-    wall = 1e3 * (time.perf_counter() - start) / steps
-    print(f"{title}: {wall:.3f} ms per step (wall)", flush=True)
-    top = xla_trace.top_ops(step, carry, steps=steps, compiled=compiled)
-    xla_trace.print_top(top, rows, title)
 
 
 def main(argv=None) -> int:
@@ -87,7 +70,9 @@ def main(argv=None) -> int:
         return (emb_step(state, batch.sparse, d_pooled)[0],)
 
     compiled = emb_step.lower(state, batch.sparse, d_pooled).compile()
-    trace("embedding-only step", embedding, (state,), args.steps, args.rows, compiled)
+    xla_trace.wall_then_top(
+        embedding, (state,), args.steps, "embedding-only step", args.rows, compiled
+    )
     if args.whole:
         state, _ = model.init_state(0)  # the embedding steps consumed the last one
         whole = model.whole_step()
@@ -96,7 +81,7 @@ def main(argv=None) -> int:
             return whole(state, i)[0], i + 1
 
         compiled = whole.lower(state, 1).compile()
-        trace("whole step", step, (state, 1), args.steps, args.rows, compiled)
+        xla_trace.wall_then_top(step, (state, 1), args.steps, "whole step", args.rows, compiled)
     return 0
 
 

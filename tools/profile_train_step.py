@@ -26,7 +26,6 @@ import argparse
 import ctypes
 import os
 import sys
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
@@ -90,14 +89,8 @@ def _trace(step, state, opt_state, ids, w, steps: int, title: str) -> None:
         state, opt_state, _ = step(state, opt_state, ids, w)
         return state, opt_state
 
-    carry = jax.block_until_ready(run(state, opt_state))
-    start = time.perf_counter()
-    for _ in range(steps):
-        carry = run(*carry)
-    jax.block_until_ready(carry)
-    print(f"{title}: {1e3 * (time.perf_counter() - start) / steps:.3f} ms per step (wall)")
-    compiled = step.lower(*carry, ids, w).compile()
-    xla_trace.print_top(xla_trace.top_ops(run, carry, steps=steps, compiled=compiled), 40, title)
+    compiled = step.lower(state, opt_state, ids, w).compile()
+    xla_trace.wall_then_top(run, (state, opt_state), steps, title, 40, compiled)
 
 
 def main(argv=None):

@@ -18,6 +18,7 @@ import glob
 import os
 import re
 import tempfile
+import time
 from collections import defaultdict
 
 import jax
@@ -118,3 +119,17 @@ def print_top(rows: list[dict], limit: int = 30, title: str = "", scopes=()) -> 
         if len(r["parts"]) > 1 or r["ms"] > 0.2 * total:  # what ran inside: kernels, copies
             for name, ms in r["parts"][:4]:
                 print(f"      {ms:8.3f} ms  {name[:110]}")
+
+
+def wall_then_top(step_fn, args, steps: int, title: str, limit: int = 30, compiled=None) -> None:
+    """Prints the wall ms per step of `step_fn(*args) -> args` (`steps`
+    dispatched back to back, waited for once, after one warm step), then
+    `print_top` of XLA's profile of as many more steps. Steps that donate
+    consume `args`."""
+    args = jax.block_until_ready(step_fn(*args))
+    start = time.perf_counter()
+    for _ in range(steps):
+        args = step_fn(*args)
+    jax.block_until_ready(args)
+    print(f"{title}: {1e3 * (time.perf_counter() - start) / steps:.3f} ms per step (wall)")
+    print_top(top_ops(step_fn, args, steps=steps, compiled=compiled), limit, title)
