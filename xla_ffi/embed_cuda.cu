@@ -1,11 +1,11 @@
 // CUDA handlers of the embedding lookup+combine family. Same targets,
 // arguments and checks (embed_checks.h) as embed_cpu.cc. Each handler checks
 // its buffers, picks the kernel shape from D, the mean bag length and the
-// buffers' alignment, and launches embed_kernels.cuh on XLA's stream (the
-// fused update: with optim_kernels.cuh's UpdateSink), ending with one
-// LastError check; nothing is read back to the host. The backward targets
-// carve their sort keys, runs, cub temporaries and chunk partials out of the
-// workspace output (SortRuns).
+// buffers' alignment, and launches embed_kernels.cuh on XLA's stream, ending
+// with one LastError check; nothing is read back to the host. The backward
+// targets carve their sort keys, runs, cub temporaries and chunk partials out
+// of the workspace output (SortRuns); the fused update's kernels are
+// instantiated per table dtype apart (embed_update.cuh).
 #include <cub/cub.cuh>
 
 #include <algorithm>
@@ -14,97 +14,14 @@
 
 #include "common.h"
 #include "cuda_common.cuh"
+#include "embed_backward.cuh"
 #include "embed_checks.h"
 #include "embed_kernels.cuh"
-#include "optim_kernels.cuh"
 #include "signatures.h"
 
 namespace sok {
+namespace embed_cuda {
 namespace {
-
-constexpr int kBlock = 256;
-
-inline unsigned Blocks(int64_t threads) {
-  return static_cast<unsigned>((threads + kBlock - 1) / kBlock);
-}
-
-bool Aligned16(const void* p) {
-  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
-}
-
-ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer table, ffi::AnyBuffer ids,
-                   ffi::AnyBuffer offsets, ffi::AnyBuffer weights,
-                   ffi::Result<ffi::AnyBuffer> out, int32_t combiner,
-                   int64_t fixed_nnz) {
-  EmbedShape sh;
-  if (auto e = CheckFwd(table, ids, offsets, weights, *out, combiner,
-                        fixed_nnz, &sh);
-      e.failure())
-    return e;
-  const int64_t rows = sh.rows, dim = sh.dim, n = sh.n, m = sh.m;
-  if (m == 0 || dim == 0) return ffi::Error::Success();
-  const float* w = OptionalWeights(weights);
-  auto err = DispatchFloat(table.element_type(), "table", [&](auto tag) {
-    using T = typename DevType<decltype(tag)>::type;
-    return DispatchKey(ids.element_type(), "ids", [&](auto key) {
-      using K = decltype(key);
-      constexpr int kVec = 16 / sizeof(T);
-      const T* tp = table.reinterpret_data<T>();
-      T* op = out->reinterpret_data<T>();
-      const bool fast = dim % kVec == 0 && Aligned16(tp) && Aligned16(op);
-      const int64_t chunks = fast ? dim / kVec : dim;
-      constexpr int kCpl = cuda::CplFor(kVec);
-      constexpr int kCpl1 = cuda::CplFor(1);
-      if (fixed_nnz > 0) {
-        // Bags of one length: no offsets, no shuffles (EmbedFwdFixedKernel).
-        auto launch = [&](auto kernel, int cpl) {
-          const int tpb = cuda::ThreadsPerBag(chunks, cpl);
-          kernel<<<Blocks(m * tpb), kBlock, 0, stream>>>(
-              tp, rows, dim, ids.reinterpret_data<K>(), w, fixed_nnz, m,
-              combiner, tpb, op);
-        };
-        // Float rows: one id per bag, 2 chunks per lane at 8 blocks per SM
-        // (a plain gather); longer bags, 2 chunks x 4 ids per lane. 16-bit
-        // rows keep the register-safe shapes. The shapes are the fastest
-        // of benchmarks/kernel_variants.cu (RESULTS.md, fixed-length
-        // forward).
-        constexpr bool kF32 = kVec == 4;
-        constexpr int kCplOne = kF32 ? 2 : kCpl;
-        constexpr int kMinbOne = kF32 ? 8 : 4;
-        constexpr int kCplMany = kF32 ? 2 : 1;
-        const bool single = fixed_nnz == 1;
-        if (fast && single)
-          launch(cuda::EmbedFwdFixedKernel<T, K, kVec, kCplOne, 1, kMinbOne>, kCplOne);
-        else if (fast)
-          launch(cuda::EmbedFwdFixedKernel<T, K, kVec, kCplMany, 4>, kCplMany);
-        else if (single)
-          launch(cuda::EmbedFwdFixedKernel<T, K, 1, kCpl1, 1>, kCpl1);
-        else
-          launch(cuda::EmbedFwdFixedKernel<T, K, 1, 1, 4>, 1);
-        return ffi::Error::Success();
-      }
-      // Short bags (under 2 ids on average): the several-bags-per-warp shape.
-      const bool short_bags = n < 2 * m;
-      auto launch = [&](auto kernel, int cpl) {
-        const int tpb = cuda::ThreadsPerBag(chunks, cpl);
-        kernel<<<Blocks(m * tpb), kBlock, 0, stream>>>(
-            tp, rows, dim, ids.reinterpret_data<K>(),
-            offsets.typed_data<int32_t>(), w, n, m, combiner, tpb, op);
-      };
-      if (fast && short_bags)
-        launch(cuda::EmbedFwdKernel<T, K, kVec, kCpl, 1>, kCpl);
-      else if (fast)
-        launch(cuda::EmbedFwdKernel<T, K, kVec, 1, 4>, 1);
-      else if (short_bags)
-        launch(cuda::EmbedFwdKernel<T, K, 1, kCpl1, 1>, kCpl1);
-      else
-        launch(cuda::EmbedFwdKernel<T, K, 1, 1, 4>, 1);
-      return ffi::Error::Success();
-    });
-  });
-  if (err.failure()) return err;
-  return LastError("sok_embed_fwd");
-}
 
 int EndBit(int64_t sentinel) {
   int b = 1;
@@ -112,23 +29,7 @@ int EndBit(int64_t sentinel) {
   return b;
 }
 
-// The sorted runs of one backward call, carved out of the workspace: per
-// unique run its key, length, first sorted position and chunk count (long
-// runs), the sorted positions with their bag and scale, and the chunk
-// partials.
-struct Runs {
-  uint32_t* ukeys;
-  int32_t* counts;
-  int32_t* starts;
-  int32_t* num_runs;
-  int32_t* chunks;
-  int32_t* chunk_start;
-  int32_t* pos_out;
-  int32_t* bag_of;
-  float* scale_of;
-  float* partial;
-  int64_t max_chunks;
-};
+}  // namespace
 
 // Sort + run-length of the positions by row (steps 1 and 2 of the backward,
 // embed_kernels.cuh): every position outside the table sorts last under the
@@ -204,33 +105,89 @@ ffi::Error SortRuns(cudaStream_t stream, ffi::AnyBuffer ids,
   return ffi::Error::Success();
 }
 
-// Step 3 of the backward: the runs summed and handed to `sink`
-// (embed_kernels.cuh: the [N, D] row_grads, the dense cotangent, or an
-// optimizer applied in place).
-template <typename G, typename Sink>
-void ReduceAll(cudaStream_t stream, const G* gp, int64_t dim, int64_t n,
-               int64_t num_rows, const Runs& r, const Sink& sink) {
-  const uint32_t sentinel = static_cast<uint32_t>(num_rows);
-  auto launch = [&](auto vec) {
-    constexpr int V = decltype(vec)::value;
-    const int tpb = cuda::ThreadsPerBag(dim / V, cuda::kRunCpl);
-    cuda::ReduceRuns<G, V, Sink><<<cuda::RunsGrid(n, tpb, kBlock), kBlock, 0, stream>>>(
-        gp, dim, r.ukeys, r.counts, r.starts, r.num_runs, r.chunks, r.pos_out,
-        r.bag_of, r.scale_of, n, sentinel, tpb, sink);
-    cuda::ReduceChunks<G, V><<<Blocks(r.max_chunks * 32), kBlock, 0, stream>>>(
-        gp, dim, r.counts, r.starts, r.chunks, r.chunk_start, r.num_runs,
-        r.pos_out, r.bag_of, r.scale_of, r.max_chunks, r.partial);
-    cuda::ReducePartials<V, Sink><<<Blocks(n), kBlock, 0, stream>>>(
-        r.ukeys, r.chunks, r.chunk_start, r.num_runs, r.partial, dim, n, sink);
-  };
-  // 4-wide accesses: 16 bytes of float, 8 of 16-bit data.
-  const bool fast = dim % 4 == 0 && Aligned16(gp) && sink.Aligned() &&
-                    Aligned16(r.partial);
-  if (fast) {
-    launch(std::integral_constant<int, 4>{});
-  } else {
-    launch(std::integral_constant<int, 1>{});
-  }
+}  // namespace embed_cuda
+
+namespace {
+
+using embed_cuda::Aligned16;
+using embed_cuda::Blocks;
+using embed_cuda::kBlock;
+using embed_cuda::ReduceAll;
+using embed_cuda::Runs;
+using embed_cuda::SortRuns;
+
+ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer table, ffi::AnyBuffer ids,
+                   ffi::AnyBuffer offsets, ffi::AnyBuffer weights,
+                   ffi::Result<ffi::AnyBuffer> out, int32_t combiner,
+                   int64_t fixed_nnz) {
+  EmbedShape sh;
+  if (auto e = CheckFwd(table, ids, offsets, weights, *out, combiner,
+                        fixed_nnz, &sh);
+      e.failure())
+    return e;
+  const int64_t rows = sh.rows, dim = sh.dim, n = sh.n, m = sh.m;
+  if (m == 0 || dim == 0) return ffi::Error::Success();
+  const float* w = OptionalWeights(weights);
+  auto err = DispatchFloat(table.element_type(), "table", [&](auto tag) {
+    using T = typename DevType<decltype(tag)>::type;
+    return DispatchKey(ids.element_type(), "ids", [&](auto key) {
+      using K = decltype(key);
+      constexpr int kVec = 16 / sizeof(T);
+      const T* tp = table.reinterpret_data<T>();
+      T* op = out->reinterpret_data<T>();
+      const bool fast = dim % kVec == 0 && Aligned16(tp) && Aligned16(op);
+      const int64_t chunks = fast ? dim / kVec : dim;
+      constexpr int kCpl = cuda::CplFor(kVec);
+      constexpr int kCpl1 = cuda::CplFor(1);
+      if (fixed_nnz > 0) {
+        // Bags of one length: no offsets, no shuffles (EmbedFwdFixedKernel).
+        auto launch = [&](auto kernel, int cpl) {
+          const int tpb = cuda::ThreadsPerBag(chunks, cpl);
+          kernel<<<Blocks(m * tpb), kBlock, 0, stream>>>(
+              tp, rows, dim, ids.reinterpret_data<K>(), w, fixed_nnz, m,
+              combiner, tpb, op);
+        };
+        // Float rows: one id per bag, 2 chunks per lane at 8 blocks per SM
+        // (a plain gather); longer bags, 2 chunks x 4 ids per lane. 16-bit
+        // rows keep the register-safe shapes. The shapes are the fastest
+        // of benchmarks/kernel_variants.cu (RESULTS.md, fixed-length
+        // forward).
+        constexpr bool kF32 = kVec == 4;
+        constexpr int kCplOne = kF32 ? 2 : kCpl;
+        constexpr int kMinbOne = kF32 ? 8 : 4;
+        constexpr int kCplMany = kF32 ? 2 : 1;
+        const bool single = fixed_nnz == 1;
+        if (fast && single)
+          launch(cuda::EmbedFwdFixedKernel<T, K, kVec, kCplOne, 1, kMinbOne>, kCplOne);
+        else if (fast)
+          launch(cuda::EmbedFwdFixedKernel<T, K, kVec, kCplMany, 4>, kCplMany);
+        else if (single)
+          launch(cuda::EmbedFwdFixedKernel<T, K, 1, kCpl1, 1>, kCpl1);
+        else
+          launch(cuda::EmbedFwdFixedKernel<T, K, 1, 1, 4>, 1);
+        return ffi::Error::Success();
+      }
+      // Short bags (under 2 ids on average): the several-bags-per-warp shape.
+      const bool short_bags = n < 2 * m;
+      auto launch = [&](auto kernel, int cpl) {
+        const int tpb = cuda::ThreadsPerBag(chunks, cpl);
+        kernel<<<Blocks(m * tpb), kBlock, 0, stream>>>(
+            tp, rows, dim, ids.reinterpret_data<K>(),
+            offsets.typed_data<int32_t>(), w, n, m, combiner, tpb, op);
+      };
+      if (fast && short_bags)
+        launch(cuda::EmbedFwdKernel<T, K, kVec, kCpl, 1>, kCpl);
+      else if (fast)
+        launch(cuda::EmbedFwdKernel<T, K, kVec, 1, 4>, 1);
+      else if (short_bags)
+        launch(cuda::EmbedFwdKernel<T, K, 1, kCpl1, 1>, kCpl1);
+      else
+        launch(cuda::EmbedFwdKernel<T, K, 1, 1, 4>, 1);
+      return ffi::Error::Success();
+    });
+  });
+  if (err.failure()) return err;
+  return LastError("sok_embed_fwd");
 }
 
 ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer grad, ffi::AnyBuffer ids,
@@ -301,10 +258,8 @@ ffi::Error BwdDenseImpl(cudaStream_t stream, ffi::AnyBuffer grad,
   return LastError("sok_embed_bwd_dense");
 }
 
-// The backward fused with the optimizer: sort + run-length as BwdImpl, then
-// each run's sum goes straight into the rule on its table row (UpdateSink;
-// RowwiseUpdateSink for row-wise Adagrad, which needs the whole row's sum
-// first). Outputs alias the table and slots; copied first should they not.
+// The backward fused with an optimizer: checked here, run by the
+// instantiation for the table's dtype (embed_update.cuh).
 ffi::Error BwdUpdateImpl(cudaStream_t stream, ffi::AnyBuffer table,
                          ffi::AnyBuffer s0, ffi::AnyBuffer s1,
                          ffi::AnyBuffer grad, ffi::AnyBuffer ids,
@@ -321,39 +276,13 @@ ffi::Error BwdUpdateImpl(cudaStream_t stream, ffi::AnyBuffer table,
                               combiner, &sh);
       e.failure())
     return e;
-  const int64_t rows = sh.rows, dim = sh.dim, n = sh.n, m = sh.m;
-  const float* w = OptionalWeights(weights);
-  auto result = WithUpdateRule<DevType>(
-      rule_id, consts, stochastic_rounding, hparams, table, table_out, s0, s1,
-      s0_out, s1_out, rows, dim, StreamCopy{stream},
-      [&](auto rule, auto rounding, auto slot) -> ffi::Error {
-    using Rule = decltype(rule);
-    using Rounding = decltype(rounding);
-    using S = std::remove_pointer_t<std::decay_t<decltype(slot[0])>>;
-    if (n == 0 || dim == 0) return ffi::Error::Success();
-    Runs r;
-    if (auto e = SortRuns(stream, ids, offsets, w, n, m, dim, rows, combiner,
-                          *workspace, &r);
-        e.failure())
-      return e;
-    return DispatchFloat(table.element_type(), "table", [&](auto tag) {
-      using T = typename DevType<decltype(tag)>::type;
-      auto reduce = [&](const auto& sink) {
-        if (sh.grad_f32)  // e.g. the exchanged float32 sums of a 16-bit table
-          ReduceAll(stream, grad.typed_data<float>(), dim, n, rows, r, sink);
-        else
-          ReduceAll(stream, grad.reinterpret_data<T>(), dim, n, rows, r, sink);
-      };
-      T* tp = table_out->reinterpret_data<T>();
-      const float* hp = hparams.typed_data();
-      if constexpr (Rule::kPerRow)
-        reduce(optim::RowwiseUpdateSink<T, S, Rounding>{rule, rounding, hp, tp,
-                                                     slot[0]});
-      else
-        reduce(optim::UpdateSink<T, S, Rule, Rounding>{rule, rounding, hp, tp,
-                                                    slot[0], slot[1]});
-      return ffi::Error::Success();
-    });
+  embed_cuda::BwdUpdateCall call{
+      stream,    table,     s0,       s1,       grad,        ids,
+      offsets,   weights,   hparams,  table_out, s0_out,     s1_out,
+      workspace, combiner,  rule_id,  consts,   stochastic_rounding,
+      sh.rows,   sh.dim,    sh.n,     sh.m,     sh.grad_f32};
+  auto result = DispatchFloat(table.element_type(), "table", [&](auto tag) {
+    return embed_cuda::BwdUpdateFor<typename DevType<decltype(tag)>::type>(call);
   });
   if (result.failure()) return result;
   return LastError("sok_embed_bwd_update");

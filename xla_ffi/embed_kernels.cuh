@@ -1,5 +1,7 @@
 // CUDA kernels of the embedding lookup+combine family. No XLA, no nanobind:
-// embed_cuda.cu validates buffers and launches these.
+// embed_cuda.cu and embed_update.cuh validate buffers and launch these.
+// Several translation units include this file: a kernel that is not a
+// template is static.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -222,8 +224,8 @@ __global__ void __launch_bounds__(256, MINB)
 // padding / invalid / unowned positions, which sorts last), its bag and its
 // scale w_j * f(bag). A warp per bag; positions outside every bag keep the
 // sentinel written by PrepFill.
-__global__ void PrepFill(uint32_t* keys, int32_t* pos, int64_t n,
-                         uint32_t sentinel) {
+static __global__ void PrepFill(uint32_t* keys, int32_t* pos, int64_t n,
+                                uint32_t sentinel) {
   const int64_t j = GroupIndex(1);
   if (j < n) {
     keys[j] = sentinel;
@@ -270,10 +272,10 @@ constexpr int kChunk = 128;
 // Per unique run u: number of chunks (0 = short run summed directly, and
 // always 0 for the sentinel run of skipped positions, whose bag and scale
 // were never written).
-__global__ void ChunkCounts(const uint32_t* __restrict__ ukeys,
-                            const int32_t* __restrict__ counts,
-                            const int32_t* __restrict__ num_runs, int64_t n,
-                            uint32_t sentinel, int32_t* chunks) {
+static __global__ void ChunkCounts(const uint32_t* __restrict__ ukeys,
+                                   const int32_t* __restrict__ counts,
+                                   const int32_t* __restrict__ num_runs, int64_t n,
+                                   uint32_t sentinel, int32_t* chunks) {
   const int64_t u = GroupIndex(1);
   if (u >= n) return;
   int32_t c = 0;
