@@ -11,6 +11,7 @@
 
 #include "common.h"
 #include "cuda_common.cuh"
+#include "embed_checks.h"
 #include "embed_kernels.cuh"
 
 namespace sok {
@@ -91,8 +92,7 @@ struct BwdUpdateCall {
   int32_t combiner, rule_id;
   ffi::Span<const float> consts;
   int32_t stochastic_rounding;
-  int64_t rows, dim, n, m;
-  bool grad_f32;  // grad is float32 whatever the table's dtype
+  EmbedShape shape;  // as CheckBwdUpdate found it
 };
 
 // The fused backward+update of a table of device type T (float,

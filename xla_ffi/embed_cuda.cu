@@ -277,10 +277,9 @@ ffi::Error BwdUpdateImpl(cudaStream_t stream, ffi::AnyBuffer table,
       e.failure())
     return e;
   embed_cuda::BwdUpdateCall call{
-      stream,    table,     s0,       s1,       grad,        ids,
-      offsets,   weights,   hparams,  table_out, s0_out,     s1_out,
-      workspace, combiner,  rule_id,  consts,   stochastic_rounding,
-      sh.rows,   sh.dim,    sh.n,     sh.m,     sh.grad_f32};
+      stream,    table,    s0,      s1,     grad,      ids,
+      offsets,   weights,  hparams, table_out, s0_out, s1_out,
+      workspace, combiner, rule_id, consts, stochastic_rounding, sh};
   auto result = DispatchFloat(table.element_type(), "table", [&](auto tag) {
     return embed_cuda::BwdUpdateFor<typename DevType<decltype(tag)>::type>(call);
   });

@@ -19,7 +19,7 @@ namespace embed_cuda {
 
 template <typename T>
 ffi::Error BwdUpdateFor(BwdUpdateCall& c) {
-  const int64_t rows = c.rows, dim = c.dim, n = c.n, m = c.m;
+  const int64_t rows = c.shape.rows, dim = c.shape.dim, n = c.shape.n, m = c.shape.m;
   const float* w = OptionalWeights(c.weights);
   return WithUpdateRule<DevType>(
       c.rule_id, c.consts, c.stochastic_rounding, c.hparams, c.table,
@@ -36,7 +36,7 @@ ffi::Error BwdUpdateFor(BwdUpdateCall& c) {
             e.failure())
           return e;
         auto reduce = [&](const auto& sink) {
-          if (c.grad_f32)  // e.g. the exchanged float32 sums of a 16-bit table
+          if (c.shape.grad_f32)  // e.g. the exchanged float32 sums of a 16-bit table
             ReduceAll(c.stream, c.grad.typed_data<float>(), dim, n, rows, r, sink);
           else
             ReduceAll(c.stream, c.grad.reinterpret_data<T>(), dim, n, rows, r, sink);
