@@ -79,6 +79,13 @@ ffi::Error CopyImpl(ffi::AnyBuffer dst, ffi::Buffer<ffi::S32> dst_rows, ffi::Any
   return ffi::Error::Success();
 }
 
+// Complete on return, as every CPU move.
+ffi::Error CopyAsyncImpl(ffi::AnyBuffer dst, ffi::Buffer<ffi::S32> dst_rows, ffi::AnyBuffer src,
+                         ffi::Buffer<ffi::S32> src_rows, ffi::Buffer<ffi::S32> count,
+                         ffi::Result<ffi::AnyBuffer> dst_out) {
+  return CopyImpl(dst, dst_rows, src, src_rows, count, dst_out);
+}
+
 }  // namespace
 
 SOK_ROWS_TARGETS(SOK_CPU_HANDLER)

@@ -111,23 +111,78 @@ ffi::Error JoinImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::RemainingArgs,
   return LastError("sok_rows_join");
 }
 
+// The copy's kernel (checked shape `s`) queued on `stream`, in at most
+// `max_blocks` blocks, reading the row lists and count at the pointers given.
+void LaunchCopy(cudaStream_t stream, const CopyShape& s, void* dst_out, const int32_t* dst_rows,
+                const void* src, const int32_t* src_rows, const int32_t* count,
+                int64_t max_blocks = 65536) {
+  WithWord(s.dst.row_bytes, {dst_out, src}, [&](auto word) {
+    using W = decltype(word);
+    rows_kernels::CopyKernel<W><<<rows_kernels::RowsGrid(s.dst.k, max_blocks),
+                                  rows_kernels::kBlock, 0, stream>>>(
+        static_cast<W*>(dst_out), s.dst.table_rows, dst_rows, static_cast<const W*>(src),
+        s.src_rows, src_rows, count, s.dst.k, s.dst.row_bytes / static_cast<int64_t>(sizeof(W)));
+  });
+}
+
+// A copy's checks, and dst's contents in dst_out where XLA gave it a buffer
+// of its own; `*rows` tells whether any row is to be copied.
+ffi::Error StartCopy(cudaStream_t stream, const ffi::AnyBuffer& dst,
+                     const ffi::Buffer<ffi::S32>& dst_rows, const ffi::AnyBuffer& src,
+                     const ffi::Buffer<ffi::S32>& src_rows, const ffi::Buffer<ffi::S32>& count,
+                     ffi::AnyBuffer& dst_out, CopyShape* s, bool* rows) {
+  if (auto e = CheckCopy(dst, dst_rows, src, src_rows, count, dst_out, s); e.failure()) return e;
+  CopyIfDistinct(stream, dst.untyped_data(), dst_out.untyped_data(), dst.size_bytes());
+  *rows = s->dst.k > 0 && s->dst.row_bytes > 0;
+  return ffi::Error::Success();
+}
+
 ffi::Error CopyImpl(cudaStream_t stream, ffi::AnyBuffer dst, ffi::Buffer<ffi::S32> dst_rows,
                     ffi::AnyBuffer src, ffi::Buffer<ffi::S32> src_rows,
                     ffi::Buffer<ffi::S32> count, ffi::Result<ffi::AnyBuffer> dst_out) {
   CopyShape s;
-  if (auto e = CheckCopy(dst, dst_rows, src, src_rows, count, *dst_out, &s); e.failure())
-    return e;
-  CopyIfDistinct(stream, dst.untyped_data(), dst_out->untyped_data(), dst.size_bytes());
-  if (s.dst.k == 0 || s.dst.row_bytes == 0) return LastError("sok_rows_copy");
-  WithWord(s.dst.row_bytes, {dst_out->untyped_data(), src.untyped_data()}, [&](auto word) {
-    using W = decltype(word);
-    rows_kernels::CopyKernel<W><<<rows_kernels::RowsGrid(s.dst.k), rows_kernels::kBlock, 0,
-                                  stream>>>(
-        static_cast<W*>(dst_out->untyped_data()), s.dst.table_rows, dst_rows.typed_data(),
-        static_cast<const W*>(src.untyped_data()), s.src_rows, src_rows.typed_data(),
-        count.typed_data(), s.dst.k, s.dst.row_bytes / static_cast<int64_t>(sizeof(W)));
-  });
+  bool rows = false;
+  if (auto e = StartCopy(stream, dst, dst_rows, src, src_rows, count, *dst_out, &s, &rows);
+      e.failure() || !rows)
+    return e.failure() ? e : LastError("sok_rows_copy");
+  LaunchCopy(stream, s, dst_out->untyped_data(), dst_rows.typed_data(), src.untyped_data(),
+             src_rows.typed_data(), count.typed_data());
   return LastError("sok_rows_copy");
+}
+
+// The copy on the side stream (sok_rows_join waits for it), in half the
+// block slots so that the XLA stream's kernels run beside it. XLA may reuse
+// the row lists' and count's buffers once the call returns, so the kernel
+// reads copies of them: made on the XLA stream (ordered after their
+// producers), freed on the side stream after the kernel.
+ffi::Error CopyAsyncImpl(cudaStream_t stream, ffi::AnyBuffer dst, ffi::Buffer<ffi::S32> dst_rows,
+                         ffi::AnyBuffer src, ffi::Buffer<ffi::S32> src_rows,
+                         ffi::Buffer<ffi::S32> count, ffi::Result<ffi::AnyBuffer> dst_out) {
+  CopyShape s;
+  bool rows = false;
+  if (auto e = StartCopy(stream, dst, dst_rows, src, src_rows, count, *dst_out, &s, &rows);
+      e.failure() || !rows)
+    return e.failure() ? e : LastError("sok_rows_copy_async");
+  const size_t list = static_cast<size_t>(s.dst.k) * sizeof(int32_t);
+  int32_t* own = nullptr;  // dst_rows [k], src_rows [k], count [1]
+  if (cudaError_t e = cudaMallocAsync(reinterpret_cast<void**>(&own), 2 * list + sizeof(int32_t),
+                                      stream);
+      e != cudaSuccess)
+    return SideError("sok_rows_copy_async", e);
+  cudaMemcpyAsync(own, dst_rows.typed_data(), list, cudaMemcpyDeviceToDevice, stream);
+  cudaMemcpyAsync(own + s.dst.k, src_rows.typed_data(), list, cudaMemcpyDeviceToDevice, stream);
+  cudaMemcpyAsync(own + 2 * s.dst.k, count.typed_data(), sizeof(int32_t),
+                  cudaMemcpyDeviceToDevice, stream);
+  cudaStream_t side = nullptr;
+  if (cudaError_t e = side_stream::Fork(stream, &side); e != cudaSuccess)
+    return SideError("sok_rows_copy_async", e);
+  LaunchCopy(side, s, dst_out->untyped_data(), own, src.untyped_data(), own + s.dst.k,
+             own + 2 * s.dst.k, HalfTheSlots());
+  if (cudaError_t e = cudaFreeAsync(own, side); e != cudaSuccess)
+    return SideError("sok_rows_copy_async", e);
+  if (cudaError_t e = side_stream::Forked(stream); e != cudaSuccess)
+    return SideError("sok_rows_copy_async", e);
+  return LastError("sok_rows_copy_async");
 }
 
 }  // namespace

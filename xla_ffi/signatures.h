@@ -259,12 +259,17 @@ auto RowsJoin(B b) {
 // sok_rows_scatter_async: sok_rows_scatter, which on a GPU may still be
 // writing dst_out after the call returns: dst_out is complete, and rows and
 // values may be freed, only after a later sok_rows_join (CPU: at once).
+// sok_rows_copy_async: sok_rows_copy, which on a GPU may still be writing
+// dst_out after the call returns (complete after a later sok_rows_join); it
+// reads its own copies of the row lists and count, so those may be freed at
+// once, but src must not be written before the join.
 #define SOK_ROWS_TARGETS(X)                                                     \
   X("sok_rows_gather", SokRowsGather, GatherImpl, RowsGather)                  \
   X("sok_rows_scatter", SokRowsScatter, ScatterImpl, RowsScatter)              \
   X("sok_rows_scatter_async", SokRowsScatterAsync, ScatterAsyncImpl, RowsScatter) \
   X("sok_rows_join", SokRowsJoin, JoinImpl, RowsJoin)                          \
-  X("sok_rows_copy", SokRowsCopy, CopyImpl, RowsCopy)
+  X("sok_rows_copy", SokRowsCopy, CopyImpl, RowsCopy)                          \
+  X("sok_rows_copy_async", SokRowsCopyAsync, CopyAsyncImpl, RowsCopy)
 
 // ----------------------------------------------------------------- quant
 // The lookup of a read-only int8 table (quant_math.h: q uint8 [R, D] and a

@@ -20,6 +20,7 @@ from sok_jax.ops.optim_ops import (
 from sok_jax.ops.quant_ops import lookup_combine_int8
 from sok_jax.ops.rows_ops import (
     copy_rows,
+    copy_rows_async,
     gather_rows,
     join_rows,
     scatter_rows,
@@ -46,6 +47,7 @@ __all__ = [
     "scatter_rows_async",
     "join_rows",
     "copy_rows",
+    "copy_rows_async",
 ]
 # The op names every implementation has (`sok_jax.ops.reference` too).
 OPS = tuple(__all__)

@@ -591,3 +591,9 @@ def copy_rows(dst, dst_rows, src, src_rows, count=None):
     ok &= (src_rows >= 0) & (src_rows < src.shape[0])
     values = jnp.take(src, jnp.where(ok, src_rows, 0), axis=0)
     return dst.at[jnp.where(ok, dst_rows, dst.shape[0])].set(values, mode="drop")
+
+
+def copy_rows_async(dst, dst_rows, src, src_rows, count=None):
+    """`rows_ops.copy_rows_async`: `copy_rows` (plain JAX has no pending
+    work)."""
+    return copy_rows(dst, dst_rows, src, src_rows, count)

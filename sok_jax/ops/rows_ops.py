@@ -29,6 +29,12 @@ the host pointer and the kernel reads or writes the rows over the host link
   rows, and `keep` must hold `rows` and `values` (they stay alive until
   the join) and the outputs of the ops meant to run beside the scatter
   (the join comes after them). On the CPU the scatter is complete at once.
+* `copy_rows_async(dst, dst_rows, src, src_rows, count=None)`: `copy_rows`,
+  which on a GPU runs on that side stream until a later `join_rows`. It
+  reads its own copies of the row lists and count, so nothing need be kept
+  alive; but until the join nothing may read the rows it writes, nor write
+  the rows it reads. (What brings a prefetched batch's rows into a cache
+  while the step goes on.)
 
 `sok_jax.ops.reference` has them all under the same names in plain JAX.
 """
@@ -40,7 +46,14 @@ import jax.numpy as jnp
 
 from sok_jax import _native  # noqa: F401  (registers the targets)
 
-__all__ = ["gather_rows", "scatter_rows", "scatter_rows_async", "join_rows", "copy_rows"]
+__all__ = [
+    "gather_rows",
+    "scatter_rows",
+    "scatter_rows_async",
+    "join_rows",
+    "copy_rows",
+    "copy_rows_async",
+]
 
 
 def _check_table(table, what):
@@ -105,6 +118,18 @@ def copy_rows(dst: jax.Array, dst_rows: jax.Array, src: jax.Array, src_rows: jax
     """`dst` with dst[dst_rows[i]] = src[src_rows[i]] for i < `count` (all
     pairs when None) wherever both indices name a row (the dst rows in
     range distinct), in place."""
+    return _copy("sok_rows_copy", dst, dst_rows, src, src_rows, count)
+
+
+def copy_rows_async(
+    dst: jax.Array, dst_rows: jax.Array, src: jax.Array, src_rows: jax.Array, count=None
+):
+    """`copy_rows`, finished only at a later `join_rows` (see the module
+    docstring)."""
+    return _copy("sok_rows_copy_async", dst, dst_rows, src, src_rows, count)
+
+
+def _copy(target, dst, dst_rows, src, src_rows, count):
     _check_table(dst, "dst")
     _check_table(src, "src")
     _check_rows(dst_rows)
@@ -119,7 +144,7 @@ def copy_rows(dst: jax.Array, dst_rows: jax.Array, src: jax.Array, src_rows: jax
             f"src_rows and dst_rows must have one length, got {src_rows.shape} and "
             f"{dst_rows.shape}"
         )
-    return _in_place("sok_rows_copy", dst, dst_rows, src, src_rows, _count(count, dst_rows))
+    return _in_place(target, dst, dst_rows, src, src_rows, _count(count, dst_rows))
 
 
 def _count(count, rows) -> jax.Array:
