@@ -30,10 +30,10 @@ OPTIMIZERS = {
 }
 
 
-def layer(n, hashed, implementation="ffi", combiner="sum", **kw):
+def layer(n, hashed, implementation="ffi", combiner="sum", rows=ROWS, **kw):
     return sok_jax.DistributedEmbedding(
         combiner=combiner,
-        max_vocabulary_size_per_gpu=ROWS,
+        max_vocabulary_size_per_gpu=rows,
         embedding_vec_size=D,
         slot_num=SLOTS,
         max_nnz=NNZ,
@@ -52,11 +52,11 @@ def per_device(n):
     return 2 if n == 1 else 1
 
 
-def batch(rng, n, hashed, size=None):
+def batch(rng, n, hashed, size=None, rows=ROWS):
     """ids [B, SLOTS, NNZ] (`per_device` samples each) with padding, and a
-    cotangent."""
+    cotangent; keys of a table of `rows` rows per device."""
     b = per_device(n) * n if size is None else size
-    high = 3 * ROWS * n if hashed else ROWS * n
+    high = 3 * rows * n if hashed else rows * n
     ids = rng.integers(0, high, (b, SLOTS, NNZ)).astype(np.int32)
     ids[rng.random(ids.shape) < 0.2] = -1
     return ids, rng.normal(size=(b, SLOTS, D)).astype(np.float32)
@@ -109,10 +109,18 @@ def test_row_movers_match_reference(dtype, shape):
     np.testing.assert_array_equal(np.asarray(reference.scatter_rows(table, rows, values)), expect)
 
 
+def _copy_then_join(impl):
+    def run(dst, dst_rows, src, src_rows, count):
+        return impl.join_rows(impl.copy_rows_async(dst, dst_rows, src, src_rows, count))
+
+    return run
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_copy_rows_matches_numpy(dtype):
     """All pairs, and with a traced `count` only the leading pairs (none,
-    some, more than the list: clamped)."""
+    some, more than the list: clamped); `copy_rows_async` then `join_rows`
+    the same."""
     rng = np.random.default_rng()
     dst = jnp.asarray(rng.normal(size=(30, 5)), dtype)
     src = jnp.asarray(rng.normal(size=(20, 5)), dtype)
@@ -125,8 +133,9 @@ def test_copy_rows_matches_numpy(dtype):
             if 0 <= d < 30 and 0 <= r < 20:
                 expect[d] = np.asarray(src)[r]
         for impl in (ffi, reference):
-            got = jax.jit(impl.copy_rows)(dst, dst_rows, src, src_rows, count)
-            np.testing.assert_array_equal(np.asarray(got), expect, err_msg=f"count {count}")
+            for copy in (impl.copy_rows, _copy_then_join(impl)):
+                got = jax.jit(copy)(dst, dst_rows, src, src_rows, count)
+                np.testing.assert_array_equal(np.asarray(got), expect, err_msg=f"count {count}")
 
 
 def test_by_host_row_orders_the_pairs_by_row_and_keeps_them():
@@ -496,6 +505,87 @@ def test_lookups_without_updates_then_an_update_train_as_in_hbm():
     assert int(np.sum(got.stats.stale)) == 0
     assert int(np.sum(got.stats.cache_evictions)) > 0
     assert_same_export(ref, emb_ref, got, emb_got, opt_ref, opt_got)
+
+
+# ------------------------------------------------------------ prefetch
+
+
+def cached_rows_of(emb, state, keys) -> np.ndarray:
+    """Direct mode: whether each key's row is in its owner's cache (key k:
+    device k % n, local row k // n)."""
+    n, c = emb.num_devices, emb.storage.cache_rows
+    tags = np.asarray(state.table.tags).reshape(n, c)
+    return np.array([k // n in set(tags[k % n].tolist()) for k in keys])
+
+
+@pytest.mark.parametrize(
+    "n,hashed,opt_name,policy",
+    [(1, False, "sgd", "lru"), (1, True, "adagrad", "lfu"), (8, False, "adagrad", "lru"),
+     (8, True, "rowwise_adagrad", "lfu")],
+)
+def test_prefetching_steps_train_as_the_hbm_table(n, hashed, opt_name, policy):
+    """Every step's lookup prefetches the next batch into a cache of far
+    fewer rows than the table (rows leave it every step); an evaluation
+    lookup between two steps leaves a prefetch unused. Outputs, vectors and
+    optimizer slots equal the HBM table's bit for bit, nothing is stale,
+    and in direct mode each prefetched batch's rows are in the cache when
+    its step begins."""
+    require_devices(n)
+    rng = np.random.default_rng()
+    rows = 4 * ROWS
+    cache_rows = 2 * per_device(n) * SLOTS * NNZ * n  # this batch's positions and the next's
+    hbm = layer(n, hashed, rows=rows)
+    cached = layer(n, hashed, rows=rows, storage="host_cached", cache_rows=cache_rows,
+                   cache_policy=policy)
+    opt = OPTIMIZERS[opt_name]()
+    s_ref, s = hbm.init(3), cached.init(3)
+    o_ref, o = hbm.init_optimizer(opt, s_ref), cached.init_optimizer(opt, s)
+    step_ref = sparse_step(hbm, opt)
+
+    @jax.jit
+    def step(state, opt_state, ids, g, upcoming):
+        out, ctx, state = cached.lookup(state, ids, prefetch=upcoming)
+        state, opt_state = cached.sparse_update(state, opt, opt_state, ctx, g)
+        return out, state, opt_state
+
+    apply = jax.jit(hbm.apply, static_argnames="training")
+    apply_cached = jax.jit(cached.apply, static_argnames="training")
+    batches = []
+    for _ in range(7):  # on 8 devices, keys of devices 0 and 1 only, so that their caches fill
+        ids, g = batch(rng, n, hashed, rows=rows)
+        batches.append((np.where(ids >= 0, ids - ids % n + ids % 2, ids) if n > 1 else ids, g))
+    for i in range(6):
+        ids, g = batches[i]
+        if not hashed and i > 0 and i != 4:  # the prefetch of step i - 1 is all there
+            keys = ids[ids >= 0]
+            assert cached_rows_of(cached, s, keys).all(), f"step {i}"
+        want, s_ref, o_ref = step_ref(s_ref, o_ref, ids, g)
+        got, s, o = step(s, o, ids, g, batches[i + 1][0])
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=f"step {i}")
+        if i == 3:  # an evaluation lookup between a prefetch and its batch
+            other, _ = batch(rng, n, hashed, rows=rows)
+            want, s_ref = apply(s_ref, other, training=False)
+            got, s = apply_cached(s, other, training=False)
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert int(np.sum(s.stats.stale)) == 0
+    assert int(np.sum(s.stats.cache_evictions)) > 0, "the cache never evicted"
+    assert_same_export(s_ref, hbm, s, cached, o_ref, o)
+
+
+def test_prefetch_is_refused_where_it_cannot_work():
+    rng = np.random.default_rng()
+    ids, _ = batch(rng, 1, False)
+    hbm = layer(1, False)
+    with pytest.raises(ValueError, match='prefetch is for storage="host_cached"'):
+        hbm.lookup(hbm.init(0), ids, prefetch=ids)
+    positions = per_device(1) * SLOTS * NNZ
+    small = layer(1, False, storage="host_cached", cache_rows=positions)  # one batch only
+    state = small.init(0)
+    with pytest.raises(ValueError, match="smaller than the .* a prefetch must place"):
+        small.lookup(state, ids, prefetch=ids)
+    big = layer(1, False, storage="host_cached", cache_rows=2 * positions)
+    with pytest.raises(ValueError, match="prefetch must be the next batch, shaped as this one"):
+        big.lookup(big.init(0), ids, prefetch=np.concatenate([ids, ids]))
 
 
 # ------------------------------------------------------------ refusals

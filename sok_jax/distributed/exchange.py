@@ -493,12 +493,16 @@ def unseen_tables(units) -> list:
     return [t for u in units for t in member_tables(u)]
 
 
-def forward(units, shards, seed, bags, capacities, local, implementation, training, sparse):
+def forward(
+    units, shards, seed, bags, capacities, local, implementation, training, sparse, prefetch=None
+):
     """Steps 1-5 on one device for every unit: a `DeviceLookup`.
 
     shards: {unit: (table, slot_keys or None)}; bags: {lookup: Bags};
     capacities: {unit: bucket size}; local: {unit: True when it does not
-    exchange}; `sparse`: the outputs carry no gradient to the tables."""
+    exchange}; `sparse`: the outputs carry no gradient to the tables;
+    `prefetch`: the next batch's {lookup: Bags}, whose rows the cached units
+    then bring in (`_prefetch`), or None."""
     outs, new_shards, ctxs = {}, {}, {}
     ops = resolve(implementation)
     counters = _Counters(
@@ -579,7 +583,46 @@ def forward(units, shards, seed, bags, capacities, local, implementation, traini
         counters.add_online(u, got.online)
         counters.add_online(u, got.cache)
         ctxs[u.name] = _context(None, u, index, unit_bags, got.held)
+    if prefetch is not None:
+        _prefetch(units, shards, new_shards, ctxs, seed, prefetch, capacities, local, ops, counters)
     return DeviceLookup(outs, new_shards, counters.stats(), ctxs)
+
+
+def _prefetch(units, shards, new_shards, ctxs, seed, bags, capacities, local, ops, counters):
+    """After the lookup, on this device: each cached unit's rows of the next
+    batch (`bags`) brought into its cache (`CachedStorage.prefetch`) beside
+    those of the lookup, whose context then lists the slots moved. The keys
+    are those the exchange would bring this owner, found without inserting
+    (a hash key not in the table yet is left to its own lookup). `new_shards`
+    and `ctxs` are updated, the moves counted."""
+    cached = [u for u in units if u.storage.cached]
+    received = {}
+    exchanged = [u for u in cached if not local[u.name]]
+    if exchanged:
+        rows0 = exchanged[0].rows
+        plans = [
+            plan(u.rows, u.lookups, [bags[s.name].ids for s in u.lookups], capacities[u.name])
+            for u in exchanged
+        ]
+        got = exchange_words(rows0.axis_name, rows0.num_devices, [p.send for p in plans])
+        received = {u.name: keys for u, keys in zip(exchanged, got)}
+    for u in cached:
+        table, slot_keys = new_shards.get(u.name, shards[u.name])
+        flat = [bags[s.name].ids for s in u.lookups]
+        if u.name in received or u.rows.hashed:  # keys to find (one device: the distinct ones)
+            keys = received.get(u.name)
+            if keys is None:
+                keys = plan(u.rows, u.lookups, flat, capacities[u.name]).send
+            rows = u.rows.find_rows(slot_keys, seed, keys, False, table.cache)[0].rows
+        else:
+            members = [s.member for s in u.lookups]
+            rows = u.rows.local_rows(None, slot_keys, seed, flat, members, False).rows
+        ctx = ctxs[u.name]
+        moved = u.storage.prefetch(table, rows, ctx.held, ops)
+        new_shards[u.name] = (moved.shard, slot_keys)
+        both = jnp.concatenate([ctx.held.moved, moved.moved])
+        ctxs[u.name] = ctx._replace(held=ctx.held._replace(moved=both))
+        counters.add_online(u, moved.counts)
 
 
 # -------------------------------------------------------------- backward

@@ -297,7 +297,24 @@ class DistributedEmbedding:
         self._check_state(state, opt_state, optimizer)
         return {_TABLE: (state.table, join_hash_part(state.slot_keys, state.scores))}
 
-    def _run(self, state: EmbeddingState, ids, weights, training: bool, sparse: bool):
+    def _prefetch_inputs(self, prefetch, ids):
+        """The next batch's inputs for `lookup(prefetch=...)`: ids shaped as
+        this batch's, for a cached table."""
+        if not self.storage.cached:
+            raise ValueError(
+                'prefetch is for storage="host_cached": it brings the next batch\'s rows into '
+                "the HBM cache (this table's rows are read where they live)"
+            )
+        inputs = self._inputs(prefetch, None)
+        now = self._inputs(ids, None)[_IDS].ids.shape
+        if inputs[_IDS].ids.shape != now:
+            raise ValueError(
+                f"prefetch must be the next batch, shaped as this one: ids {list(now)}, "
+                f"prefetch {list(inputs[_IDS].ids.shape)}"
+            )
+        return inputs
+
+    def _run(self, state: EmbeddingState, ids, weights, training: bool, sparse: bool, prefetch=None):
         if isinstance(state, quantized.QuantizedState):  # a read-only inference table
             return quantized.lookup(self, state, ids, weights, training)
         outs, shards, stats, ctx = self._tables.run(
@@ -307,6 +324,7 @@ class DistributedEmbedding:
             self._inputs(ids, weights),
             training,
             sparse,
+            None if prefetch is None else self._prefetch_inputs(prefetch, ids),
         )
         table, hash_part = shards[_TABLE]
         slot_keys, scores = split_hash_part(hash_part)
@@ -336,12 +354,24 @@ class DistributedEmbedding:
     __call__ = apply
 
     @compiled_when_eager(("training",), checked_state=lambda r: r[2])
-    def lookup(self, state: EmbeddingState, ids, weights=None, *, training: bool = True):
+    def lookup(
+        self, state: EmbeddingState, ids, weights=None, *, training: bool = True, prefetch=None
+    ):
         """The sparse training path: (out, ctx, new_state); `out` carries no
         gradient to the table. Feed the cotangent of `out` to
         `sparse_grad(ctx, d_out)` or `sparse_update`. `training` as in
-        `apply`."""
-        out, new_state, ctx = self._run(state, ids, weights, training, sparse=True)
+        `apply`.
+
+        `prefetch` (storage="host_cached" only): the next batch's ids, shaped
+        as `ids`. After the lookup, that batch's rows are brought into the
+        cache in slots this batch does not use, on a GPU while the rest of
+        the step runs (what uses `out`, the update); its own lookup then
+        finds them there. It changes no result, only the time: a row it
+        missed (a hash key not yet inserted, ids other than the next batch's)
+        is brought in by its lookup as usual. Pass the new state on (to the
+        update, the next lookup): the moves write into it until then. The
+        cache must hold both batches' key positions on a device."""
+        out, new_state, ctx = self._run(state, ids, weights, training, True, prefetch)
         return out, ctx, new_state
 
     @compiled_when_eager()

@@ -20,6 +20,12 @@ chosen once per storage unit beside its row strategy (`rows.py`).
   the one lookup before it moved, or after several lookups those of every slot
   whose row changed. The work per lookup and update grows with the batch (K
   key positions), not with the cache.
+  A lookup may also `prefetch` the next batch: its missing rows take victim
+  slots that the lookup's own positions do not use, and move (on a GPU) on a
+  side stream while the step goes on; the next `bring_in` joins them first.
+  The pending update never touches those slots, and a row not cached is
+  current in the host store, so a prefetch changes no result, only where
+  the rows wait.
 
 A cached table computes exactly what the HBM table computes (the same rows
 and the same arithmetic on them), whatever the cache size and policy: the
@@ -113,9 +119,10 @@ class CacheHeld(NamedTuple):
     key the row held, and `new`, whether the lookup gave the row to it (None
     otherwise). The update skips the slots whose row or key changed since
     (`CachedStorage.stale_slots`).
-    `moved`: int32 [K]: the cache slots the lookup gave new rows (-1 pad);
-    `step`: int32 [1]: the shard's step after the lookup. An update right
-    after it syncs the optimizer slots of `moved` only (`sync_slots`)."""
+    `moved`: int32 [K] (with a prefetch [K + K']): the cache slots the lookup
+    and its prefetch gave new rows (-1 pad); `step`: int32 [1]: the shard's
+    step after the lookup. An update right after it syncs the optimizer
+    slots of `moved` only (`sync_slots`)."""
 
     slots: Any
     rows: Any
@@ -367,13 +374,43 @@ class CachedStorage:
         return found._replace(table=shard, rows=got.slots, held=cache_held, cache=got.counts)
 
     def bring_in(self, shard: CachedShard, rows, ops) -> BroughtIn:
+        """One device: the distinct local rows of `rows` (int32 [K], -1:
+        none) into the cache, after any prefetch's moves have finished. The
+        M missing rows (ascending) take the victim slots (`_victims`) in
+        order; each victim's row is written back first."""
         with jax.named_scope("cache_bring_in"):
-            return self._bring_in(shard, rows, ops)
+            done = shard._replace(host=ops.join_rows(shard.host), cache=ops.join_rows(shard.cache))
+            return self._place(done, rows, ops)
 
-    def _bring_in(self, shard: CachedShard, rows, ops) -> BroughtIn:
-        """One device: the distinct local rows of `rows` (int32 [K], -1: none)
-        into the cache. The M missing rows (ascending) take the victim slots
-        (`_victims`) in order; each victim's row is written back first."""
+    def check_prefetch(self, positions: int, held_positions: int) -> None:
+        """Trace time: the cache holds a prefetched batch's distinct rows
+        beside those of the lookup whose update is pending."""
+        need = positions + held_positions
+        if self.cache_rows < need:
+            raise ValueError(
+                f"cache_rows ({self.cache_rows}) is smaller than the {need} key positions a "
+                f"prefetch must place on a device: the {positions} it may receive for the next "
+                f"batch beside the {held_positions} of the lookup whose update is pending; raise "
+                "cache_rows, or lower the batch or capacity_factor"
+            )
+
+    def prefetch(self, shard: CachedShard, rows, held: CacheHeld, ops) -> BroughtIn:
+        """One device: the distinct local rows of `rows` (a later batch's,
+        int32 [K'], -1: none) into the cache ahead of their lookup, in slots
+        that no position of `held` (the lookup whose update is pending) uses.
+        The moves run on a GPU's side stream (`copy_rows_async`) until the
+        next `bring_in`; the rows they touch are none the pending update
+        reads or writes. The shard's step is left as it was (the update
+        still follows its one lookup); a row brought in counts as a miss,
+        and at its lookup as a hit."""
+        self.check_prefetch(rows.shape[0], held.slots.shape[0])
+        with jax.named_scope("cache_prefetch"):
+            return self._place(shard, rows, ops, pinned=held.slots)
+
+    def _place(self, shard: CachedShard, rows, ops, pinned=None) -> BroughtIn:
+        """`bring_in` (pinned None) or `prefetch` (`pinned`: cache slots no
+        victim may take)."""
+        prefetch = pinned is not None
         r, c, k = shard.host.shape[0], shard.cache.shape[0], rows.shape[0]
         key = jnp.where((rows >= 0) & (rows < r), rows, r)
         order = jnp.argsort(key, stable=True)
@@ -385,7 +422,7 @@ class CachedStorage:
         miss = first & (cached_at < 0)
 
         with jax.named_scope("victims"):
-            victim, hand = self._victims(shard, hit, miss, cached_at)
+            victim, hand = self._victims(shard, hit, miss, cached_at, pinned)
         leaving = jnp.where(miss, shard.tags[jnp.maximum(victim, 0)], _EMPTY)
 
         # The leaving rows (cached) and the missing ones (not, ascending) are
@@ -393,9 +430,8 @@ class CachedStorage:
         with jax.named_scope("moves"):
             incoming = jnp.where(miss, srt, _EMPTY)
             out_slots, leaving = by_host_row(victim, leaving)
-            host, cache = self._swap(
-                shard.host, shard.cache, out_slots, leaving, victim, incoming, ops
-            )
+            move = _moves_async if prefetch else self._swap
+            host, cache = move(shard.host, shard.cache, out_slots, leaving, victim, incoming, ops)
 
         slot_of = shard.slot_of.at[jnp.where(leaving >= 0, leaving, r)].set(_EMPTY, mode="drop")
         slot_of = slot_of.at[jnp.where(miss, srt, r)].set(victim, mode="drop")
@@ -410,39 +446,46 @@ class CachedStorage:
         sorted_slots = jnp.where(present, per_run[jnp.maximum(run, 0)], _EMPTY)
         slots = jnp.zeros((k,), jnp.int32).at[order].set(sorted_slots)
 
-        step = shard.step + 1
-        used = jnp.where(first, slot_first, c)
-        if self.policy == "lru":
-            score = shard.score.at[used].set(step[0], mode="drop")
+        step = shard.step if prefetch else shard.step + 1
+        if prefetch:  # rows in ahead of their lookup, not yet used
+            came = jnp.where(miss, victim, c)
+            score = shard.score.at[came].set(step[0] if self.policy == "lru" else 0, mode="drop")
+        elif self.policy == "lru":
+            score = shard.score.at[jnp.where(first, slot_first, c)].set(step[0], mode="drop")
         else:  # lfu: a row's uses since it came in
+            used = jnp.where(first, slot_first, c)
             kept = jnp.where(miss, 0, shard.score[jnp.minimum(used, c - 1)])
             score = shard.score.at[used].set(kept + 1, mode="drop")
         counts = {
-            "cache_hits": jnp.sum(hit, dtype=jnp.int32),
+            "cache_hits": jnp.sum(hit & (not prefetch), dtype=jnp.int32),
             "cache_misses": jnp.sum(miss, dtype=jnp.int32),
             "cache_evictions": jnp.sum(leaving >= 0, dtype=jnp.int32),
         }
         shard = CachedShard(host, cache, tags, slot_of, score, step, hand)
         return BroughtIn(shard, slots, jnp.where(miss, victim, _EMPTY), counts)
 
-    def _victims(self, shard: CachedShard, hit, miss, cached_at):
+    def _victims(self, shard: CachedShard, hit, miss, cached_at, pinned=None):
         """(the victim slot of each missing row, -1 elsewhere; the new hand).
 
-        The window: the W = min(C, 2K) slots from the hand on (cyclically).
-        Its slots that this call's hits do not use are ranked by (score,
-        offset from the hand), empty slots (score -1) first; the n-th missing
-        row takes the n-th. The window always holds enough (K >= hits +
-        misses, and C >= K), so every missing row gets a slot; the hand moves
-        past the last slot taken. Within the window this is the policy's
-        order (least recently / least often used first); over the whole
-        cache it is a clock sweep (O(K) work per call, not O(C))."""
+        The window: the W = min(C, 2K + P) slots from the hand on
+        (cyclically; P: the `pinned` slots' count, 0 when None). Its slots
+        that neither this call's hits nor `pinned` use are ranked by (score,
+        offset from the hand), empty slots (score -1) first; the n-th
+        missing row takes the n-th. The window always holds enough (K >=
+        hits + misses, and C >= K + P), so every missing row gets a slot; the
+        hand moves past the last slot taken. Within the window this is the
+        policy's order (least recently / least often used first); over the
+        whole cache it is a clock sweep (O(K + P) work per call, not O(C))."""
         c, k = shard.cache.shape[0], hit.shape[0]
-        w = min(c, 2 * k)
+        p = 0 if pinned is None else pinned.shape[0]
+        w = min(c, 2 * k + p)
         hand = shard.hand[0]
         window = (hand + jnp.arange(w, dtype=jnp.int32)) % c
         offset = jnp.where(hit, (cached_at - hand) % c, w)
-        pinned = jnp.zeros((w,), bool).at[offset].set(True, mode="drop")
-        rank = jnp.argsort(jnp.where(pinned, _PINNED, shard.score[window]), stable=True)[:k]
+        if pinned is not None:
+            offset = jnp.concatenate([offset, jnp.where(pinned >= 0, (pinned - hand) % c, w)])
+        taken = jnp.zeros((w,), bool).at[offset].set(True, mode="drop")
+        rank = jnp.argsort(jnp.where(taken, _PINNED, shard.score[window]), stable=True)[:k]
         m = jnp.sum(miss, dtype=jnp.int32)
         nth = jnp.clip(jnp.cumsum(miss) - 1, 0, k - 1)
         victim = jnp.where(miss, window[rank[nth]], _EMPTY)
@@ -533,14 +576,33 @@ class CachedStorage:
     def logical_table(self, shard: CachedShard, num_devices: int) -> np.ndarray:
         """Host: the [n * R, D] logical table (the cached rows' vectors over
         the host store's)."""
+        settle(shard.cache)
         return _merge(to_host(shard.host), to_host(shard.cache), to_host(shard.tags), num_devices)
 
     def logical_slots(self, opt: CachedOptState, num_devices: int) -> tuple:
+        settle(opt.tags)
         tags = to_host(opt.tags)
         return tuple(
             _merge(to_host(h), to_host(s), tags, num_devices)
             for h, s in zip(opt.host, opt.cache.slots)
         )
+
+
+def settle(array) -> None:
+    """Host: waits until the row moves a prefetch left running on the side
+    streams of `array`'s GPUs have finished (nothing runs there on the CPU),
+    so that what the host reads next is complete."""
+    if host_memory_kind() is None:
+        return
+    from sok_jax.ops import rows_ops  # the FFI targets exist on a GPU
+
+    for device in array.devices():
+        jax.block_until_ready(_join(jax.device_put(np.zeros((1,), np.int32), device), rows_ops))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _join(x, rows_ops):
+    return rows_ops.join_rows(x)
 
 
 def by_host_row(slots, rows):
@@ -568,6 +630,14 @@ def swap_rows(host, cache, out_slots, leaving, in_slots, incoming, ops):
     host = ops.scatter_rows_async(host, leaving, staged)
     cache = ops.copy_rows(cache, in_slots, host, incoming)
     return ops.join_rows(host, cache, leaving, staged), cache
+
+
+def _moves_async(host, cache, out_slots, leaving, in_slots, incoming, ops):
+    """`swap_rows`'s moves (same lists) on a GPU's side stream, write-backs
+    then loads, both left running until a later `join_rows` (on the CPU
+    complete at once)."""
+    host = ops.copy_rows_async(host, leaving, cache, out_slots)
+    return host, ops.copy_rows_async(cache, in_slots, host, incoming)
 
 
 def _back_then_in(host, cache, out_slots, leaving, in_slots, incoming, ops, count=None):

@@ -298,11 +298,14 @@ class ShardedTables:
         return shard_map(body, self.mesh, (row, row), row)({f: d_outs[f] for f in d_outs}, stats)
 
     # ----------------------------------------------------------- lookup
-    def run(self, shards, seed, stats, inputs: dict, training: bool, sparse: bool):
+    def run(self, shards, seed, stats, inputs: dict, training: bool, sparse: bool, prefetch=None):
         """The lookup of every lookup input: (outs, new shards, stats, ctx),
         each a dict (outs by lookup, shards and ctx by unit, stats by table:
         `stats` plus this call's counts). Shards the lookup left as they
-        were come back as they went in."""
+        were come back as they went in. `prefetch`: the next batch's inputs
+        (like `inputs`), whose rows the cached units bring in after the
+        lookup; the outputs are then held back until those moves have been
+        launched, so that what consumes them runs beside the moves."""
         axis = self.axis_name
         local_batch = next(iter(inputs.values())).ids.shape[0] // self.num_devices
         local = self._local(local_batch)
@@ -313,7 +316,7 @@ class ShardedTables:
             isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((shards, seed, inputs))
         )
 
-        def body(shards, seed, before, inputs):
+        def body(shards, seed, before, inputs, prefetch):
             bags = {name: device_bags(x) for name, x in inputs.items()}
             res = exchange.forward(
                 self.units,
@@ -325,7 +328,11 @@ class ShardedTables:
                 self.implementation,
                 training,
                 sparse,
+                None if prefetch is None else {k: device_bags(x) for k, x in prefetch.items()},
             )
+            if prefetch is not None:  # the outputs' users come after the moves' launch
+                outs, moved = jax.lax.optimization_barrier((res.outs, res.shards))
+                res = res._replace(outs=outs, shards=moved)
             stats = dict(res.stats)
             for name, x in inputs.items():  # ids dropped before the lookup
                 if x.dropped is not None:
@@ -358,8 +365,8 @@ class ShardedTables:
             stats=row,
             ctx=row,
         )
-        fn = shard_map(body, self.mesh, (shard_specs, P(), row, row), out_specs)
-        res = fn(shards, seed, stats, inputs)
+        fn = shard_map(body, self.mesh, (shard_specs, P(), row, row, row), out_specs)
+        res = fn(shards, seed, stats, inputs, prefetch)
         new_shards = dict(shards)
         for name, (table, hash_part) in res.shards.items():
             u = self.unit(name)
