@@ -28,6 +28,13 @@ x (1 + slots) bytes; for "host" every distinct row read and written with its
 slots), and %h2d: those bytes per second over the host-to-device bandwidth of
 pinned memory measured in this run (a jitted copy of a `--h2d-gb` array).
 
+`--prefetch on|both`: cached points whose step's lookup also prefetches the
+next batch (`lookup(..., prefetch=)`), its row moves running on a GPU side
+stream beside the rest of the step. `--dense-layers L` puts a dense half in
+the step for them to hide behind: the lookup's output [B, S*D] through L
+bfloat16 layers of 1024 units (ReLU) to the loss, forward and backward (not
+trained: only the table is), the same in every point.
+
 Steady state before timing: a cached point runs fresh batches until its
 cache is full and evicting (up to `--max-warm-steps`), then `--warm-steps`
 more; the others run `--warm-steps`. A cache still filling would time a
@@ -76,6 +83,7 @@ POINT_FIELDS = [
     ("warm_steps", "warm steps"),
     ("status", "status"),
 ]
+WAYS = {"off": [False], "on": [True], "both": [False, True]}  # a point timed each way
 SLOTS = {"sgd": 0, "adagrad": 1, "rowwise_adagrad": 0, "adam": 2}
 
 
@@ -131,14 +139,40 @@ def layer_for(
     )
 
 
-def stepper(emb, opt, state, opt_state, head):
-    """The jitted donated sparse step: (state, opt_state, ids) -> (state,
-    opt_state, loss)."""
+def dense_weights(args):
+    """The `--dense-layers` weights (bfloat16), or None."""
+    if not args.dense_layers:
+        return None
+    rng = np.random.default_rng(2)
+    widths = [args.slots * args.dim] + [1024] * args.dense_layers
+    return [
+        jnp.asarray(rng.normal(size=(a, b)) / np.sqrt(a), jnp.bfloat16)
+        for a, b in zip(widths[:-1], widths[1:])
+    ]
+
+
+def loss_of(out, head, dense):
+    """The step's loss: sum(tanh(out) * head), plus the dense half's mean
+    output where there is one."""
+    loss = jnp.sum(jnp.tanh(out) * head)
+    if dense is None:
+        return loss
+    x = out.reshape(out.shape[0], -1).astype(jnp.bfloat16)
+    for w in dense:
+        x = jax.nn.relu(x @ w)
+    return loss + jnp.mean(x.astype(jnp.float32))
+
+
+def stepper(emb, opt, state, opt_state, head, dense=None, prefetch=False):
+    """The jitted donated sparse step: (state, opt_state, ids, upcoming) ->
+    (state, opt_state, loss); with `prefetch` its lookup prefetches
+    `upcoming` (the next batch)."""
     loss_sharding = NamedSharding(emb.mesh, P())
 
-    def step(state, opt_state, ids):
-        out, ctx, state = emb.lookup(state, ids)
-        loss, d_out = jax.value_and_grad(lambda o: jnp.sum(jnp.tanh(o) * head))(out)
+    def step(state, opt_state, ids, upcoming):
+        kw = dict(prefetch=upcoming) if prefetch else {}
+        out, ctx, state = emb.lookup(state, ids, **kw)
+        loss, d_out = jax.value_and_grad(lambda o: loss_of(o, head, dense))(out)
         state, opt_state = emb.sparse_update(state, opt, opt_state, ctx, d_out)
         return state, opt_state, loss
 
@@ -165,19 +199,23 @@ def warm_batches(args, rows, dist):
 
 
 def run_point(
-    res, args, rows, storage, fraction, overlap, policy, opt_name, batches, reference_losses
+    res, args, rows, storage, fraction, overlap, policy, opt_name, batches, reference_losses,
+    prefetch=False,
 ):
     emb = layer_for(args, rows, storage, fraction, overlap, policy)
     opt = make_optimizer(opt_name)
     state = emb.init(args.seed)
     opt_state = emb.init_optimizer(opt, state)
     head = jnp.asarray(np.random.default_rng(1).normal(size=(args.slots, args.dim)), jnp.float32)
-    step = stepper(emb, opt, state, opt_state, head)
+    step = stepper(emb, opt, state, opt_state, head, dense_weights(args), prefetch)
+
+    def batch(i):
+        return batches[i % len(batches)]
 
     # Correctness: the first steps' losses equal the reference run's bits.
     losses = []
     for i in range(args.check_steps):
-        state, opt_state, loss = step(state, opt_state, batches[i % len(batches)])
+        state, opt_state, loss = step(state, opt_state, batch(i), batch(i + 1))
         losses.append(float(loss))
     res["losses"] = losses
     if reference_losses is not None and losses != reference_losses:
@@ -190,11 +228,18 @@ def run_point(
         return tuple(int(np.asarray(x).sum()) for x in (s.cache_hits, s.cache_misses, s.cache_evictions))
 
     warm = warm_batches(args, rows, res["dist"])
+    upcoming = next(warm)
+
+    def warm_step(step, state, opt_state):
+        nonlocal upcoming
+        ids, upcoming = upcoming, next(warm)
+        return step(state, opt_state, ids, upcoming)[:2]
+
     filled = 0
     if storage == "host_cached":
         while counts(state)[2] == 0 and filled < args.max_warm_steps:
             for _ in range(5):
-                state, opt_state, _ = step(state, opt_state, next(warm))
+                state, opt_state = warm_step(step, state, opt_state)
                 filled += 1
         if counts(state)[2] == 0:
             raise AssertionError(
@@ -203,7 +248,7 @@ def run_point(
             )
     res["warm_steps"] = filled + args.warm_steps
     for _ in range(args.warm_steps):
-        state, opt_state, _ = step(state, opt_state, next(warm))
+        state, opt_state = warm_step(step, state, opt_state)
     jax.block_until_ready(state)
 
     # Timed: samples of `inner` steps back to back.
@@ -213,7 +258,7 @@ def run_point(
     for _ in range(args.iters):
         t0 = time.perf_counter()
         for _ in range(inner):
-            state, opt_state, loss = step(state, opt_state, batches[k % len(batches)])
+            state, opt_state, loss = step(state, opt_state, batch(k), batch(k + 1))
             k += 1
         jax.block_until_ready(loss)
         samples.append((time.perf_counter() - t0) / inner)
@@ -263,14 +308,26 @@ def main(argv=None) -> int:
         default=["lru"],
         help="cache_policy of the cached points (lru, lfu): each cached point timed with each",
     )
+    for flag, what in (
+        ("--overlap-moves", "cached tables write back on a side stream while they load "
+         "(cache_overlap_moves)"),
+        ("--prefetch", "cached points whose lookup prefetches the next batch"),
+    ):
+        p.add_argument(
+            flag,
+            nargs="?",
+            const="on",
+            default="off",
+            choices=list(WAYS),
+            help=f"{what}: off, on (the flag alone), or both, each cached point timed each way "
+            "in this run",
+        )
     p.add_argument(
-        "--overlap-moves",
-        nargs="?",
-        const="on",
-        default="off",
-        choices=["off", "on", "both"],
-        help="cached tables write back on a side stream while they load (cache_overlap_moves): "
-        "off, on (the flag alone), or both, each cached point timed each way in this run",
+        "--dense-layers",
+        type=int,
+        default=0,
+        help="a dense half in the step (bfloat16 layers of 1024 units) for prefetched moves "
+        "to hide behind; 0: none",
     )
     common.add_run_args(p, "tiny sizes (CPU smoke test)")
     args = p.parse_args(argv)
@@ -282,6 +339,7 @@ def main(argv=None) -> int:
         args.table_gb, args.batch, args.slots, args.dim = 2.0**-12, 16, 4, 8
         args.fractions, args.warm_steps, args.inner, args.h2d_gb = [0.5], 2, 1, 2.0**-8
         args.check_steps = 2
+        args.dense_layers = min(args.dense_layers, 1)
 
     t_start = time.perf_counter()
     rows = int(args.table_gb * common.GIB) // (args.dim * 4)
@@ -311,27 +369,29 @@ def main(argv=None) -> int:
         ]
         for opt_name in args.optimizers:
             table_bytes = rows * args.dim * 4 * (1 + SLOTS[opt_name])
-            points = []  # (storage, cache fraction, cache_overlap_moves, cache_policy)
+            # (storage, cache fraction, cache_overlap_moves, cache_policy, prefetch)
+            points = []
             if "hbm" in args.storages and table_bytes <= args.hbm_gb * common.GIB:
-                points.append(("hbm", None, False, None))
+                points.append(("hbm", None, False, None, False))
             if "host" in args.storages:
-                points.append(("host", None, False, None))
+                points.append(("host", None, False, None, False))
             if "host_cached" in args.storages:
-                overlaps = {"off": [False], "on": [True], "both": [False, True]}[args.overlap_moves]
                 points += [
-                    ("host_cached", f, o, pol)
+                    ("host_cached", f, o, pol, pre)
                     for f in args.fractions
-                    for o in overlaps
+                    for o in WAYS[args.overlap_moves]
                     for pol in args.policies
+                    for pre in WAYS[args.prefetch]
                 ]
             reference = None
             base_ms = None
-            for storage, fraction, overlap, policy in points:
+            for storage, fraction, overlap, policy, prefetch in points:
                 res = dict(dist=dist, optimizer=opt_name, storage=storage, fraction=fraction)
-                res["overlap_moves"], res["policy"] = overlap, policy
+                res["overlap_moves"], res["policy"], res["prefetch"] = overlap, policy, prefetch
                 label = storage if fraction is None else f"cached {fraction:g}"
                 label += " overlap" if overlap else ""
                 label += " lfu" if policy == "lfu" else ""
+                label += " prefetch" if prefetch else ""
                 print(f"-- {dist} {opt_name} {label}", flush=True)
                 n_points += 1
                 ok = common.guarded(
@@ -347,6 +407,7 @@ def main(argv=None) -> int:
                     opt_name,
                     batches,
                     reference,
+                    prefetch,
                 )
                 n_fail += not ok
                 if ok and reference is None:
