@@ -630,15 +630,18 @@ def collection(specs, n=8, **kw):
     return sok_jax.EmbeddingCollection(specs, features, mesh=mesh_of(n), axis_name=AXIS, **kw)
 
 
-def test_collection_with_host_tables_trains_as_in_hbm():
+@pytest.mark.parametrize("prefetch", [False, True], ids=["", "prefetch"])
+def test_collection_with_host_tables_trains_as_in_hbm(prefetch):
     """A host_cached table, a host table and an HBM table in one collection
-    compute what the all-HBM collection computes; export and import see the
-    logical tables."""
+    compute what the all-HBM collection computes, with each lookup
+    prefetching the next batch or not; export and import see the logical
+    tables."""
     require_devices(8)
     rng = np.random.default_rng()
+    cache_rows = 40 if prefetch else 20  # a prefetch holds two batches' 16 positions
 
     def specs(tiered):
-        extra = [dict(storage="host_cached", cache_rows=20, cache_overlap_moves=True),
+        extra = [dict(storage="host_cached", cache_rows=cache_rows, cache_overlap_moves=True),
                  dict(storage="host"), {}]
         return [
             sok_jax.TableSpec(name, 400 + 40 * i, 4 + 4 * i, placement="row",
@@ -652,15 +655,22 @@ def test_collection_with_host_tables_trains_as_in_hbm():
     s_ref, s = ref.init(1), got.init(1)
     o_ref, o = ref.init_optimizer(opt, s_ref), got.init_optimizer(opt, s)
 
-    for _ in range(4):
-        batch = {
-            f"f_{t}": rng.integers(-1, v, (8, 2)).astype(np.int32)
-            for t, v in (("a", 400), ("b", 1000), ("c", 480))
-        }
+    @jax.jit
+    def step(state, opt_state, batch, g, upcoming):
+        outs, ctx, state = got.lookup(state, batch, prefetch=upcoming if prefetch else None)
+        state, opt_state = got.sparse_update(state, opt, opt_state, ctx, g)
+        return outs, state, opt_state
+
+    batches = [
+        {f"f_{t}": rng.integers(-1, v, (8, 2)).astype(np.int32)
+         for t, v in (("a", 400), ("b", 1000), ("c", 480))}
+        for _ in range(5)
+    ]
+    for batch, upcoming in zip(batches, batches[1:]):
         g = {f"f_{t}": rng.normal(size=(8, d)).astype(np.float32)
              for t, d in (("a", 4), ("b", 8), ("c", 12))}
         want, s_ref, o_ref = sparse_step(ref, opt)(s_ref, o_ref, batch, g)
-        out, s, o = sparse_step(got, opt)(s, o, batch, g)
+        out, s, o = step(s, o, batch, g, upcoming)
         for k in want:
             np.testing.assert_array_equal(np.asarray(out[k]), np.asarray(want[k]))
     for t in "abc":

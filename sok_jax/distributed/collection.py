@@ -372,16 +372,14 @@ class EmbeddingCollection:
             state.stats if stats is None else stats,
         )
 
-    def _run(self, state, batch, weights, training, sparse):
+    def _run(self, state, batch, weights, training, sparse, prefetch=None):
         if isinstance(state, quantized.QuantizedCollectionState):  # read-only inference tables
             return quantized.lookup_collection(self, state, batch, weights, training)
+        inputs = self._inputs(batch, weights)
+        if prefetch is not None:
+            prefetch = self._tables.check_prefetch(inputs, self._inputs(prefetch, None))
         outs, shards, stats, ctx = self._tables.run(
-            self._shards(state),
-            state.seed,
-            state.stats,
-            self._inputs(batch, weights),
-            training,
-            sparse,
+            self._shards(state), state.seed, state.stats, inputs, training, sparse, prefetch
         )
         new_state = self._state(state, shards, stats)
         return self._outs(outs), new_state, ctx
@@ -402,10 +400,15 @@ class EmbeddingCollection:
     __call__ = apply
 
     @compiled_when_eager(("training",), checked_state=lambda r: r[2])
-    def lookup(self, state: CollectionState, batch, weights=None, *, training: bool = True):
+    def lookup(
+        self, state: CollectionState, batch, weights=None, *, training: bool = True, prefetch=None
+    ):
         """The sparse training path: (outs, ctx, new_state); the outputs carry
-        no gradient to the tables. Feed their cotangents to `sparse_update`."""
-        outs, new_state, ctx = self._run(state, batch, weights, training, sparse=True)
+        no gradient to the tables. Feed their cotangents to `sparse_update`.
+        `prefetch`: the next batch (a dict as `batch`, each feature shaped as
+        this one's), whose rows the host-cached tables bring in while the
+        step runs, as `DistributedEmbedding.lookup`'s."""
+        outs, new_state, ctx = self._run(state, batch, weights, training, True, prefetch)
         return outs, ctx, new_state
 
     def _optimizers(self, optimizer) -> dict:

@@ -297,34 +297,14 @@ class DistributedEmbedding:
         self._check_state(state, opt_state, optimizer)
         return {_TABLE: (state.table, join_hash_part(state.slot_keys, state.scores))}
 
-    def _prefetch_inputs(self, prefetch, ids):
-        """The next batch's inputs for `lookup(prefetch=...)`: ids shaped as
-        this batch's, for a cached table."""
-        if not self.storage.cached:
-            raise ValueError(
-                'prefetch is for storage="host_cached": it brings the next batch\'s rows into '
-                "the HBM cache (this table's rows are read where they live)"
-            )
-        inputs = self._inputs(prefetch, None)
-        now = self._inputs(ids, None)[_IDS].ids.shape
-        if inputs[_IDS].ids.shape != now:
-            raise ValueError(
-                f"prefetch must be the next batch, shaped as this one: ids {list(now)}, "
-                f"prefetch {list(inputs[_IDS].ids.shape)}"
-            )
-        return inputs
-
     def _run(self, state: EmbeddingState, ids, weights, training: bool, sparse: bool, prefetch=None):
         if isinstance(state, quantized.QuantizedState):  # a read-only inference table
             return quantized.lookup(self, state, ids, weights, training)
+        inputs = self._inputs(ids, weights)
+        if prefetch is not None:
+            prefetch = self._tables.check_prefetch(inputs, self._inputs(prefetch, None))
         outs, shards, stats, ctx = self._tables.run(
-            self._shards(state),
-            state.seed,
-            {_TABLE: state.stats},
-            self._inputs(ids, weights),
-            training,
-            sparse,
-            None if prefetch is None else self._prefetch_inputs(prefetch, ids),
+            self._shards(state), state.seed, {_TABLE: state.stats}, inputs, training, sparse, prefetch
         )
         table, hash_part = shards[_TABLE]
         slot_keys, scores = split_hash_part(hash_part)

@@ -298,6 +298,24 @@ class ShardedTables:
         return shard_map(body, self.mesh, (row, row), row)({f: d_outs[f] for f in d_outs}, stats)
 
     # ----------------------------------------------------------- lookup
+    def check_prefetch(self, inputs: dict, upcoming: dict) -> dict:
+        """`upcoming` (the next batch's inputs, as `inputs`) for `run`'s
+        `prefetch`, checked: some unit is host-cached, and every lookup's ids
+        are shaped as this batch's (the exchange buffers are sized by it)."""
+        if not any(u.storage.cached for u in self.units):
+            raise ValueError(
+                'prefetch is for storage="host_cached": it brings the next batch\'s rows into '
+                "the HBM cache (these tables' rows are read where they live)"
+            )
+        for name, x in inputs.items():
+            now, then = x.ids.shape, upcoming[name].ids.shape
+            if now != then:
+                raise ValueError(
+                    f"prefetch must be the next batch, shaped as this one: {name!r} ids "
+                    f"{list(now)}, prefetch {list(then)}"
+                )
+        return upcoming
+
     def run(self, shards, seed, stats, inputs: dict, training: bool, sparse: bool, prefetch=None):
         """The lookup of every lookup input: (outs, new shards, stats, ctx),
         each a dict (outs by lookup, shards and ctx by unit, stats by table:
