@@ -45,6 +45,7 @@ from sok_jax.distributed.planner import UnitPlan
 from sok_jax.distributed.rows import STRATEGIES, Member
 from sok_jax.distributed.scores import HashOptions, HashScores
 from sok_jax.distributed.state import EmbeddingState
+from sok_jax.distributed.storage import settle
 from sok_jax.optim import SparseOptState
 
 # The file beside the arrays that records the layout of every state saved.
@@ -139,6 +140,7 @@ def save(path, tree, *, layer=None, checkpointer=None) -> None:
     `EmbeddingCollection`'s state pass the collection as `layer`: its plan
     is recorded, so that `restore` can move it to another device count."""
     ckpt = checkpointer or ocp.StandardCheckpointer()
+    settle(tree)  # a prefetch's moves into a cache finished before orbax reads it
     ckpt.save(path, tree)
     ckpt.wait_until_finished()
     if jax.process_index() == 0:

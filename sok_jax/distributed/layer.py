@@ -349,7 +349,9 @@ class DistributedEmbedding:
         finds them there. It changes no result, only the time: a row it
         missed (a hash key not yet inserted, ids other than the next batch's)
         is brought in by its lookup as usual. Pass the new state on (to the
-        update, the next lookup): the moves write into it until then. The
+        update, the next lookup): the moves write into it until the next
+        lookup waits for them (`export_pairs`, `logical_rows` and
+        `checkpoint.save` wait too; `jax.block_until_ready` does not). The
         cache must hold both batches' key positions on a device."""
         out, new_state, ctx = self._run(state, ids, weights, training, True, prefetch)
         return out, ctx, new_state

@@ -588,15 +588,16 @@ class CachedStorage:
         )
 
 
-def settle(array) -> None:
+def settle(tree) -> None:
     """Host: waits until the row moves a prefetch left running on the side
-    streams of `array`'s GPUs have finished (nothing runs there on the CPU),
-    so that what the host reads next is complete."""
+    streams of the GPUs holding `tree`'s arrays have finished (nothing runs
+    there on the CPU), so that what the host reads next is complete."""
     if host_memory_kind() is None:
         return
     from sok_jax.ops import rows_ops  # the FFI targets exist on a GPU
 
-    for device in array.devices():
+    devices = {d for x in jax.tree.leaves(tree) if isinstance(x, jax.Array) for d in x.devices()}
+    for device in devices:
         jax.block_until_ready(_join(jax.device_put(np.zeros((1,), np.int32), device), rows_ops))
 
 
