@@ -95,6 +95,20 @@ def device_bags(x: LookupInput) -> Bags:
     return Bags.padded(ids.reshape(-1), flat_w, ids.shape[:2], ids.shape[2])
 
 
+def _after_moves(res, cached: list):
+    """`res` with its outputs passed through one optimization barrier with
+    the caches of the units `cached` (HBM arrays, the last a prefetch's
+    moves write): whatever uses an output is then scheduled after those
+    moves were launched, so it runs beside them."""
+    caches = {k: res.shards[k][0].cache for k in cached}
+    outs, caches = jax.lax.optimization_barrier((res.outs, caches))
+    shards = dict(res.shards)
+    for k, cache in caches.items():
+        table, hash_part = shards[k]
+        shards[k] = (table._replace(cache=cache), hash_part)
+    return res._replace(outs=outs, shards=shards)
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardedTables:
     units: tuple  # of exchange.Unit
@@ -349,8 +363,7 @@ class ShardedTables:
                 None if prefetch is None else {k: device_bags(x) for k, x in prefetch.items()},
             )
             if prefetch is not None:  # the outputs' users come after the moves' launch
-                outs, moved = jax.lax.optimization_barrier((res.outs, res.shards))
-                res = res._replace(outs=outs, shards=moved)
+                res = _after_moves(res, [u.name for u in self.units if u.storage.cached])
             stats = dict(res.stats)
             for name, x in inputs.items():  # ids dropped before the lookup
                 if x.dropped is not None:
