@@ -308,10 +308,13 @@ class _ShardedSide:
         """NamedShardings of the module's state, for jit."""
         return self.module(state).state_shardings()
 
-    def lookup(self, module, sparse: dict):
+    def lookup(self, module, sparse: dict, upcoming: dict | None = None):
         """The sparse training path: (pooled [B, F, D], ctx); the module holds
-        the state after the lookup (hash tables: keys inserted)."""
-        out, ctx = module.lookup(self._ids(sparse))
+        the state after the lookup (hash tables: keys inserted). `upcoming`:
+        the next batch's sparse features, whose rows the host-cached tables
+        prefetch."""
+        prefetch = None if upcoming is None else self._ids(upcoming)
+        out, ctx = module.lookup(self._ids(sparse), prefetch=prefetch)
         return self._pool(out), ctx
 
     def update(self, module, ctx, d_pooled):
@@ -589,7 +592,9 @@ def bce(logits, labels):
 
 
 def make_train_step(graphdef, embed: _ShardedSide, dense_tx, *, table_tx=None):
-    """`step(state: TrainState, batch) -> (state, loss, keys dropped so far)`.
+    """`step(state: TrainState, batch, upcoming=None) -> (state, loss, keys
+    dropped so far)`; `upcoming`: the next batch, whose rows the host-cached
+    tables prefetch while this step runs (sparse path only).
 
     Sparse path (table_tx None): the embedding module's lookup gives the
     pooled vectors without a table gradient; the loss is differentiated
@@ -601,11 +606,12 @@ def make_train_step(graphdef, embed: _ShardedSide, dense_tx, *, table_tx=None):
     def apply_model(params, dense, pooled):
         return nnx.merge(graphdef, params)(dense, pooled)
 
-    def step(state: TrainState, batch):
+    def step(state: TrainState, batch, upcoming=None):
         emb = embed.module(state.emb)
         table_opt = state.table_opt
         if table_tx is None:
-            pooled, ctx = embed.lookup(emb, batch.sparse)
+            ahead = None if upcoming is None else upcoming.sparse
+            pooled, ctx = embed.lookup(emb, batch.sparse, ahead)
             loss, (g_params, g_pooled) = jax.value_and_grad(
                 lambda p, e: bce(apply_model(p, batch.dense, e), batch.labels), (0, 1)
             )(state.params, pooled)

@@ -161,6 +161,12 @@ def parse_args(argv=None):
         "rest in host memory behind HBM caches (storage='host_cached')",
     )
     p.add_argument(
+        "--prefetch",
+        action="store_true",
+        help="with --hbm-budget: each step's lookup also brings the next batch's rows into the "
+        "HBM caches, while the step's dense half runs (synthetic data: the step makes both)",
+    )
+    p.add_argument(
         "--dense-path",
         action="store_true",
         help="train the table with jax.grad + optax (O(table) per step)",
@@ -212,6 +218,11 @@ def parse_args(argv=None):
         args.dense_lr = preset.lr if dcn else 1e-3
     if args.hbm_budget is not None and (args.embedding != "collection" or args.dense_path):
         p.error("--hbm-budget is for --embedding collection (the planner offloads its tables)")
+    if args.prefetch and (args.hbm_budget is None or args.criteo_dir):
+        p.error(
+            "--prefetch is for --hbm-budget (tables behind HBM caches) on the synthetic data "
+            "(each step makes its own batch and the next)"
+        )
     args.eval_quantized = [d for d in args.eval_quantized.split(",") if d]
     return args
 
@@ -588,7 +599,8 @@ def main(argv=None):
     if loader.on_device:  # the batch is made inside the step, from its number
 
         def synthetic_step(state, step_number):
-            return train_step(state, put(loader.batch(step_number)))
+            upcoming = put(loader.batch(step_number + 1)) if args.prefetch else None
+            return train_step(state, put(loader.batch(step_number)), upcoming)
 
         step = jax.jit(
             synthetic_step,

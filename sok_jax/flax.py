@@ -212,10 +212,14 @@ class ShardedEmbedding(nnx.Module):
         _assign(self.tables, state)
         return out
 
-    def lookup(self, ids, weights=None, *, training: bool = True):
+    def lookup(self, ids, weights=None, *, training: bool = True, prefetch=None):
         """The sparse path: (outputs, ctx); the outputs carry no gradient to
-        the tables. Give their cotangent to `sparse_update(ctx, d_out)`."""
-        out, ctx, state = self.layer.lookup(_value(self.tables), ids, weights, training=training)
+        the tables. Give their cotangent to `sparse_update(ctx, d_out)`.
+        `prefetch`: the next batch's ids, for host-cached tables (the
+        layer's `lookup`)."""
+        out, ctx, state = self.layer.lookup(
+            _value(self.tables), ids, weights, training=training, prefetch=prefetch
+        )
         _assign(self.tables, state)
         return out, ctx
 

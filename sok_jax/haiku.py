@@ -96,7 +96,9 @@ class ShardedEmbed(hk.Module):
 
     Called, it looks up (the dense path, differentiable w.r.t. the tables);
     with `sparse=True` it returns (outputs, ctx) for `layer.sparse_update(
-    state, opt, opt_state, ctx, d_out)` on the state it leaves.
+    state, opt, opt_state, ctx, d_out)` on the state it leaves, and takes
+    `prefetch=` (the next batch's ids, for host-cached tables: the layer's
+    `lookup`).
 
     Args:
       layer: the sharded layer.
@@ -109,11 +111,15 @@ class ShardedEmbed(hk.Module):
         self.layer = layer
         self.seed = seed
 
-    def __call__(self, ids, weights=None, *, training: bool = True, sparse: bool = False):
+    def __call__(
+        self, ids, weights=None, *, training: bool = True, sparse: bool = False, prefetch=None
+    ):
         # The state is a pytree, not one array: shape and dtype are only asked for.
         state = hk.get_state("state", (), jnp.float32, init=lambda *_: self.layer.init(self.seed))
         if sparse:
-            out, ctx, state = self.layer.lookup(state, ids, weights, training=training)
+            out, ctx, state = self.layer.lookup(
+                state, ids, weights, training=training, prefetch=prefetch
+            )
             hk.set_state("state", state)
             return out, ctx
         out, state = self.layer.apply(state, ids, weights, training=training)

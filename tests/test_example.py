@@ -88,7 +88,9 @@ def test_dcnv2_presets_learn_at_tiny_scale(tmp_path, preset, embedding, hbm_budg
     args = ["--model", "dcnv2", "--preset", preset, "--scale", "1e-4", "--batch-size", "128"]
     args += ["--steps", "8", "--epochs", "2", "--dense-lr", "5e-4", "--plot", str(png)]
     args += ["--embedding", embedding]
-    args += ["--hbm-budget", hbm_budget, "--split-steps", "1"] if hbm_budget else ["--no-split"]
+    # The offloaded run prefetches each next batch into the caches.
+    offload = ["--hbm-budget", hbm_budget, "--prefetch", "--split-steps", "1"]
+    args += offload if hbm_budget else ["--no-split"]
     served = embedding == "collection" and not hbm_budget
     args += ["--eval-quantized", "int8"] if served else []
     m, stdout = _run(tmp_path, args, devices=2)
@@ -118,7 +120,7 @@ def test_dcnv2_presets_learn_at_tiny_scale(tmp_path, preset, embedding, hbm_budg
         assert config["table_dtype"] == "float32" and not config["stochastic_rounding"]
         assert memory["slot_bytes"] == memory["table_bytes"] // 128  # one float32 a row
     if hbm_budget:
-        assert "offloaded 'cat_" in stdout and "host_cached (" in stdout
+        assert "offloaded 'cat_" in stdout and "host_cached (" in stdout and config["prefetch"]
         split = m["step_split_s"]
         assert {"whole", "data", "embedding", "dense", "exchange"} <= set(split)
         assert all(v > 0 for v in split.values())

@@ -37,7 +37,8 @@ row); it gets a unit (and a column) of its own and is never replicated
 ("auto" takes "row"). With an `hbm_budget`, tables whose storage is None
 are offloaded while the HBM a device holds exceeds it: each becomes
 "host_cached" with a cache of `OFFLOAD_CACHE_FRACTION` of its rows (at least
-the rows one lookup can bring to a device), cheapest first. The cost of
+the rows two lookups can bring to a device, so that a step may prefetch the
+next batch), cheapest first. The cost of
 offloading a table is the host-link traffic it adds per byte of HBM it
 frees: its keys per step x its row bytes (with slots) x the expected miss
 rate (1 - the cache fraction, as for uniform keys), over its table bytes x
@@ -376,7 +377,7 @@ def make_plan(
         """(added host-link bytes per step per HBM byte freed, the cache)."""
         r = held(name, "row")
         cap = n * _row_bucket(specs[name], b * keys_per_sample[name], n, capacity_factor)
-        cache = max(math.ceil(OFFLOAD_CACHE_FRACTION * r), min(cap, r))
+        cache = max(math.ceil(OFFLOAD_CACHE_FRACTION * r), min(2 * cap, r))  # room to prefetch
         if cache >= r:  # one lookup may touch every row: a cache cannot help
             return None
         f = cache / r
