@@ -279,6 +279,12 @@ def rows_case(rng, dtype, width, rows, k):
     got = jax.jit(ffi.copy_rows, donate_argnums=0)(jnp.asarray(dst), d, src, s, count)
     close(f"copy_rows {tag} from {n_src} rows, count {count}", got, want, 0.0)
 
+    def copy_on_the_side(dst, d, src, s, count):  # finished at the join
+        return ffi.join_rows(ffi.copy_rows_async(dst, d, src, s, count))
+
+    got = jax.jit(copy_on_the_side, donate_argnums=0)(jnp.asarray(dst), d, src, s, count)
+    close(f"copy_rows_async + join_rows {tag} from {n_src} rows, count {count}", got, want, 0.0)
+
 
 def cases(rng):
     """Every case as a closure, in a fixed order (so --shard splits are stable)."""
