@@ -32,8 +32,9 @@ pinned memory measured in this run (a jitted copy of a `--h2d-gb` array).
 next batch (`lookup(..., prefetch=)`), its row moves running on a GPU side
 stream beside the rest of the step. `--dense-layers L` puts a dense half in
 the step for them to hide behind: the lookup's output [B, S*D] through L
-bfloat16 layers of 1024 units (ReLU) to the loss, forward and backward (not
-trained: only the table is), the same in every point.
+bfloat16 layers of 1024 units (ReLU), forward and backward w.r.t. the
+weights (not trained, and feeding no gradient to the table), the same in
+every point.
 
 Steady state before timing: a cached point runs fresh batches until its
 cache is full and evicting (up to `--max-warm-steps`), then `--warm-steps`
@@ -151,30 +152,36 @@ def dense_weights(args):
     ]
 
 
-def loss_of(out, head, dense):
-    """The step's loss: sum(tanh(out) * head), plus the dense half's mean
-    output where there is one."""
-    loss = jnp.sum(jnp.tanh(out) * head)
-    if dense is None:
-        return loss
-    x = out.reshape(out.shape[0], -1).astype(jnp.bfloat16)
-    for w in dense:
-        x = jax.nn.relu(x @ w)
-    return loss + jnp.mean(x.astype(jnp.float32))
+def dense_half(dense, out):
+    """The `--dense-layers` half on the lookup's output: forward and backward
+    (the weights' gradients, summed into one scalar so that none is left
+    out). It feeds no gradient to the table: its bfloat16 matmuls may take
+    other algorithms in another compile, and the points' losses must match
+    bit for bit."""
+
+    def mean_out(weights):
+        x = jax.lax.stop_gradient(out).reshape(out.shape[0], -1).astype(jnp.bfloat16)
+        for w in weights:
+            x = jax.nn.relu(x @ w)
+        return jnp.mean(x.astype(jnp.float32))
+
+    value, grads = jax.value_and_grad(mean_out)(dense)
+    return value + sum(jnp.sum(g.astype(jnp.float32)) for g in grads)
 
 
 def stepper(emb, opt, state, opt_state, head, dense=None, prefetch=False):
     """The jitted donated sparse step: (state, opt_state, ids, upcoming) ->
-    (state, opt_state, loss); with `prefetch` its lookup prefetches
-    `upcoming` (the next batch)."""
+    (state, opt_state, loss, the dense half's scalar or 0); with `prefetch`
+    its lookup prefetches `upcoming` (the next batch)."""
     loss_sharding = NamedSharding(emb.mesh, P())
 
     def step(state, opt_state, ids, upcoming):
         kw = dict(prefetch=upcoming) if prefetch else {}
         out, ctx, state = emb.lookup(state, ids, **kw)
-        loss, d_out = jax.value_and_grad(lambda o: loss_of(o, head, dense))(out)
+        loss, d_out = jax.value_and_grad(lambda o: jnp.sum(jnp.tanh(o) * head))(out)
+        side = jnp.float32(0) if dense is None else dense_half(dense, out)
         state, opt_state = emb.sparse_update(state, opt, opt_state, ctx, d_out)
-        return state, opt_state, loss
+        return state, opt_state, loss, side
 
     return jax.jit(
         step,
@@ -182,6 +189,7 @@ def stepper(emb, opt, state, opt_state, head, dense=None, prefetch=False):
         out_shardings=(
             emb.state_shardings(),
             emb.optimizer_shardings(opt_state),
+            loss_sharding,
             loss_sharding,
         ),
     )
@@ -215,7 +223,7 @@ def run_point(
     # Correctness: the first steps' losses equal the reference run's bits.
     losses = []
     for i in range(args.check_steps):
-        state, opt_state, loss = step(state, opt_state, batch(i), batch(i + 1))
+        state, opt_state, loss, _ = step(state, opt_state, batch(i), batch(i + 1))
         losses.append(float(loss))
     res["losses"] = losses
     if reference_losses is not None and losses != reference_losses:
@@ -258,9 +266,9 @@ def run_point(
     for _ in range(args.iters):
         t0 = time.perf_counter()
         for _ in range(inner):
-            state, opt_state, loss = step(state, opt_state, batch(k), batch(k + 1))
+            state, opt_state, loss, side = step(state, opt_state, batch(k), batch(k + 1))
             k += 1
-        jax.block_until_ready(loss)
+        jax.block_until_ready((loss, side))
         samples.append((time.perf_counter() - t0) / inner)
         steps += inner
     after = counts(state)
