@@ -83,7 +83,6 @@ __device__ __forceinline__ void StoreF(T* p, const float (&in)[VEC]) {
 // row as it is summed unless it says otherwise (kWholeRow).
 struct ValidRunsSink {
   static constexpr bool kWholeRow = false;
-  static constexpr bool kPastValid = false;
   template <int VEC>
   __device__ __forceinline__ bool Begin(int64_t u, int64_t valid, uint32_t,
                                         int, int, int64_t, int64_t) const {

@@ -63,7 +63,7 @@ void ReduceAll(cudaStream_t stream, const G* gp, int64_t dim, int64_t n,
   auto launch = [&](auto vec) {
     constexpr int V = decltype(vec)::value;
     const int tpb = cuda::ThreadsPerBag(dim / V, cuda::kRunCpl);
-    cuda::ReduceRuns<G, V, Sink><<<cuda::RunsGrid(n, tpb, kBlock), kBlock, 0, stream>>>(
+    cuda::ReduceRuns<G, V, Sink><<<Blocks(n * tpb), kBlock, 0, stream>>>(
         gp, dim, r.ukeys, r.counts, r.starts, r.num_runs, r.chunks, r.pos_out,
         r.bag_of, r.scale_of, n, sentinel, tpb, sink);
     cuda::ReduceChunks<G, V><<<Blocks(r.max_chunks * 32), kBlock, 0, stream>>>(

@@ -331,8 +331,6 @@ __device__ __forceinline__ int64_t ValidRuns(const uint32_t* unique_keys,
 // Where step 3 puts a run's summed gradient: a sink, with
 //   Begin(u, valid, key, lane, tpb, dim, cols): called by every lane of run
 //     u's group first; false: nothing to sum for u (u >= valid);
-//   kPastValid: whether Begin writes something for u >= valid (then it is
-//     called for every u < N; otherwise for none past the first such u);
 //   Store<VEC, CPL>(u, key, dim, c_first, tpb, cols, acc): the lane's CPL
 //     column chunks (c_first, c_first + tpb, ...) of the sum of run u;
 //   Aligned(): whether its rows allow 4-wide accesses (host);
@@ -354,7 +352,6 @@ __device__ __forceinline__ int64_t ValidRuns(const uint32_t* unique_keys,
 template <typename O>
 struct RowGradSink {
   static constexpr bool kWholeRow = false;
-  static constexpr bool kPastValid = true;  // zero rows past the runs
   O* out_rows;
   int32_t* unique_rows;
   int32_t* num_unique;
@@ -461,40 +458,25 @@ __global__ void __launch_bounds__(256, 4)
                const float* __restrict__ scale_of, int64_t n, uint32_t sentinel,
                int tpb, Sink sink) {
   const int lane = threadIdx.x & (tpb - 1);
+  const int64_t u = GroupIndex(tpb);
+  if (u >= n) return;
   const int64_t valid = ValidRuns(ukeys, num_runs, sentinel);
   const int64_t cols = dim / VEC;
-  const int64_t groups = static_cast<int64_t>(gridDim.x) * (blockDim.x / tpb);
-  // Grid-strided (RunsGrid caps the grid: the runs are usually far fewer
-  // than the N positions); a sink that writes nothing past `valid` stops
-  // there. Every lane of a group has the same u, so groups leave whole.
-  for (int64_t u = GroupIndex(tpb); u < n; u += groups) {
-    const uint32_t key = u < valid ? ukeys[u] : sentinel;
-    if (!sink.template Begin<VEC>(u, valid, key, lane, tpb, dim, cols)) {
-      if constexpr (Sink::kPastValid) continue;
-      break;
-    }
-    if (chunks[u] != 0) continue;
-    const int64_t p0 = starts[u], p1 = p0 + counts[u];
-    if constexpr (Sink::kWholeRow) {
-      RunWholeRow<G, VEC>(grad, dim, spos, bag_of, scale_of, p0, p1, u, key,
-                          lane, tpb, cols, sink);
-    } else {
-      for (int64_t c0 = 0; c0 < cols; c0 += static_cast<int64_t>(tpb) * kRunCpl) {
-        float acc[kRunCpl][VEC];
-        SumRun<G, VEC, kRunCpl, kRunU>(grad, dim, spos, bag_of, scale_of, p0, p1,
-                                       c0 + lane, tpb, cols, acc);
-        sink.template Store<VEC, kRunCpl>(u, key, dim, c0 + lane, tpb, cols, acc);
-      }
+  const uint32_t key = u < valid ? ukeys[u] : sentinel;
+  if (!sink.template Begin<VEC>(u, valid, key, lane, tpb, dim, cols)) return;
+  if (chunks[u] != 0) return;
+  const int64_t p0 = starts[u], p1 = p0 + counts[u];
+  if constexpr (Sink::kWholeRow) {
+    RunWholeRow<G, VEC>(grad, dim, spos, bag_of, scale_of, p0, p1, u, key,
+                        lane, tpb, cols, sink);
+  } else {
+    for (int64_t c0 = 0; c0 < cols; c0 += static_cast<int64_t>(tpb) * kRunCpl) {
+      float acc[kRunCpl][VEC];
+      SumRun<G, VEC, kRunCpl, kRunU>(grad, dim, spos, bag_of, scale_of, p0, p1,
+                                     c0 + lane, tpb, cols, acc);
+      sink.template Store<VEC, kRunCpl>(u, key, dim, c0 + lane, tpb, cols, acc);
     }
   }
-}
-
-// Blocks of ReduceRuns for n entries of `tpb` lanes each, capped: its
-// groups stride over the entries past the grid.
-inline unsigned int RunsGrid(int64_t n, int tpb, int block) {
-  const int64_t blocks = (n * tpb + block - 1) / block;
-  const int64_t kMaxBlocks = int64_t{1} << 14;
-  return static_cast<unsigned int>(blocks < 1 ? 1 : (blocks < kMaxBlocks ? blocks : kMaxBlocks));
 }
 
 // Step 3b: a warp per chunk of a long run: partial sums into `partial`.
