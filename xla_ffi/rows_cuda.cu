@@ -126,25 +126,25 @@ void LaunchCopy(cudaStream_t stream, const CopyShape& s, void* dst_out, const in
 }
 
 // A copy's checks, and dst's contents in dst_out where XLA gave it a buffer
-// of its own; `*rows` tells whether any row is to be copied.
+// of its own.
 ffi::Error StartCopy(cudaStream_t stream, const ffi::AnyBuffer& dst,
                      const ffi::Buffer<ffi::S32>& dst_rows, const ffi::AnyBuffer& src,
                      const ffi::Buffer<ffi::S32>& src_rows, const ffi::Buffer<ffi::S32>& count,
-                     ffi::AnyBuffer& dst_out, CopyShape* s, bool* rows) {
+                     ffi::AnyBuffer& dst_out, CopyShape* s) {
   if (auto e = CheckCopy(dst, dst_rows, src, src_rows, count, dst_out, s); e.failure()) return e;
   CopyIfDistinct(stream, dst.untyped_data(), dst_out.untyped_data(), dst.size_bytes());
-  *rows = s->dst.k > 0 && s->dst.row_bytes > 0;
   return ffi::Error::Success();
 }
+
+bool NoRows(const CopyShape& s) { return s.dst.k == 0 || s.dst.row_bytes == 0; }
 
 ffi::Error CopyImpl(cudaStream_t stream, ffi::AnyBuffer dst, ffi::Buffer<ffi::S32> dst_rows,
                     ffi::AnyBuffer src, ffi::Buffer<ffi::S32> src_rows,
                     ffi::Buffer<ffi::S32> count, ffi::Result<ffi::AnyBuffer> dst_out) {
   CopyShape s;
-  bool rows = false;
-  if (auto e = StartCopy(stream, dst, dst_rows, src, src_rows, count, *dst_out, &s, &rows);
-      e.failure() || !rows)
-    return e.failure() ? e : LastError("sok_rows_copy");
+  if (auto e = StartCopy(stream, dst, dst_rows, src, src_rows, count, *dst_out, &s); e.failure())
+    return e;
+  if (NoRows(s)) return LastError("sok_rows_copy");
   LaunchCopy(stream, s, dst_out->untyped_data(), dst_rows.typed_data(), src.untyped_data(),
              src_rows.typed_data(), count.typed_data());
   return LastError("sok_rows_copy");
@@ -159,10 +159,9 @@ ffi::Error CopyAsyncImpl(cudaStream_t stream, ffi::AnyBuffer dst, ffi::Buffer<ff
                          ffi::AnyBuffer src, ffi::Buffer<ffi::S32> src_rows,
                          ffi::Buffer<ffi::S32> count, ffi::Result<ffi::AnyBuffer> dst_out) {
   CopyShape s;
-  bool rows = false;
-  if (auto e = StartCopy(stream, dst, dst_rows, src, src_rows, count, *dst_out, &s, &rows);
-      e.failure() || !rows)
-    return e.failure() ? e : LastError("sok_rows_copy_async");
+  if (auto e = StartCopy(stream, dst, dst_rows, src, src_rows, count, *dst_out, &s); e.failure())
+    return e;
+  if (NoRows(s)) return LastError("sok_rows_copy_async");
   const size_t list = static_cast<size_t>(s.dst.k) * sizeof(int32_t);
   int32_t* own = nullptr;  // dst_rows [k], src_rows [k], count [1]
   if (cudaError_t e = cudaMallocAsync(reinterpret_cast<void**>(&own), 2 * list + sizeof(int32_t),

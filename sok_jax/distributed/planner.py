@@ -378,7 +378,7 @@ def make_plan(
         r = held(name, "row")
         cap = n * _row_bucket(specs[name], b * keys_per_sample[name], n, capacity_factor)
         cache = max(math.ceil(OFFLOAD_CACHE_FRACTION * r), min(2 * cap, r))  # room to prefetch
-        if cache >= r:  # one lookup may touch every row: a cache cannot help
+        if cache >= r:  # two lookups may touch every row: a cache cannot help
             return None
         f = cache / r
         traffic = b * keys_per_sample[name] * row_bytes(name) * 2 * (1 - f)

@@ -580,8 +580,7 @@ class CachedStorage:
         return _merge(to_host(shard.host), to_host(shard.cache), to_host(shard.tags), num_devices)
 
     def logical_slots(self, opt: CachedOptState, num_devices: int) -> tuple:
-        settle(opt.tags)
-        tags = to_host(opt.tags)
+        tags = to_host(opt.tags)  # slots move on the XLA stream only: nothing to settle
         return tuple(
             _merge(to_host(h), to_host(s), tags, num_devices)
             for h, s in zip(opt.host, opt.cache.slots)
